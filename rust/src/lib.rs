@@ -1,6 +1,19 @@
+//! rustchat's Rust core, exposed to Python as `rustchat._core`.
+
+pub mod bpe;
+pub mod guard;
+pub mod pretokenize;
+pub mod tokenizer;
+pub mod train;
+pub mod unicode;
+
 use pyo3::prelude::*;
 
 #[pymodule]
-fn _core(_m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<tokenizer::PyCore>()?;
+    m.add_class::<tokenizer::PyTrainer>()?;
+    m.add("DEFAULT_PATTERN", pretokenize::default_pattern())?;
+    m.add("CL100K_PATTERN", pretokenize::CL100K_PATTERN)?;
     Ok(())
 }

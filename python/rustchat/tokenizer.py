@@ -1,0 +1,371 @@
+"""The rustchat tokenizer: byte-level BPE trained and run by the Rust core.
+
+Semantics follow tiktoken (a token's id is its rank; encoding merges the lowest-ranked pair
+first), so any tiktoken vocabulary loads with `Tokenizer.from_ranks` and ours exports with
+`to_tiktoken()`, giving identical ids.
+
+On-disk format (`save` / `load`, no pickle): a directory with
+  tokenizer.json   {"format": "rustchat-bpe", "version": 1, "pattern": ..., "special_tokens": {name: id}}
+  ranks.tiktoken   one token per line, "<base64 bytes> <rank>" (tiktoken's own format)
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import threading
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from . import _core
+
+SPLIT_PATTERN: str = _core.DEFAULT_PATTERN
+SPECIAL_TOKENS: list[str] = [
+    "<|bos|>",
+    "<|user_start|>",
+    "<|user_end|>",
+    "<|assistant_start|>",
+    "<|assistant_end|>",
+    "<|python_start|>",
+    "<|python_end|>",
+    "<|output_start|>",
+    "<|output_end|>",
+]
+
+_FORMAT = "rustchat-bpe"
+_VERSION = 1
+# Documents are handed to the Rust counter in batches of about this many characters: big
+# enough to keep all cores busy, small enough to keep the stream's memory flat.
+_TRAIN_BATCH_CHARS = 8_000_000
+
+
+def _ids_to_buffer(ids) -> bytes:
+    """Any sequence of ints (list, numpy, torch) -> little-endian u32 bytes, range-checked."""
+    if hasattr(ids, "detach") and hasattr(ids, "cpu"):  # torch tensor, without importing torch
+        ids = ids.detach().cpu().numpy()
+    arr = np.asarray(ids)
+    if arr.size == 0:
+        return b""
+    if arr.ndim != 1:
+        arr = arr.reshape(-1) if arr.ndim == 0 else arr
+        if arr.ndim != 1:
+            raise ValueError(f"ids must be one-dimensional, got shape {arr.shape}")
+    if arr.dtype.kind not in "iu":
+        if arr.dtype == object or arr.dtype.kind == "b":
+            bad = next((x for x in arr.tolist() if not isinstance(x, int) or isinstance(x, bool)), None)
+            raise ValueError(f"ids must be integers, found {bad!r}")
+        raise ValueError(f"ids must be integers, got dtype {arr.dtype}")
+    if arr.dtype.kind == "i" and arr.size and arr.min() < 0:
+        pos = int(np.argmax(arr < 0))
+        raise ValueError(f"invalid token id {int(arr[pos])} at position {pos}")
+    if arr.size and int(arr.max()) > 0xFFFFFFFF:
+        pos = int(np.argmax(arr > 0xFFFFFFFF))
+        raise ValueError(f"invalid token id {int(arr[pos])} at position {pos}")
+    return arr.astype("<u4", copy=False).tobytes()
+
+
+def _fix_surrogates(text: str) -> str:
+    # Lone surrogates cannot be UTF-8 encoded; replace them as tiktoken does.
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+class Tokenizer:
+    """A BPE tokenizer backed by the Rust core. Build with `train`, `from_ranks` or `load`."""
+
+    def __init__(self, core: "_core.CoreTokenizer"):
+        self._core = core
+        self._special = dict(core.specials())
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_ranks(
+        cls, mergeable_ranks: Mapping[bytes, int], pattern: str, special_tokens: Mapping[str, int] | None = None
+    ) -> "Tokenizer":
+        """Load any tiktoken-style vocabulary (token bytes -> rank), e.g. GPT-4's."""
+        if not isinstance(pattern, str):
+            raise TypeError(f"pattern must be a str, not {type(pattern).__name__}")
+        ranks = []
+        for tok, rank in mergeable_ranks.items():
+            if not isinstance(tok, (bytes, bytearray)):
+                raise TypeError(f"mergeable_ranks keys must be bytes, found {type(tok).__name__}: {tok!r}")
+            if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank < 0:
+                raise ValueError(f"rank of {bytes(tok)!r} must be a non-negative int, got {rank!r}")
+            ranks.append((bytes(tok), int(rank)))
+        specials = []
+        for name, i in (special_tokens or {}).items():
+            if not isinstance(name, str):
+                raise TypeError(f"special token names must be str, found {name!r}")
+            if not isinstance(i, (int, np.integer)) or isinstance(i, bool) or i < 0:
+                raise ValueError(f"special token {name!r} has invalid id {i!r}")
+            specials.append((name, int(i)))
+        return cls(_core.CoreTokenizer(ranks, pattern, specials))
+
+    @classmethod
+    def from_tiktoken(cls, enc) -> "Tokenizer":
+        """Take a `tiktoken.Encoding`'s ranks, pattern and special tokens."""
+        return cls.from_ranks(enc._mergeable_ranks, enc._pat_str, enc._special_tokens)
+
+    @classmethod
+    def train(
+        cls,
+        texts: Iterable[str],
+        vocab_size: int = 65536,
+        *,
+        pattern: str = SPLIT_PATTERN,
+        special_tokens: Iterable[str] = SPECIAL_TOKENS,
+        doc_cap: int | None = 10_000,
+        max_chars: int | None = None,
+        verbose: bool = False,
+        progress=None,
+    ) -> "Tokenizer":
+        """Train a BPE vocabulary of `vocab_size` ids (256 bytes + merges + specials).
+
+        `texts` is consumed as a stream, in batches; at most `doc_cap` chars of each document and
+        `max_chars` chars in all are used. Merge i gets id 256+i; ties go to the smaller pair;
+        the special tokens follow the merges. `progress(chars_seen)` is called after each batch.
+        """
+        if isinstance(texts, (str, bytes)):
+            raise TypeError("texts must be an iterable of str (one item per document), not a single string")
+        if not isinstance(vocab_size, int) or isinstance(vocab_size, bool):
+            raise TypeError(f"vocab_size must be an int, not {type(vocab_size).__name__}")
+        specials = list(special_tokens)
+        for s in specials:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"special token names must be non-empty str, found {s!r}")
+        if len(set(specials)) != len(specials):
+            raise ValueError("special token names must be unique")
+        n_merges = vocab_size - 256 - len(specials)
+        if n_merges < 0:
+            raise ValueError(
+                f"vocab_size={vocab_size} is too small: it must be at least 256 bytes + "
+                f"{len(specials)} special tokens = {256 + len(specials)}"
+            )
+        for name, v in (("doc_cap", doc_cap), ("max_chars", max_chars)):
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {v!r}")
+        trainer = _core.BpeTrainer(pattern, doc_cap, max_chars)
+        _feed_stream(trainer, texts, progress)
+        merges = trainer.learn(n_merges, verbose)
+        if len(merges) < n_merges:
+            warnings.warn(
+                f"the corpus supports only {len(merges)} merges, fewer than the {n_merges} asked for; "
+                f"the vocabulary has {256 + len(merges) + len(specials)} ids",
+                stacklevel=2,
+            )
+        ranks = {bytes([b]): b for b in range(256)}
+        for i, m in enumerate(merges):
+            ranks[m] = 256 + i
+        n = len(ranks)
+        return cls.from_ranks(ranks, pattern, {s: n + i for i, s in enumerate(specials)})
+
+    # ----------------------------------------------------------------- encoding
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Ids of `text`; text that looks like a special token stays plain text."""
+        return self.encode_to_numpy(text).tolist()
+
+    def encode_to_numpy(self, text: str) -> np.ndarray:
+        """Like `encode_ordinary`, as an int32 numpy array (no Python int per token)."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, not {type(text).__name__}")
+        try:
+            buf = self._core.encode_ordinary(text)
+        except UnicodeEncodeError:
+            buf = self._core.encode_ordinary(_fix_surrogates(text))
+        return np.frombuffer(buf, dtype="<i4")
+
+    def _special_id(self, tok) -> int | None:
+        if tok is None:
+            return None
+        if isinstance(tok, str):
+            return self.encode_special(tok)
+        if isinstance(tok, (int, np.integer)) and not isinstance(tok, bool):
+            if not 0 <= int(tok) < self.vocab_size:
+                raise ValueError(f"token id {tok} is out of range for a vocabulary of {self.vocab_size}")
+            return int(tok)
+        raise TypeError(f"prepend/append must be a special token name or an id, not {tok!r}")
+
+    def encode(self, text: str, *, prepend=None, append=None) -> list[int]:
+        """Ids of `text`, optionally with a token (special name or id) before and/or after."""
+        ids = self.encode_ordinary(text)
+        pre, post = self._special_id(prepend), self._special_id(append)
+        if pre is not None:
+            ids.insert(0, pre)
+        if post is not None:
+            ids.append(post)
+        return ids
+
+    def encode_batch_numpy(self, texts: list[str], *, prepend=None, append=None, num_threads: int | None = None):
+        """Encode many texts in parallel (GIL released). Returns (ids int32, offsets int64):
+        text i is ids[offsets[i]:offsets[i+1]]."""
+        if isinstance(texts, str):
+            raise TypeError("texts must be a list of str, not a single str")
+        if not isinstance(texts, list):
+            texts = list(texts)
+        pre, post = self._special_id(prepend), self._special_id(append)
+        try:
+            ids, offs = self._core.encode_batch(texts, pre, post, num_threads)
+        except UnicodeEncodeError:
+            texts = [_fix_surrogates(t) if isinstance(t, str) else t for t in texts]
+            ids, offs = self._core.encode_batch(texts, pre, post, num_threads)
+        return np.frombuffer(ids, dtype="<i4"), np.frombuffer(offs, dtype="<i8")
+
+    def encode_batch(self, texts: list[str], *, prepend=None, append=None, num_threads: int | None = None) -> list[list[int]]:
+        """Encode many texts in parallel with all cores (or `num_threads`)."""
+        ids, offs = self.encode_batch_numpy(texts, prepend=prepend, append=append, num_threads=num_threads)
+        flat = ids.tolist()
+        o = offs.tolist()
+        return [flat[o[i] : o[i + 1]] for i in range(len(o) - 1)]
+
+    def encode_special(self, name: str) -> int:
+        """Id of a special token by name."""
+        try:
+            return self._special[name]
+        except (KeyError, TypeError):
+            raise ValueError(f"unknown special token {name!r}; known: {list(self._special)}") from None
+
+    # ----------------------------------------------------------------- decoding
+    def decode_bytes(self, ids) -> bytes:
+        return self._core.decode_bytes(_ids_to_buffer(ids))
+
+    def decode(self, ids) -> str:
+        """Text of `ids`; byte sequences that are not valid UTF-8 become U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def id_to_token(self, id: int) -> bytes:
+        return self.decode_bytes([id])
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def vocab_size(self) -> int:
+        return self._core.n_vocab
+
+    @property
+    def n_vocab(self) -> int:
+        return self._core.n_vocab
+
+    @property
+    def bos_token_id(self) -> int:
+        return self.encode_special("<|bos|>")
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return dict(self._special)
+
+    @property
+    def pattern(self) -> str:
+        return self._core.pattern
+
+    def mergeable_ranks(self) -> dict[bytes, int]:
+        return dict(self._core.ranks())
+
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 byte length per id (int32), 0 for special tokens; for bits-per-byte."""
+        return np.frombuffer(self._core.token_bytes(), dtype="<i4").copy()
+
+    def to_tiktoken(self, name: str = "rustchat"):
+        import tiktoken
+
+        return tiktoken.Encoding(
+            name=name, pat_str=self.pattern, mergeable_ranks=self.mergeable_ranks(), special_tokens=self.special_tokens
+        )
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, specials={len(self._special)})"
+
+    # ----------------------------------------------------------------- persistence
+    def save(self, directory: str | os.PathLike) -> None:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        lines = [f"{base64.b64encode(tok).decode('ascii')} {rank}\n" for tok, rank in self._core.ranks()]
+        meta = {"format": _FORMAT, "version": _VERSION, "pattern": self.pattern, "special_tokens": self.special_tokens}
+        # Write to temporary names, then rename: a crash never leaves a half-written tokenizer.
+        for name, content in (("ranks.tiktoken", "".join(lines)), ("tokenizer.json", json.dumps(meta, indent=1))):
+            tmp = d / f".{name}.tmp"
+            tmp.write_text(content, encoding="utf-8")
+            os.replace(tmp, d / name)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "Tokenizer":
+        d = Path(directory)
+        meta_path, ranks_path = d / "tokenizer.json", d / "ranks.tiktoken"
+        for p in (meta_path, ranks_path):
+            if not p.is_file():
+                raise FileNotFoundError(f"{p}: not found (a tokenizer directory holds tokenizer.json and ranks.tiktoken)")
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{meta_path}: invalid JSON: {e}") from None
+        if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+            raise ValueError(f"{meta_path}: field 'format' must be {_FORMAT!r}")
+        if meta.get("version") != _VERSION:
+            raise ValueError(f"{meta_path}: unsupported field 'version' {meta.get('version')!r} (expected {_VERSION})")
+        for field, typ in (("pattern", str), ("special_tokens", dict)):
+            if not isinstance(meta.get(field), typ):
+                raise ValueError(f"{meta_path}: field {field!r} missing or not a {typ.__name__}")
+        ranks = {}
+        with open(ranks_path, encoding="ascii", errors="strict") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                parts = line.split()
+                try:
+                    if len(parts) != 2:
+                        raise ValueError("expected '<base64> <rank>'")
+                    tok, rank = base64.b64decode(parts[0], validate=True), int(parts[1])
+                except Exception as e:  # noqa: BLE001 - rephrased with the location
+                    raise ValueError(f"{ranks_path} line {lineno}: {e}") from None
+                if tok in ranks:
+                    raise ValueError(f"{ranks_path} line {lineno}: token {tok!r} appears twice")
+                ranks[tok] = rank
+        return cls.from_ranks(ranks, meta["pattern"], meta["special_tokens"])
+
+
+def _feed_stream(trainer, texts: Iterable[str], progress) -> None:
+    """Feed documents in batches; the next batch is gathered in Python while Rust counts the
+    previous one with the GIL released."""
+    result: dict = {}
+
+    def run(batch):
+        try:
+            result["full"] = trainer.feed(batch)
+        except BaseException as e:  # re-raised in the caller's thread
+            result["error"] = e
+
+    worker: threading.Thread | None = None
+    batch: list[str] = []
+    size = 0
+    index = 0
+
+    def flush(batch):
+        nonlocal worker
+        if worker is not None:
+            worker.join()
+            if "error" in result:
+                raise result.pop("error")
+            if progress is not None:
+                progress(trainer.chars_seen)
+        worker = threading.Thread(target=run, args=(batch,), daemon=True)
+        worker.start()
+
+    for doc in texts:
+        if not isinstance(doc, str):
+            raise TypeError(f"texts item {index} is {type(doc).__name__}, expected str")
+        batch.append(doc)
+        size += len(doc)
+        index += 1
+        if size >= _TRAIN_BATCH_CHARS:
+            flush(batch)
+            batch, size = [], 0
+            if result.get("full"):
+                break
+    if batch and not result.get("full"):
+        flush(batch)
+    if worker is not None:
+        worker.join()
+        if "error" in result:
+            raise result.pop("error")
+        if progress is not None:
+            progress(trainer.chars_seen)

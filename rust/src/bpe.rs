@@ -1,0 +1,297 @@
+//! Byte-level BPE vocabulary and the encoder (tiktoken semantics).
+//!
+//! A chunk's bytes start as single-byte tokens; repeatedly the adjacent pair whose
+//! concatenation has the lowest rank is merged (leftmost on ties), until no pair is a token.
+//! A token's id is its rank. Pairs are looked up by (left id, right id) in a table built once
+//! from the vocabulary, which is faster than hashing byte slices and gives the same result,
+//! since every part is always a token.
+
+use rustc_hash::FxHashMap;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+const NONE: u32 = u32::MAX;
+/// Chunks with at most this many bytes use the quadratic scan; longer ones use a heap.
+const SMALL_CHUNK: usize = 64;
+
+pub struct Bpe {
+    rank_of: FxHashMap<Box<[u8]>, u32>,
+    byte_id: [u32; 256],
+    pair_rank: FxHashMap<u64, u32>,
+    /// Bytes of token `id` are `data[offsets[id]..offsets[id + 1]]` (empty for unused ids).
+    data: Vec<u8>,
+    offsets: Vec<u32>,
+    present: Vec<bool>,
+}
+
+#[inline(always)]
+fn key(a: u32, b: u32) -> u64 {
+    ((a as u64) << 32) | b as u64
+}
+
+impl Bpe {
+    /// Builds a vocabulary from (token bytes, rank) pairs.
+    pub fn new(ranks: Vec<(Vec<u8>, u32)>) -> Result<Bpe, String> {
+        if ranks.is_empty() {
+            return Err("vocabulary is empty".into());
+        }
+        let max_id = ranks.iter().map(|(_, r)| *r).max().unwrap();
+        if max_id >= NONE - 1 {
+            return Err(format!("rank {max_id} is too large"));
+        }
+        let n = max_id as usize + 1;
+        let mut by_id: Vec<Option<&[u8]>> = vec![None; n];
+        let mut rank_of = FxHashMap::default();
+        rank_of.reserve(ranks.len());
+        for (bytes, r) in &ranks {
+            if bytes.is_empty() {
+                return Err(format!("rank {r} has empty token bytes"));
+            }
+            if let Some(prev) = by_id[*r as usize] {
+                return Err(format!("rank {r} is given twice ({:?} and {:?})", prev, bytes));
+            }
+            by_id[*r as usize] = Some(bytes);
+            if rank_of.insert(bytes.clone().into_boxed_slice(), *r).is_some() {
+                return Err(format!("token bytes {:?} appear twice", bytes));
+            }
+        }
+        let mut byte_id = [NONE; 256];
+        for b in 0..256usize {
+            match rank_of.get(&[b as u8][..]) {
+                Some(&r) => byte_id[b] = r,
+                None => return Err(format!("vocabulary lacks the single byte 0x{b:02x}")),
+            }
+        }
+        let mut data = Vec::new();
+        let mut offsets = Vec::with_capacity(n + 1);
+        let mut present = vec![false; n];
+        offsets.push(0u32);
+        for (id, t) in by_id.iter().enumerate() {
+            if let Some(t) = t {
+                data.extend_from_slice(t);
+                present[id] = true;
+            }
+            offsets.push(data.len() as u32);
+        }
+        // Every split of a token into two tokens is a pair that merges into it.
+        let mut pair_rank = FxHashMap::default();
+        for (bytes, r) in &ranks {
+            for k in 1..bytes.len() {
+                if let (Some(&a), Some(&b)) = (rank_of.get(&bytes[..k]), rank_of.get(&bytes[k..])) {
+                    pair_rank.insert(key(a, b), *r);
+                }
+            }
+        }
+        Ok(Bpe { rank_of, byte_id, pair_rank, data, offsets, present })
+    }
+
+    /// One past the largest rank.
+    pub fn n_ids(&self) -> usize {
+        self.present.len()
+    }
+
+    pub fn has_id(&self, id: u32) -> bool {
+        (id as usize) < self.present.len() && self.present[id as usize]
+    }
+
+    pub fn token(&self, id: u32) -> &[u8] {
+        &self.data[self.offsets[id as usize] as usize..self.offsets[id as usize + 1] as usize]
+    }
+
+    pub fn rank(&self, bytes: &[u8]) -> Option<u32> {
+        self.rank_of.get(bytes).copied()
+    }
+
+    /// (bytes, rank) for every token, in rank order.
+    pub fn ranks(&self) -> Vec<(&[u8], u32)> {
+        (0..self.n_ids() as u32).filter(|&i| self.has_id(i)).map(|i| (self.token(i), i)).collect()
+    }
+
+    #[inline(always)]
+    fn pair(&self, a: u32, b: u32) -> u32 {
+        *self.pair_rank.get(&key(a, b)).unwrap_or(&NONE)
+    }
+
+    /// Appends the ids of one pre-split chunk.
+    #[inline]
+    pub fn encode_chunk(&self, chunk: &[u8], out: &mut Vec<u32>) {
+        if chunk.len() == 1 {
+            out.push(self.byte_id[chunk[0] as usize]);
+            return;
+        }
+        if let Some(&r) = self.rank_of.get(chunk) {
+            out.push(r);
+            return;
+        }
+        if chunk.len() <= SMALL_CHUNK {
+            self.merge_small(chunk, out)
+        } else {
+            self.merge_heap(chunk, out)
+        }
+    }
+
+    fn merge_small(&self, chunk: &[u8], out: &mut Vec<u32>) {
+        let mut ids = [0u32; SMALL_CHUNK];
+        let mut ranks = [NONE; SMALL_CHUNK];
+        let mut n = chunk.len();
+        for (i, &b) in chunk.iter().enumerate() {
+            ids[i] = self.byte_id[b as usize];
+        }
+        for i in 0..n - 1 {
+            ranks[i] = self.pair(ids[i], ids[i + 1]);
+        }
+        loop {
+            // Lowest rank, leftmost on ties (strict `<`), as in tiktoken.
+            let mut best = NONE;
+            let mut at = 0;
+            for (i, &r) in ranks[..n - 1].iter().enumerate() {
+                if r < best {
+                    best = r;
+                    at = i;
+                }
+            }
+            if best == NONE {
+                break;
+            }
+            ids[at] = best;
+            ids.copy_within(at + 2..n, at + 1);
+            ranks.copy_within(at + 1..n - 1, at);
+            n -= 1;
+            if at > 0 {
+                ranks[at - 1] = self.pair(ids[at - 1], ids[at]);
+            }
+            if at + 1 < n {
+                ranks[at] = self.pair(ids[at], ids[at + 1]);
+            }
+            if n == 1 {
+                break;
+            }
+        }
+        out.extend_from_slice(&ids[..n]);
+    }
+
+    /// O(n log n) merge for long chunks (long CJK runs, long runs of spaces or symbols).
+    /// A heap keyed by (rank, position of the left part) pops the same pair the linear scan
+    /// would pick; stale entries are skipped by re-checking the pair at that position.
+    fn merge_heap(&self, chunk: &[u8], out: &mut Vec<u32>) {
+        let n = chunk.len();
+        let mut ids: Vec<u32> = chunk.iter().map(|&b| self.byte_id[b as usize]).collect();
+        let mut next: Vec<u32> = (1..=n as u32).collect();
+        let mut prev: Vec<u32> = (0..n as u32).map(|i| i.wrapping_sub(1)).collect();
+        let mut alive = vec![true; n];
+        let mut heap = BinaryHeap::with_capacity(n);
+        for i in 0..n - 1 {
+            let r = self.pair(ids[i], ids[i + 1]);
+            if r != NONE {
+                heap.push(Reverse((r, i as u32)));
+            }
+        }
+        while let Some(Reverse((r, i))) = heap.pop() {
+            let i = i as usize;
+            if !alive[i] {
+                continue;
+            }
+            let j = next[i] as usize;
+            if j >= n || self.pair(ids[i], ids[j]) != r {
+                continue;
+            }
+            ids[i] = r;
+            alive[j] = false;
+            let k = next[j];
+            next[i] = k;
+            if (k as usize) < n {
+                prev[k as usize] = i as u32;
+                let rk = self.pair(r, ids[k as usize]);
+                if rk != NONE {
+                    heap.push(Reverse((rk, i as u32)));
+                }
+            }
+            let p = prev[i];
+            if p != u32::MAX {
+                let rp = self.pair(ids[p as usize], r);
+                if rp != NONE {
+                    heap.push(Reverse((rp, p)));
+                }
+            }
+        }
+        let mut i = 0usize;
+        while i < n {
+            out.push(ids[i]);
+            i = next[i] as usize;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn byte_vocab() -> Vec<(Vec<u8>, u32)> {
+        (0..256u32).map(|b| (vec![b as u8], b)).collect()
+    }
+
+    /// Naive tiktoken-style merge on byte ranges, the definition the fast paths must match.
+    fn naive(bpe: &Bpe, chunk: &[u8]) -> Vec<u32> {
+        let mut parts: Vec<Vec<u8>> = chunk.iter().map(|&b| vec![b]).collect();
+        loop {
+            let mut best: Option<(u32, usize)> = None;
+            for i in 0..parts.len().saturating_sub(1) {
+                let cat = [parts[i].clone(), parts[i + 1].clone()].concat();
+                if let Some(r) = bpe.rank(&cat) {
+                    if best.map_or(true, |(br, _)| r < br) {
+                        best = Some((r, i));
+                    }
+                }
+            }
+            match best {
+                None => break,
+                Some((_, i)) => {
+                    let right = parts.remove(i + 1);
+                    parts[i].extend(right);
+                }
+            }
+        }
+        parts.iter().map(|p| bpe.rank(p).unwrap()).collect()
+    }
+
+    #[test]
+    fn small_and_heap_paths_match_naive() {
+        let mut v = byte_vocab();
+        for (i, t) in ["ab", "aa", "aaaa", "ba", "abab", "bb", "aab"].iter().enumerate() {
+            v.push((t.as_bytes().to_vec(), 256 + i as u32));
+        }
+        let bpe = Bpe::new(v).unwrap();
+        let mut seed = 12345u64;
+        for len in [2usize, 3, 7, 63, 64, 65, 200, 1000] {
+            for _ in 0..20 {
+                let chunk: Vec<u8> = (0..len)
+                    .map(|_| {
+                        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        b"ab"[(seed >> 33) as usize % 2]
+                    })
+                    .collect();
+                let mut out = Vec::new();
+                if len <= SMALL_CHUNK {
+                    bpe.merge_small(&chunk, &mut out);
+                } else {
+                    bpe.merge_heap(&chunk, &mut out);
+                }
+                assert_eq!(out, naive(&bpe, &chunk));
+                let mut out2 = Vec::new();
+                bpe.merge_heap(&chunk, &mut out2);
+                assert_eq!(out2, out);
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_bad_vocabularies() {
+        assert!(Bpe::new(vec![]).is_err());
+        let mut v = byte_vocab();
+        v.pop();
+        assert!(Bpe::new(v).err().unwrap().contains("0xff"));
+        let mut v = byte_vocab();
+        v.push((b"ab".to_vec(), 5));
+        assert!(Bpe::new(v).err().unwrap().contains("twice"));
+    }
+}

@@ -1,0 +1,330 @@
+//! The tokenizer core: a BPE vocabulary, a pre-split pattern and special tokens, with
+//! single and parallel batch encoding, decoding, and a streaming trainer.
+//!
+//! Python sees ids as little-endian u32 `bytes` (wrapped into numpy arrays on the Python
+//! side), never one Python object per token crossing the boundary.
+
+use crate::bpe::Bpe;
+use crate::guard::{guarded, value_error};
+use crate::pretokenize::Splitter;
+use crate::train::{learn_merges, ChunkCounter};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList, PyString};
+use rayon::prelude::*;
+use rustc_hash::FxHashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+pub struct Core {
+    pub bpe: Bpe,
+    pub splitter: Splitter,
+    pub pattern: String,
+    /// (name, id) in the order given.
+    pub specials: Vec<(String, u32)>,
+    pub special_by_name: FxHashMap<String, u32>,
+    pub special_name_of: FxHashMap<u32, usize>,
+    pub n_vocab: usize,
+}
+
+impl Core {
+    pub fn new(ranks: Vec<(Vec<u8>, u32)>, pattern: &str, specials: Vec<(String, u32)>) -> Result<Core, String> {
+        let bpe = Bpe::new(ranks)?;
+        let splitter = Splitter::new(pattern)?;
+        let mut special_by_name = FxHashMap::default();
+        let mut special_name_of = FxHashMap::default();
+        let mut n_vocab = bpe.n_ids();
+        for (i, (name, id)) in specials.iter().enumerate() {
+            if name.is_empty() {
+                return Err("special token name is empty".into());
+            }
+            if bpe.has_id(*id) {
+                return Err(format!("special token {name:?} has id {id}, which a mergeable token already uses"));
+            }
+            if special_by_name.insert(name.clone(), *id).is_some() {
+                return Err(format!("special token {name:?} is given twice"));
+            }
+            if special_name_of.insert(*id, i).is_some() {
+                return Err(format!("special token id {id} is given twice"));
+            }
+            n_vocab = n_vocab.max(*id as usize + 1);
+        }
+        Ok(Core { bpe, splitter, pattern: pattern.to_string(), specials, special_by_name, special_name_of, n_vocab })
+    }
+
+    /// Ordinary text to ids: special-looking text is encoded as plain text.
+    #[inline]
+    pub fn encode_into(&self, text: &str, out: &mut Vec<u32>) -> Result<(), String> {
+        self.splitter.for_each_chunk(text, |c| self.bpe.encode_chunk(c.as_bytes(), out))
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
+        let mut out = Vec::with_capacity(text.len() / 3 + 1);
+        self.encode_into(text, &mut out)?;
+        Ok(out)
+    }
+
+    /// Bytes of any id (mergeable or special), or None if the id is unused.
+    pub fn id_bytes(&self, id: u32) -> Option<&[u8]> {
+        if self.bpe.has_id(id) {
+            Some(self.bpe.token(id))
+        } else {
+            self.special_name_of.get(&id).map(|&i| self.specials[i].0.as_bytes())
+        }
+    }
+
+    pub fn decode_into(&self, ids: &[u32], out: &mut Vec<u8>) -> Result<(), String> {
+        for (pos, &id) in ids.iter().enumerate() {
+            match self.id_bytes(id) {
+                Some(b) => out.extend_from_slice(b),
+                None => {
+                    return Err(format!(
+                        "invalid token id {id} at position {pos} (vocabulary has {} ids)",
+                        self.n_vocab
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+pub fn u32s_to_pybytes<'py>(py: Python<'py>, v: &[u32]) -> Bound<'py, PyBytes> {
+    PyBytes::new(py, &u32s_le_bytes(v))
+}
+
+fn u32s_le_bytes(v: &[u32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(v.len() * 4);
+    for x in v {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out
+}
+
+pub fn pybytes_to_u32s(b: &[u8], what: &str) -> PyResult<Vec<u32>> {
+    if b.len() % 4 != 0 {
+        return Err(PyValueError::new_err(format!("{what}: buffer length {} is not a multiple of 4", b.len())));
+    }
+    Ok(b.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+}
+
+/// Borrows the UTF-8 of every item of a list of str (no copy), naming the first bad item.
+pub fn borrow_strs<'a, 'py>(items: &'a [Bound<'py, PyAny>], what: &str) -> PyResult<Vec<&'a str>> {
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, it)| {
+            let s = it.cast::<PyString>().map_err(|_| {
+                let tn = it.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
+                PyTypeError::new_err(format!("{what}[{i}] is {tn}, expected str"))
+            })?;
+            s.to_str().map_err(|e| PyValueError::new_err(format!("{what}[{i}] is not valid text: {e}")))
+        })
+        .collect()
+}
+
+/// A rayon pool per requested thread count (built once); None means the global pool.
+pub fn with_threads<T: Send>(num_threads: Option<usize>, f: impl FnOnce() -> T + Send) -> Result<T, String> {
+    static POOLS: OnceLock<Mutex<FxHashMap<usize, Arc<rayon::ThreadPool>>>> = OnceLock::new();
+    match num_threads {
+        None => Ok(f()),
+        Some(0) => Err("num_threads must be at least 1".into()),
+        Some(n) => {
+            let pool = {
+                let mut pools = POOLS.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+                match pools.get(&n) {
+                    Some(p) => p.clone(),
+                    None => {
+                        let p = Arc::new(
+                            rayon::ThreadPoolBuilder::new().num_threads(n).build().map_err(|e| e.to_string())?,
+                        );
+                        pools.insert(n, p.clone());
+                        p
+                    }
+                }
+            };
+            Ok(pool.install(f))
+        }
+    }
+}
+
+#[pyclass(frozen, module = "rustchat._core", name = "CoreTokenizer")]
+pub struct PyCore {
+    pub core: Core,
+}
+
+#[pymethods]
+impl PyCore {
+    #[new]
+    fn new(py: Python<'_>, ranks: Vec<(Vec<u8>, u32)>, pattern: &str, specials: Vec<(String, u32)>) -> PyResult<Self> {
+        let pattern = pattern.to_string();
+        let core = py.detach(|| guarded(|| Core::new(ranks, &pattern, specials)))?.map_err(value_error)?;
+        Ok(PyCore { core })
+    }
+
+    #[getter]
+    fn pattern(&self) -> &str {
+        &self.core.pattern
+    }
+
+    #[getter]
+    fn n_vocab(&self) -> usize {
+        self.core.n_vocab
+    }
+
+    /// True when the pattern runs on the hand-written scanner (else fancy-regex).
+    #[getter]
+    fn fast_split(&self) -> bool {
+        self.core.splitter.is_fast()
+    }
+
+    fn specials(&self) -> Vec<(String, u32)> {
+        self.core.specials.clone()
+    }
+
+    fn ranks<'py>(&self, py: Python<'py>) -> Vec<(Bound<'py, PyBytes>, u32)> {
+        self.core.bpe.ranks().into_iter().map(|(b, r)| (PyBytes::new(py, b), r)).collect()
+    }
+
+    /// Per-id UTF-8 byte length as little-endian i32 (0 for specials and unused ids).
+    fn token_bytes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        let mut out = Vec::with_capacity(self.core.n_vocab * 4);
+        for id in 0..self.core.n_vocab as u32 {
+            let n = if self.core.bpe.has_id(id) { self.core.bpe.token(id).len() as i32 } else { 0 };
+            out.extend_from_slice(&n.to_le_bytes());
+        }
+        PyBytes::new(py, &out)
+    }
+
+    fn encode_ordinary<'py>(&self, py: Python<'py>, text: &Bound<'py, PyString>) -> PyResult<Bound<'py, PyBytes>> {
+        let s = text.to_str()?;
+        let ids = py.detach(|| guarded(|| self.core.encode(s)))?.map_err(value_error)?;
+        Ok(u32s_to_pybytes(py, &ids))
+    }
+
+    /// Id of one token's exact bytes, if it is a single mergeable token.
+    fn rank_of(&self, bytes: &[u8]) -> Option<u32> {
+        self.core.bpe.rank(bytes)
+    }
+
+    /// Encodes a list of str in parallel. Returns (ids as u32 LE, offsets as u64 LE with
+    /// len(texts)+1 entries).
+    #[pyo3(signature = (texts, prepend=None, append=None, num_threads=None))]
+    fn encode_batch<'py>(
+        &self,
+        py: Python<'py>,
+        texts: &Bound<'py, PyList>,
+        prepend: Option<u32>,
+        append: Option<u32>,
+        num_threads: Option<usize>,
+    ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
+        let items: Vec<Bound<'py, PyAny>> = texts.iter().collect();
+        let strs = borrow_strs(&items, "texts")?;
+        let core = &self.core;
+        let (ids, offsets) = py
+            .detach(|| {
+                guarded(|| {
+                    with_threads(num_threads, || {
+                        let parts: Vec<Result<Vec<u32>, String>> = strs
+                            .par_iter()
+                            .with_min_len(8)
+                            .map(|s| {
+                                let mut v = Vec::with_capacity(s.len() / 3 + 2);
+                                v.extend(prepend);
+                                core.encode_into(s, &mut v)?;
+                                v.extend(append);
+                                Ok(v)
+                            })
+                            .collect();
+                        let mut offsets = Vec::with_capacity(parts.len() + 1);
+                        offsets.push(0u64);
+                        let mut total = 0u64;
+                        for p in &parts {
+                            total += p.as_ref().map_or(0, |v| v.len() as u64);
+                            offsets.push(total);
+                        }
+                        let mut flat = Vec::with_capacity(total as usize * 4);
+                        for (i, p) in parts.into_iter().enumerate() {
+                            let v = p.map_err(|e| format!("texts[{i}]: {e}"))?;
+                            for x in v {
+                                flat.extend_from_slice(&x.to_le_bytes());
+                            }
+                        }
+                        let off: Vec<u8> = offsets.iter().flat_map(|o| o.to_le_bytes()).collect();
+                        Ok::<_, String>((flat, off))
+                    })
+                })
+            })?
+            .and_then(|r| r)
+            .map_err(value_error)?;
+        Ok((PyBytes::new(py, &ids), PyBytes::new(py, &offsets)))
+    }
+
+    /// Ids (u32 LE buffer) to bytes; unknown ids raise ValueError.
+    fn decode_bytes<'py>(&self, py: Python<'py>, ids: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+        let ids = pybytes_to_u32s(ids, "ids")?;
+        let mut out = Vec::with_capacity(ids.len() * 4);
+        self.core.decode_into(&ids, &mut out).map_err(value_error)?;
+        Ok(PyBytes::new(py, &out))
+    }
+}
+
+/// Streaming BPE trainer: `feed` batches of documents, then `learn`.
+#[pyclass(module = "rustchat._core", name = "BpeTrainer")]
+pub struct PyTrainer {
+    counter: Option<ChunkCounter>,
+}
+
+impl PyTrainer {
+    fn counter(&mut self) -> PyResult<&mut ChunkCounter> {
+        self.counter.as_mut().ok_or_else(|| PyValueError::new_err("this trainer has already learned its merges"))
+    }
+}
+
+#[pymethods]
+impl PyTrainer {
+    #[new]
+    #[pyo3(signature = (pattern, doc_cap=None, max_chars=None))]
+    fn new(pattern: &str, doc_cap: Option<usize>, max_chars: Option<u64>) -> PyResult<Self> {
+        let splitter = Splitter::new(pattern).map_err(value_error)?;
+        Ok(PyTrainer { counter: Some(ChunkCounter::new(splitter, doc_cap, max_chars)) })
+    }
+
+    /// Counts the chunks of a list of documents; returns True once `max_chars` is reached.
+    fn feed(&mut self, py: Python<'_>, texts: &Bound<'_, PyList>) -> PyResult<bool> {
+        let items: Vec<Bound<'_, PyAny>> = texts.iter().collect();
+        let strs = borrow_strs(&items, "texts")?;
+        let counter = self.counter()?;
+        py.detach(|| guarded(|| counter.feed(&strs)))?.map_err(value_error)?;
+        Ok(counter.full())
+    }
+
+    #[getter]
+    fn chars_seen(&self) -> u64 {
+        self.counter.as_ref().map_or(0, |c| c.chars_seen())
+    }
+
+    #[getter]
+    fn unique_chunks(&self) -> usize {
+        self.counter.as_ref().map_or(0, |c| c.unique_chunks())
+    }
+
+    /// Learns up to `n_merges` merges; returns the new tokens' bytes in id order (256+i).
+    #[pyo3(signature = (n_merges, verbose=false))]
+    fn learn<'py>(&mut self, py: Python<'py>, n_merges: usize, verbose: bool) -> PyResult<Vec<Bound<'py, PyBytes>>> {
+        let counter = self.counter.take().ok_or_else(|| PyValueError::new_err("this trainer has already learned its merges"))?;
+        let merges = py.detach(|| {
+            guarded(|| {
+                let t0 = std::time::Instant::now();
+                learn_merges(counter.into_counts(), n_merges, |done| {
+                    if verbose {
+                        eprint!("\rmerges {done}/{n_merges} ({:.1}s)", t0.elapsed().as_secs_f64());
+                        if done == n_merges {
+                            eprintln!();
+                        }
+                    }
+                })
+            })
+        })?;
+        Ok(merges.iter().map(|m| PyBytes::new(py, m)).collect())
+    }
+}

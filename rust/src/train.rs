@@ -1,0 +1,307 @@
+//! BPE training: count unique pre-split chunks, then merge the most frequent adjacent pair
+//! until the vocabulary is full.
+//!
+//! Rules (SPEC): merge i gets id 256+i; the most frequent pair wins and ties go to the
+//! smaller pair (lexicographic on the two ids), so training is deterministic. One rule of ours
+//! on top: a pair whose concatenated bytes already exist as a token is skipped, so every token
+//! has unique bytes and the ranks export losslessly to tiktoken.
+//!
+//! The merge loop keeps, per pair, its count and a list of words it may occur in (stale entries
+//! are allowed and skipped), plus a max-heap with lazy re-checking. Existing pairs only lose
+//! count when a merge happens, new pairs (with the new id) get pushed once after each merge.
+
+use crate::pretokenize::Splitter;
+use rayon::prelude::*;
+use rustc_hash::{FxHashMap, FxHashSet};
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+#[inline(always)]
+fn key(a: u32, b: u32) -> u64 {
+    ((a as u64) << 32) | b as u64
+}
+
+/// Accumulates chunk counts from a stream of documents.
+pub struct ChunkCounter {
+    splitter: Splitter,
+    doc_cap: Option<usize>,
+    max_chars: Option<u64>,
+    chars_seen: u64,
+    counts: FxHashMap<Box<str>, u64>,
+}
+
+/// Keeps at most `cap` chars of `s` (a prefix on a char boundary).
+fn char_prefix(s: &str, cap: usize) -> (&str, usize) {
+    match s.char_indices().nth(cap) {
+        Some((i, _)) => (&s[..i], cap),
+        None => (s, s.chars().count()),
+    }
+}
+
+impl ChunkCounter {
+    pub fn new(splitter: Splitter, doc_cap: Option<usize>, max_chars: Option<u64>) -> Self {
+        ChunkCounter { splitter, doc_cap, max_chars, chars_seen: 0, counts: FxHashMap::default() }
+    }
+
+    pub fn chars_seen(&self) -> u64 {
+        self.chars_seen
+    }
+
+    /// True once `max_chars` is reached: the caller may stop feeding.
+    pub fn full(&self) -> bool {
+        self.max_chars.is_some_and(|m| self.chars_seen >= m)
+    }
+
+    pub fn unique_chunks(&self) -> usize {
+        self.counts.len()
+    }
+
+    /// Counts the chunks of a batch of documents, in parallel.
+    pub fn feed(&mut self, texts: &[&str]) -> Result<(), String> {
+        // Caps are applied in stream order, so the result does not depend on batching.
+        let mut capped: Vec<&str> = Vec::with_capacity(texts.len());
+        for &t in texts {
+            if self.full() {
+                break;
+            }
+            let (mut t, mut n) = match self.doc_cap {
+                Some(cap) => char_prefix(t, cap),
+                None => (t, t.chars().count()),
+            };
+            if let Some(m) = self.max_chars {
+                let left = (m - self.chars_seen) as usize;
+                if n > left {
+                    (t, n) = char_prefix(t, left);
+                }
+            }
+            self.chars_seen += n as u64;
+            capped.push(t);
+        }
+        let threads = rayon::current_num_threads().max(1);
+        let per = capped.len().div_ceil(threads).max(1);
+        let splitter = &self.splitter;
+        let locals: Vec<Result<FxHashMap<&str, u64>, String>> = capped
+            .par_chunks(per)
+            .map(|docs| {
+                let mut local: FxHashMap<&str, u64> = FxHashMap::default();
+                for d in docs {
+                    splitter.for_each_chunk(d, |c| *local.entry(c).or_insert(0) += 1)?;
+                }
+                Ok(local)
+            })
+            .collect();
+        for local in locals {
+            for (k, v) in local? {
+                match self.counts.get_mut(k) {
+                    Some(c) => *c += v,
+                    None => {
+                        self.counts.insert(k.into(), v);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds a pre-counted chunk (used by tests and by resumable callers).
+    pub fn add_count(&mut self, chunk: &str, count: u64) {
+        *self.counts.entry(chunk.into()).or_insert(0) += count;
+    }
+
+    pub fn into_counts(self) -> FxHashMap<Box<str>, u64> {
+        self.counts
+    }
+}
+
+struct PairStat {
+    count: i64,
+    /// Words that may contain the pair (duplicates and stale entries allowed).
+    words: Vec<u32>,
+}
+
+/// Learns `n_merges` merges from chunk counts. Returns the bytes of each new token, in
+/// order (token 256+i). Stops early if no pair is left. `progress` is called now and then
+/// with the number of merges done.
+pub fn learn_merges(
+    counts: FxHashMap<Box<str>, u64>,
+    n_merges: usize,
+    mut progress: impl FnMut(usize),
+) -> Vec<Vec<u8>> {
+    // Words sorted by bytes: a deterministic layout, whatever the hash map's order.
+    let mut entries: Vec<(Box<str>, u64)> = counts.into_iter().filter(|(k, _)| k.len() >= 2).collect();
+    entries.par_sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    let total: usize = entries.iter().map(|(k, _)| k.len()).sum();
+    let mut syms: Vec<u32> = Vec::with_capacity(total);
+    let mut start: Vec<u32> = Vec::with_capacity(entries.len());
+    let mut len: Vec<u32> = Vec::with_capacity(entries.len());
+    let mut wcount: Vec<i64> = Vec::with_capacity(entries.len());
+    for (k, c) in entries.drain(..) {
+        start.push(syms.len() as u32);
+        len.push(k.len() as u32);
+        wcount.push(c as i64);
+        syms.extend(k.bytes().map(|b| b as u32));
+    }
+    drop(entries);
+
+    let mut pairs: FxHashMap<u64, PairStat> = FxHashMap::default();
+    for w in 0..start.len() {
+        let s = start[w] as usize;
+        let word = &syms[s..s + len[w] as usize];
+        for p in word.windows(2) {
+            let st = pairs.entry(key(p[0], p[1])).or_insert(PairStat { count: 0, words: Vec::new() });
+            st.count += wcount[w];
+            if st.words.last() != Some(&(w as u32)) {
+                st.words.push(w as u32);
+            }
+        }
+    }
+    let mut heap: BinaryHeap<(i64, Reverse<u64>)> =
+        pairs.iter().map(|(&k, st)| (st.count, Reverse(k))).collect();
+
+    let mut tokens: Vec<Vec<u8>> = (0..256u32).map(|b| vec![b as u8]).collect();
+    let mut existing: FxHashSet<Vec<u8>> = tokens.iter().cloned().collect();
+    let mut merges: Vec<Vec<u8>> = Vec::with_capacity(n_merges);
+    let mut visited: Vec<u32> = vec![u32::MAX; start.len()];
+    let mut new_pairs: Vec<u64> = Vec::new();
+
+    while merges.len() < n_merges {
+        let Some((count, Reverse(pk))) = heap.pop() else { break };
+        let current = pairs.get(&pk).map_or(0, |s| s.count);
+        if current != count {
+            if current > 0 {
+                heap.push((current, Reverse(pk)));
+            }
+            continue;
+        }
+        if count <= 0 {
+            break;
+        }
+        let (a, b) = ((pk >> 32) as u32, pk as u32);
+        let mut bytes = tokens[a as usize].clone();
+        bytes.extend_from_slice(&tokens[b as usize]);
+        if existing.contains(&bytes) {
+            // Skip: never re-pushed, since only pairs with a brand-new id are pushed later.
+            pairs.remove(&pk);
+            continue;
+        }
+        let x = tokens.len() as u32;
+        let step = merges.len() as u32;
+        existing.insert(bytes.clone());
+        tokens.push(bytes.clone());
+        merges.push(bytes);
+
+        let words = std::mem::take(&mut pairs.get_mut(&pk).unwrap().words);
+        new_pairs.clear();
+        let bump = |pairs: &mut FxHashMap<u64, PairStat>, k: u64, d: i64, w: u32, new_pairs: &mut Vec<u64>| {
+            let st = pairs.entry(k).or_insert_with(|| {
+                new_pairs.push(k);
+                PairStat { count: 0, words: Vec::new() }
+            });
+            st.count += d;
+            if d > 0 {
+                if st.words.last() != Some(&w) {
+                    st.words.push(w);
+                }
+            } else if st.count == 0 {
+                // No occurrence left: free its word list now (a heap entry, if any, is stale).
+                pairs.remove(&k);
+            }
+        };
+        for &w in &words {
+            if visited[w as usize] == step {
+                continue;
+            }
+            visited[w as usize] = step;
+            let s = start[w as usize] as usize;
+            let l = len[w as usize] as usize;
+            let c = wcount[w as usize];
+            let word = &mut syms[s..s + l];
+            // In-place left-to-right merge; `o` is the write index.
+            let mut i = 0;
+            let mut o = 0;
+            let mut hit = false;
+            while i < l {
+                if i + 1 < l && word[i] == a && word[i + 1] == b {
+                    hit = true;
+                    if o > 0 {
+                        let prev = word[o - 1];
+                        bump(&mut pairs, key(prev, a), -c, w, &mut new_pairs);
+                        bump(&mut pairs, key(prev, x), c, w, &mut new_pairs);
+                    }
+                    if i + 2 < l {
+                        let nxt = word[i + 2];
+                        bump(&mut pairs, key(b, nxt), -c, w, &mut new_pairs);
+                        bump(&mut pairs, key(x, nxt), c, w, &mut new_pairs);
+                    }
+                    word[o] = x;
+                    i += 2;
+                } else {
+                    word[o] = word[i];
+                    i += 1;
+                }
+                o += 1;
+            }
+            if hit {
+                len[w as usize] = o as u32;
+                if let Some(st) = pairs.get_mut(&pk) {
+                    // Each removed occurrence of (a, b) loses this word's count.
+                    st.count -= c * ((l - o) as i64);
+                }
+            }
+        }
+        if let Some(st) = pairs.get_mut(&pk) {
+            debug_assert_eq!(st.count, 0);
+            st.count = 0;
+        }
+        pairs.remove(&pk);
+        for &k in &new_pairs {
+            if let Some(st) = pairs.get(&k) {
+                if st.count > 0 {
+                    heap.push((st.count, Reverse(k)));
+                }
+            }
+        }
+        // Pairs that already existed but gained count (only possible with the new id, so they
+        // are in new_pairs) are covered above; others only lost count and are re-checked lazily.
+        if merges.len() % 1024 == 0 {
+            progress(merges.len());
+        }
+    }
+    progress(merges.len());
+    merges
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classic_example() {
+        // "aaabdaaabac": the first merge is (a, a) with count 4.
+        let mut counts = FxHashMap::default();
+        counts.insert("aaabdaaabac".into(), 1u64);
+        let merges = learn_merges(counts, 3, |_| {});
+        assert_eq!(merges[0], b"aa".to_vec());
+    }
+
+    #[test]
+    fn ties_go_to_the_smaller_pair() {
+        let mut counts = FxHashMap::default();
+        counts.insert("zy".into(), 3u64);
+        counts.insert("ba".into(), 3u64);
+        let merges = learn_merges(counts, 2, |_| {});
+        assert_eq!(merges, vec![b"ba".to_vec(), b"zy".to_vec()]);
+    }
+
+    #[test]
+    fn counter_respects_caps() {
+        let sp = Splitter::new(&crate::pretokenize::default_pattern()).unwrap();
+        let mut c = ChunkCounter::new(sp, Some(5), Some(8));
+        c.feed(&["hello world", "abcdef"]).unwrap();
+        assert_eq!(c.chars_seen(), 8);
+        assert!(c.full());
+        let counts = c.into_counts();
+        assert_eq!(counts.get("hello").copied(), Some(1));
+        assert_eq!(counts.get("abc").copied(), Some(1));
+    }
+}
