@@ -176,6 +176,10 @@ class Tokenizer:
             buf = self._core.encode_ordinary(_fix_surrogates(text))
         return np.frombuffer(buf, dtype="<i4")
 
+    def split(self, text: str) -> list[str]:
+        """The chunks the split pattern cuts `text` into (BPE never merges across them)."""
+        return self._core.split(text)
+
     def _special_id(self, tok) -> int | None:
         if tok is None:
             return None
@@ -213,11 +217,17 @@ class Tokenizer:
         return np.frombuffer(ids, dtype="<i4"), np.frombuffer(offs, dtype="<i8")
 
     def encode_batch(self, texts: list[str], *, prepend=None, append=None, num_threads: int | None = None) -> list[list[int]]:
-        """Encode many texts in parallel with all cores (or `num_threads`)."""
-        ids, offs = self.encode_batch_numpy(texts, prepend=prepend, append=append, num_threads=num_threads)
-        flat = ids.tolist()
-        o = offs.tolist()
-        return [flat[o[i] : o[i + 1]] for i in range(len(o) - 1)]
+        """Encode many texts in parallel with all cores (or `num_threads`), GIL released."""
+        if isinstance(texts, str):
+            raise TypeError("texts must be a list of str, not a single str")
+        if not isinstance(texts, list):
+            texts = list(texts)
+        pre, post = self._special_id(prepend), self._special_id(append)
+        try:
+            return self._core.encode_batch_lists(texts, pre, post, num_threads)
+        except UnicodeEncodeError:
+            texts = [_fix_surrogates(t) if isinstance(t, str) else t for t in texts]
+            return self._core.encode_batch_lists(texts, pre, post, num_threads)
 
     def encode_special(self, name: str) -> int:
         """Id of a special token by name."""

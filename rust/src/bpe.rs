@@ -7,21 +7,57 @@
 //! since every part is always a token.
 
 use rustc_hash::FxHashMap;
+use std::cell::RefCell;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 const NONE: u32 = u32::MAX;
 /// Chunks with at most this many bytes use the quadratic scan; longer ones use a heap.
 const SMALL_CHUNK: usize = 64;
+/// Entries kept in each thread's cache of multi-token chunks before it is cleared.
+const CACHE_ENTRIES: usize = 1 << 16;
+
+static NEXT_VOCAB_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Slots of the direct-mapped table of recent short chunks (64 KiB per thread, stays in L2).
+const HOT_SLOTS: usize = 1 << 12;
+
+/// Per-thread caches, owned by one vocabulary at a time (named by `owner`): a direct-mapped
+/// table of recently seen short chunks (skips a probe of the big rank map, whose misses
+/// dominate encode time), and a map of chunks that needed merging (most repeat).
+pub struct EncodeCache {
+    owner: u64,
+    hot: Vec<(u64, u32)>,
+    merged: FxHashMap<Box<[u8]>, Box<[u32]>>,
+}
+
+thread_local! {
+    static CACHE: RefCell<EncodeCache> =
+        RefCell::new(EncodeCache { owner: 0, hot: Vec::new(), merged: FxHashMap::default() });
+}
 
 pub struct Bpe {
+    /// Unique per vocabulary, for the thread-local chunk cache.
+    uid: u64,
     rank_of: FxHashMap<Box<[u8]>, u32>,
+    /// Tokens of at most 7 bytes keyed by their bytes packed in a u64: no pointer chase per
+    /// lookup, and most chunks are that short.
+    short_rank: FxHashMap<u64, u32>,
     byte_id: [u32; 256],
     pair_rank: FxHashMap<u64, u32>,
     /// Bytes of token `id` are `data[offsets[id]..offsets[id + 1]]` (empty for unused ids).
     data: Vec<u8>,
     offsets: Vec<u32>,
     present: Vec<bool>,
+}
+
+/// Packs up to 7 bytes and their length into one u64 key.
+#[inline(always)]
+fn pack_short(b: &[u8]) -> u64 {
+    let mut buf = [0u8; 8];
+    buf[..b.len()].copy_from_slice(b);
+    u64::from_le_bytes(buf) | ((b.len() as u64) << 56)
 }
 
 #[inline(always)]
@@ -82,7 +118,12 @@ impl Bpe {
                 }
             }
         }
-        Ok(Bpe { rank_of, byte_id, pair_rank, data, offsets, present })
+        let short_rank = ranks
+            .iter()
+            .filter(|(b, _)| b.len() <= 7)
+            .map(|(b, r)| (pack_short(b), *r))
+            .collect();
+        Ok(Bpe { uid: NEXT_VOCAB_ID.fetch_add(1, Ordering::Relaxed), rank_of, short_rank, byte_id, pair_rank, data, offsets, present })
     }
 
     /// One past the largest rank.
@@ -112,17 +153,58 @@ impl Bpe {
         *self.pair_rank.get(&key(a, b)).unwrap_or(&NONE)
     }
 
+    /// Runs `f` with this thread's encode cache, reset if another vocabulary used it last.
+    pub fn with_cache<T>(&self, f: impl FnOnce(&mut EncodeCache) -> T) -> T {
+        CACHE.with(|cell| {
+            let mut cache = cell.borrow_mut();
+            if cache.owner != self.uid {
+                cache.owner = self.uid;
+                cache.hot.clear();
+                cache.hot.resize(HOT_SLOTS, (u64::MAX, 0));
+                cache.merged.clear();
+            }
+            f(&mut cache)
+        })
+    }
+
     /// Appends the ids of one pre-split chunk.
     #[inline]
-    pub fn encode_chunk(&self, chunk: &[u8], out: &mut Vec<u32>) {
+    pub fn encode_chunk(&self, cache: &mut EncodeCache, chunk: &[u8], out: &mut Vec<u32>) {
         if chunk.len() == 1 {
             out.push(self.byte_id[chunk[0] as usize]);
             return;
         }
-        if let Some(&r) = self.rank_of.get(chunk) {
+        if chunk.len() <= 7 {
+            let k = pack_short(chunk);
+            let slot = (k.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - 12)) as usize;
+            let (hk, hr) = cache.hot[slot];
+            if hk == k {
+                out.push(hr);
+                return;
+            }
+            if let Some(&r) = self.short_rank.get(&k) {
+                cache.hot[slot] = (k, r);
+                out.push(r);
+                return;
+            }
+        } else if let Some(&r) = self.rank_of.get(chunk) {
             out.push(r);
             return;
         }
+        if let Some(ids) = cache.merged.get(chunk) {
+            out.extend_from_slice(ids);
+            return;
+        }
+        let start = out.len();
+        self.merge(chunk, out);
+        if cache.merged.len() >= CACHE_ENTRIES {
+            cache.merged.clear();
+        }
+        cache.merged.insert(chunk.into(), out[start..].into());
+    }
+
+    /// Merges a chunk that is not a single token (no cache).
+    pub fn merge(&self, chunk: &[u8], out: &mut Vec<u32>) {
         if chunk.len() <= SMALL_CHUNK {
             self.merge_small(chunk, out)
         } else {

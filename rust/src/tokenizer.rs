@@ -54,7 +54,9 @@ impl Core {
     /// Ordinary text to ids: special-looking text is encoded as plain text.
     #[inline]
     pub fn encode_into(&self, text: &str, out: &mut Vec<u32>) -> Result<(), String> {
-        self.splitter.for_each_chunk(text, |c| self.bpe.encode_chunk(c.as_bytes(), out))
+        self.bpe.with_cache(|cache| {
+            self.splitter.for_each_chunk(text, |c| self.bpe.encode_chunk(cache, c.as_bytes(), out))
+        })
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
@@ -152,6 +154,41 @@ pub struct PyCore {
     pub core: Core,
 }
 
+impl PyCore {
+    /// Parallel encode of a list of str with the GIL released; errors name the text.
+    fn encode_many<'py>(
+        &self,
+        py: Python<'py>,
+        texts: &Bound<'py, PyList>,
+        prepend: Option<u32>,
+        append: Option<u32>,
+        num_threads: Option<usize>,
+    ) -> PyResult<Vec<Vec<u32>>> {
+        let items: Vec<Bound<'py, PyAny>> = texts.iter().collect();
+        let strs = borrow_strs(&items, "texts")?;
+        let core = &self.core;
+        py.detach(|| {
+            guarded(|| {
+                with_threads(num_threads, || {
+                    strs.par_iter()
+                        .with_min_len(4)
+                        .enumerate()
+                        .map(|(i, s)| {
+                            let mut v = Vec::with_capacity(s.len() / 3 + 2);
+                            v.extend(prepend);
+                            core.encode_into(s, &mut v).map_err(|e| format!("texts[{i}]: {e}"))?;
+                            v.extend(append);
+                            Ok(v)
+                        })
+                        .collect::<Result<Vec<_>, String>>()
+                })
+            })
+        })?
+        .and_then(|r| r)
+        .map_err(value_error)
+    }
+}
+
 #[pymethods]
 impl PyCore {
     #[new]
@@ -201,6 +238,14 @@ impl PyCore {
         Ok(u32s_to_pybytes(py, &ids))
     }
 
+    /// The pre-split chunks of `text` (what BPE runs on), for inspection and tests.
+    fn split<'py>(&self, text: &Bound<'py, PyString>) -> PyResult<Vec<String>> {
+        let s = text.to_str()?;
+        let mut out = Vec::new();
+        self.core.splitter.for_each_chunk(s, |c| out.push(c.to_string())).map_err(value_error)?;
+        Ok(out)
+    }
+
     /// Id of one token's exact bytes, if it is a single mergeable token.
     fn rank_of(&self, bytes: &[u8]) -> Option<u32> {
         self.core.bpe.rank(bytes)
@@ -217,46 +262,38 @@ impl PyCore {
         append: Option<u32>,
         num_threads: Option<usize>,
     ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
-        let items: Vec<Bound<'py, PyAny>> = texts.iter().collect();
-        let strs = borrow_strs(&items, "texts")?;
-        let core = &self.core;
-        let (ids, offsets) = py
-            .detach(|| {
-                guarded(|| {
-                    with_threads(num_threads, || {
-                        let parts: Vec<Result<Vec<u32>, String>> = strs
-                            .par_iter()
-                            .with_min_len(8)
-                            .map(|s| {
-                                let mut v = Vec::with_capacity(s.len() / 3 + 2);
-                                v.extend(prepend);
-                                core.encode_into(s, &mut v)?;
-                                v.extend(append);
-                                Ok(v)
-                            })
-                            .collect();
-                        let mut offsets = Vec::with_capacity(parts.len() + 1);
-                        offsets.push(0u64);
-                        let mut total = 0u64;
-                        for p in &parts {
-                            total += p.as_ref().map_or(0, |v| v.len() as u64);
-                            offsets.push(total);
-                        }
-                        let mut flat = Vec::with_capacity(total as usize * 4);
-                        for (i, p) in parts.into_iter().enumerate() {
-                            let v = p.map_err(|e| format!("texts[{i}]: {e}"))?;
-                            for x in v {
-                                flat.extend_from_slice(&x.to_le_bytes());
-                            }
-                        }
-                        let off: Vec<u8> = offsets.iter().flat_map(|o| o.to_le_bytes()).collect();
-                        Ok::<_, String>((flat, off))
-                    })
-                })
-            })?
-            .and_then(|r| r)
-            .map_err(value_error)?;
-        Ok((PyBytes::new(py, &ids), PyBytes::new(py, &offsets)))
+        let parts = self.encode_many(py, texts, prepend, append, num_threads)?;
+        let mut offsets = Vec::with_capacity((parts.len() + 1) * 8);
+        let mut total = 0u64;
+        offsets.extend_from_slice(&total.to_le_bytes());
+        for p in &parts {
+            total += p.len() as u64;
+            offsets.extend_from_slice(&total.to_le_bytes());
+        }
+        let ids = PyBytes::new_with(py, total as usize * 4, |buf| {
+            let mut at = 0;
+            for p in &parts {
+                for x in p {
+                    buf[at..at + 4].copy_from_slice(&x.to_le_bytes());
+                    at += 4;
+                }
+            }
+            Ok(())
+        })?;
+        Ok((ids, PyBytes::new(py, &offsets)))
+    }
+
+    /// Like `encode_batch`, as a list of lists of int (tiktoken's shape).
+    #[pyo3(signature = (texts, prepend=None, append=None, num_threads=None))]
+    fn encode_batch_lists<'py>(
+        &self,
+        py: Python<'py>,
+        texts: &Bound<'py, PyList>,
+        prepend: Option<u32>,
+        append: Option<u32>,
+        num_threads: Option<usize>,
+    ) -> PyResult<Vec<Vec<u32>>> {
+        self.encode_many(py, texts, prepend, append, num_threads)
     }
 
     /// Ids (u32 LE buffer) to bytes; unknown ids raise ValueError.

@@ -1,0 +1,66 @@
+//! Splits and encodes a text file with a vocabulary from `ranks.tiktoken`, timing each phase.
+//! Usage: cargo run --release --example profile_encode -- TEXT RANKS_TIKTOKEN_DIR
+use rustchat_core::pretokenize::CL100K_PATTERN;
+use rustchat_core::tokenizer::Core;
+use std::time::Instant;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let text = std::fs::read_to_string(&args[1]).unwrap();
+    let ranks_txt = std::fs::read_to_string(&args[2]).unwrap();
+    let ranks: Vec<(Vec<u8>, u32)> = ranks_txt
+        .lines()
+        .map(|l| {
+            let (b, r) = l.split_once(' ').unwrap();
+            (b64(b), r.parse().unwrap())
+        })
+        .collect();
+    let core = Core::new(ranks, CL100K_PATTERN, vec![]).unwrap();
+    let mb = text.len() as f64 / 1e6;
+    let t0 = Instant::now();
+    let mut n = 0usize;
+    core.splitter.for_each_chunk(&text, |_| n += 1).unwrap();
+    let dt = t0.elapsed().as_secs_f64();
+    println!("split: {n} chunks, {:.1} MB/s", mb / dt);
+    let t0 = Instant::now();
+    let (mut whole, mut multi, mut multi_bytes) = (0usize, 0usize, 0usize);
+    core.splitter
+        .for_each_chunk(&text, |c| {
+            if c.len() == 1 || core.bpe.rank(c.as_bytes()).is_some() {
+                whole += 1
+            } else {
+                multi += 1;
+                multi_bytes += c.len()
+            }
+        })
+        .unwrap();
+    let dt = t0.elapsed().as_secs_f64();
+    println!("lookup only: {whole} whole, {multi} multi ({multi_bytes} bytes), {:.1} MB/s", mb / dt);
+    let mut dt = f64::MAX;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        ids = core.encode(&text).unwrap();
+        dt = dt.min(t0.elapsed().as_secs_f64());
+    }
+    println!("encode: {} ids, {:.1} MB/s", ids.len(), mb / dt);
+}
+
+fn b64(s: &str) -> Vec<u8> {
+    const T: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::new();
+    let mut buf = 0u32;
+    let mut bits = 0;
+    for c in s.bytes() {
+        if c == b'=' {
+            break;
+        }
+        buf = (buf << 6) | T.iter().position(|&x| x == c).unwrap() as u32;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((buf >> bits) as u8);
+        }
+    }
+    out
+}
