@@ -15,7 +15,8 @@ fn main() {
             (b64(b), r.parse().unwrap())
         })
         .collect();
-    let core = Core::new(ranks, CL100K_PATTERN, vec![]).unwrap();
+    let pattern = if args.len() > 3 && args[3] == "ours" { rustchat_core::pretokenize::default_pattern() } else { CL100K_PATTERN.to_string() };
+    let core = Core::new(ranks, &pattern, vec![]).unwrap();
     let mb = text.len() as f64 / 1e6;
     let t0 = Instant::now();
     let mut n = 0usize;
@@ -38,7 +39,7 @@ fn main() {
     println!("lookup only: {whole} whole, {multi} multi ({multi_bytes} bytes), {:.1} MB/s", mb / dt);
     let mut dt = f64::MAX;
     let mut ids = Vec::new();
-    for _ in 0..5 {
+    for _ in 0..1 {
         let t0 = Instant::now();
         ids = core.encode(&text).unwrap();
         dt = dt.min(t0.elapsed().as_secs_f64());

@@ -20,15 +20,30 @@ const CACHE_ENTRIES: usize = 1 << 16;
 
 static NEXT_VOCAB_ID: AtomicU64 = AtomicU64::new(1);
 
-/// Slots of the direct-mapped table of recent short chunks (64 KiB per thread, stays in L2).
+/// Chunks of at most this many bytes are keyed by their bytes packed into a u128 (with the
+/// length in the top byte): hashing and comparing keys needs no pointer chase or memcmp.
+const PACK_MAX: usize = 15;
+/// Slots of the per-thread direct-mapped table of recent short chunks (about 160 KiB).
 const HOT_SLOTS: usize = 1 << 12;
+/// Ids kept per hot slot; chunks that encode to more ids are simply not kept there.
+const HOT_IDS: usize = 5;
+
+#[derive(Clone, Copy)]
+struct HotSlot {
+    key: u128,
+    n: u32,
+    ids: [u32; HOT_IDS],
+}
+
+const EMPTY_SLOT: HotSlot = HotSlot { key: u128::MAX, n: 0, ids: [0; HOT_IDS] };
 
 /// Per-thread caches, owned by one vocabulary at a time (named by `owner`): a direct-mapped
-/// table of recently seen short chunks (skips a probe of the big rank map, whose misses
-/// dominate encode time), and a map of chunks that needed merging (most repeat).
+/// table of recently seen short chunks with their ids (natural text is Zipfian, so most
+/// chunks hit it and skip the big rank map, whose cache misses dominate encode time), and a
+/// map for long chunks that needed merging.
 pub struct EncodeCache {
     owner: u64,
-    hot: Vec<(u64, u32)>,
+    hot: Vec<HotSlot>,
     merged: FxHashMap<Box<[u8]>, Box<[u32]>>,
 }
 
@@ -37,27 +52,32 @@ thread_local! {
         RefCell::new(EncodeCache { owner: 0, hot: Vec::new(), merged: FxHashMap::default() });
 }
 
+/// Packs up to PACK_MAX bytes and their length into one key.
+#[inline(always)]
+fn pack(b: &[u8]) -> u128 {
+    let mut buf = [0u8; 16];
+    buf[..b.len()].copy_from_slice(b);
+    u128::from_le_bytes(buf) | ((b.len() as u128) << 120)
+}
+
+#[inline(always)]
+fn hot_slot(k: u128) -> usize {
+    let x = (k as u64) ^ ((k >> 64) as u64).rotate_left(29);
+    (x.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - 12)) as usize
+}
+
 pub struct Bpe {
     /// Unique per vocabulary, for the thread-local chunk cache.
     uid: u64,
     rank_of: FxHashMap<Box<[u8]>, u32>,
-    /// Tokens of at most 7 bytes keyed by their bytes packed in a u64: no pointer chase per
-    /// lookup, and most chunks are that short.
-    short_rank: FxHashMap<u64, u32>,
+    /// Tokens of at most PACK_MAX bytes, keyed by `pack`.
+    short_rank: FxHashMap<u128, u32>,
     byte_id: [u32; 256],
     pair_rank: FxHashMap<u64, u32>,
     /// Bytes of token `id` are `data[offsets[id]..offsets[id + 1]]` (empty for unused ids).
     data: Vec<u8>,
     offsets: Vec<u32>,
     present: Vec<bool>,
-}
-
-/// Packs up to 7 bytes and their length into one u64 key.
-#[inline(always)]
-fn pack_short(b: &[u8]) -> u64 {
-    let mut buf = [0u8; 8];
-    buf[..b.len()].copy_from_slice(b);
-    u64::from_le_bytes(buf) | ((b.len() as u64) << 56)
 }
 
 #[inline(always)]
@@ -120,8 +140,8 @@ impl Bpe {
         }
         let short_rank = ranks
             .iter()
-            .filter(|(b, _)| b.len() <= 7)
-            .map(|(b, r)| (pack_short(b), *r))
+            .filter(|(b, _)| b.len() <= PACK_MAX)
+            .map(|(b, r)| (pack(b), *r))
             .collect();
         Ok(Bpe { uid: NEXT_VOCAB_ID.fetch_add(1, Ordering::Relaxed), rank_of, short_rank, byte_id, pair_rank, data, offsets, present })
     }
@@ -160,7 +180,7 @@ impl Bpe {
             if cache.owner != self.uid {
                 cache.owner = self.uid;
                 cache.hot.clear();
-                cache.hot.resize(HOT_SLOTS, (u64::MAX, 0));
+                cache.hot.resize(HOT_SLOTS, EMPTY_SLOT);
                 cache.merged.clear();
             }
             f(&mut cache)
@@ -174,20 +194,27 @@ impl Bpe {
             out.push(self.byte_id[chunk[0] as usize]);
             return;
         }
-        if chunk.len() <= 7 {
-            let k = pack_short(chunk);
-            let slot = (k.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - 12)) as usize;
-            let (hk, hr) = cache.hot[slot];
-            if hk == k {
-                out.push(hr);
+        if chunk.len() <= PACK_MAX {
+            let k = pack(chunk);
+            let slot = &mut cache.hot[hot_slot(k)];
+            if slot.key == k {
+                out.extend_from_slice(&slot.ids[..slot.n as usize]);
                 return;
             }
-            if let Some(&r) = self.short_rank.get(&k) {
-                cache.hot[slot] = (k, r);
-                out.push(r);
-                return;
+            let start = out.len();
+            match self.short_rank.get(&k) {
+                Some(&r) => out.push(r),
+                None => self.merge_small(chunk, out),
             }
-        } else if let Some(&r) = self.rank_of.get(chunk) {
+            let n = out.len() - start;
+            if n <= HOT_IDS {
+                slot.key = k;
+                slot.n = n as u32;
+                slot.ids[..n].copy_from_slice(&out[start..]);
+            }
+            return;
+        }
+        if let Some(&r) = self.rank_of.get(chunk) {
             out.push(r);
             return;
         }
