@@ -1,0 +1,235 @@
+"""Pretraining data: FineWeb-Edu parquet shards (downloaded on demand) or local files,
+tokenized by the Rust tokenizer in a background thread, served as [B, T] next-token batches.
+
+Documents are encoded with `<|bos|>` in front and concatenated into one stream; each batch
+takes B*T+1 consecutive tokens (inputs = stream[:-1], targets = stream[1:]). Every batch comes
+with a cursor (file, row group, document, tokens to skip) from which the stream can be rebuilt
+exactly, so a resumed run sees the same tokens as an uninterrupted one. With several ranks,
+row group g belongs to rank g % world_size.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .common import RustchatError
+from .textsource import SUFFIXES, TextSourceError, _jsonl_docs, list_files, parquet_texts
+
+FINEWEB_REPO = "karpathy/fineweb-edu-100b-shuffle"
+FINEWEB_SHARDS = 1823  # shard_00000 .. shard_01822; the last one is kept for validation
+DOCS_PER_TEXT_GROUP = 1024  # plain-text files are cut into groups like parquet row groups
+
+
+def hub_endpoint() -> str:
+    """The Hugging Face endpoint, honouring HF_ENDPOINT as the hub libraries do."""
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def shard_url(index: int, repo: str = FINEWEB_REPO) -> str:
+    return f"{hub_endpoint()}/datasets/{repo}/resolve/main/shard_{index:05d}.parquet"
+
+
+def download_shards(indices, data_dir: str | os.PathLike, *, repo: str = FINEWEB_REPO, retries: int = 4) -> list[Path]:
+    """Fetch the given FineWeb-Edu shards into data_dir (skipping ones present); written to a
+    temporary name and renamed, so an interrupted download never leaves a broken shard."""
+    d = Path(data_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in indices:
+        path = d / f"shard_{i:05d}.parquet"
+        out.append(path)
+        if path.exists():
+            continue
+        url = shard_url(i, repo)
+        tmp = path.with_suffix(".parquet.part")
+        for attempt in range(1, retries + 1):
+            try:
+                headers = {}
+                if os.environ.get("HF_TOKEN"):
+                    headers["Authorization"] = f"Bearer {os.environ['HF_TOKEN']}"
+                with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60) as r, open(tmp, "wb") as f:
+                    while chunk := r.read(1 << 20):
+                        f.write(chunk)
+                os.replace(tmp, path)
+                break
+            except (urllib.error.URLError, OSError) as e:
+                tmp.unlink(missing_ok=True)
+                if attempt == retries:
+                    raise RustchatError(
+                        f"could not download {url} ({e}); check the network or HF_ENDPOINT, or pass --data-dir with local parquet/text files"
+                    ) from None
+                time.sleep(min(30, 2**attempt))
+    return out
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where a batch's first token comes from: skip `skip` tokens of the stream that starts at
+    document `doc` of row group `group` of file `file` (indices into this rank's ordering)."""
+
+    file: int = 0
+    group: int = 0
+    doc: int = 0
+    skip: int = 0
+    epoch: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "Cursor":
+        return cls(**d) if d else cls()
+
+
+class DocumentSource:
+    """Ordered row groups of documents from parquet shards and text/JSONL files."""
+
+    def __init__(self, files: list[Path], text_column: str = "text"):
+        if not files:
+            raise RustchatError("no pretraining files: pass --data-dir with parquet/text files, or allow downloads")
+        self.files = files
+        self.text_column = text_column
+        for f in files:
+            if f.suffix not in SUFFIXES:
+                raise TextSourceError(f"{f}: unsupported file type (use {', '.join(sorted(SUFFIXES))})")
+
+    @classmethod
+    def from_paths(cls, paths, text_column: str = "text") -> "DocumentSource":
+        return cls(list_files(paths), text_column)
+
+    def num_groups(self, path: Path) -> int:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(path).num_row_groups
+        return sum(1 for _ in self.groups(path))
+
+    def groups(self, path: Path) -> Iterator[list[str]]:
+        if path.suffix == ".parquet":
+            yield from parquet_texts(path, self.text_column)
+            return
+        docs: list[str] = []
+        it = _jsonl_docs(path, self.text_column, [0]) if path.suffix == ".jsonl" else _paragraphs(path)
+        for doc in it:
+            docs.append(doc)
+            if len(docs) == DOCS_PER_TEXT_GROUP:
+                yield docs
+                docs = []
+        if docs:
+            yield docs
+
+
+def _paragraphs(path: Path) -> Iterator[str]:
+    from .textsource import _text_file_docs
+
+    yield from _text_file_docs(path, [0])
+
+
+class PretrainLoader:
+    """Iterates (inputs int64 [B, T], targets int64 [B, T], cursor) forever (epochs wrap).
+
+    Tokenization runs in a background thread (the Rust encoder releases the GIL), a few row
+    groups ahead of the consumer. `device` moves batches there (pinned, non-blocking on CUDA).
+    """
+
+    def __init__(self, tok, source: DocumentSource, batch_size: int, seq_len: int, *, device="cpu",
+                 rank: int = 0, world_size: int = 1, cursor: Cursor | dict | None = None, prefetch_groups: int = 4):
+        if batch_size < 1 or seq_len < 1:
+            raise ValueError(f"batch_size and seq_len must be positive, got {batch_size}, {seq_len}")
+        self.tok, self.source = tok, source
+        self.B, self.T = batch_size, seq_len
+        self.device = device
+        self.rank, self.world = rank, world_size
+        self.start = cursor if isinstance(cursor, Cursor) else Cursor.from_dict(cursor)
+        self.prefetch = prefetch_groups
+        self.bos = tok.bos_token_id
+
+    def _encoded_groups(self, start: Cursor, stop: threading.Event, out: queue.Queue) -> None:
+        """Producer: (file, group, first_doc, ids, doc_offsets) for this rank's groups, from start."""
+        try:
+            epoch = start.epoch
+            first = True
+            while not stop.is_set():
+                gidx = 0
+                for fi, path in enumerate(self.source.files):
+                    if first and fi < start.file:
+                        # Count the skipped file's groups so the rank split stays aligned.
+                        gidx += self.source.num_groups(path)
+                        continue
+                    for gi, docs in enumerate(self.source.groups(path)):
+                        mine = gidx % self.world == self.rank
+                        gidx += 1
+                        if not mine or (first and fi == start.file and gi < start.group):
+                            continue
+                        d0 = start.doc if (first and fi == start.file and gi == start.group) else 0
+                        ids, offs = self.tok.encode_batch_numpy(docs[d0:], prepend=self.bos)
+                        while not stop.is_set():
+                            try:
+                                out.put((epoch, fi, gi, d0, ids, offs), timeout=0.5)
+                                break
+                            except queue.Full:
+                                continue
+                        if stop.is_set():
+                            return
+                first = False
+                epoch += 1
+                if gidx == 0 or gidx <= self.rank:
+                    raise RustchatError("the pretraining files hold no documents for this rank")
+        except BaseException as e:  # delivered to the consumer
+            out.put(e)
+
+    def __iter__(self):
+        import torch
+
+        stop = threading.Event()
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        th = threading.Thread(target=self._encoded_groups, args=(self.start, stop, q), daemon=True)
+        th.start()
+        need = self.B * self.T + 1
+        buf: list[np.ndarray] = []  # pending stream pieces, fewer than `need` tokens in all
+        buf_len = 0
+        head: Cursor | None = None  # where the first token of `buf` comes from
+        first_skip = self.start.skip
+        pin = str(self.device).startswith("cuda")
+        try:
+            while True:
+                item = q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                epoch, fi, gi, d0, full, offs = item
+                used = full[first_skip:] if first_skip else full
+                if head is None:
+                    head = Cursor(fi, gi, d0, first_skip, epoch)
+                first_skip = 0
+                buf.append(used)
+                buf_len += len(used)
+                while buf_len >= need:
+                    stream = np.concatenate(buf) if len(buf) > 1 else buf[0]
+                    batch = stream[:need].astype(np.int64)
+                    cur = head
+                    # The last target is the next batch's first input.
+                    rest = stream[need - 1 :]
+                    buf, buf_len = [rest], len(rest)
+                    # buf held < need tokens before this group arrived, so what is left lies
+                    # inside this group: locate its first token's document.
+                    pos = len(full) - buf_len
+                    k = int(np.searchsorted(offs, pos, side="right")) - 1
+                    head = Cursor(fi, gi, d0 + k, pos - int(offs[k]), epoch)
+                    x = torch.from_numpy(batch[:-1].reshape(self.B, self.T))
+                    y = torch.from_numpy(batch[1:].reshape(self.B, self.T))
+                    if pin:
+                        x, y = x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+                    elif str(self.device) != "cpu":
+                        x, y = x.to(self.device), y.to(self.device)
+                    yield x, y, cur
+        finally:
+            stop.set()
