@@ -1,0 +1,1 @@
+../../../kernels/linear_cross_entropy.py

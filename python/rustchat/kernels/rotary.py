@@ -1,0 +1,1 @@
+../../../kernels/rotary.py

@@ -1,0 +1,639 @@
+"""Numerics of rustchat.kernels (cross_entropy, linear_cross_entropy, apply_rotary) against float64.
+
+Triton kernels run on the CPU through the Triton interpreter (TRITON_INTERPRET=1). The interpreter
+only works when triton itself is imported with the variable set, so this module sets it before
+the first `import triton` and restores it right after (other test modules keep their backends);
+the kernels read it at call time. If triton was already imported in compiled mode (another test
+module imported it first, or a GPU machine where we must not break compiled Triton for the rest
+of the session), the interpreter tests are re-run in a subprocess instead
+(test_triton_interpreter_in_subprocess), and on CUDA the triton tests also run compiled in-process.
+
+Inputs are fresh random every run; every test prints its seed (shown by pytest on failure);
+rerun with KERNEL_TEST_SEED=<seed> to reproduce.
+"""
+import math
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+_CHILD = os.environ.get("RUSTCHAT_KERNELS_INTERP_CHILD") == "1"
+_CUDA = torch.cuda.is_available()
+if _CHILD or (not _CUDA and "triton" not in sys.modules):
+    _old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton  # noqa: F401  (initialised in interpreter mode)
+        import triton.language  # noqa: F401
+
+        INTERP_IN_PROCESS = True
+    except Exception:  # pragma: no cover - triton missing
+        INTERP_IN_PROCESS = False
+    if _CHILD:
+        pass  # the child keeps the variable for its whole life
+    elif _old is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _old
+else:
+    INTERP_IN_PROCESS = False
+
+from rustchat.kernels import apply_rotary, cross_entropy, linear_cross_entropy, rotary_tables  # noqa: E402
+from rustchat.kernels import _backend  # noqa: E402
+
+lce_module = sys.modules["rustchat.kernels.linear_cross_entropy"]  # the module, not the function
+
+# device the triton backend is tested on in this process (None: not testable here)
+if INTERP_IN_PROCESS:
+    TRITON_DEV = "cpu"
+elif _CUDA and _backend.HAS_TRITON:
+    TRITON_DEV = "cuda"
+else:
+    TRITON_DEV = None
+
+BACKENDS = ["torch", "triton"]
+
+
+@pytest.fixture(autouse=True)
+def _interp_env(monkeypatch):
+    if INTERP_IN_PROCESS:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    yield
+
+
+@pytest.fixture
+def seed():
+    s = os.environ.get("KERNEL_TEST_SEED")
+    s = int(s) if s else random.SystemRandom().randrange(2**31)
+    torch.manual_seed(s)
+    print(f"seed={s}  (reproduce: KERNEL_TEST_SEED={s})")
+    return s
+
+
+def device_for(backend):
+    if backend == "torch":
+        return "cpu"
+    if TRITON_DEV is None:
+        pytest.skip("triton backend not testable in this process (see test_triton_interpreter_in_subprocess)")
+    return TRITON_DEV
+
+
+def close(actual, expected, rtol, what, seed, atol=0.0):
+    """max |a - e| <= rtol * max|e| + atol (a relative error on the scale of the tensor)."""
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != {tuple(e.shape)} (seed={seed})"
+    assert torch.isfinite(a).all(), f"{what}: non-finite values (seed={seed})"
+    err = (a - e).abs().max().item() if a.numel() else 0.0
+    scale = e.abs().max().item() if e.numel() else 0.0
+    assert err <= rtol * scale + atol, f"{what}: max err {err:.3e} > {rtol:g} * {scale:.3e} + {atol:g} (seed={seed})"
+    return err
+
+
+def maxerr(a, e):
+    return (a.detach().double().cpu() - e.detach().double().cpu()).abs().max().item() if a.numel() else 0.0
+
+
+# ------------------------------------------------------------------------------------------
+# float64 references
+# ------------------------------------------------------------------------------------------
+
+
+def ref_ce(x64, targets, softcap, reduction, ignore_index=-1):
+    z = x64 if softcap is None else softcap * torch.tanh(x64 / softcap)
+    rows = F.cross_entropy(z, targets, ignore_index=ignore_index, reduction="none")
+    if reduction == "none":
+        return rows
+    n = (targets != ignore_index).sum().clamp(min=1)
+    return rows.sum() if reduction == "sum" else rows.sum() / n
+
+
+def ref_ce_with_grads(logits, targets, softcap, reduction, go, ignore_index=-1):
+    x = logits.detach().cpu().double().requires_grad_()
+    loss = ref_ce(x, targets.cpu(), softcap, reduction, ignore_index)
+    (g,) = torch.autograd.grad(loss, (x,), go.cpu().double())
+    return loss.detach(), g
+
+
+def eager_ce(logits, targets, softcap, reduction, ignore_index=-1):
+    """PyTorch's own path for low-precision logits: upcast to fp32, softcap, F.cross_entropy."""
+    z = logits.float()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return F.cross_entropy(z, targets, ignore_index=ignore_index, reduction=reduction)
+
+
+def make_targets(N, V, n_ignored, device, ignore_index=-1):
+    t = torch.randint(0, V, (N,), device=device)
+    t[0] = 0
+    t[1] = V - 1  # both ends of the vocab
+    if n_ignored:
+        idx = torch.randperm(N - 2, device=device)[:n_ignored] + 2
+        t[idx] = ignore_index
+    return t
+
+
+def grad_output_for(loss):
+    if loss.dim() == 0:
+        return torch.tensor(random.choice([0.37, 2.5, -1.3]), dtype=loss.dtype, device=loss.device)
+    return torch.randn_like(loss)
+
+
+# ------------------------------------------------------------------------------------------
+# cross_entropy
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("softcap", [None, 15.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cross_entropy_matches_fp64(backend, dtype, softcap, reduction, seed):
+    dev = device_for(backend)
+    N, V = 48, 1000
+    logits = (torch.randn(N, V, device=dev) * 4).to(dtype).requires_grad_()
+    targets = make_targets(N, V, n_ignored=15, device=dev)
+    loss = cross_entropy(logits, targets, softcap=softcap, reduction=reduction, backend=backend)
+    assert loss.dtype == torch.float32
+    go = grad_output_for(loss)
+    (g,) = torch.autograd.grad(loss, (logits,), go)
+    assert g.dtype == dtype
+    ref_loss, ref_g = ref_ce_with_grads(logits, targets, softcap, reduction, go)
+    if dtype == torch.float32:
+        close(loss, ref_loss, 1e-5, "loss", seed)
+        close(g, ref_g, 1e-5, "grad", seed)
+    else:
+        # bf16: within the error of PyTorch's own bf16 path + one bf16 ulp of the largest value
+        x = logits.detach().clone().requires_grad_()
+        e_loss = eager_ce(x, targets, softcap, reduction)
+        (e_g,) = torch.autograd.grad(e_loss, (x,), go)
+        close(loss, ref_loss, 0.0, "loss", seed, atol=maxerr(e_loss, ref_loss) + 1e-5 * ref_loss.abs().max().item())
+        close(g, ref_g, 0.0, "grad", seed, atol=maxerr(e_g, ref_g) + 2**-8 * ref_g.abs().max().item())
+    # ignored rows: zero loss and zero gradient
+    ign = targets == -1
+    assert (g[ign] == 0).all()
+    if reduction == "none":
+        assert (loss[ign] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cross_entropy_vocab_not_multiple_of_block(backend, dtype, seed):
+    dev = device_for(backend)
+    N, V = 8, 32768 + 17
+    logits = (torch.randn(N, V, device=dev) * 3).to(dtype).requires_grad_()
+    targets = make_targets(N, V, n_ignored=2, device=dev)
+    targets[2] = V - 17  # in the last, partial block
+    loss = cross_entropy(logits, targets, softcap=15.0, backend=backend)
+    (g,) = torch.autograd.grad(loss, (logits,))
+    ref_loss, ref_g = ref_ce_with_grads(logits, targets, 15.0, "mean", torch.tensor(1.0))
+    if dtype == torch.float32:
+        close(loss, ref_loss, 1e-5, "loss", seed)
+        close(g, ref_g, 1e-5, "grad", seed)
+    else:
+        close(loss, ref_loss, 1e-5, "loss", seed)
+        close(g, ref_g, 2**-8, "grad", seed)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cross_entropy_all_ignored(backend, reduction, seed):
+    dev = device_for(backend)
+    N, V = 6, 1000
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = torch.randn(N, V, device=dev).to(dtype).requires_grad_()
+        targets = torch.full((N,), -1, dtype=torch.long, device=dev)
+        loss = cross_entropy(logits, targets, softcap=15.0, reduction=reduction, backend=backend)
+        (g,) = torch.autograd.grad(loss, (logits,), grad_output_for(loss))
+        assert torch.isfinite(loss).all() and (loss == 0).all(), f"loss {loss} (seed={seed})"
+        assert torch.isfinite(g).all() and (g == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cross_entropy_single_valid_row_and_custom_ignore_index(backend, seed):
+    dev = device_for(backend)
+    N, V = 5, 1000
+    logits = torch.randn(N, V, device=dev, requires_grad=True)
+    targets = torch.full((N,), -100, dtype=torch.long, device=dev)
+    targets[3] = V - 1
+    for red in ("mean", "sum", "none"):
+        loss = cross_entropy(logits, targets, ignore_index=-100, reduction=red, backend=backend)
+        go = grad_output_for(loss)
+        (g,) = torch.autograd.grad(loss, (logits,), go)
+        ref_loss, ref_g = ref_ce_with_grads(logits, targets, None, red, go, ignore_index=-100)
+        close(loss, ref_loss, 1e-5, f"loss[{red}]", seed)
+        close(g, ref_g, 1e-5, f"grad[{red}]", seed)
+
+
+@pytest.mark.parametrize("softcap", [None, 15.0])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cross_entropy_extreme_logits(backend, softcap, seed):
+    """Logits near +-1e4 (softcap saturates; without it the max subtraction must hold) and
+    p(target) near 1."""
+    dev = device_for(backend)
+    N, V = 12, 1000
+    x = torch.randn(N, V) * 2
+    sign = torch.where(torch.rand(N, V) < 0.5, -1.0, 1.0)
+    x[:6] = sign[:6] * 1e4 + torch.randn(6, V)  # rows 0-5: huge logits
+    targets = torch.randint(0, V, (N,))
+    # rows 6-11: the target dominates -> p(target) ~ 1 (loss ~ 1e-7 .. 1e-3)
+    for r in range(6, N):
+        x[r, targets[r]] = 14.0 if softcap else 25.0 + r
+    logits = x.to(dev).requires_grad_()
+    targets = targets.to(dev)
+    for red in ("mean", "none"):
+        loss = cross_entropy(logits, targets, softcap=softcap, reduction=red, backend=backend)
+        go = grad_output_for(loss)
+        (g,) = torch.autograd.grad(loss, (logits,), go)
+        ref_loss, ref_g = ref_ce_with_grads(logits, targets, softcap, red, go)
+        # the losses of the p~1 rows are differences of O(cap) numbers: compare on the
+        # scale of the logits that produce them (fp32 eps * |z|), as any fp32 implementation
+        zscale = 15.0 if softcap else 1e4
+        close(loss, ref_loss, 1e-5, f"loss[{red}]", seed, atol=4e-7 * zscale)
+        close(g, ref_g, 1e-5, f"grad[{red}]", seed, atol=1e-7)
+        assert torch.isfinite(g).all()
+    # the p ~ 1 rows alone: loss is tiny and must stay >= ~0 and accurate in absolute terms
+    loss = cross_entropy(logits[6:], targets[6:], softcap=softcap, reduction="none", backend=backend)
+    ref = ref_ce(logits[6:].detach().cpu().double(), targets[6:].cpu(), softcap, "none")
+    close(loss, ref, 0.0, "p~1 losses", seed, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cross_entropy_no_grad_and_leading_dims(backend, seed):
+    dev = device_for(backend)
+    logits = torch.randn(2, 5, 300, device=dev, requires_grad=True)
+    targets = torch.randint(-1, 300, (2, 5), device=dev)
+    with torch.no_grad():
+        loss = cross_entropy(logits, targets, softcap=15.0, reduction="none", backend=backend)
+    assert loss.shape == (2, 5) and not loss.requires_grad
+    ref = ref_ce(logits.detach().cpu().double().reshape(10, 300), targets.cpu().reshape(10), 15.0, "none")
+    close(loss.reshape(10), ref, 1e-5, "loss", seed)
+
+
+def test_cross_entropy_invalid_args():
+    x = torch.randn(4, 10)
+    t = torch.randint(0, 10, (4,))
+    with pytest.raises(ValueError):
+        cross_entropy(x, t, reduction="avg")
+    with pytest.raises(ValueError):
+        cross_entropy(x, t, backend="cuda")
+    with pytest.raises(ValueError):
+        cross_entropy(x.double(), t)
+    with pytest.raises(ValueError):
+        cross_entropy(x, t.float())
+    with pytest.raises(ValueError):
+        cross_entropy(x, t[:3])
+    with pytest.raises(ValueError):
+        cross_entropy(x[0], t[0])
+    with pytest.raises(ValueError):
+        cross_entropy(x, t, softcap=-1.0)
+    with pytest.raises(ValueError):
+        cross_entropy(x, torch.tensor([0, 1, 2, 10]))  # target out of range
+
+
+# ------------------------------------------------------------------------------------------
+# linear_cross_entropy
+# ------------------------------------------------------------------------------------------
+
+
+def ref_linear(hidden, weight, targets, softcap, reduction, go, ignore_index=-1):
+    h = hidden.detach().cpu().double().requires_grad_()
+    w = weight.detach().cpu().double().requires_grad_()
+    loss = ref_ce(h @ w.t(), targets.cpu(), softcap, reduction, ignore_index)
+    gh, gw = torch.autograd.grad(loss, (h, w), go.cpu().double())
+    return loss.detach(), gh, gw
+
+
+def eager_linear(hidden, weight, targets, softcap, reduction, go):
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    loss = eager_ce(h @ w.t(), targets, softcap, reduction)
+    gh, gw = torch.autograd.grad(loss, (h, w), go)
+    return loss.detach(), gh, gw
+
+
+def check_linear(backend, dtype, softcap, reduction, N, D, V, n_ignored, seed, dev):
+    hidden = (torch.randn(N, D, device=dev)).to(dtype).requires_grad_()
+    weight = (torch.randn(V, D, device=dev) * (2.0 / math.sqrt(D))).to(dtype).requires_grad_()
+    targets = make_targets(N, V, n_ignored, dev) if N >= 3 else torch.randint(0, V, (N,), device=dev)
+    loss = linear_cross_entropy(hidden, weight, targets, softcap=softcap, reduction=reduction, backend=backend)
+    assert loss.dtype == torch.float32
+    go = grad_output_for(loss)
+    gh, gw = torch.autograd.grad(loss, (hidden, weight), go)
+    assert gh.dtype == dtype and gw.dtype == dtype
+    r_loss, r_gh, r_gw = ref_linear(hidden, weight, targets, softcap, reduction, go)
+    if dtype == torch.float32:
+        close(loss, r_loss, 1e-5, "loss", seed)
+        close(gh, r_gh, 1e-5, "grad hidden", seed)
+        close(gw, r_gw, 1e-5, "grad weight", seed)
+    else:
+        e_loss, e_gh, e_gw = eager_linear(hidden, weight, targets, softcap, reduction, go)
+        tol = lambda e, r, ulps: maxerr(e, r) + ulps * r.abs().max().item()  # noqa: E731
+        close(loss, r_loss, 0.0, "loss", seed, atol=tol(e_loss, r_loss, 1e-3))
+        close(gh, r_gh, 0.0, "grad hidden", seed, atol=tol(e_gh, r_gh, 2**-8))
+        close(gw, r_gw, 0.0, "grad weight", seed, atol=tol(e_gw, r_gw, 2**-8))
+    ign = targets == -1
+    assert (gh[ign] == 0).all()
+    return loss
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("softcap", [None, 15.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_cross_entropy_matches_fp64(backend, dtype, softcap, reduction, seed):
+    check_linear(backend, dtype, softcap, reduction, N=40, D=32, V=1000, n_ignored=12, seed=seed, dev=device_for(backend))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_cross_entropy_many_chunks(backend, reduction, seed, monkeypatch):
+    # force chunks of 7 rows: several chunks, the last one partial
+    monkeypatch.setattr(lce_module, "CHUNK_ELEMS", 7 * 1000)
+    check_linear(backend, torch.float32, 15.0, reduction, N=40, D=16, V=1000, n_ignored=5, seed=seed, dev=device_for(backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_cross_entropy_large_vocab(backend, seed):
+    check_linear(backend, torch.float32, 15.0, "mean", N=6, D=16, V=32768 + 17, n_ignored=2, seed=seed, dev=device_for(backend))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_cross_entropy_all_ignored_and_single_row(backend, reduction, seed):
+    dev = device_for(backend)
+    N, D, V = 5, 8, 1000
+    hidden = torch.randn(N, D, device=dev, requires_grad=True)
+    weight = torch.randn(V, D, device=dev, requires_grad=True)
+    targets = torch.full((N,), -1, dtype=torch.long, device=dev)
+    loss = linear_cross_entropy(hidden, weight, targets, softcap=15.0, reduction=reduction, backend=backend)
+    gh, gw = torch.autograd.grad(loss, (hidden, weight), grad_output_for(loss))
+    assert torch.isfinite(loss).all() and (loss == 0).all()
+    assert (gh == 0).all() and (gw == 0).all()
+    # a single trained row (target V-1)
+    targets[2] = V - 1
+    loss = linear_cross_entropy(hidden, weight, targets, softcap=15.0, reduction=reduction, backend=backend)
+    go = grad_output_for(loss)
+    gh, gw = torch.autograd.grad(loss, (hidden, weight), go)
+    r_loss, r_gh, r_gw = ref_linear(hidden, weight, targets, 15.0, reduction, go)
+    close(loss, r_loss, 1e-5, "loss", seed)
+    close(gh, r_gh, 1e-5, "grad hidden", seed)
+    close(gw, r_gw, 1e-5, "grad weight", seed)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_cross_entropy_partial_grads_and_no_grad(backend, seed):
+    dev = device_for(backend)
+    N, D, V = 10, 8, 300
+    hidden = torch.randn(N, D, device=dev)
+    weight = torch.randn(V, D, device=dev, requires_grad=True)
+    targets = torch.randint(-1, V, (N,), device=dev)
+    loss = linear_cross_entropy(hidden, weight, targets, backend=backend)
+    (gw,) = torch.autograd.grad(loss, (weight,))
+    r_loss, _, r_gw = ref_linear(hidden, weight, targets, None, "mean", torch.tensor(1.0))
+    close(loss, r_loss, 1e-5, "loss", seed)
+    close(gw, r_gw, 1e-5, "grad weight", seed)
+    with torch.no_grad():
+        l2 = linear_cross_entropy(hidden, weight, targets, backend=backend)
+    assert not l2.requires_grad
+    close(l2, r_loss, 1e-5, "no_grad loss", seed)
+    # leading dims are flattened
+    l3 = linear_cross_entropy(hidden.reshape(2, 5, D), weight, targets.reshape(2, 5), reduction="none", backend=backend)
+    assert l3.shape == (2, 5)
+
+
+def test_linear_cross_entropy_autocast(seed):
+    """Under autocast: bf16 matmuls like F.linear, fp32 master weights get fp32 gradients."""
+    h = torch.randn(12, 16, requires_grad=True)
+    w = torch.randn(64, 16, requires_grad=True)
+    t = torch.randint(-1, 64, (12,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(h, w, t, softcap=15.0, backend="torch")
+    gh, gw = torch.autograd.grad(loss, (h, w))
+    assert gh.dtype == torch.float32 and gw.dtype == torch.float32
+    r_loss, r_gh, r_gw = ref_linear(h.bfloat16(), w.bfloat16(), t, 15.0, "mean", torch.tensor(1.0))
+    close(loss, r_loss, 1e-5, "loss", seed)
+    close(gw, r_gw, 2**-7, "grad weight", seed)
+
+
+def test_linear_cross_entropy_invalid_args():
+    h, w, t = torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))
+    with pytest.raises(ValueError):
+        linear_cross_entropy(h, w.t(), t)  # weight must be [V, D]
+    with pytest.raises(ValueError):
+        linear_cross_entropy(h, w.bfloat16(), t)  # dtype mismatch
+    with pytest.raises(ValueError):
+        linear_cross_entropy(h, w, t[:2])
+    with pytest.raises(ValueError):
+        linear_cross_entropy(h, w, t, reduction="batchmean")
+    with pytest.raises(ValueError):
+        linear_cross_entropy(h, w, t, backend="cutlass")
+    with pytest.raises(ValueError):
+        linear_cross_entropy(h.long(), w, t)
+
+
+# ------------------------------------------------------------------------------------------
+# rotary
+# ------------------------------------------------------------------------------------------
+
+
+def ref_rotary(x64, pos, base=10000.0):
+    """float64 half-split rotation; pos [T] or [B, T] (ints)."""
+    D = x64.shape[-1]
+    half = D // 2
+    inv = base ** (-torch.arange(half, dtype=torch.float64) * 2.0 / D)
+    ang = pos.double()[..., None] * inv  # [T, half] or [B, T, half]
+    c, s = ang.cos(), ang.sin()
+    if c.dim() == 2:
+        c, s = c[None, :, None, :], s[None, :, None, :]
+    else:
+        c, s = c[:, :, None, :], s[:, :, None, :]
+    x1, x2 = x64[..., :half], x64[..., half:]
+    return torch.cat([x1 * c + x2 * s, -x1 * s + x2 * c], dim=-1)
+
+
+ROTARY_CASES = {
+    # name: (B, T, Hq, Hkv, D, offset, pos_mode)
+    "gqa": (2, 7, 4, 2, 16, 0, None),
+    "mha_offset": (1, 5, 3, 3, 32, 9, None),
+    "t1_kvcache": (2, 1, 4, 1, 16, 13, None),
+    "posids_bt": (2, 6, 2, 1, 16, 0, "bt"),
+    "posids_t": (3, 5, 2, 2, 24, 0, "t"),  # D/2 = 12: not a power of two
+    "qkv_view": (2, 4, 4, 2, 16, 3, "view"),  # q, k are strided views of one fused qkv tensor
+}
+
+
+@pytest.mark.parametrize("case", list(ROTARY_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rotary_matches_fp64(backend, dtype, case, seed):
+    dev = device_for(backend)
+    B, T, Hq, Hkv, D, offset, mode = ROTARY_CASES[case]
+    T_max = 32
+    cos, sin = rotary_tables(T_max, D, device=dev)
+    if mode == "view":
+        qkv = torch.randn(B, T, Hq + 2 * Hkv, D, device=dev).to(dtype).requires_grad_()
+        q, k = qkv[:, :, :Hq], qkv[:, :, Hq : Hq + Hkv]
+        leaves = (qkv,)
+    else:
+        q = torch.randn(B, T, Hq, D, device=dev).to(dtype).requires_grad_()
+        k = torch.randn(B, T, Hkv, D, device=dev).to(dtype).requires_grad_()
+        leaves = (q, k)
+    kwargs = {"offset": offset}
+    if mode == "bt":
+        pos = torch.stack([torch.randperm(T_max)[:T] for _ in range(B)]).to(dev)
+        kwargs = {"position_ids": pos}
+    elif mode == "t":
+        pos = torch.tensor([0, 1, 2, 0, 1][:T], device=dev)  # packed rows: restarts per document
+        kwargs = {"position_ids": pos}
+    else:
+        pos = torch.arange(offset, offset + T)
+    qo, ko = apply_rotary(q, k, cos, sin, backend=backend, **kwargs)
+    assert qo.shape == q.shape and ko.shape == k.shape and qo.dtype == dtype
+    rq, rk = ref_rotary(q.detach().cpu().double(), pos.cpu()), ref_rotary(k.detach().cpu().double(), pos.cpu())
+    rtol = 1e-5 if dtype == torch.float32 else 2**-8  # bf16: one rounding of an fp32 result
+    close(qo, rq, rtol, "q_out", seed)
+    close(ko, rk, rtol, "k_out", seed)
+    # backward = inverse rotation: feeding the outputs back as gradients restores the inputs
+    grads = torch.autograd.grad((qo, ko), leaves, (qo.detach(), ko.detach()), retain_graph=True)
+    if mode == "view":
+        gq, gk = grads[0][:, :, :Hq], grads[0][:, :, Hq : Hq + Hkv]
+        assert (grads[0][:, :, Hq + Hkv :] == 0).all()  # v part untouched
+    else:
+        gq, gk = grads
+    rtol_inv = 1e-5 if dtype == torch.float32 else 2**-7  # bf16: two roundings
+    close(gq, q.detach(), rtol_inv, "inverse(q)", seed)
+    close(gk, k.detach(), rtol_inv, "inverse(k)", seed)
+    # and against float64 autograd with a random upstream gradient
+    uq, uk = torch.randn_like(qo), torch.randn_like(ko)
+    grads = torch.autograd.grad((qo, ko), leaves, (uq, uk))
+    if mode == "view":
+        gq, gk = grads[0][:, :, :Hq], grads[0][:, :, Hq : Hq + Hkv]
+    else:
+        gq, gk = grads
+    q64 = q.detach().cpu().double().requires_grad_()
+    k64 = k.detach().cpu().double().requires_grad_()
+    r_gq, r_gk = torch.autograd.grad(
+        (ref_rotary(q64, pos.cpu()), ref_rotary(k64, pos.cpu())), (q64, k64), (uq.cpu().double(), uk.cpu().double())
+    )
+    close(gq, r_gq, rtol, "grad q", seed)
+    close(gk, r_gk, rtol, "grad k", seed)
+
+
+def test_rotary_tables():
+    cos, sin = rotary_tables(50, 16, base=10000)
+    assert cos.shape == (50, 8) and cos.dtype == torch.float32
+    pos = torch.arange(50, dtype=torch.float64)[:, None]
+    inv = 10000.0 ** (-torch.arange(8, dtype=torch.float64) * 2 / 16)
+    close(cos, (pos * inv).cos(), 1e-6, "cos", None)
+    close(sin, (pos * inv).sin(), 1e-6, "sin", None)
+
+
+def test_rotary_invalid_args():
+    cos, sin = rotary_tables(8, 16)
+    q, k = torch.randn(1, 4, 2, 16), torch.randn(1, 4, 1, 16)
+    with pytest.raises(ValueError):
+        apply_rotary(q, k, cos, sin, offset=5)  # 5 + 4 > 8
+    with pytest.raises(ValueError):
+        apply_rotary(q, k[:, :3], cos, sin)
+    with pytest.raises(ValueError):
+        apply_rotary(q[..., :15], k[..., :15], cos[:, :7], sin[:, :7])  # odd head dim
+    with pytest.raises(ValueError):
+        apply_rotary(q, k, cos[:, :4], sin[:, :4])
+    with pytest.raises(ValueError):
+        apply_rotary(q, k, cos, sin, backend="magic")
+    with pytest.raises(ValueError):
+        apply_rotary(q, k, cos, sin, position_ids=torch.tensor([0.0, 1, 2, 3]))
+    with pytest.raises(ValueError):
+        apply_rotary(q, k, cos, sin, position_ids=torch.tensor([0, 1, 2, 9]))
+    with pytest.raises(ValueError):
+        apply_rotary(q.double(), k.double(), cos, sin)
+
+
+# ------------------------------------------------------------------------------------------
+# dispatch, compilation, subprocess fallback
+# ------------------------------------------------------------------------------------------
+
+
+def test_backend_resolution(monkeypatch):
+    x = torch.zeros(2)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert _backend.resolve_backend("auto", x) == "torch"
+    assert _backend.resolve_backend("torch", x) == "torch"
+    with pytest.raises(ValueError):
+        _backend.resolve_backend("triton", x)  # CPU tensors without the interpreter
+    with pytest.raises(ValueError):
+        _backend.resolve_backend("bogus", x)
+    if _backend.HAS_TRITON:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert _backend.resolve_backend("auto", x) == "triton"
+
+
+_AOT_SCRIPT = r"""
+import sys
+import triton
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.jit import JITFunction
+except Exception as e:
+    print("SKIP triton AOT API unavailable:", e); sys.exit(0)
+from rustchat.kernels.cross_entropy import _ce_fwd_kernel
+from rustchat.kernels.rotary import _rotary_kernel
+
+def compile_one(fn, sig, consts, num_warps):
+    sig = dict(sig, **{k: "constexpr" for k in consts})
+    try:
+        triton.compile(ASTSource(JITFunction(fn), sig, consts), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": num_warps})
+    except CompilationError:
+        raise
+    except Exception as e:  # toolchain problems (no ptxas, ...) are not kernel bugs
+        print("SKIP cannot compile for sm_90 here:", type(e).__name__, e); sys.exit(0)
+
+ce = dict(X="*bf16", stride_x="i64", TGT="*i64", LOSS="*fp32", G="*bf16", stride_g="i64", SCALE="*fp32",
+          stride_scale="i32", V="i32", ignore_index="i32", cap="fp32", inv_cap="fp32")
+for cap, fixed, grad in ((True, True, True), (True, False, True), (False, False, True), (True, True, False)):
+    compile_one(_ce_fwd_kernel, ce, dict(HAS_CAP=cap, FIXED_MAX=fixed, WRITE_GRAD=grad, RNE_FIX=False, BLOCK=4096), 8)
+compile_one(_ce_fwd_kernel, dict(ce, X="*fp32", G="*fp32"),
+            dict(HAS_CAP=True, FIXED_MAX=True, WRITE_GRAD=True, RNE_FIX=False, BLOCK=2048), 8)
+rot = dict(Q="*bf16", K="*bf16", QO="*bf16", KO="*bf16", COS="*fp32", SIN="*fp32", POS="*i64",
+           sq_b="i64", sq_t="i64", sq_h="i64", sk_b="i64", sk_t="i64", sk_h="i64", sp_b="i64", sp_t="i64",
+           stride_tab="i64", T="i32", HQ="i32", HKV="i32", n_q="i32", n_rows="i32", offset="i32", max_pos="i32")
+for pos, inv, al in ((False, False, True), (True, True, False)):
+    compile_one(_rotary_kernel, rot, dict(HALF=64, BLOCK_D=64, BLOCK_R=32, HAS_POS=pos, INVERSE=inv, ALIGNED=al,
+                                          RNE_FIX=False), 4)
+print("OK")
+"""
+
+
+def test_kernels_compile_for_sm90():
+    """Compile the kernels ahead of time for an H100 (no GPU needed): catches errors only the
+    compiler sees (the interpreter runs kernels as numpy), e.g. loop-carried type changes.
+    In a subprocess: a process that imported triton for the interpreter cannot compile."""
+    if not _backend.HAS_TRITON:
+        pytest.skip("triton not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = env.get("TRITON_DEFAULT_FP_FUSION", "1")
+    r = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    out = r.stdout.strip()
+    if r.returncode == 0 and out.startswith("SKIP"):
+        pytest.skip(out)
+    assert r.returncode == 0 and out.endswith("OK"), out[-3000:] + r.stderr[-5000:]
+
+
+@pytest.mark.skipif(INTERP_IN_PROCESS or _CHILD, reason="interpreter tests already run in this process")
+def test_triton_interpreter_in_subprocess():
+    if not _backend.HAS_TRITON:
+        pytest.skip("triton not installed")
+    env = dict(os.environ, TRITON_INTERPRET="1", RUSTCHAT_KERNELS_INTERP_CHILD="1")
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "triton and not subprocess"],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-2000:]
