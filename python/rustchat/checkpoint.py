@@ -1,0 +1,249 @@
+"""Step-numbered checkpoints per stage: <base>/<stage>_checkpoints/d<depth>/
+
+  model_{step:06d}.safetensors      weights (rank 0)
+  optim_{step:06d}_rank{r}.pt       optimizer state dicts of rank r (torch.save)
+  meta_{step:06d}.json              model config, step, trainer state; written last
+
+Every file goes to a temp name in the same directory and is os.replace'd into place, and
+meta is written last, so a checkpoint is complete iff its meta exists. Loading never runs
+code from the files: safetensors, json, torch.load(weights_only=True).
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .common import RustchatError, get_base_dir
+
+STAGES = ("base", "mid", "sft", "rl")
+_PREVIOUS = {"base": None, "mid": "base", "sft": "mid", "rl": "sft"}
+_META_RE = re.compile(r"^meta_(\d{6,})\.json$")
+_DEPTH_RE = re.compile(r"^d(\d+)$")
+
+
+def stage_dir(stage: str, depth: int, base_dir=None) -> Path:
+    """<base>/<stage>_checkpoints/d<depth>/ (not created)."""
+    if stage not in STAGES:
+        raise RustchatError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+    base = Path(base_dir) if base_dir is not None else get_base_dir()
+    return base / f"{stage}_checkpoints" / f"d{depth}"
+
+
+def find_depths(stage: str, base_dir=None) -> list[int]:
+    """Depths that have a checkpoint directory for `stage`, ascending."""
+    root = stage_dir(stage, 0, base_dir).parent
+    if not root.is_dir():
+        return []
+    return sorted(int(m.group(1)) for d in root.iterdir() if d.is_dir() and (m := _DEPTH_RE.match(d.name)))
+
+
+def _paths(ckpt_dir: Path, step: int, rank: int = 0):
+    return (ckpt_dir / f"model_{step:06d}.safetensors", ckpt_dir / f"optim_{step:06d}_rank{rank}.pt",
+            ckpt_dir / f"meta_{step:06d}.json")
+
+
+def _atomic_write(path: Path, write) -> None:
+    """write(tmp_path) then fsync + os.replace: readers see the old file or the whole new one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _plain_state_dict(model) -> dict:
+    """CPU, contiguous tensors, without torch.compile's `_orig_mod.` prefix."""
+    sd = model.state_dict()
+    return {k.replace("_orig_mod.", ""): v.detach().to("cpu").contiguous() for k, v in sd.items()}
+
+
+def _to_jsonable(x):
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    if hasattr(x, "item") and hasattr(x, "dtype"):  # numpy scalars
+        return x.item()
+    raise TypeError(f"meta value of type {type(x).__name__} is not JSON-serialisable")
+
+
+def save_checkpoint(ckpt_dir, step: int, model, optimizers, meta: dict, *, rank: int = 0) -> Path:
+    """Write this rank's part of checkpoint `step`: every rank its optimizer state, rank 0
+    also the weights and then the meta, which marks the checkpoint complete. Under torchrun
+    call it on all ranks, then barrier.
+
+    meta: anything JSON-able the trainer needs to resume (data cursor, RNG states from
+    capture_rng_state(), losses, user config). `model_config` and `step` are added."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    model_path, optim_path, meta_path = _paths(ckpt_dir, step, rank)
+    if optimizers is not None:
+        states = [opt.state_dict() for opt in optimizers]
+        _atomic_write(optim_path, lambda tmp: torch.save(states, tmp))
+    if rank == 0:
+        from safetensors.torch import save_file
+
+        sd = _plain_state_dict(model)
+        _atomic_write(model_path, lambda tmp: save_file(sd, tmp))
+        raw = getattr(model, "_orig_mod", model)
+        full = dict(meta)
+        full["step"] = step
+        full["model_config"] = raw.config.to_dict()
+        text = json.dumps(full, indent=2, default=_to_jsonable)
+        _atomic_write(meta_path, lambda tmp: Path(tmp).write_text(text))
+    return ckpt_dir
+
+
+def find_last_step(ckpt_dir) -> int | None:
+    """Largest step with a complete checkpoint (meta and weights present), or None."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return None
+    steps = []
+    for f in ckpt_dir.iterdir():
+        m = _META_RE.match(f.name)
+        if m and _paths(ckpt_dir, int(m.group(1)))[0].exists():
+            steps.append(int(m.group(1)))
+    return max(steps) if steps else None
+
+
+def _stage_of(path: Path) -> str | None:
+    """'sft' for .../sft_checkpoints/d4 or .../sft_checkpoints."""
+    for name in (path.parent.name, path.name):
+        if name.endswith("_checkpoints") and name[: -len("_checkpoints")] in STAGES:
+            return name[: -len("_checkpoints")]
+    return None
+
+
+def _missing(path: Path, what: str) -> RustchatError:
+    stage = _stage_of(path)
+    hint = f"run the {stage} stage first" if stage else "train a model first"
+    return RustchatError(f"{what} in {path}: {hint}")
+
+
+def load_checkpoint(ckpt_dir, step: int | None = None, device="cpu", load_optimizer: bool = True, *, rank: int = 0):
+    """-> (model_state, optim_states or None, meta). step None: the last complete one."""
+    from safetensors.torch import load_file
+
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise _missing(ckpt_dir, "no checkpoint directory")
+    if step is None:
+        step = find_last_step(ckpt_dir)
+        if step is None:
+            raise _missing(ckpt_dir, "no complete checkpoint")
+    model_path, optim_path, meta_path = _paths(ckpt_dir, step, rank)
+    if not (meta_path.exists() and model_path.exists()):
+        raise _missing(ckpt_dir, f"no complete checkpoint for step {step}")
+    meta = json.loads(meta_path.read_text())
+    model_state = load_file(str(model_path), device=str(device))
+    optim_states = None
+    if load_optimizer:
+        if not optim_path.exists():
+            raise RustchatError(f"optimizer state {optim_path.name} missing in {ckpt_dir}; "
+                                "resume needs the same number of ranks that saved it")
+        try:
+            optim_states = torch.load(optim_path, map_location=device, weights_only=True)
+        except Exception as e:  # weights_only refuses arbitrary pickled objects
+            raise RustchatError(f"cannot load {optim_path}: {type(e).__name__}: {e}") from None
+    return model_state, optim_states, meta
+
+
+def load_optimizer_states(optimizers, optim_states) -> None:
+    if len(optimizers) != len(optim_states):
+        raise RustchatError(f"checkpoint has {len(optim_states)} optimizer states, run has {len(optimizers)}")
+    for opt, st in zip(optimizers, optim_states):
+        opt.load_state_dict(st)
+
+
+def build_model_from_meta(meta: dict, device="cpu", model_state: dict | None = None):
+    """A GPT shaped by meta['model_config']; with model_state, its weights are loaded (strict)."""
+    from .model import GPT, GPTConfig
+
+    cfg = GPTConfig.from_dict(meta["model_config"])
+    if model_state is None:
+        with torch.device(device):
+            return GPT(cfg)
+    with torch.device("meta"):
+        model = GPT(cfg, init=False)
+    model.to_empty(device=device)
+    model.load_state_dict(model_state, strict=True)
+    return model
+
+
+def load_model(stage: str, depth: int | None = None, step: int | None = None, device="cpu", *,
+               base_dir=None, load_optimizer: bool = False):
+    """Model of a stage's checkpoint -> (model, optim_states or None, meta).
+    depth None picks the largest depth that has a complete checkpoint."""
+    if depth is None:
+        depths = [d for d in find_depths(stage, base_dir) if find_last_step(stage_dir(stage, d, base_dir)) is not None]
+        if not depths:
+            raise _missing(stage_dir(stage, 0, base_dir).parent, f"no {stage} checkpoints")
+        depth = depths[-1]
+    d = stage_dir(stage, depth, base_dir)
+    model_state, optim_states, meta = load_checkpoint(d, step, device, load_optimizer)
+    model = build_model_from_meta(meta, device, model_state)
+    return model, optim_states, meta
+
+
+def previous_stage(stage: str) -> str | None:
+    """The stage whose checkpoint `stage` starts from (base <- mid <- sft <- rl)."""
+    return _PREVIOUS[stage]
+
+
+# ---------------------------------------------------------------------------
+# RNG states as JSON (meta is json, never pickle)
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+
+
+def capture_rng_state() -> dict:
+    """Python, numpy, torch CPU and CUDA (current device) generator states, JSON-able."""
+    import numpy as np
+
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": _b64(torch.get_rng_state()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = _b64(torch.cuda.get_rng_state())
+    return state
+
+
+def restore_rng_state(state: dict | None) -> None:
+    """Inverse of capture_rng_state; generators missing from `state` are left as they are."""
+    import numpy as np
+
+    state = state or {}
+    if "python" in state:
+        py = state["python"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+    if "numpy" in state:
+        n = state["numpy"]
+        np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    if "torch" in state:
+        torch.set_rng_state(_unb64(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(_unb64(state["cuda"]))

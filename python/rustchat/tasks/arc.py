@@ -1,0 +1,46 @@
+"""ARC (allenai/ai2_arc): grade-school science, multiple choice, ARC-Easy and ARC-Challenge."""
+from __future__ import annotations
+
+from ..common import RustchatError
+from .base import LETTERS, CategoricalTask, render_mc
+from .hub import load_rows
+
+SUBSETS = ("ARC-Easy", "ARC-Challenge")
+SPLITS = ("train", "validation", "test")
+
+
+class ARC(CategoricalTask):
+    """Rows: question, choices {text: [...], label: [...]}, answerKey.
+
+    ARC labels are sometimes "1".."4"; choices are relabelled A, B, C, ... by position so the
+    letters scored are always the same few tokens. Most questions have 4 choices, a few 3 or 5."""
+
+    letters = tuple(LETTERS[:5])
+
+    def __init__(self, subset: str = "ARC-Easy", split: str = "test", path=None, shuffle_seed: int | None = 42, **kwargs):
+        super().__init__(**kwargs)
+        if subset not in SUBSETS:
+            raise RustchatError(f"ARC subset must be one of {', '.join(SUBSETS)}, got {subset!r}")
+        if split not in SPLITS:
+            raise RustchatError(f"ARC split must be one of {', '.join(SPLITS)}, got {split!r}")
+        self.subset, self.split, self.name = subset, split, subset
+        self.rows = load_rows("allenai/ai2_arc", subset, split, path,
+                              fields=("question", "choices", "answerKey"), shuffle_seed=shuffle_seed)
+
+    def num_examples(self) -> int:
+        return len(self.rows)
+
+    def get_example(self, index: int) -> dict:
+        row = self.rows[index]
+        texts, labels = list(row["choices"]["text"]), [str(x) for x in row["choices"]["label"]]
+        if len(texts) != len(labels) or not 2 <= len(texts) <= len(LETTERS) or str(row["answerKey"]) not in labels:
+            raise RustchatError(f"{self.rows.source}: row {index} has malformed choices or an answerKey not among the labels")
+        letters = list(LETTERS[: len(texts)])
+        answer = letters[labels.index(str(row["answerKey"]))]
+        return {
+            "messages": [
+                {"role": "user", "content": render_mc(row["question"], letters, texts)},
+                {"role": "assistant", "content": answer},
+            ],
+            "letters": letters,
+        }

