@@ -98,7 +98,7 @@ def _register_tok(sub) -> None:
 
 
 # Modules that add further subcommands (stages, eval, chat) when present.
-_STAGE_MODULES = ("rustchat.stages_cli",)
+_STAGE_MODULES = ("rustchat.stages_cli", "rustchat.eval_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,100 @@
+"""`rustchat speedrun`: the whole pipeline in one command.
+
+--preset tiny: offline and CPU-sized (a few minutes): a tokenizer and a depth-2 model
+pretrained on the Python standard library's own text, mid-trained and fine-tuned on
+generated arithmetic-with-calculator, spelling tasks and the bundled identity chats, then a
+short evaluation. Every machine has this data, so it is the embedded default job.
+--preset d10 / d20: SPEC's recipes on FineWeb-Edu and the hub task datasets.
+"""
+from __future__ import annotations
+
+import time
+from argparse import Namespace
+from pathlib import Path
+
+from .common import get_base_dir, print0
+
+PRESETS = {
+    # stage -> overrides of the stage defaults
+    "tiny": {
+        "tokenizer": {"vocab_size": 4096, "max_chars": 30_000_000},
+        "common": {"depth": 2, "seq_len": 256, "eval_batches": 4},
+        "base": {"device_batch_size": 8, "total_batch_size": 8 * 256, "max_steps": 150, "eval_every": 50},
+        "mid": {"device_batch_size": 8, "total_batch_size": 8 * 256, "max_steps": 100, "eval_every": 50,
+                "tasks": "tiny"},
+        "sft": {"device_batch_size": 8, "total_batch_size": 16, "max_steps": 100, "eval_every": 50, "tasks": "tiny"},
+        "eval": {"max_problems": 40},
+    },
+    "d10": {
+        "tokenizer": {"vocab_size": 65536, "max_chars": 2_000_000_000, "num_shards": 8},
+        "common": {"depth": 10, "seq_len": 2048},
+        "base": {"device_batch_size": 32, "total_batch_size": 524_288, "num_shards": 60},
+        "mid": {"device_batch_size": 32, "total_batch_size": 524_288, "tasks": "default"},
+        "sft": {"device_batch_size": 4, "total_batch_size": 32, "tasks": "default"},
+        "eval": {"max_problems": None},
+    },
+    "d20": {
+        "tokenizer": {"vocab_size": 65536, "max_chars": 2_000_000_000, "num_shards": 8},
+        "common": {"depth": 20, "seq_len": 2048},
+        "base": {"device_batch_size": 32, "total_batch_size": 524_288, "num_shards": 240},
+        "mid": {"device_batch_size": 32, "total_batch_size": 524_288, "tasks": "default"},
+        "sft": {"device_batch_size": 4, "total_batch_size": 32, "tasks": "default"},
+        "eval": {"max_problems": None},
+    },
+}
+
+
+def _train_tokenizer(preset: dict, base: Path, tiny: bool, quiet: bool) -> None:
+    from .tokenizer import Tokenizer
+
+    t = preset["tokenizer"]
+    if tiny:
+        from .tasks.stdlib_text import write_corpus
+
+        files = write_corpus(base / "tiny_data")
+        from .textsource import iter_documents
+
+        docs = iter_documents([files["train"]])
+    else:
+        from .pretrain_data import download_shards
+        from .textsource import iter_documents
+
+        docs = iter_documents(download_shards(range(t["num_shards"]), base / "base_data"))
+    t0 = time.time()
+    tok = Tokenizer.train(docs, t["vocab_size"], max_chars=t["max_chars"], verbose=not quiet)
+    tok.save(base / "tokenizer")
+    print0(f"tokenizer: vocab {tok.vocab_size} in {time.time() - t0:.1f} s -> {base / 'tokenizer'}")
+
+
+def run_speedrun(args) -> dict:
+    from .report import write_section
+    from .stages import STAGE_FUNCS, StageConfig, defaults_for
+
+    preset = PRESETS[args.preset]
+    tiny = args.preset == "tiny"
+    base = Path(args.base_dir) if args.base_dir else get_base_dir()
+    base.mkdir(parents=True, exist_ok=True)
+    t_all = time.time()
+    _train_tokenizer(preset, base, tiny, args.quiet)
+    results = {}
+    for stage in ("base", "mid", "sft"):
+        kw = {**defaults_for(stage), **preset["common"], **preset[stage]}
+        if stage == "base" and tiny:
+            kw["data_dir"] = str(base / "tiny_data")
+        cfg = StageConfig(stage=stage, device=args.device, base_dir=str(base), quiet=args.quiet, **kw)
+        res = STAGE_FUNCS[stage](cfg)
+        h = res["history"]
+        results[stage] = {"first_loss": h[0]["loss"], "last_loss": h[-1]["loss"], "eval": res.get("last_eval")}
+        print0(f"{stage}: loss {h[0]['loss']:.3f} -> {h[-1]['loss']:.3f} over {len(h)} steps ({res['seconds']:.0f} s)")
+    from .evaluate import run_eval
+
+    eval_args = Namespace(source="sft", depth=preset["common"]["depth"], device=args.device, base_dir=str(base),
+                          tasks="tiny" if tiny else "default", max_problems=preset["eval"]["max_problems"],
+                          batch_size=8, num_samples=1, temperature=0.0, top_k=None, max_new_tokens=64 if tiny else 512,
+                          step=None, quiet=args.quiet)
+    results["eval"] = run_eval(eval_args)
+    rows = {f"{s} loss": f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}" for s, r in results.items() if s != "eval"}
+    rows["total time"] = f"{time.time() - t_all:.0f} s"
+    write_section("speedrun", rows, base_dir=base)
+    print0(f"speedrun {args.preset} done in {time.time() - t_all:.0f} s; report: {base / 'report.md'}")
+    return results
