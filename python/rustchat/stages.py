@@ -190,7 +190,7 @@ def _conv_loss_evaluator(tok, conversations, cfg: StageConfig, rank: int, world:
         for s in range(0, len(rows), cfg.device_batch_size):
             x, y = collate_sft([rows[j] for j in range(s, min(s + cfg.device_batch_size, len(rows)))], pad,
                                max_len=cfg.seq_len + 1)
-            x, y = torch.as_tensor(x, device=dev).long(), torch.as_tensor(y, device=dev).long()
+            x, y = torch.tensor(x, device=dev).long(), torch.tensor(y, device=dev).long()
             from .common import autocast_ctx
 
             with autocast_ctx(dev):
@@ -257,9 +257,9 @@ def train_mid(cfg: StageConfig) -> dict:
     from .schedules import mid_lr_multiplier
 
     info, device, tok = _setup(cfg)
+    model, optim_states, meta, start = _load_start(cfg, device, tok)  # fails fast if the previous stage is missing
     train = build_mixture("mid", cfg.tasks, "train", cfg.task_dir, cfg.seed)
     val = build_mixture("mid", cfg.tasks, "val", cfg.task_dir, cfg.seed)
-    model, optim_states, meta, start = _load_start(cfg, device, tok)
     opts = _optimizers(model, cfg, optim_states)
     accum = _grad_accum(cfg, info.world_size)
     # Size the run by the data: one pass over the rendered mixture (Rust renders fast).
@@ -289,9 +289,9 @@ def train_sft(cfg: StageConfig) -> dict:
     from .schedules import sft_lr_multiplier
 
     info, device, tok = _setup(cfg)
+    model, optim_states, meta, start = _load_start(cfg, device, tok)  # fails fast if the previous stage is missing
     train = build_mixture("sft", cfg.tasks, "train", cfg.task_dir, cfg.seed)
     val = build_mixture("sft", cfg.tasks, "val", cfg.task_dir, cfg.seed)
-    model, optim_states, meta, start = _load_start(cfg, device, tok)
     opts = _optimizers(model, cfg, optim_states)
     E = cfg.total_batch_size
     if E % (cfg.device_batch_size * info.world_size):

@@ -26,6 +26,8 @@ def _add_stage_flags(p, stage: str) -> None:
     p.add_argument("--save-every", type=int, default=None)
     p.add_argument("--run", default=None, help="wandb run name (off by default and when offline)")
     p.add_argument("--resume", action="store_true", help="continue from this stage's latest checkpoint")
+    p.add_argument("--stop-at-step", type=int, default=None,
+                   help="stop at this step with a checkpoint, schedule unchanged; continue later with --resume")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--matrix-lr", type=float, default=0.02)
     p.add_argument("--embedding-lr", type=float, default=0.2)

@@ -12,11 +12,13 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from .common import RustchatError
+
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text"}
 SUFFIXES = TEXT_SUFFIXES | {".jsonl", ".parquet"}
 
 
-class TextSourceError(ValueError):
+class TextSourceError(RustchatError, ValueError):
     """A data file is missing, unreadable or lacks the expected field."""
 
 

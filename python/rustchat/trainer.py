@@ -42,6 +42,7 @@ class StageConfig:
     save_every: int | None = None
     run: str | None = None
     resume: bool = False
+    stop_at_step: int | None = None  # stop early with a checkpoint, schedule unchanged (then --resume)
     seed: int = 42
     matrix_lr: float = 0.02
     embedding_lr: float = 0.2
@@ -150,7 +151,8 @@ class SFTStepData(StepData):
 def _to_device(arr, device, dtype=None):
     import torch
 
-    t = torch.as_tensor(arr) if not isinstance(arr, torch.Tensor) else arr
+    # numpy views of Rust buffers are read-only: copy into a tensor we own
+    t = arr if isinstance(arr, torch.Tensor) else torch.tensor(np.asarray(arr))
     if dtype is not None:
         t = t.to(dtype)
     return t.to(device, non_blocking=True)
@@ -272,7 +274,8 @@ def run_stage(cfg: StageConfig, *, tok, model, optimizers, data: StepData, num_s
 
     step = start_step
     try:
-        while step < num_steps:
+        stop_at = min(num_steps, cfg.stop_at_step) if cfg.stop_at_step else num_steps
+        while step < stop_at:
             mult = lr_multiplier(step)
             apply_lr_multiplier(optimizers, mult)
             if momentum_fn is not None:

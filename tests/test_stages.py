@@ -1,0 +1,181 @@
+"""Training stages on the CPU with tiny models: per-token SFT normalisation (invariant to the
+device batch size), resume == uninterrupted, 2 gloo processes == 1 process, losses fall, and
+one-line errors for bad input."""
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rustchat import Tokenizer
+from rustchat.checkpoint import find_last_step, load_checkpoint, save_checkpoint, stage_dir
+from rustchat.common import RustchatError
+from rustchat.model import GPT, GPTConfig
+from rustchat.stages import train_base, train_mid, train_sft
+from rustchat.textsource import iter_documents
+from rustchat.trainer import StageConfig
+
+WORDS = ("the cat sat on a mat while dogs ran far away from home and birds sang songs of spring "
+         "rain water fire light dark night day sun moon star river stone tree leaf").split()
+TINY = dict(depth=1, seq_len=64, device="cpu", quiet=True, eval_every=0, eval_batches=1)
+
+
+def _doc(rnd):
+    return " ".join(rnd.choice(WORDS) for _ in range(rnd.randint(5, 80)))
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A base dir with a tokenizer, pretraining text files and a random-init mid checkpoint."""
+    d = tmp_path_factory.mktemp("rcbase")
+    rnd = random.Random()
+    docs = [_doc(rnd) for _ in range(400)]
+    tok = Tokenizer.train(docs + ["0123456789 +-*/= How many letters in word?"] * 5, vocab_size=400)
+    tok.save(d / "tokenizer")
+    data = d / "text"
+    data.mkdir()
+    (data / "a_train.txt").write_text("\n\n".join(docs[:350]))
+    (data / "b_val.txt").write_text("\n\n".join(docs[350:]))
+    torch.manual_seed(random.randrange(1 << 30))
+    model = GPT(GPTConfig.from_depth(1, vocab_size=tok.vocab_size, sequence_len=64))
+    # A random, non-degenerate start (zero-init projections would make the first steps trivial).
+    with torch.no_grad():
+        for p in model.transformer.h.parameters():
+            p.normal_(0, 0.05)
+    save_checkpoint(stage_dir("mid", 1, d), 0, model, None, {"stage": "mid"})
+    return d
+
+
+def _copy(base_dir, tmp_path, name):
+    dst = tmp_path / name
+    shutil.copytree(base_dir, dst)
+    return dst
+
+
+def _weights(d, stage, step=None):
+    state, _, meta = load_checkpoint(stage_dir(stage, 1, d), step, load_optimizer=False)
+    return state, meta
+
+
+def _assert_same_weights(a, b, tol):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=tol, atol=tol), (k, (a[k] - b[k]).abs().max())
+
+
+def test_sft_update_does_not_depend_on_device_batch_size(base_dir, tmp_path):
+    results = []
+    for dbs in (1, 2, 4):
+        d = _copy(base_dir, tmp_path, f"dbs{dbs}")
+        cfg = StageConfig(stage="sft", device_batch_size=dbs, total_batch_size=8, max_steps=2, tasks="tiny",
+                          base_dir=str(d), **TINY)
+        res = train_sft(cfg)
+        results.append((_weights(d, "sft")[0], [h["loss"] for h in res["history"]]))
+    for w, losses in results[1:]:
+        _assert_same_weights(results[0][0], w, 2e-5)
+        assert losses == pytest.approx(results[0][1], rel=1e-5)
+
+
+def test_sft_micro_batch_without_trained_tokens_adds_zero():
+    """All targets ignored -> loss 0 and zero gradients (never NaN)."""
+    from rustchat.trainer import train_step
+
+    model = GPT(GPTConfig(sequence_len=16, vocab_size=300, n_layer=1, n_head=1, n_kv_head=1, n_embd=64))
+    opts = model.setup_optimizers()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randint(0, 300, (2, 16))
+    y = torch.full((2, 16), -1)
+    loss, n = train_step(model, opts, [(x, y)], torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False))
+    assert loss == 0.0 and n == 0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+@pytest.mark.parametrize("stage", ["base", "sft"])
+def test_resume_matches_uninterrupted(base_dir, tmp_path, stage):
+    kw = dict(max_steps=4, base_dir=None, **TINY)
+    if stage == "base":
+        kw.update(device_batch_size=2, total_batch_size=2 * 64 * 2)
+        fn = train_base
+    else:
+        kw.update(device_batch_size=2, total_batch_size=4, tasks="tiny")
+        fn = train_sft
+    full = _copy(base_dir, tmp_path, "full")
+    part = _copy(base_dir, tmp_path, "part")
+    extra = {"data_dir": str(full / "text")} if stage == "base" else {}
+    r_full = fn(StageConfig(stage=stage, **{**kw, "base_dir": str(full)}, **extra))
+    extra = {"data_dir": str(part / "text")} if stage == "base" else {}
+    r1 = fn(StageConfig(stage=stage, **{**kw, "base_dir": str(part), "stop_at_step": 2}, **extra))
+    assert find_last_step(stage_dir(stage, 1, part)) == 2
+    r2 = fn(StageConfig(stage=stage, **{**kw, "base_dir": str(part), "resume": True}, **extra))
+    losses_full = [h["loss"] for h in r_full["history"]]
+    losses_resumed = [h["loss"] for h in r1["history"] + r2["history"]]
+    assert losses_resumed == pytest.approx(losses_full, rel=1e-5)
+    _assert_same_weights(_weights(full, stage)[0], _weights(part, stage)[0], 1e-5)
+
+
+def test_mid_loss_falls(base_dir, tmp_path):
+    d = _copy(base_dir, tmp_path, "mid")
+    # mid loads a base checkpoint: file the random model as base too
+    state, _, meta = load_checkpoint(stage_dir("mid", 1, d), load_optimizer=False)
+    shutil.copytree(stage_dir("mid", 1, d), stage_dir("base", 1, d))
+    shutil.rmtree(stage_dir("mid", 1, d))
+    res = train_mid(StageConfig(stage="mid", device_batch_size=4, total_batch_size=4 * 64, max_steps=30, tasks="tiny",
+                                base_dir=str(d), **TINY))
+    losses = [h["loss"] for h in res["history"]]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+
+
+def _run_cli(args, env_extra, timeout=600):
+    env = {**os.environ, **env_extra}
+    return subprocess.run([sys.executable, "-m", "rustchat.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def test_two_gloo_processes_match_one(base_dir, tmp_path):
+    one = _copy(base_dir, tmp_path, "one")
+    two = _copy(base_dir, tmp_path, "two")
+    common = ["sft", "--depth", "1", "--seq-len", "64", "--device", "cpu", "--tasks", "tiny", "--max-steps", "2",
+              "--total-batch-size", "4", "--eval-every", "0", "--quiet"]
+    r1 = _run_cli(common + ["--device-batch-size", "2"], {"RUSTCHAT_BASE_DIR": str(one)})
+    assert r1.returncode == 0, r1.stderr[-2000:]
+    env = {"RUSTCHAT_BASE_DIR": str(two), "OMP_NUM_THREADS": "1"}
+    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                         "-m", "rustchat.cli", *common, "--device-batch-size", "1"],
+                        capture_output=True, text=True, env={**os.environ, **env}, timeout=600)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    w1, m1 = _weights(one, "sft")
+    w2, m2 = _weights(two, "sft")
+    _assert_same_weights(w1, w2, 2e-5)
+    assert [h["loss"] for h in m1["history"]] == pytest.approx([h["loss"] for h in m2["history"]], rel=1e-5)
+    assert len(m2["data_states"]) == 2
+
+
+def test_cli_errors_are_one_line(base_dir, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    shutil.copytree(base_dir / "tokenizer", empty / "tokenizer")
+    r = _run_cli(["sft", "--depth", "3", "--device", "cpu"], {"RUSTCHAT_BASE_DIR": str(empty)})
+    assert r.returncode == 2
+    err = r.stderr.strip()
+    assert err.startswith("rustchat: error:") and "\n" not in err and "mid" in err
+    r = _run_cli(["sft", "--depth", "1", "--device", "cpu", "--tasks", "nope"], {"RUSTCHAT_BASE_DIR": str(base_dir)})
+    assert r.returncode == 2 and "unknown task preset" in r.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{not json}\n')
+    (tmp_path / "v.txt").write_text("val text")
+    r = _run_cli(["base", "--depth", "1", "--device", "cpu", "--seq-len", "64", "--device-batch-size", "1",
+                  "--total-batch-size", "64", "--max-steps", "50", "--data-dir", str(tmp_path / "bd")],
+                 {"RUSTCHAT_BASE_DIR": str(base_dir)})
+    assert r.returncode == 2 and "no such file" in r.stderr
+    bd = tmp_path / "bd"
+    bd.mkdir()
+    shutil.copy(bad, bd / "a.jsonl")
+    shutil.copy(tmp_path / "v.txt", bd / "b.txt")
+    with pytest.raises(RustchatError, match=r"a.jsonl line 2: invalid JSON"):
+        list(iter_documents([bd]))
