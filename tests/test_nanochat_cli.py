@@ -1,0 +1,70 @@
+"""`rustchat import-nanochat`: a nanochat checkpoint dir + tokenizer.pkl (a pickled tiktoken
+Encoding) become a rustchat checkpoint and tokenizer; the pickle is read without running code."""
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import tiktoken
+import torch
+
+from rustchat import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
+from rustchat.checkpoint import load_model
+from rustchat.common import RustchatError
+from rustchat.nanochat_tokenizer import load_nanochat_tokenizer
+from ref_gpt import ref_forward
+from test_checkpoint import _fake_nanochat_dir
+
+
+def _nanochat_tokenizer_pickle(path, n_merges=35):
+    """A 300-id tiktoken Encoding like nanochat's (256 bytes + merges + 9 specials), pickled."""
+    ranks = {bytes([b]): b for b in range(256)}
+    letters = "etaoinshrdlucmfw"
+    pairs = [(a + b).encode() for a in letters for b in letters][:n_merges]
+    for i, t in enumerate(pairs):
+        ranks[t] = 256 + i
+    specials = {name: 256 + n_merges + i for i, name in enumerate(SPECIAL_TOKENS)}
+    enc = tiktoken.Encoding("rustbpe", pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+    path.write_bytes(pickle.dumps(enc))
+    return Tokenizer.from_ranks(ranks, SPLIT_PATTERN, specials), enc
+
+
+def test_tokenizer_pickle_loads_without_code(tmp_path):
+    tok, enc = _nanochat_tokenizer_pickle(tmp_path / "tokenizer.pkl")
+    ours = load_nanochat_tokenizer(tmp_path / "tokenizer.pkl")
+    assert ours.mergeable_ranks() == tok.mergeable_ranks() and ours.special_tokens == tok.special_tokens
+    text = "hello lorem, the cat sat on a mat!"
+    assert ours.encode_ordinary(text) == enc.encode_ordinary(text)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /tmp/rustchat_pwned",))
+
+
+def test_tokenizer_pickle_refuses_other_globals(tmp_path):
+    p = tmp_path / "tokenizer.pkl"
+    p.write_bytes(pickle.dumps(_Evil()))
+    with pytest.raises(RustchatError, match="refusing to load global"):
+        load_nanochat_tokenizer(p)
+    assert not os.path.exists("/tmp/rustchat_pwned")
+
+
+def test_import_nanochat_cli_then_logits_match_reference(tmp_path):
+    ck = tmp_path / "base_checkpoints" / "d2"
+    ck.mkdir(parents=True)
+    sd, cfg = _fake_nanochat_dir(ck, 300, "_orig_mod.")
+    (tmp_path / "tokenizer").mkdir()
+    _nanochat_tokenizer_pickle(tmp_path / "tokenizer" / "tokenizer.pkl")
+    base = tmp_path / "rc"
+    r = subprocess.run([sys.executable, "-m", "rustchat.cli", "import-nanochat", str(ck), "--stage", "mid"],
+                       capture_output=True, text=True, env={**os.environ, "RUSTCHAT_BASE_DIR": str(base)})
+    assert r.returncode == 0, r.stderr
+    model, _, meta = load_model("mid", 2, base_dir=base)
+    assert meta["step"] == 650 and "imported_from" in meta
+    assert Tokenizer.load(base / "tokenizer").vocab_size == 300
+    idx = torch.randint(0, 300, (2, 10))
+    ref = ref_forward({k: v.double() for k, v in sd.items()}, cfg, idx)
+    with torch.no_grad():
+        torch.testing.assert_close(model.double()(idx), ref, rtol=1e-9, atol=1e-9)
