@@ -3,8 +3,8 @@ tokenized by the Rust tokenizer in a background thread, served as [B, T] next-to
 
 Documents are encoded with `<|bos|>` in front and concatenated into one stream; each batch
 takes B*T+1 consecutive tokens (inputs = stream[:-1], targets = stream[1:]). Every batch comes
-with a cursor (file, row group, document, tokens to skip) from which the stream can be rebuilt
-exactly, so a resumed run sees the same tokens as an uninterrupted one. With several ranks,
+with the cursor of the NEXT batch (file, row group, document, tokens to skip), from which the
+stream can be rebuilt exactly, so a resumed run sees the same tokens as an uninterrupted one. With several ranks,
 row group g belongs to rank g % world_size.
 """
 from __future__ import annotations
@@ -73,7 +73,7 @@ def download_shards(indices, data_dir: str | os.PathLike, *, repo: str = FINEWEB
 
 @dataclass(frozen=True)
 class Cursor:
-    """Where a batch's first token comes from: skip `skip` tokens of the stream that starts at
+    """Where a batch's first input token comes from: skip `skip` tokens of the stream that starts at
     document `doc` of row group `group` of file `file` (indices into this rank's ordering)."""
 
     file: int = 0
@@ -215,7 +215,6 @@ class PretrainLoader:
                 while buf_len >= need:
                     stream = np.concatenate(buf) if len(buf) > 1 else buf[0]
                     batch = stream[:need].astype(np.int64)
-                    cur = head
                     # The last target is the next batch's first input.
                     rest = stream[need - 1 :]
                     buf, buf_len = [rest], len(rest)
@@ -230,6 +229,6 @@ class PretrainLoader:
                         x, y = x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
                     elif str(self.device) != "cpu":
                         x, y = x.to(self.device), y.to(self.device)
-                    yield x, y, cur
+                    yield x, y, head
         finally:
             stop.set()
