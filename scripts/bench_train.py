@@ -110,6 +110,7 @@ def main(argv=None):
     ap.add_argument("--vocab", type=int, default=65536)
     ap.add_argument("--ignore-frac", type=float, default=0.5, help="fraction of targets set to -1")
     ap.add_argument("--only", choices=["ours", "plain"], default=None, help="run one side only")
+    ap.add_argument("--json", default=None, help="write tokens/s per depth and side to this file")
     args = ap.parse_args(argv)
 
     device = autodetect_device(args.device)
@@ -124,8 +125,14 @@ def main(argv=None):
     else:
         setup_cpu_math()  # flush denormals, for both sides (as the trainers do on CPU)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    results = {}
     for depth in args.depth:
-        bench_depth(args, depth, device)
+        results[f"d{depth}"] = bench_depth(args, depth, device)
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump({"device": str(device), "torch": torch.__version__, "tokens_per_s": results}, f, indent=1)
 
 
 if __name__ == "__main__":
