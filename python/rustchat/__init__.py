@@ -5,11 +5,12 @@ submodules (`rustchat.kernels`, `rustchat.model`, ...) imported on demand, so th
 stays usable without torch.
 """
 from . import _core
+from .conversation import collate_sft, pack_rows
 from .tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
 
 __version__ = "0.1.0"
 
-__all__ = ["Tokenizer", "SPLIT_PATTERN", "SPECIAL_TOKENS", "kernels", "__version__"]
+__all__ = ["Tokenizer", "SPLIT_PATTERN", "SPECIAL_TOKENS", "collate_sft", "pack_rows", "kernels", "__version__"]
 
 
 def __getattr__(name):

@@ -332,6 +332,26 @@ class Tokenizer:
                 ranks[tok] = rank
         return cls.from_ranks(ranks, meta["pattern"], meta["special_tokens"])
 
+    # ----------------------------------------------------------------- conversations
+    def render_conversation(self, conversation, max_tokens: int | None = 2048):
+        """(ids int32, mask uint8) of one conversation; see rustchat.conversation."""
+        from .conversation import render_conversation
+
+        return render_conversation(self, conversation, max_tokens)
+
+    def render_conversations(self, conversations, max_tokens: int | None = 2048, num_threads: int | None = None):
+        """List of (ids, mask) pairs, rendered in parallel; see rustchat.conversation."""
+        from .conversation import render_conversations
+
+        return render_conversations(self, conversations, max_tokens, num_threads)
+
+    def render_for_completion(self, conversation, max_tokens: int | None = None):
+        """int32 prompt ids: the conversation without its last (assistant) message, then
+        <|assistant_start|>; see rustchat.conversation."""
+        from .conversation import render_for_completion
+
+        return render_for_completion(self, conversation, max_tokens)
+
 
 def _feed_stream(trainer, texts: Iterable[str], progress) -> None:
     """Feed documents in batches; the next batch is gathered in Python while Rust counts the

@@ -1,8 +1,10 @@
 //! rustchat's Rust core, exposed to Python as `rustchat._core`.
 
 pub mod bpe;
+pub mod collate;
 pub mod guard;
 pub mod pretokenize;
+pub mod render;
 pub mod tokenizer;
 pub mod train;
 pub mod unicode;
@@ -13,6 +15,9 @@ use pyo3::prelude::*;
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<tokenizer::PyCore>()?;
     m.add_class::<tokenizer::PyTrainer>()?;
+    m.add_function(wrap_pyfunction!(render::render_conversations, m)?)?;
+    m.add_function(wrap_pyfunction!(collate::py_collate_sft, m)?)?;
+    m.add_function(wrap_pyfunction!(collate::py_pack_rows, m)?)?;
     m.add("DEFAULT_PATTERN", pretokenize::default_pattern())?;
     m.add("CL100K_PATTERN", pretokenize::CL100K_PATTERN)?;
     Ok(())
