@@ -164,7 +164,12 @@ class Tokenizer:
     # ----------------------------------------------------------------- encoding
     def encode_ordinary(self, text: str) -> list[int]:
         """Ids of `text`; text that looks like a special token stays plain text."""
-        return self.encode_to_numpy(text).tolist()
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, not {type(text).__name__}")
+        try:
+            return self._core.encode_ordinary_list(text)
+        except UnicodeEncodeError:
+            return self._core.encode_ordinary_list(_fix_surrogates(text))
 
     def encode_to_numpy(self, text: str) -> np.ndarray:
         """Like `encode_ordinary`, as an int32 numpy array (no Python int per token)."""

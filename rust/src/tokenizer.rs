@@ -152,9 +152,39 @@ pub fn with_threads<T: Send>(num_threads: Option<usize>, f: impl FnOnce() -> T +
 #[pyclass(frozen, module = "rustchat._core", name = "CoreTokenizer")]
 pub struct PyCore {
     pub core: Core,
+    /// One Python int per id, made once: lists of ids are then built by reference instead of
+    /// allocating an int per token (the allocation cost more than the encoding itself).
+    ints: OnceLock<Vec<Py<PyAny>>>,
 }
 
 impl PyCore {
+    pub fn from_core(core: Core) -> Self {
+        PyCore { core, ints: OnceLock::new() }
+    }
+
+    /// A Python list of the given ids, sharing the cached int objects.
+    fn id_list<'py>(&self, py: Python<'py>, ids: &[u32]) -> PyResult<Bound<'py, PyList>> {
+        let ints = self.ints.get_or_init(|| {
+            (0..self.core.n_vocab as u32).map(|i| i.into_pyobject(py).unwrap().into_any().unbind()).collect()
+        });
+        let n = ids.len() as pyo3::ffi::Py_ssize_t;
+        // SAFETY: PyList_New gives a list of n NULL slots; each slot is filled exactly once with
+        // a new (incref'd) reference that PyList_SetItem steals; ids were produced by this
+        // vocabulary, so every id indexes `ints`.
+        unsafe {
+            let list = pyo3::ffi::PyList_New(n);
+            if list.is_null() {
+                return Err(PyErr::fetch(py));
+            }
+            for (i, &id) in ids.iter().enumerate() {
+                let obj = ints[id as usize].as_ptr();
+                pyo3::ffi::Py_IncRef(obj);
+                pyo3::ffi::PyList_SetItem(list, i as pyo3::ffi::Py_ssize_t, obj);
+            }
+            Ok(Bound::from_owned_ptr(py, list).cast_into_unchecked::<PyList>())
+        }
+    }
+
     /// Parallel encode of a list of str with the GIL released; errors name the text.
     fn encode_many<'py>(
         &self,
@@ -195,7 +225,7 @@ impl PyCore {
     fn new(py: Python<'_>, ranks: Vec<(Vec<u8>, u32)>, pattern: &str, specials: Vec<(String, u32)>) -> PyResult<Self> {
         let pattern = pattern.to_string();
         let core = py.detach(|| guarded(|| Core::new(ranks, &pattern, specials)))?.map_err(value_error)?;
-        Ok(PyCore { core })
+        Ok(PyCore::from_core(core))
     }
 
     #[getter]
@@ -236,6 +266,13 @@ impl PyCore {
         let s = text.to_str()?;
         let ids = py.detach(|| guarded(|| self.core.encode(s)))?.map_err(value_error)?;
         Ok(u32s_to_pybytes(py, &ids))
+    }
+
+    /// Like `encode_ordinary`, as a list of int (tiktoken's return type).
+    fn encode_ordinary_list<'py>(&self, py: Python<'py>, text: &Bound<'py, PyString>) -> PyResult<Bound<'py, PyList>> {
+        let s = text.to_str()?;
+        let ids = py.detach(|| guarded(|| self.core.encode(s)))?.map_err(value_error)?;
+        self.id_list(py, &ids)
     }
 
     /// The pre-split chunks of `text` (what BPE runs on), for inspection and tests.
@@ -292,8 +329,18 @@ impl PyCore {
         prepend: Option<u32>,
         append: Option<u32>,
         num_threads: Option<usize>,
-    ) -> PyResult<Vec<Vec<u32>>> {
-        self.encode_many(py, texts, prepend, append, num_threads)
+    ) -> PyResult<Bound<'py, PyList>> {
+        for id in prepend.iter().chain(append.iter()) {
+            if *id as usize >= self.core.n_vocab {
+                return Err(PyValueError::new_err(format!("token id {id} is out of range")));
+            }
+        }
+        let parts = self.encode_many(py, texts, prepend, append, num_threads)?;
+        let out = PyList::empty(py);
+        for p in &parts {
+            out.append(self.id_list(py, p)?)?;
+        }
+        Ok(out)
     }
 
     /// Ids (u32 LE buffer) to bytes; unknown ids raise ValueError.
