@@ -1,0 +1,313 @@
+"""`rustchat eval`: chat models on the eval tasks (SPEC "Evaluation"), base models by bits per byte.
+
+Categorical tasks (ARC, MMLU): each prompt is rendered for completion, a padded batch goes
+through one forward, and the answer is the letter whose token has the highest logit at the
+position after `<|assistant_start|>`. Generative tasks (GSM8K, HumanEval, SpellingBee,
+Arithmetic): replies are sampled with the engine (calculator tool on) and checked by the task's
+`evaluate`; a problem counts as solved when any of its `num_samples` replies passes.
+ChatCORE is the mean centered accuracy over the tasks run. Results go to stdout and to the
+"eval" section of report.md.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+from .common import RustchatError
+
+PRESETS = {
+    "tiny": ("arithmetic", "spellingbee"),  # offline: generated problems
+    "default": ("arc-easy", "arc-challenge", "mmlu", "gsm8k", "humaneval", "spellingbee"),
+}
+SYNTHETIC = ("arithmetic", "spellingbee", "simplespelling")  # generated: sized, not downloaded
+SYNTHETIC_SIZE = 256  # problems of a generated task when --max-problems is not given
+# Cap on logits materialised per categorical forward (rows x positions x vocab floats).
+_MAX_LOGIT_ELEMS = 1 << 28
+
+
+def _key(name: str) -> str:
+    return "".join(c for c in name.lower() if c.isalnum())
+
+
+def parse_tasks(spec: str) -> list[str]:
+    """'tiny' / 'default' / a comma list (presets allowed inside) -> task names, deduplicated."""
+    names: list[str] = []
+    for part in str(spec).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        for name in PRESETS.get(part.lower(), (part,)):
+            if _key(name) not in {_key(n) for n in names}:
+                names.append(name)
+    if not names:
+        raise RustchatError(f"--tasks {spec!r} names no task; use tiny, default or a comma list like arc-easy,gsm8k")
+    return names
+
+
+def load_task(name: str, max_problems: int | None = None):
+    """The test split of a task, its first `max_problems` problems."""
+    from .tasks import get_task
+
+    if max_problems is not None and max_problems < 1:
+        raise RustchatError(f"--max-problems must be >= 1, got {max_problems}")
+    if _key(name) in {_key(n) for n in SYNTHETIC}:
+        return get_task(name, split="test", size=max_problems or SYNTHETIC_SIZE)
+    kw = {} if max_problems is None else {"stop": max_problems}
+    return get_task(name, **kw)
+
+
+def _letter_ids(tok, letters) -> list[int]:
+    ids = []
+    for letter in letters:
+        enc = tok.encode_ordinary(letter)
+        if len(enc) != 1:
+            raise RustchatError(f"the answer letter {letter!r} is not a single token in this tokenizer")
+        ids.append(enc[0])
+    return ids
+
+
+def categorical_accuracy(model, tok, task, batch_size: int = 8, *, progress=None) -> tuple[int, int]:
+    """(correct, total): argmax over the letter tokens' logits at the answer position."""
+    import numpy as np
+    import torch
+
+    from .common import autocast_ctx
+    from .conversation import render_for_completion
+    from .eval.scoring import categorical_pick
+    from .tasks.base import assistant_text
+
+    device = model.get_device()
+    pad = tok.encode_special("<|assistant_end|>")
+    vocab = model.config.vocab_size
+    correct = total = 0
+    n = len(task)
+    i = 0
+    while i < n:
+        convs = [task[j] for j in range(i, min(i + batch_size, n))]
+        prompts = [render_for_completion(tok, c) for c in convs]
+        # shrink the batch when its logits would not fit comfortably
+        while len(prompts) > 1 and len(prompts) * max(map(len, prompts)) * vocab > _MAX_LOGIT_ELEMS:
+            convs, prompts = convs[:-1], prompts[:-1]
+        i += len(convs)
+        width = max(map(len, prompts))
+        x = torch.full((len(prompts), width), pad, dtype=torch.long)
+        for r, p in enumerate(prompts):  # right padding: causal attention never sees it
+            x[r, : len(p)] = torch.from_numpy(np.asarray(p, dtype=np.int64))
+        with torch.inference_mode(), autocast_ctx(device):
+            logits = model(x.to(device))
+        last = torch.as_tensor([len(p) - 1 for p in prompts], device=logits.device)
+        answer_logits = logits[torch.arange(len(prompts), device=logits.device), last]  # [B, V]
+        for r, conv in enumerate(convs):
+            letters = list(conv.get("letters") or getattr(task, "letters", ()))
+            pick = categorical_pick(answer_logits[r], _letter_ids(tok, letters))
+            correct += int(letters[pick] == assistant_text(conv).strip())
+            total += 1
+        if progress is not None:
+            progress(len(convs), correct, total)
+    return correct, total
+
+
+def completion_text(tok, tokens) -> str:
+    """A reply's text as the tasks read it: all parts joined (as `assistant_text` does)."""
+    from .engine import CompletionParser
+
+    parser = CompletionParser(tok)
+    for t in tokens:
+        parser.feed(t)
+    parser.flush()
+    return "".join(p["text"] for p in parser.parts)
+
+
+def generative_accuracy(engine, task, *, num_samples: int = 1, batch_size: int = 8, max_new_tokens: int = 512,
+                        temperature: float = 0.0, top_k: int | None = None, seed: int = 42,
+                        progress=None) -> tuple[int, int]:
+    """(solved, total): sample `num_samples` replies per problem (in chunks of `batch_size`
+    rows) and check them with `task.evaluate`; a problem is solved when any reply passes."""
+    from .conversation import render_for_completion
+
+    tok = engine.tok
+    solved = 0
+    for i in range(len(task)):
+        conv = task[i]
+        prompt = render_for_completion(tok, conv)
+        ok = False
+        done = 0
+        while done < num_samples and not ok:
+            n = min(batch_size, num_samples - done)
+            # per problem (and chunk) seed: reruns are reproducible, problems differ
+            outs = engine.generate_batch(prompt, n, max_new_tokens, temperature, top_k, seed + 1000 * i + done)
+            ok = any(task.evaluate(conv, completion_text(tok, o)) for o in outs)
+            done += n
+        solved += int(ok)
+        if progress is not None:
+            progress(1, solved, i + 1)
+    return solved, len(task)
+
+
+def chatcore_of(results: dict[str, float], types: dict[str, str]) -> float:
+    """SPEC ChatCORE over the tasks run; tasks without a listed baseline get 0.25 when
+    categorical (4 choices) and 0 when generative."""
+    from .eval.scoring import BASELINES, chatcore
+
+    extra = {t: (0.25 if types.get(t) == "categorical" else 0.0) for t in results if t not in BASELINES}
+    return chatcore(results, extra)
+
+
+def format_table(rows: list[tuple[str, str, int, float, float]], chatcore: float | None) -> str:
+    lines = ["| Task | Type | Problems | Accuracy | Centered |", "| --- | --- | ---: | ---: | ---: |"]
+    for name, kind, n, acc, cen in rows:
+        lines.append(f"| {name} | {kind} | {n} | {100 * acc:.2f}% | {cen:+.4f} |")
+    if chatcore is not None:
+        lines.append(f"| ChatCORE | | | | {chatcore:+.4f} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- base models
+def default_val_files(base: Path, data_dir: str | None) -> list[Path]:
+    """Validation text for bits per byte: the last file of --data-dir (as `rustchat base`
+    holds it out), else the tiny recipe's val file, else the FineWeb-Edu validation shard."""
+    from .pretrain_data import FINEWEB_SHARDS
+    from .textsource import list_files
+
+    if data_dir:
+        files = list_files([data_dir])
+        return files[-1:]
+    for p in (base / "tiny_data" / "val.txt", base / "tiny_data" / "val.jsonl",
+              base / "base_data" / f"shard_{FINEWEB_SHARDS - 1:05d}.parquet"):
+        if p.is_file():
+            return [p]
+    raise RustchatError(f"no validation text under {base}: pass --data-dir with text/JSONL/parquet files")
+
+
+def bits_per_byte(model, tok, files, *, batch_size: int = 8, max_tokens: int = 1 << 20) -> tuple[float, int]:
+    """(bits per byte, tokens scored) of the model on the documents of `files`, each
+    prefixed with `<|bos|>`, cut into rows of the model's context. Summed nats over target
+    bytes; special tokens have 0 bytes and count in neither sum."""
+    import numpy as np
+    import torch
+
+    from .common import autocast_ctx
+    from .pretrain_data import DocumentSource
+
+    src = DocumentSource(list(files))
+    pieces, have = [], 0
+    for f in src.files:
+        for docs in src.groups(f):
+            ids, _ = tok.encode_batch_numpy(docs, prepend=tok.bos_token_id)
+            pieces.append(ids)
+            have += len(ids)
+            if have > max_tokens:
+                break
+        if have > max_tokens:
+            break
+    stream = np.concatenate(pieces)[: max_tokens + 1] if pieces else np.zeros(0, np.int32)
+    if len(stream) < 2:
+        raise RustchatError(f"validation text in {', '.join(map(str, files))} holds fewer than 2 tokens")
+    T = min(model.config.sequence_len, len(stream) - 1)
+    n_rows = (len(stream) - 1) // T
+    device = model.get_device()
+    token_bytes = torch.as_tensor(tok.token_bytes(), dtype=torch.int64, device=device)
+    nats = nbytes = 0.0
+    for r0 in range(0, n_rows, batch_size):
+        r1 = min(r0 + batch_size, n_rows)
+        chunk = torch.as_tensor(stream[r0 * T: r1 * T + 1].astype(np.int64))
+        x = torch.stack([chunk[r * T: (r + 1) * T] for r in range(r1 - r0)]).to(device)
+        y = torch.stack([chunk[r * T + 1: (r + 1) * T + 1] for r in range(r1 - r0)]).to(device)
+        with torch.inference_mode(), autocast_ctx(device):
+            loss = model(x, y, loss_reduction="none").float()
+        b = token_bytes[y]
+        nats += float((loss * (b > 0)).sum())
+        nbytes += float(b.sum())
+    return nats / (math.log(2) * max(nbytes, 1.0)), n_rows * T
+
+
+# ----------------------------------------------------------------------------- entry point
+def _load(args, source: str):
+    from .engine import load_for_inference
+
+    return load_for_inference(source, getattr(args, "depth", None), getattr(args, "step", None),
+                              getattr(args, "device", "auto"), getattr(args, "base_dir", None))
+
+
+def _eval_base(args) -> dict:
+    from .report import write_section
+
+    model, tok, meta, base, device = _load(args, "base")
+    files = default_val_files(base, getattr(args, "data_dir", None))
+    t0 = time.time()
+    bpb, n = bits_per_byte(model, tok, files, batch_size=getattr(args, "batch_size", 8),
+                           max_tokens=getattr(args, "bpb_tokens", None) or (1 << 20))
+    label = f"base d{model.config.n_layer} step {meta.get('step')}"
+    print(f"{label}: val bits/byte {bpb:.4f} over {n:,} tokens of {', '.join(map(str, files))} "
+          f"({time.time() - t0:.1f} s)")
+    write_section("base-eval", {"model": label, "val files": ", ".join(map(str, files)), "tokens": f"{n:,}",
+                                "val bpb": f"{bpb:.4f}"}, base_dir=base)
+    return {"val_bpb": bpb}
+
+
+def run_eval(args) -> dict:
+    """Evaluate a checkpoint; returns {task display name: accuracy, ..., "ChatCORE": x}
+    for chat models, {"val_bpb": x} for base models."""
+    source = getattr(args, "source", "sft")
+    if source == "base":
+        return _eval_base(args)
+    from tqdm import tqdm
+
+    from .engine import Engine
+    from .report import write_section
+
+    quiet = bool(getattr(args, "quiet", False))
+    batch_size = max(1, int(getattr(args, "batch_size", 8) or 8))
+    num_samples = int(getattr(args, "num_samples", 1) or 1)
+    temperature = float(getattr(args, "temperature", 0.0) or 0.0)
+    top_k = getattr(args, "top_k", None)
+    max_new = int(getattr(args, "max_new_tokens", 512) or 512)
+    if num_samples < 1 or temperature < 0 or (top_k is not None and top_k < 1) or max_new < 1:
+        raise RustchatError("need --num-samples >= 1, --temperature >= 0, --top-k >= 1 and --max-new-tokens >= 1")
+    names = parse_tasks(getattr(args, "tasks", "default"))
+    tasks = [load_task(n, getattr(args, "max_problems", None)) for n in names]  # fail early on a bad name
+
+    model, tok, meta, base, device = _load(args, source)
+    engine = Engine(model, tok)
+    label = f"{source} d{model.config.n_layer} step {meta.get('step')}"
+    print(f"evaluating {label} on {device}: {', '.join(t.name for t in tasks)}")
+    results, types, counts, rows = {}, {}, {}, []
+    t_all = time.time()
+    for task in tasks:
+        name, kind = task.name, task.eval_type
+        bar = tqdm(total=len(task), desc=name, disable=quiet, leave=False, mininterval=1.0)
+
+        def progress(k, good, seen, bar=bar):
+            bar.update(k)
+            bar.set_postfix_str(f"{good}/{seen}")
+
+        t0 = time.time()
+        if kind == "categorical":
+            good, n = categorical_accuracy(model, tok, task, batch_size, progress=progress)
+        else:
+            good, n = generative_accuracy(engine, task, num_samples=num_samples, batch_size=batch_size,
+                                          max_new_tokens=max_new, temperature=temperature, top_k=top_k,
+                                          seed=int(getattr(args, "seed", 42) or 0), progress=progress)
+        bar.close()
+        acc = good / n if n else 0.0
+        results[name], types[name], counts[name] = acc, kind, n
+        if not quiet:
+            print(f"{name}: {good}/{n} = {100 * acc:.2f}% ({time.time() - t0:.1f} s)")
+    core = chatcore_of(results, types) if results else None
+    from .eval.scoring import BASELINES
+
+    for name, acc in results.items():
+        b = BASELINES.get(name, 0.25 if types[name] == "categorical" else 0.0)
+        rows.append((name, types[name], counts[name], acc, (acc - b) / (1 - b)))
+    table = format_table(rows, core)
+    print(f"\n{label}\n{table}\n({time.time() - t_all:.1f} s)")
+    report_rows = {"model": label, "sampling": f"temperature {temperature}, top-k {top_k}, samples {num_samples}, "
+                                               f"max new tokens {max_new}"}
+    if core is not None:
+        report_rows["ChatCORE"] = f"{core:.4f}"
+    write_section("eval", report_rows, base_dir=base, table=table)
+    out = dict(results)
+    if core is not None:
+        out["ChatCORE"] = core
+    return out
