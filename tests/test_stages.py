@@ -179,3 +179,34 @@ def test_cli_errors_are_one_line(base_dir, tmp_path):
     shutil.copy(tmp_path / "v.txt", bd / "b.txt")
     with pytest.raises(RustchatError, match=r"a.jsonl line 2: invalid JSON"):
         list(iter_documents([bd]))
+
+
+def test_default_recipe_runs_from_local_task_files(base_dir, tmp_path):
+    """SPEC's SFT mixture (hub datasets) from local copies in --task-dir: every task wired."""
+    from test_tasks import arc_rows, mmlu_rows, write_jsonl
+
+    from rustchat.stages import build_mixture
+
+    rng = random.Random()
+    td = tmp_path / "tasks"
+    td.mkdir()
+    write_jsonl(td / "arc-ARC-Easy-train.jsonl", arc_rows(rng, 6))
+    write_jsonl(td / "arc-ARC-Challenge-train.jsonl", arc_rows(rng, 5))
+    write_jsonl(td / "gsm8k-train.jsonl", [{"question": "What is 6*7?", "answer": "6*7=<<6*7=42>>42\n#### 42"}] * 4)
+    chats = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}] * 7
+    write_jsonl(td / "smoltalk-train.jsonl", chats)
+    write_jsonl(td / "smoltalk-test.jsonl", chats[:3])
+    mix = build_mixture("sft", "default", "train", str(td))
+    from rustchat.tasks import get_task
+
+    kinds = {type(t).__name__ for t in mix.tasks}
+    assert len(mix) == 6 + 5 + 4 + 7 + len(get_task("identity")) + 300 + 300
+    assert kinds == {"ARC", "GSM8K", "SmolTalk", "CustomJSON", "SimpleSpelling", "SpellingBee"}
+    d = _copy(base_dir, tmp_path, "dflt")
+    res = train_sft(StageConfig(stage="sft", device_batch_size=4, total_batch_size=8, max_steps=2, tasks="default",
+                                task_dir=str(td), base_dir=str(d), **TINY))
+    assert len(res["history"]) == 2 and all(h["trained_tokens"] > 0 for h in res["history"])
+    write_jsonl(td / "mmlu-auxiliary_train-train.jsonl", [{"train": r} for r in mmlu_rows(rng, 5)])
+    write_jsonl(td / "mmlu-all-test.jsonl", mmlu_rows(rng, 5))
+    write_jsonl(td / "gsm8k-test.jsonl", [{"question": "2+2?", "answer": "<<2+2=4>>4\n#### 4"}] * 3)
+    assert len(build_mixture("mid", "default", "val", str(td))) == 3 + 5 + 3

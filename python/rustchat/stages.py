@@ -49,16 +49,35 @@ MIXTURES = {
 }
 
 
+HUB_TASKS = {"arc", "mmlu", "gsm8k", "smoltalk", "humaneval"}
+LOCAL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
+
+
+def local_task_file(task_dir: str | Path, name: str, kwargs: dict) -> Path | None:
+    """A local copy of a hub dataset in task_dir, named <task>[-<subset>]-<split><suffix>,
+    e.g. arc-ARC-Easy-train.jsonl, smoltalk-test.parquet, mmlu-auxiliary_train-train.jsonl."""
+    stem = "-".join(str(x) for x in (name, kwargs.get("subset"), kwargs.get("split")) if x)
+    for suffix in LOCAL_SUFFIXES:
+        p = Path(task_dir) / f"{stem}{suffix}"
+        if p.is_file():
+            return p
+    return None
+
+
 def build_mixture(stage: str, preset: str, split: str, task_dir: str | None = None, seed: int = 42):
     from .tasks import TaskMixture, get_task
 
     if preset not in MIXTURES:
         raise RustchatError(f"unknown task preset {preset!r}; known: {', '.join(MIXTURES)}")
+    if task_dir is not None and not Path(task_dir).is_dir():
+        raise RustchatError(f"--task-dir {task_dir}: no such directory")
     tasks = []
     for name, kwargs in MIXTURES[preset][stage][split]:
         kw = dict(kwargs)
-        if task_dir is not None:
-            kw["task_dir"] = task_dir
+        if task_dir is not None and name in HUB_TASKS:
+            local = local_task_file(task_dir, name, kw)
+            if local is not None:
+                kw["path"] = str(local)
         tasks.append(get_task(name, **kw))
     return TaskMixture(tasks, seed=seed)
 
