@@ -45,6 +45,19 @@ fn main() {
         dt = dt.min(t0.elapsed().as_secs_f64());
     }
     println!("encode: {} ids, {:.1} MB/s", ids.len(), mb / dt);
+    use rayon::prelude::*;
+    let docs: Vec<&str> = text.split("\n\n").collect();
+    for threads in [1usize, 2] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let mut best = f64::MAX;
+        for _ in 0..3 {
+            let t0 = Instant::now();
+            let n: usize = pool.install(|| docs.par_iter().map(|d| core.encode(d).unwrap().len()).sum());
+            best = best.min(t0.elapsed().as_secs_f64());
+            assert!(n > 0);
+        }
+        println!("batch {threads} threads: {:.1} MB/s", mb / best);
+    }
 }
 
 fn b64(s: &str) -> Vec<u8> {

@@ -318,3 +318,17 @@ def test_kernels_reachable_from_package():
 
     assert importlib.util.find_spec("rustchat.kernels") is not None
     assert hasattr(rustchat, "__version__")
+
+
+def test_encode_batch_splits_huge_documents_identically(trained, openai_encodings, corpus):
+    """Documents over the piece size are encoded in parallel pieces: ids must not change."""
+    big = "\n".join(corpus.values())
+    while len(big.encode()) < 400_000:
+        big += "\n" + big
+    docs = [big, "small one", "", big[: 200_001]]
+    cl100k = openai_encodings["cl100k_base"][0]
+    for tok, ref in [(trained, _ref_trained(trained)), (cl100k, _tiktoken(cl100k))]:
+        expected = [ref.encode_ordinary(d) for d in docs]
+        assert tok.encode_batch(docs) == expected
+        ids, offs = tok.encode_batch_numpy(docs, prepend="<|bos|>" if "<|bos|>" in tok.special_tokens else None)
+        assert len(offs) == len(docs) + 1

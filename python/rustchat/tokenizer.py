@@ -11,6 +11,7 @@ On-disk format (`save` / `load`, no pickle): a directory with
 from __future__ import annotations
 
 import base64
+import gc
 import json
 import os
 import threading
@@ -228,11 +229,19 @@ class Tokenizer:
         if not isinstance(texts, list):
             texts = list(texts)
         pre, post = self._special_id(prepend), self._special_id(append)
+        # Building one list per text would trigger the cyclic GC over and over (it counts
+        # container allocations); lists of ints cannot form cycles, so pause it meanwhile.
+        paused = gc.isenabled()
+        gc.disable()
         try:
-            return self._core.encode_batch_lists(texts, pre, post, num_threads)
-        except UnicodeEncodeError:
-            texts = [_fix_surrogates(t) if isinstance(t, str) else t for t in texts]
-            return self._core.encode_batch_lists(texts, pre, post, num_threads)
+            try:
+                return self._core.encode_batch_lists(texts, pre, post, num_threads)
+            except UnicodeEncodeError:
+                texts = [_fix_surrogates(t) if isinstance(t, str) else t for t in texts]
+                return self._core.encode_batch_lists(texts, pre, post, num_threads)
+        finally:
+            if paused:
+                gc.enable()
 
     def encode_special(self, name: str) -> int:
         """Id of a special token by name."""

@@ -24,7 +24,7 @@ static NEXT_VOCAB_ID: AtomicU64 = AtomicU64::new(1);
 /// length in the top byte): hashing and comparing keys needs no pointer chase or memcmp.
 const PACK_MAX: usize = 15;
 /// Slots of the per-thread direct-mapped table of recent short chunks (about 160 KiB).
-const HOT_SLOTS: usize = 1 << 12;
+const HOT_SLOTS: usize = 1 << 14;
 /// Ids kept per hot slot; chunks that encode to more ids are simply not kept there.
 const HOT_IDS: usize = 5;
 
@@ -63,7 +63,7 @@ fn pack(b: &[u8]) -> u128 {
 #[inline(always)]
 fn hot_slot(k: u128) -> usize {
     let x = (k as u64) ^ ((k >> 64) as u64).rotate_left(29);
-    (x.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - 12)) as usize
+    (x.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - 14)) as usize
 }
 
 pub struct Bpe {

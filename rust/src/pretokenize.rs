@@ -53,6 +53,43 @@ impl Splitter {
         matches!(self, Splitter::Gpt4 { .. })
     }
 
+    /// `text` cut into pieces of about `target` bytes at places where a chunk always ends, so
+    /// encoding the pieces separately gives the same ids as the whole. A cut goes right after a
+    /// "\n" that is followed by a non-space: no alternative of the GPT-4-style patterns
+    /// crosses it (whitespace runs and the `[\r\n]*` tail stop at a non-space, and the letter
+    /// alternative never contains "\n"), and a whitespace run ending in "\n" is one chunk
+    /// either way (`\s*[\r\n]`, or cl100k's `\s++$` at a piece's end). Other patterns (and
+    /// short texts) give the text whole. Always at least one piece.
+    pub fn safe_pieces<'a>(&self, text: &'a str, target: usize) -> Vec<&'a str> {
+        let Splitter::Gpt4 { table, .. } = self else { return vec![text] };
+        if text.len() <= 2 * target {
+            return vec![text];
+        }
+        let b = text.as_bytes();
+        let mut out = Vec::with_capacity(b.len() / target + 1);
+        let mut start = 0;
+        'cuts: while start + target < b.len() {
+            let mut j = start + target;
+            loop {
+                let Some(k) = b[j..].iter().position(|&x| x == b'\n') else { break 'cuts };
+                let p = j + k + 1;
+                if p >= b.len() {
+                    break 'cuts;
+                }
+                let (c, _) = decode_at(b, p);
+                if class_of(table, c) & SPACE == 0 {
+                    // SAFETY: p follows an ASCII byte, so it is a char boundary.
+                    out.push(unsafe { text.get_unchecked(start..p) });
+                    start = p;
+                    continue 'cuts;
+                }
+                j = p;
+            }
+        }
+        out.push(&text[start..]);
+        out
+    }
+
     /// Calls `f` on each chunk of `text`, in order. Chunks cover the text exactly.
     #[inline]
     pub fn for_each_chunk<'a, F: FnMut(&'a str)>(&self, text: &'a str, mut f: F) -> Result<(), String> {
@@ -246,6 +283,24 @@ mod tests {
             for c in cases {
                 assert_eq!(split(&fast, c), split(&slow, c), "{name} on {c:?}");
             }
+        }
+    }
+
+    #[test]
+    fn safe_pieces_split_only_at_chunk_ends() {
+        let mut text = String::new();
+        for i in 0..3000 {
+            let next = ["中文", "x", "12 apples", "(paren)", "'ll", "  indented", "!!"][i % 7];
+            text.push_str(&format!("line {i}  with  words'll\n \n\t{next}\n"));
+        }
+        for pat in [default_pattern(), CL100K_PATTERN.to_string()] {
+            let s = Splitter::new(&pat).unwrap();
+            let pieces = s.safe_pieces(&text, 1000);
+            assert!(pieces.len() > 10);
+            assert_eq!(pieces.concat(), text);
+            let whole = split(&s, &text);
+            let parts: Vec<String> = pieces.iter().flat_map(|p| split(&s, p)).collect();
+            assert_eq!(parts, whole);
         }
     }
 

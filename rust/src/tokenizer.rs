@@ -65,6 +65,47 @@ impl Core {
         Ok(out)
     }
 
+    /// Encodes many texts in parallel (on the current rayon pool), with optional ids before
+    /// and after each. Long texts are cut into pieces at chunk boundaries the split pattern
+    /// guarantees, so one huge document does not leave the other cores idle.
+    pub fn encode_docs(&self, texts: &[&str], prepend: Option<u32>, append: Option<u32>) -> Result<Vec<Vec<u32>>, String> {
+        let mut pieces: Vec<(usize, &str)> = Vec::with_capacity(texts.len());
+        for (i, t) in texts.iter().enumerate() {
+            for p in self.splitter.safe_pieces(t, PIECE_BYTES) {
+                pieces.push((i, p));
+            }
+        }
+        let encoded: Vec<Result<Vec<u32>, String>> = pieces
+            .par_iter()
+            .with_min_len(4)
+            .map(|(i, p)| self.encode(p).map_err(|e| format!("texts[{i}]: {e}")))
+            .collect();
+        let mut out: Vec<Vec<u32>> = Vec::with_capacity(texts.len());
+        for ((i, _), ids) in pieces.iter().zip(encoded) {
+            let ids = ids?;
+            if *i == out.len() {
+                // first piece of text i (pieces come in text order; every text has at least one)
+                out.push(match prepend {
+                    None => ids,
+                    Some(p) => {
+                        let mut v = Vec::with_capacity(ids.len() + 2);
+                        v.push(p);
+                        v.extend_from_slice(&ids);
+                        v
+                    }
+                });
+            } else {
+                out.last_mut().expect("a previous piece").extend_from_slice(&ids);
+            }
+        }
+        if let Some(a) = append {
+            for v in &mut out {
+                v.push(a);
+            }
+        }
+        Ok(out)
+    }
+
     /// Bytes of any id (mergeable or special), or None if the id is unused.
     pub fn id_bytes(&self, id: u32) -> Option<&[u8]> {
         if self.bpe.has_id(id) {
@@ -89,6 +130,9 @@ impl Core {
         Ok(())
     }
 }
+
+/// Texts longer than twice this are encoded in pieces of about this size, in parallel.
+const PIECE_BYTES: usize = 1 << 16;
 
 pub fn u32s_to_pybytes<'py>(py: Python<'py>, v: &[u32]) -> Bound<'py, PyBytes> {
     PyBytes::new(py, &u32s_le_bytes(v))
@@ -197,25 +241,9 @@ impl PyCore {
         let items: Vec<Bound<'py, PyAny>> = texts.iter().collect();
         let strs = borrow_strs(&items, "texts")?;
         let core = &self.core;
-        py.detach(|| {
-            guarded(|| {
-                with_threads(num_threads, || {
-                    strs.par_iter()
-                        .with_min_len(4)
-                        .enumerate()
-                        .map(|(i, s)| {
-                            let mut v = Vec::with_capacity(s.len() / 3 + 2);
-                            v.extend(prepend);
-                            core.encode_into(s, &mut v).map_err(|e| format!("texts[{i}]: {e}"))?;
-                            v.extend(append);
-                            Ok(v)
-                        })
-                        .collect::<Result<Vec<_>, String>>()
-                })
-            })
-        })?
-        .and_then(|r| r)
-        .map_err(value_error)
+        py.detach(|| guarded(|| with_threads(num_threads, || core.encode_docs(&strs, prepend, append))))?
+            .and_then(|r| r)
+            .map_err(value_error)
     }
 }
 
