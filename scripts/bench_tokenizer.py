@@ -25,28 +25,43 @@ from importlib import metadata
 TRAIN_CHILD = r"""
 import json, sys, time
 path, vocab, which, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-text = open(path, encoding="utf-8", errors="replace").read()
-docs = text.split("\n\n")
-del text
+
+def rss(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+    return 0
+
+def docs():
+    # Paragraphs streamed from the file: the trainers' own memory is what peak RSS shows.
+    with open(path, encoding="utf-8", errors="replace") as f:
+        buf = []
+        for line in f:
+            if line.strip():
+                buf.append(line)
+            elif buf:
+                yield "".join(buf)
+                buf = []
+        if buf:
+            yield "".join(buf)
+
 from rustchat import SPLIT_PATTERN
+if which == "rustbpe":
+    import rustbpe
+base = rss("VmRSS:")
 t0 = time.perf_counter()
 if which == "rustchat":
     from rustchat import Tokenizer
-    tok = Tokenizer.train(docs, vocab, doc_cap=None)
+    tok = Tokenizer.train(docs(), vocab, doc_cap=None)
     dt = time.perf_counter() - t0
     tok.save(out)
     merges = [t for t, r in sorted(tok.mergeable_ranks().items(), key=lambda kv: kv[1]) if r >= 256]
 else:
-    import rustbpe
     tok = rustbpe.Tokenizer()
-    tok.train_from_iterator(iter(docs), vocab - 9, pattern=SPLIT_PATTERN)
+    tok.train_from_iterator(docs(), vocab - 9, pattern=SPLIT_PATTERN)
     dt = time.perf_counter() - t0
     merges = [t for t, r in sorted(tok.get_mergeable_ranks(), key=lambda kv: kv[1]) if r >= 256]
-peak = 0
-for line in open("/proc/self/status"):
-    if line.startswith("VmHWM:"):
-        peak = int(line.split()[1]) * 1024
-print(json.dumps({"seconds": dt, "peak_rss": peak, "merges": [m.hex() for m in merges]}))
+print(json.dumps({"seconds": dt, "peak_rss": rss("VmHWM:"), "base_rss": base, "merges": [m.hex() for m in merges]}))
 """
 
 
@@ -106,18 +121,14 @@ def hf_from_ranks(ranks: dict[bytes, int], pattern: str):
         return "".join(byte_char[b] for b in t)
 
     vocab = {s(t): r for t, r in ranks.items()}
-    # Each token's merge: the split into two tokens whose max rank is lowest (its BPE history).
+    # tiktoken merges by the rank of the concatenation, whatever the split; HF needs explicit
+    # pairs, so every split of a token into two earlier tokens is listed, in the token's rank.
     merges = []
     for t, r in sorted(ranks.items(), key=lambda kv: kv[1]):
-        if len(t) < 2:
-            continue
-        best = None
         for k in range(1, len(t)):
             a, b = ranks.get(t[:k]), ranks.get(t[k:])
-            if a is not None and b is not None and a < r and b < r and (best is None or max(a, b) < best[0]):
-                best = (max(a, b), k)
-        if best is not None:
-            merges.append((s(t[: best[1]]), s(t[best[1] :])))
+            if a is not None and b is not None and a < r and b < r:
+                merges.append((s(t[:k]), s(t[k:])))
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(pattern), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
@@ -150,13 +161,13 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="bench_tok_")
     tok_dir = os.path.join(tmp, "tok")
     if not args.skip_train:
-        print(f"== train, vocab {args.vocab_size} (fresh process each; same documents, no doc cap)")
+        print(f"== train, vocab {args.vocab_size} (fresh process each; same paragraphs streamed from the file, no doc cap)")
         ours = run_train("rustchat", args.corpus, args.vocab_size, tok_dir)
         peer = run_train("rustbpe", args.corpus, args.vocab_size, tok_dir + "_unused")
         if ours:
-            print(f"  rustchat: {ours['seconds']:7.2f} s   peak RSS {ours['peak_rss'] / 2**30:.2f} GiB")
+            print(f"  rustchat: {ours['seconds']:7.2f} s   peak RSS {ours['peak_rss'] / 2**30:.2f} GiB (process at start {ours['base_rss'] / 2**30:.2f})")
         if peer:
-            print(f"  rustbpe:  {peer['seconds']:7.2f} s   peak RSS {peer['peak_rss'] / 2**30:.2f} GiB")
+            print(f"  rustbpe:  {peer['seconds']:7.2f} s   peak RSS {peer['peak_rss'] / 2**30:.2f} GiB (process at start {peer['base_rss'] / 2**30:.2f})")
         if ours and peer:
             same = sum(1 for a, b in zip(ours["merges"], peer["merges"]) if a == b)
             prefix = next((i for i, (a, b) in enumerate(zip(ours["merges"], peer["merges"])) if a != b), min(len(ours["merges"]), len(peer["merges"])))

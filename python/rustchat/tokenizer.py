@@ -24,17 +24,8 @@ import numpy as np
 from . import _core
 
 SPLIT_PATTERN: str = _core.DEFAULT_PATTERN
-SPECIAL_TOKENS: list[str] = [
-    "<|bos|>",
-    "<|user_start|>",
-    "<|user_end|>",
-    "<|assistant_start|>",
-    "<|assistant_end|>",
-    "<|python_start|>",
-    "<|python_end|>",
-    "<|output_start|>",
-    "<|output_end|>",
-]
+# The 9 special tokens in SPEC order (defined once, in the Rust renderer that relies on them).
+SPECIAL_TOKENS: list[str] = list(_core.SPECIAL_TOKENS)
 
 _FORMAT = "rustchat-bpe"
 _VERSION = 1
@@ -383,14 +374,17 @@ def _feed_stream(trainer, texts: Iterable[str], progress) -> None:
     size = 0
     index = 0
 
-    def flush(batch):
-        nonlocal worker
+    def wait():
         if worker is not None:
             worker.join()
             if "error" in result:
                 raise result.pop("error")
             if progress is not None:
                 progress(trainer.chars_seen)
+
+    def flush(batch):
+        nonlocal worker
+        wait()
         worker = threading.Thread(target=run, args=(batch,), daemon=True)
         worker.start()
 
@@ -407,9 +401,4 @@ def _feed_stream(trainer, texts: Iterable[str], progress) -> None:
                 break
     if batch and not result.get("full"):
         flush(batch)
-    if worker is not None:
-        worker.join()
-        if "error" in result:
-            raise result.pop("error")
-        if progress is not None:
-            progress(trainer.chars_seen)
+    wait()

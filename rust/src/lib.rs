@@ -26,5 +26,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(collate::py_pack_rows, m)?)?;
     m.add("DEFAULT_PATTERN", pretokenize::default_pattern())?;
     m.add("CL100K_PATTERN", pretokenize::CL100K_PATTERN)?;
+    m.add("SPECIAL_TOKENS", render::CHAT_SPECIALS.to_vec())?;
     Ok(())
 }
