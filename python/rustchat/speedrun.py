@@ -83,9 +83,13 @@ def run_speedrun(args) -> dict:
             kw["data_dir"] = str(base / "tiny_data")
         cfg = StageConfig(stage=stage, device=args.device, base_dir=str(base), quiet=args.quiet, **kw)
         res = STAGE_FUNCS[stage](cfg)
-        h = res["history"]
-        results[stage] = {"first_loss": h[0]["loss"], "last_loss": h[-1]["loss"], "eval": res.get("last_eval")}
-        print0(f"{stage}: loss {h[0]['loss']:.3f} -> {h[-1]['loss']:.3f} over {len(h)} steps ({res['seconds']:.0f} s)")
+        h = [x["loss"] for x in res["history"]]
+        k = max(1, len(h) // 10)  # single steps are noisy: compare the first and last tenth
+        first, last = sum(h[:k]) / k, sum(h[-k:]) / k
+        results[stage] = {"first_loss": first, "last_loss": last, "eval": res.get("last_eval")}
+        evals = "; ".join(f"{key} {v:.4f}" for key, v in (res.get("last_eval") or {}).items() if key != "step")
+        print0(f"{stage}: mean loss of first/last {k} steps {first:.3f} -> {last:.3f} over {len(h)} steps "
+               f"({res['seconds']:.0f} s){'; ' + evals if evals else ''}")
     from .evaluate import run_eval
 
     eval_args = Namespace(source="sft", depth=preset["common"]["depth"], device=args.device, base_dir=str(base),
