@@ -21,7 +21,12 @@ tricky_chars = st.sampled_from(
     list("aAbzZ sS'ſ\t\r\n0123456789٣½.,!?-_\"()[]{}#@中文字é😀🎉\u3000\u00a0\u2028") + ["'s", "'LL", "'ve", "  ", "\r\n"]
 )
 tricky_text = st.lists(tricky_chars, max_size=60).map("".join)
-any_text = st.one_of(st.text(max_size=200), tricky_text)
+# Code points assigned in this Python's Unicode database (hypothesis reads categories from it).
+# Characters assigned only in newer Unicode versions are letters to one engine and unassigned to
+# another (the `regex` package, regex-syntax and tiktoken's build each carry their own tables),
+# so they have no single right answer to test against.
+assigned_text = st.text(alphabet=st.characters(exclude_categories=("Cn", "Cs")), max_size=200)
+any_text = st.one_of(assigned_text, tricky_text)
 
 
 def _tiktoken(tok: Tokenizer, name: str = "ref") -> tiktoken.Encoding:
@@ -187,7 +192,7 @@ def test_long_chunks_use_heap_merge_correctly(openai_encodings, trained):
 
 # ------------------------------------------------------------------ round trips and API
 @HYP
-@given(st.text(max_size=300))
+@given(st.text(max_size=300))  # every code point, unassigned ones too: round trips must hold regardless
 def test_decode_encode_roundtrip(trained, text):
     ids = trained.encode_ordinary(text)
     assert trained.decode(ids) == text

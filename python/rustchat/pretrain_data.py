@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .common import RustchatError
-from .textsource import SUFFIXES, TextSourceError, _jsonl_docs, list_files, parquet_texts
+from .textsource import SUFFIXES, TextSourceError, _jsonl_docs, _text_file_docs, list_files, parquet_texts
 
 FINEWEB_REPO = "karpathy/fineweb-edu-100b-shuffle"
 FINEWEB_SHARDS = 1823  # shard_00000 .. shard_01822; the last one is kept for validation
@@ -118,7 +118,7 @@ class DocumentSource:
             yield from parquet_texts(path, self.text_column)
             return
         docs: list[str] = []
-        it = _jsonl_docs(path, self.text_column, [0]) if path.suffix == ".jsonl" else _paragraphs(path)
+        it = _jsonl_docs(path, self.text_column, [0]) if path.suffix == ".jsonl" else _text_file_docs(path, [0])
         for doc in it:
             docs.append(doc)
             if len(docs) == DOCS_PER_TEXT_GROUP:
@@ -126,12 +126,6 @@ class DocumentSource:
                 docs = []
         if docs:
             yield docs
-
-
-def _paragraphs(path: Path) -> Iterator[str]:
-    from .textsource import _text_file_docs
-
-    yield from _text_file_docs(path, [0])
 
 
 class PretrainLoader:

@@ -7,7 +7,6 @@ with --resume, and writes step-numbered checkpoints under
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -265,7 +264,7 @@ def train_base(cfg: StageConfig) -> dict:
     _banner(cfg, model, device, tok, f"{cfg.total_batch_size:,} tokens (grad accum {accum})", num_steps)
     result = run_stage(cfg, tok=tok, model=model, optimizers=opts, data=data,
                        num_steps=num_steps, lr_multiplier=lambda s: base_lr_multiplier(s, num_steps),
-                       start_step=start, evaluate=evaluate, ckpt_dir=_ckpt_dir("base", cfg), meta_extra={},
+                       start_step=start, evaluate=evaluate, ckpt_dir=_ckpt_dir("base", cfg),
                        momentum_fn=muon_momentum)
     _report(cfg, model, result)
     return result
@@ -299,7 +298,7 @@ def train_mid(cfg: StageConfig) -> dict:
             f" | {len(train):,} conversations, {n_tokens:,} tokens")
     result = run_stage(cfg, tok=tok, model=model, optimizers=opts, data=data, num_steps=num_steps,
                        lr_multiplier=lambda s: mid_lr_multiplier(s / num_steps), start_step=start,
-                       evaluate=evaluate, ckpt_dir=_ckpt_dir("mid", cfg), meta_extra={})
+                       evaluate=evaluate, ckpt_dir=_ckpt_dir("mid", cfg))
     _report(cfg, model, result)
     return result
 
@@ -326,7 +325,7 @@ def train_sft(cfg: StageConfig) -> dict:
             f" | {len(train):,} conversations")
     result = run_stage(cfg, tok=tok, model=model, optimizers=opts, data=data, num_steps=num_steps,
                        lr_multiplier=lambda s: sft_lr_multiplier(s, num_steps, init_lr_frac=cfg.init_lr_frac),
-                       start_step=start, evaluate=evaluate, ckpt_dir=_ckpt_dir("sft", cfg), meta_extra={})
+                       start_step=start, evaluate=evaluate, ckpt_dir=_ckpt_dir("sft", cfg))
     _report(cfg, model, result)
     return result
 
@@ -372,4 +371,4 @@ def defaults_for(stage: str) -> dict:
     return {"device_batch_size": 32, "total_batch_size": 524_288, "eval_every": 250}
 
 
-__all__ = ["StageConfig", "train_base", "train_mid", "train_sft", "STAGE_FUNCS", "asdict"]
+__all__ = ["StageConfig", "train_base", "train_mid", "train_sft", "STAGE_FUNCS", "build_mixture"]

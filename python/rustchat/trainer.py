@@ -17,7 +17,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -56,7 +56,6 @@ class StageConfig:
     pack: bool = False  # sft: pack conversations into rows instead of padding
     base_dir: str | None = None
     quiet: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- step data
@@ -225,7 +224,7 @@ def train_step(model, optimizers, micro_batches, device, autocast_ctx) -> tuple[
 
 
 def run_stage(cfg: StageConfig, *, tok, model, optimizers, data: StepData, num_steps: int, lr_multiplier,
-              start_step: int, evaluate=None, ckpt_dir, meta_extra: dict, momentum_fn=None,
+              start_step: int, evaluate=None, ckpt_dir, meta_extra: dict | None = None, momentum_fn=None,
               tokens_per_step_hint: int | None = None) -> dict:
     """The shared loop: schedule, step, eval, checkpoint, progress, report numbers."""
     import torch
@@ -265,9 +264,9 @@ def run_stage(cfg: StageConfig, *, tok, model, optimizers, data: StepData, num_s
             "num_steps": num_steps,
             "data_states": states,  # one cursor per rank
             "rng": capture_rng_state(),
-            "config": {k: v for k, v in asdict(cfg).items() if k != "extra"},
+            "config": asdict(cfg),
             "history": history[-2000:],
-            **meta_extra,
+            **(meta_extra or {}),
         }
         save_checkpoint(ckpt_dir, step, model, optimizers, meta, rank=rank)
         barrier()

@@ -65,45 +65,69 @@ impl Core {
         Ok(out)
     }
 
-    /// Encodes many texts in parallel (on the current rayon pool), with optional ids before
-    /// and after each. Long texts are cut into pieces at chunk boundaries the split pattern
-    /// guarantees, so one huge document does not leave the other cores idle.
-    pub fn encode_docs(&self, texts: &[&str], prepend: Option<u32>, append: Option<u32>) -> Result<Vec<Vec<u32>>, String> {
-        let mut pieces: Vec<(usize, &str)> = Vec::with_capacity(texts.len());
+    /// (text index, piece) for every text, in order; every text has at least one piece.
+    pub fn pieces<'a>(&self, texts: &[&'a str]) -> Vec<(usize, &'a str)> {
+        let mut pieces = Vec::with_capacity(texts.len());
         for (i, t) in texts.iter().enumerate() {
             for p in self.splitter.safe_pieces(t, PIECE_BYTES) {
                 pieces.push((i, p));
             }
         }
-        let encoded: Vec<Result<Vec<u32>, String>> = pieces
-            .par_iter()
-            .with_min_len(4)
-            .map(|(i, p)| self.encode(p).map_err(|e| format!("texts[{i}]: {e}")))
+        pieces
+    }
+
+    /// Encodes many texts in parallel (on the current rayon pool), with optional ids before
+    /// and after each, into one flat id buffer plus offsets (text i is ids[off[i]..off[i+1]]).
+    /// Long texts are cut into pieces at chunk boundaries the split pattern guarantees, so one
+    /// huge document does not leave the other cores idle; pieces are encoded in runs into
+    /// shared buffers, so a batch makes a few allocations, not one per text.
+    pub fn encode_flat(&self, texts: &[&str], prepend: Option<u32>, append: Option<u32>) -> Result<(Vec<u32>, Vec<u64>), String> {
+        let pieces = self.pieces(texts);
+        let run = (pieces.len() / (rayon::current_num_threads().max(1) * 16)).clamp(1, 512);
+        let runs: Vec<Result<(Vec<u32>, Vec<u32>), String>> = pieces
+            .par_chunks(run)
+            .map(|ps| {
+                let bytes: usize = ps.iter().map(|(_, p)| p.len()).sum();
+                let mut ids = Vec::with_capacity(bytes / 3 + 16);
+                let mut lens = Vec::with_capacity(ps.len());
+                for (i, p) in ps {
+                    let before = ids.len();
+                    self.encode_into(p, &mut ids).map_err(|e| format!("texts[{i}]: {e}"))?;
+                    lens.push((ids.len() - before) as u32);
+                }
+                Ok((ids, lens))
+            })
             .collect();
-        let mut out: Vec<Vec<u32>> = Vec::with_capacity(texts.len());
-        for ((i, _), ids) in pieces.iter().zip(encoded) {
-            let ids = ids?;
-            if *i == out.len() {
-                // first piece of text i (pieces come in text order; every text has at least one)
-                out.push(match prepend {
-                    None => ids,
-                    Some(p) => {
-                        let mut v = Vec::with_capacity(ids.len() + 2);
-                        v.push(p);
-                        v.extend_from_slice(&ids);
-                        v
-                    }
-                });
-            } else {
-                out.last_mut().expect("a previous piece").extend_from_slice(&ids);
+        let mut runs_ok = Vec::with_capacity(runs.len());
+        for r in runs {
+            runs_ok.push(r?);
+        }
+        let extra = prepend.is_some() as usize + append.is_some() as usize;
+        let total: usize = runs_ok.iter().map(|(ids, _)| ids.len()).sum::<usize>() + extra * texts.len();
+        let mut out = Vec::with_capacity(total);
+        let mut offsets = Vec::with_capacity(texts.len() + 1);
+        offsets.push(0u64);
+        let mut k = 0; // piece index
+        for (ids, lens) in &runs_ok {
+            let mut at = 0usize;
+            for &n in lens {
+                let doc = pieces[k].0;
+                debug_assert_eq!(doc + 1, offsets.len(), "pieces come in text order");
+                let first = k == 0 || pieces[k - 1].0 != doc;
+                if first {
+                    out.extend(prepend);
+                }
+                out.extend_from_slice(&ids[at..at + n as usize]);
+                at += n as usize;
+                k += 1;
+                let last = k == pieces.len() || pieces[k].0 != doc;
+                if last {
+                    out.extend(append);
+                    offsets.push(out.len() as u64);
+                }
             }
         }
-        if let Some(a) = append {
-            for v in &mut out {
-                v.push(a);
-            }
-        }
-        Ok(out)
+        Ok((out, offsets))
     }
 
     /// Bytes of any id (mergeable or special), or None if the id is unused.
@@ -202,6 +226,124 @@ pub struct PyCore {
 }
 
 impl PyCore {
+    /// Worker threads encode pieces of the texts (no GIL) while this thread turns each
+    /// finished text into a Python list (needs the GIL, serial), so list building overlaps
+    /// the encoding instead of following it. Texts are emitted as soon as all their pieces
+    /// are done, straight into their slot of a preallocated list.
+    fn encode_lists_pipelined<'py>(
+        &self,
+        py: Python<'py>,
+        texts: &Bound<'py, PyList>,
+        prepend: Option<u32>,
+        append: Option<u32>,
+        num_threads: Option<usize>,
+    ) -> PyResult<Bound<'py, PyList>> {
+        type Msg = (usize, Result<(Vec<u32>, Vec<u32>), String>);
+        let items: Vec<Bound<'py, PyAny>> = texts.iter().collect();
+        let strs = borrow_strs(&items, "texts")?;
+        let core = &self.core;
+        let pieces = core.pieces(&strs);
+        let mut remaining = vec![0u32; strs.len()];
+        for (i, _) in &pieces {
+            remaining[*i] += 1;
+        }
+        let single: Vec<bool> = remaining.iter().map(|&n| n == 1).collect();
+        let threads = num_threads.unwrap_or_else(rayon::current_num_threads).max(1);
+        let chunk = (pieces.len() / (threads * 32)).clamp(1, 256);
+        let out = unsafe {
+            // SAFETY: a new list of len(texts) NULL slots; each is set once below, or the list is
+            // dropped on error (list_dealloc skips NULL slots).
+            let ptr = pyo3::ffi::PyList_New(strs.len() as pyo3::ffi::Py_ssize_t);
+            if ptr.is_null() {
+                return Err(PyErr::fetch(py));
+            }
+            Bound::from_owned_ptr(py, ptr).cast_into_unchecked::<PyList>()
+        };
+        let (tx, rx) = std::sync::mpsc::channel::<Msg>();
+        let pieces_ref = &pieces;
+        std::thread::scope(|scope| -> PyResult<()> {
+            let worker = scope.spawn(move || {
+                guarded(|| {
+                    with_threads(num_threads, || {
+                        pieces_ref.par_chunks(chunk).enumerate().for_each_with(tx, |tx, (ci, ps)| {
+                            // one buffer per run of pieces, not one allocation per text
+                            let res = (|| {
+                                let bytes: usize = ps.iter().map(|(_, p)| p.len()).sum();
+                                let mut ids = Vec::with_capacity(bytes / 3 + 16);
+                                let mut lens = Vec::with_capacity(ps.len());
+                                for (i, p) in ps {
+                                    let before = ids.len();
+                                    core.encode_into(p, &mut ids).map_err(|e| format!("texts[{i}]: {e}"))?;
+                                    lens.push((ids.len() - before) as u32);
+                                }
+                                Ok((ids, lens))
+                            })();
+                            let _ = tx.send((ci, res));
+                        })
+                    })
+                })
+            });
+            let mut partial: FxHashMap<usize, Vec<u32>> = FxHashMap::default();
+            let mut result: PyResult<()> = Ok(());
+            let mut rx = rx;
+            for _ in 0..pieces.len().div_ceil(chunk) {
+                // Wait without the GIL (the receiver moves in and out: it is Send, not Sync).
+                let (msg, back) = py.detach(move || (rx.recv(), rx));
+                rx = back;
+                let Ok((ci, res)) = msg else { break };
+                let (flat, lens) = match res {
+                    Ok(v) => v,
+                    Err(e) => {
+                        result = Err(value_error(e));
+                        break;
+                    }
+                };
+                let mut at = 0usize;
+                for (k, &n) in lens.iter().enumerate() {
+                    let piece = &flat[at..at + n as usize];
+                    at += n as usize;
+                    let (doc, _) = pieces[ci * chunk + k];
+                    remaining[doc] -= 1;
+                    let l = if single[doc] && prepend.is_none() && append.is_none() {
+                        self.id_list(py, piece)?
+                    } else {
+                        // Runs finish in any order: keep (piece index -> ids) until a text's
+                        // pieces are all in, then join them.
+                        partial.insert(ci * chunk + k, piece.to_vec());
+                        if remaining[doc] != 0 {
+                            continue;
+                        }
+                        let first = pieces.partition_point(|(d, _)| *d < doc);
+                        let mut v: Vec<u32> = prepend.into_iter().collect();
+                        let mut idx = first;
+                        while idx < pieces.len() && pieces[idx].0 == doc {
+                            v.extend_from_slice(&partial.remove(&idx).expect("all pieces present"));
+                            idx += 1;
+                        }
+                        v.extend(append);
+                        self.id_list(py, &v)?
+                    };
+                    // SAFETY: doc < len(out); SetItem steals the new reference.
+                    unsafe {
+                        pyo3::ffi::PyList_SetItem(out.as_ptr(), doc as pyo3::ffi::Py_ssize_t, l.into_ptr());
+                    }
+                }
+                if result.is_err() {
+                    break;
+                }
+            }
+            drop(rx);
+            let joined = py.detach(|| worker.join());
+            match joined {
+                Ok(Ok(Ok(()))) => result,
+                Ok(Ok(Err(e))) => Err(value_error(e)),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(pyo3::exceptions::PyRuntimeError::new_err("internal error in rustchat core: encoder thread panicked")),
+            }
+        })?;
+        Ok(out)
+    }
+
     pub fn from_core(core: Core) -> Self {
         PyCore { core, ints: OnceLock::new() }
     }
@@ -237,11 +379,11 @@ impl PyCore {
         prepend: Option<u32>,
         append: Option<u32>,
         num_threads: Option<usize>,
-    ) -> PyResult<Vec<Vec<u32>>> {
+    ) -> PyResult<(Vec<u32>, Vec<u64>)> {
         let items: Vec<Bound<'py, PyAny>> = texts.iter().collect();
         let strs = borrow_strs(&items, "texts")?;
         let core = &self.core;
-        py.detach(|| guarded(|| with_threads(num_threads, || core.encode_docs(&strs, prepend, append))))?
+        py.detach(|| guarded(|| with_threads(num_threads, || core.encode_flat(&strs, prepend, append))))?
             .and_then(|r| r)
             .map_err(value_error)
     }
@@ -327,25 +469,15 @@ impl PyCore {
         append: Option<u32>,
         num_threads: Option<usize>,
     ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
-        let parts = self.encode_many(py, texts, prepend, append, num_threads)?;
-        let mut offsets = Vec::with_capacity((parts.len() + 1) * 8);
-        let mut total = 0u64;
-        offsets.extend_from_slice(&total.to_le_bytes());
-        for p in &parts {
-            total += p.len() as u64;
-            offsets.extend_from_slice(&total.to_le_bytes());
-        }
-        let ids = PyBytes::new_with(py, total as usize * 4, |buf| {
-            let mut at = 0;
-            for p in &parts {
-                for x in p {
-                    buf[at..at + 4].copy_from_slice(&x.to_le_bytes());
-                    at += 4;
-                }
+        let (ids, offsets) = self.encode_many(py, texts, prepend, append, num_threads)?;
+        let ids = PyBytes::new_with(py, ids.len() * 4, |buf| {
+            for (dst, x) in buf.chunks_exact_mut(4).zip(&ids) {
+                dst.copy_from_slice(&x.to_le_bytes());
             }
             Ok(())
         })?;
-        Ok((ids, PyBytes::new(py, &offsets)))
+        let off: Vec<u8> = offsets.iter().flat_map(|o| o.to_le_bytes()).collect();
+        Ok((ids, PyBytes::new(py, &off)))
     }
 
     /// Like `encode_batch`, as a list of lists of int (tiktoken's shape).
@@ -363,12 +495,16 @@ impl PyCore {
                 return Err(PyValueError::new_err(format!("token id {id} is out of range")));
             }
         }
-        let parts = self.encode_many(py, texts, prepend, append, num_threads)?;
-        let out = PyList::empty(py);
-        for p in &parts {
-            out.append(self.id_list(py, p)?)?;
+        if num_threads == Some(1) {
+            // One thread means one thread: encode everything, then build the lists.
+            let (ids, offsets) = self.encode_many(py, texts, prepend, append, num_threads)?;
+            let out = PyList::empty(py);
+            for w in offsets.windows(2) {
+                out.append(self.id_list(py, &ids[w[0] as usize..w[1] as usize])?)?;
+            }
+            return Ok(out);
         }
-        Ok(out)
+        self.encode_lists_pipelined(py, texts, prepend, append, num_threads)
     }
 
     /// Ids (u32 LE buffer) to bytes; unknown ids raise ValueError.
