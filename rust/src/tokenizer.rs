@@ -65,6 +65,19 @@ impl Core {
         Ok(out)
     }
 
+    /// Encodes a run of pieces into one buffer (not one allocation per text): (ids, ids per piece).
+    pub fn encode_run(&self, pieces: &[(usize, &str)]) -> Result<(Vec<u32>, Vec<u32>), String> {
+        let bytes: usize = pieces.iter().map(|(_, p)| p.len()).sum();
+        let mut ids = Vec::with_capacity(bytes / 3 + 16);
+        let mut lens = Vec::with_capacity(pieces.len());
+        for (i, p) in pieces {
+            let before = ids.len();
+            self.encode_into(p, &mut ids).map_err(|e| format!("texts[{i}]: {e}"))?;
+            lens.push((ids.len() - before) as u32);
+        }
+        Ok((ids, lens))
+    }
+
     /// (text index, piece) for every text, in order; every text has at least one piece.
     pub fn pieces<'a>(&self, texts: &[&'a str]) -> Vec<(usize, &'a str)> {
         let mut pieces = Vec::with_capacity(texts.len());
@@ -86,17 +99,7 @@ impl Core {
         let run = (pieces.len() / (rayon::current_num_threads().max(1) * 16)).clamp(1, 512);
         let runs: Vec<Result<(Vec<u32>, Vec<u32>), String>> = pieces
             .par_chunks(run)
-            .map(|ps| {
-                let bytes: usize = ps.iter().map(|(_, p)| p.len()).sum();
-                let mut ids = Vec::with_capacity(bytes / 3 + 16);
-                let mut lens = Vec::with_capacity(ps.len());
-                for (i, p) in ps {
-                    let before = ids.len();
-                    self.encode_into(p, &mut ids).map_err(|e| format!("texts[{i}]: {e}"))?;
-                    lens.push((ids.len() - before) as u32);
-                }
-                Ok((ids, lens))
-            })
+            .map(|ps| self.encode_run(ps))
             .collect();
         let mut runs_ok = Vec::with_capacity(runs.len());
         for r in runs {
@@ -266,19 +269,7 @@ impl PyCore {
                 guarded(|| {
                     with_threads(num_threads, || {
                         pieces_ref.par_chunks(chunk).enumerate().for_each_with(tx, |tx, (ci, ps)| {
-                            // one buffer per run of pieces, not one allocation per text
-                            let res = (|| {
-                                let bytes: usize = ps.iter().map(|(_, p)| p.len()).sum();
-                                let mut ids = Vec::with_capacity(bytes / 3 + 16);
-                                let mut lens = Vec::with_capacity(ps.len());
-                                for (i, p) in ps {
-                                    let before = ids.len();
-                                    core.encode_into(p, &mut ids).map_err(|e| format!("texts[{i}]: {e}"))?;
-                                    lens.push((ids.len() - before) as u32);
-                                }
-                                Ok((ids, lens))
-                            })();
-                            let _ = tx.send((ci, res));
+                            let _ = tx.send((ci, core.encode_run(ps)));
                         })
                     })
                 })
