@@ -13,14 +13,19 @@ if [ "${1:-}" = "--prepare" ]; then
   maturin build --release -o dist
   # Pure-Python / binary wheels the GPU box may lack (torch and triton are there already).
   pip download --quiet --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
-    --no-deps -d wheelhouse tqdm safetensors liger-kernel pyarrow
+    --no-deps -d wheelhouse tqdm safetensors english-words numpy liger-kernel
   ls -la dist wheelhouse
   exit 0
 fi
 
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
-python -m pip install --quiet --no-index --no-deps dist/rustchat-*.whl wheelhouse/*.whl 2>&1 | tail -3
+python -m pip install --quiet --no-index --no-deps dist/rustchat-*.whl 2>&1 | tail -3
+# only what the box lacks (never replace its torch/numpy)
+for w in wheelhouse/*.whl; do
+  name=$(basename "$w" | cut -d- -f1 | tr _ -)
+  python -c "import importlib.metadata as m, sys; m.version(sys.argv[1])" "$name" 2>/dev/null || python -m pip install --quiet --no-index --no-deps "$w"
+done
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
