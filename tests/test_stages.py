@@ -63,6 +63,9 @@ def _weights(d, stage, step=None):
 
 
 def _assert_same_weights(a, b, tol):
+    """Equal up to float summation order. Adam and Muon normalise their updates, so rounding
+    noise in tiny gradients is amplified up to ~1e-5 here; a different data split or a
+    different weighting of micro-batches moves weights by about a full step (~1e-2)."""
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=tol, atol=tol), (k, (a[k] - b[k]).abs().max())
@@ -77,8 +80,8 @@ def test_sft_update_does_not_depend_on_device_batch_size(base_dir, tmp_path):
         res = train_sft(cfg)
         results.append((_weights(d, "sft")[0], [h["loss"] for h in res["history"]]))
     for w, losses in results[1:]:
-        _assert_same_weights(results[0][0], w, 2e-5)
-        assert losses == pytest.approx(results[0][1], rel=1e-5)
+        _assert_same_weights(results[0][0], w, 2e-4)
+        assert losses == pytest.approx(results[0][1], rel=1e-4)
 
 
 def test_sft_micro_batch_without_trained_tokens_adds_zero():
@@ -151,8 +154,8 @@ def test_two_gloo_processes_match_one(base_dir, tmp_path):
     assert r2.returncode == 0, r2.stderr[-3000:]
     w1, m1 = _weights(one, "sft")
     w2, m2 = _weights(two, "sft")
-    _assert_same_weights(w1, w2, 2e-5)
-    assert [h["loss"] for h in m1["history"]] == pytest.approx([h["loss"] for h in m2["history"]], rel=1e-5)
+    _assert_same_weights(w1, w2, 2e-4)
+    assert [h["loss"] for h in m1["history"]] == pytest.approx([h["loss"] for h in m2["history"]], rel=1e-4)
     assert len(m2["data_states"]) == 2
 
 
@@ -210,3 +213,34 @@ def test_default_recipe_runs_from_local_task_files(base_dir, tmp_path):
     write_jsonl(td / "mmlu-all-test.jsonl", mmlu_rows(rng, 5))
     write_jsonl(td / "gsm8k-test.jsonl", [{"question": "2+2?", "answer": "<<2+2=4>>4\n#### 4"}] * 3)
     assert len(build_mixture("mid", "default", "val", str(td))) == 3 + 5 + 3
+
+
+def test_step_gradient_is_per_token_over_the_whole_step(base_dir):
+    """With SGD (update = -grad) the step's gradient is compared directly: it must be the mean
+    over all trained tokens of the step, whatever the micro-batch split, i.e. equal to the
+    gradient of one big batch; a mean of micro-batch means would differ (masks vary)."""
+    from rustchat.stages import build_mixture
+    from rustchat.trainer import SFTStepData, train_step
+
+    tok = Tokenizer.load(base_dir / "tokenizer")
+    convs = build_mixture("sft", "tiny", "train")
+    torch.manual_seed(random.randrange(1 << 30))
+    ref = GPT(GPTConfig.from_depth(1, vocab_size=tok.vocab_size, sequence_len=64))
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.05)
+    seed = random.randrange(1 << 30)
+    grads = {}
+    for dbs in (1, 3, 12):
+        model = GPT(ref.config)
+        model.load_state_dict(ref.state_dict())
+        sgd = torch.optim.SGD(model.parameters(), lr=1.0)
+        data = SFTStepData(tok, convs, 12, dbs, 64, 0, 1, seed, None)
+        micro = data.next_step()
+        assert len(micro) == 12 // dbs
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        train_step(model, [sgd], micro, torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False))
+        grads[dbs] = {k: before[k] - v for k, v in model.state_dict().items()}
+    for dbs in (1, 3):
+        for k, g in grads[12].items():
+            assert torch.allclose(grads[dbs][k], g, rtol=1e-4, atol=1e-7), (dbs, k, (grads[dbs][k] - g).abs().max())
