@@ -82,6 +82,10 @@ impl Core {
     pub fn pieces<'a>(&self, texts: &[&'a str]) -> Vec<(usize, &'a str)> {
         let mut pieces = Vec::with_capacity(texts.len());
         for (i, t) in texts.iter().enumerate() {
+            if t.len() <= 2 * PIECE_BYTES {
+                pieces.push((i, *t)); // the common case: no cut, no allocation
+                continue;
+            }
             for p in self.splitter.safe_pieces(t, PIECE_BYTES) {
                 pieces.push((i, p));
             }
