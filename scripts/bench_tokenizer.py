@@ -34,16 +34,8 @@ def rss(field):
 
 def docs():
     # Paragraphs streamed from the file: the trainers' own memory is what peak RSS shows.
-    with open(path, encoding="utf-8", errors="replace") as f:
-        buf = []
-        for line in f:
-            if line.strip():
-                buf.append(line)
-            elif buf:
-                yield "".join(buf)
-                buf = []
-        if buf:
-            yield "".join(buf)
+    from rustchat.textsource import iter_documents
+    return iter_documents([path])
 
 from rustchat import SPLIT_PATTERN
 if which == "rustbpe":

@@ -3,6 +3,8 @@ sampling, top-k, stop tokens, max_tokens, the calculator tool and the completion
 import pytest
 import torch
 
+from scripted_model import ScriptedModel
+
 import rustchat
 from rustchat.conversation import render_for_completion
 from rustchat.engine import CompletionParser, Engine, format_tool_call, sample_next, stream_reply
@@ -25,31 +27,6 @@ def random_gpt(tok, seed=0, dtype=torch.float64):
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     return model.to(dtype).eval()
-
-
-class ScriptedModel(torch.nn.Module):
-    """Stands in for GPT: the logits make script[k] the top token at generated step k
-    (positions counted from the KV cache, so it works with and without one)."""
-
-    def __init__(self, vocab_size, prompt_len, script, end_token, seq_len=256):
-        super().__init__()
-        self.config = GPTConfig(sequence_len=seq_len, vocab_size=vocab_size, n_layer=1, n_head=1, n_kv_head=1, n_embd=8)
-        self.lm_head = torch.nn.Linear(8, vocab_size, bias=False)
-        self.prompt_len, self.script, self.end = prompt_len, list(script), end_token
-
-    def get_device(self):
-        return self.lm_head.weight.device
-
-    def forward(self, idx, targets=None, *, kv_cache=None, **kw):
-        B, T = idx.shape
-        start = kv_cache.pos if kv_cache is not None else 0
-        logits = torch.zeros(B, T, self.config.vocab_size)
-        for t in range(T):
-            k = start + t + 1 - self.prompt_len
-            logits[:, t, self.script[k] if 0 <= k < len(self.script) else self.end] = 10.0
-        if kv_cache is not None:
-            kv_cache.advance(T)
-        return logits
 
 
 def prompt_of(tok, text="Tell me about import statements."):

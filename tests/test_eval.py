@@ -6,6 +6,8 @@ from argparse import Namespace
 import pytest
 import torch
 
+from scripted_model import ScriptedModel
+
 import rustchat
 from rustchat.checkpoint import save_checkpoint, stage_dir
 from rustchat.conversation import render_for_completion
@@ -86,31 +88,6 @@ def test_chatcore_is_mean_centered_accuracy():
     assert parse_tasks("gsm8k, tiny,GSM8K") == ["gsm8k", "arithmetic", "spellingbee"]
 
 
-class ScriptedModel(torch.nn.Module):
-    """Emits `script` after the prompt (greedy), then <|assistant_end|>."""
-
-    def __init__(self, tok, prompt_len, script):
-        super().__init__()
-        self.config = GPTConfig(sequence_len=1024, vocab_size=tok.vocab_size, n_layer=1, n_head=1, n_kv_head=1, n_embd=8)
-        self.lm_head = torch.nn.Linear(8, tok.vocab_size, bias=False)
-        self.prompt_len, self.script = prompt_len, list(script)
-        self.end = tok.encode_special("<|assistant_end|>")
-
-    def get_device(self):
-        return self.lm_head.weight.device
-
-    def forward(self, idx, targets=None, *, kv_cache=None, **kw):
-        B, T = idx.shape
-        start = kv_cache.pos if kv_cache is not None else 0
-        logits = torch.zeros(B, T, self.config.vocab_size)
-        for t in range(T):
-            k = start + t + 1 - self.prompt_len
-            logits[:, t, self.script[k] if 0 <= k < len(self.script) else self.end] = 10.0
-        if kv_cache is not None:
-            kv_cache.advance(T)
-        return logits
-
-
 def test_humaneval_through_the_sampling_path(tok):
     from rustchat.tasks.humaneval import HumanEval, bundled_humaneval_path
 
@@ -127,7 +104,7 @@ def test_humaneval_through_the_sampling_path(tok):
     results = {}
     for name, reply in (("correct", correct), ("wrong", wrong), ("loop", looping)):
         script = tok.encode_ordinary(reply)
-        engine = Engine(ScriptedModel(tok, prompt_len, script), tok)
+        engine = Engine(ScriptedModel(tok.vocab_size, prompt_len, script, tok.encode_special("<|assistant_end|>"), seq_len=1024), tok)
         results[name] = generative_accuracy(engine, task, max_new_tokens=len(script) + 4, temperature=0.0)
     assert results == {"correct": (1, 1), "wrong": (0, 1), "loop": (0, 1)}
 
@@ -144,7 +121,7 @@ def test_generative_pass_at_n_and_calculator_in_the_loop(tok):
         seen.append(completion)
         return completion.endswith("5")
 
-    engine = Engine(ScriptedModel(tok, prompt_len, script), tok)
+    engine = Engine(ScriptedModel(tok.vocab_size, prompt_len, script, tok.encode_special("<|assistant_end|>"), seq_len=1024), tok)
     task = ListTask([conv], evaluate=evaluate)
     assert generative_accuracy(engine, task, num_samples=3, batch_size=2, max_new_tokens=20, temperature=0.0) == (1, 1)
     assert seen == ["2+35"]  # python part + forced output, joined like assistant_text; stops at the first pass
@@ -226,7 +203,7 @@ def test_chat_session_history_and_tool_display(tok):
     prompt_len = len(render_for_completion(tok, {"messages": first}))
     script = [*tok.encode_ordinary("ok "), sp("<|python_start|>"), *tok.encode_ordinary("6*7"), sp("<|python_end|>"),
               0, 0, 0, 0]
-    engine = Engine(ScriptedModel(tok, prompt_len, script), tok)
+    engine = Engine(ScriptedModel(tok.vocab_size, prompt_len, script, tok.encode_special("<|assistant_end|>"), seq_len=1024), tok)
     session = ChatSession(engine, temperature=0.0, max_tokens=30)
     shown = []
     text = session.reply("what is 6*7?", shown.append)
