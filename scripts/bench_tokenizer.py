@@ -89,12 +89,20 @@ def run_train(which: str, corpus: str, vocab: int, out: str) -> dict | None:
 def best_time(f, repeat: int) -> float:
     """Best wall time of the call itself: the result is freed after the clock stops, for every
     tokenizer alike (freeing millions of Python ints is not encoding)."""
-    best = float("inf")
+    return best_times({"f": f}, repeat)["f"]
+
+
+def best_times(fs: dict, repeat: int) -> dict:
+    """Best wall time of each function, run in turns (a, b, c, a, b, c, ...): on a shared
+    machine whose speed drifts by tens of percent from minute to minute, every contender then
+    sees the same slow and fast spells, and a ratio of two bests compares like with like."""
+    best = {name: float("inf") for name in fs}
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        result = f()
-        best = min(best, time.perf_counter() - t0)
-        del result
+        for name, f in fs.items():
+            t0 = time.perf_counter()
+            result = f()
+            best[name] = min(best[name], time.perf_counter() - t0)
+            del result
     return best
 
 
@@ -137,7 +145,7 @@ def main() -> None:
     ap.add_argument("corpus")
     ap.add_argument("--vocab-size", type=int, default=65536)
     ap.add_argument("--encode-mb", type=float, default=40.0, help="MB of the corpus used for encode timings")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args()
@@ -195,9 +203,9 @@ def main() -> None:
     ours_ids = tok.encode_ordinary(text)
     identical = ours_ids == ref_ids
     rows = []
-    t_ours = best_time(lambda: tok.encode_ordinary(text), args.repeat)
-    t_np = best_time(lambda: tok.encode_to_numpy(text), args.repeat)
-    t_tk = best_time(lambda: tk.encode_ordinary(text), args.repeat)
+    t = best_times({"ours": lambda: tok.encode_ordinary(text), "np": lambda: tok.encode_to_numpy(text),
+                    "tk": lambda: tk.encode_ordinary(text)}, args.repeat)
+    t_ours, t_np, t_tk = t["ours"], t["np"], t["tk"]
     rows += [("rustchat encode_ordinary (list)", t_ours), ("rustchat encode_to_numpy", t_np), ("tiktoken encode_ordinary", t_tk)]
     hf = None
     try:
@@ -216,9 +224,9 @@ def main() -> None:
     res["encode_single"] = {"mb": mb, "rustchat_mbs": mb / t_ours, "rustchat_numpy_mbs": mb / t_np, "tiktoken_mbs": mb / t_tk, "ratio": ratio, "identical": identical}
 
     print(f"== encode_batch on {len(docs)} documents ({mb:.1f} MB)")
-    t_b_all = best_time(lambda: tok.encode_batch(docs), args.repeat)
-    t_b_one = best_time(lambda: tok.encode_batch(docs, num_threads=1), args.repeat)
-    t_b_np = best_time(lambda: tok.encode_batch_numpy(docs), args.repeat)
+    t = best_times({"all": lambda: tok.encode_batch(docs), "one": lambda: tok.encode_batch(docs, num_threads=1),
+                    "np": lambda: tok.encode_batch_numpy(docs)}, args.repeat)
+    t_b_all, t_b_one, t_b_np = t["all"], t["one"], t["np"]
     t_tk_b = best_time(lambda: tk.encode_ordinary_batch(docs), 1)
     batch_rows = [
         (f"rustchat encode_batch, all {os.cpu_count()} cores", t_b_all),

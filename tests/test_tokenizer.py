@@ -1,6 +1,8 @@
 """Tokenizer behaviour against independent references: a plain-Python trainer (ref_bpe.py) and
 tiktoken built from the same ranks and pattern."""
+import gc
 import random
+import sys
 import threading
 
 import numpy as np
@@ -239,6 +241,61 @@ def test_encode_batch_releases_the_gil(trained, corpus):
     stop.set()
     t.join()
     assert during > 100
+
+
+def test_batch_lists_hold_exact_references(trained, corpus):
+    """encode_batch lists share one int object per id and take references in bulk: after the
+    lists are gone, every int's reference count is back where it was, on every path (one
+    thread, several, prepend/append, documents cut into pieces)."""
+    rng = random.Random()
+    paras = corpus["en"].split("\n\n") + corpus["zh"].split("\n\n")
+    docs = [rng.choice(paras) for _ in range(400)] + ["", rng.choice(paras) * 800]
+    rng.shuffle(docs)
+    single = [trained.encode_ordinary(d) for d in docs]
+    ids = sorted({i for d in single for i in d})
+    probe = [i for i in ids if i > 256][:50]
+    objs = {i: trained.encode_batch([trained.decode([i])])[0] for i in probe}
+    objs = {i: l[0] for i, l in objs.items() if l == [i]}
+    assert len(objs) > 10
+    # Counts are kept in lists: a dict keyed by these ints would hold references of its own.
+    def counts():
+        return [sys.getrefcount(o) for o in objs.values()]
+
+    base = counts()
+    bos = trained.bos_token_id
+    for threads in (1, 2, 3, None):
+        for pre, post in ((None, None), ("<|bos|>", None), (None, bos)):
+            want = [([bos] if pre else []) + d + ([bos] if post else []) for d in single]
+            before = counts()
+            got = trained.encode_batch(docs, num_threads=threads, prepend=pre, append=post)
+            assert got == want
+            held = [sum(row.count(i) for row in got) for i in objs]
+            assert counts() == [b + h for b, h in zip(before, held)]
+            assert all(x is objs[x] for row in got for x in row if x in objs)
+            del got
+            assert counts() == before
+            del want
+    gc.collect()
+    assert counts() == base
+
+
+def test_batch_from_several_python_threads(trained, corpus):
+    """Worker threads take the GIL to build lists; concurrent callers must not deadlock or mix
+    up results."""
+    paras = corpus["code"].split("\n\n")
+    batches = [paras[k::4] * 3 for k in range(4)]
+    want = [[trained.encode_ordinary(d) for d in b] for b in batches]
+    got = [None] * 4
+
+    def run(k):
+        got[k] = trained.encode_batch(batches[k], num_threads=2)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert got == want
 
 
 def test_invalid_ids_raise_value_error(trained):

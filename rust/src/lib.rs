@@ -3,6 +3,7 @@
 pub mod bpe;
 pub mod collate;
 pub mod guard;
+pub mod idlists;
 pub mod pretokenize;
 pub mod render;
 pub mod tokenizer;

@@ -6,6 +6,7 @@
 
 use crate::bpe::Bpe;
 use crate::guard::{guarded, value_error};
+use crate::idlists::{count_ids, IntCache};
 use crate::pretokenize::Splitter;
 use crate::train::{learn_merges, ChunkCounter};
 use pyo3::exceptions::{PyTypeError, PyValueError};
@@ -185,18 +186,52 @@ pub fn pybytes_to_u32s(b: &[u8], what: &str) -> PyResult<Vec<u32>> {
 }
 
 /// Borrows the UTF-8 of every item of a list of str (no copy), naming the first bad item.
-pub fn borrow_strs<'a, 'py>(items: &'a [Bound<'py, PyAny>], what: &str) -> PyResult<Vec<&'a str>> {
+/// How many items ahead `list_items` and `borrow_strs` prefetch object headers: with hundreds of
+/// thousands of strings scattered over the heap, waiting for each header in turn dominated.
+const PREFETCH_AHEAD: usize = 8;
+
+#[inline(always)]
+fn prefetch(p: *const pyo3::ffi::PyObject) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is only a hint; it never faults, whatever the address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch(p as *const i8, std::arch::x86_64::_MM_HINT_T0)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
+/// Every item of `texts`, each a new reference: the strings stay alive while the GIL is
+/// released, whatever other threads do to the list.
+pub fn list_items<'py>(texts: &Bound<'py, PyList>) -> Vec<Bound<'py, PyAny>> {
+    let n = texts.len();
+    let mut items = Vec::with_capacity(n);
+    for i in 0..n {
+        if i + PREFETCH_AHEAD < n {
+            // SAFETY: in range; PyList_GetItem returns a borrowed pointer, only used as a hint.
+            prefetch(unsafe { pyo3::ffi::PyList_GetItem(texts.as_ptr(), (i + PREFETCH_AHEAD) as pyo3::ffi::Py_ssize_t) });
+        }
+        match texts.get_item(i) {
+            Ok(it) => items.push(it),
+            Err(_) => break, // the list shrank meanwhile (only another thread can do that)
+        }
+    }
     items
-        .iter()
-        .enumerate()
-        .map(|(i, it)| {
-            let s = it.cast::<PyString>().map_err(|_| {
-                let tn = it.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
-                PyTypeError::new_err(format!("{what}[{i}] is {tn}, expected str"))
-            })?;
-            s.to_str().map_err(|e| PyValueError::new_err(format!("{what}[{i}] is not valid text: {e}")))
-        })
-        .collect()
+}
+
+pub fn borrow_strs<'a, 'py>(items: &'a [Bound<'py, PyAny>], what: &str) -> PyResult<Vec<&'a str>> {
+    let mut out = Vec::with_capacity(items.len());
+    for (i, it) in items.iter().enumerate() {
+        if let Some(next) = items.get(i + PREFETCH_AHEAD) {
+            prefetch(next.as_ptr());
+        }
+        let s = it.cast::<PyString>().map_err(|_| {
+            let tn = it.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
+            PyTypeError::new_err(format!("{what}[{i}] is {tn}, expected str"))
+        })?;
+        out.push(s.to_str().map_err(|e| PyValueError::new_err(format!("{what}[{i}] is not valid text: {e}")))?);
+    }
+    Ok(out)
 }
 
 /// A rayon pool per requested thread count (built once); None means the global pool.
@@ -229,15 +264,77 @@ pub struct PyCore {
     pub core: Core,
     /// One Python int per id, made once: lists of ids are then built by reference instead of
     /// allocating an int per token (the allocation cost more than the encoding itself).
-    ints: OnceLock<Vec<Py<PyAny>>>,
+    ints: OnceLock<IntCache>,
+}
+
+/// Ids of a run of consecutive pieces, waiting to become Python lists: (index of its first
+/// piece, ids, ids per piece, (id, occurrences) over the ids).
+type Run = (usize, Vec<u32>, Vec<u32>, Vec<(u32, u32)>);
+
+/// Turns encoded runs into the Python lists of `encode_batch_lists`. Whoever holds it (behind a
+/// mutex) must also hold the GIL while calling `build`.
+struct ListBuilder<'a> {
+    /// The result: a list of len(texts) slots, NULL until each text's list is set.
+    out: *mut pyo3::ffi::PyObject,
+    pieces: &'a [(usize, &'a str)],
+    /// Pieces of each text not yet built.
+    remaining: Vec<u32>,
+    /// Ids of pieces of texts that are not complete yet (runs finish in any order).
+    partial: FxHashMap<usize, Vec<u32>>,
+    prepend: Option<u32>,
+    append: Option<u32>,
+    error: Option<PyErr>,
+}
+
+// SAFETY: `out` is only dereferenced by the thread that holds the builder's mutex and the GIL.
+unsafe impl Send for ListBuilder<'_> {}
+
+impl ListBuilder<'_> {
+    fn build(&mut self, py: Python<'_>, ints: &IntCache, (first, flat, lens, counts): Run) -> PyResult<()> {
+        ints.add_refs(py, &counts);
+        let pieces = self.pieces;
+        let mut at = 0usize;
+        for (k, &n) in lens.iter().enumerate() {
+            let ids = &flat[at..at + n as usize];
+            at += n as usize;
+            let idx = first + k;
+            let doc = pieces[idx].0;
+            self.remaining[doc] -= 1;
+            let only_piece = (idx == 0 || pieces[idx - 1].0 != doc) && (idx + 1 == pieces.len() || pieces[idx + 1].0 != doc);
+            let list = if only_piece && self.prepend.is_none() && self.append.is_none() {
+                ints.list_taking_refs(py, ids)?
+            } else {
+                self.partial.insert(idx, ids.to_vec());
+                if self.remaining[doc] != 0 {
+                    continue;
+                }
+                let mut v: Vec<u32> = self.prepend.into_iter().collect();
+                let mut i = pieces.partition_point(|(d, _)| *d < doc);
+                while i < pieces.len() && pieces[i].0 == doc {
+                    v.extend_from_slice(&self.partial.remove(&i).expect("all pieces of the text are in"));
+                    i += 1;
+                }
+                v.extend(self.append);
+                let extra: Vec<(u32, u32)> = self.prepend.iter().chain(self.append.iter()).map(|&id| (id, 1)).collect();
+                ints.add_refs(py, &extra);
+                ints.list_taking_refs(py, &v)?
+            };
+            // SAFETY: doc < len(out) and its slot is still NULL; SetItem steals the reference.
+            unsafe {
+                pyo3::ffi::PyList_SetItem(self.out, doc as pyo3::ffi::Py_ssize_t, list.into_ptr());
+            }
+        }
+        Ok(())
+    }
 }
 
 impl PyCore {
-    /// Worker threads encode pieces of the texts (no GIL) while this thread turns each
-    /// finished text into a Python list (needs the GIL, serial), so list building overlaps
-    /// the encoding instead of following it. Texts are emitted as soon as all their pieces
-    /// are done, straight into their slot of a preallocated list.
-    fn encode_lists_pipelined<'py>(
+    /// Encodes texts on the pool's threads (GIL released) and turns them into Python lists
+    /// on the same threads: after each run, a thread that finds the list builder free takes it
+    /// and the GIL and builds every finished run; a thread that finds it busy goes on
+    /// encoding. So list building (serial, under the GIL) overlaps encoding without a third
+    /// thread competing for the cores, and one thread or many run the same code.
+    fn encode_lists<'py>(
         &self,
         py: Python<'py>,
         texts: &Bound<'py, PyList>,
@@ -245,8 +342,9 @@ impl PyCore {
         append: Option<u32>,
         num_threads: Option<usize>,
     ) -> PyResult<Bound<'py, PyList>> {
-        type Msg = (usize, Result<(Vec<u32>, Vec<u32>), String>);
-        let items: Vec<Bound<'py, PyAny>> = texts.iter().collect();
+        use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+        use std::sync::TryLockError;
+        let items: Vec<Bound<'py, PyAny>> = list_items(texts);
         let strs = borrow_strs(&items, "texts")?;
         let core = &self.core;
         let pieces = core.pieces(&strs);
@@ -254,88 +352,83 @@ impl PyCore {
         for (i, _) in &pieces {
             remaining[*i] += 1;
         }
-        let single: Vec<bool> = remaining.iter().map(|&n| n == 1).collect();
-        let threads = num_threads.unwrap_or_else(rayon::current_num_threads).max(1);
-        let chunk = (pieces.len() / (threads * 32)).clamp(1, 256);
+        let ints = self.ints(py);
         let out = unsafe {
-            // SAFETY: a new list of len(texts) NULL slots; each is set once below, or the list is
-            // dropped on error (list_dealloc skips NULL slots).
+            // SAFETY: a new list of len(texts) NULL slots; every slot is set once before it is
+            // returned (checked below), or the list is dropped (list_dealloc skips NULL slots).
             let ptr = pyo3::ffi::PyList_New(strs.len() as pyo3::ffi::Py_ssize_t);
             if ptr.is_null() {
                 return Err(PyErr::fetch(py));
             }
             Bound::from_owned_ptr(py, ptr).cast_into_unchecked::<PyList>()
         };
-        let (tx, rx) = std::sync::mpsc::channel::<Msg>();
-        let pieces_ref = &pieces;
-        std::thread::scope(|scope| -> PyResult<()> {
-            let worker = scope.spawn(move || {
-                guarded(|| {
-                    with_threads(num_threads, || {
-                        pieces_ref.par_chunks(chunk).enumerate().for_each_with(tx, |tx, (ci, ps)| {
-                            let _ = tx.send((ci, core.encode_run(ps)));
-                        })
-                    })
-                })
-            });
-            let mut partial: FxHashMap<usize, Vec<u32>> = FxHashMap::default();
-            let mut result: PyResult<()> = Ok(());
-            let mut rx = rx;
-            for _ in 0..pieces.len().div_ceil(chunk) {
-                // Wait without the GIL (the receiver moves in and out: it is Send, not Sync).
-                let (msg, back) = py.detach(move || (rx.recv(), rx));
-                rx = back;
-                let Ok((ci, res)) = msg else { break };
-                let (flat, lens) = match res {
-                    Ok(v) => v,
+        let builder = Mutex::new(ListBuilder {
+            out: out.as_ptr(),
+            pieces: &pieces,
+            remaining,
+            partial: FxHashMap::default(),
+            prepend,
+            append,
+            error: None,
+        });
+        let queue: Mutex<Vec<Run>> = Mutex::new(Vec::new());
+        let encode_error: Mutex<Option<String>> = Mutex::new(None);
+        let failed = AtomicBool::new(false);
+        let threads = num_threads.unwrap_or_else(rayon::current_num_threads).max(1);
+        let chunk = (pieces.len() / (threads * 32)).clamp(1, 256);
+        let work = || {
+            pieces.par_chunks(chunk).enumerate().for_each(|(ci, ps)| {
+                if failed.load(Relaxed) {
+                    return;
+                }
+                match core.encode_run(ps) {
+                    Ok((ids, lens)) => {
+                        let counts = count_ids(&ids, core.n_vocab);
+                        queue.lock().unwrap_or_else(|e| e.into_inner()).push((ci * chunk, ids, lens, counts))
+                    }
                     Err(e) => {
-                        result = Err(value_error(e));
-                        break;
+                        encode_error.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
+                        failed.store(true, Relaxed);
+                        return;
                     }
-                };
-                let mut at = 0usize;
-                for (k, &n) in lens.iter().enumerate() {
-                    let piece = &flat[at..at + n as usize];
-                    at += n as usize;
-                    let (doc, _) = pieces[ci * chunk + k];
-                    remaining[doc] -= 1;
-                    let l = if single[doc] && prepend.is_none() && append.is_none() {
-                        self.id_list(py, piece)?
-                    } else {
-                        // Runs finish in any order: keep (piece index -> ids) until a text's
-                        // pieces are all in, then join them.
-                        partial.insert(ci * chunk + k, piece.to_vec());
-                        if remaining[doc] != 0 {
-                            continue;
-                        }
-                        let first = pieces.partition_point(|(d, _)| *d < doc);
-                        let mut v: Vec<u32> = prepend.into_iter().collect();
-                        let mut idx = first;
-                        while idx < pieces.len() && pieces[idx].0 == doc {
-                            v.extend_from_slice(&partial.remove(&idx).expect("all pieces present"));
-                            idx += 1;
-                        }
-                        v.extend(append);
-                        self.id_list(py, &v)?
+                }
+                loop {
+                    let mut b = match builder.try_lock() {
+                        Ok(b) => b,
+                        Err(TryLockError::Poisoned(p)) => p.into_inner(),
+                        Err(TryLockError::WouldBlock) => return,
                     };
-                    // SAFETY: doc < len(out); SetItem steals the new reference.
-                    unsafe {
-                        pyo3::ffi::PyList_SetItem(out.as_ptr(), doc as pyo3::ffi::Py_ssize_t, l.into_ptr());
+                    let runs = std::mem::take(&mut *queue.lock().unwrap_or_else(|e| e.into_inner()));
+                    if runs.is_empty() || b.error.is_some() {
+                        return;
                     }
+                    Python::attach(|py| {
+                        for run in runs {
+                            if let Err(e) = b.build(py, ints, run) {
+                                b.error = Some(e);
+                                failed.store(true, Relaxed);
+                                break;
+                            }
+                        }
+                    });
                 }
-                if result.is_err() {
-                    break;
-                }
-            }
-            drop(rx);
-            let joined = py.detach(|| worker.join());
-            match joined {
-                Ok(Ok(Ok(()))) => result,
-                Ok(Ok(Err(e))) => Err(value_error(e)),
-                Ok(Err(e)) => Err(e),
-                Err(_) => Err(pyo3::exceptions::PyRuntimeError::new_err("internal error in rustchat core: encoder thread panicked")),
-            }
-        })?;
+            })
+        };
+        py.detach(|| guarded(|| with_threads(num_threads, work)))?.map_err(value_error)?;
+        let mut b = builder.into_inner().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = encode_error.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            return Err(value_error(e));
+        }
+        if let Some(e) = b.error.take() {
+            return Err(e);
+        }
+        // Runs queued while another thread held the builder, after its last look.
+        for run in queue.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            b.build(py, ints, run)?;
+        }
+        if b.remaining.iter().any(|&n| n != 0) {
+            return Err(pyo3::exceptions::PyRuntimeError::new_err("internal error in rustchat core: a text was not encoded"));
+        }
         Ok(out)
     }
 
@@ -343,27 +436,9 @@ impl PyCore {
         PyCore { core, ints: OnceLock::new() }
     }
 
-    /// A Python list of the given ids, sharing the cached int objects.
-    fn id_list<'py>(&self, py: Python<'py>, ids: &[u32]) -> PyResult<Bound<'py, PyList>> {
-        let ints = self.ints.get_or_init(|| {
-            (0..self.core.n_vocab as u32).map(|i| i.into_pyobject(py).unwrap().into_any().unbind()).collect()
-        });
-        let n = ids.len() as pyo3::ffi::Py_ssize_t;
-        // SAFETY: PyList_New gives a list of n NULL slots; each slot is filled exactly once with
-        // a new (incref'd) reference that PyList_SetItem steals; ids were produced by this
-        // vocabulary, so every id indexes `ints`.
-        unsafe {
-            let list = pyo3::ffi::PyList_New(n);
-            if list.is_null() {
-                return Err(PyErr::fetch(py));
-            }
-            for (i, &id) in ids.iter().enumerate() {
-                let obj = ints[id as usize].as_ptr();
-                pyo3::ffi::Py_IncRef(obj);
-                pyo3::ffi::PyList_SetItem(list, i as pyo3::ffi::Py_ssize_t, obj);
-            }
-            Ok(Bound::from_owned_ptr(py, list).cast_into_unchecked::<PyList>())
-        }
+    /// One int object per id, made on first use.
+    fn ints(&self, py: Python<'_>) -> &IntCache {
+        self.ints.get_or_init(|| IntCache::new(py, self.core.n_vocab))
     }
 
     /// Parallel encode of a list of str with the GIL released; errors name the text.
@@ -375,7 +450,7 @@ impl PyCore {
         append: Option<u32>,
         num_threads: Option<usize>,
     ) -> PyResult<(Vec<u32>, Vec<u64>)> {
-        let items: Vec<Bound<'py, PyAny>> = texts.iter().collect();
+        let items: Vec<Bound<'py, PyAny>> = list_items(texts);
         let strs = borrow_strs(&items, "texts")?;
         let core = &self.core;
         py.detach(|| guarded(|| with_threads(num_threads, || core.encode_flat(&strs, prepend, append))))?
@@ -437,7 +512,7 @@ impl PyCore {
     fn encode_ordinary_list<'py>(&self, py: Python<'py>, text: &Bound<'py, PyString>) -> PyResult<Bound<'py, PyList>> {
         let s = text.to_str()?;
         let ids = py.detach(|| guarded(|| self.core.encode(s)))?.map_err(value_error)?;
-        self.id_list(py, &ids)
+        self.ints(py).list(py, &ids)
     }
 
     /// The pre-split chunks of `text` (what BPE runs on), for inspection and tests.
@@ -491,15 +566,18 @@ impl PyCore {
             }
         }
         if num_threads == Some(1) {
-            // One thread means one thread: encode everything, then build the lists.
+            // One thread: encode everything, then build the lists (faster on one core than
+            // alternating, which keeps evicting the encoder's caches).
             let (ids, offsets) = self.encode_many(py, texts, prepend, append, num_threads)?;
+            let ints = self.ints(py);
+            ints.add_refs(py, &count_ids(&ids, self.core.n_vocab));
             let out = PyList::empty(py);
             for w in offsets.windows(2) {
-                out.append(self.id_list(py, &ids[w[0] as usize..w[1] as usize])?)?;
+                out.append(ints.list_taking_refs(py, &ids[w[0] as usize..w[1] as usize])?)?;
             }
             return Ok(out);
         }
-        self.encode_lists_pipelined(py, texts, prepend, append, num_threads)
+        self.encode_lists(py, texts, prepend, append, num_threads)
     }
 
     /// Ids (u32 LE buffer) to bytes; unknown ids raise ValueError.
@@ -534,7 +612,7 @@ impl PyTrainer {
 
     /// Counts the chunks of a list of documents; returns True once `max_chars` is reached.
     fn feed(&mut self, py: Python<'_>, texts: &Bound<'_, PyList>) -> PyResult<bool> {
-        let items: Vec<Bound<'_, PyAny>> = texts.iter().collect();
+        let items: Vec<Bound<'_, PyAny>> = list_items(texts);
         let strs = borrow_strs(&items, "texts")?;
         let counter = self.counter()?;
         py.detach(|| guarded(|| counter.feed(&strs)))?.map_err(value_error)?;
