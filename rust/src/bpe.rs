@@ -44,12 +44,15 @@ const EMPTY_SLOT: HotSlot = HotSlot { key: u128::MAX, n: 0, ids: [0; HOT_IDS] };
 pub struct EncodeCache {
     owner: u64,
     hot: Vec<HotSlot>,
+    /// Short chunks that needed merging, behind the hot table (which holds only a few
+    /// thousand and forgets on collisions): the long tail of rarer words repeats too.
+    merged_short: FxHashMap<u128, Box<[u32]>>,
     merged: FxHashMap<Box<[u8]>, Box<[u32]>>,
 }
 
 thread_local! {
     static CACHE: RefCell<EncodeCache> =
-        RefCell::new(EncodeCache { owner: 0, hot: Vec::new(), merged: FxHashMap::default() });
+        RefCell::new(EncodeCache { owner: 0, hot: Vec::new(), merged_short: FxHashMap::default(), merged: FxHashMap::default() });
 }
 
 /// Packs up to PACK_MAX bytes and their length into one key.
@@ -63,7 +66,7 @@ fn pack(b: &[u8]) -> u128 {
 #[inline(always)]
 fn hot_slot(k: u128) -> usize {
     let x = (k as u64) ^ ((k >> 64) as u64).rotate_left(29);
-    (x.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - 14)) as usize
+    (x.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - HOT_SLOTS.trailing_zeros())) as usize
 }
 
 pub struct Bpe {
@@ -182,6 +185,7 @@ impl Bpe {
                 cache.hot.clear();
                 cache.hot.resize(HOT_SLOTS, EMPTY_SLOT);
                 cache.merged.clear();
+                cache.merged_short.clear();
             }
             f(&mut cache)
         })
@@ -204,7 +208,16 @@ impl Bpe {
             let start = out.len();
             match self.short_rank.get(&k) {
                 Some(&r) => out.push(r),
-                None => self.merge_small(chunk, out),
+                None => match cache.merged_short.get(&k) {
+                    Some(ids) => out.extend_from_slice(ids),
+                    None => {
+                        self.merge_small(chunk, out);
+                        if cache.merged_short.len() >= CACHE_ENTRIES {
+                            cache.merged_short.clear();
+                        }
+                        cache.merged_short.insert(k, out[start..].into());
+                    }
+                },
             }
             let n = out.len() - start;
             if n <= HOT_IDS {
