@@ -71,27 +71,61 @@ impl IntCache {
         }
     }
 
-    /// A new list of the ids' ints. Each element takes one reference that `add_refs` added
-    /// for it, so `ids` must have been counted and added first.
-    pub fn list_taking_refs<'py>(&self, py: Python<'py>, ids: &[u32]) -> PyResult<Bound<'py, PyList>> {
-        // SAFETY: PyList_New gives a list of len(ids) NULL slots; each is filled once with a
-        // reference the caller took for it (SetItem steals it); every id indexes `objs`.
-        unsafe {
-            let list = ffi::PyList_New(ids.len() as ffi::Py_ssize_t);
-            if list.is_null() {
-                return Err(PyErr::fetch(py));
-            }
-            for (i, &id) in ids.iter().enumerate() {
-                ffi::PyList_SetItem(list, i as ffi::Py_ssize_t, self.objs[id as usize].as_ptr());
-            }
-            Ok(Bound::from_owned_ptr(py, list).cast_into_unchecked::<PyList>())
+    /// A new list of the ids' ints, each element stealing a reference.
+    ///
+    /// # Safety
+    /// The caller must take (or have taken) one reference per element with `add_refs` before
+    /// the list can be freed or seen by Python code.
+    unsafe fn list_stealing<'py>(&self, py: Python<'py>, ids: &[u32]) -> PyResult<Bound<'py, PyList>> {
+        let list = ffi::PyList_New(ids.len() as ffi::Py_ssize_t);
+        if list.is_null() {
+            return Err(PyErr::fetch(py));
         }
+        // SAFETY (of the loop): len(ids) NULL slots, each filled once; every id indexes `objs`.
+        for (i, &id) in ids.iter().enumerate() {
+            ffi::PyList_SetItem(list, i as ffi::Py_ssize_t, self.objs[id as usize].as_ptr());
+        }
+        Ok(Bound::from_owned_ptr(py, list).cast_into_unchecked::<PyList>())
     }
 
-    /// A new list of the ids' ints (counts, adds and fills in one go).
+    /// A new list of the ids' ints (references counted and taken first, then the list filled).
     pub fn list<'py>(&self, py: Python<'py>, ids: &[u32]) -> PyResult<Bound<'py, PyList>> {
         self.add_refs(py, &count_ids(ids, self.len()));
-        self.list_taking_refs(py, ids)
+        // SAFETY: the references were just taken.
+        unsafe { self.list_stealing(py, ids) }
+    }
+}
+
+/// Builds many lists and owes their references until it is dropped, then takes them with
+/// one write per distinct id of the whole batch. Declare it after the lists' container, so
+/// it is dropped first, whatever the path out (error or panic included): no list can then be
+/// freed before its references are taken, and nothing else sees the lists meanwhile.
+pub struct OwedRefs<'a> {
+    ints: &'a IntCache,
+    owed: Vec<u32>,
+}
+
+impl<'a> OwedRefs<'a> {
+    pub fn new(ints: &'a IntCache) -> Self {
+        OwedRefs { ints, owed: vec![0; ints.len()] }
+    }
+
+    /// A new list of the ids' ints; the references are owed until drop.
+    pub fn list<'py>(&mut self, py: Python<'py>, ids: &[u32]) -> PyResult<Bound<'py, PyList>> {
+        for &id in ids {
+            self.owed[id as usize] += 1;
+        }
+        // SAFETY: the references are counted in `owed` and taken on drop, before the list can
+        // be freed (see the type's contract).
+        unsafe { self.ints.list_stealing(py, ids) }
+    }
+}
+
+impl Drop for OwedRefs<'_> {
+    fn drop(&mut self) {
+        let pairs: Vec<(u32, u32)> =
+            self.owed.iter().enumerate().filter(|(_, &c)| c != 0).map(|(id, &c)| (id as u32, c)).collect();
+        Python::attach(|py| self.ints.add_refs(py, &pairs));
     }
 }
 

@@ -6,7 +6,7 @@
 
 use crate::bpe::Bpe;
 use crate::guard::{guarded, value_error};
-use crate::idlists::{count_ids, IntCache};
+use crate::idlists::{IntCache, OwedRefs};
 use crate::pretokenize::Splitter;
 use crate::train::{learn_merges, ChunkCounter};
 use pyo3::exceptions::{PyTypeError, PyValueError};
@@ -268,12 +268,14 @@ pub struct PyCore {
 }
 
 /// Ids of a run of consecutive pieces, waiting to become Python lists: (index of its first
-/// piece, ids, ids per piece, (id, occurrences) over the ids).
-type Run = (usize, Vec<u32>, Vec<u32>, Vec<(u32, u32)>);
+/// piece, ids, ids per piece).
+type Run = (usize, Vec<u32>, Vec<u32>);
 
 /// Turns encoded runs into the Python lists of `encode_batch_lists`. Whoever holds it (behind a
-/// mutex) must also hold the GIL while calling `build`.
+/// mutex) must also hold the GIL while calling `build`. It is dropped before `out` (declared
+/// after it), so its `refs` are taken before any list can be freed.
 struct ListBuilder<'a> {
+    refs: OwedRefs<'a>,
     /// The result: a list of len(texts) slots, NULL until each text's list is set.
     out: *mut pyo3::ffi::PyObject,
     pieces: &'a [(usize, &'a str)],
@@ -290,8 +292,7 @@ struct ListBuilder<'a> {
 unsafe impl Send for ListBuilder<'_> {}
 
 impl ListBuilder<'_> {
-    fn build(&mut self, py: Python<'_>, ints: &IntCache, (first, flat, lens, counts): Run) -> PyResult<()> {
-        ints.add_refs(py, &counts);
+    fn build(&mut self, py: Python<'_>, (first, flat, lens): Run) -> PyResult<()> {
         let pieces = self.pieces;
         let mut at = 0usize;
         for (k, &n) in lens.iter().enumerate() {
@@ -302,7 +303,7 @@ impl ListBuilder<'_> {
             self.remaining[doc] -= 1;
             let only_piece = (idx == 0 || pieces[idx - 1].0 != doc) && (idx + 1 == pieces.len() || pieces[idx + 1].0 != doc);
             let list = if only_piece && self.prepend.is_none() && self.append.is_none() {
-                ints.list_taking_refs(py, ids)?
+                self.refs.list(py, ids)?
             } else {
                 self.partial.insert(idx, ids.to_vec());
                 if self.remaining[doc] != 0 {
@@ -315,9 +316,7 @@ impl ListBuilder<'_> {
                     i += 1;
                 }
                 v.extend(self.append);
-                let extra: Vec<(u32, u32)> = self.prepend.iter().chain(self.append.iter()).map(|&id| (id, 1)).collect();
-                ints.add_refs(py, &extra);
-                ints.list_taking_refs(py, &v)?
+                self.refs.list(py, &v)?
             };
             // SAFETY: doc < len(out) and its slot is still NULL; SetItem steals the reference.
             unsafe {
@@ -362,7 +361,9 @@ impl PyCore {
             }
             Bound::from_owned_ptr(py, ptr).cast_into_unchecked::<PyList>()
         };
+        // Declared after `out`, so dropped (taking the owed references) before it.
         let builder = Mutex::new(ListBuilder {
+            refs: OwedRefs::new(ints),
             out: out.as_ptr(),
             pieces: &pieces,
             remaining,
@@ -382,10 +383,7 @@ impl PyCore {
                     return;
                 }
                 match core.encode_run(ps) {
-                    Ok((ids, lens)) => {
-                        let counts = count_ids(&ids, core.n_vocab);
-                        queue.lock().unwrap_or_else(|e| e.into_inner()).push((ci * chunk, ids, lens, counts))
-                    }
+                    Ok((ids, lens)) => queue.lock().unwrap_or_else(|e| e.into_inner()).push((ci * chunk, ids, lens)),
                     Err(e) => {
                         encode_error.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
                         failed.store(true, Relaxed);
@@ -404,7 +402,7 @@ impl PyCore {
                     }
                     Python::attach(|py| {
                         for run in runs {
-                            if let Err(e) = b.build(py, ints, run) {
+                            if let Err(e) = b.build(py, run) {
                                 b.error = Some(e);
                                 failed.store(true, Relaxed);
                                 break;
@@ -424,7 +422,7 @@ impl PyCore {
         }
         // Runs queued while another thread held the builder, after its last look.
         for run in queue.into_inner().unwrap_or_else(|e| e.into_inner()) {
-            b.build(py, ints, run)?;
+            b.build(py, run)?;
         }
         if b.remaining.iter().any(|&n| n != 0) {
             return Err(pyo3::exceptions::PyRuntimeError::new_err("internal error in rustchat core: a text was not encoded"));
@@ -569,11 +567,10 @@ impl PyCore {
             // One thread: encode everything, then build the lists (faster on one core than
             // alternating, which keeps evicting the encoder's caches).
             let (ids, offsets) = self.encode_many(py, texts, prepend, append, num_threads)?;
-            let ints = self.ints(py);
-            ints.add_refs(py, &count_ids(&ids, self.core.n_vocab));
             let out = PyList::empty(py);
+            let mut refs = OwedRefs::new(self.ints(py)); // dropped before `out`
             for w in offsets.windows(2) {
-                out.append(ints.list_taking_refs(py, &ids[w[0] as usize..w[1] as usize])?)?;
+                out.append(refs.list(py, &ids[w[0] as usize..w[1] as usize])?)?;
             }
             return Ok(out);
         }
