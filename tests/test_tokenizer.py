@@ -221,6 +221,11 @@ def test_encode_batch_matches_single_and_threads(trained, corpus):
     assert ids.dtype == np.int32 and offs[-1] == len(ids) and len(offs) == len(docs) + 1
     assert ids[offs[5] : offs[6]].tolist() == [trained.bos_token_id] + single[5]
     assert trained.encode_batch(docs[:3], append="<|bos|>")[2][-1] == trained.bos_token_id
+    # One thread takes its own path (no pieces or runs): same ids and offsets.
+    ids1, offs1 = trained.encode_batch_numpy(docs, prepend="<|bos|>", append="<|bos|>", num_threads=1)
+    idsn, offsn = trained.encode_batch_numpy(docs, prepend="<|bos|>", append="<|bos|>", num_threads=2)
+    assert ids1.tolist() == idsn.tolist() and offs1.tolist() == offsn.tolist()
+    assert ids1[offs1[7] : offs1[8]].tolist() == [trained.bos_token_id] + single[7] + [trained.bos_token_id]
 
 
 def test_encode_batch_releases_the_gil(trained, corpus):

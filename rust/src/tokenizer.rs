@@ -100,6 +100,20 @@ impl Core {
     /// huge document does not leave the other cores idle; pieces are encoded in runs into
     /// shared buffers, so a batch makes a few allocations, not one per text.
     pub fn encode_flat(&self, texts: &[&str], prepend: Option<u32>, append: Option<u32>) -> Result<(Vec<u32>, Vec<u64>), String> {
+        if rayon::current_num_threads() == 1 {
+            // One thread: straight into the result, no pieces, runs or copies.
+            let bytes: usize = texts.iter().map(|t| t.len()).sum();
+            let mut out = Vec::with_capacity(bytes / 3 + 16);
+            let mut offsets = Vec::with_capacity(texts.len() + 1);
+            offsets.push(0u64);
+            for (i, t) in texts.iter().enumerate() {
+                out.extend(prepend);
+                self.encode_into(t, &mut out).map_err(|e| format!("texts[{i}]: {e}"))?;
+                out.extend(append);
+                offsets.push(out.len() as u64);
+            }
+            return Ok((out, offsets));
+        }
         let pieces = self.pieces(texts);
         let run = (pieces.len() / (rayon::current_num_threads().max(1) * 16)).clamp(1, 512);
         let runs: Vec<Result<(Vec<u32>, Vec<u32>), String>> = pieces
@@ -332,7 +346,8 @@ impl PyCore {
     /// on the same threads: after each run, a thread that finds the list builder free takes it
     /// and the GIL and builds every finished run; a thread that finds it busy goes on
     /// encoding. So list building (serial, under the GIL) overlaps encoding without a third
-    /// thread competing for the cores, and one thread or many run the same code.
+    /// thread competing for the cores. (One thread gains nothing from this and takes a
+    /// plainer path in `encode_batch_lists`.)
     fn encode_lists<'py>(
         &self,
         py: Python<'py>,
