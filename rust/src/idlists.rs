@@ -3,9 +3,9 @@
 //!
 //! Each list element needs a reference to its int. Taking them one by one (`Py_IncRef` per
 //! token) writes to the int objects in random order, and those cache misses cost more than
-//! the encoding of the token. So references are counted first ((id, n) pairs, which worker
-//! threads compute without the GIL), then added with one write per distinct id, and the
-//! lists are filled with references already taken.
+//! the encoding of the token. So references are counted per id (in a small dense array) and
+//! taken with one write per distinct id: before filling a single list, or, for a batch
+//! (`OwedRefs`), once after all of its lists are filled.
 //!
 //! The one write per id is `ob_refcnt += n`: what the stable ABI's own `Py_INCREF` did for
 //! Python 3.10 and 3.11 (an inline `ob_refcnt++`), and CPython keeps that working. It is used
@@ -50,11 +50,11 @@ impl IntCache {
         }
     }
 
-    pub fn len(&self) -> usize {
+    pub fn n_ids(&self) -> usize {
         self.objs.len()
     }
 
-    /// Adds `n` references to the int of each `(id, n)`. Every id must be < len().
+    /// Adds `n` references to the int of each `(id, n)`. Every id must be < n_ids().
     pub fn add_refs(&self, _py: Python<'_>, counts: &[(u32, u32)]) {
         for &(id, n) in counts {
             let p = self.objs[id as usize].as_ptr();
@@ -90,7 +90,7 @@ impl IntCache {
 
     /// A new list of the ids' ints (references counted and taken first, then the list filled).
     pub fn list<'py>(&self, py: Python<'py>, ids: &[u32]) -> PyResult<Bound<'py, PyList>> {
-        self.add_refs(py, &count_ids(ids, self.len()));
+        self.add_refs(py, &count_ids(ids, self.n_ids()));
         // SAFETY: the references were just taken.
         unsafe { self.list_stealing(py, ids) }
     }
@@ -107,7 +107,7 @@ pub struct OwedRefs<'a> {
 
 impl<'a> OwedRefs<'a> {
     pub fn new(ints: &'a IntCache) -> Self {
-        OwedRefs { ints, owed: vec![0; ints.len()] }
+        OwedRefs { ints, owed: vec![0; ints.n_ids()] }
     }
 
     /// A new list of the ids' ints; the references are owed until drop.
@@ -135,7 +135,7 @@ thread_local! {
 
 /// The distinct ids of `ids` (each < n_ids) with their number of occurrences, in first-seen
 /// order.
-pub fn count_ids(ids: &[u32], n_ids: usize) -> Vec<(u32, u32)> {
+fn count_ids(ids: &[u32], n_ids: usize) -> Vec<(u32, u32)> {
     SCRATCH.with(|s| count_ids_in(ids, n_ids, &mut s.borrow_mut()))
 }
 

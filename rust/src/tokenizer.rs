@@ -285,9 +285,9 @@ pub struct PyCore {
 /// piece, ids, ids per piece).
 type Run = (usize, Vec<u32>, Vec<u32>);
 
-/// Turns encoded runs into the Python lists of `encode_batch_lists`. Whoever holds it (behind a
-/// mutex) must also hold the GIL while calling `build`. It is dropped before `out` (declared
-/// after it), so its `refs` are taken before any list can be freed.
+/// Turns encoded runs into the Python lists of `encode_batch_lists` (on the thread that holds
+/// the GIL). It is dropped before `out` (declared after it), so its `refs` are taken before
+/// any list can be freed.
 struct ListBuilder<'a> {
     refs: OwedRefs<'a>,
     /// The result: a list of len(texts) slots, NULL until each text's list is set.
@@ -301,9 +301,6 @@ struct ListBuilder<'a> {
     append: Option<u32>,
     error: Option<PyErr>,
 }
-
-// SAFETY: `out` is only dereferenced by the thread that holds the builder's mutex and the GIL.
-unsafe impl Send for ListBuilder<'_> {}
 
 impl ListBuilder<'_> {
     fn build(&mut self, py: Python<'_>, (first, flat, lens): Run) -> PyResult<()> {
@@ -342,12 +339,11 @@ impl ListBuilder<'_> {
 }
 
 impl PyCore {
-    /// Encodes texts on the pool's threads (GIL released) and turns them into Python lists
-    /// on the same threads: after each run, a thread that finds the list builder free takes it
-    /// and the GIL and builds every finished run; a thread that finds it busy goes on
-    /// encoding. So list building (serial, under the GIL) overlaps encoding without a third
-    /// thread competing for the cores. (One thread gains nothing from this and takes a
-    /// plainer path in `encode_batch_lists`.)
+    /// Encodes texts on the pool's threads (GIL released) while this thread, which holds the
+    /// GIL, turns each finished run into Python lists. The lists are built here rather than
+    /// on the workers: list memory then comes from the calling thread's malloc arena, whose
+    /// pages stay mapped between calls, where a worker's arena hands them back to the OS
+    /// and faults them in again every batch (measured: lists cost 2.5x more to build there).
     fn encode_lists<'py>(
         &self,
         py: Python<'py>,
@@ -357,7 +353,7 @@ impl PyCore {
         num_threads: Option<usize>,
     ) -> PyResult<Bound<'py, PyList>> {
         use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-        use std::sync::TryLockError;
+        use std::sync::mpsc::{channel, TryRecvError};
         let items: Vec<Bound<'py, PyAny>> = list_items(texts);
         let strs = borrow_strs(&items, "texts")?;
         let core = &self.core;
@@ -377,7 +373,7 @@ impl PyCore {
             Bound::from_owned_ptr(py, ptr).cast_into_unchecked::<PyList>()
         };
         // Declared after `out`, so dropped (taking the owed references) before it.
-        let builder = Mutex::new(ListBuilder {
+        let mut b = ListBuilder {
             refs: OwedRefs::new(ints),
             out: out.as_ptr(),
             pieces: &pieces,
@@ -386,58 +382,65 @@ impl PyCore {
             prepend,
             append,
             error: None,
-        });
-        let queue: Mutex<Vec<Run>> = Mutex::new(Vec::new());
-        let encode_error: Mutex<Option<String>> = Mutex::new(None);
+        };
         let failed = AtomicBool::new(false);
         let threads = num_threads.unwrap_or_else(rayon::current_num_threads).max(1);
         let chunk = (pieces.len() / (threads * 32)).clamp(1, 256);
-        let work = || {
-            pieces.par_chunks(chunk).enumerate().for_each(|(ci, ps)| {
-                if failed.load(Relaxed) {
-                    return;
-                }
-                match core.encode_run(ps) {
-                    Ok((ids, lens)) => queue.lock().unwrap_or_else(|e| e.into_inner()).push((ci * chunk, ids, lens)),
-                    Err(e) => {
-                        encode_error.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
-                        failed.store(true, Relaxed);
-                        return;
-                    }
-                }
+        let (tx, mut rx) = channel::<Result<Run, String>>();
+        let (pieces_ref, failed_ref) = (&pieces, &failed);
+        let mut encode_error = None;
+        let joined = std::thread::scope(|scope| {
+            let worker = scope.spawn(move || {
+                guarded(|| {
+                    with_threads(num_threads, || {
+                        pieces_ref.par_chunks(chunk).enumerate().for_each_with(tx, |tx, (ci, ps)| {
+                            if !failed_ref.load(Relaxed) {
+                                let _ = tx.send(core.encode_run(ps).map(|(ids, lens)| (ci * chunk, ids, lens)));
+                            }
+                        })
+                    })
+                })
+            });
+            'recv: loop {
+                // Wait without the GIL (the receiver moves in and out: it is Send, not Sync),
+                // then build every run that is ready before letting go of the GIL again.
+                let (msg, back) = py.detach(move || (rx.recv(), rx));
+                rx = back;
+                let Ok(mut m) = msg else { break }; // every sender is gone: all encoded
                 loop {
-                    let mut b = match builder.try_lock() {
-                        Ok(b) => b,
-                        Err(TryLockError::Poisoned(p)) => p.into_inner(),
-                        Err(TryLockError::WouldBlock) => return,
-                    };
-                    let runs = std::mem::take(&mut *queue.lock().unwrap_or_else(|e| e.into_inner()));
-                    if runs.is_empty() || b.error.is_some() {
-                        return;
-                    }
-                    Python::attach(|py| {
-                        for run in runs {
+                    match m {
+                        Ok(run) => {
                             if let Err(e) = b.build(py, run) {
                                 b.error = Some(e);
-                                failed.store(true, Relaxed);
-                                break;
                             }
                         }
-                    });
+                        Err(e) => encode_error = Some(e),
+                    }
+                    if b.error.is_some() || encode_error.is_some() {
+                        failed.store(true, Relaxed);
+                        break 'recv;
+                    }
+                    m = match rx.try_recv() {
+                        Ok(next) => next,
+                        Err(TryRecvError::Empty) => break,
+                        Err(TryRecvError::Disconnected) => break 'recv,
+                    };
                 }
-            })
-        };
-        py.detach(|| guarded(|| with_threads(num_threads, work)))?.map_err(value_error)?;
-        let mut b = builder.into_inner().unwrap_or_else(|e| e.into_inner());
-        if let Some(e) = encode_error.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            }
+            drop(rx);
+            py.detach(|| worker.join())
+        });
+        match joined {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => return Err(value_error(e)),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(pyo3::exceptions::PyRuntimeError::new_err("internal error in rustchat core: encoder thread panicked")),
+        }
+        if let Some(e) = encode_error {
             return Err(value_error(e));
         }
         if let Some(e) = b.error.take() {
             return Err(e);
-        }
-        // Runs queued while another thread held the builder, after its last look.
-        for run in queue.into_inner().unwrap_or_else(|e| e.into_inner()) {
-            b.build(py, run)?;
         }
         if b.remaining.iter().any(|&n| n != 0) {
             return Err(pyo3::exceptions::PyRuntimeError::new_err("internal error in rustchat core: a text was not encoded"));
@@ -579,8 +582,7 @@ impl PyCore {
             }
         }
         if num_threads == Some(1) {
-            // One thread: encode everything, then build the lists (faster on one core than
-            // alternating, which keeps evicting the encoder's caches).
+            // One thread: encode everything, then build the lists (no channel, no hand-offs).
             let (ids, offsets) = self.encode_many(py, texts, prepend, append, num_threads)?;
             let out = PyList::empty(py);
             let mut refs = OwedRefs::new(self.ints(py)); // dropped before `out`
