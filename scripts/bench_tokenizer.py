@@ -87,15 +87,16 @@ def run_train(which: str, corpus: str, vocab: int, out: str) -> dict | None:
 
 
 def best_time(f, repeat: int) -> float:
-    """Best wall time of the call itself: the result is freed after the clock stops, for every
-    tokenizer alike (freeing millions of Python ints is not encoding)."""
+    """Best wall time of one function (see best_times)."""
     return best_times({"f": f}, repeat)["f"]
 
 
 def best_times(fs: dict, repeat: int) -> dict:
     """Best wall time of each function, run in turns (a, b, c, a, b, c, ...): on a shared
     machine whose speed drifts by tens of percent from minute to minute, every contender then
-    sees the same slow and fast spells, and a ratio of two bests compares like with like."""
+    sees the same slow and fast spells, and a ratio of two bests compares like with like. Each
+    result is freed after the clock stops, for every tokenizer alike (freeing millions of
+    Python ints is not encoding)."""
     best = {name: float("inf") for name in fs}
     for _ in range(repeat):
         for name, f in fs.items():

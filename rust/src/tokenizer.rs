@@ -299,7 +299,6 @@ struct ListBuilder<'a> {
     partial: FxHashMap<usize, Vec<u32>>,
     prepend: Option<u32>,
     append: Option<u32>,
-    error: Option<PyErr>,
 }
 
 impl ListBuilder<'_> {
@@ -343,7 +342,7 @@ impl PyCore {
     /// GIL, turns each finished run into Python lists. The lists are built here rather than
     /// on the workers: list memory then comes from the calling thread's malloc arena, whose
     /// pages stay mapped between calls, where a worker's arena hands them back to the OS
-    /// and faults them in again every batch (measured: lists cost 2.5x more to build there).
+    /// and faults them in again every batch (measured: lists cost about 2.4x more to build there).
     fn encode_lists<'py>(
         &self,
         py: Python<'py>,
@@ -381,14 +380,13 @@ impl PyCore {
             partial: FxHashMap::default(),
             prepend,
             append,
-            error: None,
         };
         let failed = AtomicBool::new(false);
         let threads = num_threads.unwrap_or_else(rayon::current_num_threads).max(1);
         let chunk = (pieces.len() / (threads * 32)).clamp(1, 256);
         let (tx, mut rx) = channel::<Result<Run, String>>();
         let (pieces_ref, failed_ref) = (&pieces, &failed);
-        let mut encode_error = None;
+        let (mut encode_error, mut build_error) = (None, None);
         let joined = std::thread::scope(|scope| {
             let worker = scope.spawn(move || {
                 guarded(|| {
@@ -409,14 +407,10 @@ impl PyCore {
                 let Ok(mut m) = msg else { break }; // every sender is gone: all encoded
                 loop {
                     match m {
-                        Ok(run) => {
-                            if let Err(e) = b.build(py, run) {
-                                b.error = Some(e);
-                            }
-                        }
+                        Ok(run) => build_error = b.build(py, run).err(),
                         Err(e) => encode_error = Some(e),
                     }
-                    if b.error.is_some() || encode_error.is_some() {
+                    if build_error.is_some() || encode_error.is_some() {
                         failed.store(true, Relaxed);
                         break 'recv;
                     }
@@ -439,7 +433,7 @@ impl PyCore {
         if let Some(e) = encode_error {
             return Err(value_error(e));
         }
-        if let Some(e) = b.error.take() {
+        if let Some(e) = build_error {
             return Err(e);
         }
         if b.remaining.iter().any(|&n| n != 0) {
