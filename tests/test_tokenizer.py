@@ -376,6 +376,27 @@ def test_from_ranks_rejects_bad_vocabularies():
         tok.encode_ordinary(b"bytes")
 
 
+def test_batch_errors_name_the_text(trained):
+    """A text the split pattern fails on (catastrophic backtracking) raises ValueError naming
+    its index on every batch path; num_threads=0 is refused."""
+    base = {bytes([i]): i for i in range(256)}
+    tok = Tokenizer.from_ranks(base, r"(?:a|aa)+(?=c)|[\s\S]", {})
+    rng = random.Random()
+    bad = rng.randrange(3000)
+    texts = [rng.choice(["x y", "zz", ""]) for _ in range(3000)]
+    texts[bad] = "a" * 40
+    for threads in (1, 2, 3, None):
+        with pytest.raises(ValueError, match=rf"texts\[{bad}\]: split pattern failed"):
+            tok.encode_batch(texts, num_threads=threads)
+        with pytest.raises(ValueError, match=rf"texts\[{bad}\]: split pattern failed"):
+            tok.encode_batch_numpy(texts, num_threads=threads)
+    texts[bad] = "ok"
+    assert tok.encode_batch(texts, num_threads=2) == [list(t.encode()) for t in texts]
+    for call in (trained.encode_batch, trained.encode_batch_numpy):
+        with pytest.raises(ValueError, match="num_threads must be at least 1"):
+            call(["a", "b"], num_threads=0)
+
+
 def test_surrogates_are_replaced_like_tiktoken(trained):
     text = "a\ud800b"
     assert trained.encode_ordinary(text) == _ref_trained(trained).encode_ordinary(text)
