@@ -68,15 +68,24 @@ impl Core {
 
     /// Encodes a run of pieces into one buffer (not one allocation per text): (ids, ids per piece).
     pub fn encode_run(&self, pieces: &[(usize, &str)]) -> Result<(Vec<u32>, Vec<u32>), String> {
+        let (mut ids, mut lens) = (Vec::new(), Vec::new());
+        self.encode_run_into(pieces, &mut ids, &mut lens)?;
+        Ok((ids, lens))
+    }
+
+    /// `encode_run` into buffers the caller may reuse (they are cleared first).
+    pub fn encode_run_into(&self, pieces: &[(usize, &str)], ids: &mut Vec<u32>, lens: &mut Vec<u32>) -> Result<(), String> {
         let bytes: usize = pieces.iter().map(|(_, p)| p.len()).sum();
-        let mut ids = Vec::with_capacity(bytes / 3 + 16);
-        let mut lens = Vec::with_capacity(pieces.len());
+        ids.clear();
+        lens.clear();
+        ids.reserve(bytes / 3 + 16);
+        lens.reserve(pieces.len());
         for (i, p) in pieces {
             let before = ids.len();
-            self.encode_into(p, &mut ids).map_err(|e| format!("texts[{i}]: {e}"))?;
+            self.encode_into(p, ids).map_err(|e| format!("texts[{i}]: {e}"))?;
             lens.push((ids.len() - before) as u32);
         }
-        Ok((ids, lens))
+        Ok(())
     }
 
     /// (text index, piece) for every text, in order; every text has at least one piece.
@@ -248,6 +257,11 @@ pub fn borrow_strs<'a, 'py>(items: &'a [Bound<'py, PyAny>], what: &str) -> PyRes
     Ok(out)
 }
 
+/// Locks a mutex whose data stays valid even if a holder panicked.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A rayon pool per requested thread count (built once); None means the global pool.
 fn pool(num_threads: Option<usize>) -> Result<Option<Arc<rayon::ThreadPool>>, String> {
     static POOLS: OnceLock<Mutex<FxHashMap<usize, Arc<rayon::ThreadPool>>>> = OnceLock::new();
@@ -255,7 +269,7 @@ fn pool(num_threads: Option<usize>) -> Result<Option<Arc<rayon::ThreadPool>>, St
         None => Ok(None),
         Some(0) => Err("num_threads must be at least 1".into()),
         Some(n) => {
-            let mut pools = POOLS.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+            let mut pools = lock(POOLS.get_or_init(Default::default));
             if let Some(p) = pools.get(&n) {
                 return Ok(Some(p.clone()));
             }
@@ -289,7 +303,17 @@ pub struct PyCore {
     /// One Python int per id, made once: lists of ids are then built by reference instead of
     /// allocating an int per token (the allocation cost more than the encoding itself).
     ints: OnceLock<IntCache>,
+    /// Run buffers of earlier batches, reused: fresh ones cost page faults (zeroed huge pages)
+    /// every batch once the allocator has given freed ones back to the OS.
+    spare: Mutex<Vec<RunBuffers>>,
 }
+
+/// (ids, ids per piece) buffers of one run.
+type RunBuffers = (Vec<u32>, Vec<u32>);
+/// Spare run buffers kept between batches (each about 70 KB at the usual run size), and the
+/// largest kept (runs of long documents can be far larger): at most 64 MiB stay allocated.
+const SPARE_RUNS: usize = 64;
+const SPARE_MAX_IDS: usize = 1 << 18;
 
 /// Ids of a run of consecutive pieces, waiting to become Python lists: (index of its first
 /// piece, ids, ids per piece).
@@ -312,7 +336,8 @@ struct ListBuilder<'a> {
 }
 
 impl ListBuilder<'_> {
-    fn build(&mut self, py: Python<'_>, (first, flat, lens): Run) -> PyResult<()> {
+    fn build(&mut self, py: Python<'_>, (first, flat, lens): &Run) -> PyResult<()> {
+        let (first, flat, lens) = (*first, &flat[..], &lens[..]);
         let pieces = self.pieces;
         let mut at = 0usize;
         for (k, &n) in lens.iter().enumerate() {
@@ -404,10 +429,12 @@ impl PyCore {
             let ci = next.fetch_add(1, Relaxed);
             (ci < n_chunks && !failed.load(Relaxed)).then_some(ci)
         };
+        let spare = &self.spare;
         let encode_chunk = |ci: usize| -> Result<Run, String> {
             let ps = &pieces[ci * chunk..((ci + 1) * chunk).min(pieces.len())];
-            match guarded(|| core.encode_run(ps)) {
-                Ok(r) => r.map(|(ids, lens)| (ci * chunk, ids, lens)),
+            let (mut ids, mut lens) = lock(spare).pop().unwrap_or_default();
+            match guarded(|| core.encode_run_into(ps, &mut ids, &mut lens)) {
+                Ok(r) => r.map(|()| (ci * chunk, ids, lens)),
                 Err(e) => Err(e.to_string()),
             }
         };
@@ -415,7 +442,13 @@ impl PyCore {
         let (mut encode_error, mut build_error) = (None, None);
         let mut handle = |m: Result<Run, String>, b: &mut ListBuilder<'_>| {
             match m {
-                Ok(run) => build_error = b.build(py, run).err(),
+                Ok(run) => {
+                    build_error = b.build(py, &run).err();
+                    let mut spare = lock(spare);
+                    if spare.len() < SPARE_RUNS && run.1.capacity() <= SPARE_MAX_IDS {
+                        spare.push((run.1, run.2));
+                    }
+                }
                 Err(e) => encode_error = Some(e),
             }
             let ok = build_error.is_none() && encode_error.is_none();
@@ -482,7 +515,7 @@ impl PyCore {
     }
 
     pub fn from_core(core: Core) -> Self {
-        PyCore { core, ints: OnceLock::new() }
+        PyCore { core, ints: OnceLock::new(), spare: Mutex::new(Vec::new()) }
     }
 
     /// One int object per id, made on first use.
