@@ -39,16 +39,20 @@ def test_tokenizer_pickle_loads_without_code(tmp_path):
 
 
 class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
     def __reduce__(self):
-        return (os.system, ("echo pwned > /tmp/rustchat_pwned",))
+        return (os.system, (f"echo pwned > {self.marker}",))
 
 
 def test_tokenizer_pickle_refuses_other_globals(tmp_path):
     p = tmp_path / "tokenizer.pkl"
-    p.write_bytes(pickle.dumps(_Evil()))
+    marker = tmp_path / "pwned"
+    p.write_bytes(pickle.dumps(_Evil(marker)))
     with pytest.raises(RustchatError, match="refusing to load global"):
         load_nanochat_tokenizer(p)
-    assert not os.path.exists("/tmp/rustchat_pwned")
+    assert not marker.exists()
 
 
 def test_import_nanochat_cli_then_logits_match_reference(tmp_path):

@@ -62,13 +62,17 @@ def _weights(d, stage, step=None):
     return state, meta
 
 
-def _assert_same_weights(a, b, tol):
+def _assert_same_weights(a, b, tol, outliers=4):
     """Equal up to float summation order. Adam and Muon normalise their updates, so rounding
     noise in tiny gradients is amplified up to ~1e-5 here; a different data split or a
-    different weighting of micro-batches moves weights by about a full step (~1e-2)."""
+    different weighting of micro-batches moves weights by about a full step (~1e-2) nearly
+    everywhere. A few elements may differ by a step: AdamW's first update is about
+    lr * sign(g), and a gradient element within rounding noise of zero can change sign with
+    the summation order (measured: about one run in 300-1000 has one such element)."""
     assert a.keys() == b.keys()
     for k in a:
-        assert torch.allclose(a[k], b[k], rtol=tol, atol=tol), (k, (a[k] - b[k]).abs().max())
+        bad = ~torch.isclose(a[k], b[k], rtol=tol, atol=tol)
+        assert int(bad.sum()) <= outliers, (k, int(bad.sum()), (a[k] - b[k]).abs().max())
 
 
 def test_sft_update_does_not_depend_on_device_batch_size(base_dir, tmp_path):
