@@ -69,6 +69,20 @@ fn hot_slot(k: u128) -> usize {
     (x.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - HOT_SLOTS.trailing_zeros())) as usize
 }
 
+/// Appends `ids[..n]` (n <= HOT_IDS) by copying all HOT_IDS: a fixed-size copy is a few
+/// inlined moves, where a variable-length `extend_from_slice` calls memmove for every chunk.
+#[inline(always)]
+fn push_hot(out: &mut Vec<u32>, ids: &[u32; HOT_IDS], n: usize) {
+    debug_assert!(n <= HOT_IDS);
+    out.reserve(HOT_IDS);
+    // SAFETY: reserve made room for HOT_IDS more elements; only the first n become part of
+    // the vector (u32 has no drop or invalid bit patterns).
+    unsafe {
+        std::ptr::copy_nonoverlapping(ids.as_ptr(), out.as_mut_ptr().add(out.len()), HOT_IDS);
+        out.set_len(out.len() + n);
+    }
+}
+
 pub struct Bpe {
     /// Unique per vocabulary, for the thread-local chunk cache.
     uid: u64,
@@ -202,7 +216,7 @@ impl Bpe {
             let k = pack(chunk);
             let slot = &mut cache.hot[hot_slot(k)];
             if slot.key == k {
-                out.extend_from_slice(&slot.ids[..slot.n as usize]);
+                push_hot(out, &slot.ids, slot.n as usize);
                 return;
             }
             let start = out.len();
