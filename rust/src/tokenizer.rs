@@ -430,32 +430,30 @@ impl PyCore {
             (ci < n_chunks && !failed.load(Relaxed)).then_some(ci)
         };
         let spare = &self.spare;
-        let encode_chunk = |ci: usize| -> Result<Run, String> {
+        // Encode errors are ValueErrors naming the text; a panic stays an internal RuntimeError.
+        let encode_chunk = |ci: usize| -> PyResult<Run> {
             let ps = &pieces[ci * chunk..((ci + 1) * chunk).min(pieces.len())];
             let (mut ids, mut lens) = lock(spare).pop().unwrap_or_default();
-            match guarded(|| core.encode_run_into(ps, &mut ids, &mut lens)) {
-                Ok(r) => r.map(|()| (ci * chunk, ids, lens)),
-                Err(e) => Err(e.to_string()),
-            }
+            guarded(|| core.encode_run_into(ps, &mut ids, &mut lens))?.map_err(value_error)?;
+            Ok((ci * chunk, ids, lens))
         };
-        let (tx, mut rx) = channel::<Result<Run, String>>();
-        let (mut encode_error, mut build_error) = (None, None);
-        let mut handle = |m: Result<Run, String>, b: &mut ListBuilder<'_>| {
-            match m {
-                Ok(run) => {
-                    build_error = b.build(py, &run).err();
-                    let mut spare = lock(spare);
-                    if spare.len() < SPARE_RUNS && run.1.capacity() <= SPARE_MAX_IDS {
-                        spare.push((run.1, run.2));
-                    }
+        let (tx, mut rx) = channel::<PyResult<Run>>();
+        let mut error = None;
+        // Builds the lists of a finished run and keeps its buffers; false after the first error.
+        let mut handle = |m: PyResult<Run>| {
+            let built = m.and_then(|run| {
+                b.build(py, &run)?;
+                let mut spare = lock(spare);
+                if spare.len() < SPARE_RUNS && run.1.capacity() <= SPARE_MAX_IDS {
+                    spare.push((run.1, run.2));
                 }
-                Err(e) => encode_error = Some(e),
-            }
-            let ok = build_error.is_none() && encode_error.is_none();
-            if !ok {
+                Ok(())
+            });
+            if let Err(e) = built {
+                error = Some(e);
                 failed.store(true, Relaxed);
             }
-            ok
+            error.is_none()
         };
         // threads - 1 helpers encode on the pool while this thread, which holds the GIL,
         // encodes chunks too and turns finished runs into lists between them: exactly
@@ -477,7 +475,7 @@ impl PyCore {
                 loop {
                     match rx.try_recv() {
                         Ok(m) => {
-                            if !handle(m, &mut b) {
+                            if !handle(m) {
                                 break 'work;
                             }
                         }
@@ -486,7 +484,7 @@ impl PyCore {
                 }
                 let Some(ci) = claim() else { break };
                 let run = py.detach(|| encode_chunk(ci));
-                if !handle(run, &mut b) {
+                if !handle(run) {
                     break 'work;
                 }
             }
@@ -498,14 +496,11 @@ impl PyCore {
                 rx = back;
                 let Ok(m) = msg else { break };
                 if !failed.load(Relaxed) {
-                    handle(m, &mut b);
+                    handle(m);
                 }
             }
         })?;
-        if let Some(e) = encode_error {
-            return Err(value_error(e));
-        }
-        if let Some(e) = build_error {
+        if let Some(e) = error {
             return Err(e);
         }
         if b.remaining.iter().any(|&n| n != 0) {
