@@ -152,7 +152,7 @@ def main() -> None:
     ap.add_argument("corpus")
     ap.add_argument("--vocab-size", type=int, default=65536)
     ap.add_argument("--encode-mb", type=float, default=40.0, help="MB of the corpus used for encode timings")
-    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=8, help="calls per contender, in turns; the best counts")
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args()
