@@ -251,7 +251,7 @@ def main() -> None:
     # two calls are adjacent in time), how busy the cores were during the all-core calls
     # (process CPU / wall), and how much the one-thread time itself drifted.
     per_round = sorted(o[0] / a[0] for o, a in zip(runs["one"], runs["all"]))
-    busy = sorted(c / w for w, c in runs["all"])
+    busy = [c / w for w, c in runs["all"]]
     ones = [w for w, _ in runs["one"]]
     print(f"  per-round ratios {' '.join(f'{r:.2f}' for r in per_round)} (median {statistics.median(per_round):.2f}); "
           f"cores busy {statistics.median(busy):.2f} of {os.cpu_count()} in all-core calls; "
