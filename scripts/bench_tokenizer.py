@@ -35,7 +35,7 @@ def rss(field):
 
 def docs():
     # Paragraphs streamed from the file: the trainers' own memory is what peak RSS shows.
-    from rustchat.textsource import iter_documents
+    from rustchat.data.textsource import iter_documents
     return iter_documents([path])
 
 from rustchat import SPLIT_PATTERN

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from rustchat.common import autocast_ctx, autodetect_device, device_type, setup_cpu_math, synchronize
+from rustchat.runtime import autocast_ctx, autodetect_device, device_type, setup_cpu_math, synchronize
 from rustchat.model import GPT, GPTConfig
 from rustchat.optim import build_optimizers
 

@@ -16,7 +16,7 @@ from rustchat.checkpoint import (  # noqa: E402
     capture_rng_state,
     find_last_step,
     load_checkpoint,
-    load_model,
+    load_stage_model,
     load_optimizer_states,
     restore_rng_state,
     save_checkpoint,
@@ -25,6 +25,8 @@ from rustchat.checkpoint import (  # noqa: E402
 from rustchat.common import RustchatError  # noqa: E402
 from rustchat.model import GPT, GPTConfig  # noqa: E402
 from rustchat.nanochat_import import import_nanochat_model  # noqa: E402
+
+from helpers import fake_nanochat_dir  # noqa: E402
 
 
 def tiny_cfg():
@@ -84,7 +86,7 @@ def test_load_model_picks_last_complete_and_largest_depth(tmp_path):
     (d / ".model_000030.safetensors.abc123.tmp").write_bytes(b"partial")
     (d / "model_000030.safetensors").write_bytes(b"no meta, so incomplete")
     assert find_last_step(d) == 20
-    m2, optim_states, meta = load_model("sft", base_dir=tmp_path)
+    m2, optim_states, meta = load_stage_model("sft", base_dir=tmp_path)
     assert meta["step"] == 20 and optim_states is None
     with torch.no_grad():
         idx = torch.randint(0, 300, (1, 8))
@@ -98,7 +100,7 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr("safetensors.torch.save_file", boom)
+    monkeypatch.setattr("rustchat.checkpoint.save_file", boom)
     with pytest.raises(OSError):
         save_checkpoint(d, 5, model, model.setup_optimizers(), {})
     # the optimizer file went in completely, nothing else did, and the checkpoint does not count
@@ -108,9 +110,9 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
 
 def test_missing_checkpoints_are_one_line_errors(tmp_path):
     with pytest.raises(RustchatError, match="run the mid stage first"):
-        load_model("mid", 4, base_dir=tmp_path)
+        load_stage_model("mid", 4, base_dir=tmp_path)
     with pytest.raises(RustchatError, match="run the base stage first"):
-        load_model("base", base_dir=tmp_path)
+        load_stage_model("base", base_dir=tmp_path)
     stage_dir("sft", 4, tmp_path).mkdir(parents=True)
     with pytest.raises(RustchatError, match="run the sft stage first") as e:
         load_checkpoint(stage_dir("sft", 4, tmp_path))
@@ -145,29 +147,10 @@ def test_meta_rejects_non_json(tmp_path):
 # nanochat import
 
 
-def _fake_nanochat_dir(tmp_path, padded_rows, prefix, wte_dtype=torch.float32):
-    cfg = {"sequence_len": 32, "vocab_size": 300, "n_layer": 2, "n_head": 4, "n_kv_head": 2, "n_embd": 64}
-    g = torch.Generator().manual_seed(4)
-    C, D, L = 64, 16, 2
-    sd = {"transformer.wte.weight": torch.randn(padded_rows, C, generator=g).to(wte_dtype),
-          "lm_head.weight": torch.randn(padded_rows, C, generator=g) * 0.2}
-    for i in range(L):
-        p = f"transformer.h.{i}."
-        sd[p + "attn.c_q.weight"] = torch.randn(4 * D, C, generator=g) * 0.25
-        sd[p + "attn.c_k.weight"] = torch.randn(2 * D, C, generator=g) * 0.25
-        sd[p + "attn.c_v.weight"] = torch.randn(2 * D, C, generator=g) * 0.25
-        sd[p + "attn.c_proj.weight"] = torch.randn(C, C, generator=g) * 0.25
-        sd[p + "mlp.c_fc.weight"] = torch.randn(4 * C, C, generator=g) * 0.25
-        sd[p + "mlp.c_proj.weight"] = torch.randn(C, 4 * C, generator=g) * 0.1
-    torch.save({prefix + k: v for k, v in sd.items()}, tmp_path / "model_000650.pt")
-    (tmp_path / "meta_000650.json").write_text(json.dumps({"step": 650, "model_config": cfg, "val_bpb": 0.9}))
-    return sd, cfg
-
-
 @pytest.mark.parametrize("padded_rows,prefix,wte_dtype", [(300, "", torch.float32),
                                                           (320, "_orig_mod.", torch.bfloat16)])
 def test_nanochat_import_matches_reference(tmp_path, padded_rows, prefix, wte_dtype):
-    sd, cfg = _fake_nanochat_dir(tmp_path, padded_rows, prefix, wte_dtype)
+    sd, cfg = fake_nanochat_dir(tmp_path, padded_rows, prefix, wte_dtype)
     model, meta = import_nanochat_model(tmp_path)
     assert meta["step"] == 650 and model.config.n_kv_head == 2
     idx = torch.randint(0, 300, (2, 12))
@@ -178,7 +161,7 @@ def test_nanochat_import_matches_reference(tmp_path, padded_rows, prefix, wte_dt
 
 
 def test_nanochat_import_rejects_unknown_architecture(tmp_path):
-    sd, _ = _fake_nanochat_dir(tmp_path, 300, "")
+    sd, _ = fake_nanochat_dir(tmp_path, 300, "")
     sd["transformer.h.0.attn.extra.weight"] = torch.zeros(1)
     torch.save(sd, tmp_path / "model_000650.pt")
     with pytest.raises(RustchatError, match="unsupported nanochat model"):

@@ -163,7 +163,7 @@ def test_calculator_refuses_code_outside_its_grammar(tok):
     events = list(stream_reply(engine, prompt, max_tokens=80, temperature=0.0))
     assert events == [("tool", f"[calculator: {expr} -> refused]"), ("text", "?")]
     # the calculator itself: arithmetic and str.count only
-    from rustchat.eval.calculator import calculate
+    from rustchat.tools import calculate
 
     assert calculate("'strawberry'.count('r')") == "3"
     assert calculate(expr) is None and calculate("open('/etc/passwd').read()") is None

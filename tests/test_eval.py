@@ -1,7 +1,6 @@
 """Evaluation: letter scoring at the answer position, ChatCORE, HumanEval through the sampling
 path, and `rustchat eval` / `rustchat chat` end to end on a tiny checkpoint."""
 import math
-from argparse import Namespace
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ from scripted_model import ScriptedModel
 
 import rustchat
 from rustchat.checkpoint import save_checkpoint, stage_dir
+from rustchat.config import EvalConfig
 from rustchat.conversation import render_for_completion
 from rustchat.engine import Engine
 from rustchat.evaluate import categorical_accuracy, chatcore_of, generative_accuracy, parse_tasks, run_eval
@@ -156,9 +156,9 @@ def test_rustchat_eval_end_to_end(base_dir, monkeypatch, capsys):
     assert "## eval" in report and "Arithmetic" in report and "ChatCORE" in report
 
     # the contract speedrun relies on
-    args = Namespace(source="sft", depth=2, device="cpu", base_dir=str(base_dir), tasks="tiny", max_problems=2,
-                     batch_size=8, num_samples=1, temperature=0.0, top_k=None, max_new_tokens=4, step=None, quiet=True)
-    res = run_eval(args)
+    cfg = EvalConfig(source="sft", depth=2, device="cpu", base_dir=str(base_dir), tasks="tiny", max_problems=2,
+                     max_new_tokens=4, quiet=True)
+    res = run_eval(cfg)
     assert set(res) == {"Arithmetic", "SpellingBee", "ChatCORE"}
     assert all(0.0 <= res[k] <= 1.0 for k in ("Arithmetic", "SpellingBee"))
 
@@ -196,7 +196,7 @@ def test_rustchat_chat_one_prompt(base_dir, capsys):
 
 
 def test_chat_session_history_and_tool_display(tok):
-    from rustchat.chat_cli import ChatSession
+    from rustchat.chat import ChatSession
 
     sp = tok.encode_special
     first = [{"role": "user", "content": "what is 6*7?"}, {"role": "assistant", "content": ""}]

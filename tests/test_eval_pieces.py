@@ -7,17 +7,10 @@ import numpy as np
 import pytest
 
 from rustchat.common import RustchatError
-from rustchat.eval import (
-    BASELINES,
-    calculate,
-    categorical_pick,
-    centered,
-    chatcore,
-    check_humaneval,
-    extract_answer,
-    gsm8k_correct,
-    run_program,
-)
+from rustchat.sandbox import run_program
+from rustchat.scoring import BASELINES, categorical_pick, centered, chatcore, extract_answer, gsm8k_correct
+from rustchat.tasks.humaneval import check_humaneval
+from rustchat.tools import calculate
 
 SEED = random.randrange(1 << 30)
 

@@ -10,11 +10,11 @@ import tiktoken
 import torch
 
 from rustchat import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
-from rustchat.checkpoint import load_model
+from rustchat.checkpoint import load_stage_model
 from rustchat.common import RustchatError
-from rustchat.nanochat_tokenizer import load_nanochat_tokenizer
+from rustchat.nanochat_import import load_nanochat_tokenizer
 from ref_gpt import ref_forward
-from test_checkpoint import _fake_nanochat_dir
+from helpers import fake_nanochat_dir
 
 
 def _nanochat_tokenizer_pickle(path, n_merges=35):
@@ -58,14 +58,14 @@ def test_tokenizer_pickle_refuses_other_globals(tmp_path):
 def test_import_nanochat_cli_then_logits_match_reference(tmp_path):
     ck = tmp_path / "base_checkpoints" / "d2"
     ck.mkdir(parents=True)
-    sd, cfg = _fake_nanochat_dir(ck, 300, "_orig_mod.")
+    sd, cfg = fake_nanochat_dir(ck, 300, "_orig_mod.")
     (tmp_path / "tokenizer").mkdir()
     _nanochat_tokenizer_pickle(tmp_path / "tokenizer" / "tokenizer.pkl")
     base = tmp_path / "rc"
     r = subprocess.run([sys.executable, "-m", "rustchat.cli", "import-nanochat", str(ck), "--stage", "mid"],
                        capture_output=True, text=True, env={**os.environ, "RUSTCHAT_BASE_DIR": str(base)})
     assert r.returncode == 0, r.stderr
-    model, _, meta = load_model("mid", 2, base_dir=base)
+    model, _, meta = load_stage_model("mid", 2, base_dir=base)
     assert meta["step"] == 650 and "imported_from" in meta
     assert Tokenizer.load(base / "tokenizer").vocab_size == 300
     idx = torch.randint(0, 300, (2, 10))

@@ -15,7 +15,6 @@ from rustchat.schedules import (
     base_lr_multiplier,
     mid_lr_multiplier,
     muon_momentum,
-    rl_lr_multiplier,
     set_muon_momentum,
     sft_lr_multiplier,
 )
@@ -136,7 +135,6 @@ def test_mid_sft_rl_schedules_and_momentum():
     assert math.isclose(mid_lr_multiplier(0.9), 0.5) and mid_lr_multiplier(1.0) == 0.0
     assert math.isclose(sft_lr_multiplier(0, 700), 0.02) and math.isclose(sft_lr_multiplier(350, 700), 0.01)
     assert sft_lr_multiplier(700, 700) == 0.0
-    assert math.isclose(rl_lr_multiplier(0, 100), 0.05) and math.isclose(rl_lr_multiplier(50, 100), 0.025)
     assert muon_momentum(0) == 0.85 and math.isclose(muon_momentum(150), 0.90) and muon_momentum(300) == 0.95
     assert muon_momentum(10_000) == 0.95
 

@@ -12,8 +12,10 @@ import pytest
 
 from rustchat import Tokenizer
 from rustchat.common import RustchatError
-from rustchat.pretrain_data import Cursor, DocumentSource, PretrainLoader, download_shards, shard_url
-from rustchat.textsource import TextSourceError
+from rustchat.data.pretrain import DocumentSource, PretrainLoader, download_shards, shard_url
+from rustchat.data.textsource import TextSourceError
+
+from helpers import with_states
 
 WORDS = "the cat sat on a mat while dogs ran far away from home and 42 birds sang songs".split()
 
@@ -42,7 +44,7 @@ def shards(tmp_path):
 
 def _take(loader, n):
     out = []
-    for x, y, cur in loader:
+    for x, y, cur in with_states(loader):
         out.append((x.clone(), y.clone(), cur))
         if len(out) == n:
             break
@@ -71,8 +73,8 @@ def test_resume_from_any_cursor_matches(tok, shards):
     B, T = 3, 8
     full = _take(PretrainLoader(tok, src, B, T), 12)
     j = random.randrange(1, 11)
-    cursor = full[j][2].to_dict()
-    resumed = _take(PretrainLoader(tok, src, B, T, cursor=Cursor.from_dict(cursor)), 11 - j)
+    cursor = full[j][2]
+    resumed = _take(PretrainLoader(tok, src, B, T, state=cursor), 11 - j)
     assert len(resumed) == 11 - j
     for (x1, y1, c1), (x2, y2, c2) in zip(full[j + 1 :], resumed):
         assert (x1 == x2).all() and (y1 == y2).all() and c1 == c2
@@ -84,16 +86,16 @@ def test_epochs_wrap_and_ranks_split_groups(tok, shards):
     held = sum(1 + len(tok.encode_ordinary(doc)) for docs in docs_all for doc in docs)
     n = held // (4 * 64) + 2  # more tokens than the shards hold, whatever their random size
     many = _take(PretrainLoader(tok, src, 4, 64), n)
-    assert many[0][2].epoch == 0 and many[-1][2].epoch >= 1
+    assert many[0][2]["epoch"] == 0 and many[-1][2]["epoch"] >= 1
     r0 = _take(PretrainLoader(tok, src, 1, 8, rank=0, world_size=2), 3)
     r1 = _take(PretrainLoader(tok, src, 1, 8, rank=1, world_size=2), 3)
-    assert r0[0][2].group % 2 == 0 and r1[0][2].group % 2 == 1
+    assert r0[0][2]["group"] % 2 == 0 and r1[0][2]["group"] % 2 == 1
     assert not all((a[0] == b[0]).all() for a, b in zip(r0, r1))
 
 
 def test_text_files_and_errors(tok, tmp_path):
     (tmp_path / "a.txt").write_text("first doc here\n\nsecond doc\n")
-    x, y, _ = next(iter(PretrainLoader(tok, DocumentSource.from_paths([tmp_path / "a.txt"]), 1, 4)))
+    x, y = next(iter(PretrainLoader(tok, DocumentSource.from_paths([tmp_path / "a.txt"]), 1, 4)))
     assert x[0, 0].item() == tok.bos_token_id
     pq.write_table(pa.table({"content": ["x"]}), tmp_path / "bad.parquet")
     loader = PretrainLoader(tok, DocumentSource.from_paths([tmp_path / "bad.parquet"]), 1, 4)

@@ -10,8 +10,10 @@ from hypothesis import strategies as st
 
 import rustchat
 from rustchat import Tokenizer, collate_sft, pack_rows
-from rustchat.conversation import Cursor, MidTrainStream, RenderedBatch, render_batch
+from rustchat.conversation import RenderedBatch, render_batch
+from rustchat.data.midtrain import MidTrainStream
 from ref_render import RefRenderer, make_encoding, ref_collate, ref_midtrain
+from helpers import with_states
 
 HYP = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
@@ -404,38 +406,39 @@ def chat_data(snippets):
 def test_midtrain_matches_concatenation(tok, ref, chat_data, B, T):
     stream = MidTrainStream(tok, chat_data, B, T, max_tokens=150, render_chunk=7)
     want = ref_midtrain(ref, chat_data, B, T, 12, max_tokens=150)
-    for (inputs, targets, cursor), (wi, wt) in zip(stream, want):
+    for (inputs, targets, cursor), (wi, wt) in zip(with_states(stream), want):
         assert inputs.dtype == np.int32 and targets.dtype == np.int64 and inputs.shape == (B, T)
         assert inputs.tolist() == wi and targets.tolist() == wt
-        assert isinstance(cursor, Cursor)
+        assert set(cursor) == {"conversation", "offset", "epoch"}
 
 
 @pytest.mark.parametrize("B,T,chunk", [(1, 5, 3), (2, 33, 1), (4, 200, 50)])
 def test_midtrain_resumes_from_cursor(tok, chat_data, B, T, chunk):
     full = MidTrainStream(tok, chat_data, B, T, render_chunk=chunk)
-    run = [next(full) for _ in range(25)]
+    states = with_states(full)
+    run = [next(states) for _ in range(25)]
     for k in (0, 1, 7, 24):
-        cursor = json.loads(json.dumps(run[k][2]))  # survives a checkpoint as a plain list
-        resumed = MidTrainStream(tok, chat_data, B, T, start_cursor=cursor, render_chunk=chunk + 1)
+        cursor = json.loads(json.dumps(run[k][2]))  # survives a checkpoint as JSON
+        resumed = with_states(MidTrainStream(tok, chat_data, B, T, state=cursor, render_chunk=chunk + 1))
         for j in range(k + 1, 25):
             inputs, targets, c = next(resumed)
             assert inputs.tolist() == run[j][0].tolist() and targets.tolist() == run[j][1].tolist()
             assert c == run[j][2]
-    assert full.cursor == run[-1][2]
+    assert full.state() == run[-1][2]
 
 
 def test_midtrain_epochs_and_ranks(tok, ref, chat_data):
     data = chat_data[:10]
     total = sum(len(ref.render(c, 2048)[0]) for c in data)
     T = 16
-    batches = list(MidTrainStream(tok, data, 1, T, num_epochs=2))
+    batches = list(with_states(MidTrainStream(tok, data, 1, T, num_epochs=2)))
     assert len(batches) == (2 * total) // (T + 1)
-    assert batches[-1][2].epoch in (1, 2)
+    assert batches[-1][2]["epoch"] in (1, 2)
     # Two ranks take alternate conversations.
     r0 = MidTrainStream(tok, data, 1, T, rank=0, world_size=2, num_epochs=1)
     r1 = MidTrainStream(tok, data, 1, T, rank=1, world_size=2, num_epochs=1)
-    s0 = np.concatenate([np.append(i[0], t[0, -1]) for i, t, _ in r0])
-    s1 = np.concatenate([np.append(i[0], t[0, -1]) for i, t, _ in r1])
+    s0 = np.concatenate([np.append(i[0], t[0, -1]) for i, t in r0])
+    s1 = np.concatenate([np.append(i[0], t[0, -1]) for i, t in r1])
     cat = lambda cs: [x for c in cs for x in ref.render(c)[0]]  # noqa: E731
     assert s0.tolist() == cat(data[0::2])[: len(s0)]
     assert s1.tolist() == cat(data[1::2])[: len(s1)]
@@ -445,9 +448,9 @@ def test_midtrain_errors(tok, chat_data):
     with pytest.raises(ValueError, match="empty"):
         MidTrainStream(tok, [], 1, 4)
     with pytest.raises(ValueError, match="invalid cursor"):
-        MidTrainStream(tok, chat_data, 1, 4, start_cursor=(len(chat_data), 0, 0))
+        MidTrainStream(tok, chat_data, 1, 4, state={"conversation": len(chat_data), "offset": 0, "epoch": 0})
     with pytest.raises(ValueError, match="beyond conversation 0"):
-        next(MidTrainStream(tok, chat_data, 1, 4, start_cursor=(0, 10**6, 0)))
+        next(MidTrainStream(tok, chat_data, 1, 4, state={"conversation": 0, "offset": 10**6, "epoch": 0}))
     bad = list(chat_data[:5]) + [[A]]
     with pytest.raises(ValueError, match="conversation 5, message 0"):
         for _ in MidTrainStream(tok, bad, 1, 64, num_epochs=1, render_chunk=2):

@@ -197,9 +197,11 @@ def test_health_and_page(client):
 
 def test_serve_listens_on_loopback_by_default():
     from rustchat.cli import build_parser
+    from rustchat.config import from_args
 
     args = build_parser().parse_args(["serve"])
-    assert args.host == "127.0.0.1" and args.port == 8000
+    cfg = from_args(args.config_class, args)
+    assert cfg.host == "127.0.0.1" and cfg.port == 8000
 
 
 # ----------------------------------------------------------------------------- real browser

@@ -11,14 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import arc_rows, mmlu_rows, write_jsonl
 
 from rustchat import Tokenizer
 from rustchat.checkpoint import find_last_step, load_checkpoint, save_checkpoint, stage_dir
 from rustchat.common import RustchatError
 from rustchat.model import GPT, GPTConfig
 from rustchat.stages import train_base, train_mid, train_sft
-from rustchat.textsource import iter_documents
-from rustchat.trainer import StageConfig
+from rustchat.config import STAGE_CONFIGS
+from rustchat.data.textsource import iter_documents
 
 WORDS = ("the cat sat on a mat while dogs ran far away from home and birds sang songs of spring "
          "rain water fire light dark night day sun moon star river stone tree leaf").split()
@@ -79,7 +80,7 @@ def test_sft_update_does_not_depend_on_device_batch_size(base_dir, tmp_path):
     results = []
     for dbs in (1, 2, 4):
         d = _copy(base_dir, tmp_path, f"dbs{dbs}")
-        cfg = StageConfig(stage="sft", device_batch_size=dbs, total_batch_size=8, max_steps=2, tasks="tiny",
+        cfg = STAGE_CONFIGS["sft"](device_batch_size=dbs, total_batch_size=8, max_steps=2, tasks="tiny",
                           base_dir=str(d), **TINY)
         res = train_sft(cfg)
         results.append((_weights(d, "sft")[0], [h["loss"] for h in res["history"]]))
@@ -115,11 +116,11 @@ def test_resume_matches_uninterrupted(base_dir, tmp_path, stage):
     full = _copy(base_dir, tmp_path, "full")
     part = _copy(base_dir, tmp_path, "part")
     extra = {"data_dir": str(full / "text")} if stage == "base" else {}
-    r_full = fn(StageConfig(stage=stage, **{**kw, "base_dir": str(full)}, **extra))
+    r_full = fn(STAGE_CONFIGS[stage](**{**kw, "base_dir": str(full)}, **extra))
     extra = {"data_dir": str(part / "text")} if stage == "base" else {}
-    r1 = fn(StageConfig(stage=stage, **{**kw, "base_dir": str(part), "stop_at_step": 2}, **extra))
+    r1 = fn(STAGE_CONFIGS[stage](**{**kw, "base_dir": str(part), "stop_at_step": 2}, **extra))
     assert find_last_step(stage_dir(stage, 1, part)) == 2
-    r2 = fn(StageConfig(stage=stage, **{**kw, "base_dir": str(part), "resume": True}, **extra))
+    r2 = fn(STAGE_CONFIGS[stage](**{**kw, "base_dir": str(part), "resume": True}, **extra))
     losses_full = [h["loss"] for h in r_full["history"]]
     losses_resumed = [h["loss"] for h in r1["history"] + r2["history"]]
     assert losses_resumed == pytest.approx(losses_full, rel=1e-5)
@@ -132,7 +133,7 @@ def test_mid_loss_falls(base_dir, tmp_path):
     state, _, meta = load_checkpoint(stage_dir("mid", 1, d), load_optimizer=False)
     shutil.copytree(stage_dir("mid", 1, d), stage_dir("base", 1, d))
     shutil.rmtree(stage_dir("mid", 1, d))
-    res = train_mid(StageConfig(stage="mid", device_batch_size=4, total_batch_size=4 * 64, max_steps=30, tasks="tiny",
+    res = train_mid(STAGE_CONFIGS["mid"](device_batch_size=4, total_batch_size=4 * 64, max_steps=30, tasks="tiny",
                                 base_dir=str(d), **TINY))
     losses = [h["loss"] for h in res["history"]]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
@@ -172,7 +173,7 @@ def test_cli_errors_are_one_line(base_dir, tmp_path):
     err = r.stderr.strip()
     assert err.startswith("rustchat: error:") and "\n" not in err and "mid" in err
     r = _run_cli(["sft", "--depth", "1", "--device", "cpu", "--tasks", "nope"], {"RUSTCHAT_BASE_DIR": str(base_dir)})
-    assert r.returncode == 2 and "unknown task preset" in r.stderr
+    assert r.returncode == 2 and "--tasks must be one of" in r.stderr
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{not json}\n')
     (tmp_path / "v.txt").write_text("val text")
@@ -189,9 +190,7 @@ def test_cli_errors_are_one_line(base_dir, tmp_path):
 
 
 def test_default_recipe_runs_from_local_task_files(base_dir, tmp_path):
-    """SPEC's SFT mixture (hub datasets) from local copies in --task-dir: every task wired."""
-    from test_tasks import arc_rows, mmlu_rows, write_jsonl
-
+    """nanochat's SFT mixture (hub datasets) from local copies in --task-dir: every task wired."""
     from rustchat.stages import build_mixture
 
     rng = random.Random()
@@ -210,7 +209,7 @@ def test_default_recipe_runs_from_local_task_files(base_dir, tmp_path):
     assert len(mix) == 6 + 5 + 4 + 7 + len(get_task("identity")) + 300 + 300
     assert kinds == {"ARC", "GSM8K", "SmolTalk", "CustomJSON", "SimpleSpelling", "SpellingBee"}
     d = _copy(base_dir, tmp_path, "dflt")
-    res = train_sft(StageConfig(stage="sft", device_batch_size=4, total_batch_size=8, max_steps=2, tasks="default",
+    res = train_sft(STAGE_CONFIGS["sft"](device_batch_size=4, total_batch_size=8, max_steps=2, tasks="default",
                                 task_dir=str(td), base_dir=str(d), **TINY))
     assert len(res["history"]) == 2 and all(h["trained_tokens"] > 0 for h in res["history"])
     write_jsonl(td / "mmlu-auxiliary_train-train.jsonl", [{"train": r} for r in mmlu_rows(rng, 5)])
@@ -224,7 +223,8 @@ def test_step_gradient_is_per_token_over_the_whole_step(base_dir):
     over all trained tokens of the step, whatever the micro-batch split, i.e. equal to the
     gradient of one big batch; a mean of micro-batch means would differ (masks vary)."""
     from rustchat.stages import build_mixture
-    from rustchat.trainer import SFTStepData, train_step
+    from rustchat.data.steps import SFTSteps
+    from rustchat.trainer import train_step
 
     tok = Tokenizer.load(base_dir / "tokenizer")
     convs = build_mixture("sft", "tiny", "train")
@@ -239,7 +239,7 @@ def test_step_gradient_is_per_token_over_the_whole_step(base_dir):
         model = GPT(ref.config)
         model.load_state_dict(ref.state_dict())
         sgd = torch.optim.SGD(model.parameters(), lr=1.0)
-        data = SFTStepData(tok, convs, 12, dbs, 64, 0, 1, seed, None)
+        data = SFTSteps(tok, convs, 12, dbs, 64, 0, 1, seed)
         micro = data.next_step()
         assert len(micro) == 12 // dbs
         before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -9,7 +9,7 @@ import string
 import pytest
 
 from rustchat.common import RustchatError
-from rustchat.eval.calculator import calculate
+from rustchat.tools import calculate
 from rustchat.tasks import (
     ARC,
     GSM8K,
@@ -34,6 +34,8 @@ from rustchat.tasks.base import MC_INSTRUCTION, Task
 from rustchat.tasks.humaneval import bundled_humaneval_path
 from rustchat.tasks.stdlib_text import chunk, source_files, split_of, stdlib_documents
 
+from helpers import arc_rows, mmlu_rows, words, write_jsonl, write_parquet
+
 SEED = random.randrange(1 << 30)
 
 
@@ -41,25 +43,6 @@ SEED = random.randrange(1 << 30)
 def rng():
     print(f"seed {SEED}")
     return random.Random(SEED)
-
-
-def words(rng, n):
-    return " ".join("".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 8))) for _ in range(n))
-
-
-def write_jsonl(path, rows):
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    return path
-
-
-def write_parquet(path, rows):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    pq.write_table(pa.Table.from_pylist(rows), path)
-    return path
 
 
 def check_valid(conv):
@@ -82,20 +65,6 @@ def check_mc(conv, question, choices, answer_index):
 
 
 # ------------------------------------------------------------------------------- ARC / MMLU
-
-
-def arc_rows(rng, n):
-    rows = []
-    for i in range(n):
-        k = rng.choice((3, 4, 4, 5))
-        labels = list("ABCDE"[:k]) if rng.random() < 0.7 else [str(j + 1) for j in range(k)]
-        rows.append({
-            "id": f"q{i}",
-            "question": f"{i} {words(rng, 6)}?",
-            "choices": {"text": [words(rng, 3) for _ in range(k)], "label": labels},
-            "answerKey": rng.choice(labels),
-        })
-    return rows
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
@@ -129,11 +98,6 @@ def test_arc_bad_rows(tmp_path, rng):
         ARC("ARC-Medium", path=tmp_path / "a.jsonl")
     with pytest.raises(RustchatError, match="no such file"):
         ARC(path=tmp_path / "missing.jsonl")
-
-
-def mmlu_rows(rng, n):
-    return [{"question": f"{i} {words(rng, 5)}", "subject": "x", "choices": [words(rng, 2) for _ in range(4)],
-             "answer": rng.randrange(4)} for i in range(n)]
 
 
 def test_mmlu_local(tmp_path, rng):

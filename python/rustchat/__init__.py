@@ -1,8 +1,8 @@
 """rustchat: train small chat models end to end with a Rust core and Triton kernels.
 
-`import rustchat` gives the tokenizer (Rust core); the training stack, kernels and tasks are
-submodules (`rustchat.kernels`, `rustchat.model`, ...) imported on demand, so the tokenizer
-stays usable without torch.
+`import rustchat` gives the tokenizer and the conversation tools (Rust core, no torch);
+`rustchat.load_model(...)` and the training stack (`rustchat.model`, `rustchat.kernels`, ...)
+load torch when first used, so the tokenizer stays usable and fast to import without it.
 """
 from . import _core
 from .conversation import collate_sft, pack_rows
@@ -10,11 +10,16 @@ from .tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
 
 __version__ = "0.1.0"
 
-__all__ = ["Tokenizer", "SPLIT_PATTERN", "SPECIAL_TOKENS", "collate_sft", "pack_rows", "kernels", "__version__"]
+__all__ = ["Tokenizer", "SPLIT_PATTERN", "SPECIAL_TOKENS", "collate_sft", "pack_rows", "load_model", "kernels",
+           "__version__"]
 
 
 def __getattr__(name):
-    # `rustchat.kernels` without importing torch at `import rustchat` time.
+    # torch-backed names resolve on first use, not at `import rustchat`
+    if name == "load_model":
+        from .checkpoint import load_model
+
+        return load_model
     if name == "kernels":
         import importlib
 

@@ -20,10 +20,16 @@ from pathlib import Path
 
 import torch
 
-from .common import RustchatError, get_base_dir
+import numpy as np
+from safetensors.torch import load_file, save_file
 
-STAGES = ("base", "mid", "sft", "rl")
-_PREVIOUS = {"base": None, "mid": "base", "sft": "mid", "rl": "sft"}
+from .common import RustchatError, get_base_dir
+from .config import STAGES
+from .model import GPT, GPTConfig
+from .runtime import autodetect_device, setup_cpu_math
+from .tokenizer import Tokenizer, load_tokenizer
+
+_PREVIOUS = {"base": None, "mid": "base", "sft": "mid"}
 _META_RE = re.compile(r"^meta_(\d{6,})\.json$")
 _DEPTH_RE = re.compile(r"^d(\d+)$")
 
@@ -94,8 +100,6 @@ def save_checkpoint(ckpt_dir, step: int, model, optimizers, meta: dict, *, rank:
         states = [opt.state_dict() for opt in optimizers]
         _atomic_write(optim_path, lambda tmp: torch.save(states, tmp))
     if rank == 0:
-        from safetensors.torch import save_file
-
         sd = _plain_state_dict(model)
         _atomic_write(model_path, lambda tmp: save_file(sd, tmp))
         raw = getattr(model, "_orig_mod", model)
@@ -136,7 +140,6 @@ def _missing(path: Path, what: str) -> RustchatError:
 
 def load_checkpoint(ckpt_dir, step: int | None = None, device="cpu", load_optimizer: bool = True, *, rank: int = 0):
     """-> (model_state, optim_states or None, meta). step None: the last complete one."""
-    from safetensors.torch import load_file
 
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
@@ -171,8 +174,6 @@ def load_optimizer_states(optimizers, optim_states) -> None:
 
 def build_model_from_meta(meta: dict, device="cpu", model_state: dict | None = None):
     """A GPT shaped by meta['model_config']; with model_state, its weights are loaded (strict)."""
-    from .model import GPT, GPTConfig
-
     cfg = GPTConfig.from_dict(meta["model_config"])
     if model_state is None:
         with torch.device(device):
@@ -184,8 +185,8 @@ def build_model_from_meta(meta: dict, device="cpu", model_state: dict | None = N
     return model
 
 
-def load_model(stage: str, depth: int | None = None, step: int | None = None, device="cpu", *,
-               base_dir=None, load_optimizer: bool = False):
+def load_stage_model(stage: str, depth: int | None = None, step: int | None = None, device="cpu", *,
+                     base_dir=None, load_optimizer: bool = False):
     """Model of a stage's checkpoint -> (model, optim_states or None, meta).
     depth None picks the largest depth that has a complete checkpoint."""
     if depth is None:
@@ -200,8 +201,30 @@ def load_model(stage: str, depth: int | None = None, step: int | None = None, de
 
 
 def previous_stage(stage: str) -> str | None:
-    """The stage whose checkpoint `stage` starts from (base <- mid <- sft <- rl)."""
+    """The stage whose checkpoint `stage` starts from (base <- mid <- sft)."""
     return _PREVIOUS[stage]
+
+
+def load_model(source: str = "sft", *, depth: int | None = None, step: int | None = None, device: str = "cpu",
+               base_dir=None) -> tuple[GPT, Tokenizer, dict]:
+    """A trained model, ready to use: (model in eval mode, the base dir's tokenizer, meta).
+
+    `source` is the stage (base, mid, sft); depth None picks the largest depth with a
+    checkpoint, step None the last step. `model(ids)` on a LongTensor [B, T] returns fp32
+    logits [B, T, vocab]. meta holds the checkpoint's step, model config and training state."""
+    if source not in _PREVIOUS:
+        raise RustchatError(f"unknown source {source!r}; expected one of {', '.join(_PREVIOUS)}")
+    device = autodetect_device(device)
+    if device.startswith("cpu"):
+        setup_cpu_math()
+    base = Path(base_dir) if base_dir else get_base_dir(create=False)
+    tok = load_tokenizer(base)
+    model, _, meta = load_stage_model(source, depth, step, device=device, base_dir=base)
+    model.eval()
+    if model.config.vocab_size != tok.vocab_size:
+        raise RustchatError(f"the {source} checkpoint has vocab {model.config.vocab_size} but the tokenizer in "
+                            f"{base / 'tokenizer'} has {tok.vocab_size}")
+    return model, tok, meta
 
 
 # ---------------------------------------------------------------------------
@@ -218,8 +241,6 @@ def _unb64(s: str) -> torch.Tensor:
 
 def capture_rng_state() -> dict:
     """Python, numpy, torch CPU and CUDA (current device) generator states, JSON-able."""
-    import numpy as np
-
     py = random.getstate()
     np_state = np.random.get_state()
     state = {
@@ -234,8 +255,6 @@ def capture_rng_state() -> dict:
 
 def restore_rng_state(state: dict | None) -> None:
     """Inverse of capture_rng_state; generators missing from `state` are left as they are."""
-    import numpy as np
-
     state = state or {}
     if "python" in state:
         py = state["python"]

@@ -1,131 +1,176 @@
-"""The `rustchat` command.
+"""The `rustchat` command: every subcommand is defined here, each a typed config (`config.py`)
+handed to the one function that does its work.
 
-Each stage module contributes a `register(subparsers)` that adds its subcommand; commands
-whose module needs torch import it only when run, so `rustchat tok ...` starts fast.
-User-facing errors (bad files, missing checkpoints) print as one line, exit status 2.
+Commands that need torch import their module when run, so `rustchat tok ...` and `--help`
+start fast. User-facing errors (bad files, missing checkpoints) print as one line, exit status 2.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
-import time
-from pathlib import Path
 
-from .common import RustchatError, get_base_dir
-
-
-def default_tokenizer_dir() -> Path:
-    return get_base_dir(create=False) / "tokenizer"
-
-
-# ------------------------------------------------------------------ tok train / tok eval
-def _cmd_tok_train(args) -> None:
-    from tqdm import tqdm
-
-    from .textsource import iter_documents, list_files
-    from .tokenizer import Tokenizer
-
-    files = list_files(args.input)
-    total = sum(f.stat().st_size for f in files)
-    if args.max_chars:
-        total = min(total, args.max_chars)
-    read = [0]
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="counting chunks", disable=args.quiet, mininterval=0.5)
-    last = [0]
-
-    def progress(_chars_seen):
-        bar.update(read[0] - last[0])
-        last[0] = read[0]
-
-    t0 = time.time()
-    tok = Tokenizer.train(
-        iter_documents(args.input, progress=read),
-        args.vocab_size,
-        doc_cap=args.doc_cap or None,
-        max_chars=args.max_chars,
-        progress=progress,
-        verbose=not args.quiet,
-    )
-    bar.close()
-    out = Path(args.out) if args.out else default_tokenizer_dir()
-    tok.save(out)
-    print(f"trained vocab {tok.vocab_size} on {read[0] / 1e6:.1f} M chars in {time.time() - t0:.1f} s -> {out}")
+from .common import RustchatError
+from .config import (
+    STAGE_CONFIGS,
+    ChatConfig,
+    EvalConfig,
+    ImportNanochatConfig,
+    ServeConfig,
+    SpeedrunConfig,
+    TokEvalConfig,
+    TokTrainConfig,
+    add_arguments,
+    from_args,
+)
+from .tokenizer_stage import evaluate_tokenizer, train_tokenizer
 
 
-def _load_tokenizer(path: str | None):
-    from .tokenizer import Tokenizer
-
-    d = Path(path) if path else default_tokenizer_dir()
-    if not (d / "tokenizer.json").is_file():
-        raise RustchatError(f"no tokenizer at {d}: run `rustchat tok train --input FILES --out {d}` first")
-    return Tokenizer.load(d)
+# ----------------------------------------------------------------------------- commands
+def cmd_tok_train(cfg: TokTrainConfig) -> None:
+    train_tokenizer(cfg)
 
 
-def _cmd_tok_eval(args) -> None:
-    from .tok_eval import evaluate, format_table
-
-    tok = _load_tokenizer(args.tokenizer)
-    extra = {}
-    for spec in args.text or []:
-        kind, sep, path = spec.partition("=")
-        if not sep:
-            raise RustchatError(f"--text expects KIND=PATH, got {spec!r}")
-        p = Path(path)
-        if not p.is_file():
-            raise RustchatError(f"--text {kind}: no such file {p}")
-        with open(p, encoding="utf-8", errors="replace") as f:
-            extra[kind] = f.read(args.max_bytes)
-    print(f"tokenizer: {tok} ({args.tokenizer or default_tokenizer_dir()})")
-    print(format_table(evaluate(tok, extra)))
+def cmd_tok_eval(cfg: TokEvalConfig) -> None:
+    evaluate_tokenizer(cfg)
 
 
-def _register_tok(sub) -> None:
-    p = sub.add_parser("tok", help="train or evaluate the BPE tokenizer")
-    tsub = p.add_subparsers(dest="tok_command", required=True)
-    t = tsub.add_parser("train", help="train a BPE tokenizer on text files, directories or parquet shards")
-    t.add_argument("--input", nargs="+", required=True, help="text/JSONL/parquet files or directories")
-    t.add_argument("--vocab-size", type=int, default=65536)
-    t.add_argument("--out", help=f"output directory (default {default_tokenizer_dir()})")
-    t.add_argument("--doc-cap", type=int, default=10_000, help="max chars per document (0: no cap)")
-    t.add_argument("--max-chars", type=int, default=None, help="max chars in all")
-    t.add_argument("--quiet", action="store_true")
-    t.set_defaults(func=_cmd_tok_train)
-    e = tsub.add_parser("eval", help="bytes/token by kind of text, ours vs GPT-2 and GPT-4")
-    e.add_argument("--tokenizer", help="tokenizer directory (default: the trained one under the base dir)")
-    e.add_argument("--text", action="append", metavar="KIND=PATH", help="extra rows, e.g. train=train.txt val=val.txt")
-    e.add_argument("--max-bytes", type=int, default=2_000_000, help="chars read from each --text file")
-    e.set_defaults(func=_cmd_tok_eval)
+def cmd_base(cfg) -> None:
+    from .stages import train_base  # torch: loaded only for the commands that train
+
+    with _processes(cfg.nproc):
+        train_base(cfg)
 
 
-# Modules that add further subcommands (stages, eval, chat) when present.
-_STAGE_MODULES = ("rustchat.stages_cli", "rustchat.eval_cli")
+def cmd_mid(cfg) -> None:
+    from .stages import train_mid  # torch
+
+    with _processes(cfg.nproc):
+        train_mid(cfg)
+
+
+def cmd_sft(cfg) -> None:
+    from .stages import train_sft  # torch
+
+    with _processes(cfg.nproc):
+        train_sft(cfg)
+
+
+def cmd_speedrun(cfg: SpeedrunConfig) -> None:
+    from .speedrun import run_speedrun  # torch
+
+    run_speedrun(cfg)
+
+
+def cmd_eval(cfg: EvalConfig) -> None:
+    from .evaluate import run_eval  # torch
+
+    run_eval(cfg)
+
+
+def cmd_chat(cfg: ChatConfig) -> None:
+    from .chat import run_chat  # torch
+
+    run_chat(cfg)
+
+
+def cmd_serve(cfg: ServeConfig) -> None:
+    from .serve import run_server  # torch and the web stack
+
+    run_server(cfg)
+
+
+def cmd_import_nanochat(cfg: ImportNanochatConfig) -> None:
+    from .nanochat_import import import_nanochat  # torch
+
+    import_nanochat(cfg)
+
+
+@contextlib.contextmanager
+def _processes(nproc: int):
+    """The body runs in each of `nproc` processes (re-launched under torchrun when more than
+    one is asked for and we are not under torchrun yet); the process group closes after."""
+    from .runtime import cleanup_distributed  # torch
+
+    if nproc > 1 and "RANK" not in os.environ:
+        _relaunch_with_torchrun(nproc)
+    try:
+        yield
+    finally:
+        cleanup_distributed()
+
+
+def _relaunch_with_torchrun(nproc: int) -> None:
+    """Re-run this very command under torchrun with `nproc` processes (it never returns)."""
+    out, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        out.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "rustchat.cli", *out]
+    os.execv(sys.executable, cmd)
+
+
+# ----------------------------------------------------------------------------- the parser
+# (name, help, config class, handler); the flags come from the config's fields
+STAGE_COMMANDS = (
+    ("base", "pretrain on web text (FineWeb-Edu or --data-dir)", cmd_base),
+    ("mid", "mid-train on conversations (every token trained)", cmd_mid),
+    ("sft", "supervised fine-tuning (loss on assistant tokens)", cmd_sft),
+)
+COMMANDS = (
+    *((name, help_, STAGE_CONFIGS[name], handler) for name, help_, handler in STAGE_COMMANDS),
+    ("speedrun", "tokenizer -> base -> mid -> SFT -> eval in one go", SpeedrunConfig, cmd_speedrun),
+    ("eval", "evaluate a checkpoint: chat tasks + ChatCORE, or bits/byte for base models", EvalConfig, cmd_eval),
+    ("chat", "chat with a model in the terminal", ChatConfig, cmd_chat),
+    ("serve", "web chat UI and a streaming completions endpoint", ServeConfig, cmd_serve),
+    ("import-nanochat", "import a nanochat checkpoint dir (+ tokenizer.pkl) to continue mid/SFT",
+     ImportNanochatConfig, cmd_import_nanochat),
+)
+TOK_COMMANDS = (
+    ("train", "train a BPE tokenizer on text files, directories or parquet shards", TokTrainConfig, cmd_tok_train),
+    ("eval", "bytes/token by kind of text, ours vs GPT-4 and GPT-4o", TokEvalConfig, cmd_tok_eval),
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes end in one line too, like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _add_command(sub, name: str, help_: str, cls, handler) -> None:
+    p = sub.add_parser(name, help=help_, description=help_)
+    add_arguments(p, cls)
+    p.set_defaults(config_class=cls, handler=handler)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rustchat", description="Train and chat with small language models.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _register_tok(sub)
-    import importlib
-
-    for name in _STAGE_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
-            continue
-        mod.register(sub)
+    parser = _Parser(prog="rustchat", description="Train and chat with small language models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    tok = sub.add_parser("tok", help="train or evaluate the BPE tokenizer")
+    tsub = tok.add_subparsers(dest="tok_command", required=True, parser_class=_Parser)
+    for spec in TOK_COMMANDS:
+        _add_command(tsub, *spec)
+    for spec in COMMANDS:
+        _add_command(sub, *spec)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from .textsource import TextSourceError
-
+    args = build_parser().parse_args(argv)
     try:
-        args.func(args)
-    except (RustchatError, TextSourceError) as e:
+        args.handler(from_args(args.config_class, args))
+    except RustchatError as e:  # TextSourceError and every other user-facing error derive from it
         print(f"rustchat: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,9 +1,9 @@
-"""Inference engine (SPEC "Inference engine"): KV-cached batched sampling with the calculator tool.
+"""Inference engine: KV-cached batched sampling with the calculator tool (docs/design.md, "Inference").
 
 The prompt is prefilled once with batch 1 and its cache fanned out to N rows
 (`KVCache.prefill`); each step then feeds one token per row. A row ends at `<|assistant_end|>`
 or `<|bos|>`. When a row emits `<|python_end|>`, the tokens since its `<|python_start|>` go to
-the restricted calculator (`rustchat.eval.calculator`, never `eval`); a result is forced into
+the restricted calculator (`rustchat.tools`, never `eval`); a result is forced into
 that row as `<|output_start|>` result `<|output_end|>`: those tokens are fed to the model on the
 following steps instead of sampled ones.
 
@@ -19,15 +19,14 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from .common import RustchatError, autocast_ctx
-
-_SPECIALS = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
-             "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")
+from .common import RustchatError
+from .model import KVCache
+from .runtime import autocast_ctx
+from .tokenizer import SPECIAL_TOKENS
+from .tools import calculate
 
 
 def _default_calculator(expr: str) -> str | None:
-    from .eval.calculator import calculate
-
     return calculate(expr, timeout=1.0)
 
 
@@ -72,7 +71,7 @@ class Engine:
                  calculator: Callable[[str], str | None] | None = None):
         self.model, self.tok, self.tools = model, tokenizer, tools
         self.calculator = calculator or _default_calculator
-        sp = {name: tokenizer.encode_special(name) for name in _SPECIALS}
+        sp = {name: tokenizer.encode_special(name) for name in SPECIAL_TOKENS}
         self.bos, self.assistant_end = sp["<|bos|>"], sp["<|assistant_end|>"]
         self.python_start, self.python_end = sp["<|python_start|>"], sp["<|python_end|>"]
         self.output_start, self.output_end = sp["<|output_start|>"], sp["<|output_end|>"]
@@ -82,8 +81,6 @@ class Engine:
         return self.model.get_device()
 
     def _new_cache(self, batch_size: int, max_len: int):
-        from .model import KVCache
-
         return KVCache.for_model(self.model, batch_size, max_len)
 
     def _tool_result(self, row: _Row) -> list[int]:
@@ -179,29 +176,6 @@ class Engine:
         return (out, flags) if return_forced else out
 
 
-def load_for_inference(source: str = "sft", depth: int | None = None, step: int | None = None,
-                       device: str = "auto", base_dir=None):
-    """(model in eval mode, tokenizer, meta, base dir, device) of a stage's checkpoint and the
-    base dir's tokenizer, checked against each other."""
-    from pathlib import Path
-
-    from .checkpoint import load_model
-    from .cli import _load_tokenizer
-    from .common import autodetect_device, get_base_dir, setup_cpu_math
-
-    device = autodetect_device(device)
-    if device.startswith("cpu"):
-        setup_cpu_math()
-    base = Path(base_dir) if base_dir else get_base_dir()
-    tok = _load_tokenizer(str(base / "tokenizer"))
-    model, _, meta = load_model(source, depth, step, device=device, base_dir=base)
-    model.eval()
-    if model.config.vocab_size != tok.vocab_size:
-        raise RustchatError(f"the {source} checkpoint has vocab {model.config.vocab_size} but the tokenizer in "
-                            f"{base / 'tokenizer'} has {tok.vocab_size}")
-    return model, tok, meta, base, device
-
-
 class CompletionParser:
     """A row's tokens -> events ("text", s), ("python", expr), ("python_output", result).
 
@@ -212,7 +186,7 @@ class CompletionParser:
     def __init__(self, tokenizer):
         self.tok = tokenizer
         sp = tokenizer.special_tokens
-        self.ids = {name: sp[name] for name in _SPECIALS if name in sp}
+        self.ids = {name: sp[name] for name in SPECIAL_TOKENS if name in sp}
         self.special = set(self.ids.values())
         self.stops = {self.ids.get("<|assistant_end|>"), self.ids.get("<|bos|>")} - {None}
         self.mode = "text"  # or "python" / "output"

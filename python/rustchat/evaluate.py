@@ -1,4 +1,4 @@
-"""`rustchat eval`: chat models on the eval tasks (SPEC "Evaluation"), base models by bits per byte.
+"""`rustchat eval`: chat models on the eval tasks (docs/design.md, "Evaluation"), base models by bits per byte.
 
 Categorical tasks (ARC, MMLU): each prompt is rendered for completion, a padded batch goes
 through one forward, and the answer is the letter whose token has the highest logit at the
@@ -14,7 +14,22 @@ import math
 import time
 from pathlib import Path
 
-from .common import RustchatError
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .checkpoint import load_model
+from .common import RustchatError, get_base_dir
+from .config import EvalConfig
+from .conversation import render_for_completion
+from .data.pretrain import FINEWEB_SHARDS, DocumentSource
+from .data.textsource import list_files
+from .engine import CompletionParser, Engine
+from .report import write_section
+from .runtime import autocast_ctx
+from .scoring import BASELINES, categorical_pick, chatcore
+from .tasks import get_task
+from .tasks.base import assistant_text
 
 PRESETS = {
     "tiny": ("arithmetic", "spellingbee"),  # offline: generated problems
@@ -47,7 +62,6 @@ def parse_tasks(spec: str) -> list[str]:
 
 def load_task(name: str, max_problems: int | None = None):
     """The test split of a task, its first `max_problems` problems."""
-    from .tasks import get_task
 
     if max_problems is not None and max_problems < 1:
         raise RustchatError(f"--max-problems must be >= 1, got {max_problems}")
@@ -69,13 +83,7 @@ def _letter_ids(tok, letters) -> list[int]:
 
 def categorical_accuracy(model, tok, task, batch_size: int = 8, *, progress=None) -> tuple[int, int]:
     """(correct, total): argmax over the letter tokens' logits at the answer position."""
-    import numpy as np
-    import torch
 
-    from .common import autocast_ctx
-    from .conversation import render_for_completion
-    from .eval.scoring import categorical_pick
-    from .tasks.base import assistant_text
 
     device = model.get_device()
     pad = tok.encode_special("<|assistant_end|>")
@@ -110,7 +118,6 @@ def categorical_accuracy(model, tok, task, batch_size: int = 8, *, progress=None
 
 def completion_text(tok, tokens) -> str:
     """A reply's text as the tasks read it: all parts joined (as `assistant_text` does)."""
-    from .engine import CompletionParser
 
     parser = CompletionParser(tok)
     for t in tokens:
@@ -124,7 +131,6 @@ def generative_accuracy(engine, task, *, num_samples: int = 1, batch_size: int =
                         progress=None) -> tuple[int, int]:
     """(solved, total): sample `num_samples` replies per problem (in chunks of `batch_size`
     rows) and check them with `task.evaluate`; a problem is solved when any reply passes."""
-    from .conversation import render_for_completion
 
     tok = engine.tok
     solved = 0
@@ -146,9 +152,8 @@ def generative_accuracy(engine, task, *, num_samples: int = 1, batch_size: int =
 
 
 def chatcore_of(results: dict[str, float], types: dict[str, str]) -> float:
-    """SPEC ChatCORE over the tasks run; tasks without a listed baseline get 0.25 when
+    """ChatCORE over the tasks run; tasks without a listed baseline get 0.25 when
     categorical (4 choices) and 0 when generative."""
-    from .eval.scoring import BASELINES, chatcore
 
     extra = {t: (0.25 if types.get(t) == "categorical" else 0.0) for t in results if t not in BASELINES}
     return chatcore(results, extra)
@@ -167,8 +172,6 @@ def format_table(rows: list[tuple[str, str, int, float, float]], chatcore: float
 def default_val_files(base: Path, data_dir: str | None) -> list[Path]:
     """Validation text for bits per byte: the last file of --data-dir (as `rustchat base`
     holds it out), else the tiny recipe's val file, else the FineWeb-Edu validation shard."""
-    from .pretrain_data import FINEWEB_SHARDS
-    from .textsource import list_files
 
     if data_dir:
         files = list_files([data_dir])
@@ -184,11 +187,7 @@ def bits_per_byte(model, tok, files, *, batch_size: int = 8, max_tokens: int = 1
     """(bits per byte, tokens scored) of the model on the documents of `files`, each
     prefixed with `<|bos|>`, cut into rows of the model's context. Summed nats over target
     bytes; special tokens have 0 bytes and count in neither sum."""
-    import numpy as np
-    import torch
 
-    from .common import autocast_ctx
-    from .pretrain_data import DocumentSource
 
     src = DocumentSource(list(files))
     pieces, have = [], 0
@@ -223,60 +222,39 @@ def bits_per_byte(model, tok, files, *, batch_size: int = 8, max_tokens: int = 1
 
 
 # ----------------------------------------------------------------------------- entry point
-def _load(args, source: str):
-    from .engine import load_for_inference
-
-    return load_for_inference(source, getattr(args, "depth", None), getattr(args, "step", None),
-                              getattr(args, "device", "auto"), getattr(args, "base_dir", None))
-
-
-def _eval_base(args) -> dict:
-    from .report import write_section
-
-    model, tok, meta, base, device = _load(args, "base")
-    files = default_val_files(base, getattr(args, "data_dir", None))
+def eval_base(cfg: EvalConfig) -> dict:
+    """Bits per byte of a base checkpoint on held-out text."""
+    model, tok, meta = load_model("base", depth=cfg.depth, step=cfg.step, device=cfg.device, base_dir=cfg.base_dir)
+    base = Path(cfg.base_dir) if cfg.base_dir else get_base_dir(create=False)
+    files = default_val_files(base, cfg.data_dir)
     t0 = time.time()
-    bpb, n = bits_per_byte(model, tok, files, batch_size=getattr(args, "batch_size", 8),
-                           max_tokens=getattr(args, "bpb_tokens", None) or (1 << 20))
+    bpb, n = bits_per_byte(model, tok, files, batch_size=cfg.batch_size, max_tokens=cfg.bpb_tokens)
     label = f"base d{model.config.n_layer} step {meta.get('step')}"
-    print(f"{label}: val bits/byte {bpb:.4f} over {n:,} tokens of {', '.join(map(str, files))} "
-          f"({time.time() - t0:.1f} s)")
+    if not cfg.quiet:
+        print(f"{label}: val bits/byte {bpb:.4f} over {n:,} tokens of {', '.join(map(str, files))} "
+              f"({time.time() - t0:.1f} s)")
     write_section("base-eval", {"model": label, "val files": ", ".join(map(str, files)), "tokens": f"{n:,}",
                                 "val bpb": f"{bpb:.4f}"}, base_dir=base)
     return {"val_bpb": bpb}
 
 
-def run_eval(args) -> dict:
+def run_eval(cfg: EvalConfig) -> dict:
     """Evaluate a checkpoint; returns {task display name: accuracy, ..., "ChatCORE": x}
     for chat models, {"val_bpb": x} for base models."""
-    source = getattr(args, "source", "sft")
-    if source == "base":
-        return _eval_base(args)
-    from tqdm import tqdm
-
-    from .engine import Engine
-    from .report import write_section
-
-    quiet = bool(getattr(args, "quiet", False))
-    batch_size = max(1, int(getattr(args, "batch_size", 8) or 8))
-    num_samples = int(getattr(args, "num_samples", 1) or 1)
-    temperature = float(getattr(args, "temperature", 0.0) or 0.0)
-    top_k = getattr(args, "top_k", None)
-    max_new = int(getattr(args, "max_new_tokens", 512) or 512)
-    if num_samples < 1 or temperature < 0 or (top_k is not None and top_k < 1) or max_new < 1:
-        raise RustchatError("need --num-samples >= 1, --temperature >= 0, --top-k >= 1 and --max-new-tokens >= 1")
-    names = parse_tasks(getattr(args, "tasks", "default"))
-    tasks = [load_task(n, getattr(args, "max_problems", None)) for n in names]  # fail early on a bad name
-
-    model, tok, meta, base, device = _load(args, source)
+    if cfg.source == "base":
+        return eval_base(cfg)
+    tasks = [load_task(n, cfg.max_problems) for n in parse_tasks(cfg.tasks)]  # fail early on a bad name
+    model, tok, meta = load_model(cfg.source, depth=cfg.depth, step=cfg.step, device=cfg.device,
+                                  base_dir=cfg.base_dir)
+    base = Path(cfg.base_dir) if cfg.base_dir else get_base_dir(create=False)
     engine = Engine(model, tok)
-    label = f"{source} d{model.config.n_layer} step {meta.get('step')}"
-    print(f"evaluating {label} on {device}: {', '.join(t.name for t in tasks)}")
+    label = f"{cfg.source} d{model.config.n_layer} step {meta.get('step')}"
+    print(f"evaluating {label} on {model.get_device()}: {', '.join(t.name for t in tasks)}")
     results, types, counts, rows = {}, {}, {}, []
     t_all = time.time()
     for task in tasks:
         name, kind = task.name, task.eval_type
-        bar = tqdm(total=len(task), desc=name, disable=quiet, leave=False, mininterval=1.0)
+        bar = tqdm(total=len(task), desc=name, disable=cfg.quiet, leave=False, mininterval=1.0)
 
         def progress(k, good, seen, bar=bar):
             bar.update(k)
@@ -284,26 +262,24 @@ def run_eval(args) -> dict:
 
         t0 = time.time()
         if kind == "categorical":
-            good, n = categorical_accuracy(model, tok, task, batch_size, progress=progress)
+            good, n = categorical_accuracy(model, tok, task, cfg.batch_size, progress=progress)
         else:
-            good, n = generative_accuracy(engine, task, num_samples=num_samples, batch_size=batch_size,
-                                          max_new_tokens=max_new, temperature=temperature, top_k=top_k,
-                                          seed=int(getattr(args, "seed", 42) or 0), progress=progress)
+            good, n = generative_accuracy(engine, task, num_samples=cfg.num_samples, batch_size=cfg.batch_size,
+                                          max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                          top_k=cfg.top_k, seed=cfg.seed, progress=progress)
         bar.close()
         acc = good / n if n else 0.0
         results[name], types[name], counts[name] = acc, kind, n
-        if not quiet:
+        if not cfg.quiet:
             print(f"{name}: {good}/{n} = {100 * acc:.2f}% ({time.time() - t0:.1f} s)")
     core = chatcore_of(results, types) if results else None
-    from .eval.scoring import BASELINES
-
     for name, acc in results.items():
         b = BASELINES.get(name, 0.25 if types[name] == "categorical" else 0.0)
         rows.append((name, types[name], counts[name], acc, (acc - b) / (1 - b)))
     table = format_table(rows, core)
     print(f"\n{label}\n{table}\n({time.time() - t_all:.1f} s)")
-    report_rows = {"model": label, "sampling": f"temperature {temperature}, top-k {top_k}, samples {num_samples}, "
-                                               f"max new tokens {max_new}"}
+    report_rows = {"model": label, "sampling": f"temperature {cfg.temperature}, top-k {cfg.top_k}, "
+                                               f"samples {cfg.num_samples}, max new tokens {cfg.max_new_tokens}"}
     if core is not None:
         report_rows["ChatCORE"] = f"{core:.4f}"
     write_section("eval", report_rows, base_dir=base, table=table)

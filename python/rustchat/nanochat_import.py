@@ -1,4 +1,5 @@
-"""Import a nanochat model checkpoint (model_<step>.pt + meta_<step>.json) as our GPT.
+"""`rustchat import-nanochat`: a nanochat checkpoint (model_<step>.pt + meta_<step>.json) and its
+tokenizer.pkl become a rustchat checkpoint and tokenizer, so mid/SFT continue from them.
 
 Our module names are nanochat's, so the mapping is: strip torch.compile's `_orig_mod.`
 prefix, pad embedding/head rows to our padded vocab, cast to fp32. Files are read without
@@ -6,14 +7,19 @@ executing code (torch.load(weights_only=True), json).
 """
 from __future__ import annotations
 
+import io
 import json
+import pickle
 import re
 from pathlib import Path
 
 import torch
 
-from .common import RustchatError
+from .checkpoint import save_checkpoint, stage_dir
+from .common import RustchatError, get_base_dir
+from .config import ImportNanochatConfig
 from .model import GPT, GPTConfig
+from .tokenizer import Tokenizer
 
 _MODEL_RE = re.compile(r"^model_(\d+)\.pt$")
 _CONFIG_KEYS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
@@ -85,3 +91,69 @@ def import_nanochat_model(ckpt_dir, step: int | None = None, device="cpu"):
     model.to_empty(device=device)
     model.load_state_dict(state, strict=True)
     return model, meta
+
+
+# ----------------------------------------------------------------------------- tokenizer.pkl
+class _EncodingState:
+    """Stands in for tiktoken.Encoding during unpickling; holds its state dict."""
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) == ("tiktoken.core", "Encoding"):
+            return _EncodingState
+        raise pickle.UnpicklingError(f"refusing to load global {module}.{name} from a tokenizer pickle")
+
+
+def load_nanochat_tokenizer(path: str | Path) -> Tokenizer:
+    """nanochat's `tokenizer.pkl` as our Tokenizer, read WITHOUT running code from it.
+
+    A normal `pickle.load` would import and call whatever the file names. Here the unpickler
+    resolves exactly one global, `tiktoken.core.Encoding`, to an inert stand-in that only
+    records the state tiktoken pickles (name, pat_str, mergeable_ranks, special_tokens); every
+    other global is refused."""
+    p = Path(path)
+    if not p.is_file():
+        raise RustchatError(f"{p}: nanochat tokenizer.pkl not found")
+    try:
+        obj = _SafeUnpickler(io.BytesIO(p.read_bytes())).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+        raise RustchatError(f"{p}: not a pickled tiktoken Encoding ({e})") from None
+    state = getattr(obj, "state", None)
+    if isinstance(state, str):
+        raise RustchatError(f"{p}: pickles the registered tiktoken encoding {state!r} by name; "
+                            "load it with Tokenizer.from_tiktoken(tiktoken.get_encoding(name))")
+    if not isinstance(state, dict) or not {"pat_str", "mergeable_ranks", "special_tokens"} <= set(state):
+        raise RustchatError(f"{p}: unexpected tokenizer pickle contents")
+    return Tokenizer.from_ranks(state["mergeable_ranks"], state["pat_str"], state["special_tokens"])
+
+
+# ----------------------------------------------------------------------------- the command
+def import_nanochat(cfg: ImportNanochatConfig) -> Path:
+    """Write the imported model as a checkpoint of `cfg.stage` and its tokenizer into the base dir."""
+    src = Path(cfg.checkpoint_dir)
+    step = cfg.step if cfg.step is not None else find_nanochat_step(src)
+    model, meta = import_nanochat_model(src, step)
+    if cfg.tokenizer:
+        tok_path = Path(cfg.tokenizer)
+    else:
+        near = [src / "tokenizer.pkl", src.parent / "tokenizer" / "tokenizer.pkl",
+                src.parent.parent / "tokenizer" / "tokenizer.pkl"]
+        tok_path = next((p for p in near if p.is_file()), None)
+        if tok_path is None:
+            raise RustchatError(f"no tokenizer.pkl near {src}; pass --tokenizer PATH")
+    tok = load_nanochat_tokenizer(tok_path)
+    if tok.vocab_size != model.config.vocab_size:
+        raise RustchatError(f"tokenizer {tok_path} has {tok.vocab_size} ids but the model expects {model.config.vocab_size}")
+    base = Path(cfg.base_dir) if cfg.base_dir else get_base_dir()
+    tok.save(base / "tokenizer")
+    depth = model.config.n_layer
+    out = stage_dir(cfg.stage, depth, base)
+    save_checkpoint(out, step, model, None, {"imported_from": str(src.resolve()), "nanochat_meta": meta,
+                                              "stage": cfg.stage})
+    print(f"imported nanochat step {step} (depth {depth}, {model.num_params() / 1e6:.1f}M params) -> {out}; "
+          f"tokenizer -> {base / 'tokenizer'}")
+    return out

@@ -7,7 +7,9 @@ import platform
 import time
 from pathlib import Path
 
-ORDER = ["tokenizer", "base", "mid", "sft", "rl", "eval", "speedrun"]
+from .common import get_base_dir
+
+ORDER = ["tokenizer", "base", "mid", "sft", "eval", "speedrun"]
 
 
 def _sections(text: str) -> dict[str, str]:
@@ -25,8 +27,6 @@ def _sections(text: str) -> dict[str, str]:
 
 
 def write_section(name: str, rows: dict, *, base_dir=None, table: str | None = None) -> Path:
-    from .common import get_base_dir
-
     path = Path(base_dir or get_base_dir()) / "report.md"
     sections = _sections(path.read_text()) if path.exists() else {}
     lines = [f"## {name}\n", "\n", f"_{time.strftime('%Y-%m-%d %H:%M:%S')} on {platform.node()}_\n", "\n"]

@@ -4,6 +4,8 @@ Steps count from 0; `num_steps` is the number of optimizer steps in the run.
 """
 from __future__ import annotations
 
+from .optim import Muon
+
 
 def base_lr_multiplier(step: int, num_steps: int, *, warmup_ratio: float = 0.0,
                        warmdown_ratio: float = 0.2, final_lr_frac: float = 0.0) -> float:
@@ -34,11 +36,6 @@ def sft_lr_multiplier(step: int, num_steps: int, *, init_lr_frac: float = 0.02) 
     return init_lr_frac * max(0.0, 1.0 - step / num_steps)
 
 
-def rl_lr_multiplier(step: int, num_steps: int, *, init_lr_frac: float = 0.05) -> float:
-    """RL: starts at init_lr_frac (0.05) of the base lrs, linear decay to 0."""
-    return init_lr_frac * max(0.0, 1.0 - step / num_steps)
-
-
 def muon_momentum(step: int, *, warmup_steps: int = 300, start: float = 0.85, end: float = 0.95) -> float:
     """Base pretraining: Muon momentum ramps linearly 0.85 -> 0.95 over the first 300 steps."""
     frac = min(step / warmup_steps, 1.0) if warmup_steps > 0 else 1.0
@@ -54,8 +51,6 @@ def apply_lr_multiplier(optimizers, multiplier: float) -> None:
 
 def set_muon_momentum(optimizers, momentum: float) -> None:
     """Set the momentum of every Muon optimizer in the list (AdamW untouched)."""
-    from .optim import Muon
-
     for opt in optimizers:
         if isinstance(opt, Muon):
             for group in opt.param_groups:

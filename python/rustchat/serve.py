@@ -14,7 +14,11 @@ import random
 import threading
 from pathlib import Path
 
+from .checkpoint import load_model
 from .common import RustchatError
+from .config import ServeConfig
+from .conversation import render_for_completion
+from .engine import Engine, stream_reply
 
 MAX_MESSAGES = 500
 MAX_MESSAGE_CHARS = 8000
@@ -94,8 +98,6 @@ def fit_prompt(tok, messages: list[dict], context: int, max_tokens: int = 1) -> 
     """Prompt ids for the reply. The oldest user/assistant pairs (after a leading system
     message) are dropped while the prompt leaves less than min(max_tokens, context/2) tokens of
     the model's context for the reply; RequestError if the last turn alone fills the context."""
-    from .conversation import render_for_completion
-
     msgs = list(messages)
     head = 1 if msgs[0]["role"] == "system" else 0
     room = max(1, min(max_tokens, context // 2))
@@ -117,14 +119,10 @@ def _sse(obj) -> bytes:
 def create_app(engine, *, temperature: float = 0.8, top_k: int = 50, max_tokens: int = 512,
                model_info: dict | None = None):
     """The FastAPI app around one Engine."""
-    try:
-        import anyio
-        from fastapi import FastAPI, Request
-        from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-    except ImportError:
-        raise RustchatError("rustchat serve needs FastAPI and uvicorn: pip install 'rustchat[serve]'") from None
-
-    from .engine import stream_reply
+    # the web stack loads only for this command
+    import anyio
+    from fastapi import FastAPI, Request
+    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
     lock = threading.Lock()  # one generation at a time on the one model
     context = int(engine.model.config.sequence_len)
@@ -194,25 +192,21 @@ def create_app(engine, *, temperature: float = 0.8, top_k: int = 50, max_tokens:
     return app
 
 
-def run_server(args) -> None:
-    from .engine import Engine, load_for_inference
+def run_server(cfg: ServeConfig) -> None:
+    import uvicorn  # the web stack loads only for this command
 
-    try:
-        import uvicorn
-    except ImportError:
-        raise RustchatError("rustchat serve needs FastAPI and uvicorn: pip install 'rustchat[serve]'") from None
-    for name, v, (lo, hi) in (("--temperature", args.temperature, TEMPERATURE_RANGE), ("--top-k", args.top_k, TOP_K_RANGE),
-                              ("--max-tokens", args.max_tokens, MAX_TOKENS_RANGE)):
+    for name, v, (lo, hi) in (("--temperature", cfg.temperature, TEMPERATURE_RANGE), ("--top-k", cfg.top_k, TOP_K_RANGE),
+                              ("--max-tokens", cfg.max_tokens, MAX_TOKENS_RANGE)):
         if not lo <= v <= hi:
             raise RustchatError(f"{name} must be in [{lo}, {hi}], got {v}")
-    if not 0 <= args.port <= 65535:
-        raise RustchatError(f"--port must be in [0, 65535], got {args.port}")
-    model, tok, meta, _base, device = load_for_inference(args.source, args.depth, args.step, args.device,
-                                                         args.base_dir)
-    label = f"{args.source} d{model.config.n_layer} step {meta.get('step')}"
-    app = create_app(Engine(model, tok), temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens,
+    if not 0 <= cfg.port <= 65535:
+        raise RustchatError(f"--port must be in [0, 65535], got {cfg.port}")
+    model, tok, meta = load_model(cfg.source, depth=cfg.depth, step=cfg.step, device=cfg.device, base_dir=cfg.base_dir)
+    device = model.get_device()
+    label = f"{cfg.source} d{model.config.n_layer} step {meta.get('step')}"
+    app = create_app(Engine(model, tok), temperature=cfg.temperature, top_k=cfg.top_k, max_tokens=cfg.max_tokens,
                      model_info={"model": label, "device": str(device)})
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: listening on {args.host}: anyone who can reach it can use the model (no authentication)")
-    print(f"rustchat serve: {label} on {device} -> http://{args.host}:{args.port}/")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    if cfg.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {cfg.host}: anyone who can reach it can use the model (no authentication)")
+    print(f"rustchat serve: {label} on {device} -> http://{cfg.host}:{cfg.port}/")
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")

@@ -1,4 +1,6 @@
-"""The training stages: base pretraining, mid-training and SFT, built on `trainer.run_stage`.
+"""The training stages: base pretraining, mid-training and SFT, each one readable function
+(`train_base`, `train_mid`, `train_sft`) that sets up data, model and schedule and hands them
+to `trainer.run_stage`.
 
 Each stage reads the previous stage's latest checkpoint (base starts from scratch), or its own
 with --resume, and writes step-numbered checkpoints under
@@ -10,12 +12,25 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from .common import RustchatError, print0
-from .trainer import SFTStepData, StageConfig, StreamStepData, data_state_for_rank, run_stage
+from .checkpoint import find_last_step, load_optimizer_states, load_stage_model, previous_stage, restore_rng_state, stage_dir
+from .common import RustchatError, get_base_dir, print0
+from .config import BaseConfig, MidConfig, SFTConfig, StageConfig
+from .conversation import collate_sft, render_batch
+from .data.midtrain import MidTrainStream
+from .data.pretrain import FINEWEB_SHARDS, DocumentSource, PretrainLoader, download_shards
+from .data.steps import SFTSteps, StreamSteps
+from .model import GPT, GPTConfig
+from .report import write_section
+from .runtime import autocast_ctx, barrier, compute_dtype, get_rank, init_distributed
+from .schedules import base_lr_multiplier, mid_lr_multiplier, muon_momentum, sft_lr_multiplier
+from .tasks import TaskMixture, get_task
+from .tokenizer import load_tokenizer
+from .trainer import all_reduce_sum, data_state_for_rank, run_stage
 
 # ----------------------------------------------------------------------------- task mixtures
-# name -> (task name, kwargs) lists, per stage and split. "default" is SPEC's recipe on the hub
+# name -> (task name, kwargs) lists, per stage and split. "default" is nanochat's recipe on the hub
 # datasets; "tiny" is the offline recipe (synthetic tasks and bundled identity chats).
 MIXTURES = {
     "default": {
@@ -64,8 +79,6 @@ def local_task_file(task_dir: str | Path, name: str, kwargs: dict) -> Path | Non
 
 
 def build_mixture(stage: str, preset: str, split: str, task_dir: str | None = None, seed: int = 42):
-    from .tasks import TaskMixture, get_task
-
     if preset not in MIXTURES:
         raise RustchatError(f"unknown task preset {preset!r}; known: {', '.join(MIXTURES)}")
     if task_dir is not None and not Path(task_dir).is_dir():
@@ -83,33 +96,24 @@ def build_mixture(stage: str, preset: str, split: str, task_dir: str | None = No
 
 # ----------------------------------------------------------------------------- shared setup
 def _setup(cfg: StageConfig):
-    import torch
-
-    from .cli import _load_tokenizer
-    from .common import init_distributed
-
     info, device = init_distributed(cfg.device, seed=cfg.seed)
-    tok = _load_tokenizer(str(Path(cfg.base_dir) / "tokenizer") if cfg.base_dir else None)
+    tok = load_tokenizer(cfg.base_dir)
     torch.manual_seed(cfg.seed + info.rank)
     return info, device, tok
 
 
 def _ckpt_dir(stage: str, cfg: StageConfig) -> Path:
-    from .checkpoint import stage_dir
-
     return stage_dir(stage, cfg.depth, cfg.base_dir)
 
 
 def _load_start(cfg: StageConfig, device, tok):
     """(model, optimizer states or None, meta or None, start_step) for a stage."""
-    from .checkpoint import find_last_step, load_model, previous_stage, restore_rng_state
-    from .model import GPT, GPTConfig
 
     own = _ckpt_dir(cfg.stage, cfg)
     if cfg.resume:
         if find_last_step(own) is None:
             raise RustchatError(f"--resume: no {cfg.stage} checkpoint in {own}; run without --resume to start")
-        model, optim_states, meta = load_model(cfg.stage, cfg.depth, device=device, base_dir=cfg.base_dir,
+        model, optim_states, meta = load_stage_model(cfg.stage, cfg.depth, device=device, base_dir=cfg.base_dir,
                                                load_optimizer=True)
         restore_rng_state(meta.get("rng", {}))
         return model, optim_states, meta, int(meta["step"])
@@ -118,7 +122,7 @@ def _load_start(cfg: StageConfig, device, tok):
         mcfg = GPTConfig.from_depth(cfg.depth, vocab_size=tok.vocab_size, sequence_len=cfg.seq_len)
         with_device = GPT(mcfg).to(device)
         return with_device, None, None, 0
-    model, _, meta = load_model(prev, cfg.depth, device=device, base_dir=cfg.base_dir, load_optimizer=False)
+    model, _, meta = load_stage_model(prev, cfg.depth, device=device, base_dir=cfg.base_dir, load_optimizer=False)
     if model.config.vocab_size != tok.vocab_size:
         raise RustchatError(
             f"the {prev} checkpoint has vocab {model.config.vocab_size} but the tokenizer has {tok.vocab_size}: "
@@ -127,8 +131,6 @@ def _load_start(cfg: StageConfig, device, tok):
 
 
 def _optimizers(model, cfg: StageConfig, optim_states):
-    from .checkpoint import load_optimizer_states
-
     opts = model.setup_optimizers(matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
                                   unembedding_lr=cfg.unembedding_lr)
     if optim_states is not None:
@@ -137,10 +139,6 @@ def _optimizers(model, cfg: StageConfig, optim_states):
 
 
 def _banner(cfg: StageConfig, model, device, tok, tokens_per_step: str, num_steps: int, extra: str = "") -> None:
-    import torch
-
-    from .common import compute_dtype
-
     device = torch.device(device)
     kernels = "triton (fused linear CE, rotary)" if device.type == "cuda" and model.use_kernels else "torch reference"
     print0(
@@ -161,7 +159,6 @@ def _grad_accum(cfg: StageConfig, world: int) -> int:
 def _bpb_evaluator(tok, make_val_iter, n_batches: int):
     """Bits per byte on validation text: summed nats over target bytes (specials have 0 bytes
     and are left out of both), so it is comparable across tokenizers."""
-    import torch
 
     token_bytes = None
 
@@ -176,26 +173,21 @@ def _bpb_evaluator(tok, make_val_iter, n_batches: int):
         for _ in range(n_batches):
             x, y, _ = next(it)
             x, y = torch.as_tensor(x, device=dev).long(), torch.as_tensor(y, device=dev).long()
-            from .common import autocast_ctx
 
             with autocast_ctx(dev):
                 loss = model(x, y, loss_reduction="none").float()
             b = token_bytes[y.clamp(min=0)] * (y >= 0)
             nats += (loss * (b > 0)).sum().double()
             nbytes += b.sum().double()
-        from .trainer import _all_reduce_sum
 
-        return {"val_bpb": _all_reduce_sum(float(nats), dev) / (math.log(2) * max(_all_reduce_sum(float(nbytes), dev), 1.0))}
+        return {"val_bpb": all_reduce_sum(float(nats), dev) / (math.log(2) * max(all_reduce_sum(float(nbytes), dev), 1.0))}
 
     return evaluate
 
 
 def _conv_loss_evaluator(tok, conversations, cfg: StageConfig, rank: int, world: int):
     """Validation loss per trained token on held-out conversations (mask applied)."""
-    import torch
 
-    from .conversation import collate_sft, render_batch
-    from .trainer import _all_reduce_sum
 
     pad = tok.encode_special("<|assistant_end|>")
     n = min(len(conversations), cfg.eval_batches * cfg.device_batch_size * world)
@@ -209,21 +201,17 @@ def _conv_loss_evaluator(tok, conversations, cfg: StageConfig, rank: int, world:
             x, y = collate_sft([rows[j] for j in range(s, min(s + cfg.device_batch_size, len(rows)))], pad,
                                max_len=cfg.seq_len + 1)
             x, y = torch.tensor(x, device=dev).long(), torch.tensor(y, device=dev).long()
-            from .common import autocast_ctx
 
             with autocast_ctx(dev):
                 total += float(model(x, y, loss_reduction="sum"))
             count += int((y >= 0).sum())
-        return {"val_loss": _all_reduce_sum(total, dev) / max(_all_reduce_sum(count, dev), 1.0)}
+        return {"val_loss": all_reduce_sum(total, dev) / max(all_reduce_sum(count, dev), 1.0)}
 
     return evaluate
 
 
 # ----------------------------------------------------------------------------- stages
-def train_base(cfg: StageConfig) -> dict:
-    from .common import get_base_dir
-    from .pretrain_data import FINEWEB_SHARDS, DocumentSource, PretrainLoader, download_shards
-
+def train_base(cfg: BaseConfig) -> dict:
     info, device, tok = _setup(cfg)
     if cfg.data_dir:
         files = DocumentSource.from_paths([cfg.data_dir]).files
@@ -231,7 +219,6 @@ def train_base(cfg: StageConfig) -> dict:
             raise RustchatError(f"--data-dir {cfg.data_dir} needs at least 2 files: the last one is used for validation")
         train_files, val_files = files[:-1], files[-1:]
     else:
-        from .common import barrier
 
         data = Path(cfg.base_dir or get_base_dir()) / "base_data"
         if info.rank == 0:  # one downloader; the others wait at the barrier
@@ -249,17 +236,12 @@ def train_base(cfg: StageConfig) -> dict:
         num_steps = max(1, math.ceil(cfg.tokens_per_param * model.num_params() / cfg.total_batch_size))
     if meta is not None and cfg.resume:
         num_steps = int(meta.get("num_steps", num_steps)) if not cfg.max_steps else num_steps
-    start_state = data_state_for_rank(meta, info.rank) if cfg.resume else None
-
-    def make_iter(state):
-        return PretrainLoader(tok, train_src, cfg.device_batch_size, cfg.seq_len, device=device, rank=info.rank,
-                              world_size=info.world_size, cursor=state)
-
-    data = StreamStepData(make_iter, accum, start_state)
+    loader = PretrainLoader(tok, train_src, cfg.device_batch_size, cfg.seq_len, device=device, rank=info.rank,
+                            world_size=info.world_size, state=data_state_for_rank(meta, info.rank) if cfg.resume else None)
+    data = StreamSteps(loader, accum)
     evaluate = _bpb_evaluator(
         tok, lambda: iter(PretrainLoader(tok, val_src, cfg.device_batch_size, cfg.seq_len, device=device,
                                          rank=info.rank, world_size=info.world_size)), cfg.eval_batches)
-    from .schedules import base_lr_multiplier, muon_momentum
 
     _banner(cfg, model, device, tok, f"{cfg.total_batch_size:,} tokens (grad accum {accum})", num_steps)
     result = run_stage(cfg, tok=tok, model=model, optimizers=opts, data=data,
@@ -270,10 +252,7 @@ def train_base(cfg: StageConfig) -> dict:
     return result
 
 
-def train_mid(cfg: StageConfig) -> dict:
-    from .conversation import MidTrainStream, render_batch
-    from .schedules import mid_lr_multiplier
-
+def train_mid(cfg: MidConfig) -> dict:
     info, device, tok = _setup(cfg)
     model, optim_states, meta, start = _load_start(cfg, device, tok)  # fails fast if the previous stage is missing
     train = build_mixture("mid", cfg.tasks, "train", cfg.task_dir, cfg.seed)
@@ -285,14 +264,11 @@ def train_mid(cfg: StageConfig) -> dict:
     for s in range(0, len(train), 4096):
         n_tokens += int(render_batch(tok, [train[i] for i in range(s, min(s + 4096, len(train)))], cfg.seq_len).lengths.sum())
     num_steps = cfg.max_steps or max(1, (n_tokens * cfg.num_epochs) // cfg.total_batch_size)
-    start_state = data_state_for_rank(meta, info.rank) if cfg.resume else None
+    stream = MidTrainStream(tok, train, cfg.device_batch_size, cfg.seq_len,
+                            state=data_state_for_rank(meta, info.rank) if cfg.resume else None,
+                            max_tokens=cfg.seq_len, rank=info.rank, world_size=info.world_size)
 
-    def make_iter(state):
-        cursor = None if not state else (state["conversation"], state["offset"], state["epoch"])
-        return MidTrainStream(tok, train, cfg.device_batch_size, cfg.seq_len, start_cursor=cursor,
-                              max_tokens=cfg.seq_len, rank=info.rank, world_size=info.world_size)
-
-    data = StreamStepData(make_iter, accum, start_state)
+    data = StreamSteps(stream, accum)
     evaluate = _conv_loss_evaluator(tok, val, cfg, info.rank, info.world_size)
     _banner(cfg, model, device, tok, f"{cfg.total_batch_size:,} tokens (grad accum {accum})", num_steps,
             f" | {len(train):,} conversations, {n_tokens:,} tokens")
@@ -303,9 +279,7 @@ def train_mid(cfg: StageConfig) -> dict:
     return result
 
 
-def train_sft(cfg: StageConfig) -> dict:
-    from .schedules import sft_lr_multiplier
-
+def train_sft(cfg: SFTConfig) -> dict:
     info, device, tok = _setup(cfg)
     model, optim_states, meta, start = _load_start(cfg, device, tok)  # fails fast if the previous stage is missing
     train = build_mixture("sft", cfg.tasks, "train", cfg.task_dir, cfg.seed)
@@ -316,9 +290,8 @@ def train_sft(cfg: StageConfig) -> dict:
         raise RustchatError(f"--total-batch-size {E} examples is not a multiple of device batch x ranks "
                             f"= {cfg.device_batch_size * info.world_size}")
     num_steps = cfg.max_steps or max(1, (len(train) * cfg.num_epochs) // E)
-    start_state = data_state_for_rank(meta, info.rank) if cfg.resume else None
-    data = SFTStepData(tok, train, E, cfg.device_batch_size, cfg.seq_len, info.rank, info.world_size, cfg.seed,
-                       start_state, pack=cfg.pack)
+    data = SFTSteps(tok, train, E, cfg.device_batch_size, cfg.seq_len, info.rank, info.world_size, cfg.seed,
+                    state=data_state_for_rank(meta, info.rank) if cfg.resume else None, pack=cfg.pack)
     evaluate = _conv_loss_evaluator(tok, val, cfg, info.rank, info.world_size)
     accum = E // (cfg.device_batch_size * info.world_size)
     _banner(cfg, model, device, tok, f"{E} examples (grad accum {accum})", num_steps,
@@ -334,9 +307,6 @@ STAGE_FUNCS = {"base": train_base, "mid": train_mid, "sft": train_sft}
 
 
 def _report(cfg: StageConfig, model, result: dict) -> None:
-    from .common import get_rank
-    from .report import write_section
-
     if get_rank() != 0:
         return
     hist = result["history"]
@@ -356,19 +326,4 @@ def _report(cfg: StageConfig, model, result: dict) -> None:
     write_section(cfg.stage, rows, base_dir=cfg.base_dir)
 
 
-def config_from_args(stage: str, args) -> StageConfig:
-    d = {k: v for k, v in vars(args).items() if k in StageConfig.__dataclass_fields__ and v is not None}
-    d["stage"] = stage
-    return StageConfig(**d)
-
-
-def defaults_for(stage: str) -> dict:
-    """SPEC's per-stage defaults (override with flags)."""
-    if stage == "sft":
-        return {"device_batch_size": 4, "total_batch_size": 32, "eval_every": 100}
-    if stage == "mid":
-        return {"device_batch_size": 32, "total_batch_size": 524_288, "eval_every": 150}
-    return {"device_batch_size": 32, "total_batch_size": 524_288, "eval_every": 250}
-
-
-__all__ = ["StageConfig", "train_base", "train_mid", "train_sft", "STAGE_FUNCS", "build_mixture"]
+__all__ = ["train_base", "train_mid", "train_sft", "STAGE_FUNCS", "build_mixture"]

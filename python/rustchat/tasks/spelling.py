@@ -48,7 +48,7 @@ SPELL_TEMPLATES = (
 def word_lists() -> dict[str, tuple[str, ...]]:
     """{"train": words, "test": words}: lowercase ASCII words of 3-12 letters, sorted, split ~90/10."""
     try:
-        from english_words import get_english_words_set
+        from english_words import get_english_words_set  # loads its word lists on import
     except ImportError:
         raise RustchatError("the spelling tasks need the english-words package (pip install english-words)") from None
     words = sorted(w for w in get_english_words_set(["web2"], lower=True, alpha=True) if w.isascii() and w.isalpha() and 3 <= len(w) <= 12)

@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from .common import RustchatError
+from ..common import RustchatError
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text"}
 SUFFIXES = TEXT_SUFFIXES | {".jsonl", ".parquet"}
@@ -37,7 +37,7 @@ def list_files(paths: list[str | os.PathLike]) -> list[Path]:
     return files
 
 
-def _text_file_docs(path: Path, sizes: list[int]) -> Iterator[str]:
+def text_file_docs(path: Path, sizes: list[int]) -> Iterator[str]:
     # Stream paragraph by paragraph so a multi-GB file never sits in memory at once.
     buf: list[str] = []
     with open(path, encoding="utf-8", errors="replace") as f:
@@ -52,7 +52,7 @@ def _text_file_docs(path: Path, sizes: list[int]) -> Iterator[str]:
         yield "".join(buf)
 
 
-def _jsonl_docs(path: Path, text_field: str, sizes: list[int]) -> Iterator[str]:
+def jsonl_docs(path: Path, text_field: str, sizes: list[int]) -> Iterator[str]:
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             sizes[0] += len(line)
@@ -70,7 +70,7 @@ def _jsonl_docs(path: Path, text_field: str, sizes: list[int]) -> Iterator[str]:
 def parquet_texts(path: Path, text_column: str = "text") -> Iterator[list[str]]:
     """Row groups of a parquet shard's text column, one list of str per row group."""
     try:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # heavy: only parquet input needs it, `tok train` on text stays light
     except ImportError:
         raise TextSourceError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
     try:
@@ -94,6 +94,6 @@ def iter_documents(paths: list[str | os.PathLike], *, text_field: str = "text", 
                     sizes[0] += len(t)
                     yield t
         elif path.suffix == ".jsonl":
-            yield from _jsonl_docs(path, text_field, sizes)
+            yield from jsonl_docs(path, text_field, sizes)
         else:
-            yield from _text_file_docs(path, sizes)
+            yield from text_file_docs(path, sizes)

@@ -1,5 +1,6 @@
-"""Tokenizer evaluation: compression (bytes per token) by kind of text, ours vs GPT-4
-(cl100k), GPT-4o (o200k) and GPT-2 when available, like the seed's table 3.3. Higher bytes/token = better compression.
+"""The tokenizer stage: `rustchat tok train` (BPE on text files, streamed) and `rustchat tok eval`
+(compression in bytes per token by kind of text, ours vs GPT-4's cl100k, GPT-4o's o200k and
+GPT-2 when available; higher bytes/token = better compression).
 
 The built-in samples are short passages written for this table plus real source code from
 the Python standard library; `train` / `val` rows come from files the caller names.
@@ -7,7 +8,17 @@ the Python standard library; `train` / `val` rows come from files the caller nam
 from __future__ import annotations
 
 import inspect
+import json
 import textwrap
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .common import RustchatError, get_base_dir
+from .config import TokEvalConfig, TokTrainConfig
+from .data.textsource import iter_documents, list_files
+from .tokenizer import Tokenizer, load_tokenizer
 
 NEWS = """\
 City officials announced on Tuesday that the riverside bridge, closed for repairs since last
@@ -38,10 +49,7 @@ CHINESE = """\
 
 
 def samples() -> dict[str, str]:
-    import json
-    import textwrap as tw
-
-    code = inspect.getsource(tw) + inspect.getsource(json.decoder)
+    code = inspect.getsource(textwrap) + inspect.getsource(json.decoder)
     return {"news": NEWS, "chinese": CHINESE, "code": code, "math": MATH, "science": SCIENCE}
 
 
@@ -50,7 +58,7 @@ def _reference_encoders():
     cl100k and GPT-4o's o200k ship inside the `bpe-openai` package; GPT-2 is used when
     tiktoken can load it, which needs its download cache or the network)."""
     out = {}
-    try:
+    try:  # optional peers: the table leaves out what is not installed
         import bpe_openai
         import tiktoken
     except ImportError:
@@ -88,3 +96,53 @@ def format_table(rows: list[dict]) -> str:
             line += f"   ours vs gpt4 {100 * (r['ours'] / r['gpt4'] - 1):+6.1f}%"
         lines.append(line)
     return textwrap.dedent("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------- the commands
+def train_tokenizer(cfg: TokTrainConfig) -> Tokenizer:
+    """Train on the documents of cfg.input, save to cfg.out (default <base dir>/tokenizer)."""
+    files = list_files(cfg.input)
+    total = sum(f.stat().st_size for f in files)
+    if cfg.max_chars:
+        total = min(total, cfg.max_chars)
+    read = [0]
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="counting chunks", disable=cfg.quiet, mininterval=0.5)
+    last = [0]
+
+    def progress(_chars_seen):
+        bar.update(read[0] - last[0])
+        last[0] = read[0]
+
+    t0 = time.time()
+    tok = Tokenizer.train(iter_documents(cfg.input, progress=read), cfg.vocab_size, doc_cap=cfg.doc_cap or None,
+                          max_chars=cfg.max_chars, progress=progress, verbose=not cfg.quiet)
+    bar.close()
+    out = Path(cfg.out) if cfg.out else get_base_dir() / "tokenizer"
+    tok.save(out)
+    print(f"trained vocab {tok.vocab_size} on {read[0] / 1e6:.1f} M chars in {time.time() - t0:.1f} s -> {out}")
+    return tok
+
+
+def evaluate_tokenizer(cfg: TokEvalConfig) -> list[dict]:
+    """Print and return the bytes-per-token table of the trained (or given) tokenizer."""
+    if cfg.tokenizer:
+        d = Path(cfg.tokenizer)
+        if not (d / "tokenizer.json").is_file():
+            raise RustchatError(f"--tokenizer {d}: no tokenizer.json there")
+        tok = Tokenizer.load(d)
+    else:
+        tok = load_tokenizer()
+    extra = {}
+    for spec in cfg.text or []:
+        kind, sep, path = spec.partition("=")
+        if not sep:
+            raise RustchatError(f"--text expects KIND=PATH, got {spec!r}")
+        p = Path(path)
+        if not p.is_file():
+            raise RustchatError(f"--text {kind}: no such file {p}")
+        with open(p, encoding="utf-8", errors="replace") as f:
+            extra[kind] = f.read(cfg.max_bytes)
+    print(f"tokenizer: {tok} ({cfg.tokenizer or 'the base dir'})")
+    rows = evaluate(tok, extra)
+    print(format_table(rows))
+    return rows

@@ -140,10 +140,3 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
     proc.wait()
 
-
-def check_humaneval(prompt: str, completion: str, test: str, entry_point: str, timeout: float = 3.0,
-                    memory_mb: int = 1024) -> ExecResult:
-    """Run a HumanEval candidate (`completion`, the model's reply) against the problem's tests."""
-    from ..tasks.humaneval import build_program
-
-    return run_program(build_program(prompt, completion, test, entry_point), timeout, memory_mb)

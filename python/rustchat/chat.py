@@ -10,7 +10,11 @@ from __future__ import annotations
 import random
 import sys
 
+from .checkpoint import load_model
 from .common import RustchatError
+from .config import ChatConfig
+from .conversation import render_for_completion
+from .engine import CompletionParser, Engine, stream_reply
 
 HELP = "commands: 'clear' starts over, 'quit' (or Ctrl-D) exits"
 
@@ -30,8 +34,6 @@ class ChatSession:
         self.history = []
 
     def _prompt(self, user: str):
-        from .conversation import render_for_completion
-
         tok = self.engine.tok
         ctx = self.engine.model.config.sequence_len
         room = min(self.max_tokens, ctx // 2)  # keep at least this much context for the reply
@@ -45,8 +47,6 @@ class ChatSession:
 
     def reply(self, user: str, write=None) -> str:
         """Stream the answer to `user` through `write(str)`; returns the reply's text."""
-        from .engine import CompletionParser, stream_reply
-
         write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
         prompt, dropped = self._prompt(user)
         if dropped:
@@ -67,18 +67,15 @@ class ChatSession:
         return "".join(shown)
 
 
-def run_chat(args, input_fn=input, write=None) -> None:
-    from .engine import Engine, load_for_inference
-
-    model, tok, meta, _base, device = load_for_inference(args.source, args.depth, args.step, args.device,
-                                                         args.base_dir)
-    session = ChatSession(Engine(model, tok), temperature=args.temperature, top_k=args.top_k,
-                          max_tokens=args.max_tokens, seed=args.seed)
+def run_chat(cfg: ChatConfig, input_fn=input, write=None) -> None:
+    model, tok, meta = load_model(cfg.source, depth=cfg.depth, step=cfg.step, device=cfg.device, base_dir=cfg.base_dir)
+    session = ChatSession(Engine(model, tok), temperature=cfg.temperature, top_k=cfg.top_k,
+                          max_tokens=cfg.max_tokens, seed=cfg.seed)
     write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
-    if args.prompt is not None:
-        session.reply(args.prompt, write)
+    if cfg.prompt is not None:
+        session.reply(cfg.prompt, write)
         return
-    write(f"rustchat: {args.source} d{model.config.n_layer} step {meta.get('step')} on {device}. {HELP}\n")
+    write(f"rustchat: {cfg.source} d{model.config.n_layer} step {meta.get('step')} on {model.get_device()}. {HELP}\n")
     while True:
         try:
             text = input_fn("\nyou> ")

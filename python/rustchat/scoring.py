@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..common import RustchatError
-from ..tasks.base import answers_match, extract_answer
+from .common import RustchatError
+from .tasks.base import answers_match, extract_answer
 
 # Chance accuracy per task (SPEC "Evaluation"): 4-choice tasks 0.25, generative ones 0.
 BASELINES = {

@@ -2,9 +2,9 @@
 tokenized by the Rust tokenizer in a background thread, served as [B, T] next-token batches.
 
 Documents are encoded with `<|bos|>` in front and concatenated into one stream; each batch
-takes B*T+1 consecutive tokens (inputs = stream[:-1], targets = stream[1:]). Every batch comes
-with the cursor of the NEXT batch (file, row group, document, tokens to skip), from which the
-stream can be rebuilt exactly, so a resumed run sees the same tokens as an uninterrupted one. With several ranks,
+takes B*T+1 consecutive tokens (inputs = stream[:-1], targets = stream[1:]). `state()` is
+the cursor of the NEXT batch (file, row group, document, tokens to skip), from which the stream
+can be rebuilt exactly (`state=`), so a resumed run sees the same tokens as an uninterrupted one. With several ranks,
 row group g belongs to rank g % world_size.
 """
 from __future__ import annotations
@@ -21,8 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import RustchatError
-from .textsource import SUFFIXES, TextSourceError, _jsonl_docs, _text_file_docs, list_files, parquet_texts
+import pyarrow.parquet as pq
+import torch
+
+from ..common import RustchatError
+from .textsource import SUFFIXES, TextSourceError, jsonl_docs, list_files, parquet_texts, text_file_docs
 
 FINEWEB_REPO = "karpathy/fineweb-edu-100b-shuffle"
 FINEWEB_SHARDS = 1823  # shard_00000 .. shard_01822; the last one is kept for validation
@@ -82,13 +85,6 @@ class Cursor:
     skip: int = 0
     epoch: int = 0
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> "Cursor":
-        return cls(**d) if d else cls()
-
 
 class DocumentSource:
     """Ordered row groups of documents from parquet shards and text/JSONL files."""
@@ -108,8 +104,6 @@ class DocumentSource:
 
     def num_groups(self, path: Path) -> int:
         if path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
             return pq.ParquetFile(path).num_row_groups
         return sum(1 for _ in self.groups(path))
 
@@ -118,7 +112,7 @@ class DocumentSource:
             yield from parquet_texts(path, self.text_column)
             return
         docs: list[str] = []
-        it = _jsonl_docs(path, self.text_column, [0]) if path.suffix == ".jsonl" else _text_file_docs(path, [0])
+        it = jsonl_docs(path, self.text_column, [0]) if path.suffix == ".jsonl" else text_file_docs(path, [0])
         for doc in it:
             docs.append(doc)
             if len(docs) == DOCS_PER_TEXT_GROUP:
@@ -129,21 +123,23 @@ class DocumentSource:
 
 
 class PretrainLoader:
-    """Iterates (inputs int64 [B, T], targets int64 [B, T], cursor) forever (epochs wrap).
+    """Iterates (inputs int64 [B, T], targets int64 [B, T]) forever (epochs wrap); `state()` is
+    where the next batch starts, `state=` resumes there.
 
     Tokenization runs in a background thread (the Rust encoder releases the GIL), a few row
     groups ahead of the consumer. `device` moves batches there (pinned, non-blocking on CUDA).
     """
 
     def __init__(self, tok, source: DocumentSource, batch_size: int, seq_len: int, *, device="cpu",
-                 rank: int = 0, world_size: int = 1, cursor: Cursor | dict | None = None, prefetch_groups: int = 4):
+                 rank: int = 0, world_size: int = 1, state: dict | None = None, prefetch_groups: int = 4):
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch_size and seq_len must be positive, got {batch_size}, {seq_len}")
         self.tok, self.source = tok, source
         self.B, self.T = batch_size, seq_len
         self.device = device
         self.rank, self.world = rank, world_size
-        self.start = cursor if isinstance(cursor, Cursor) else Cursor.from_dict(cursor)
+        self.start = Cursor(**state) if state else Cursor()
+        self._next = self.start
         self.prefetch = prefetch_groups
         self.bos = tok.bos_token_id
 
@@ -181,9 +177,11 @@ class PretrainLoader:
         except BaseException as e:  # delivered to the consumer
             out.put(e)
 
-    def __iter__(self):
-        import torch
+    def state(self) -> dict:
+        """Where the next batch starts (JSON-able)."""
+        return asdict(self._next)
 
+    def __iter__(self):
         stop = threading.Event()
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         th = threading.Thread(target=self._encoded_groups, args=(self.start, stop, q), daemon=True)
@@ -223,6 +221,7 @@ class PretrainLoader:
                         x, y = x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
                     elif str(self.device) != "cpu":
                         x, y = x.to(self.device), y.to(self.device)
-                    yield x, y, head
+                    self._next = head
+                    yield x, y
         finally:
             stop.set()

@@ -1,0 +1,245 @@
+"""One typed configuration per command, with every default in one place.
+
+`cli.py` generates each command's flags from these fields (`add_arguments`), so a flag cannot
+drift from its field; the speedrun and Python callers build the same dataclasses directly.
+A field's metadata holds its help text and checks; `__post_init__` enforces the checks, so a
+config built in code is refused exactly as the command line would refuse it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from typing import ClassVar
+
+from .common import RustchatError
+
+DEVICES = ("auto", "cuda", "cpu", "mps")
+STAGES = ("base", "mid", "sft")  # the training stages, in pipeline order
+TASK_PRESETS = ("default", "tiny")
+
+
+def opt(default, help: str, *, short: str | None = None, choices=None, minimum=None, required: bool = False,
+        positional: bool = False, append: bool = False, metavar: str | None = None):
+    """A config field: its default, its help text and what values it accepts."""
+    return field(default=default, metadata={"help": help, "short": short, "choices": choices, "minimum": minimum,
+                                            "required": required, "positional": positional, "append": append,
+                                            "metavar": metavar})
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclass
+class Config:
+    """Base of every command's config: checks each field against its metadata."""
+
+    def __post_init__(self):
+        for f in fields(self):
+            v, m = getattr(self, f.name), f.metadata
+            if v is None:
+                if m.get("required"):
+                    raise RustchatError(f"{flag_name(f.name)} is required")
+                continue
+            if m.get("choices") and v not in m["choices"]:
+                raise RustchatError(f"{flag_name(f.name)} must be one of {', '.join(map(str, m['choices']))}, got {v!r}")
+            if m.get("minimum") is not None and v < m["minimum"]:
+                raise RustchatError(f"{flag_name(f.name)} must be >= {m['minimum']}, got {v}")
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+@dataclass
+class TokTrainConfig(Config):
+    input: list[str] | None = opt(None, "text/JSONL/parquet files or directories", required=True)
+    vocab_size: int = opt(65536, "vocabulary size, special tokens included", minimum=256 + 9)
+    out: str | None = opt(None, "output directory (default: <base dir>/tokenizer)")
+    doc_cap: int = opt(10_000, "max chars per document (0: no cap)", minimum=0)
+    max_chars: int | None = opt(None, "max chars in all", minimum=1)
+    quiet: bool = opt(False, "no progress bar")
+
+
+@dataclass
+class TokEvalConfig(Config):
+    tokenizer: str | None = opt(None, "tokenizer directory (default: the trained one under the base dir)")
+    text: list[str] | None = opt(None, "extra rows, e.g. train=train.txt val=val.txt", append=True,
+                                 metavar="KIND=PATH")
+    max_bytes: int = opt(2_000_000, "chars read from each --text file", minimum=1)
+
+
+# ----------------------------------------------------------------------------- training stages
+@dataclass
+class StageConfig(Config):
+    """What base, mid and SFT share; each stage's class sets its own defaults below."""
+
+    stage: ClassVar[str]
+    depth: int = opt(10, "model depth (d10 = 640 dim, 5 heads)", minimum=1)
+    device: str = opt("auto", "where to train", choices=DEVICES)
+    device_batch_size: int = opt(32, "rows per micro-batch", minimum=1)
+    total_batch_size: int = opt(524_288, "tokens per optimizer step; gradient accumulation makes up the rest",
+                                minimum=1)
+    seq_len: int = opt(2048, "tokens per row (the model's context)", minimum=1)
+    max_steps: int | None = opt(None, "stop after this many steps (default: the stage's horizon)", minimum=1)
+    num_epochs: int = opt(1, "passes over the data (mid, SFT)", minimum=1)
+    eval_every: int = opt(250, "steps between validation evaluations (0: only at the end)", minimum=0)
+    eval_batches: int = opt(8, "batches per validation evaluation", minimum=1)
+    save_every: int | None = opt(None, "steps between intermediate checkpoints", minimum=1)
+    run: str | None = opt(None, "wandb run name (off by default; honours WANDB_MODE)")
+    resume: bool = opt(False, "continue from this stage's latest checkpoint")
+    stop_at_step: int | None = opt(None, "stop at this step with a checkpoint, schedule unchanged; "
+                                         "continue later with --resume", minimum=1)
+    seed: int = opt(42, "seed of weights, data order and sampling")
+    matrix_lr: float = opt(0.02, "Muon learning rate of the transformer matrices", minimum=0.0)
+    embedding_lr: float = opt(0.2, "AdamW learning rate of the token embedding", minimum=0.0)
+    unembedding_lr: float = opt(0.004, "AdamW learning rate of the output head", minimum=0.0)
+    base_dir: str | None = opt(None, "artifacts root (default $RUSTCHAT_BASE_DIR or ~/.cache/rustchat)")
+    nproc: int = opt(1, "processes on this node (re-launches under torchrun)", minimum=1)
+    quiet: bool = opt(False, "no progress bar")
+
+
+@dataclass
+class BaseConfig(StageConfig):
+    stage: ClassVar[str] = "base"
+    data_dir: str | None = opt(None, "local parquet/text files instead of downloading FineWeb-Edu")
+    num_shards: int = opt(8, "FineWeb-Edu shards to download", minimum=1)
+    tokens_per_param: float = opt(20.0, "training horizon: tokens per parameter", minimum=0.0)
+
+
+@dataclass
+class MidConfig(StageConfig):
+    stage: ClassVar[str] = "mid"
+    eval_every: int = opt(150, "steps between validation evaluations (0: only at the end)", minimum=0)
+    tasks: str = opt("default", "task mixture: default (hub datasets) or tiny (offline)", choices=TASK_PRESETS)
+    task_dir: str | None = opt(None, "directory with local copies of the hub datasets")
+
+
+@dataclass
+class SFTConfig(StageConfig):
+    stage: ClassVar[str] = "sft"
+    device_batch_size: int = opt(4, "conversations per micro-batch", minimum=1)
+    total_batch_size: int = opt(32, "conversations per optimizer step; gradient accumulation makes up the rest",
+                                minimum=1)
+    eval_every: int = opt(100, "steps between validation evaluations (0: only at the end)", minimum=0)
+    tasks: str = opt("default", "task mixture: default (hub datasets) or tiny (offline)", choices=TASK_PRESETS)
+    task_dir: str | None = opt(None, "directory with local copies of the hub datasets")
+    init_lr_frac: float = opt(0.02, "starting fraction of the base learning rates", minimum=0.0)
+    pack: bool = opt(False, "pack conversations into rows instead of padding")
+
+
+STAGE_CONFIGS: dict[str, type[StageConfig]] = {"base": BaseConfig, "mid": MidConfig, "sft": SFTConfig}
+
+
+# ----------------------------------------------------------------------------- using a model
+@dataclass
+class ModelSourceConfig(Config):
+    """Which checkpoint a command loads."""
+
+    source: str = opt("sft", "which stage's checkpoint to load", short="-i", choices=STAGES)
+    depth: int | None = opt(None, "model depth (default: the largest with a checkpoint)", minimum=1)
+    step: int | None = opt(None, "checkpoint step (default: the last)", minimum=0)
+    device: str = opt("auto", "where to run the model", choices=DEVICES)
+    base_dir: str | None = opt(None, "artifacts root (default $RUSTCHAT_BASE_DIR or ~/.cache/rustchat)")
+
+
+@dataclass
+class EvalConfig(ModelSourceConfig):
+    tasks: str = opt("default", "tiny (the offline tasks), default (ARC-Easy, ARC-Challenge, MMLU, GSM8K, "
+                                "HumanEval, SpellingBee) or a comma list, e.g. arc-easy,gsm8k")
+    max_problems: int | None = opt(None, "first N problems of each task", minimum=1)
+    batch_size: int = opt(8, "rows per forward / samples per batch", minimum=1)
+    num_samples: int = opt(1, "replies per generative problem (pass@n)", minimum=1)
+    temperature: float = opt(0.0, "0: greedy", minimum=0.0)
+    top_k: int | None = opt(None, "sample from the k most likely tokens", minimum=1)
+    max_new_tokens: int = opt(512, "tokens per reply at most", minimum=1)
+    seed: int = opt(42, "sampling seed")
+    data_dir: str | None = opt(None, "-i base: validation text files (default: the base dir's)")
+    bpb_tokens: int = opt(1 << 20, "-i base: tokens scored at most", minimum=1)
+    quiet: bool = opt(False, "no progress bars or per-task lines")
+
+
+@dataclass
+class ChatConfig(ModelSourceConfig):
+    prompt: str | None = opt(None, "answer this one prompt and exit", short="-p")
+    temperature: float = opt(0.6, "0: greedy", minimum=0.0)
+    top_k: int | None = opt(50, "sample from the k most likely tokens", minimum=1)
+    max_tokens: int = opt(512, "tokens per reply at most", minimum=1)
+    seed: int | None = opt(None, "sampling seed (default: a new one per reply)")
+
+
+@dataclass
+class ServeConfig(ModelSourceConfig):
+    host: str = opt("127.0.0.1", "listen address (default loopback only)")
+    port: int = opt(8000, "listen port", minimum=0)
+    temperature: float = opt(0.8, "default when a request gives none", minimum=0.0)
+    top_k: int = opt(50, "default when a request gives none", minimum=1)
+    max_tokens: int = opt(512, "default when a request gives none", minimum=1)
+
+
+# ----------------------------------------------------------------------------- whole pipeline, imports
+@dataclass
+class SpeedrunConfig(Config):
+    preset: str = opt("tiny", "tiny: offline, CPU, minutes; d10/d20: the real recipes on the hub datasets",
+                      choices=("tiny", "d10", "d20"))
+    device: str = opt("auto", "where to train", choices=DEVICES)
+    seed: int = opt(42, "seed of every stage")
+    base_dir: str | None = opt(None, "artifacts root (default $RUSTCHAT_BASE_DIR or ~/.cache/rustchat)")
+    quiet: bool = opt(False, "no progress bars")
+
+
+@dataclass
+class ImportNanochatConfig(Config):
+    checkpoint_dir: str | None = opt(None, "directory with model_<step>.pt and meta_<step>.json", positional=True,
+                                     required=True)
+    tokenizer: str | None = opt(None, "nanochat tokenizer.pkl (default: look beside the checkpoint)")
+    stage: str = opt("base", "stage to file the import under", choices=STAGES)
+    step: int | None = opt(None, "checkpoint step (default: the last)", minimum=0)
+    base_dir: str | None = opt(None, "artifacts root (default $RUSTCHAT_BASE_DIR or ~/.cache/rustchat)")
+
+
+# ----------------------------------------------------------------------------- argparse from the fields
+def _unwrap(t) -> tuple[type, bool]:
+    """(the type inside an optional, whether None is allowed) of an annotation."""
+    args = typing.get_args(t)
+    if typing.get_origin(t) in (typing.Union, types.UnionType) and type(None) in args:
+        inner = [a for a in args if a is not type(None)]
+        return inner[0], True
+    return t, False
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type[Config]) -> None:
+    """One flag per field of `cls`. Unset flags stay out of the namespace (argparse.SUPPRESS),
+    so the dataclass's own defaults apply: the help text shows them."""
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        m = f.metadata
+        t, _ = _unwrap(hints[f.name])
+        shown = "" if f.default in (None, False) else f" (default: {f.default})"
+        # choices are listed in the help and checked by __post_init__ (a one-line error)
+        listed = f" (one of: {', '.join(m['choices'])})" if m.get("choices") else ""
+        kw: dict = {"help": m.get("help", "") + listed + shown}
+        if m.get("metavar"):
+            kw["metavar"] = m["metavar"]
+        if m.get("positional"):
+            parser.add_argument(f.name, **kw)
+            continue
+        names = [m["short"], flag_name(f.name)] if m.get("short") else [flag_name(f.name)]
+        kw.update(dest=f.name, default=argparse.SUPPRESS)
+        if t is bool:
+            kw["action"] = "store_true"
+        elif typing.get_origin(t) is list:
+            kw["action" if m.get("append") else "nargs"] = "append" if m.get("append") else "+"
+            kw["required"] = bool(m.get("required"))
+        else:
+            kw["type"] = t
+            kw["required"] = bool(m.get("required"))
+        parser.add_argument(*names, **kw)
+
+
+def from_args(cls: type[Config], ns: argparse.Namespace) -> Config:
+    """The config of `cls` from the flags the user gave (the rest keep their defaults)."""
+    return cls(**{f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)})
