@@ -2,7 +2,7 @@
 
     python scripts/bench_tokenizer.py CORPUS.txt [--vocab-size 65536] [--json out.json]
 
-CORPUS is a text file (e.g. mixed.txt from shared/make_corpus.sh); documents are its
+CORPUS is a text file (e.g. a mix of English, Chinese and code text); documents are its
 blank-line-separated paragraphs. Training runs in fresh subprocesses (one per trainer) so each
 peak RSS is its own; encoding runs in this process, every peer on the same text and vocabulary
 (ours, exported to tiktoken / HF form). Printed ratios are the targets of the tokenizer issue:

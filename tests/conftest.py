@@ -1,6 +1,6 @@
 """Shared fixtures: a real-text corpus for tokenizer tests.
 
-If RUSTCHAT_TEST_CORPUS names a directory made by shared/make_corpus.sh (CI builds one), its
+If RUSTCHAT_TEST_CORPUS names a directory of en/zh/code text files (CI builds one), its
 en/zh/code files are used; otherwise real text is gathered from this Python's own standard
 library (source code and docstrings), which every machine has.
 """

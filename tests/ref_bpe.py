@@ -1,4 +1,4 @@
-"""Plain-Python reference BPE trainer, written from SPEC, independent of the Rust core.
+"""Plain-Python reference BPE trainer, written from docs/design.md, independent of the Rust core.
 
 Split with the `regex` package (its own engine), count chunks, then repeatedly merge the most
 frequent adjacent pair (ties: the smaller pair of ids), recounting from scratch each time.

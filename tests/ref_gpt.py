@@ -1,4 +1,4 @@
-"""Independent reference GPT written from SPEC.md ("Model"), for tests only.
+"""Independent reference GPT written from docs/design.md ("Model"), for tests only.
 
 Plain PyTorch, explicit loops, any float dtype (tests use float64). No rustchat imports, so a
 bug shared with python/rustchat/model.py would have to be written twice to go unnoticed.

@@ -1,4 +1,4 @@
-"""Plain-Python reference for conversation rendering and training rows, written from SPEC
+"""Plain-Python reference for conversation rendering and training rows, written from docs/design.md
 ("Conversation rendering") on tiktoken, one conversation at a time. Tests compare the Rust
 core against it; scripts/bench_render.py times it."""
 import tiktoken

@@ -251,7 +251,7 @@ def test_from_depth_and_param_count():
         assert c.n_embd == 64 * d and c.n_embd % c.n_head == 0 and c.head_dim % 2 == 0
     with torch.device("meta"):
         m = GPT(c20, init=False)
-    assert abs(m.num_params() - 561e6) < 1e6  # SPEC: d20 ~561M params
+    assert abs(m.num_params() - 561e6) < 1e6  # docs/design.md: d20 ~561M params
     blocks = 20 * 12 * 1280 ** 2
     assert m.estimate_flops() == 6 * (blocks + 65536 * 1280) + 12 * 20 * 10 * 128 * 2048
 

@@ -52,7 +52,7 @@ def check_valid(conv):
 
 
 def check_mc(conv, question, choices, answer_index):
-    """SPEC multiple-choice layout: question, `- choice=letter` lines, instruction; answer letter."""
+    """The multiple-choice layout (docs/design.md): question, `- choice=letter` lines, instruction; answer letter."""
     check_valid(conv)
     letters = conv["letters"]
     assert letters == list("ABCDE"[: len(choices)])

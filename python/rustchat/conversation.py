@@ -1,7 +1,7 @@
 """Conversations to training rows: rendering (ids + mask), SFT collation and packing. The work is done by the Rust core (`rustchat._core`); this module checks
 arguments and wraps the flat buffers it returns as numpy arrays (no Python object per token).
 
-Rendering follows SPEC "Conversation rendering". A conversation is `{"messages": [...]}` or a
+Rendering follows docs/design.md, "Conversation rendering". A conversation is `{"messages": [...]}` or a
 list of messages; `mask` is 1 where the token is a trained target.
 
 Training rows (collation and packing): a conversation of n ids gives n-1 positions, with

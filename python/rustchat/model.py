@@ -1,4 +1,4 @@
-"""The GPT of SPEC.md: pre-norm transformer, rotary + QK-norm, ReLU^2 MLP, softcapped fp32 logits.
+"""The GPT of docs/design.md ("Model"): pre-norm transformer, rotary + QK-norm, ReLU^2 MLP, softcapped fp32 logits.
 
 Module names follow nanochat (transformer.wte, transformer.h.{i}.attn.c_q, ..., lm_head) so a
 nanochat state dict maps onto ours by name. Rotary and the fused head+loss come from

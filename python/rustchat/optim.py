@@ -1,4 +1,4 @@
-"""Optimizers of SPEC.md: Muon for the 2-D block matrices, AdamW for embedding and head.
+"""Optimizers (docs/design.md, "Optimizer"): Muon for the 2-D block matrices, AdamW for embedding and head.
 
 Distributed training is plain data parallel: every rank holds the full model and optimizer
 state, gradients are all-reduced (all_reduce_grads) before the step, so all ranks take the

@@ -26,7 +26,7 @@ from . import conversation as rendering  # the module; methods below take a `con
 from .common import RustchatError, get_base_dir
 
 SPLIT_PATTERN: str = _core.DEFAULT_PATTERN
-# The 9 special tokens in SPEC order (defined once, in the Rust renderer that relies on them).
+# The 9 special tokens in their fixed order (docs/design.md, "Tokenizer") (defined once, in the Rust renderer that relies on them).
 SPECIAL_TOKENS: list[str] = list(_core.SPECIAL_TOKENS)
 
 _FORMAT = "rustchat-bpe"

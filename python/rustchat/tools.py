@@ -1,4 +1,4 @@
-"""The restricted calculator tool (SPEC "Inference engine"): what runs between
+"""The restricted calculator tool (docs/design.md, "Inference engine"): what runs between
 `<|python_start|>` and `<|python_end|>`.
 
 Only arithmetic on number literals (+ - * / // % **, unary +/-, parentheses) and

@@ -1,7 +1,7 @@
 """Task base class, mixtures and sequences, the multiple-choice prompt, and a conversation checker.
 
-A task is an indexable collection of conversations (`{"messages": [...]}` dicts, see SPEC
-"Conversation rendering"). Subclasses implement `num_examples()` and `get_example(i)`; the base
+A task is an indexable collection of conversations (`{"messages": [...]}` dicts, see
+docs/design.md, "Conversation rendering"). Subclasses implement `num_examples()` and `get_example(i)`; the base
 adds `start/stop/step` slicing, so `SmolTalk(split="train", stop=10_000)` is its first 10,000
 examples. `eval_type` is "categorical" (scored by letter logits; conversations carry a
 `letters` list) or "generative" (sampled, then checked by `evaluate`).
@@ -144,7 +144,7 @@ class TaskSequence(Task):
 
 
 def render_mc(question: str, letters, choices) -> str:
-    """The multiple-choice user message (SPEC): question, `- {choice}={letter}` lines, instruction."""
+    """The multiple-choice user message (docs/design.md, "Tasks"): question, `- {choice}={letter}` lines, instruction."""
     lines = "".join(f"- {c}={l}\n" for l, c in zip(letters, choices))
     return f"Multiple Choice question: {question}\n{lines}\n{MC_INSTRUCTION}"
 

@@ -2,7 +2,7 @@
 
 The reference answers mark each calculation as `<<expr=result>>`; these become a python tool
 call (`expr`) and its output (`result`) in the assistant message, so the model learns to call
-the calculator (SPEC "Inference engine"). The final answer follows `#### `.
+the calculator (docs/design.md, "Inference engine"). The final answer follows `#### `.
 """
 from __future__ import annotations
 
