@@ -4,6 +4,8 @@
 `rustchat.load_model(...)` and the training stack (`rustchat.model`, `rustchat.kernels`, ...)
 load torch when first used, so the tokenizer stays usable and fast to import without it.
 """
+from importlib import import_module
+
 from . import _core
 from .conversation import collate_sft, pack_rows
 from .tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
@@ -17,11 +19,7 @@ __all__ = ["Tokenizer", "SPLIT_PATTERN", "SPECIAL_TOKENS", "collate_sft", "pack_
 def __getattr__(name):
     # torch-backed names resolve on first use, not at `import rustchat`
     if name == "load_model":
-        from .checkpoint import load_model
-
-        return load_model
+        return import_module(".checkpoint", __name__).load_model
     if name == "kernels":
-        import importlib
-
-        return importlib.import_module(".kernels", __name__)
+        return import_module(".kernels", __name__)
     raise AttributeError(f"module 'rustchat' has no attribute {name!r}")

@@ -14,18 +14,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernels
 from .common import RustchatError
+from .optim import build_optimizers
 
 SOFTCAP = 15.0
 ROPE_BASE = 10000
 VOCAB_PAD = 64  # pad the head/embedding rows to a multiple of this for matmul efficiency
-
-
-def _kernels():
-    # imported lazily so this module loads even while the kernels package is being built
-    from . import kernels
-
-    return kernels
 
 
 @dataclass
@@ -225,7 +220,7 @@ def _flex_attention():
         return None
     if _FLEX["fn"] is None:
         try:
-            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # CUDA-only path
         except ImportError:
             _FLEX["failed"] = True
             return None
@@ -295,7 +290,7 @@ class CausalSelfAttention(nn.Module):
         if plain:
             q, k = apply_rotary_plain(q, k, cos, sin, offset, position_ids)
         else:
-            q, k = _kernels().apply_rotary(q, k, cos, sin, offset=offset, position_ids=position_ids, backend="auto")
+            q, k = kernels.apply_rotary(q, k, cos, sin, offset=offset, position_ids=position_ids, backend="auto")
         # QK-norm after rotary; autocast may run rms_norm in fp32, keep q, k, v in one dtype
         q, k = norm(q).to(v.dtype), norm(k).to(v.dtype)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
@@ -413,8 +408,6 @@ class GPT(nn.Module):
 
     def setup_optimizers(self, *, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004,
                          weight_decay=0.0, lr_scale=1.0):
-        from .optim import build_optimizers
-
         return build_optimizers(self, matrix_lr=matrix_lr, embedding_lr=embedding_lr,
                                 unembedding_lr=unembedding_lr, weight_decay=weight_decay, lr_scale=lr_scale)
 
@@ -427,7 +420,7 @@ class GPT(nn.Module):
             if plain:
                 cos, sin = rotary_tables_plain(n, self.config.head_dim, dtype, device)
             else:
-                cos, sin = _kernels().rotary_tables(n, self.config.head_dim, base=ROPE_BASE, device=device)
+                cos, sin = kernels.rotary_tables(n, self.config.head_dim, base=ROPE_BASE, device=device)
             hit = (cos, sin, n)
             self._rope_cache[key] = hit
         return hit[0], hit[1]
@@ -483,7 +476,7 @@ class GPT(nn.Module):
                 x, head = x.to(dt), head.to(dt)
             elif x.dtype != head.dtype:
                 x = x.to(head.dtype)
-            return _kernels().linear_cross_entropy(
+            return kernels.linear_cross_entropy(
                 x, head, targets, ignore_index=-1, softcap=SOFTCAP, reduction=loss_reduction, backend="auto")
         logits = F.linear(x, head)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 (fp64 stays fp64)

@@ -121,8 +121,8 @@ def create_app(engine, *, temperature: float = 0.8, top_k: int = 50, max_tokens:
     """The FastAPI app around one Engine."""
     # the web stack loads only for this command
     import anyio
-    from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from fastapi import FastAPI, Request  # web stack
+    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse  # web stack
 
     lock = threading.Lock()  # one generation at a time on the one model
     context = int(engine.model.config.sequence_len)

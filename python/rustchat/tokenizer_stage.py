@@ -59,8 +59,8 @@ def _reference_encoders():
     tiktoken can load it, which needs its download cache or the network)."""
     out = {}
     try:  # optional peers: the table leaves out what is not installed
-        import bpe_openai
-        import tiktoken
+        import bpe_openai  # optional peers
+        import tiktoken  # optional peer
     except ImportError:
         return out
     for label, name in (("gpt2", "gpt2"), ("gpt4", "cl100k_base"), ("gpt4o", "o200k_base")):

@@ -13,6 +13,7 @@ import random
 import zlib
 
 from ..common import RustchatError
+from ..tools import calculate
 from .base import Task, answers_match, assistant_text, extract_answer
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
@@ -77,7 +78,8 @@ class _WordTask(Task):
 
 def spelling_bee_answer(word: str, letter: str) -> list[dict]:
     """The assistant parts for "how many `letter` in `word`"."""
-    count = word.count(letter)
+    expr = f"'{word}'.count('{letter}')"
+    count = calculate(expr)  # the very tool the engine runs, so training shows its real output
     lines = [
         f"We are asked to find the number '{letter}' in the word '{word}'. Let me try a manual approach first.",
         "",
@@ -96,7 +98,7 @@ def spelling_bee_answer(word: str, letter: str) -> list[dict]:
     lines += ["", f"This gives us {running}.", "", "Let me double check this using Python:", "", ""]
     return [
         {"type": "text", "text": "\n".join(lines)},
-        {"type": "python", "text": f"'{word}'.count('{letter}')"},
+        {"type": "python", "text": expr},
         {"type": "python_output", "text": str(count)},
         {"type": "text", "text": f"\n\nPython gives us {count}.\n\nMy final answer is:\n\n#### {count}"},
     ]
