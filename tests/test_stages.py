@@ -185,7 +185,7 @@ def test_cli_errors_are_one_line(base_dir, tmp_path):
     bd.mkdir()
     shutil.copy(bad, bd / "a.jsonl")
     shutil.copy(tmp_path / "v.txt", bd / "b.txt")
-    with pytest.raises(RustchatError, match=r"a.jsonl line 2: invalid JSON"):
+    with pytest.raises(RustchatError, match=r"a.jsonl:2: invalid JSON"):
         list(iter_documents([bd]))
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ..common import RustchatError
@@ -52,18 +52,28 @@ def text_file_docs(path: Path, sizes: list[int]) -> Iterator[str]:
         yield "".join(buf)
 
 
+def jsonl_rows(lines: Iterable[str], path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) for each non-blank JSON line; a bad line is a one-line error
+    naming the file and line (every JSONL reader of the package goes through here)."""
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TextSourceError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+
+
 def jsonl_docs(path: Path, text_field: str, sizes: list[int]) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    def counted(f):
+        for line in f:
             sizes[0] += len(line)
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TextSourceError(f"{path} line {lineno}: invalid JSON ({e.msg})") from None
+            yield line
+
+    with open(path, encoding="utf-8") as f:
+        for lineno, row in jsonl_rows(counted(f), path):
             if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
-                raise TextSourceError(f"{path} line {lineno}: expected an object with a string field {text_field!r}")
+                raise TextSourceError(f"{path}:{lineno}: expected an object with a string field {text_field!r}")
             yield row[text_field]
 
 

@@ -1,10 +1,10 @@
 """CustomJSON: your own conversations, one per line of a JSONL file; and the bundled identity set."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..common import RustchatError
+from ..data.textsource import jsonl_rows
 from .base import Task, conversation_problem
 
 
@@ -31,13 +31,7 @@ class CustomJSON(Task):
         except (OSError, UnicodeDecodeError) as e:
             raise RustchatError(f"{self.path}: cannot read ({e})") from e
         self.conversations: list[dict] = []
-        for lineno, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RustchatError(f"{self.path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        for lineno, obj in jsonl_rows(lines, self.path):
             if not isinstance(obj, (dict, list)):
                 raise RustchatError(f"{self.path}:{lineno}: expected an object with 'messages' or a list of messages, got {type(obj).__name__}")
             problem = conversation_problem(obj)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..common import RustchatError
+from ..data.textsource import jsonl_rows
 
 _SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
 
@@ -109,14 +110,7 @@ def _read_file(path: Path) -> list[dict]:
             raise RustchatError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
         pairs = list(enumerate(rows, 1))
     else:
-        pairs = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                pairs.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise RustchatError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from e
+        pairs = list(jsonl_rows(text.splitlines(), path))
     for lineno, row in pairs:
         if not isinstance(row, dict):
             raise RustchatError(f"{path}:{lineno}: expected a JSON object per row, got {type(row).__name__}")
