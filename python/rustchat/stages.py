@@ -171,7 +171,7 @@ def _bpb_evaluator(tok, make_val_iter, n_batches: int):
         nbytes = torch.zeros((), dtype=torch.float64, device=dev)
         it = make_val_iter()
         for _ in range(n_batches):
-            x, y, _ = next(it)
+            x, y = next(it)
             x, y = torch.as_tensor(x, device=dev).long(), torch.as_tensor(y, device=dev).long()
 
             with autocast_ctx(dev):
