@@ -316,6 +316,19 @@ def eager_linear(hidden, weight, targets, softcap, reduction, go):
     return loss.detach(), gh, gw
 
 
+def linear_vs_ref(hidden, weight, targets, softcap, reduction, rtol, seed, backend="auto", ignore_index=-1):
+    """linear_cross_entropy's loss and gradients (random grad_output) vs float64, within rtol."""
+    loss = linear_cross_entropy(hidden, weight, targets, softcap=softcap, reduction=reduction, backend=backend,
+                                ignore_index=ignore_index)
+    go = grad_output_for(loss)
+    gh, gw = torch.autograd.grad(loss, (hidden, weight), go)
+    r_loss, r_gh, r_gw = ref_linear(hidden, weight, targets, softcap, reduction, go, ignore_index)
+    close(loss, r_loss, rtol, f"loss[{reduction}]", seed)
+    close(gh, r_gh, rtol, f"grad hidden[{reduction}]", seed)
+    close(gw, r_gw, rtol, f"grad weight[{reduction}]", seed)
+    return loss
+
+
 def check_linear(backend, dtype, softcap, reduction, N, D, V, n_ignored, seed, dev):
     hidden = (torch.randn(N, D, device=dev)).to(dtype).requires_grad_()
     weight = (torch.randn(V, D, device=dev) * (2.0 / math.sqrt(D))).to(dtype).requires_grad_()
@@ -376,13 +389,7 @@ def test_linear_cross_entropy_all_ignored_and_single_row(backend, reduction, see
     assert (gh == 0).all() and (gw == 0).all()
     # a single trained row (target V-1)
     targets[2] = V - 1
-    loss = linear_cross_entropy(hidden, weight, targets, softcap=15.0, reduction=reduction, backend=backend)
-    go = grad_output_for(loss)
-    gh, gw = torch.autograd.grad(loss, (hidden, weight), go)
-    r_loss, r_gh, r_gw = ref_linear(hidden, weight, targets, 15.0, reduction, go)
-    close(loss, r_loss, 1e-5, "loss", seed)
-    close(gh, r_gh, 1e-5, "grad hidden", seed)
-    close(gw, r_gw, 1e-5, "grad weight", seed)
+    linear_vs_ref(hidden, weight, targets, 15.0, reduction, 1e-5, seed, backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -576,14 +583,7 @@ def test_float64_torch_path_matches_fp64(seed):
     h = torch.randn(N, D, dtype=torch.float64, requires_grad=True)
     w = (torch.randn(V, D, dtype=torch.float64) * 0.3).requires_grad_()
     for red in ("mean", "none"):
-        loss = linear_cross_entropy(h, w, t, softcap=15.0, reduction=red)
-        assert loss.dtype == torch.float64
-        go = grad_output_for(loss)
-        gh, gw = torch.autograd.grad(loss, (h, w), go)
-        r_loss, r_gh, r_gw = ref_linear(h, w, t, 15.0, red, go)
-        close(loss, r_loss, 1e-12, "f64 linear loss", seed)
-        close(gh, r_gh, 1e-12, "f64 grad hidden", seed)
-        close(gw, r_gw, 1e-12, "f64 grad weight", seed)
+        assert linear_vs_ref(h, w, t, 15.0, red, 1e-12, seed).dtype == torch.float64
     cos, sin = rotary_tables(8, 16, dtype=torch.float64)
     assert cos.dtype == torch.float64
     q, k = torch.randn(2, 8, 3, 16, dtype=torch.float64), torch.randn(2, 8, 1, 16, dtype=torch.float64)
@@ -613,14 +613,7 @@ def test_out_of_range_target_raises(backend, seed):
     loss = cross_entropy(x, t, ignore_index=-100, reduction="none", backend=backend)
     assert loss[2] == 0
     close(loss, ref_ce(x.cpu().double(), t.cpu(), None, "none", ignore_index=-100), 1e-5, "loss", seed)
-    hl = h.clone().requires_grad_()
-    wl = w.clone().requires_grad_()
-    lin = linear_cross_entropy(hl, wl, t, ignore_index=-100, softcap=15.0, backend=backend)
-    gh, gw = torch.autograd.grad(lin, (hl, wl))
-    r_loss, r_gh, r_gw = ref_linear(h, w, t, 15.0, "mean", torch.tensor(1.0), ignore_index=-100)
-    close(lin, r_loss, 1e-5, "linear loss", seed)
-    close(gh, r_gh, 1e-5, "grad hidden", seed)
-    close(gw, r_gw, 1e-5, "grad weight", seed)
+    linear_vs_ref(h.requires_grad_(), w.requires_grad_(), t, 15.0, "mean", 1e-5, seed, backend=backend, ignore_index=-100)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
