@@ -127,9 +127,36 @@ def device_fn(fn):
     return fn
 
 
+def _version(mod) -> tuple:
+    return tuple(int(p) for p in mod.__version__.split("+")[0].split(".")[:2] if p.isdigit())
+
+
+def _interpreter_numpy_compat() -> None:
+    """Triton < 3.7's interpreter turns a scalar (a 1-element array) into a Python int with
+    int(array), which numpy >= 2.4 rejects: every `range(0, V, BLOCK)` loop then fails with
+    "only 0-dimensional arrays can be converted to Python scalars". Fixed upstream in 3.7; for
+    older Tritons, wrap that one conversion (a no-op with numpy < 2.4, the pinned setup)."""
+    import numpy as np
+
+    from triton.runtime import interpreter as ti
+
+    if _version(triton) >= (3, 7) or _version(np) < (2, 4) or getattr(ti, "_rustchat_index_fix", False):
+        return
+    orig = ti._patch_lang_tensor
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+    ti._patch_lang_tensor = patched
+    ti._rustchat_index_fix = True
+
+
 def _jit(fn, interp: bool):
     k = _JIT_CACHE.get((fn, interp))
     if k is None:
+        if interp:
+            _interpreter_numpy_compat()
         # triton.jit reads TRITON_INTERPRET at decoration time: set it to the wanted mode
         old = os.environ.get("TRITON_INTERPRET")
         os.environ["TRITON_INTERPRET"] = "1" if interp else "0"
