@@ -180,6 +180,9 @@ def _ce_kernel(
             in_range = (tgt >= 0) & (tgt < V)  # out-of-range targets must not read out of bounds
             # the target logit before any sweep: the gradient may overwrite the row
             xt = tl.load(x_row + tgt, mask=in_range, other=0.0).to(tl.float32)
+            # in place, another warp's sweep may overwrite x[tgt] before this warp has read it:
+            # every thread's read is performed before anyone goes on
+            tl.debug_barrier()
             dzt = 1.0
             if HAS_CAP:  # (scalars: the exact form, once per row)
                 tt = softcap_sigmoid(xt, k_sig, False)
