@@ -9,7 +9,8 @@ forward (backward only scales by grad_output, like Liger); for "none" the per-ro
 needed, so the backward recomputes the chunks.
 
 No host sync: ignored rows are not gathered out (that needs their count on the host); the kernel
-gives them zero loss and zero gradient, and the "mean" divisor stays a device tensor.
+gives them zero loss and zero gradient, and the "mean" divisor stays a device tensor. The price:
+their head matmuls are computed too (nothing when few targets are ignored, as in pretraining).
 """
 from __future__ import annotations
 
