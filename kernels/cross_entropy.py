@@ -1,9 +1,17 @@
 """Masked cross-entropy over logits [N, V], with optional softcap s*tanh(x/s), loss in fp32.
 
-Triton path: ONE kernel computes the loss and the gradient in the forward pass (two sweeps over
-each row: online max/sum, then p - onehot). The gradient is kept and only scaled by grad_output in
-backward (skipped when it is 1), so fwd+bwd moves ~ read logits + write grad, like Liger-Kernel.
-Ignored rows write zero gradient without reading their logits.
+Triton path: ONE kernel computes the loss and the gradient in the forward pass; the backward only
+scales the gradient by grad_output, in place, on the device (skipped there when it is 1), so
+fwd+bwd moves ~ read logits + write grad, like Liger-Kernel. With `grad_in_logits=True` the
+gradient overwrites the logits buffer (no second [N, V] buffer at all).
+
+Per row, with softcap <= 40 (the model's case) every softcapped logit lies in (-cap, cap), so cap
+is a safe max: sweep 1 sums exp(z - cap) and stores the unnormalised gradient exp(z - cap)*dz/dx;
+sweep 2 only multiplies it by scale/sum. The softcap is evaluated once per element and sweep 2
+is a read-modify-write of data sweep 1 just wrote. The kernel is persistent: a fixed number of
+programs, sized so the rows in flight fit in half the L2, walk over the rows; sweep 2 then hits
+L2 and HBM sees one read of the logits and one write of the gradient. Without softcap (or with a
+large one) sweep 1 keeps an online max and sweep 2 recomputes (one exp per element per sweep).
 """
 from __future__ import annotations
 
@@ -11,19 +19,21 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import (
-    HAS_TRITON,
     LazyKernel,
     check_float,
     check_reduction,
     check_softcap,
     check_target_range,
     check_targets,
+    compute_dtype,
+    device_fn,
+    device_props,
     interpreting,
     next_pow2,
     resolve_backend,
     tl,
-    triton,
 )
+from ._common import LOG2E, fast_exp2, fast_rcp, round_bf16_rne, softcap_sigmoid  # noqa: F401 (kernel globals)
 
 # --------------------------------------------------------------------------------------------
 # Plain PyTorch reference (backend="torch"): what eager code does, autograd does the backward.
@@ -31,7 +41,7 @@ from ._backend import (
 
 
 def cross_entropy_torch(logits, targets, ignore_index=-1, softcap=None, reduction="mean"):
-    z = logits.float()
+    z = logits.to(compute_dtype(logits.dtype))
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     rows = F.cross_entropy(z, targets, ignore_index=ignore_index, reduction="none")
@@ -44,183 +54,261 @@ def cross_entropy_torch(logits, targets, ignore_index=-1, softcap=None, reductio
     return total / n
 
 
-def ce_rows_torch(logits, targets, softcap, scale, want_grad, grad_dtype):
-    """Per-row loss (+ scaled gradient wrt logits) for rows whose targets are all valid.
-    Torch twin of `ce_rows_triton`, used by the chunked linear cross-entropy."""
-    z = logits.float()
+def ce_rows_torch(logits, targets, softcap, scale, want_grad, grad_dtype, ignore_index=-1):
+    """Per-row loss (+ scaled gradient wrt logits; 0 for ignored rows). Torch twin of
+    `ce_rows_triton`, used by the chunked linear cross-entropy. May overwrite `logits`."""
+    z = logits.to(compute_dtype(logits.dtype))
+    valid = targets != ignore_index
+    t = torch.where(valid, targets, 0)
     u = None
     if softcap is not None:
         u = z / softcap
         z = torch.tanh(u).mul_(softcap)
     lse = torch.logsumexp(z, dim=1)
-    loss = lse - z.gather(1, targets[:, None]).squeeze(1)
+    loss = (lse - z.gather(1, t[:, None]).squeeze(1)) * valid
     if not want_grad:
         return loss, None
     g = z.sub_(lse[:, None]).exp_()  # softmax, reusing z's buffer
-    g[torch.arange(g.shape[0], device=g.device), targets] -= 1.0
+    g[torch.arange(g.shape[0], device=g.device), t] -= 1.0
     if u is not None:
         # d(s*tanh(x/s))/dx = sech^2(x/s) (1 - tanh^2 would cancel badly near |tanh| = 1)
         g.mul_(u.cosh_().pow_(-2))
+    w = valid.to(g.dtype)
     if isinstance(scale, torch.Tensor):
-        g.mul_(scale.float().reshape(-1, 1) if scale.numel() > 1 else scale.float())
+        w = w * scale.to(g.dtype).reshape(-1)
     elif scale != 1.0:
-        g.mul_(scale)
+        w = w * scale
+    g.mul_(w[:, None])
     return loss, g.to(grad_dtype)
 
 
 # --------------------------------------------------------------------------------------------
-# Triton kernel
+# Triton kernels
 # --------------------------------------------------------------------------------------------
 
 
-def _ce_fwd_kernel(
+@device_fn
+def _store_grad(ptr, g, mask, MASKED: tl.constexpr, RNE_FIX: tl.constexpr):
+    if RNE_FIX:
+        g = round_bf16_rne(g)
+    g = g.to(ptr.dtype.element_ty)
+    if MASKED:
+        tl.store(ptr, g, mask=mask)
+    else:
+        tl.store(ptr, g)
+
+
+@device_fn
+def _load_x(ptr, mask, MASKED: tl.constexpr):
+    if MASKED:
+        x = tl.load(ptr, mask=mask, other=0.0)
+    else:
+        x = tl.load(ptr)
+    return x.to(tl.float32)
+
+
+@device_fn
+def _cap_sweep1_block(x_row, g_row, cols, V, k_sig, c2, MASKED: tl.constexpr, STORE: tl.constexpr,
+                      FAST: tl.constexpr, RNE_FIX: tl.constexpr):
+    """exp(z - cap) of one block (0 where masked); STORE: also write exp(z - cap) * t(1 - t),
+    the gradient up to the factor 4*scale/sum that sweep 2 applies."""
+    mask = cols < V
+    t = softcap_sigmoid(_load_x(x_row + cols, mask, MASKED), k_sig, FAST)
+    e = fast_exp2(c2 * t - c2, FAST)  # z - cap = 2cap(t - 1)
+    if STORE:
+        _store_grad(g_row + cols, e * (t - t * t), mask, MASKED, RNE_FIX)
+    if MASKED:
+        e = tl.where(mask, e, 0.0)
+    return e
+
+
+@device_fn
+def _rescale_block(g_row, cols, V, f, MASKED: tl.constexpr, RNE_FIX: tl.constexpr):
+    mask = cols < V
+    _store_grad(g_row + cols, _load_x(g_row + cols, mask, MASKED) * f, mask, MASKED, RNE_FIX)
+
+
+@device_fn
+def _online_block(x_row, cols, V, m, s, cap, k_sig, HAS_CAP: tl.constexpr, MASKED: tl.constexpr,
+                  FAST: tl.constexpr):
+    """Online (max, sum of exp) update with one block (general path: no softcap or a big one)."""
+    mask = cols < V
+    x = _load_x(x_row + cols, mask, MASKED)
+    if HAS_CAP:
+        x = cap * (2.0 * softcap_sigmoid(x, k_sig, FAST) - 1.0)
+    if MASKED:
+        x = tl.where(mask, x, float("-inf"))
+    m_new = tl.maximum(m, tl.max(x, 0))
+    s = s * fast_exp2((m - m_new) * LOG2E, FAST) + tl.sum(fast_exp2((x - m_new) * LOG2E, FAST), 0)
+    return m_new, s
+
+
+@device_fn
+def _recompute_block(x_row, g_row, cols, V, m, f, cap, k_sig, HAS_CAP: tl.constexpr,
+                     MASKED: tl.constexpr, FAST: tl.constexpr, RNE_FIX: tl.constexpr):
+    """grad = exp(z - m) * f * dz/dx of one block, f = scale/sum (z - m first: exact for large
+    logits, where folding m into the exponent's offset would lose the low bits)."""
+    mask = cols < V
+    x = _load_x(x_row + cols, mask, MASKED)
+    if HAS_CAP:
+        t = softcap_sigmoid(x, k_sig, FAST)
+        x = cap * (2.0 * t - 1.0)
+        f = f * 4.0 * (t - t * t)
+    _store_grad(g_row + cols, fast_exp2((x - m) * LOG2E, FAST) * f, mask, MASKED, RNE_FIX)
+
+
+def _ce_kernel(
     X, stride_x,  # logits [R, V] (any float dtype, upcast to fp32 right after the load)
     TGT,  # int targets [R]
-    LOSS,  # fp32 [R] per-row loss (0 for ignored rows)
-    G, stride_g,  # gradient out [R, V] (separate from X: autotuning reruns the kernel)
+    LOSS,  # fp32 [R] per-row loss (0 for ignored rows, NaN for out-of-range targets)
+    G, stride_g,  # gradient out [R, V]; may be X itself (in place)
     SCALE, stride_scale,  # fp32 gradient scale per row (stride 0 for a single scalar)
-    V, ignore_index, cap, inv_cap,
-    HAS_CAP: tl.constexpr, FIXED_MAX: tl.constexpr, WRITE_GRAD: tl.constexpr, RNE_FIX: tl.constexpr,
-    BLOCK: tl.constexpr,
+    R, V, ignore_index, cap, k_sig,  # k_sig = -2*log2(e)/cap
+    # RESCALE (implies WRITE_GRAD, FIXED_MAX): sweep 1 stores the unnormalised gradient
+    HAS_CAP: tl.constexpr, FIXED_MAX: tl.constexpr, WRITE_GRAD: tl.constexpr, RESCALE: tl.constexpr,
+    FAST: tl.constexpr, RNE_FIX: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    x_row = X + row * stride_x
-    g_row = G + row * stride_g
     offs = tl.arange(0, BLOCK)
-    tgt = tl.load(TGT + row).to(tl.int64)
-    if tgt != ignore_index:
-        if FIXED_MAX:
-            # sweep 1, softcap: every z = cap*tanh(x/cap) lies in (-cap, cap), so cap is a safe
-            # max (exp(z - cap) >= exp(-2cap) does not underflow for cap <= 40): no running max,
-            # per-lane sums, a single reduction at the end
-            acc = tl.zeros([BLOCK], dtype=tl.float32)
-            for start in range(0, V, BLOCK):
-                cols = start + offs
-                mask = cols < V
-                x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-                # tanh from exp (libdevice tanh is unavailable in the interpreter); the
-                # exp(-2|u|) form never overflows, the odd Taylor series avoids the 1-e
-                # cancellation for small |u|
-                u = x * inv_cap
-                au = tl.abs(u)
-                e = tl.exp(-2.0 * au)
-                r = 1.0 / (1.0 + e)
-                th = (1.0 - e) * r
-                u2 = u * u
-                small = au * (1.0 + u2 * (-0.3333333333333333 + u2 * (0.13333333333333333 - u2 * 0.05396825396825397)))
-                th = tl.where(au < 0.125, small, th)
-                th = tl.where(u < 0.0, -th, th)
-                x = cap * th
-                acc += tl.where(mask, tl.exp(x - cap), 0.0)
-            m = cap
-            s = tl.sum(acc, 0)
-        else:
-            # sweep 1: online max / sum of exp (scalar running state, one exp per element)
-            m = float("-inf")
-            s = 0.0
-            for start in range(0, V, BLOCK):
-                cols = start + offs
-                mask = cols < V
-                x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-                if HAS_CAP:
-                    u = x * inv_cap
-                    au = tl.abs(u)
-                    e = tl.exp(-2.0 * au)
-                    r = 1.0 / (1.0 + e)
-                    th = (1.0 - e) * r
-                    u2 = u * u
-                    small = au * (1.0 + u2 * (-0.3333333333333333 + u2 * (0.13333333333333333 - u2 * 0.05396825396825397)))
-                    th = tl.where(au < 0.125, small, th)
-                    th = tl.where(u < 0.0, -th, th)
-                    x = cap * th
-                x = tl.where(mask, x, float("-inf"))
-                m_new = tl.maximum(m, tl.max(x, 0))
-                s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
-                m = m_new
-        in_range = (tgt >= 0) & (tgt < V)  # out-of-range targets must not read out of bounds
-        xt = tl.load(x_row + tgt, mask=in_range, other=0.0).to(tl.float32)
-        if HAS_CAP:  # (own names: anything assigned before a loop becomes loop-carried)
-            ut = xt * inv_cap
-            aut = tl.abs(ut)
-            et = tl.exp(-2.0 * aut)
-            tht = (1.0 - et) / (1.0 + et)
-            ut2 = ut * ut
-            smallt = aut * (1.0 + ut2 * (-0.3333333333333333 + ut2 * (0.13333333333333333 - ut2 * 0.05396825396825397)))
-            tht = tl.where(aut < 0.125, smallt, tht)
-            tht = tl.where(ut < 0.0, -tht, tht)
-            xt = cap * tht
-        # (m - xt) + log(s) rather than lse - xt: no rounding of lse at large |logits|
-        tl.store(LOSS + row, (m - xt) + tl.log(s))
-        if WRITE_GRAD:
-            scale = tl.load(SCALE + row * stride_scale).to(tl.float32)
-            inv_s = 1.0 / s
-            # sweep 2: grad = (softmax - onehot) * dz/dx * scale
-            for start in range(0, V, BLOCK):
-                cols = start + offs
-                mask = cols < V
-                x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-                if HAS_CAP:
-                    u = x * inv_cap
-                    au = tl.abs(u)
-                    e = tl.exp(-2.0 * au)
-                    r = 1.0 / (1.0 + e)
-                    th = (1.0 - e) * r
-                    u2 = u * u
-                    small = au * (1.0 + u2 * (-0.3333333333333333 + u2 * (0.13333333333333333 - u2 * 0.05396825396825397)))
-                    th = tl.where(au < 0.125, small, th)
-                    th = tl.where(u < 0.0, -th, th)
-                    x = cap * th
-                p = tl.exp(x - m) * inv_s  # like torch's softmax: exp(x - max) / sum
-                g = tl.where(cols == tgt, p - 1.0, p)
-                if HAS_CAP:
-                    # d(cap*tanh(x/cap))/dx = 1 - tanh^2 = 4e/(1+e)^2: no cancellation near |tanh| = 1
-                    g = g * (4.0 * e * r * r)
-                g = g * scale
+    # unmasked blocks [0, v_full), then one masked tail block if V % BLOCK (TAIL; compiled only
+    # then: no per-element mask work in the sweeps, no dead tail code)
+    v_full = V - V % BLOCK
+    for row in range(tl.program_id(0), R, tl.num_programs(0)):  # persistent over rows
+        x_row = X + tl.cast(row, tl.int64) * stride_x
+        g_row = G + tl.cast(row, tl.int64) * stride_g
+        tgt = tl.load(TGT + row).to(tl.int64)
+        if tgt != ignore_index:
+            in_range = (tgt >= 0) & (tgt < V)  # out-of-range targets must not read out of bounds
+            # the target logit before any sweep: the gradient may overwrite the row
+            xt = tl.load(x_row + tgt, mask=in_range, other=0.0).to(tl.float32)
+            # in place, another warp's sweep may overwrite x[tgt] before this warp has read it:
+            # every thread's read is performed before anyone goes on
+            tl.debug_barrier()
+            dzt = 1.0
+            if HAS_CAP:  # (scalars: the exact form, once per row)
+                tt = softcap_sigmoid(xt, k_sig, False)
+                xt = cap * (2.0 * tt - 1.0)
+                dzt = 4.0 * (tt - tt * tt)
+            if FIXED_MAX:
+                # every z = cap*tanh(x/cap) is in (-cap, cap): cap is a safe max (exp(z - cap) >=
+                # exp(-2cap) does not underflow for cap <= 40): no running max, per-lane sums
+                c2 = 2.0 * cap * LOG2E
+                acc = tl.zeros([BLOCK], dtype=tl.float32)
+                for start in range(0, v_full, BLOCK):
+                    acc += _cap_sweep1_block(x_row, g_row, start + offs, V, k_sig, c2, False,
+                                             RESCALE, FAST, RNE_FIX)
+                if TAIL:
+                    acc += _cap_sweep1_block(x_row, g_row, v_full + offs, V, k_sig, c2, True,
+                                             RESCALE, FAST, RNE_FIX)
+                m = cap
+                s = tl.sum(acc, 0)
+            else:
+                # sweep 1: online max / sum of exp (scalar running state)
+                m = float("-inf")
+                s = 0.0
+                for start in range(0, v_full, BLOCK):
+                    m, s = _online_block(x_row, start + offs, V, m, s, cap, k_sig, HAS_CAP, False, FAST)
+                if TAIL:
+                    m, s = _online_block(x_row, v_full + offs, V, m, s, cap, k_sig, HAS_CAP, True, FAST)
+            xt = tl.where(in_range, xt, float("nan"))  # never silently wrong: NaN loss
+            # (m - xt) + log(s) rather than lse - xt: no rounding of lse at large |logits|
+            tl.store(LOSS + row, (m - xt) + tl.log(s))
+            if WRITE_GRAD:
+                scale = tl.load(SCALE + row * stride_scale).to(tl.float32)
+                inv_s = 1.0 / s
+                if RESCALE:
+                    # sweep 2: the stored exp(z - cap)*t(1 - t) times 4*scale/sum (L2-resident)
+                    f = 4.0 * scale * inv_s
+                    for start in range(0, v_full, BLOCK):
+                        _rescale_block(g_row, start + offs, V, f, False, RNE_FIX)
+                    if TAIL:
+                        _rescale_block(g_row, v_full + offs, V, f, True, RNE_FIX)
+                else:
+                    # sweep 2: grad = softmax * dz/dx * scale, recomputed from the logits
+                    f = scale * inv_s
+                    for start in range(0, v_full, BLOCK):
+                        _recompute_block(x_row, g_row, start + offs, V, m, f, cap, k_sig,
+                                         HAS_CAP, False, FAST, RNE_FIX)
+                    if TAIL:
+                        _recompute_block(x_row, g_row, v_full + offs, V, m, f, cap, k_sig,
+                                         HAS_CAP, True, FAST, RNE_FIX)
+                # the target element: (p_t - 1) * dz/dx * scale, written once the sweep's stores
+                # (by other threads of the program) are done: no compare per element in the sweep
+                pt = tl.exp2((xt - m) * LOG2E) * inv_s
+                gt = (pt - 1.0) * dzt * scale
                 if RNE_FIX:
-                    # the interpreter truncates fp32 -> bf16; round to nearest even by hand
-                    # so results match the GPU (constexpr: never compiled for the GPU)
-                    gb = g.to(tl.uint32, bitcast=True)
-                    gb = (gb + 0x7FFF + ((gb >> 16) & 1)) & 0xFFFF0000
-                    g = gb.to(tl.float32, bitcast=True)
-                tl.store(g_row + cols, g.to(G.dtype.element_ty), mask=mask)
-    else:
-        tl.store(LOSS + row, 0.0)
-        if WRITE_GRAD:
-            zero = tl.zeros([BLOCK], dtype=tl.float32).to(G.dtype.element_ty)
+                    gt = round_bf16_rne(gt)
+                tl.debug_barrier()
+                tl.store(g_row + tgt, gt.to(G.dtype.element_ty), mask=in_range)
+                tl.debug_barrier()
+        else:
+            tl.store(LOSS + row, 0.0)
+            if WRITE_GRAD:
+                zero = tl.zeros([BLOCK], dtype=tl.float32).to(G.dtype.element_ty)
+                for start in range(0, V, BLOCK):
+                    cols = start + offs
+                    tl.store(g_row + cols, zero, mask=cols < V)
+
+
+def _ce_scale_kernel(G, stride_g, GO, stride_go, R, V, RNE_FIX: tl.constexpr, BLOCK: tl.constexpr):
+    """G[r, :] *= GO[r] in place (GO: fp32, stride 0 for one scalar); rows with GO == 1 are
+    skipped on the device, so the common loss.backward() costs a launch, not a pass over G."""
+    offs = tl.arange(0, BLOCK)
+    for row in range(tl.program_id(0), R, tl.num_programs(0)):
+        go = tl.load(GO + row * stride_go)
+        if go != 1.0:
+            g_row = G + tl.cast(row, tl.int64) * stride_g
             for start in range(0, V, BLOCK):
                 cols = start + offs
-                tl.store(g_row + cols, zero, mask=cols < V)
+                mask = cols < V
+                g = tl.load(g_row + cols, mask=mask, other=0.0).to(tl.float32) * go
+                _store_grad(g_row + cols, g, mask, True, RNE_FIX)
 
 
-def _ce_configs():
-    if not HAS_TRITON:
-        return None
-    # few programs per SM with big blocks keep the rows being processed small enough for L2, so
-    # the second sweep over a row mostly hits L2 instead of HBM; autotune picks (GPU only)
-    return [
-        triton.Config({"BLOCK": b}, num_warps=w)
-        for b, w in ((1024, 4), (2048, 8), (4096, 8), (4096, 16), (4096, 32), (8192, 16), (8192, 32), (16384, 32))
-    ]
+_CE_KERNEL = LazyKernel(_ce_kernel)
+_CE_SCALE_KERNEL = LazyKernel(_ce_scale_kernel)
+
+# Rows in flight (programs x row bytes) are kept within this share of the L2, so sweep 2 finds
+# the row there (H100: 50 MB L2 -> up to 200 rows of 128 KB; 132 programs of one bf16 row each at
+# V = 65536 with the gradient in place).
+L2_SHARE = 0.5
+# elements per thread per block: enough bytes in flight per SM, no register spills (sm_90)
+ELEMS_PER_THREAD = 16
 
 
-_CE_KERNEL = LazyKernel(_ce_fwd_kernel, configs=_ce_configs(), key=["V", "HAS_CAP", "FIXED_MAX", "WRITE_GRAD", "RNE_FIX"])
+def ce_launch_config(V, x_bytes, g_bytes, inplace, device):
+    """(BLOCK, num_warps, programs) chosen on the host: no autotuning (its reruns would clobber
+    in-place outputs and its timing runs sync the host). Programs: all resident at once (a
+    persistent kernel must not queue a second wave) and their rows fit in L2_SHARE of the L2."""
+    if interpreting() or device.type != "cuda":
+        return min(4096, next_pow2(V)), 4, device_props(device)[0]
+    block = min(next_pow2(V), 8192)
+    warps = max(1, min(32, block // (32 * ELEMS_PER_THREAD)))
+    sms, l2 = device_props(device)
+    resident = max(1, 1024 // (32 * warps))  # programs per SM at <= 64 registers per thread
+    row_bytes = V * (x_bytes + (0 if inplace else g_bytes))
+    return block, warps, max(1, min(sms * resident, int(L2_SHARE * l2) // max(1, row_bytes)))
 
 
-def ce_rows_triton(logits, targets, softcap, scale, want_grad, grad_dtype=None, ignore_index=-1, grad_out=None):
+def ce_rows_triton(logits, targets, softcap, scale, want_grad, grad_dtype=None, ignore_index=-1, inplace=False):
     """Launch the fused kernel over the rows of `logits` [R, V].
 
     scale: python float, 0-dim/1-element tensor, or per-row tensor [R] (fp32) multiplying the
-    gradient. Returns (loss [R] fp32, grad [R, V] or None); `grad_out`: optional [R, V] buffer
-    for the gradient (must not alias `logits`).
+    gradient. Returns (loss [R] fp32, grad [R, V] or None). inplace: the gradient overwrites
+    `logits` (which must then be contiguous along V and of the gradient's dtype).
     """
     R, V = logits.shape
     dev = logits.device
     if logits.stride(1) != 1:
+        if inplace:
+            raise ValueError("grad_in_logits needs logits contiguous along the vocab dimension")
         logits = logits.contiguous()
     targets = targets.contiguous()  # the kernel indexes targets with stride 1
     loss = torch.empty(R, dtype=torch.float32, device=dev)
+    grad_dtype = grad_dtype or logits.dtype
     if want_grad:
-        grad = grad_out if grad_out is not None else torch.empty(R, V, dtype=grad_dtype or logits.dtype, device=dev)
+        if inplace and grad_dtype != logits.dtype:
+            raise ValueError("grad_in_logits needs the gradient in the logits' dtype")
+        grad = logits if inplace else torch.empty(R, V, dtype=grad_dtype, device=dev)
     else:
         grad = loss  # dummy pointer, never written (WRITE_GRAD=False)
     if not isinstance(scale, torch.Tensor):
@@ -230,29 +318,39 @@ def ce_rows_triton(logits, targets, softcap, scale, want_grad, grad_dtype=None, 
     if R == 0:
         return loss, (grad if want_grad else None)
     cap = float(softcap) if softcap is not None else 1.0
-    kernel = _CE_KERNEL.get()
-    args = (
+    fixed = softcap is not None and softcap <= 40.0
+    g_bytes = grad.element_size() if want_grad else 0
+    block, warps, progs = ce_launch_config(V, logits.element_size(), g_bytes, inplace, dev)
+    _CE_KERNEL.get()[(min(R, progs),)](
         logits, logits.stride(0), targets, loss,
         grad, grad.stride(0) if want_grad else 0,
-        scale, stride_scale, V, int(ignore_index), cap, 1.0 / cap,
+        scale, stride_scale, R, V, int(ignore_index), cap, -2.0 * 1.4426950408889634 / cap,
+        HAS_CAP=softcap is not None, FIXED_MAX=fixed, WRITE_GRAD=bool(want_grad),
+        # the stored unnormalised gradient can underflow fp16's range: recompute there
+        RESCALE=fixed and want_grad and grad.dtype != torch.float16,
+        FAST=not interpreting(), RNE_FIX=interpreting() and want_grad and grad.dtype == torch.bfloat16,
+        BLOCK=block, TAIL=V % block != 0, num_warps=warps,
     )
-    meta = dict(
-        HAS_CAP=softcap is not None,
-        FIXED_MAX=softcap is not None and softcap <= 40.0,
-        WRITE_GRAD=bool(want_grad),
-        RNE_FIX=interpreting() and want_grad and grad.dtype == torch.bfloat16,
-    )
-    if _CE_KERNEL.autotuned:
-        kernel[(R,)](*args, **meta)
-    else:
-        # interpreter: hand-picked block (autotune needs a GPU)
-        kernel[(R,)](*args, **meta, BLOCK=min(4096, next_pow2(V)), num_warps=4)
     return loss, (grad if want_grad else None)
+
+
+def scale_rows_(grad, go):
+    """grad [R, V] *= go (0-dim, or [R] per row) in place, on the device, no host sync."""
+    R, V = grad.shape
+    go = go.to(device=grad.device, dtype=torch.float32).reshape(-1).contiguous()
+    if R == 0:
+        return grad
+    block, warps, progs = ce_launch_config(V, grad.element_size(), 0, True, grad.device)
+    _CE_SCALE_KERNEL.get()[(min(R, progs),)](
+        grad, grad.stride(0), go, 0 if go.numel() == 1 else 1, R, V,
+        RNE_FIX=interpreting() and grad.dtype == torch.bfloat16, BLOCK=block, num_warps=warps,
+    )
+    return grad
 
 
 class _CrossEntropyTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, ignore_index, softcap, reduction, grad_enabled):
+    def forward(ctx, logits, targets, ignore_index, softcap, reduction, grad_enabled, inplace):
         need_grad = ctx.needs_input_grad[0] and grad_enabled  # no gradient work under no_grad
         valid = targets != ignore_index
         n_valid = valid.sum()  # stays on device: no sync
@@ -261,9 +359,11 @@ class _CrossEntropyTriton(torch.autograd.Function):
         else:
             scale = 1.0
         loss_rows, grad = ce_rows_triton(
-            logits, targets, softcap, scale, need_grad, logits.dtype, ignore_index=ignore_index
+            logits, targets, softcap, scale, need_grad, logits.dtype, ignore_index=ignore_index,
+            inplace=inplace and need_grad,
         )
         ctx.reduction = reduction
+        ctx.used = False
         if need_grad:
             ctx.save_for_backward(grad)
         if reduction == "none":
@@ -274,25 +374,27 @@ class _CrossEntropyTriton(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
+        if ctx.used:  # the gradient was scaled in place: a second backward would scale it twice
+            raise RuntimeError("cross_entropy (triton): backward can run only once (retain_graph is not supported)")
+        ctx.used = True
         (grad,) = ctx.saved_tensors
-        go = grad_output.to(torch.float32)
-        if ctx.reduction == "none":
-            go = go.reshape(-1, 1)
-        elif bool(go == 1):  # one tiny sync; saves a full pass in the common case
-            return grad, None, None, None, None, None
-        # multiply in fp32 and round once into the gradient's dtype (no fp32 temporary)
-        out = torch.empty_like(grad)
-        torch.mul(grad, go, out=out)
-        return out, None, None, None, None, None
+        # in place, no [N, V] temporary; go == 1 is tested on the device (no host sync)
+        scale_rows_(grad, grad_output)
+        return grad, None, None, None, None, None, None
 
 
-def cross_entropy(logits, targets, *, ignore_index=-1, softcap=None, reduction="mean", backend="auto"):
-    """Cross-entropy of logits [N, V] (bf16/fp16/fp32) against int targets [N], computed in fp32.
+def cross_entropy(logits, targets, *, ignore_index=-1, softcap=None, reduction="mean", backend="auto",
+                  grad_in_logits=False):
+    """Cross-entropy of logits [N, V] (bf16/fp16/fp32; float64 on the torch path) against int
+    targets [N], computed in fp32 (fp64 for float64).
 
-    Rows with target == ignore_index contribute 0 loss and 0 gradient. reduction: "mean" (over
-    non-ignored rows; 0 if there are none), "sum", or "none" (fp32 [N], 0 for ignored rows).
-    softcap s applies s*tanh(x/s) to the logits first. Leading dims are flattened: logits
-    [..., V] with targets [...] is accepted ("none" then returns shape [...]).
+    Rows with target == ignore_index contribute 0 loss and 0 gradient; any other target outside
+    [0, V) raises (on CUDA through a device-side assert, reported at the next sync). reduction:
+    "mean" (over non-ignored rows; 0 if there are none), "sum", or "none" (fp32 [N], 0 for
+    ignored rows). softcap s applies s*tanh(x/s) to the logits first. Leading dims are
+    flattened: logits [..., V] with targets [...] is accepted ("none" then returns shape [...]).
+    grad_in_logits: the Triton path may write the gradient into the logits' memory (as
+    Liger-Kernel does): saves an [N, V] buffer; the logits must not be used after the call.
     """
     check_float("logits", logits)
     check_targets(targets)
@@ -316,5 +418,6 @@ def cross_entropy(logits, targets, *, ignore_index=-1, softcap=None, reduction="
     if be == "torch":
         out = cross_entropy_torch(logits, targets, ignore_index, softcap, reduction)
     else:
-        out = _CrossEntropyTriton.apply(logits, targets, ignore_index, softcap, reduction, torch.is_grad_enabled())
+        out = _CrossEntropyTriton.apply(logits, targets, ignore_index, softcap, reduction, torch.is_grad_enabled(),
+                                        bool(grad_in_logits))
     return out.reshape(out_shape) if reduction == "none" else out

@@ -1,11 +1,16 @@
 """Head matmul fused with the masked cross-entropy: loss(hidden @ weight.T, targets).
 
-Never materialises the full [N, V] logits: ignored rows are dropped first (no work for them), the
-kept rows are processed in chunks of C rows; per chunk: logits = h_c @ W.T in fp32 (cuBLAS), one
-fused kernel writes loss + dL/dlogits (Triton, or torch for backend="torch"), and the gradient is
-pushed through the matmul at once: dh_c = g @ W, dW += g.T @ h_c (fp32 accumulators). For
-"mean"/"sum" this happens during the forward (backward only scales by grad_output, like Liger);
-for "none" the per-row grad_output is needed, so the backward recomputes the chunks.
+Never materialises the full [N, V] logits: rows are processed in chunks of C rows; per chunk:
+logits = h_c @ W.T in the inputs' dtype (bf16 stays bf16, as F.linear gives; cuBLAS accumulates
+in fp32), one fused kernel turns them into loss + dL/dlogits in place (statistics in fp32;
+Triton, or torch for backend="torch"), and the gradient is pushed through the matmul at once:
+dh_c = g @ W, dW += g.T @ h_c (fp32 accumulators). For "mean"/"sum" this happens during the
+forward (backward only scales by grad_output, like Liger); for "none" the per-row grad_output is
+needed, so the backward recomputes the chunks.
+
+No host sync: ignored rows are not gathered out (that needs their count on the host); the kernel
+gives them zero loss and zero gradient, and the "mean" divisor stays a device tensor. The price:
+their head matmuls are computed too (nothing when few targets are ignored, as in pretraining).
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import torch
 from ._backend import (
     autocast_dtype,
     check_float,
+    compute_dtype,
     check_reduction,
     check_softcap,
     check_target_range,
@@ -23,9 +29,9 @@ from ._backend import (
 )
 from .cross_entropy import ce_rows_torch, ce_rows_triton
 
-# Elements of one fp32 logits chunk (C * V). 2**27 -> 512 MiB fp32 (+ 256 MiB bf16 gradient) at
-# most; C = 2048 rows for V = 65536: big enough for efficient matmuls, far below eager's
-# full-logits memory.
+# Elements of one logits chunk (C * V). 2**27 -> 256 MiB in bf16 (the gradient overwrites it);
+# C = 2048 rows for V = 65536: big enough for efficient matmuls, far below eager's full-logits
+# memory.
 CHUNK_ELEMS = 1 << 27
 
 # --------------------------------------------------------------------------------------------
@@ -36,8 +42,9 @@ _ADDMM_OUT_DTYPE = {}  # device type -> bool: in-place fp32 accumulate via addmm
 
 
 def mm_f32(a, b):
-    """a @ b as fp32 (cuBLAS accumulates in fp32 anyway; out_dtype just skips the bf16 rounding)."""
-    if a.dtype == torch.float32:
+    """a @ b as fp32 (cuBLAS accumulates in fp32 anyway; out_dtype just skips the bf16 rounding);
+    fp64 stays fp64."""
+    if a.dtype in (torch.float32, torch.float64):
         return torch.mm(a, b)
     dt = a.device.type
     if dt == "cpu":  # no out_dtype kernel on CPU; upcasting is exact and CPU speed is secondary
@@ -70,7 +77,7 @@ def _addmm_ok(dev_type, dtype, device):
 
 def acc_mm(acc, a, b):
     """acc (fp32) += a @ b, in place."""
-    if a.dtype == torch.float32:
+    if a.dtype in (torch.float32, torch.float64):
         acc.addmm_(a, b)
     elif _addmm_ok(a.device.type, a.dtype, a.device):
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)  # cuBLAS beta=1, no temp
@@ -82,11 +89,11 @@ def _chunk_rows(n, V):
     return max(1, min(n, CHUNK_ELEMS // max(V, 1)))
 
 
-def _run_chunks(h, weight, t, softcap, backend, scale, loss_out, gh_out, gw_out):
-    """Process kept rows h [n, D] / targets t [n] in row chunks.
+def _run_chunks(h, weight, t, softcap, backend, scale, ignore_index, loss_out, gh_out, gw_out):
+    """Process rows h [n, D] / targets t [n] in row chunks (ignored rows give 0 loss and 0 grad).
 
-    scale: float or fp32 tensor [n] (per-row gradient scale). Writes loss_out [n] and, when given,
-    gh_out [n, D] fp32 and gw_out [V, D] fp32 (accumulated)."""
+    scale: float, 0-dim tensor or tensor [n] (per-row gradient scale). Writes loss_out [n] and,
+    when given, gh_out [n, D] and gw_out [V, D] (fp32/fp64 accumulators, gw accumulated)."""
     n = h.shape[0]
     V = weight.shape[0]
     want_grad = gh_out is not None or gw_out is not None
@@ -96,15 +103,15 @@ def _run_chunks(h, weight, t, softcap, backend, scale, loss_out, gh_out, gw_out)
         e = min(n, s + C)
         hc = h[s:e]
         tc = t[s:e]
-        sc = scale[s:e] if isinstance(scale, torch.Tensor) else scale
-        logits = mm_f32(hc, wt)  # [c, V] fp32
-        # the gradient feeds the matmuls in the weight dtype (bf16 tensor cores). Not written
-        # in place over the fp32 logits: autotuning reruns the kernel on the same input.
-        g_dtype = weight.dtype
+        sc = scale[s:e] if isinstance(scale, torch.Tensor) and scale.dim() == 1 else scale
+        # logits in the weight dtype: bf16 halves the bytes of the chunk against fp32 and is what
+        # F.linear gives eager code; the kernel keeps its statistics in fp32 and writes the
+        # gradient over the logits (they are not needed again)
+        logits = torch.mm(hc, wt)  # [c, V]
         if backend == "triton":
-            loss_c, g = ce_rows_triton(logits, tc, softcap, sc, want_grad, g_dtype)
+            loss_c, g = ce_rows_triton(logits, tc, softcap, sc, want_grad, logits.dtype, ignore_index, inplace=True)
         else:
-            loss_c, g = ce_rows_torch(logits, tc, softcap, sc, want_grad, g_dtype)
+            loss_c, g = ce_rows_torch(logits, tc, softcap, sc, want_grad, weight.dtype, ignore_index)
         del logits
         loss_out[s:e] = loss_c
         if not want_grad:
@@ -121,37 +128,36 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, ignore_index, softcap, reduction, backend, grad_enabled):
         N, D = hidden.shape
         V = weight.shape[0]
+        dev = hidden.device
+        acc_dtype = compute_dtype(hidden.dtype)
         # needs_input_grad ignores no_grad mode: check it too, so eval does no gradient work
         need_h = ctx.needs_input_grad[0] and grad_enabled
         need_w = ctx.needs_input_grad[1] and grad_enabled
         need_grad = need_h or need_w
-        # gather the trained rows first: ignored rows cost nothing (one sync for the count)
-        valid_idx = torch.nonzero(targets != ignore_index).squeeze(1)
-        n = valid_idx.numel()
-        h = hidden.index_select(0, valid_idx)
-        t = targets.index_select(0, valid_idx)
         fused = need_grad and reduction != "none"
-        scale = 1.0 / max(n, 1) if reduction == "mean" else 1.0
-        loss_valid = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        gh = torch.empty(n, D, dtype=torch.float32, device=hidden.device) if fused and need_h else None
-        gw = torch.zeros(V, D, dtype=torch.float32, device=hidden.device) if fused and need_w else None
-        if n > 0:
-            _run_chunks(h, weight, t, softcap, backend, scale, loss_valid, gh, gw)
+        if reduction == "mean":  # a device tensor: no sync for the count
+            scale = 1.0 / (targets != ignore_index).sum().clamp(min=1).to(acc_dtype)
+        else:
+            scale = 1.0
+        loss_rows = torch.empty(N, dtype=acc_dtype, device=dev)
+        gh = torch.empty(N, D, dtype=acc_dtype, device=dev) if fused and need_h else None
+        gw = torch.zeros(V, D, dtype=acc_dtype, device=dev) if fused and need_w else None
+        if N > 0:
+            _run_chunks(hidden, weight, targets, softcap, backend, scale, ignore_index, loss_rows, gh, gw)
 
         ctx.reduction, ctx.softcap, ctx.backend, ctx.fused = reduction, softcap, backend, fused
-        ctx.N, ctx.hidden_dtype = N, hidden.dtype
+        ctx.ignore_index = ignore_index
         if fused:
             # keep the fp32 accumulators until backward: grad_output is applied before the one
             # rounding to the input dtype (the fp32 [V, D] costs V*D*4 bytes, far below logits)
-            ctx.save_for_backward(gh, gw, valid_idx)
+            ctx.save_for_backward(gh, gw)
             ctx.dtypes = (hidden.dtype, weight.dtype)
         elif need_grad:
-            ctx.save_for_backward(h, weight, t, valid_idx)
+            ctx.save_for_backward(hidden, weight, targets)
 
         if reduction == "none":
-            out = torch.zeros(N, dtype=torch.float32, device=hidden.device)
-            return out.index_copy_(0, valid_idx, loss_valid)
-        total = loss_valid.sum()
+            return loss_rows
+        total = loss_rows.sum()
         return total * scale if reduction == "mean" else total
 
     @staticmethod
@@ -164,43 +170,41 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def _backward(ctx, grad_output):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if ctx.fused:
-            gh, gw, valid_idx = ctx.saved_tensors
-            go = grad_output.to(torch.float32)
+            gh, gw = ctx.saved_tensors
+            go = grad_output.to(gh.dtype if gh is not None else gw.dtype)
             h_dtype, w_dtype = ctx.dtypes
             grad_hidden = grad_weight = None
             # cheap next to the matmuls (N*D and V*D elements): no host sync to test go == 1
             if gh is not None:
-                grad_hidden = torch.zeros(ctx.N, gh.shape[1], dtype=h_dtype, device=gh.device)
-                grad_hidden.index_copy_(0, valid_idx, (gh * go).to(h_dtype))
+                grad_hidden = torch.empty(gh.shape, dtype=h_dtype, device=gh.device)
+                torch.mul(gh, go, out=grad_hidden)  # fp32 math, one rounding, no fp32 temporary
             if gw is not None:
                 grad_weight = torch.empty(gw.shape, dtype=w_dtype, device=gw.device)
-                torch.mul(gw, go, out=grad_weight)  # fp32 math, one rounding, no fp32 temporary
+                torch.mul(gw, go, out=grad_weight)
             return grad_hidden, grad_weight, None, None, None, None, None, None
         # reduction="none": recompute the chunks with the per-row grad_output as scale
-        h, weight, t, valid_idx = ctx.saved_tensors
+        h, weight, t = ctx.saved_tensors
         n, D = h.shape
         V = weight.shape[0]
         dev = h.device
-        scale = grad_output.reshape(-1).to(torch.float32).index_select(0, valid_idx)
-        gh = torch.empty(n, D, dtype=torch.float32, device=dev) if need_h else None
-        gw = torch.zeros(V, D, dtype=torch.float32, device=dev) if need_w else None
+        acc_dtype = compute_dtype(h.dtype)
+        scale = grad_output.reshape(-1).to(acc_dtype)
+        gh = torch.empty(n, D, dtype=acc_dtype, device=dev) if need_h else None
+        gw = torch.zeros(V, D, dtype=acc_dtype, device=dev) if need_w else None
         if n > 0:
-            loss_tmp = torch.empty(n, dtype=torch.float32, device=dev)
-            _run_chunks(h, weight, t, ctx.softcap, ctx.backend, scale, loss_tmp, gh, gw)
-        grad_hidden = grad_weight = None
-        if need_h:
-            grad_hidden = torch.zeros(ctx.N, D, dtype=ctx.hidden_dtype, device=dev)
-            grad_hidden.index_copy_(0, valid_idx, gh.to(ctx.hidden_dtype))
-        if need_w:
-            grad_weight = gw.to(weight.dtype)
+            loss_tmp = torch.empty(n, dtype=acc_dtype, device=dev)
+            _run_chunks(h, weight, t, ctx.softcap, ctx.backend, scale, ctx.ignore_index, loss_tmp, gh, gw)
+        grad_hidden = gh.to(h.dtype) if need_h else None
+        grad_weight = gw.to(weight.dtype) if need_w else None
         return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden, weight, targets, *, ignore_index=-1, softcap=None, reduction="mean", backend="auto"):
     """Cross-entropy of logits = hidden @ weight.T (no bias) without materialising the logits.
 
-    hidden [N, D] and weight [V, D] (same float dtype: bf16/fp16/fp32), targets int [N].
-    Loss in fp32; gradients accumulated in fp32 and returned in the input dtypes. Same
+    hidden [N, D] and weight [V, D] (same float dtype: bf16/fp16/fp32; float64 on the torch
+    path), targets int [N]. Loss in fp32 (fp64 for float64); gradients accumulated in fp32 and
+    returned in the input dtypes. Same
     ignore_index / softcap / reduction semantics as `cross_entropy`. Leading dims are flattened:
     hidden [..., D] with targets [...] is accepted ("none" then returns shape [...]).
     """

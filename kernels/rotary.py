@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import LazyKernel, check_float, interpreting, next_pow2, resolve_backend, tl
+from ._backend import LazyKernel, check_float, compute_dtype, device_check, interpreting, next_pow2, resolve_backend, tl
+from ._common import round_bf16_rne  # noqa: F401 (kernel global)
 
 
-def rotary_tables(seq_len, head_dim, base=10000, device=None):
-    """(cos, sin), each fp32 [seq_len, head_dim // 2]; angles computed in fp64 for accuracy."""
+def rotary_tables(seq_len, head_dim, base=10000, device=None, dtype=torch.float32):
+    """(cos, sin), each [seq_len, head_dim // 2] in `dtype` (fp32; fp64 for float64 models);
+    angles computed in fp64 for accuracy."""
     if int(head_dim) <= 0 or int(head_dim) % 2:
         raise ValueError(f"head_dim must be a positive even number, got {head_dim}")
     if int(seq_len) < 0:
@@ -19,7 +21,7 @@ def rotary_tables(seq_len, head_dim, base=10000, device=None):
     half = int(head_dim) // 2
     inv_freq = 1.0 / (float(base) ** (torch.arange(0, half, dtype=torch.float64) * 2.0 / head_dim))
     ang = torch.outer(torch.arange(int(seq_len), dtype=torch.float64), inv_freq)
-    return ang.cos().float().to(device), ang.sin().float().to(device)
+    return ang.cos().to(dtype=dtype, device=device), ang.sin().to(dtype=dtype, device=device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -40,9 +42,10 @@ def _gather_tables(cos, sin, T, offset, position_ids):
 
 def rotate_torch(x, c, s):
     half = x.shape[-1] // 2
-    xf = x.float()
+    dt = compute_dtype(x.dtype)
+    xf = x.to(dt)
     x1, x2 = xf[..., :half], xf[..., half:]
-    c, s = c.float(), s.float()
+    c, s = c.to(dt), s.to(dt)
     return torch.cat([x1 * c + x2 * s, x2 * c - x1 * s], dim=-1).to(x.dtype)
 
 
@@ -110,12 +113,8 @@ def _rotary_kernel(
     # outputs are contiguous [B, T, H, D]
     y1p = o_row[:, None] + d[None, :]
     if RNE_FIX:
-        # the interpreter truncates fp32 -> bf16; round to nearest even by hand (never compiled
-        # for the GPU, whose conversion already rounds)
-        b1 = y1.to(tl.uint32, bitcast=True)
-        y1 = ((b1 + 0x7FFF + ((b1 >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-        b2 = y2.to(tl.uint32, bitcast=True)
-        y2 = ((b2 + 0x7FFF + ((b2 >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        y1 = round_bf16_rne(y1)
+        y2 = round_bf16_rne(y2)
     tl.store(y1p, y1.to(QO.dtype.element_ty), mask=m2)
     tl.store(y1p + HALF, y2.to(QO.dtype.element_ty), mask=m2)
 
@@ -195,7 +194,8 @@ def apply_rotary(q, k, cos, sin, *, offset=0, position_ids=None, backend="auto")
 
     cos/sin: [T_max, D/2] tables (see `rotary_tables`). Positions are offset..offset+T-1 (offset =
     KV-cache length), or `position_ids` [B, T] / [T] (ints) for packed rows whose positions restart
-    per document. Returns (q_out, k_out) in the input dtype; math in fp32.
+    per document. Returns (q_out, k_out) in the input dtype; math in fp32 (fp64 for float64, on
+    the torch path).
     """
     check_float("q", q)
     check_float("k", k)
@@ -231,10 +231,8 @@ def apply_rotary(q, k, cos, sin, *, offset=0, position_ids=None, backend="auto")
             raise ValueError("position_ids must be on the same device as q")
         if offset != 0:
             raise ValueError("pass either offset or position_ids, not both")
-        if not position_ids.is_cuda and position_ids.numel() and (
-            int(position_ids.min()) < 0 or int(position_ids.max()) >= T_max
-        ):  # checked on CPU only (a CUDA check would sync); the kernel masks table reads
-            raise ValueError(f"position_ids must be in [0, {T_max})")
+        if position_ids.numel():  # on the device, no host sync; the kernel also masks table reads
+            device_check(((position_ids >= 0) & (position_ids < T_max)).all(), f"position_ids must be in [0, {T_max})")
     elif offset + T > T_max:
         raise ValueError(f"offset + T = {offset + T} exceeds the rotary table length {T_max}")
 

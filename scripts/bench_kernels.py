@@ -13,8 +13,10 @@ On a CUDA machine it
        apply_rotary          q, k [8, 2048, 10, 128] bf16
      for ours / eager (logits fp32 -> softcap -> F.cross_entropy) / torch.compile of the same /
      Liger-Kernel (only if `import liger_kernel` works);
-  4. prints the target ratios: CE fwd+bwd >= 80% of copy bandwidth, linear CE peak memory
-     <= 1/4 of eager at time <= eager, rotary fwd+bwd >= 80% of copy bandwidth.
+  4. prints the target ratios: CE fwd+bwd >= 80% of copy bandwidth (and its share of the
+     3.35 TB/s H100 HBM peak, target >= 85%), linear CE peak memory <= 1/8 of eager at time <=
+     eager, rotary fwd+bwd >= 80% of copy bandwidth. scripts/kernel_cost.py predicts the same
+     figures statically; scripts/gpu_check.sh prints both side by side.
 Without CUDA it runs a tiny CPU sanity check, says so, and exits 0. Never downloads anything.
 
 Byte accounting ("bytes it must move"):
@@ -327,6 +329,15 @@ def bench_cross_entropy(args, copy_gbps, log):
         return run
 
     variants = [("ours", step(lambda x, t: cross_entropy(x, t, softcap=SOFTCAP))), ("eager", step(eager_ce))]
+    # the gradient written into the logits buffer (no [N, V] gradient buffer at all): own copy,
+    # overwritten every run (by gradients: small finite values, the same work)
+    ix = logits.detach().clone().requires_grad_()
+
+    def run_inplace():
+        ix.grad = None
+        cross_entropy(ix, targets, softcap=SOFTCAP, grad_in_logits=True).backward()
+
+    variants.append(("ours, grad_in_logits", run_inplace))
     if args.compile:
         variants.append(("torch.compile", step(torch.compile(eager_ce))))
     liger_ce, _ = liger_modules() if args.liger else (None, None)
@@ -522,7 +533,12 @@ def main(argv=None):
         frac = r["gbps"] / copy_gbps
         summary["ce_copy_fraction"] = frac
         log(f"  cross_entropy fwd+bwd: {r['gbps']:.0f} GB/s = {100 * frac:.0f}% of copy bandwidth"
-            f" (target >= 80%): {'PASS' if frac >= 0.8 else 'MISS'}")
+            f" (target >= 80%): {'PASS' if frac >= 0.8 else 'MISS'}; {r['gbps'] / 3350:.0%} of H100 HBM peak 3.35 TB/s")
+        ri = ce["results"].get("ours, grad_in_logits")
+        if ri:
+            summary["ce_inplace_gbps"] = ri["gbps"]
+            log(f"    grad_in_logits: {ri['gbps']:.0f} GB/s, peak mem {ri['peak_mem_bytes'] / 2**30:.2f} GiB"
+                f" (default {r['peak_mem_bytes'] / 2**30:.2f} GiB)")
         for other in ("eager", "torch.compile", "liger"):
             if other in ce["results"]:
                 log(f"    vs {other}: {ce['results'][other]['ms'] / r['ms']:.2f}x faster")
@@ -531,8 +547,9 @@ def main(argv=None):
         mem_ratio = r["peak_mem_bytes"] / max(e["peak_mem_bytes"], 1)
         time_ratio = r["ms"] / e["ms"]
         summary.update(lce_mem_ratio=mem_ratio, lce_time_ratio=time_ratio)
-        good = mem_ratio <= 0.25 and time_ratio <= 1.0
-        log(f"  linear_cross_entropy: peak mem ours/eager = {mem_ratio:.3f} (target <= 0.25),"
+        good = mem_ratio <= 0.125 and time_ratio <= 1.0
+        log(f"  linear_cross_entropy: peak mem ours/eager = {mem_ratio:.3f} (target <= 1/8 = 0.125;"
+            f" {r['peak_mem_bytes'] / 2**30:.2f} vs {e['peak_mem_bytes'] / 2**30:.2f} GiB),"
             f" time ours/eager = {time_ratio:.2f} (target <= 1.0): {'PASS' if good else 'MISS'}")
         for other in ("torch.compile", "liger"):
             if other in lce["results"]:

@@ -4,7 +4,9 @@
 #   bash scripts/gpu_check.sh --prepare      # builds dist/*.whl (abi3) + wheelhouse/ for py3.12
 # then run on the GPU box from the repo root, carrying dist and wheelhouse:
 #   OUT=/some/dir bash scripts/gpu_check.sh
-# Results (text + JSON) land in $OUT: gpu.txt, kernels.{txt,json}, train.{txt,json}, speedrun.txt.
+# Results (text + JSON) land in $OUT: gpu.txt, kernel_tests.txt, kernel_cost.{txt,json} (static
+# prediction), kernels.{txt,json} (measured), predicted_vs_measured.txt, sync_graph.txt,
+# train.{txt,json}, speedrun.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,8 +14,10 @@ if [ "${1:-}" = "--prepare" ]; then
   rm -rf dist wheelhouse
   maturin build --release -o dist
   # Pure-Python / binary wheels the GPU box may lack (torch and triton are there already).
+  # numpy < 2.4: the box's Triton 3.6 interpreter breaks on numpy >= 2.4 (int() of a 1-element
+  # array in its range() loops); it is installed there only when the box's numpy is that new.
   pip download --quiet --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
-    --no-deps -d wheelhouse tqdm safetensors english-words numpy liger-kernel
+    --no-deps -d wheelhouse tqdm safetensors english-words "numpy<2.4" liger-kernel pytest iniconfig pluggy
   ls -la dist wheelhouse
   exit 0
 fi
@@ -26,15 +30,109 @@ for w in wheelhouse/*.whl; do
   name=$(basename "$w" | cut -d- -f1 | tr _ -)
   python -c "import importlib.metadata as m, sys; m.version(sys.argv[1])" "$name" 2>/dev/null || python -m pip install --quiet --no-index --no-deps "$w"
 done
+# ... except numpy when Triton < 3.7 meets numpy >= 2.4 (the interpreter bug above)
+if python -c "import sys, numpy, triton; v = lambda s: tuple(int(p) for p in s.split('.')[:2]); sys.exit(0 if v(triton.__version__) < (3, 7) and v(numpy.__version__) >= (2, 4) else 1)" 2>/dev/null; then
+  python -m pip install --quiet --no-index --no-deps --force-reinstall wheelhouse/numpy-*.whl
+fi
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  python -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
+  python -c "import sys, torch, triton, numpy; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__)"
 } 2>&1 | tee "$OUT/gpu.txt"
 
-# 1. kernels: correctness on CUDA vs float64, then time / GB/s / peak memory vs eager, compile, Liger
+# 0. the kernel tests on this stack: compiled on CUDA, and the interpreter in a subprocess
+timeout 900 python -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -15 | tee "$OUT/kernel_tests.txt"
+# 1. kernels: the static prediction (sm_90 SASS + roofline), then correctness on CUDA vs float64 and
+#    time / GB/s / peak memory vs eager, compile, Liger; then predicted and measured side by side
+timeout 300 python scripts/kernel_cost.py --json "$OUT/kernel_cost.json" 2>&1 | tee "$OUT/kernel_cost.txt"
 timeout 300 python scripts/bench_kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt"
-# 2. training step: ours vs plain PyTorch, tokens/s and MFU for d10 and d20
+python - "$OUT" <<'PY' 2>&1 | tee "$OUT/predicted_vs_measured.txt"
+import json, sys
+out = sys.argv[1]
+pred = {r["kernel"]: r for r in json.load(open(f"{out}/kernel_cost.json"))}
+meas = json.load(open(f"{out}/kernels.json"))
+pairs = [("CE fwd+bwd, softcap 15 [bfloat16, separate grad]", "cross_entropy", "ours"),
+         ("CE fwd+bwd, softcap 15 [bfloat16, in place]", "cross_entropy", "ours, grad_in_logits"),
+         ("rotary fwd (q+k, one launch) [bfloat16]", "rotary", "ours")]
+print("kernel | predicted % of 3.35 TB/s | measured GB/s | measured % of 3.35 TB/s | measured % of copy")
+for k, bench, variant in pairs:
+    p = pred.get(k, {}).get("predicted_hbm_fraction")
+    m = meas.get(bench, {}).get("results", {}).get(variant, {}).get("gbps")
+    if p is None or m is None:
+        print(f"{k} | {p} | {m} | - | -")
+    else:
+        print(f"{k} | {100 * p:.0f}% | {m:.0f} | {100 * m / 3350:.0f}% | {100 * m / meas['copy_gbps']:.0f}%")
+PY
+# 2. no host sync in a training step (rotary, linear CE inside the model), and capture of the step
+#    by a CUDA graph and by torch.compile(mode="reduce-overhead")
+timeout 300 python - <<'PY' 2>&1 | tee "$OUT/sync_graph.txt"
+import torch
+from rustchat.model import GPT, GPTConfig
+
+torch.manual_seed(0)
+model = GPT(GPTConfig.from_depth(4, vocab_size=8192, sequence_len=256)).cuda()
+x = torch.randint(0, 8192, (8, 256), device="cuda")
+y = torch.randint(-1, 8192, (8, 256), device="cuda")
+
+
+def step():
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(x, y)
+    loss.backward()
+    return loss
+
+
+for _ in range(3):  # warm-up: kernel compilation, rotary tables, one-time capability probes
+    model.zero_grad(set_to_none=True)
+    ref = step().detach().clone()
+torch.cuda.synchronize()
+
+
+def attempt(name, fn):
+    try:
+        print(f"{name}: PASS {fn() or ''}")
+    except Exception as e:  # report and go on
+        print(f"{name}: FAIL {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+def no_sync():
+    model.zero_grad(set_to_none=True)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def graph():
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        model.zero_grad(set_to_none=True)
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    model.zero_grad(set_to_none=True)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        loss = step()
+    g.replay()
+    torch.cuda.synchronize()
+    return f"(replayed loss {loss.item():.5f}, eager {ref.item():.5f})"
+
+
+def compiled():
+    f = torch.compile(step, mode="reduce-overhead")
+    for _ in range(3):
+        model.zero_grad(set_to_none=True)
+        loss = f()
+    return f"(loss {loss.item():.5f}, eager {ref.item():.5f})"
+
+
+attempt("training step under torch.cuda.set_sync_debug_mode('error') (no host sync)", no_sync)
+attempt("CUDA graph capture of fwd+bwd", graph)
+attempt("torch.compile(mode='reduce-overhead') of fwd+bwd", compiled)
+PY
+# 3. training step: ours vs plain PyTorch, tokens/s and MFU for d10 and d20
 timeout 240 python scripts/bench_train.py --device cuda --json "$OUT/train.json" 2>&1 | tee "$OUT/train.txt"
-# 3. the whole pipeline on CUDA at tiny size (kernels inside the model, packed attention, eval)
+# 4. the whole pipeline on CUDA at tiny size (kernels inside the model, packed attention, eval)
 RUSTCHAT_BASE_DIR=$(mktemp -d) timeout 300 rustchat speedrun --preset tiny --device cuda --quiet 2>&1 | tail -40 | tee "$OUT/speedrun.txt"
 echo "gpu_check done: $OUT"

@@ -248,3 +248,12 @@ def test_step_gradient_is_per_token_over_the_whole_step(base_dir):
     for dbs in (1, 3):
         for k, g in grads[12].items():
             assert torch.allclose(grads[dbs][k], g, rtol=1e-4, atol=1e-7), (dbs, k, (grads[dbs][k] - g).abs().max())
+
+
+def test_base_reports_validation_bits_per_byte(base_dir, tmp_path):
+    d = _copy(base_dir, tmp_path, "bpb")
+    cfg = STAGE_CONFIGS["base"](**{**TINY, "eval_every": 2}, max_steps=2, device_batch_size=2,
+                                total_batch_size=2 * 64, data_dir=str(d / "text"), base_dir=str(d))
+    ev = train_base(cfg)["last_eval"]
+    # an almost untrained model over a 400-id vocabulary: a few bits per byte, finite
+    assert ev["step"] == 2 and 0.5 < ev["val_bpb"] < 20

@@ -80,50 +80,6 @@ def norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
-# Plain-torch twins of the kernels: used for float64 (which the kernels do not take: tests) and
-# when model.use_kernels is False (the eager baseline of scripts/bench_train.py).
-
-
-def rotary_tables_plain(seq_len: int, head_dim: int, dtype=torch.float32, device=None):
-    """(cos, sin) [seq_len, head_dim/2], angles pos * base^(-2i/head_dim) computed in fp64."""
-    inv_freq = ROPE_BASE ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    ang = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
-    return ang.cos().to(dtype=dtype, device=device), ang.sin().to(dtype=dtype, device=device)
-
-
-def apply_rotary_plain(q, k, cos, sin, offset=0, position_ids=None):
-    """Half-split rotation: y1 = x1 cos + x2 sin, y2 = -x1 sin + x2 cos (x1/x2: halves of D)."""
-    T = q.size(1)
-    if position_ids is None:
-        c, s = cos[offset:offset + T][None, :, None], sin[offset:offset + T][None, :, None]
-    else:
-        c, s = cos[position_ids][:, :, None], sin[position_ids][:, :, None]
-
-    def rot(x):
-        d = x.size(-1) // 2
-        x1, x2 = x[..., :d], x[..., d:]
-        cc, ss = c.to(x.dtype), s.to(x.dtype)
-        return torch.cat([x1 * cc + x2 * ss, x2 * cc - x1 * ss], dim=-1)
-
-    return rot(q), rot(k)
-
-
-def linear_cross_entropy_plain(x, weight, targets, reduction="mean"):
-    """Materialised fp32 logits, softcap, F.cross_entropy (ignore_index -1); mean over trained
-    tokens is 0 (not NaN) when there are none, like the kernel."""
-    logits = F.linear(x, weight)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
-    rows = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=-1, reduction="none")
-    if reduction == "none":
-        return rows.view(targets.shape)
-    if reduction == "sum":
-        return rows.sum()
-    if reduction == "mean":
-        return rows.sum() / (targets != -1).sum().clamp(min=1)
-    raise ValueError(f"unknown reduction {reduction!r}")
-
-
 class KVCache:
     """Preallocated keys/values [L, B, H_kv, T_max, D] for incremental decoding.
 
@@ -287,10 +243,8 @@ class CausalSelfAttention(nn.Module):
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         cos, sin, offset, position_ids, plain = rope
-        if plain:
-            q, k = apply_rotary_plain(q, k, cos, sin, offset, position_ids)
-        else:
-            q, k = kernels.apply_rotary(q, k, cos, sin, offset=offset, position_ids=position_ids, backend="auto")
+        q, k = kernels.apply_rotary(q, k, cos, sin, offset=offset, position_ids=position_ids,
+                                   backend="torch" if plain else "auto")
         # QK-norm after rotary; autocast may run rms_norm in fp32, keep q, k, v in one dtype
         q, k = norm(q).to(v.dtype), norm(k).to(v.dtype)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
@@ -345,7 +299,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         # False: plain-torch rotary and materialised-logits loss (eager baseline). float64
-        # weights always take the plain path since the kernels stop at fp32.
+        # weights take the kernels' torch path (the Triton kernels stop at fp32).
         self.use_kernels = use_kernels
         V = config.padded_vocab_size
         self.transformer = nn.ModuleDict({
@@ -417,10 +371,7 @@ class GPT(nn.Module):
         hit = self._rope_cache.get(key)
         if hit is None or hit[2] < length:
             n = max(length, self.config.sequence_len, 2 * hit[2] if hit else 0)
-            if plain:
-                cos, sin = rotary_tables_plain(n, self.config.head_dim, dtype, device)
-            else:
-                cos, sin = kernels.rotary_tables(n, self.config.head_dim, base=ROPE_BASE, device=device)
+            cos, sin = kernels.rotary_tables(n, self.config.head_dim, base=ROPE_BASE, device=device, dtype=dtype)
             hit = (cos, sin, n)
             self._rope_cache[key] = hit
         return hit[0], hit[1]
@@ -468,16 +419,17 @@ class GPT(nn.Module):
         if head.size(0) != cfg.vocab_size:
             head = head[: cfg.vocab_size]
         if targets is not None:
-            if plain:
-                return linear_cross_entropy_plain(x, head, targets, loss_reduction)
+            if not self.use_kernels:  # eager baseline: materialised logits, plain-torch loss
+                return kernels.cross_entropy(F.linear(x, head), targets, ignore_index=-1, softcap=SOFTCAP,
+                                            reduction=loss_reduction, backend="torch")
             dev = idx.device.type
             if torch.is_autocast_enabled(dev):  # a custom autograd op is not autocast: cast here
                 dt = torch.get_autocast_dtype(dev)
                 x, head = x.to(dt), head.to(dt)
             elif x.dtype != head.dtype:
                 x = x.to(head.dtype)
-            return kernels.linear_cross_entropy(
-                x, head, targets, ignore_index=-1, softcap=SOFTCAP, reduction=loss_reduction, backend="auto")
+            return kernels.linear_cross_entropy(x, head, targets, ignore_index=-1, softcap=SOFTCAP,
+                                               reduction=loss_reduction, backend="torch" if f64 else "auto")
         logits = F.linear(x, head)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 (fp64 stays fp64)
         return SOFTCAP * torch.tanh(logits / SOFTCAP)

@@ -1,0 +1,64 @@
+"""Device functions shared by the kernels, written once: fast exp2 / reciprocal, the softcap
+(value and derivative from one sigmoid), and the interpreter's bf16 rounding fix.
+
+They are plain functions marked @device_fn and become `triton.jit` helpers lazily, in the mode
+(interpreter or compiled) of the kernel that calls them (see _backend.bind_device_fns).
+"""
+from __future__ import annotations
+
+from ._backend import device_fn, tl
+
+# a kernel may only read globals that are constexpr
+LOG2E = tl.constexpr(1.4426950408889634) if tl is not None else 1.4426950408889634
+
+
+@device_fn
+def fast_exp2(x, FAST: tl.constexpr):
+    """2**x. FAST (compiled kernels): one MUFU.EX2 (ex2.approx.ftz, ~2 ulp). tl.exp2 compiles to
+    the non-ftz form, which ptxas wraps in denormal fix-ups (3 extra instructions per element)."""
+    if FAST:
+        y = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+    else:
+        y = tl.exp2(x)
+    return y
+
+
+@device_fn
+def fast_rcp(x, FAST: tl.constexpr):
+    """1/x. FAST: one MUFU.RCP (rcp.approx.ftz, ~1 ulp) instead of the IEEE divide's ~10
+    instructions with a slow-path branch."""
+    if FAST:
+        y = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+    else:
+        y = 1.0 / x
+    return y
+
+
+@device_fn
+def softcap_sigmoid(x, k, FAST: tl.constexpr):
+    """t = sigmoid(2x/cap), given k = -2*log2(e)/cap.
+
+    softcap(x) = cap*tanh(x/cap) = cap*(2t - 1) and its derivative sech^2(x/cap) = 4t(1 - t), so
+    one exp2 and one reciprocal give both (no divide, no series, no separate tanh). The absolute
+    error of t is ~1e-7, which is what the cross-entropy sees (it only uses differences of
+    softcapped logits). The hardware tanh (tanh.approx.f32) is not used: its 2^-11 relative error
+    is up to 7e-3 in a softcapped logit at cap 15, 1000x the fp32 tests' bound."""
+    if FAST:
+        # 2^(kx) is +inf for very negative x and rcp(inf) = 0: the right limit, no special case
+        t = fast_rcp(1.0 + fast_exp2(x * k, FAST), FAST)
+    else:
+        # the interpreter (numpy) would warn on that overflow: same value from 2^-|kx|
+        e = tl.exp2(-tl.abs(x * k))
+        r = 1.0 / (1.0 + e)
+        t = tl.where(x * k > 0.0, e * r, r)
+    return t
+
+
+@device_fn
+def round_bf16_rne(y):
+    """The interpreter truncates fp32 -> bf16; round to nearest even by hand so results match the
+    GPU (only traced when the caller's RNE_FIX constexpr is set: never in a compiled kernel)."""
+    b = y.to(tl.uint32, bitcast=True)
+    return ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)

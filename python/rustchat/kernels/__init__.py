@@ -1,1 +1,0 @@
-../../../kernels/__init__.py

@@ -1,1 +1,0 @@
-../../../kernels/cross_entropy.py

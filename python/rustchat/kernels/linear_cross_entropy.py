@@ -1,1 +1,0 @@
-../../../kernels/linear_cross_entropy.py
