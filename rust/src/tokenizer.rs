@@ -1,7 +1,7 @@
 //! The tokenizer core: a BPE vocabulary, a pre-split pattern and special tokens, with
 //! single and parallel batch encoding and decoding.
 
-use crate::bpe::Bpe;
+use crate::bpe::{Bpe, MAX_VOCAB};
 use crate::pretokenize::Splitter;
 use rayon::prelude::*;
 use rustc_hash::FxHashMap;
@@ -27,6 +27,9 @@ impl Core {
         for (i, (name, id)) in specials.iter().enumerate() {
             if name.is_empty() {
                 return Err("special token name is empty".into());
+            }
+            if *id as usize >= MAX_VOCAB {
+                return Err(format!("special token {name:?} has id {id}, which is too large: ids must be below {MAX_VOCAB}"));
             }
             if bpe.has_id(*id) {
                 return Err(format!("special token {name:?} has id {id}, which a mergeable token already uses"));
@@ -280,5 +283,6 @@ mod tests {
         assert!(err(vec![("<|a|>", 300), ("<|a|>", 301)]).contains("given twice"));
         assert!(err(vec![("<|a|>", 300), ("<|b|>", 300)]).contains("given twice"));
         assert!(err(vec![("", 300)]).contains("empty"));
+        assert!(err(vec![("<|a|>", u32::MAX)]).contains("too large"));
     }
 }

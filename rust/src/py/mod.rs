@@ -21,6 +21,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(collate::py_pack_rows, m)?)?;
     m.add("DEFAULT_PATTERN", crate::pretokenize::default_pattern())?;
     m.add("CL100K_PATTERN", crate::pretokenize::CL100K_PATTERN)?;
+    m.add("MAX_VOCAB", crate::bpe::MAX_VOCAB)?;
     m.add("SPECIAL_TOKENS", crate::render::CHAT_SPECIALS.to_vec())?;
     Ok(())
 }

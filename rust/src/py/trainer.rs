@@ -2,6 +2,7 @@
 
 use super::guard::{guarded, value_error};
 use super::text::{borrow_strs, list_items};
+use crate::bpe::MAX_VOCAB;
 use crate::pretokenize::Splitter;
 use crate::train::{learn_merges, ChunkCounter};
 use pyo3::exceptions::PyValueError;
@@ -51,6 +52,9 @@ impl PyTrainer {
     /// Learns up to `n_merges` merges; returns the new tokens' bytes in id order (256+i).
     #[pyo3(signature = (n_merges, verbose=false))]
     fn learn<'py>(&mut self, py: Python<'py>, n_merges: usize, verbose: bool) -> PyResult<Vec<Bound<'py, PyBytes>>> {
+        if n_merges > MAX_VOCAB - 256 {
+            return Err(PyValueError::new_err(format!("{n_merges} merges is too many: ids must be below {MAX_VOCAB}")));
+        }
         let counter = self.counter.take().ok_or_else(|| PyValueError::new_err("this trainer has already learned its merges"))?;
         let merges = py.detach(|| {
             guarded(|| {
