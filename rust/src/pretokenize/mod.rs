@@ -9,6 +9,7 @@
 
 mod gpt4;
 mod o200k;
+mod steps;
 
 use crate::unicode::{class_of, classes, decode_at, SPACE};
 use fancy_regex::Expr;

@@ -13,26 +13,13 @@
 //! at the last LO character of the longest UP run (or right after the run). Each position is
 //! scanned a bounded number of times, so splitting is linear in the text.
 
-use super::gpt4::{contraction_end, whitespace_end};
-use crate::unicode::{class_of, decode_at, is_other, LETTER, LOWERISH, NUMBER, UPPERISH};
-
-/// End of the maximal run of chars with class bit `bit` from `j`.
-#[inline(always)]
-fn run_end(t: &[u8], b: &[u8], mut j: usize, bit: u8) -> usize {
-    while j < b.len() {
-        let (c, l) = decode_at(b, j);
-        if class_of(t, c) & bit == 0 {
-            break;
-        }
-        j += l;
-    }
-    j
-}
+use super::steps::{contraction_end, digits_end, punct_end, run_end, whitespace_end};
+use crate::unicode::{class_of, decode_at, LETTER, LOWERISH, NUMBER, UPPERISH};
 
 /// Alternative 1's `[UP]*[LO]+` from `s`: its end, if it matches.
 #[inline(always)]
 fn upper_star_lower_plus(t: &[u8], b: &[u8], s: usize) -> Option<usize> {
-    // The longest UP run, remembering where its last LO char starts.
+    // The longest UP run, remembering where its last LO char ends.
     let (mut j, mut last_lo) = (s, None);
     while j < b.len() {
         let (c, l) = decode_at(b, j);
@@ -84,50 +71,13 @@ pub(super) fn chunk_end(t: &[u8], b: &[u8], i: usize) -> usize {
 
     // \p{N}{1,3}
     if k0 & NUMBER != 0 {
-        let mut j = i + l0;
-        for _ in 0..2 {
-            if j >= n {
-                break;
-            }
-            let (c, l) = decode_at(b, j);
-            if class_of(t, c) & NUMBER == 0 {
-                break;
-            }
-            j += l;
-        }
-        return j;
+        return digits_end(t, b, i, l0, 3);
     }
 
     // ` ?[^\s\p{L}\p{N}]+[\r\n/]*`
-    let punct_tail = |j: usize| -> usize {
-        let mut j = run_other_end(t, b, j);
-        while j < n && matches!(b[j], b'\r' | b'\n' | b'/') {
-            j += 1;
-        }
-        j
-    };
-    if c0 == ' ' as u32 && i + 1 < n {
-        let (c1, l1) = decode_at(b, i + 1);
-        if is_other(class_of(t, c1)) {
-            return punct_tail(i + 1 + l1);
-        }
-    }
-    if is_other(k0) {
-        return punct_tail(i + l0);
+    if let Some(end) = punct_end(t, b, i, c0, l0, k0, true) {
+        return end;
     }
 
     whitespace_end(t, b, i, l0, false)
-}
-
-/// End of the maximal run of chars that are neither letter, number nor space, from `j`.
-#[inline(always)]
-fn run_other_end(t: &[u8], b: &[u8], mut j: usize) -> usize {
-    while j < b.len() {
-        let (c, l) = decode_at(b, j);
-        if !is_other(class_of(t, c)) {
-            break;
-        }
-        j += l;
-    }
-    j
 }
