@@ -24,6 +24,15 @@ pub struct PyCore {
     spare: Mutex<Vec<RunBuffers>>,
 }
 
+/// What a batch encode asks for besides its texts: ids to put before and after each text, and
+/// the threads to use (None: the global pool).
+#[derive(Clone, Copy)]
+struct Batch {
+    prepend: Option<u32>,
+    append: Option<u32>,
+    num_threads: Option<usize>,
+}
+
 /// (ids, ids per piece) buffers of one run.
 type RunBuffers = (Vec<u32>, Vec<u32>);
 /// Spare run buffers kept between batches (each about 70 KB at the usual run size), and the
@@ -97,14 +106,8 @@ impl PyCore {
     /// them in again every batch (measured: lists cost about 2.4x more to build there). This
     /// thread encoding too (rather than `threads` workers plus a builder) keeps exactly one
     /// busy thread per core: measured in turns on 2 cores, about 8% faster.
-    fn encode_lists<'py>(
-        &self,
-        py: Python<'py>,
-        texts: &Bound<'py, PyList>,
-        prepend: Option<u32>,
-        append: Option<u32>,
-        num_threads: Option<usize>,
-    ) -> PyResult<Bound<'py, PyList>> {
+    fn encode_lists<'py>(&self, py: Python<'py>, texts: &Bound<'py, PyList>, batch: Batch) -> PyResult<Bound<'py, PyList>> {
+        let Batch { prepend, append, num_threads } = batch;
         use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
         use std::sync::mpsc::channel;
         let mut items: Vec<Bound<'py, PyAny>> = list_items(texts);
@@ -242,14 +245,8 @@ impl PyCore {
     }
 
     /// Parallel encode of a list of str with the GIL released; errors name the text.
-    fn encode_many<'py>(
-        &self,
-        py: Python<'py>,
-        texts: &Bound<'py, PyList>,
-        prepend: Option<u32>,
-        append: Option<u32>,
-        num_threads: Option<usize>,
-    ) -> PyResult<(Vec<u32>, Vec<u64>)> {
+    fn encode_many<'py>(&self, py: Python<'py>, texts: &Bound<'py, PyList>, batch: Batch) -> PyResult<(Vec<u32>, Vec<u64>)> {
+        let Batch { prepend, append, num_threads } = batch;
         let mut items: Vec<Bound<'py, PyAny>> = list_items(texts);
         let strs = borrow_strs(&mut items, "texts")?;
         let core = &self.core;
@@ -333,7 +330,7 @@ impl PyCore {
         append: Option<u32>,
         num_threads: Option<usize>,
     ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
-        let (ids, offsets) = self.encode_many(py, texts, prepend, append, num_threads)?;
+        let (ids, offsets) = self.encode_many(py, texts, Batch { prepend, append, num_threads })?;
         let ids = PyBytes::new_with(py, ids.len() * 4, |buf| {
             write_u32s(buf, &ids);
             Ok(())
@@ -357,9 +354,10 @@ impl PyCore {
                 return Err(PyValueError::new_err(format!("token id {id} is out of range")));
             }
         }
+        let batch = Batch { prepend, append, num_threads };
         if num_threads == Some(1) {
             // One thread: encode everything, then build the lists (no channel, no hand-offs).
-            let (ids, offsets) = self.encode_many(py, texts, prepend, append, num_threads)?;
+            let (ids, offsets) = self.encode_many(py, texts, batch)?;
             let out = PyList::empty(py);
             let mut refs = OwedRefs::new(self.ints(py)); // dropped before `out`
             for w in offsets.windows(2) {
@@ -367,7 +365,7 @@ impl PyCore {
             }
             return Ok(out);
         }
-        self.encode_lists(py, texts, prepend, append, num_threads)
+        self.encode_lists(py, texts, batch)
     }
 
     /// Ids (u32 LE buffer) to bytes; unknown ids raise ValueError.
