@@ -229,7 +229,8 @@ mod tests {
         let mut text = String::new();
         for i in 0..3000 {
             let next = ["中文", "x", "12 apples", "(paren)", "'ll", "  indented", "!!", "/slash", "!/"][i % 9];
-            text.push_str(&format!("line {i}  with  words'll!\n \n\t{next}\n"));
+            // "{next}" right after "!\n" too: o200k's "!\n/" is one chunk, so no cut before "/".
+            text.push_str(&format!("line {i}  with  words'll!\n{next}\n \n\t{next}\n"));
         }
         for pat in [default_pattern(), CL100K_PATTERN.to_string(), O200K_PATTERN.to_string()] {
             let s = Splitter::new(&pat).unwrap();
