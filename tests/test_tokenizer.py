@@ -132,7 +132,7 @@ def test_train_rejects_bad_input():
 def test_fast_splitter_is_used_for_known_patterns(openai_encodings, trained):
     assert trained._core.fast_split
     assert openai_encodings["cl100k_base"][0]._core.fast_split
-    assert not openai_encodings["o200k_base"][0]._core.fast_split  # fancy-regex path
+    assert openai_encodings["o200k_base"][0]._core.fast_split
 
 
 @pytest.mark.parametrize("kind", ["en", "zh", "code"])

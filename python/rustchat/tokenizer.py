@@ -2,7 +2,9 @@
 
 Semantics follow tiktoken (a token's id is its rank; encoding merges the lowest-ranked pair
 first), so any tiktoken vocabulary loads with `Tokenizer.from_ranks` and ours exports with
-`to_tiktoken()`, giving identical ids.
+`to_tiktoken()`, giving identical ids. Text with lone surrogates (no UTF-8 form) is handled
+as tiktoken's `encode` handles it, by every method that takes text (encoding, batches,
+`split`, `train`): each lone surrogate becomes U+FFFD.
 
 On-disk format (`save` / `load`, no pickle): a directory with
   tokenizer.json   {"format": "rustchat-bpe", "version": 1, "pattern": ..., "special_tokens": {name: id}}
@@ -31,6 +33,8 @@ SPECIAL_TOKENS: list[str] = list(_core.SPECIAL_TOKENS)
 
 _FORMAT = "rustchat-bpe"
 _VERSION = 1
+# Ids (ranks, special tokens, vocab_size) must be below this: the core's per-id tables are dense.
+MAX_VOCAB: int = _core.MAX_VOCAB
 # Documents are handed to the Rust counter in batches of about this many characters: big
 # enough to keep all cores busy, small enough to keep the stream's memory flat.
 _TRAIN_BATCH_CHARS = 8_000_000
@@ -61,11 +65,6 @@ def _ids_to_buffer(ids) -> bytes:
     return arr.astype("<u4", copy=False).tobytes()
 
 
-def _fix_surrogates(text: str) -> str:
-    # Lone surrogates cannot be UTF-8 encoded; replace them as tiktoken does.
-    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-
-
 class Tokenizer:
     """A BPE tokenizer backed by the Rust core. Build with `train`, `from_ranks` or `load`."""
 
@@ -87,6 +86,8 @@ class Tokenizer:
                 raise TypeError(f"mergeable_ranks keys must be bytes, found {type(tok).__name__}: {tok!r}")
             if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank < 0:
                 raise ValueError(f"rank of {bytes(tok)!r} must be a non-negative int, got {rank!r}")
+            if rank >= MAX_VOCAB:
+                raise ValueError(f"rank of {bytes(tok)!r} is {rank}, too large: ids must be below {MAX_VOCAB}")
             ranks.append((bytes(tok), int(rank)))
         specials = []
         for name, i in (special_tokens or {}).items():
@@ -94,6 +95,8 @@ class Tokenizer:
                 raise TypeError(f"special token names must be str, found {name!r}")
             if not isinstance(i, (int, np.integer)) or isinstance(i, bool) or i < 0:
                 raise ValueError(f"special token {name!r} has invalid id {i!r}")
+            if i >= MAX_VOCAB:
+                raise ValueError(f"special token {name!r} has id {i}, too large: ids must be below {MAX_VOCAB}")
             specials.append((name, int(i)))
         return cls(_core.CoreTokenizer(ranks, pattern, specials))
 
@@ -131,6 +134,8 @@ class Tokenizer:
                 raise ValueError(f"special token names must be non-empty str, found {s!r}")
         if len(set(specials)) != len(specials):
             raise ValueError("special token names must be unique")
+        if vocab_size > MAX_VOCAB:
+            raise ValueError(f"vocab_size={vocab_size} is too large: it must be at most {MAX_VOCAB}")
         n_merges = vocab_size - 256 - len(specials)
         if n_merges < 0:
             raise ValueError(
@@ -160,20 +165,13 @@ class Tokenizer:
         """Ids of `text`; text that looks like a special token stays plain text."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, not {type(text).__name__}")
-        try:
-            return self._core.encode_ordinary_list(text)
-        except UnicodeEncodeError:
-            return self._core.encode_ordinary_list(_fix_surrogates(text))
+        return self._core.encode_ordinary_list(text)
 
     def encode_to_numpy(self, text: str) -> np.ndarray:
         """Like `encode_ordinary`, as an int32 numpy array (no Python int per token)."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, not {type(text).__name__}")
-        try:
-            buf = self._core.encode_ordinary(text)
-        except UnicodeEncodeError:
-            buf = self._core.encode_ordinary(_fix_surrogates(text))
-        return np.frombuffer(buf, dtype="<i4")
+        return np.frombuffer(self._core.encode_ordinary(text), dtype="<i4")
 
     def split(self, text: str) -> list[str]:
         """The chunks the split pattern cuts `text` into (BPE never merges across them)."""
@@ -208,11 +206,7 @@ class Tokenizer:
         if not isinstance(texts, list):
             texts = list(texts)
         pre, post = self._special_id(prepend), self._special_id(append)
-        try:
-            ids, offs = self._core.encode_batch(texts, pre, post, num_threads)
-        except UnicodeEncodeError:
-            texts = [_fix_surrogates(t) if isinstance(t, str) else t for t in texts]
-            ids, offs = self._core.encode_batch(texts, pre, post, num_threads)
+        ids, offs = self._core.encode_batch(texts, pre, post, num_threads)
         return np.frombuffer(ids, dtype="<i4"), np.frombuffer(offs, dtype="<i8")
 
     def encode_batch(self, texts: list[str], *, prepend=None, append=None, num_threads: int | None = None) -> list[list[int]]:
@@ -227,11 +221,7 @@ class Tokenizer:
         paused = gc.isenabled()
         gc.disable()
         try:
-            try:
-                return self._core.encode_batch_lists(texts, pre, post, num_threads)
-            except UnicodeEncodeError:
-                texts = [_fix_surrogates(t) if isinstance(t, str) else t for t in texts]
-                return self._core.encode_batch_lists(texts, pre, post, num_threads)
+            return self._core.encode_batch_lists(texts, pre, post, num_threads)
         finally:
             if paused:
                 gc.enable()

@@ -18,6 +18,10 @@ const SMALL_CHUNK: usize = 64;
 /// Entries kept in each thread's cache of multi-token chunks before it is cleared.
 const CACHE_ENTRIES: usize = 1 << 16;
 
+/// Ids (ranks and special tokens) must be below this. Per-id tables are dense, so one huge
+/// rank would allocate gigabytes; 16.7M ids is far past any real vocabulary.
+pub const MAX_VOCAB: usize = 1 << 24;
+
 static NEXT_VOCAB_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Chunks of at most this many bytes are keyed by their bytes packed into a u128 (with the
@@ -109,8 +113,8 @@ impl Bpe {
             return Err("vocabulary is empty".into());
         }
         let max_id = ranks.iter().map(|(_, r)| *r).max().unwrap();
-        if max_id >= NONE - 1 {
-            return Err(format!("rank {max_id} is too large"));
+        if max_id as usize >= MAX_VOCAB {
+            return Err(format!("rank {max_id} is too large: ids must be below {MAX_VOCAB}"));
         }
         let n = max_id as usize + 1;
         let mut by_id: Vec<Option<&[u8]>> = vec![None; n];
@@ -429,5 +433,8 @@ mod tests {
         let mut v = byte_vocab();
         v.push((b"ab".to_vec(), 5));
         assert!(Bpe::new(v).err().unwrap().contains("twice"));
+        let mut v = byte_vocab();
+        v.push((b"ab".to_vec(), i32::MAX as u32));
+        assert!(Bpe::new(v).err().unwrap().contains("too large"));
     }
 }

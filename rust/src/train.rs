@@ -160,7 +160,8 @@ pub fn learn_merges(
 
     let mut tokens: Vec<Vec<u8>> = (0..256u32).map(|b| vec![b as u8]).collect();
     let mut existing: FxHashSet<Vec<u8>> = tokens.iter().cloned().collect();
-    let mut merges: Vec<Vec<u8>> = Vec::with_capacity(n_merges);
+    // Not `n_merges` up front: a corpus runs out of pairs long before an absurd request.
+    let mut merges: Vec<Vec<u8>> = Vec::new();
     let mut visited: Vec<u32> = vec![u32::MAX; start.len()];
     let mut new_pairs: Vec<u64> = Vec::new();
 
@@ -291,6 +292,15 @@ mod tests {
         counts.insert("ba".into(), 3u64);
         let merges = learn_merges(counts, 2, |_| {});
         assert_eq!(merges, vec![b"ba".to_vec(), b"zy".to_vec()]);
+    }
+
+    #[test]
+    fn stops_when_pairs_run_out() {
+        let mut counts = FxHashMap::default();
+        counts.insert("abab".into(), 2u64);
+        // "ab" (count 4), then "abab" (count 2), then nothing: ("ab","ab") was used up.
+        let merges = learn_merges(counts, usize::MAX, |_| {});
+        assert_eq!(merges, vec![b"ab".to_vec(), b"abab".to_vec()]);
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Character classes used by the pre-split patterns (`\p{L}`, `\p{N}`, `\s`).
+//! Character classes used by the pre-split patterns (`\p{L}`, `\p{N}`, `\s`, and o200k's
+//! cased letter classes).
 //!
 //! The tables are read out of `regex-syntax` (the same Unicode data the `regex` and
 //! `fancy-regex` crates match with, and so tiktoken), so the hand-written splitter and the
@@ -10,6 +11,15 @@ use std::sync::OnceLock;
 pub const LETTER: u8 = 1;
 pub const NUMBER: u8 = 2;
 pub const SPACE: u8 = 4;
+/// o200k's `[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]`: letters that can start a word, and marks.
+pub const UPPERISH: u8 = 8;
+/// o200k's `[\p{Ll}\p{Lm}\p{Lo}\p{M}]`: letters that can continue a word, and marks.
+pub const LOWERISH: u8 = 16;
+/// Neither letter, number nor space: `[^\s\p{L}\p{N}]` (marks included).
+#[inline(always)]
+pub fn is_other(cls: u8) -> bool {
+    cls & (LETTER | NUMBER | SPACE) == 0
+}
 
 static TABLE: OnceLock<Vec<u8>> = OnceLock::new();
 
@@ -29,7 +39,13 @@ fn table() -> &'static [u8] {
     TABLE.get_or_init(|| {
         // One byte per code point (1.1 MB): a flat lookup beats a range search in the hot loop.
         let mut t = vec![0u8; 0x11_0000];
-        for (bit, pat) in [(LETTER, r"\p{L}"), (NUMBER, r"\p{N}"), (SPACE, r"\s")] {
+        for (bit, pat) in [
+            (LETTER, r"\p{L}"),
+            (NUMBER, r"\p{N}"),
+            (SPACE, r"\s"),
+            (UPPERISH, r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]"),
+            (LOWERISH, r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"),
+        ] {
             for (lo, hi) in ranges_of(pat) {
                 for c in lo..=hi {
                     t[c as usize] |= bit;
@@ -83,12 +99,15 @@ mod tests {
     #[test]
     fn ascii_and_beyond() {
         let t = classes();
-        assert_eq!(class_of(t, 'a' as u32), LETTER);
+        assert_eq!(class_of(t, 'a' as u32), LETTER | LOWERISH);
+        assert_eq!(class_of(t, 'A' as u32), LETTER | UPPERISH);
+        assert_eq!(class_of(t, '\u{301}' as u32), UPPERISH | LOWERISH); // combining acute: a mark
+        assert!(is_other(class_of(t, '\u{301}' as u32)) && is_other(0) && !is_other(SPACE));
         assert_eq!(class_of(t, '7' as u32), NUMBER);
         assert_eq!(class_of(t, ' ' as u32), SPACE);
         assert_eq!(class_of(t, '\n' as u32), SPACE);
         assert_eq!(class_of(t, '!' as u32), 0);
-        assert_eq!(class_of(t, '中' as u32), LETTER);
+        assert_eq!(class_of(t, '中' as u32), LETTER | UPPERISH | LOWERISH);
         assert_eq!(class_of(t, '½' as u32), NUMBER);
         assert_eq!(class_of(t, '\u{3000}' as u32), SPACE);
         assert_eq!(class_of(t, '😀' as u32), 0);
