@@ -14,6 +14,7 @@ RustchatError "<file>: <problem>".
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import os
 import random
@@ -41,7 +42,6 @@ MAX_META_BYTES = 64 << 20
 _MAX_SAFETENSORS_HEADER = 100 << 20  # the limit safetensors itself applies
 _CONFIG_LIMITS = {"sequence_len": 1 << 20, "vocab_size": 1 << 24, "n_layer": 1024, "n_head": 1024,
                   "n_kv_head": 1024, "n_embd": 1 << 16}
-_STALE_TMP_RE = re.compile(r"^\.(model|optim|meta)_\d{6,}.*\.tmp$")
 _META_RE = re.compile(r"^meta_(\d{6,})\.json$")
 _DEPTH_RE = re.compile(r"^d(\d+)$")
 
@@ -169,10 +169,89 @@ def _atomic_write(path: Path, write) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        full = isinstance(e, Exception) and _disk_full(e, path.parent)  # judged before the temp file frees space
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if full:
+            raise RustchatError(f"{path}: no space left on device while saving the checkpoint "
+                                f"({type(e).__name__}: {e}); free space or use another --base-dir") from None
+        if isinstance(e, OSError):
+            raise RustchatError(f"{path}: cannot save the checkpoint ({e.strerror or e})") from None
         raise
+
+
+def _disk_full(e: Exception, directory: Path) -> bool:
+    """ENOSPC, however the writer reported it: Python raises OSError(ENOSPC), but torch.save
+    says only "file write failed" and safetensors "os error 28", so the device is asked too."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if "No space left on device" in str(e) or "os error 28" in str(e):
+        return True
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return False
+    return st.f_bfree * st.f_frsize < (16 << 20)
+
+
+def checkpoint_bytes(model) -> int:
+    """Rough size of one checkpoint: fp32 weights plus optimizer state (at most two moments)."""
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    return 3 * weights + (1 << 20)
+
+
+def check_checkpoint_dir(ckpt_dir, need_bytes: int) -> None:
+    """Before step 1: the directory can be created and written, and its device has room for a
+    checkpoint, so a long run does not fail only at its first save."""
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        # trying is the only test that holds for root (who ignores mode bits) and read-only mounts
+        fd, probe = tempfile.mkstemp(prefix=".write_test_", suffix=".tmp", dir=ckpt_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise RustchatError(f"{ckpt_dir}: no space left on device; free space or use another --base-dir") from None
+        raise RustchatError(f"{ckpt_dir}: checkpoint directory is not writable ({e.strerror or e}); "
+                            "use another --base-dir") from None
+    st = os.statvfs(ckpt_dir)
+    free = st.f_bavail * st.f_frsize
+    if free < need_bytes:
+        raise RustchatError(f"{ckpt_dir}: not enough space for a checkpoint: {free / 2**20:.0f} MiB free on the "
+                            f"device, about {need_bytes / 2**20:.0f} MiB needed (saving would fail with "
+                            "'no space left on device'); free space or use another --base-dir")
+
+
+def _remove_stale_temps(ckpt_dir: Path, rank: int) -> None:
+    """Temp files of a save that was killed (SIGKILL, power loss) never become checkpoints:
+    remove this rank's ones (other ranks may be writing theirs right now)."""
+    own = rf"optim_\d{{6,}}_rank{rank}\.pt\..*"
+    if rank == 0:
+        own += r"|model_\d{6,}\.safetensors\..*|meta_\d{6,}\.json\..*|write_test_.*"
+    mine = re.compile(rf"^\.({own})\.tmp$")
+    for f in ckpt_dir.iterdir():
+        if mine.match(f.name):
+            try:
+                f.unlink()
+            except FileNotFoundError:
+                pass
+
+
+def prune_checkpoints(ckpt_dir, keep_last: int) -> list[int]:
+    """Delete all but the newest `keep_last` complete checkpoints (every rank's files); call on
+    rank 0 after the save's barrier. Meta goes first, so a half-pruned step is never loadable."""
+    ckpt_dir = Path(ckpt_dir)
+    steps = sorted(int(m.group(1)) for f in ckpt_dir.iterdir() if (m := _META_RE.match(f.name)))
+    dropped = steps[:-keep_last] if keep_last > 0 else []
+    for step in dropped:
+        model_path, _, meta_path = _paths(ckpt_dir, step)
+        meta_path.unlink(missing_ok=True)
+        model_path.unlink(missing_ok=True)
+        for f in ckpt_dir.glob(f"optim_{step:06d}_rank*.pt"):
+            f.unlink(missing_ok=True)
+    return dropped
 
 
 def _plain_state_dict(model) -> dict:
@@ -199,7 +278,11 @@ def save_checkpoint(ckpt_dir, step: int, model, optimizers, meta: dict, *, rank:
     meta: anything JSON-able the trainer needs to resume (data cursor, RNG states from
     capture_rng_state(), losses, user config). `model_config` and `step` are added."""
     ckpt_dir = Path(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RustchatError(f"{ckpt_dir}: cannot create the checkpoint directory ({e.strerror or e})") from None
+    _remove_stale_temps(ckpt_dir, rank)
     model_path, optim_path, meta_path = _paths(ckpt_dir, step, rank)
     if optimizers is not None:
         states = [opt.state_dict() for opt in optimizers]
