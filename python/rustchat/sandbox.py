@@ -366,9 +366,12 @@ class _Sandbox:
 
     def __init__(self, root: Path, name: str, files: dict[str, str], unprivileged: bool):
         self.code_dir = root / f"{name}_code"
-        self.code_dir.mkdir(mode=0o755 if unprivileged else 0o700)  # the tests are not the candidate's to read
+        # readable by `nobody` whatever the umask; the harness's files (the tests) are not the candidate's to read
+        self.code_dir.mkdir()
+        os.chmod(self.code_dir, 0o755 if unprivileged else 0o700)
         for fname, text in files.items():
             (self.code_dir / fname).write_text(text, encoding="utf-8")
+            os.chmod(self.code_dir / fname, 0o644 if unprivileged else 0o600)
         self.out_path, self.err_path = root / f"{name}.out", root / f"{name}.err"
         self.ids = _unprivileged_ids() if unprivileged else None
         self.bwrap = _bwrap_status()[0]
