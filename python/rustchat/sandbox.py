@@ -47,8 +47,8 @@ TMPFS_BYTES = 64 << 20  # the private temp dir under bubblewrap
 _LIMITS = r'''
 import sys
 _timeout, _mem_bytes, _nproc, _fsize = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-_uid, _gid = int(sys.argv[5]), int(sys.argv[6])
-_extra = sys.argv[7:]
+_uid, _gid, _preload = int(sys.argv[5]), int(sys.argv[6]), sys.argv[7] == "1"
+_extra = sys.argv[8:]
 del sys.argv[1:]
 import resource
 def _limit(which, value):
@@ -68,10 +68,11 @@ _limit(resource.RLIMIT_NPROC, _nproc)
 _limit(resource.RLIMIT_CORE, 0)
 if _uid >= 0:
     # Started as root: become `nobody` so the limits stick (root may raise them and is exempt
-    # from RLIMIT_NPROC) and no other process can be signalled. Common modules are loaded
-    # first in case the stdlib lies under a directory only root may enter.
-    import bisect, collections, copy, decimal, fractions, functools, hashlib, heapq, itertools, json, math
-    import operator, random, re, shutil, socket, statistics, string, struct, subprocess, traceback, typing
+    # from RLIMIT_NPROC) and no other process can be signalled. Without bwrap the stdlib may
+    # lie under a directory only root may enter (/root/.pyenv): common modules are loaded first.
+    if _preload:
+        import bisect, collections, copy, decimal, fractions, functools, hashlib, heapq, itertools, json, math
+        import operator, random, re, shutil, socket, statistics, string, struct, subprocess, traceback, typing
     import os as _os_for_drop
     _os_for_drop.setgroups([])
     _os_for_drop.setgid(_gid)
@@ -393,8 +394,9 @@ class _Sandbox:
     def start(self, runner: str, timeout: float, memory_mb: int, extra: list[str], stdin=subprocess.DEVNULL,
               pass_fds: tuple[int, ...] = ()) -> None:
         uid, gid = self.ids or (-1, -1)
+        preload = "0" if self.bwrap else "1"  # under bwrap the prefix's parents are made enterable
         argv = [_python(), "-I", self.path(runner), str(timeout), str(memory_mb << 20), str(MAX_PROCESSES),
-                str(MAX_FILE_BYTES), str(uid), str(gid), *extra]
+                str(MAX_FILE_BYTES), str(uid), str(gid), preload, *extra]
         info_w = -1
         if self.bwrap:
             # bwrap reports the host pid of the sandbox's init there; killing that one ends the
