@@ -451,11 +451,34 @@ class _Sandbox:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-        return self.proc.wait()
+        rc = self.proc.wait()
+        # the group's other members die asynchronously: wait (bounded) until none is running
+        deadline = time.monotonic() + 5.0
+        while _group_running(self.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return rc
 
     def tails(self) -> tuple[str, str]:
         return (self.out_path.read_bytes()[-4000:].decode("utf-8", "replace"),
                 self.err_path.read_bytes()[-4000:].decode("utf-8", "replace"))
+
+
+def _group_running(pgid: int) -> bool:
+    """Whether a process of group `pgid` is still alive (zombies, which an init that never
+    reaps may keep forever, do not count). Without /proc: assume not."""
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return False
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            return True
+    return False
 
 
 def _rmtree(root: Path) -> None:
