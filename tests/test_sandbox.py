@@ -4,6 +4,7 @@ process), files outside the sandbox and the process table are left as they were.
 Attacks that only namespaces stop are skipped, saying why, where bubblewrap cannot run."""
 import os
 import random
+import shutil
 import socket
 import tempfile
 import textwrap
@@ -22,6 +23,17 @@ NAMESPACES = protection().startswith("bubblewrap")
 OTHER_USER = NAMESPACES or os.geteuid() == 0
 needs_namespaces = pytest.mark.skipif(not NAMESPACES, reason=f"needs bubblewrap: {protection()}")
 needs_other_user = pytest.mark.skipif(not OTHER_USER, reason=f"rlimits only and not root: {protection()}")
+
+
+@pytest.fixture(autouse=True)
+def own_tempdir(monkeypatch, tmp_path):  # tmp_path first: pytest makes it under the real temp dir
+    """The sandbox's temp dirs go to a dir of this test's own, so others' runs cannot confuse
+    the leak check; enterable (not listable) by `nobody`, as /tmp is."""
+    d = tempfile.mkdtemp(prefix="rustchat_sandbox_test_")
+    os.chmod(d, 0o711)
+    monkeypatch.setattr(tempfile, "tempdir", d)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def _exec_dirs() -> set[str]:
@@ -48,9 +60,8 @@ def _body(code: str) -> str:
 
 def _attack(code: str, timeout: float = 5.0):
     """Run `code` as a hostile `add`; the evaluator's temp dirs must all be cleaned up."""
-    before = _exec_dirs()
     result = check_humaneval(PROMPT, _body(code), TEST, "add", timeout=timeout)
-    assert _exec_dirs() <= before, "the sandbox left its temp dir behind"
+    assert _exec_dirs() == set(), "the sandbox left its temp dir behind"
     return result
 
 
