@@ -101,7 +101,7 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr("rustchat.checkpoint.save_file", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(RustchatError, match=r"model_000005.safetensors: cannot save the checkpoint \(disk full\)"):
         save_checkpoint(d, 5, model, model.setup_optimizers(), {})
     # the optimizer file went in completely, nothing else did, and the checkpoint does not count
     assert sorted(os.listdir(d)) == ["optim_000005_rank0.pt"]

@@ -123,3 +123,85 @@ def test_download_honours_hf_endpoint(tmp_path, monkeypatch):
         assert not list((tmp_path / "data").glob("*.part"))
     finally:
         server.shutdown()
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    """Records each request's Authorization header; `self.server.respond(handler)` answers."""
+
+    def do_GET(self):
+        self.server.seen.append((self.path, self.headers.get("Authorization")))
+        self.server.respond(self)
+
+    def log_message(self, *args):
+        pass
+
+
+def _serve(respond):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    server.seen, server.respond = [], respond
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def _parquet_bytes(tmp_path, texts):
+    pq.write_table(pa.table({"text": texts}), tmp_path / "src.parquet")
+    return (tmp_path / "src.parquet").read_bytes()
+
+
+def test_download_token_stays_on_its_host(tmp_path, monkeypatch):
+    body = _parquet_bytes(tmp_path, ["hello cdn"])
+
+    def cdn(h):
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
+
+    cdn_server = _serve(cdn)
+
+    def hub(h):  # like the hub: a same-host hop, then a 302 to the CDN on another host
+        h.send_response(302)
+        target = (f"http://localhost:{cdn_server.server_address[1]}/blob" if h.path.startswith("/again")
+                  else "/again" + h.path)
+        h.send_header("Location", target)
+        h.send_header("Content-Length", "0")
+        h.end_headers()
+
+    hub_server = _serve(hub)
+    token = f"hf_{random.getrandbits(64):x}"
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{hub_server.server_address[1]}")
+        monkeypatch.setenv("HF_TOKEN", token)
+        [path] = download_shards([7], tmp_path / "data", repo="org/ds", retries=1)
+        assert pq.read_table(path).column("text").to_pylist() == ["hello cdn"]
+    finally:
+        hub_server.shutdown()
+        cdn_server.shutdown()
+    # the hub (both hops on 127.0.0.1) got the token; the other host (localhost) never did
+    assert [auth for _, auth in hub_server.seen] == [f"Bearer {token}"] * 2
+    assert cdn_server.seen == [("/blob", None)]
+
+
+@pytest.mark.parametrize("declared", [True, False])
+def test_short_download_leaves_no_shard(tmp_path, monkeypatch, declared):
+    body = _parquet_bytes(tmp_path, [f"doc {i} " * 50 for i in range(200)])
+
+    def cut(h):  # promises the whole file (or says nothing) and closes halfway
+        h.send_response(200)
+        if declared:
+            h.send_header("Content-Length", str(len(body)))
+        h.send_header("Connection", "close")
+        h.end_headers()
+        h.wfile.write(body[: len(body) // 2])
+        h.wfile.flush()
+        h.close_connection = True
+
+    server = _serve(cut)
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+        with pytest.raises(RustchatError, match="could not download .*shard_00002.parquet"):
+            download_shards([2], tmp_path / "data", repo="org/ds", retries=1)
+    finally:
+        server.shutdown()
+    assert len(server.seen) == 1
+    assert list((tmp_path / "data").iterdir()) == []  # neither a shard nor a temp file

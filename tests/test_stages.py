@@ -257,3 +257,99 @@ def test_base_reports_validation_bits_per_byte(base_dir, tmp_path):
     ev = train_base(cfg)["last_eval"]
     # an almost untrained model over a 400-id vocabulary: a few bits per byte, finite
     assert ev["step"] == 2 and 0.5 < ev["val_bpb"] < 20
+
+
+# ------------------------------------------------------------------ disk: space, temp files, pruning, report
+SFT_TINY = dict(device_batch_size=2, total_batch_size=4, tasks="tiny", **TINY)
+
+
+def _report_rows(d, section):
+    text = (Path(d) / "report.md").read_text().split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return {cells[1].strip(): cells[2].strip() for line in text.splitlines()
+            if line.startswith("| ") and len(cells := line.split("|")) >= 4}
+
+
+def test_report_after_resume_covers_the_whole_run(base_dir, tmp_path):
+    d = _copy(base_dir, tmp_path, "resumed")
+    r1 = train_sft(STAGE_CONFIGS["sft"](max_steps=4, stop_at_step=2, base_dir=str(d), **SFT_TINY))
+    seconds_to_step_2 = load_checkpoint(stage_dir("sft", 1, d), load_optimizer=False)[2]["run_seconds"]
+    assert 0 < seconds_to_step_2 <= r1["seconds"]
+    r2 = train_sft(STAGE_CONFIGS["sft"](max_steps=4, resume=True, base_dir=str(d), **SFT_TINY))
+    rows = _report_rows(d, "sft")
+    assert rows["first loss"] == f"{r1['history'][0]['loss']:.4f}" != f"{r2['history'][0]['loss']:.4f}"
+    assert rows["last loss"] == f"{r2['history'][-1]['loss']:.4f}"
+    assert r2["run_seconds"] == pytest.approx(seconds_to_step_2 + r2["seconds"])
+    assert rows["wall time"] == f"{r2['run_seconds']:.1f} s"
+    assert rows["resumed"].startswith("at step 2")
+    assert [h["step"] for h in r2["run_history"]] == [1, 2, 3, 4]
+    meta = load_checkpoint(stage_dir("sft", 1, d), load_optimizer=False)[2]
+    assert [h["loss"] for h in meta["history"]] == [h["loss"] for h in r1["history"] + r2["history"]]
+
+
+def test_keep_last_and_stale_temp_files(base_dir, tmp_path):
+    d = _copy(base_dir, tmp_path, "keep")
+    ck = stage_dir("sft", 1, d)
+    ck.mkdir(parents=True)
+    # what a save killed mid-write leaves behind (names as _atomic_write makes them), and a user's file
+    stale = [".model_000009.safetensors.k1x2.tmp", ".optim_000009_rank0.pt.ab12.tmp", ".meta_000009.json.zz.tmp",
+             ".write_test_q1.tmp"]
+    for name in stale + ["notes.txt"]:
+        (ck / name).write_bytes(os.urandom(64))
+    train_sft(STAGE_CONFIGS["sft"](max_steps=5, save_every=1, keep_last=2, base_dir=str(d), **SFT_TINY))
+    assert sorted(p.name for p in ck.iterdir()) == [
+        "meta_000004.json", "meta_000005.json", "model_000004.safetensors", "model_000005.safetensors", "notes.txt",
+        "optim_000004_rank0.pt", "optim_000005_rank0.pt"]
+
+
+def _cli_error(argv, capsys):
+    from rustchat.cli import main
+
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("rustchat: error: ") and "\n" not in err, err
+    return err
+
+
+SFT_ARGS = ["sft", "--depth", "1", "--device", "cpu", "--seq-len", "64", "--device-batch-size", "2",
+            "--total-batch-size", "4", "--tasks", "tiny", "--max-steps", "2", "--eval-every", "0", "--quiet"]
+
+
+def test_no_space_is_found_before_step_one(base_dir, tmp_path, capsys, monkeypatch):
+    d = _copy(base_dir, tmp_path, "full")
+    steps = []
+    import rustchat.trainer as trainer
+
+    real_step = trainer.train_step
+    monkeypatch.setattr(trainer, "train_step", lambda *a, **k: steps.append(1) or real_step(*a, **k))
+    monkeypatch.setattr(os, "statvfs", lambda path: os.statvfs_result((4096, 4096, 10**6, 3, 3, 10**5, 10, 10, 0, 255)))
+    err = _cli_error(SFT_ARGS + ["--base-dir", str(d)], capsys)
+    assert f"{stage_dir('sft', 1, d)}: not enough space for a checkpoint" in err and "no space left on device" in err
+    assert steps == [] and find_last_step(stage_dir("sft", 1, d)) is None
+
+
+def test_unwritable_checkpoint_dir_is_found_before_step_one(base_dir, tmp_path, capsys):
+    d = _copy(base_dir, tmp_path, "unwritable")
+    (d / "sft_checkpoints").write_text("a file where the checkpoint directory should be")  # blocks root too
+    err = _cli_error(SFT_ARGS + ["--base-dir", str(d)], capsys)
+    assert f"{stage_dir('sft', 1, d)}: checkpoint directory is not writable" in err
+
+
+@pytest.mark.parametrize("failure", ["oserror", "torch-message"])
+def test_enospc_at_save_is_named(base_dir, tmp_path, capsys, monkeypatch, failure):
+    import errno
+
+    import rustchat.checkpoint as checkpoint
+
+    d = _copy(base_dir, tmp_path, "enospc")
+    if failure == "oserror":
+        def save_file(sd, path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    else:  # torch.save's wording, which never says why; the device is then asked
+        def save_file(sd, path):
+            monkeypatch.setattr(os, "statvfs", lambda p: os.statvfs_result((4096, 4096, 10**6, 0, 0, 10**5, 0, 0, 0, 255)))
+            raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file "
+                               "data/0: file write failed")
+    monkeypatch.setattr(checkpoint, "save_file", save_file)
+    err = _cli_error(SFT_ARGS + ["--base-dir", str(d)], capsys)
+    assert "model_000002.safetensors: no space left on device while saving the checkpoint" in err
+    assert not [p for p in stage_dir("sft", 1, d).iterdir() if p.name.startswith(".model_")]  # no temp file left

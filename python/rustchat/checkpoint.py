@@ -6,15 +6,21 @@
 
 Every file goes to a temp name in the same directory and is os.replace'd into place, and
 meta is written last, so a checkpoint is complete iff its meta exists. Loading never runs
-code from the files: safetensors, json, torch.load(weights_only=True).
+code from the files: safetensors, json, torch.load(weights_only=True). Every file is checked
+before it is opened (a regular file, not a FIFO or a link to a device, of a sane size) and
+after (well-formed, a model config that makes sense, finite weights); any problem is one
+RustchatError "<file>: <problem>".
 """
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import os
 import random
 import re
+import stat
+import struct
 import tempfile
 from pathlib import Path
 
@@ -30,6 +36,12 @@ from .runtime import autodetect_device, setup_cpu_math
 from .tokenizer import Tokenizer, load_tokenizer
 
 _PREVIOUS = {"base": None, "mid": "base", "sft": "mid"}
+# Caps on what a checkpoint's files may hold, far above any real model, far below what
+# would exhaust memory before a shape check could fail.
+MAX_META_BYTES = 64 << 20
+_MAX_SAFETENSORS_HEADER = 100 << 20  # the limit safetensors itself applies
+_CONFIG_LIMITS = {"sequence_len": 1 << 20, "vocab_size": 1 << 24, "n_layer": 1024, "n_head": 1024,
+                  "n_kv_head": 1024, "n_embd": 1 << 16}
 _META_RE = re.compile(r"^meta_(\d{6,})\.json$")
 _DEPTH_RE = re.compile(r"^d(\d+)$")
 
@@ -55,6 +67,99 @@ def _paths(ckpt_dir: Path, step: int, rank: int = 0):
             ckpt_dir / f"meta_{step:06d}.json")
 
 
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def regular_file(path, what: str, max_bytes: int | None = None) -> int:
+    """Size of `path`, a regular file (symlinks followed); refused without opening it when it
+    is a FIFO (reading would hang), a device (/dev/zero never ends) or larger than max_bytes."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise RustchatError(f"{path}: {what} not found") from None
+    except OSError as e:
+        raise RustchatError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise RustchatError(f"{path}: {what} is {_kind(st.st_mode)}, not a regular file")
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise RustchatError(f"{path}: {what} is {st.st_size} bytes, more than the {max_bytes} a {what} may have")
+    return st.st_size
+
+
+def read_json_object(path, what: str, max_bytes: int = MAX_META_BYTES) -> dict:
+    """A JSON file whose top level must be an object."""
+    regular_file(path, what, max_bytes)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+        obj = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise RustchatError(f"{path}: {what} is not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise RustchatError(f"{path}: {what} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except (OSError, RecursionError) as e:
+        raise RustchatError(f"{path}: cannot read {what} ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict):
+        raise RustchatError(f"{path}: {what} is a JSON {type(obj).__name__}, expected an object")
+    return obj
+
+
+def check_model_config(mc, where) -> GPTConfig:
+    """meta["model_config"] as a GPTConfig, refusing missing, non-integer, non-positive,
+    inconsistent or absurd values before anything is allocated."""
+    if not isinstance(mc, dict):
+        raise RustchatError(f"{where}: no 'model_config' object (found {type(mc).__name__})")
+    values = {}
+    for key, limit in _CONFIG_LIMITS.items():
+        v = mc.get(key)
+        if key not in mc:
+            raise RustchatError(f"{where}: model_config lacks {key!r}")
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= limit:
+            raise RustchatError(f"{where}: model_config {key}={v!r} must be an integer in 1..{limit}")
+        values[key] = v
+    try:
+        return GPTConfig(**values)
+    except RustchatError as e:
+        raise RustchatError(f"{where}: model_config: {e}") from None
+
+
+def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from a safetensors header, after checking the header and the data
+    offsets fit the file exactly (a truncated file fails here, before any tensor is read)."""
+    size = regular_file(path, "weights file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError(f"{size} bytes, too short for a safetensors header")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(_MAX_SAFETENSORS_HEADER, size - 8):
+                raise ValueError(f"header length {n} does not fit in the file's {size} bytes (truncated?)")
+            header = json.loads(f.read(n).decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        shapes, end = {}, 0
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if not (isinstance(info, dict) and isinstance(info.get("shape"), list)
+                    and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+                    and all(isinstance(x, int) and x >= 0 for x in info["shape"] + info["data_offsets"])):
+                raise ValueError(f"malformed header entry for {name!r}")
+            shapes[name] = tuple(info["shape"])
+            end = max(end, info["data_offsets"][1])
+        if 8 + n + end != size:
+            raise ValueError(f"the tensors need {8 + n + end} bytes but the file has {size} (truncated?)")
+    except (ValueError, UnicodeDecodeError, OSError) as e:
+        raise RustchatError(f"{path}: not a valid safetensors file: {e}") from None
+    return shapes
+
+
 def _atomic_write(path: Path, write) -> None:
     """write(tmp_path) then fsync + os.replace: readers see the old file or the whole new one."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -64,10 +169,89 @@ def _atomic_write(path: Path, write) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        full = isinstance(e, Exception) and _disk_full(e, path.parent)  # judged before the temp file frees space
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if full:
+            raise RustchatError(f"{path}: no space left on device while saving the checkpoint "
+                                f"({type(e).__name__}: {e}); free space or use another --base-dir") from None
+        if isinstance(e, OSError):
+            raise RustchatError(f"{path}: cannot save the checkpoint ({e.strerror or e})") from None
         raise
+
+
+def _disk_full(e: Exception, directory: Path) -> bool:
+    """ENOSPC, however the writer reported it: Python raises OSError(ENOSPC), but torch.save
+    says only "file write failed" and safetensors "os error 28", so the device is asked too."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if "No space left on device" in str(e) or "os error 28" in str(e):
+        return True
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return False
+    return st.f_bfree * st.f_frsize < (16 << 20)
+
+
+def checkpoint_bytes(model) -> int:
+    """Rough size of one checkpoint: fp32 weights plus optimizer state (at most two moments)."""
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    return 3 * weights + (1 << 20)
+
+
+def check_checkpoint_dir(ckpt_dir, need_bytes: int) -> None:
+    """Before step 1: the directory can be created and written, and its device has room for a
+    checkpoint, so a long run does not fail only at its first save."""
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        # trying is the only test that holds for root (who ignores mode bits) and read-only mounts
+        fd, probe = tempfile.mkstemp(prefix=".write_test_", suffix=".tmp", dir=ckpt_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise RustchatError(f"{ckpt_dir}: no space left on device; free space or use another --base-dir") from None
+        raise RustchatError(f"{ckpt_dir}: checkpoint directory is not writable ({e.strerror or e}); "
+                            "use another --base-dir") from None
+    st = os.statvfs(ckpt_dir)
+    free = st.f_bavail * st.f_frsize
+    if free < need_bytes:
+        raise RustchatError(f"{ckpt_dir}: not enough space for a checkpoint: {free / 2**20:.0f} MiB free on the "
+                            f"device, about {need_bytes / 2**20:.0f} MiB needed (saving would fail with "
+                            "'no space left on device'); free space or use another --base-dir")
+
+
+def _remove_stale_temps(ckpt_dir: Path, rank: int) -> None:
+    """Temp files of a save that was killed (SIGKILL, power loss) never become checkpoints:
+    remove this rank's ones (other ranks may be writing theirs right now)."""
+    own = rf"optim_\d{{6,}}_rank{rank}\.pt\..*"
+    if rank == 0:
+        own += r"|model_\d{6,}\.safetensors\..*|meta_\d{6,}\.json\..*|write_test_.*"
+    mine = re.compile(rf"^\.({own})\.tmp$")
+    for f in ckpt_dir.iterdir():
+        if mine.match(f.name):
+            try:
+                f.unlink()
+            except FileNotFoundError:
+                pass
+
+
+def prune_checkpoints(ckpt_dir, keep_last: int) -> list[int]:
+    """Delete all but the newest `keep_last` complete checkpoints (every rank's files); call on
+    rank 0 after the save's barrier. Meta goes first, so a half-pruned step is never loadable."""
+    ckpt_dir = Path(ckpt_dir)
+    steps = sorted(int(m.group(1)) for f in ckpt_dir.iterdir() if (m := _META_RE.match(f.name)))
+    dropped = steps[:-keep_last] if keep_last > 0 else []
+    for step in dropped:
+        model_path, _, meta_path = _paths(ckpt_dir, step)
+        meta_path.unlink(missing_ok=True)
+        model_path.unlink(missing_ok=True)
+        for f in ckpt_dir.glob(f"optim_{step:06d}_rank*.pt"):
+            f.unlink(missing_ok=True)
+    return dropped
 
 
 def _plain_state_dict(model) -> dict:
@@ -94,7 +278,11 @@ def save_checkpoint(ckpt_dir, step: int, model, optimizers, meta: dict, *, rank:
     meta: anything JSON-able the trainer needs to resume (data cursor, RNG states from
     capture_rng_state(), losses, user config). `model_config` and `step` are added."""
     ckpt_dir = Path(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RustchatError(f"{ckpt_dir}: cannot create the checkpoint directory ({e.strerror or e})") from None
+    _remove_stale_temps(ckpt_dir, rank)
     model_path, optim_path, meta_path = _paths(ckpt_dir, step, rank)
     if optimizers is not None:
         states = [opt.state_dict() for opt in optimizers]
@@ -151,13 +339,28 @@ def load_checkpoint(ckpt_dir, step: int | None = None, device="cpu", load_optimi
     model_path, optim_path, meta_path = _paths(ckpt_dir, step, rank)
     if not (meta_path.exists() and model_path.exists()):
         raise _missing(ckpt_dir, f"no complete checkpoint for step {step}")
-    meta = json.loads(meta_path.read_text())
-    model_state = load_file(str(model_path), device=str(device))
+    meta = read_json_object(meta_path, "checkpoint meta")
+    config = check_model_config(meta.get("model_config"), meta_path)
+    shapes = _safetensors_shapes(model_path)
+    with torch.device("meta"):
+        want = {k: tuple(v.shape) for k, v in GPT(config, init=False).state_dict().items()}
+    if shapes != want:
+        diff = sorted(set(shapes.items()) ^ set(want.items()))[:3]
+        raise RustchatError(f"{model_path}: tensors do not match the model_config in {meta_path.name} "
+                            f"(first differences: {diff})")
+    try:
+        model_state = load_file(str(model_path), device=str(device))
+    except Exception as e:  # safetensors raises its own error types for malformed files
+        raise RustchatError(f"{model_path}: not a valid safetensors file: {type(e).__name__}: {e}") from None
+    for name, t in model_state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise RustchatError(f"{model_path}: tensor {name} holds NaN or infinite values")
     optim_states = None
     if load_optimizer:
         if not optim_path.exists():
             raise RustchatError(f"optimizer state {optim_path.name} missing in {ckpt_dir}; "
                                 "resume needs the same number of ranks that saved it")
+        regular_file(optim_path, "optimizer state")
         try:
             optim_states = torch.load(optim_path, map_location=device, weights_only=True)
         except Exception as e:  # weights_only refuses arbitrary pickled objects
@@ -174,7 +377,7 @@ def load_optimizer_states(optimizers, optim_states) -> None:
 
 def build_model_from_meta(meta: dict, device="cpu", model_state: dict | None = None):
     """A GPT shaped by meta['model_config']; with model_state, its weights are loaded (strict)."""
-    cfg = GPTConfig.from_dict(meta["model_config"])
+    cfg = check_model_config(meta.get("model_config"), "checkpoint meta")
     if model_state is None:
         with torch.device(device):
             return GPT(cfg)

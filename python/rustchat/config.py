@@ -89,6 +89,8 @@ class StageConfig(Config):
     eval_every: int = opt(250, "steps between validation evaluations (0: only at the end)", minimum=0)
     eval_batches: int = opt(8, "batches per validation evaluation", minimum=1)
     save_every: int | None = opt(None, "steps between intermediate checkpoints", minimum=1)
+    keep_last: int | None = opt(None, "keep only the newest N checkpoints of this stage and depth (default: all)",
+                                minimum=1)
     run: str | None = opt(None, "wandb run name (off by default; honours WANDB_MODE)")
     resume: bool = opt(False, "continue from this stage's latest checkpoint")
     stop_at_step: int | None = opt(None, "stop at this step with a checkpoint, schedule unchanged; "
@@ -199,6 +201,7 @@ class ImportNanochatConfig(Config):
     stage: str = opt("base", "stage to file the import under", choices=STAGES)
     step: int | None = opt(None, "checkpoint step (default: the last)", minimum=0)
     base_dir: str | None = opt(None, "artifacts root (default $RUSTCHAT_BASE_DIR or ~/.cache/rustchat)")
+    force: bool = opt(False, "replace a different tokenizer or the same step's checkpoint already in the base dir")
 
 
 # ----------------------------------------------------------------------------- argparse from the fields

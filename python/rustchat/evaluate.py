@@ -27,9 +27,11 @@ from .data.textsource import list_files
 from .engine import CompletionParser, Engine
 from .report import write_section
 from .runtime import autocast_ctx
+from .sandbox import protection
 from .scoring import BASELINES, categorical_pick, chatcore
 from .tasks import get_task
 from .tasks.base import assistant_text
+from .tasks.humaneval import HumanEval
 
 PRESETS = {
     "tiny": ("arithmetic", "spellingbee"),  # offline: generated problems
@@ -250,6 +252,9 @@ def run_eval(cfg: EvalConfig) -> dict:
     engine = Engine(model, tok)
     label = f"{cfg.source} d{model.config.n_layer} step {meta.get('step')}"
     print(f"evaluating {label} on {model.get_device()}: {', '.join(t.name for t in tasks)}")
+    sandbox_line = protection() if any(isinstance(t, HumanEval) for t in tasks) else None
+    if sandbox_line:  # model-written code runs: say how contained it is
+        print(f"HumanEval sandbox: {sandbox_line}")
     results, types, counts, rows = {}, {}, {}, []
     t_all = time.time()
     for task in tasks:
@@ -280,6 +285,8 @@ def run_eval(cfg: EvalConfig) -> dict:
     print(f"\n{label}\n{table}\n({time.time() - t_all:.1f} s)")
     report_rows = {"model": label, "sampling": f"temperature {cfg.temperature}, top-k {cfg.top_k}, "
                                                f"samples {cfg.num_samples}, max new tokens {cfg.max_new_tokens}"}
+    if sandbox_line:
+        report_rows["HumanEval sandbox"] = sandbox_line
     if core is not None:
         report_rows["ChatCORE"] = f"{core:.4f}"
     write_section("eval", report_rows, base_dir=base, table=table)

@@ -3,27 +3,28 @@ tokenizer.pkl become a rustchat checkpoint and tokenizer, so mid/SFT continue fr
 
 Our module names are nanochat's, so the mapping is: strip torch.compile's `_orig_mod.`
 prefix, pad embedding/head rows to our padded vocab, cast to fp32. Files are read without
-executing code (torch.load(weights_only=True), json).
+executing code (torch.load(weights_only=True), json), after checking each is a regular file
+(checkpoint.regular_file); weights must be finite. An import never replaces a different
+tokenizer or an existing checkpoint of the same step unless asked to (--force).
 """
 from __future__ import annotations
 
 import io
-import json
 import pickle
 import re
 from pathlib import Path
 
 import torch
 
-from .checkpoint import save_checkpoint, stage_dir
+from .checkpoint import check_model_config, read_json_object, regular_file, save_checkpoint, stage_dir
 from .common import RustchatError, get_base_dir
 from .config import ImportNanochatConfig
 from .model import GPT, GPTConfig
 from .tokenizer import Tokenizer
 
 _MODEL_RE = re.compile(r"^model_(\d+)\.pt$")
-_CONFIG_KEYS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
 _VOCAB_ROWS = ("transformer.wte.weight", "lm_head.weight")
+_MAX_TOKENIZER_PICKLE = 256 << 20
 
 
 def find_nanochat_step(ckpt_dir) -> int:
@@ -65,6 +66,8 @@ def convert_state_dict(sd: dict, config: GPTConfig) -> dict:
             t = padded
         elif t.shape != ref.shape:
             raise RustchatError(f"nanochat {name} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
+        if not bool(torch.isfinite(t).all()):
+            raise RustchatError(f"nanochat {name} holds NaN or infinite values")
         out[name] = t.contiguous()
     return out
 
@@ -74,17 +77,17 @@ def import_nanochat_model(ckpt_dir, step: int | None = None, device="cpu"):
     ckpt_dir = Path(ckpt_dir)
     if step is None:
         step = find_nanochat_step(ckpt_dir)
-    meta = json.loads(_file_for_step(ckpt_dir, "meta", step, ".json").read_text())
-    mc = meta.get("model_config")
-    if not isinstance(mc, dict) or any(k not in mc for k in _CONFIG_KEYS):
-        raise RustchatError(f"nanochat meta in {ckpt_dir} lacks model_config with {', '.join(_CONFIG_KEYS)}")
-    config = GPTConfig(**{k: int(mc[k]) for k in _CONFIG_KEYS})
+    meta_path = _file_for_step(ckpt_dir, "meta", step, ".json")
+    meta = read_json_object(meta_path, "nanochat meta")
+    config = check_model_config(meta.get("model_config"), meta_path)
+    weights_path = _file_for_step(ckpt_dir, "model", step, ".pt")
+    regular_file(weights_path, "nanochat weights")
     try:
-        sd = torch.load(_file_for_step(ckpt_dir, "model", step, ".pt"), map_location="cpu", weights_only=True)
-    except RustchatError:
-        raise
-    except Exception as e:
-        raise RustchatError(f"cannot read nanochat weights in {ckpt_dir}: {type(e).__name__}: {e}") from None
+        sd = torch.load(weights_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses code; truncation and garbage raise many types
+        raise RustchatError(f"{weights_path}: cannot read nanochat weights: {type(e).__name__}: {e}") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise RustchatError(f"{weights_path}: not a state dict of named tensors")
     state = convert_state_dict(sd, config)
     with torch.device("meta"):
         model = GPT(config, init=False)
@@ -116,19 +119,43 @@ def load_nanochat_tokenizer(path: str | Path) -> Tokenizer:
     records the state tiktoken pickles (name, pat_str, mergeable_ranks, special_tokens); every
     other global is refused."""
     p = Path(path)
-    if not p.is_file():
-        raise RustchatError(f"{p}: nanochat tokenizer.pkl not found")
+    regular_file(p, "nanochat tokenizer.pkl", _MAX_TOKENIZER_PICKLE)
     try:
         obj = _SafeUnpickler(io.BytesIO(p.read_bytes())).load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
-        raise RustchatError(f"{p}: not a pickled tiktoken Encoding ({e})") from None
+    except Exception as e:  # noqa: BLE001 - malformed pickles raise many types; none runs code here
+        raise RustchatError(f"{p}: not a pickled tiktoken Encoding ({type(e).__name__}: {e})") from None
     state = getattr(obj, "state", None)
     if isinstance(state, str):
         raise RustchatError(f"{p}: pickles the registered tiktoken encoding {state!r} by name; "
                             "load it with Tokenizer.from_tiktoken(tiktoken.get_encoding(name))")
     if not isinstance(state, dict) or not {"pat_str", "mergeable_ranks", "special_tokens"} <= set(state):
         raise RustchatError(f"{p}: unexpected tokenizer pickle contents")
-    return Tokenizer.from_ranks(state["mergeable_ranks"], state["pat_str"], state["special_tokens"])
+    try:
+        return Tokenizer.from_ranks(state["mergeable_ranks"], state["pat_str"], state["special_tokens"])
+    except Exception as e:  # noqa: BLE001 - the core's refusal, said about the file it came from
+        raise RustchatError(f"{p}: not a usable tokenizer ({type(e).__name__}: {e})") from None
+
+
+def _same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
+    return (a.pattern == b.pattern and a.special_tokens == b.special_tokens
+            and a.mergeable_ranks() == b.mergeable_ranks())
+
+
+def _would_replace(tok: Tokenizer, tok_dir: Path, out: Path, step: int) -> list[str]:
+    """What writing `tok` into tok_dir and checkpoint `step` into `out` would overwrite."""
+    replaced = []
+    if (tok_dir / "tokenizer.json").exists() or (tok_dir / "ranks.tiktoken").exists():
+        try:
+            same = _same_tokenizer(Tokenizer.load(tok_dir), tok)
+        except (ValueError, OSError):
+            same = False  # an unreadable tokenizer is still one the user may want to keep
+        if not same:
+            replaced.append(f"the tokenizer in {tok_dir} (a different vocabulary: its checkpoints would no longer "
+                            "match it)")
+    existing = [p.name for p in (out / f"meta_{step:06d}.json", out / f"model_{step:06d}.safetensors") if p.exists()]
+    if existing:
+        replaced.append(f"checkpoint step {step} in {out} ({', '.join(existing)})")
+    return replaced
 
 
 # ----------------------------------------------------------------------------- the command
@@ -149,9 +176,13 @@ def import_nanochat(cfg: ImportNanochatConfig) -> Path:
     if tok.vocab_size != model.config.vocab_size:
         raise RustchatError(f"tokenizer {tok_path} has {tok.vocab_size} ids but the model expects {model.config.vocab_size}")
     base = Path(cfg.base_dir) if cfg.base_dir else get_base_dir()
-    tok.save(base / "tokenizer")
     depth = model.config.n_layer
     out = stage_dir(cfg.stage, depth, base)
+    replaced = _would_replace(tok, base / "tokenizer", out, step)
+    if replaced and not cfg.force:
+        raise RustchatError(f"import-nanochat would replace {' and '.join(replaced)}; pass --force to replace, "
+                            "or import into another --base-dir")
+    tok.save(base / "tokenizer")
     save_checkpoint(out, step, model, None, {"imported_from": str(src.resolve()), "nanochat_meta": meta,
                                               "stage": cfg.stage})
     print(f"imported nanochat step {step} (depth {depth}, {model.num_params() / 1e6:.1f}M params) -> {out}; "

@@ -1,16 +1,32 @@
-"""Run untrusted generated code (HumanEval candidates) in a separate, limited Python process.
+"""Run untrusted generated code (HumanEval candidates) in separate, limited processes.
 
-The child gets: a fresh temp dir as cwd (deleted afterwards), a wall-clock timeout (its whole
-process group is killed), RLIMIT_AS / RLIMIT_CPU / RLIMIT_FSIZE, an environment without the
-parent's variables and with dead proxies, `socket.socket` replaced by one that refuses to be
-created, and destructive os / shutil / subprocess functions disabled. This stops accidents
-(infinite loops, memory blow-ups, `rm -rf`, network calls), not a determined attacker: run
-evaluations of models you do not trust inside a container or VM as well.
+Every program runs in its own process group (its own session), with RLIMIT_CPU, RLIMIT_AS,
+RLIMIT_NPROC and RLIMIT_FSIZE set before any of its code runs, an environment without the
+parent's variables, and as the unprivileged user `nobody` when the evaluator is root. Where
+bubblewrap (`bwrap`) works, the program also runs in new mount, pid, net, ipc, uts and cgroup
+namespaces (and a user namespace when not root), sees only the Python installation
+read-only plus a small private tmpfs as its temp dir, and dies with its sandbox: killing
+the sandbox ends the pid namespace and so every process the program started, `setsid`
+children included. Where bwrap is missing or cannot
+create namespaces (`protection()` says which), only the rlimits, the process group and the
+in-process guards (socket and os.system-style functions replaced) remain; those stop
+accidents, not a determined attacker.
+
+Verdicts for tests (`run_tests`) are not decided inside the candidate's process: the tests
+run in a second process (the harness, in its own sandbox) that calls the candidate's function
+over a pipe and receives plain data back (None, bool, int, float, str, bytes, list, tuple,
+dict, set). Nothing the candidate prints, exits with or returns can say "passed"; only the
+harness reaching the end of `check(...)` does.
 """
 from __future__ import annotations
 
+import functools
 import os
+import pwd
+import re
 import secrets
+import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,21 +35,51 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-# Runs in the child before the candidate program. Limits come in through argv.
-_PRELUDE = r'''
-import sys
-_timeout, _mem_bytes, _nonce = float(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-del sys.argv[1:]
-try:
-    import resource
-    if _mem_bytes > 0:
-        resource.setrlimit(resource.RLIMIT_AS, (_mem_bytes, _mem_bytes))
-    _cpu = int(_timeout) + 1
-    resource.setrlimit(resource.RLIMIT_CPU, (_cpu, _cpu + 1))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 20, 16 << 20))
-except (ImportError, ValueError, OSError):
-    pass  # e.g. macOS refuses RLIMIT_AS: the wall-clock timeout still applies
+from .common import RustchatError
 
+# Per-program limits besides the caller's timeout and memory.
+MAX_PROCESSES = 64
+MAX_FILE_BYTES = 16 << 20
+TMPFS_BYTES = 64 << 20  # the private temp dir under bubblewrap
+
+# Python source shared by the child programs: set limits, then disable the obvious escape
+# hatches (a second line of defence; the namespaces are the first). Limits come from argv.
+_LIMITS = r'''
+import sys
+_timeout, _mem_bytes, _nproc, _fsize = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+_uid, _gid, _preload = int(sys.argv[5]), int(sys.argv[6]), sys.argv[7] == "1"
+_extra = sys.argv[8:]
+del sys.argv[1:]
+import resource
+def _limit(which, value):
+    try:
+        resource.setrlimit(which, (value, value))
+    except (ValueError, OSError):
+        pass  # e.g. macOS refuses RLIMIT_AS: the wall-clock timeout still applies
+if _mem_bytes > 0:
+    _limit(resource.RLIMIT_AS, _mem_bytes)
+_cpu = int(_timeout) + 1
+try:
+    resource.setrlimit(resource.RLIMIT_CPU, (_cpu, _cpu + 1))
+except (ValueError, OSError):
+    pass
+_limit(resource.RLIMIT_FSIZE, _fsize)
+_limit(resource.RLIMIT_NPROC, _nproc)
+_limit(resource.RLIMIT_CORE, 0)
+if _uid >= 0:
+    # Started as root: become `nobody` so the limits stick (root may raise them and is exempt
+    # from RLIMIT_NPROC) and no other process can be signalled. Without bwrap the stdlib may
+    # lie under a directory only root may enter (/root/.pyenv): common modules are loaded first.
+    if _preload:
+        import bisect, collections, copy, decimal, fractions, functools, hashlib, heapq, itertools, json, math
+        import operator, random, re, shutil, socket, statistics, string, struct, subprocess, traceback, typing
+    import os as _os_for_drop
+    _os_for_drop.setgroups([])
+    _os_for_drop.setgid(_gid)
+    _os_for_drop.setuid(_uid)
+'''
+
+_GUARDS = r'''
 import socket as _socket
 class _NoSocket(_socket.socket):
     def __init__(self, *a, **k):
@@ -46,6 +92,7 @@ _socket.create_connection = _socket.socketpair = _socket.fromfd = _no_net
 import builtins, os, shutil, subprocess
 def _disabled(*a, **k):
     raise PermissionError("disabled in the evaluation sandbox")
+_kept = {n: getattr(os, n) for n in ("read", "write", "_exit")}
 for _name in ("system", "kill", "killpg", "fork", "forkpty", "remove", "unlink", "rmdir", "removedirs",
               "rename", "renames", "replace", "truncate", "chmod", "chown", "putenv", "setuid", "execv",
               "execve", "execvp", "execl", "spawnv", "popen"):
@@ -54,18 +101,156 @@ for _name in ("system", "kill", "killpg", "fork", "forkpty", "remove", "unlink",
 shutil.rmtree = shutil.move = shutil.chown = _disabled
 subprocess.Popen = _disabled
 builtins.help = _disabled
+'''
 
-_src = open("program.py", encoding="utf-8").read()
+# A program that must merely run to its end (run_program). The nonce says it did; a hostile
+# program can print it too, so this is no verdict on untrusted code (run_tests is).
+_PROGRAM_RUNNER = _LIMITS + r'''
+_nonce = _extra[0]
+''' + _GUARDS + r'''
+_src = open(_extra[1], encoding="utf-8").read()
 try:
     exec(compile(_src, "program.py", "exec"), {"__name__": "__main__", "__builtins__": builtins})
 except SystemExit as e:
-    # sys.exit() inside the candidate must not count as passing the tests
-    print(f"candidate called sys.exit({e.code!r})", file=sys.stderr)
+    # sys.exit() inside the program must not count as running to the end
+    print(f"program called sys.exit({e.code!r})", file=sys.stderr)
     sys.stderr.flush()
-    os._exit(3)
+    _kept["_exit"](3)
 sys.stdout.flush()
 sys.__stdout__.write("\n" + _nonce + "\n")
 sys.__stdout__.flush()
+'''
+
+# Plain-data wire format between harness and candidate: length-prefixed JSON with tagged
+# containers, so tuples stay tuples and nothing but data crosses (no pickle, no objects).
+_CODEC = r'''
+import json as _json, struct as _struct
+_MAX_FRAME = 64 << 20
+def _enc(v):
+    if v is None or type(v) in (bool, str):
+        return v
+    if isinstance(v, bool):
+        return bool(v)
+    if isinstance(v, int):
+        return int(v)
+    if isinstance(v, float):
+        return float(v)
+    if isinstance(v, str):
+        return str(v)
+    if isinstance(v, tuple):
+        return {"t": [_enc(x) for x in v]}
+    if isinstance(v, list):
+        return {"l": [_enc(x) for x in v]}
+    if isinstance(v, dict):
+        return {"d": [[_enc(k), _enc(x)] for k, x in v.items()]}
+    if isinstance(v, frozenset):
+        return {"f": [_enc(x) for x in v]}
+    if isinstance(v, set):
+        return {"s": [_enc(x) for x in v]}
+    if isinstance(v, (bytes, bytearray)):
+        return {"b": bytes(v).hex()}
+    if isinstance(v, complex):
+        return {"c": [v.real, v.imag]}
+    raise TypeError(f"a {type(v).__name__} cannot cross the sandbox boundary")
+def _dec(v):
+    if v is None or type(v) in (bool, int, float, str):
+        return v
+    if type(v) is not dict or len(v) != 1:
+        raise ValueError("malformed value from the other side of the sandbox")
+    (tag, x), = v.items()
+    if tag == "b" and type(x) is str:
+        return bytes.fromhex(x)
+    if type(x) is not list:
+        raise ValueError("malformed value from the other side of the sandbox")
+    if tag == "t":
+        return tuple(_dec(y) for y in x)
+    if tag == "l":
+        return [_dec(y) for y in x]
+    if tag == "s":
+        return {_dec(y) for y in x}
+    if tag == "f":
+        return frozenset(_dec(y) for y in x)
+    if tag == "d":
+        return {_dec(k): _dec(y) for k, y in x}
+    if tag == "c" and len(x) == 2 and all(type(y) in (int, float) for y in x):
+        return complex(x[0], x[1])
+    raise ValueError("malformed value from the other side of the sandbox")
+def _send(fd, obj):
+    data = _json.dumps(obj).encode()
+    data = _struct.pack(">Q", len(data)) + data
+    while data:
+        data = data[_kept_write(fd, data):]
+def _read_exact(fd, n):
+    chunks = []
+    while n:
+        chunk = _kept_read(fd, min(n, 1 << 20))
+        if not chunk:
+            raise EOFError("the candidate process ended")
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+def _recv(fd):
+    (n,) = _struct.unpack(">Q", _read_exact(fd, 8))
+    if n > _MAX_FRAME:
+        raise ValueError(f"a message of {n} bytes from the other side of the sandbox is too large")
+    return _json.loads(_read_exact(fd, n))
+'''
+
+# The candidate: define its code, then answer calls of `entry_point` from the harness.
+_CANDIDATE_RUNNER = _LIMITS + r'''
+import os as _os
+_entry, _req_fd, _resp_fd, _code_path = _extra[0], int(_extra[1]), int(_extra[2]), _extra[3]
+_kept_read, _kept_write = _os.read, _os.write
+''' + _CODEC + _GUARDS + r'''
+_ns = {"__name__": "__main__", "__builtins__": builtins}
+try:
+    exec(compile(open(_code_path, encoding="utf-8").read(), "program.py", "exec"), _ns)
+except BaseException as e:
+    import traceback
+    traceback.print_exc()
+    sys.stderr.flush()
+    _kept["_exit"](1)
+while True:
+    try:
+        _args = _dec(_recv(_req_fd))
+    except EOFError:
+        break
+    try:
+        _reply = {"ok": _enc(_ns[_entry](*_args))}
+    except BaseException as e:
+        _reply = {"error": f"{type(e).__name__}: {e}"[:2000]}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    _send(_resp_fd, _reply)
+_kept["_exit"](0)
+'''
+
+# The harness: trusted setup (the problem's prompt) and tests, calling the candidate remotely.
+# Its exit status is the verdict; the candidate never runs code in this process.
+_HARNESS_RUNNER = _LIMITS + r'''
+import os as _os
+_entry, _req_fd, _resp_fd, _setup_path, _test_path, _check = _extra
+_kept_read, _kept_write = _os.read, _os.write
+try:  # not dumpable: a candidate running as the same user cannot ptrace this process
+    import ctypes
+    ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 4
+except (OSError, AttributeError):
+    pass
+''' + _CODEC + r'''
+def _candidate(*args):
+    _send(int(_req_fd), _enc(list(args)))
+    reply = _recv(int(_resp_fd))
+    if type(reply) is not dict or len(reply) != 1 or not ({"ok", "error"} & reply.keys()):
+        raise ValueError("malformed reply from the candidate")
+    if "error" in reply:
+        raise RuntimeError(f"the candidate raised {reply['error']}")
+    return _dec(reply["ok"])
+_ns = {"__name__": "__main__"}
+exec(compile(open(_setup_path, encoding="utf-8").read(), "setup.py", "exec"), _ns)
+exec(compile(open(_test_path, encoding="utf-8").read(), "test.py", "exec"), _ns)
+_ns[_entry] = _candidate
+_ns[_check](_candidate)
+sys.stdout.write("harness: all checks passed\n")
 '''
 
 
@@ -82,61 +267,306 @@ class ExecResult:
         return self.status == "passed"
 
 
-def run_program(program: str, timeout: float = 3.0, memory_mb: int = 1024) -> ExecResult:
-    """Run `program` (source text) in a limited child Python; "passed" iff it ran to the end.
+def _python() -> str:
+    """The base interpreter (a venv's python is a link into it), which the sandbox can see."""
+    return os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
 
-    `memory_mb` caps the address space (0: no cap). Output is kept to files capped at 16 MiB."""
+
+def _unprivileged_ids() -> tuple[int, int] | None:
+    """(uid, gid) of `nobody` when we are root: a program running as root could raise its own
+    limits back, signal any process and write anywhere. None when we are not root."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return None
+    try:
+        entry = pwd.getpwnam("nobody")
+        return entry.pw_uid, entry.pw_gid
+    except KeyError:
+        return 65534, 65534
+
+
+def _bwrap_args(bwrap: str, chdir: str, ro_binds: list[tuple[str, str]], drop: bool) -> list[str]:
+    """Namespaces, a read-only view of the Python installation and a private tmpfs at /tmp.
+
+    As root, bwrap makes no user namespace (the program drops to `nobody` itself, which needs
+    CAP_SETUID/SETGID until then); otherwise it needs one to make the others."""
+    if _unprivileged_ids() is not None:
+        args = [bwrap, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
+        if drop:
+            args += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+    else:
+        args = [bwrap, "--unshare-all"]
+    args += ["--die-with-parent", "--new-session"]
+    for top in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(top):
+            args += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            args += ["--ro-bind", top, top]
+    for extra in sorted({os.path.realpath(sys.base_prefix), os.path.dirname(_python())}):
+        if extra == "/usr" or extra.startswith("/usr/") or not os.path.isdir(extra):
+            continue
+        # bwrap copies the modes of the parents it creates; /root is 0700 and would hide the prefix from nobody
+        parents = Path(extra).parents
+        for parent in reversed([str(p) for p in parents if str(p) != "/"]):
+            args += ["--perms", "0755", "--dir", parent]
+        args += ["--ro-bind", extra, extra]
+    # sticky and world-writable like any /tmp, so `nobody` may write in it
+    args += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", str(TMPFS_BYTES), "--tmpfs", "/tmp"]
+    for src, dest in ro_binds:
+        args += ["--ro-bind", src, dest]
+    return args + ["--remount-ro", "/", "--remount-ro", "/dev", "--chdir", chdir]
+
+
+@functools.lru_cache(maxsize=1)
+def _bwrap_status() -> tuple[str | None, str]:
+    """(path to a working bwrap or None, why not). Tried once per process with the exact
+    arguments and user the programs will get: user namespaces are often disabled in containers."""
+    if os.environ.get("RUSTCHAT_SANDBOX", "auto") == "rlimits":
+        return None, "RUSTCHAT_SANDBOX=rlimits"
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        return None, "bwrap not found (apt-get install bubblewrap)"
+    ids = _unprivileged_ids() or (-1, -1)
+    probe = f"import os\nif {ids[0]} >= 0: os.setgroups([]); os.setgid({ids[1]}); os.setuid({ids[0]})\nimport json"
+    try:
+        proc = subprocess.run(_bwrap_args(bwrap, "/tmp", [], drop=True) + [_python(), "-I", "-c", probe],
+                              stdin=subprocess.DEVNULL, capture_output=True, timeout=30, env={"PATH": "/usr/bin:/bin"})
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, f"bwrap failed: {e}"
+    if proc.returncode != 0:
+        why = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+        return None, f"bwrap failed: {why[-1] if why else f'exit {proc.returncode}'}"
+    return bwrap, ""
+
+
+def protection() -> str:
+    """One line saying which protection untrusted programs run under on this machine."""
+    bwrap, why = _bwrap_status()
+    rlimits = f"rlimits (cpu, memory, {MAX_PROCESSES} processes, {MAX_FILE_BYTES >> 20} MiB files)"
+    user = ", as nobody" if _unprivileged_ids() else ""
+    if bwrap:
+        namespaces = "mount, pid, net, ipc, uts, cgroup" + ("" if _unprivileged_ids() else ", user")
+        return (f"bubblewrap (namespaces: {namespaces}; read-only Python, private {TMPFS_BYTES >> 20} MiB "
+                f"temp dir, no network) + {rlimits}{user}")
+    return f"rlimits only: {rlimits}, own process group{user}; no namespaces ({why})"
+
+
+_ENV = {
+    "PATH": "/usr/bin:/bin",
+    "LANG": "C.UTF-8",
+    "PYTHONHASHSEED": "0",
+    "PYTHONDONTWRITEBYTECODE": "1",
+    # anything that honours proxies goes nowhere (the only guard when there is no net namespace)
+    "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
+    "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
+    "ALL_PROXY": "http://127.0.0.1:9", "no_proxy": "", "NO_PROXY": "",
+}
+
+
+class _Sandbox:
+    """One sandboxed Python process: files to read in `code_dir`, a private writable temp dir."""
+
+    def __init__(self, root: Path, name: str, files: dict[str, str], unprivileged: bool):
+        self.code_dir = root / f"{name}_code"
+        # readable by `nobody` whatever the umask; the harness's files (the tests) are not the candidate's to read
+        self.code_dir.mkdir()
+        os.chmod(self.code_dir, 0o755 if unprivileged else 0o700)
+        for fname, text in files.items():
+            (self.code_dir / fname).write_text(text, encoding="utf-8")
+            os.chmod(self.code_dir / fname, 0o644 if unprivileged else 0o600)
+        self.out_path, self.err_path = root / f"{name}.out", root / f"{name}.err"
+        self.ids = _unprivileged_ids() if unprivileged else None
+        self.bwrap = _bwrap_status()[0]
+        if self.bwrap:
+            self.work, self.code = "/tmp", "/sandbox"
+        else:
+            work = root / f"{name}_tmp"
+            work.mkdir()
+            if self.ids:
+                os.chown(work, *self.ids)
+                os.chmod(root, 0o711)  # nobody may pass through to its own dir, not list ours
+            self.work, self.code = str(work), str(self.code_dir)
+        self.proc: subprocess.Popen | None = None
+        self.info_r = -1
+
+    def path(self, fname: str) -> str:
+        return f"{self.code}/{fname}"
+
+    def start(self, runner: str, timeout: float, memory_mb: int, extra: list[str], stdin=subprocess.DEVNULL,
+              pass_fds: tuple[int, ...] = ()) -> None:
+        uid, gid = self.ids or (-1, -1)
+        preload = "0" if self.bwrap else "1"  # under bwrap the prefix's parents are made enterable
+        argv = [_python(), "-I", self.path(runner), str(timeout), str(memory_mb << 20), str(MAX_PROCESSES),
+                str(MAX_FILE_BYTES), str(uid), str(gid), preload, *extra]
+        info_w = -1
+        if self.bwrap:
+            # bwrap reports the host pid of the sandbox's init there; killing that one ends the
+            # pid namespace, and bwrap exits only once every process in it is gone
+            self.info_r, info_w = os.pipe()
+            argv = (_bwrap_args(self.bwrap, self.work, [(str(self.code_dir), self.code)], drop=self.ids is not None)
+                    + ["--info-fd", str(info_w)] + argv)
+            pass_fds = (*pass_fds, info_w)
+        env = dict(_ENV, HOME=self.work, TMPDIR=self.work)
+        try:
+            with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
+                self.proc = subprocess.Popen(
+                    argv, cwd=self.work, env=env, stdin=stdin, stdout=out, stderr=err, pass_fds=pass_fds,
+                    start_new_session=True,  # own process group: a timeout kills its children too
+                )
+        finally:
+            if info_w >= 0:
+                os.close(info_w)
+
+    def _sandbox_init_pid(self) -> int | None:
+        if self.info_r < 0:
+            return None
+        info = b""
+        try:
+            # bwrap writes '{"child-pid": N' at once and the rest of its JSON later
+            while select.select([self.info_r], [], [], 1.0)[0]:
+                chunk = os.read(self.info_r, 4096)
+                if not chunk:
+                    break
+                info += chunk
+                if re.search(rb'"child-pid":\s*\d+\D', info):
+                    break
+            found = re.search(rb'"child-pid":\s*(\d+)', info)
+            return int(found.group(1)) if found else None  # None: bwrap ended before starting anything
+        finally:
+            os.close(self.info_r)
+            self.info_r = -1
+
+    def kill(self) -> int | None:
+        """Kill the whole group (under bwrap, ending the sandbox ends its pid namespace)."""
+        if self.proc is None:
+            return None
+        init_pid = self._sandbox_init_pid()
+        if init_pid is not None and self.proc.poll() is None:  # still bwrap's child, so still ours
+            try:
+                os.kill(init_pid, signal.SIGKILL)
+                # the init exits only after every process in its namespace has: bwrap then follows
+                self.proc.wait(timeout=10)
+            except (ProcessLookupError, PermissionError, subprocess.TimeoutExpired):
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        rc = self.proc.wait()
+        # the group's other members die asynchronously: wait (bounded) until none is running
+        deadline = time.monotonic() + 5.0
+        while _group_running(self.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return rc
+
+    def tails(self) -> tuple[str, str]:
+        return (self.out_path.read_bytes()[-4000:].decode("utf-8", "replace"),
+                self.err_path.read_bytes()[-4000:].decode("utf-8", "replace"))
+
+
+def _group_running(pgid: int) -> bool:
+    """Whether a process of group `pgid` is still alive (zombies, which an init that never
+    reaps may keep forever, do not count). Without /proc: assume not."""
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return False
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            return True
+    return False
+
+
+def _rmtree(root: Path) -> None:
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _cpu_killed(rc: int | None) -> bool:
+    # directly: -SIGXCPU; through bwrap, which reports a signal as 128 + its number
+    return rc is not None and rc in (-signal.SIGXCPU, 128 + signal.SIGXCPU)
+
+
+def run_program(program: str, timeout: float = 3.0, memory_mb: int = 1024) -> ExecResult:
+    """Run `program` (source text) sandboxed; "passed" iff it ran to its end.
+
+    The program itself could claim that, so this is no verdict on hostile code: test verdicts
+    come from `run_tests`. `memory_mb` caps the address space (0: no cap)."""
     nonce = secrets.token_hex(16)
     t0 = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="rustchat_exec_") as tmp:
-        d = Path(tmp)
-        (d / "program.py").write_text(program, encoding="utf-8")
-        (d / "runner.py").write_text(_PRELUDE, encoding="utf-8")
-        env = {
-            "PATH": "/usr/bin:/bin",
-            "HOME": tmp,
-            "TMPDIR": tmp,
-            "LANG": "C.UTF-8",
-            "PYTHONHASHSEED": "0",
-            "PYTHONDONTWRITEBYTECODE": "1",
-            # anything that honours proxies goes nowhere
-            "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
-            "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
-            "ALL_PROXY": "http://127.0.0.1:9", "no_proxy": "", "NO_PROXY": "",
-        }
-        with open(d / "stdout", "wb") as out, open(d / "stderr", "wb") as err:
-            # -I: isolated mode (no user site-packages, no PYTHON* env, cwd not on sys.path first)
-            proc = subprocess.Popen(
-                [sys.executable, "-I", "runner.py", str(timeout), str(memory_mb << 20), nonce],
-                cwd=tmp, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                start_new_session=True,  # own process group, so a timeout kills any children too
-            )
-            try:
-                rc = proc.wait(timeout=timeout)
-                timed_out = False
-            except subprocess.TimeoutExpired:
-                timed_out, rc = True, None
-            finally:
-                _kill_group(proc)
-        stdout = (d / "stdout").read_bytes()[-4000:].decode("utf-8", "replace")
-        stderr = (d / "stderr").read_bytes()[-4000:].decode("utf-8", "replace")
-    seconds = time.monotonic() - t0
-    if timed_out or (rc is not None and rc in (-signal.SIGXCPU, -signal.SIGKILL) and "MemoryError" not in stderr):
-        status = "timeout"  # SIGXCPU: the CPU-time limit hit first
+    root = Path(tempfile.mkdtemp(prefix="rustchat_exec_"))
+    try:
+        box = _Sandbox(root, "program", {"runner.py": _PROGRAM_RUNNER, "program.py": program}, unprivileged=True)
+        box.start("runner.py", timeout, memory_mb, [nonce, box.path("program.py")])
+        try:
+            rc, timed_out = box.proc.wait(timeout=timeout), False
+        except subprocess.TimeoutExpired:
+            rc, timed_out = None, True
+        finally:
+            box.kill()
+        stdout, stderr = box.tails()
+    finally:
+        _rmtree(root)
+    if timed_out or _cpu_killed(rc) or (rc == -signal.SIGKILL and "MemoryError" not in stderr):
+        status = "timeout"
     elif rc == 0 and stdout.rstrip().endswith(nonce):
         status = "passed"
     else:
         status = "failed"
-    return ExecResult(status, rc, stdout.replace(nonce, "").rstrip(), stderr, seconds)
+    return ExecResult(status, rc, stdout.replace(nonce, "").rstrip(), stderr, time.monotonic() - t0)
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def run_tests(candidate: str, entry_point: str, setup: str, tests: str, check: str = "check",
+              timeout: float = 3.0, memory_mb: int = 1024) -> ExecResult:
+    """Judge `candidate` (untrusted source defining `entry_point`) by `tests`.
+
+    The harness process runs `setup` (trusted code the tests need, e.g. the problem's prompt),
+    then `tests`, then `check(candidate)`, where each call of the candidate is forwarded to the
+    candidate's own sandboxed process and only plain data comes back. "passed" iff `check`
+    returned; stdout is the candidate's, stderr the candidate's then the harness's."""
+    if not entry_point.isidentifier() or not check.isidentifier():
+        raise RustchatError(f"run_tests: {entry_point!r} / {check!r} is not a Python name")
+    t0 = time.monotonic()
+    root = Path(tempfile.mkdtemp(prefix="rustchat_exec_"))
+    req_r = req_w = resp_r = resp_w = -1
     try:
-        if hasattr(os, "killpg"):
-            os.killpg(proc.pid, signal.SIGKILL)
-        else:
-            proc.kill()
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait()
-
+        cand = _Sandbox(root, "candidate", {"runner.py": _CANDIDATE_RUNNER, "program.py": candidate},
+                        unprivileged=True)
+        harness = _Sandbox(root, "harness", {"runner.py": _HARNESS_RUNNER, "setup.py": setup, "test.py": tests},
+                           unprivileged=False)  # a uid of its own: the candidate cannot signal or trace it
+        req_r, req_w = os.pipe()
+        resp_r, resp_w = os.pipe()
+        try:
+            cand.start("runner.py", timeout, memory_mb, [entry_point, "0", str(resp_w), cand.path("program.py")],
+                       stdin=req_r, pass_fds=(resp_w,))
+            harness.start("runner.py", timeout, memory_mb,
+                          [entry_point, str(req_w), str(resp_r), harness.path("setup.py"), harness.path("test.py"),
+                           check], pass_fds=(req_w, resp_r))
+            for fd in (req_r, req_w, resp_r, resp_w):
+                os.close(fd)
+            req_r = req_w = resp_r = resp_w = -1
+            try:
+                rc, timed_out = harness.proc.wait(timeout=max(0.0, timeout - (time.monotonic() - t0))), False
+            except subprocess.TimeoutExpired:
+                rc, timed_out = None, True
+        finally:
+            for fd in (req_r, req_w, resp_r, resp_w):
+                if fd >= 0:
+                    os.close(fd)
+            cand_rc = cand.kill()
+            harness.kill()
+        out, cand_err = cand.tails()
+        harness_out, harness_err = harness.tails()
+    finally:
+        _rmtree(root)
+    if timed_out or _cpu_killed(rc) or _cpu_killed(cand_rc):
+        status = "timeout"
+    elif rc == 0 and harness_out.rstrip().endswith("harness: all checks passed"):
+        status = "passed"
+    else:
+        status = "failed"
+    stderr = cand_err + (f"\n[harness]\n{harness_err}" if harness_err.strip() else "")
+    return ExecResult(status, rc, out.rstrip(), stderr, time.monotonic() - t0)

@@ -247,7 +247,7 @@ def train_base(cfg: BaseConfig) -> dict:
     result = run_stage(cfg, tok=tok, model=model, optimizers=opts, data=data,
                        num_steps=num_steps, lr_multiplier=lambda s: base_lr_multiplier(s, num_steps),
                        start_step=start, evaluate=evaluate, ckpt_dir=_ckpt_dir("base", cfg),
-                       momentum_fn=muon_momentum)
+                       momentum_fn=muon_momentum, resumed_meta=meta if cfg.resume else None)
     _report(cfg, model, result)
     return result
 
@@ -274,7 +274,7 @@ def train_mid(cfg: MidConfig) -> dict:
             f" | {len(train):,} conversations, {n_tokens:,} tokens")
     result = run_stage(cfg, tok=tok, model=model, optimizers=opts, data=data, num_steps=num_steps,
                        lr_multiplier=lambda s: mid_lr_multiplier(s / num_steps), start_step=start,
-                       evaluate=evaluate, ckpt_dir=_ckpt_dir("mid", cfg))
+                       evaluate=evaluate, ckpt_dir=_ckpt_dir("mid", cfg), resumed_meta=meta if cfg.resume else None)
     _report(cfg, model, result)
     return result
 
@@ -298,7 +298,8 @@ def train_sft(cfg: SFTConfig) -> dict:
             f" | {len(train):,} conversations")
     result = run_stage(cfg, tok=tok, model=model, optimizers=opts, data=data, num_steps=num_steps,
                        lr_multiplier=lambda s: sft_lr_multiplier(s, num_steps, init_lr_frac=cfg.init_lr_frac),
-                       start_step=start, evaluate=evaluate, ckpt_dir=_ckpt_dir("sft", cfg))
+                       start_step=start, evaluate=evaluate, ckpt_dir=_ckpt_dir("sft", cfg),
+                       resumed_meta=meta if cfg.resume else None)
     _report(cfg, model, result)
     return result
 
@@ -309,7 +310,8 @@ STAGE_FUNCS = {"base": train_base, "mid": train_mid, "sft": train_sft}
 def _report(cfg: StageConfig, model, result: dict) -> None:
     if get_rank() != 0:
         return
-    hist = result["history"]
+    # the whole run: after --resume, the steps and time before it count too
+    hist = result.get("run_history", result["history"])
     rows = {
         "depth": cfg.depth,
         "parameters": f"{model.num_params():,}",
@@ -317,8 +319,10 @@ def _report(cfg: StageConfig, model, result: dict) -> None:
         "first loss": f"{hist[0]['loss']:.4f}" if hist else "-",
         "last loss": f"{hist[-1]['loss']:.4f}" if hist else "-",
         "tokens/s (median)": f"{np.median([h['tok_per_s'] for h in hist]):,.0f}" if hist else "-",
-        "wall time": f"{result['seconds']:.1f} s",
+        "wall time": f"{result.get('run_seconds', result['seconds']):.1f} s",
     }
+    if result.get("resumed_at") is not None:
+        rows["resumed"] = f"at step {result['resumed_at']} (first loss and wall time cover the whole run)"
     if result.get("last_eval"):
         rows.update({k: f"{v:.4f}" for k, v in result["last_eval"].items() if k != "step"})
     if hist and "mfu" in hist[-1]:

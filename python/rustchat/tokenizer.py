@@ -296,14 +296,23 @@ class Tokenizer:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "Tokenizer":
+        """Read a directory written by `save`. A missing file raises FileNotFoundError, any other
+        problem (not a regular file, too large, malformed) ValueError; each names the file."""
         d = Path(directory)
         meta_path, ranks_path = d / "tokenizer.json", d / "ranks.tiktoken"
-        for p in (meta_path, ranks_path):
-            if not p.is_file():
+        # far above real tokenizers (o200k's ranks are 3.6 MB), far below exhausting memory
+        for p, max_bytes in ((meta_path, 1 << 20), (ranks_path, 256 << 20)):
+            if not p.exists():
                 raise FileNotFoundError(f"{p}: not found (a tokenizer directory holds tokenizer.json and ranks.tiktoken)")
+            # is_file() follows links and is true only for regular files: a FIFO would hang
+            # reading, a link to /dev/zero never end, so neither is opened
+            if not p.is_file():
+                raise ValueError(f"{p}: not a regular file (a directory, FIFO or device)")
+            if p.stat().st_size > max_bytes:
+                raise ValueError(f"{p}: {p.stat().st_size} bytes, more than a tokenizer file may have ({max_bytes})")
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise ValueError(f"{meta_path}: invalid JSON: {e}") from None
         if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
             raise ValueError(f"{meta_path}: field 'format' must be {_FORMAT!r}")
@@ -313,21 +322,30 @@ class Tokenizer:
             if not isinstance(meta.get(field), typ):
                 raise ValueError(f"{meta_path}: field {field!r} missing or not a {typ.__name__}")
         ranks = {}
-        with open(ranks_path, encoding="ascii", errors="strict") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                parts = line.split()
-                try:
-                    if len(parts) != 2:
-                        raise ValueError("expected '<base64> <rank>'")
-                    tok, rank = base64.b64decode(parts[0], validate=True), int(parts[1])
-                except Exception as e:  # noqa: BLE001 - rephrased with the location
-                    raise ValueError(f"{ranks_path} line {lineno}: {e}") from None
-                if tok in ranks:
-                    raise ValueError(f"{ranks_path} line {lineno}: token {tok!r} appears twice")
-                ranks[tok] = rank
-        return cls.from_ranks(ranks, meta["pattern"], meta["special_tokens"])
+        lineno = 0
+        try:
+            with open(ranks_path, encoding="ascii", errors="strict") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    parts = line.split()
+                    try:
+                        if len(parts) != 2:
+                            raise ValueError("expected '<base64> <rank>'")
+                        tok, rank = base64.b64decode(parts[0], validate=True), int(parts[1])
+                        if rank < 0:
+                            raise ValueError(f"negative rank {rank}")
+                    except Exception as e:  # noqa: BLE001 - rephrased with the location
+                        raise ValueError(f"{ranks_path} line {lineno}: {e}") from None
+                    if tok in ranks:
+                        raise ValueError(f"{ranks_path} line {lineno}: token {tok!r} appears twice")
+                    ranks[tok] = rank
+        except UnicodeDecodeError:
+            raise ValueError(f"{ranks_path} line {lineno + 1}: not ASCII text") from None
+        try:
+            return cls.from_ranks(ranks, meta["pattern"], meta["special_tokens"])
+        except Exception as e:  # noqa: BLE001 - the core's refusal, said about the files it came from
+            raise ValueError(f"{d}: tokenizer.json / ranks.tiktoken do not make a tokenizer: {e}") from None
 
     # ----------------------------------------------------------------- conversations
     def render_conversation(self, conversation, max_tokens: int | None = 2048):
@@ -393,6 +411,11 @@ def _feed_stream(trainer, texts: Iterable[str], progress) -> None:
 def load_tokenizer(base_dir=None) -> Tokenizer:
     """The tokenizer trained into <base dir>/tokenizer (the one every stage of a run shares)."""
     d = Path(base_dir if base_dir is not None else get_base_dir(create=False)) / "tokenizer"
-    if not (d / "tokenizer.json").is_file():
+    if not (d / "tokenizer.json").exists():
         raise RustchatError(f"no tokenizer at {d}: run `rustchat tok train --input FILES --out {d}` first")
-    return Tokenizer.load(d)
+    try:
+        return Tokenizer.load(d)
+    except (ValueError, FileNotFoundError) as e:  # their messages start with the file
+        raise RustchatError(str(e)) from None
+    except OSError as e:
+        raise RustchatError(f"{e.filename or d}: cannot read the tokenizer ({e.strerror or e})") from None

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .checkpoint import capture_rng_state, save_checkpoint
+from .checkpoint import capture_rng_state, check_checkpoint_dir, checkpoint_bytes, prune_checkpoints, save_checkpoint
 from .common import RustchatError, print0
 from .config import StageConfig
 from .optim import all_reduce_grads
@@ -104,9 +104,17 @@ def train_step(model, optimizers, micro_batches, device, autocast_ctx) -> tuple[
 
 
 def run_stage(cfg: StageConfig, *, tok, model, optimizers, data, num_steps: int, lr_multiplier,
-              start_step: int, evaluate=None, ckpt_dir, momentum_fn=None) -> dict:
-    """The shared loop: schedule, step, eval, checkpoint, progress, report numbers."""
+              start_step: int, evaluate=None, ckpt_dir, momentum_fn=None, resumed_meta: dict | None = None) -> dict:
+    """The shared loop: schedule, step, eval, checkpoint, progress, report numbers.
 
+    `resumed_meta` (the checkpoint a --resume starts from) carries the run so far: its history
+    and wall time continue in the checkpoints written here and in `run_history` /
+    `run_seconds` of the result, while `history` / `seconds` cover this invocation only."""
+    check_checkpoint_dir(ckpt_dir, checkpoint_bytes(model))  # fail now, not at the first save
+    prior = resumed_meta or {}
+    prior_history = list(prior.get("history") or [])
+    run_first = prior.get("run_first") or (prior_history[0] if prior_history else None)
+    prior_seconds = float(prior.get("run_seconds") or 0.0)
 
     device = model.get_device()
     rank = get_rank()
@@ -135,10 +143,15 @@ def run_stage(cfg: StageConfig, *, tok, model, optimizers, data, num_steps: int,
             "data_states": states,  # one cursor per rank
             "rng": capture_rng_state(),
             "config": asdict(cfg),
-            "history": history[-2000:],
+            "history": (prior_history + history)[-2000:],
+            # the run from its first step, across resumes (history above is capped)
+            "run_first": run_first or (history[0] if history else None),
+            "run_seconds": prior_seconds + time.time() - t_start,
         }
         save_checkpoint(ckpt_dir, step, model, optimizers, meta, rank=rank)
         barrier()
+        if cfg.keep_last and rank == 0:  # after the barrier: every rank's files of this step are in place
+            prune_checkpoints(ckpt_dir, cfg.keep_last)
 
     step = start_step
     try:
@@ -188,8 +201,12 @@ def run_stage(cfg: StageConfig, *, tok, model, optimizers, data, num_steps: int,
     save(step)
     logger.finish()
     elapsed = time.time() - t_start
+    run_history = prior_history + history
+    if run_first and (not run_history or run_history[0]["step"] != run_first["step"]):
+        run_history.insert(0, run_first)
     return {"steps": step, "history": history, "evals": evals, "last_eval": last_eval, "seconds": elapsed,
-            "tokens": tokens_seen}
+            "tokens": tokens_seen, "run_history": run_history, "run_seconds": prior_seconds + elapsed,
+            "resumed_at": start_step if resumed_meta else None}
 
 
 def data_state_for_rank(meta: dict | None, rank: int):

@@ -9,11 +9,14 @@ row group g belongs to rank g % world_size.
 """
 from __future__ import annotations
 
+import http.client
 import os
 import queue
+import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -41,9 +44,54 @@ def shard_url(index: int, repo: str = FINEWEB_REPO) -> str:
     return f"{hub_endpoint()}/datasets/{repo}/resolve/main/shard_{index:05d}.parquet"
 
 
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme.lower(), (parts.hostname or "").lower(), parts.port
+
+
+class _NoCredentialsAcrossHosts(urllib.request.HTTPRedirectHandler):
+    """urllib copies every header, Authorization included, onto the redirected request; the hub
+    redirects downloads to a CDN on another host, which must never see HF_TOKEN (as
+    huggingface_hub does, the header is kept only when scheme, host and port stay the same)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and _origin(newurl) != _origin(req.full_url):
+            for key in [k for k in new.headers if k.lower() == "authorization"]:
+                del new.headers[key]
+            for key in [k for k in new.unredirected_hdrs if k.lower() == "authorization"]:
+                del new.unredirected_hdrs[key]
+        return new
+
+
+_OPENER = urllib.request.build_opener(_NoCredentialsAcrossHosts)
+
+
+def _fetch(url: str, dest: Path) -> None:
+    """Download `url` into `dest` (a temp file), refusing a body shorter than its Content-Length
+    or a file that is not a whole parquet file (a connection closed early looks like the end)."""
+    headers = {}
+    if os.environ.get("HF_TOKEN"):
+        headers["Authorization"] = f"Bearer {os.environ['HF_TOKEN']}"
+    with _OPENER.open(urllib.request.Request(url, headers=headers), timeout=60) as r, open(dest, "wb") as f:
+        expected = r.headers.get("Content-Length")
+        got = 0
+        while chunk := r.read(1 << 20):
+            f.write(chunk)
+            got += len(chunk)
+    if expected is not None and expected.isdigit() and got != int(expected):
+        raise OSError(f"the body ended after {got} of {expected} bytes")
+    try:
+        pq.ParquetFile(dest)
+    except Exception as e:  # pyarrow raises several types for a truncated or foreign file
+        raise OSError(f"the download is not a complete parquet file ({e})") from None
+
+
 def download_shards(indices, data_dir: str | os.PathLike, *, repo: str = FINEWEB_REPO, retries: int = 4) -> list[Path]:
     """Fetch the given FineWeb-Edu shards into data_dir (skipping ones present); written to a
-    temporary name and renamed, so an interrupted download never leaves a broken shard."""
+    temporary name, checked, then renamed, so an interrupted or short download never leaves a
+    file under a shard's name. HF_TOKEN is sent to the endpoint only, never across a redirect
+    to another host."""
     d = Path(data_dir)
     d.mkdir(parents=True, exist_ok=True)
     out = []
@@ -53,18 +101,15 @@ def download_shards(indices, data_dir: str | os.PathLike, *, repo: str = FINEWEB
         if path.exists():
             continue
         url = shard_url(i, repo)
-        tmp = path.with_suffix(".parquet.part")
         for attempt in range(1, retries + 1):
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=d)
+            os.close(fd)
+            tmp = Path(tmp_name)
             try:
-                headers = {}
-                if os.environ.get("HF_TOKEN"):
-                    headers["Authorization"] = f"Bearer {os.environ['HF_TOKEN']}"
-                with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60) as r, open(tmp, "wb") as f:
-                    while chunk := r.read(1 << 20):
-                        f.write(chunk)
+                _fetch(url, tmp)
                 os.replace(tmp, path)
                 break
-            except (urllib.error.URLError, OSError) as e:
+            except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
                 tmp.unlink(missing_ok=True)
                 if attempt == retries:
                     raise RustchatError(

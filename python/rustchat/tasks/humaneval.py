@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 
 from ..common import RustchatError
-from ..sandbox import ExecResult, run_program
+from ..sandbox import ExecResult, run_tests
 from .base import Task
 from .hub import load_rows
 
@@ -38,17 +38,16 @@ def _imports_of(prompt: str) -> str:
     return "\n".join(l for l in prompt.splitlines() if l.startswith(("import ", "from ")))
 
 
-def build_program(prompt: str, completion: str, test: str, entry_point: str) -> str:
-    """Candidate program + the problem's tests + `check(entry_point)`.
+def build_candidate(prompt: str, completion: str, entry_point: str) -> str:
+    """The candidate's code: the reply completed into a program that defines `entry_point`.
 
     A reply that repeats the function definition is used as is (with the prompt's imports);
-    one that only continues the body is appended to the prompt."""
+    one that only continues the body is appended to the prompt. The tests are not part of it:
+    they run in a separate harness process (sandbox.run_tests), out of the candidate's reach."""
     code = extract_program(completion)
     if re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", code, re.M):
-        code = _imports_of(prompt) + "\n\n" + code
-    else:
-        code = prompt + code
-    return f"{code}\n\n{test}\n\ncheck({entry_point})\n"
+        return _imports_of(prompt) + "\n\n" + code + "\n"
+    return prompt + code + "\n"
 
 
 class HumanEval(Task):
@@ -86,11 +85,13 @@ class HumanEval(Task):
         }
 
     def evaluate(self, conversation: dict, completion: str) -> bool:
-        program = build_program(conversation["prompt"], completion, conversation["test"], conversation["entry_point"])
-        return run_program(program, timeout=self.timeout).passed
+        return check_humaneval(conversation["prompt"], completion, conversation["test"], conversation["entry_point"],
+                               timeout=self.timeout).passed
 
 
 def check_humaneval(prompt: str, completion: str, test: str, entry_point: str, timeout: float = 3.0,
                     memory_mb: int = 1024) -> ExecResult:
     """Run a HumanEval candidate (`completion`, the model's reply) against the problem's tests."""
-    return run_program(build_program(prompt, completion, test, entry_point), timeout, memory_mb)
+    # the harness runs the prompt itself (trusted) so the tests can use its helper functions
+    return run_tests(build_candidate(prompt, completion, entry_point), entry_point, prompt, test,
+                     timeout=timeout, memory_mb=memory_mb)
