@@ -31,6 +31,7 @@ from .checkpoint import build_model_from_meta, find_last_step, load_model, save_
 from .common import RustchatError, get_base_dir
 from .config import ExportConfig, ImportHFConfig
 from .model import ROPE_BASE, SOFTCAP, GPTConfig
+from .nanochat_import import convert_state_dict
 from .tokenizer import SPECIAL_TOKENS, Tokenizer
 
 # F.rms_norm(x, shape) with eps=None uses torch.finfo(x.dtype).eps; the weights are fp32
@@ -107,23 +108,8 @@ def from_hf_state_dict(hf: dict, config: GPTConfig) -> dict:
     for i in range(config.n_layer):
         for ours, theirs in _BLOCK_NAMES.items():
             ours_of[f"model.layers.{i}.{theirs}.weight"] = f"transformer.h.{i}.{ours}.weight"
-    missing = sorted(set(ours_of) - set(hf))
-    extra = sorted(set(hf) - set(ours_of))
-    if missing or extra:
-        raise RustchatError(f"not a NanoChat state dict of this config: missing {missing[:3]}, unexpected {extra[:3]} "
-                            f"({len(missing)} missing, {len(extra)} unexpected)")
-    out = {}
-    for theirs, ours in ours_of.items():
-        t = hf[theirs].to(torch.float32)
-        if ours in _VOCAB_ROWS:
-            if t.size(0) < config.vocab_size or t.size(1) != config.n_embd:
-                raise RustchatError(f"{theirs} has shape {tuple(t.shape)}, expected at least "
-                                    f"({config.vocab_size}, {config.n_embd})")
-            padded = torch.zeros(config.padded_vocab_size, config.n_embd)
-            padded[: config.vocab_size] = t[: config.vocab_size]
-            t = padded
-        out[ours] = t.contiguous()
-    return out
+    # with our names it is a nanochat state dict: same checks, fp32 and padding as that import
+    return convert_state_dict({ours_of.get(k, k): v for k, v in hf.items()}, config)
 
 
 def hf_config(config: GPTConfig, tok: Tokenizer) -> dict:
