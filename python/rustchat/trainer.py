@@ -43,25 +43,45 @@ def _to_device(arr, device, dtype=None):
 
 
 class _Logger:
-    """wandb when asked for (--run) and available online; otherwise nothing."""
+    """Weights & Biases when asked for (--run NAME) and installed: the training records (loss,
+    lr multiplier, tokens/s, MFU), each optimizer group's lr and the evaluation results, by step.
+    wandb itself honours WANDB_MODE: offline writes the run under WANDB_DIR to `wandb sync`
+    later, with no network; disabled turns it off."""
 
-    def __init__(self, cfg: StageConfig, rank: int):
+    def __init__(self, cfg: StageConfig, rank: int, optimizers=()):
         self.run = None
-        if cfg.run and rank == 0 and os.environ.get("WANDB_MODE") not in ("disabled", "offline"):
-            try:
-                import wandb  # optional: only --run needs it
+        self.optimizers = list(optimizers)
+        if not cfg.run or rank != 0 or os.environ.get("WANDB_MODE") == "disabled":
+            return
+        try:
+            import wandb  # optional: only --run needs it
+        except ImportError:
+            print0("--run: wandb is not installed (pip install wandb); not logging")
+            return
+        try:
+            self.run = wandb.init(project="rustchat", name=cfg.run, config={"stage": cfg.stage, **asdict(cfg)})
+        except Exception as e:  # noqa: BLE001 - logging must never stop training
+            print0(f"--run: wandb disabled ({type(e).__name__}: {e})")
 
-                self.run = wandb.init(project="rustchat", name=cfg.run, config=asdict(cfg))
-            except Exception as e:  # noqa: BLE001 - logging must never stop training
-                print0(f"wandb disabled ({e})")
+    def _lrs(self) -> dict:
+        out = {}
+        for i, opt in enumerate(self.optimizers):
+            for j, group in enumerate(opt.param_groups):
+                out[f"lr/{type(opt).__name__.lower()}{i}_group{j}"] = float(group["lr"])
+        return out
 
-    def log(self, d: dict) -> None:
-        if self.run is not None:
-            self.run.log(d)
+    def log(self, d: dict, kind: str = "train") -> None:
+        if self.run is None:
+            return
+        row = {f"{kind}/{k}": v for k, v in d.items() if k != "step"}
+        if kind == "train":
+            row.update(self._lrs())
+        self.run.log(row, step=int(d["step"]))
 
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()
+            self.run = None
 
 
 def all_reduce_sum(value: float, device) -> float:
@@ -118,7 +138,7 @@ def run_stage(cfg: StageConfig, *, tok, model, optimizers, data, num_steps: int,
 
     device = model.get_device()
     rank = get_rank()
-    logger = _Logger(cfg, rank)
+    logger = _Logger(cfg, rank, optimizers)
     flops_per_token = model.estimate_flops(cfg.seq_len)
     is_cuda = device.type == "cuda"
     ac = lambda: autocast_ctx(device)  # noqa: E731
@@ -189,7 +209,7 @@ def run_stage(cfg: StageConfig, *, tok, model, optimizers, data, num_steps: int,
                     last_eval = {"step": step, **evaluate(model)}
                 model.train()
                 evals.append(last_eval)
-                logger.log(last_eval)
+                logger.log(last_eval, "eval")
                 if rank == 0 and not cfg.quiet:
                     bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items() if k != "step"))
             if cfg.save_every and step % cfg.save_every == 0 and step < num_steps:

@@ -1,0 +1,407 @@
+"""`rustchat export` and `rustchat import-hf`: a checkpoint as a Hugging Face `transformers`
+directory of its built-in NanoChat architecture (`model_type: nanochat`, no remote code), and
+such a directory back into a checkpoint and tokenizer (docs/design.md, "Export to transformers").
+
+transformers' NanoChat is the same network as ours: embedding, RMSNorm without weights
+before the blocks, pre-norm blocks with rotary (nanochat's sign convention) then QK RMSNorm,
+ReLU^2 MLP, a final RMSNorm, an untied head and a tanh softcap of 15 on the logits. So the
+export renames weights (`transformer.h.{i}.attn.c_q` -> `model.layers.{i}.self_attn.q_proj`,
+...), cuts the embedding and head to the real vocabulary (our padded rows are never used, and
+would be logits of 0 that greedy decoding could pick), and sets the norm epsilon to ours:
+`F.rms_norm` with no eps uses the dtype's machine epsilon.
+
+The tokenizer becomes a byte-level BPE `tokenizer.json` for the `tokenizers` library: the same
+split pattern, each token's bytes spelled with GPT-2's byte-to-unicode alphabet, merges derived
+from the ranks (every way a token splits into two tokens, in rank order) and `ignore_merges`,
+since, like tiktoken, we take a chunk that is itself a token whole. The chat template renders
+conversations exactly as `rustchat.conversation` does (docs/design.md, "Conversation
+rendering").
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .checkpoint import build_model_from_meta, find_last_step, load_model, save_checkpoint, stage_dir
+from .common import RustchatError, get_base_dir
+from .config import ExportConfig, ImportHFConfig
+from .model import ROPE_BASE, SOFTCAP, GPTConfig
+from .nanochat_import import convert_state_dict
+from .tokenizer import SPECIAL_TOKENS, Tokenizer
+
+# F.rms_norm(x, shape) with eps=None uses torch.finfo(x.dtype).eps; the weights are fp32
+RMS_EPS = float(torch.finfo(torch.float32).eps)
+_MODEL_FILE = "model.safetensors"
+_INDEX_FILE = "model.safetensors.index.json"
+
+# ours -> transformers, per block (the rest: wte -> embed_tokens, lm_head -> lm_head)
+_BLOCK_NAMES = {
+    "attn.c_q": "self_attn.q_proj",
+    "attn.c_k": "self_attn.k_proj",
+    "attn.c_v": "self_attn.v_proj",
+    "attn.c_proj": "self_attn.o_proj",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+}
+_VOCAB_ROWS = {"transformer.wte.weight": "model.embed_tokens.weight", "lm_head.weight": "lm_head.weight"}
+
+# The rendering of docs/design.md section 3 as a Jinja template: <|bos|>, a leading system
+# message joined to the first user message with a blank line, user turns, assistant turns
+# (a string, or parts: text, python calls, python outputs) and, for generation, the opening
+# <|assistant_start|>. The text between special tokens is tokenized on its own, as ours is.
+CHAT_TEMPLATE = (
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] -%}{%- set messages = messages[1:] -%}"
+    "{%- if not messages or messages[0]['role'] != 'user' -%}"
+    "{{- raise_exception('a system message must be followed by a user message') -}}{%- endif -%}"
+    "{%- else -%}{%- set system = none -%}{%- endif -%}"
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{- raise_exception('roles must alternate user, assistant, user, ... (after an optional system message)') -}}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{%- if loop.first and system is not none -%}{%- set content = system + '\\n\\n' + message['content'] -%}"
+    "{%- else -%}{%- set content = message['content'] -%}{%- endif -%}"
+    "{{- '<|user_start|>' + content + '<|user_end|>' -}}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{- '<|assistant_start|>' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'text' -%}{{- part['text'] -}}"
+    "{%- elif part['type'] == 'python' -%}{{- '<|python_start|>' + part['text'] + '<|python_end|>' -}}"
+    "{%- elif part['type'] == 'python_output' -%}{{- '<|output_start|>' + part['text'] + '<|output_end|>' -}}"
+    "{%- else -%}{{- raise_exception('unknown assistant part type ' + part['type']) -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|assistant_end|>' -}}"
+    "{%- else -%}{{- raise_exception('unknown role ' + message['role']) -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant_start|>' -}}{%- endif -%}"
+)
+
+
+# ----------------------------------------------------------------------------- weights and config
+def to_hf_state_dict(state: dict, config: GPTConfig) -> dict:
+    """Our state dict -> transformers NanoChat names, vocab rows cut to the real vocabulary."""
+    out = {}
+    for name, t in state.items():
+        name = name.replace("_orig_mod.", "")
+        if name in _VOCAB_ROWS:
+            out[_VOCAB_ROWS[name]] = t[: config.vocab_size]
+            continue
+        m = re.fullmatch(r"transformer\.h\.(\d+)\.(attn\.c_q|attn\.c_k|attn\.c_v|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight",
+                         name)
+        if m is None:
+            raise RustchatError(f"cannot export weight {name!r}: no transformers NanoChat counterpart")
+        out[f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.weight"] = t
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in out.items()}
+
+
+def from_hf_state_dict(hf: dict, config: GPTConfig) -> dict:
+    """transformers NanoChat weights -> our state dict (fp32, vocab rows padded with zeros)."""
+    ours_of = {v: k for k, v in _VOCAB_ROWS.items()}
+    for i in range(config.n_layer):
+        for ours, theirs in _BLOCK_NAMES.items():
+            ours_of[f"model.layers.{i}.{theirs}.weight"] = f"transformer.h.{i}.{ours}.weight"
+    # with our names it is a nanochat state dict: same checks, fp32 and padding as that import
+    return convert_state_dict({ours_of.get(k, k): v for k, v in hf.items()}, config)
+
+
+def hf_config(config: GPTConfig, tok: Tokenizer) -> dict:
+    """config.json of a transformers NanoChatForCausalLM equal to our GPT."""
+    return {
+        "architectures": ["NanoChatForCausalLM"],
+        "model_type": "nanochat",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.n_embd,
+        "intermediate_size": 4 * config.n_embd,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_kv_head,
+        "head_dim": config.head_dim,
+        "max_position_embeddings": config.sequence_len,
+        "hidden_act": "relu2",
+        "rms_norm_eps": RMS_EPS,
+        "rope_parameters": {"rope_type": "default", "rope_theta": float(ROPE_BASE)},
+        "final_logit_softcapping": SOFTCAP,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": False,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.encode_special("<|assistant_end|>"),
+        "pad_token_id": tok.encode_special("<|assistant_end|>"),
+        "use_cache": True,
+        "dtype": "float32",
+    }
+
+
+def gpt_config_from_hf(cfg: dict, where: Path) -> GPTConfig:
+    """Our GPTConfig from a NanoChat config.json; refuses anything our model does not compute."""
+    if cfg.get("model_type") != "nanochat":
+        raise RustchatError(f"{where}: model_type is {cfg.get('model_type')!r}, expected 'nanochat'")
+    try:
+        C, L, H = int(cfg["hidden_size"]), int(cfg["num_hidden_layers"]), int(cfg["num_attention_heads"])
+        H_kv = int(cfg.get("num_key_value_heads") or H)
+        vocab = int(cfg["vocab_size"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise RustchatError(f"{where}: missing or invalid field {e}") from None
+    rope = cfg.get("rope_parameters") or {}
+    checks = [
+        ("hidden_act", cfg.get("hidden_act", "relu2"), "relu2"),
+        ("intermediate_size", int(cfg.get("intermediate_size", 4 * C)), 4 * C),
+        ("head_dim", int(cfg.get("head_dim") or C // max(H, 1)), C // max(H, 1)),
+        ("final_logit_softcapping", cfg.get("final_logit_softcapping", SOFTCAP), SOFTCAP),
+        ("rope_parameters.rope_theta", float(rope.get("rope_theta", cfg.get("rope_theta", ROPE_BASE))), float(ROPE_BASE)),
+        ("rope_parameters.rope_type", rope.get("rope_type", "default"), "default"),
+        ("attention_bias", bool(cfg.get("attention_bias", False)), False),
+        ("tie_word_embeddings", bool(cfg.get("tie_word_embeddings", False)), False),
+    ]
+    for name, got, want in checks:
+        if got != want:
+            raise RustchatError(f"{where}: {name} is {got!r}; rustchat's GPT needs {want!r}")
+    return GPTConfig(sequence_len=int(cfg.get("max_position_embeddings", 2048)), vocab_size=vocab, n_layer=L,
+                     n_head=H, n_kv_head=H_kv, n_embd=C)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte: what byte-level BPE vocabularies are spelled in."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    out, extra = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in out:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return out
+
+
+def bpe_vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Byte-level vocab (spelled token -> id) and merges in priority order from tiktoken ranks.
+
+    Encoding merges the adjacent pair whose concatenation has the lowest rank, so each token
+    contributes one merge per way it splits into two tokens, all at its rank's priority."""
+    b2u = byte_to_unicode()
+    spell = {t: "".join(b2u[b] for b in t) for t in ranks}
+    merges = []
+    for t, r in ranks.items():
+        for i in range(1, len(t)):
+            left, right = t[:i], t[i:]
+            if left in ranks and right in ranks:
+                merges.append((r, ranks[left], ranks[right], spell[left], spell[right]))
+    merges.sort()
+    return {spell[t]: r for t, r in ranks.items()}, [(a, b) for *_, a, b in merges]
+
+
+def hf_tokenizer(tok: Tokenizer):
+    """Our tokenizer as a `tokenizers.Tokenizer` (byte-level BPE) giving the same ids."""
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers  # only the export needs it
+    from tokenizers import Tokenizer as HFTokenizer
+
+    vocab, merges = bpe_vocab_and_merges(tok.mergeable_ranks())
+    specials = tok.special_tokens
+    clash = sorted(set(vocab) & set(specials))
+    if clash:
+        raise RustchatError(f"special token names {clash[:3]} are also spelled as ordinary tokens")
+    vocab.update(specials)  # specials keep their ids: the added tokens below find them in the vocab
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True, fuse_unk=False, byte_fallback=False))
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(tok.pattern), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+    ])
+    hf.decoder = decoders.ByteLevel()
+    hf.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in
+                           sorted(specials, key=specials.get)])
+    for name, i in specials.items():
+        if hf.token_to_id(name) != i:
+            raise RustchatError(f"special token {name!r} got id {hf.token_to_id(name)} in tokenizer.json, not {i}")
+    return hf
+
+
+def tokenizer_from_hf_json(path: Path) -> Tokenizer:
+    """Our Tokenizer from a byte-level BPE tokenizer.json whose ids are ranks (as `export` writes)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise RustchatError(f"{path}: cannot read ({e})") from None
+    model = data.get("model") or {}
+    if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        raise RustchatError(f"{path}: model.type is {model.get('type')!r}, expected a byte-level 'BPE' vocabulary")
+    pattern = _split_pattern(data.get("pre_tokenizer"))
+    if pattern is None:
+        raise RustchatError(f"{path}: no Split pre-tokenizer with a regex pattern (a byte-level BPE needs one)")
+    u2b = {u: b for b, u in byte_to_unicode().items()}
+    specials = {t["content"]: int(t["id"]) for t in data.get("added_tokens", []) if t.get("special")}
+    ranks = {}
+    for spelled, i in model["vocab"].items():
+        if spelled in specials:
+            continue
+        try:
+            ranks[bytes(u2b[c] for c in spelled)] = int(i)
+        except KeyError:
+            raise RustchatError(f"{path}: token {spelled!r} is not spelled in the byte-level alphabet") from None
+    missing = [s for s in SPECIAL_TOKENS if s not in specials]
+    if missing:
+        raise RustchatError(f"{path}: lacks the special tokens {', '.join(missing)} that rustchat's rendering uses")
+    try:
+        return Tokenizer.from_ranks(ranks, pattern, specials)
+    except (ValueError, TypeError) as e:
+        raise RustchatError(f"{path}: {e}") from None
+
+
+def _split_pattern(pre) -> str | None:
+    if not isinstance(pre, dict):
+        return None
+    if pre.get("type") == "Split" and isinstance(pre.get("pattern"), dict) and "Regex" in pre["pattern"]:
+        return pre["pattern"]["Regex"]
+    for p in pre.get("pretokenizers") or []:
+        found = _split_pattern(p)
+        if found is not None:
+            return found
+    return None
+
+
+def tokenizer_files(tok: Tokenizer, context: int) -> dict[str, str]:
+    """tokenizer.json, tokenizer_config.json and chat_template.jinja, as text."""
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|bos|>",
+        "eos_token": "<|assistant_end|>",
+        "pad_token": "<|assistant_end|>",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": context,
+    }
+    return {"tokenizer.json": hf_tokenizer(tok).to_str(pretty=False),
+            "tokenizer_config.json": json.dumps(config, indent=2),
+            "chat_template.jinja": CHAT_TEMPLATE}
+
+
+# ----------------------------------------------------------------------------- the commands
+def export_model(model, tok: Tokenizer, out, *, source: str = "", step: int | None = None) -> Path:
+    """Write `model` and `tok` as a transformers NanoChat directory at `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    if cfg.vocab_size != tok.vocab_size:
+        raise RustchatError(f"model vocab {cfg.vocab_size} differs from the tokenizer's {tok.vocab_size}")
+    # where the weights came from, readable back by import-hf (safetensors metadata is str -> str)
+    provenance = {"format": "pt", "rustchat_source": source, "rustchat_step": "" if step is None else str(step)}
+    save_file(to_hf_state_dict(model.state_dict(), cfg), str(out / _MODEL_FILE), metadata=provenance)
+    eos = [tok.encode_special("<|assistant_end|>"), tok.bos_token_id]  # where rustchat's engine stops
+    files = {
+        "config.json": json.dumps(hf_config(cfg, tok), indent=2),
+        "generation_config.json": json.dumps({"bos_token_id": tok.bos_token_id, "eos_token_id": eos,
+                                              "pad_token_id": eos[0]}, indent=2),
+        **tokenizer_files(tok, cfg.sequence_len),
+    }
+    for name, text in files.items():
+        (out / name).write_text(text, encoding="utf-8")
+    return out
+
+
+def run_export(cfg: ExportConfig) -> Path:
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise RustchatError(f"--out {out} is a file, not a directory")
+    if out.is_dir() and any(out.iterdir()) and not cfg.force:
+        raise RustchatError(f"--out {out} is not empty; pass --force to write into it")
+    model, tok, meta = load_model(cfg.source, depth=cfg.depth, step=cfg.step, device=cfg.device, base_dir=cfg.base_dir)
+    export_model(model, tok, out, source=cfg.source, step=meta.get("step"))
+    c = model.config
+    print(f"exported {cfg.source} d{c.n_layer} step {meta.get('step')} ({model.num_params() / 1e6:.1f}M params) -> "
+          f"{out}; load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return out
+
+
+def load_hf_dir(hf_dir) -> tuple[object, Tokenizer, dict]:
+    """A transformers NanoChat directory -> (our GPT on the CPU, Tokenizer, provenance)."""
+    d = Path(hf_dir)
+    if not d.is_dir():
+        raise RustchatError(f"{d}: no such directory")
+    cfg_path = d / "config.json"
+    if not cfg_path.is_file():
+        raise RustchatError(f"{d}: no config.json (not a transformers model directory)")
+    try:
+        hf_cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise RustchatError(f"{cfg_path}: invalid JSON ({e})") from None
+    config = gpt_config_from_hf(hf_cfg, cfg_path)
+    tok_path = d / "tokenizer.json"
+    if not tok_path.is_file():
+        raise RustchatError(f"{d}: no tokenizer.json")
+    tok = tokenizer_from_hf_json(tok_path)
+    if tok.vocab_size > config.vocab_size:
+        raise RustchatError(f"{tok_path} has {tok.vocab_size} ids but config.json's vocab_size is {config.vocab_size}")
+    # the model's rows past the tokenizer's ids are padding that no id can reach
+    config = GPTConfig(**{**config.to_dict(), "vocab_size": tok.vocab_size})
+    hf_state, provenance = _read_safetensors(d)
+    model = build_model_from_meta({"model_config": config.to_dict()}, "cpu", from_hf_state_dict(hf_state, config))
+    return model, tok, provenance
+
+
+def _read_safetensors(d: Path) -> tuple[dict, dict]:
+    if (d / _MODEL_FILE).is_file():
+        files = [d / _MODEL_FILE]
+    elif (d / _INDEX_FILE).is_file():
+        index = json.loads((d / _INDEX_FILE).read_text(encoding="utf-8"))
+        files = [d / f for f in sorted(set(index.get("weight_map", {}).values()))]
+    else:
+        raise RustchatError(f"{d}: no {_MODEL_FILE} or {_INDEX_FILE} (only safetensors weights are read)")
+    state, provenance = {}, {}
+    for f in files:
+        if not f.is_file():
+            raise RustchatError(f"{d}: weight file {f.name} is missing")
+        with safe_open(str(f), framework="pt") as sf:
+            provenance.update(sf.metadata() or {})
+            for k in sf.keys():
+                state[k] = sf.get_tensor(k)
+    return state, provenance
+
+
+def import_hf(cfg: ImportHFConfig) -> Path:
+    """Write a transformers NanoChat directory as a checkpoint of `cfg.stage` plus the base dir's tokenizer."""
+    model, tok, provenance = load_hf_dir(cfg.hf_dir)
+    base = Path(cfg.base_dir) if cfg.base_dir else get_base_dir()
+    depth = model.config.n_layer
+    out = stage_dir(cfg.stage, depth, base)
+    tok_dir = base / "tokenizer"
+    replaced = []
+    if (tok_dir / "tokenizer.json").is_file() and not _same_tokenizer(tok_dir, tok):
+        replaced.append(f"the different tokenizer in {tok_dir}")
+    if find_last_step(out) is not None:
+        replaced.append(f"the {cfg.stage} checkpoints in {out}")
+    if replaced and not cfg.force:
+        raise RustchatError(f"import-hf would replace {' and '.join(replaced)}; pass --force to replace them")
+    step = cfg.step
+    if step is None:
+        recorded = provenance.get("rustchat_step", "")
+        step = int(recorded) if recorded.isdigit() else 0
+    if out.is_dir():  # --force (or only incomplete files): the import becomes the stage's only checkpoint
+        for f in out.iterdir():
+            if re.fullmatch(r"(model|meta|optim)_\d+.*\.(safetensors|json|pt)", f.name):
+                f.unlink()
+    tok.save(tok_dir)
+    save_checkpoint(out, step, model, None, {"imported_from": str(Path(cfg.hf_dir).resolve()), "stage": cfg.stage,
+                                             "hf_provenance": provenance})
+    print(f"imported {cfg.hf_dir} (depth {depth}, {model.num_params() / 1e6:.1f}M params) as {cfg.stage} step {step} "
+          f"-> {out}; tokenizer -> {tok_dir}")
+    return out
+
+
+def _same_tokenizer(tok_dir: Path, tok: Tokenizer) -> bool:
+    try:
+        old = Tokenizer.load(tok_dir)
+    except (OSError, ValueError):
+        return False
+    return (old.pattern == tok.pattern and old.special_tokens == tok.special_tokens
+            and old.mergeable_ranks() == tok.mergeable_ranks())
+
+
+__all__ = ["export_model", "run_export", "import_hf", "load_hf_dir", "hf_tokenizer", "hf_config", "CHAT_TEMPLATE",
+           "to_hf_state_dict", "from_hf_state_dict", "tokenizer_from_hf_json"]
