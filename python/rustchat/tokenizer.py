@@ -408,9 +408,11 @@ def _feed_stream(trainer, texts: Iterable[str], progress) -> None:
     wait()
 
 
-def load_tokenizer(base_dir=None) -> Tokenizer:
-    """The tokenizer trained into <base dir>/tokenizer (the one every stage of a run shares)."""
-    d = Path(base_dir if base_dir is not None else get_base_dir(create=False)) / "tokenizer"
+def load_tokenizer(base_dir=None, *, directory=None) -> Tokenizer:
+    """The tokenizer trained into <base dir>/tokenizer (the one every stage of a run shares), or
+    the one saved in `directory`; any problem with its files is a one-line RustchatError."""
+    d = Path(directory) if directory is not None else \
+        Path(base_dir if base_dir is not None else get_base_dir(create=False)) / "tokenizer"
     if not (d / "tokenizer.json").exists():
         raise RustchatError(f"no tokenizer at {d}: run `rustchat tok train --input FILES --out {d}` first")
     try:

@@ -125,13 +125,7 @@ def train_tokenizer(cfg: TokTrainConfig) -> Tokenizer:
 
 def evaluate_tokenizer(cfg: TokEvalConfig) -> list[dict]:
     """Print and return the bytes-per-token table of the trained (or given) tokenizer."""
-    if cfg.tokenizer:
-        d = Path(cfg.tokenizer)
-        if not (d / "tokenizer.json").is_file():
-            raise RustchatError(f"--tokenizer {d}: no tokenizer.json there")
-        tok = Tokenizer.load(d)
-    else:
-        tok = load_tokenizer()
+    tok = load_tokenizer(directory=cfg.tokenizer)
     extra = {}
     for spec in cfg.text or []:
         kind, sep, path = spec.partition("=")
