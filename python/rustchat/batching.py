@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .common import RustchatError
-from .engine import Engine, _Row, sample_next
+from .engine import Engine, _Row, draw, sampling_probs
 from .model import KVCache
 from .runtime import autocast_ctx
 
@@ -236,14 +236,21 @@ class BatchScheduler:
 
     def _sample(self, reqs: list[GenRequest], logits: torch.Tensor) -> list[int]:
         out = [0] * len(reqs)
-        greedy = [i for i, r in enumerate(reqs) if r.greedy]
-        if greedy:  # one argmax for all greedy rows
-            picked = logits[greedy].argmax(dim=-1).tolist() if len(greedy) < len(reqs) else logits.argmax(-1).tolist()
-            for i, t in zip(greedy, picked):
-                out[i] = int(t)
+        greedy, groups = [], {}
         for i, r in enumerate(reqs):
-            if not r.greedy:  # each request draws from its own seeded generator, as Engine does
-                out[i] = int(sample_next(logits[i:i + 1], r.generator, r.temperature, r.top_k, r.top_p)[0])
+            if r.greedy:
+                greedy.append(i)
+            else:
+                groups.setdefault((r.temperature, r.top_k, r.top_p), []).append(i)
+        if greedy:  # one argmax for all greedy rows
+            for i, t in zip(greedy, logits[greedy].argmax(dim=-1).tolist()):
+                out[i] = t
+        for (temperature, top_k, top_p), rows in groups.items():
+            # one softmax per group of equal settings, then each request draws from its own
+            # seeded generator, as Engine does
+            probs, ids = sampling_probs(logits[rows], temperature, top_k, top_p)
+            for j, i in enumerate(rows):
+                out[i] = int(draw(probs[j:j + 1], None if ids is None else ids[j:j + 1], reqs[i].generator)[0])
         return out
 
     def _take(self, req: GenRequest, sampled: int) -> None:

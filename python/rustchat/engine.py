@@ -37,6 +37,30 @@ def _check_sampling(temperature: float, top_k: int | None) -> None:
         raise RustchatError(f"top_k must be >= 1 or None, got {top_k}")
 
 
+def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+                   top_p: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What `sample_next` draws from, for temperature > 0: (probs [B, K], ids [B, K]) over the
+    top tokens, or (probs [B, V], None) over the whole vocabulary. Rows are independent, so a
+    batch gives each row exactly what it would get alone."""
+    logits = logits.float() / temperature
+    if top_p is not None and top_p < 1.0:
+        k = top_k if top_k is not None and top_k < logits.size(-1) else logits.size(-1)
+        vals, idx = torch.topk(logits, k, dim=-1)  # sorted, largest first
+        probs = torch.softmax(vals, dim=-1)
+        # drop a token once the tokens before it already reach top_p (the first always stays)
+        return probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0), idx
+    if top_k is not None and top_k < logits.size(-1):
+        vals, idx = torch.topk(logits, top_k, dim=-1)
+        return torch.softmax(vals, dim=-1), idx
+    return torch.softmax(logits, dim=-1), None
+
+
+def draw(probs: torch.Tensor, ids: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row from `sampling_probs`' output -> int64 [B]."""
+    choice = torch.multinomial(probs, 1, generator=generator)
+    return (ids.gather(-1, choice) if ids is not None else choice).squeeze(-1)
+
+
 def sample_next(logits: torch.Tensor, generator: torch.Generator | None, temperature: float = 1.0,
                 top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
     """Next token per row from logits [B, V] -> int64 [B]. Greedy at temperature 0 (and top_k 1).
@@ -44,20 +68,7 @@ def sample_next(logits: torch.Tensor, generator: torch.Generator | None, tempera
     _check_sampling(temperature, top_k)
     if temperature == 0.0 or top_k == 1:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_p is not None and top_p < 1.0:
-        k = top_k if top_k is not None and top_k < logits.size(-1) else logits.size(-1)
-        vals, idx = torch.topk(logits, k, dim=-1)  # sorted, largest first
-        probs = torch.softmax(vals, dim=-1)
-        # drop a token once the tokens before it already reach top_p (the first always stays)
-        probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0)
-        choice = torch.multinomial(probs, 1, generator=generator)
-        return idx.gather(-1, choice).squeeze(-1)
-    if top_k is not None and top_k < logits.size(-1):
-        vals, idx = torch.topk(logits, top_k, dim=-1)
-        choice = torch.multinomial(torch.softmax(vals, dim=-1), 1, generator=generator)
-        return idx.gather(-1, choice).squeeze(-1)
-    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
+    return draw(*sampling_probs(logits, temperature, top_k, top_p), generator)
 
 
 class _Row:

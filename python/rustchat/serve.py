@@ -19,8 +19,10 @@ address or localhost (DNS rebinding) and an `Origin` of another site unless --al
 import asyncio
 import json
 import random
+import threading
 import time
 import uuid
+import weakref
 from pathlib import Path
 
 from .batching import BatchScheduler, GenRequest
@@ -189,17 +191,40 @@ class StopText:
         return out
 
 
+class Mailbox:
+    """Hands the scheduler thread's events to the event loop in one wake-up per batch step
+    rather than one per token: with 200 streams, a call_soon_threadsafe per token would keep
+    the loop busy waking up instead of answering."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.lock = loop, threading.Lock()
+        self.pending: list = []
+
+    def post(self, q: asyncio.Queue, event) -> None:
+        with self.lock:
+            self.pending.append((q, event))
+            if len(self.pending) > 1:
+                return  # a delivery is already scheduled
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self.lock:
+            items, self.pending = self.pending, []
+        for q, event in items:
+            q.put_nowait(event)
+
+
 class Reply:
     """One request's generation as seen from the event loop: `pieces()` yields ("text", s) and
     ("tool", s) until the reply ends; then `finish_reason` ("stop"/"length") and
     `completion_tokens` are set. Leaving `pieces()` early cancels the generation, which frees
     its batch slot at the next step."""
 
-    def __init__(self, scheduler: BatchScheduler, tok, prompt: list[int], req: dict, max_tokens: int):
-        loop = asyncio.get_running_loop()
+    def __init__(self, scheduler: BatchScheduler, mailbox: Mailbox, tok, prompt: list[int], req: dict,
+                 max_tokens: int):
         self.events: asyncio.Queue = asyncio.Queue()
         seed = req["seed"] if req["seed"] is not None else random.randrange(1 << 31)
-        self.gen = GenRequest(prompt, lambda ev: loop.call_soon_threadsafe(self.events.put_nowait, ev),
+        self.gen = GenRequest(prompt, lambda ev: mailbox.post(self.events, ev),
                               max_tokens=max_tokens, temperature=req["temperature"], top_k=req["top_k"],
                               top_p=req["top_p"], seed=seed)
         self.tok, self.stops = tok, StopText(req["stop"])
@@ -310,6 +335,8 @@ def create_app(engine, *, temperature: float = 0.8, top_k: int = 50, max_tokens:
     app.state.scheduler = scheduler
     page = (WEB_DIR / "index.html").read_text(encoding="utf-8")
     sse_headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    # one per event loop (uvicorn has one; a TestClient may start one per request)
+    mailboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def openai_error(e: RequestError):
         # OpenAI answers oversized content with 400 (its client: BadRequestError); only a body
@@ -363,7 +390,10 @@ def create_app(engine, *, temperature: float = 0.8, top_k: int = 50, max_tokens:
 
     def start(prompt, req, n) -> Reply:
         try:
-            return Reply(scheduler, engine.tok, prompt, req, n)
+            loop = asyncio.get_running_loop()
+            if loop not in mailboxes:
+                mailboxes[loop] = Mailbox(loop)
+            return Reply(scheduler, mailboxes[loop], engine.tok, prompt, req, n)
         except RustchatError as e:  # the queue is full
             raise RequestError(429, str(e), None, "server_busy") from None
 
