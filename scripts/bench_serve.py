@@ -119,16 +119,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="rustchat_bench_serve_") as tmp:
         root = Path(args.base_dir) if args.base_dir else tiny_base_dir(Path(tmp))
         port = free_port()
+        log = open(Path(tmp) / "serve.log", "w+")  # not a pipe: a full pipe would block the server's logging
         server = subprocess.Popen([sys.executable, "-m", "rustchat.cli", "serve", "--base-dir", str(root),
                                    "--port", str(port), "--device", "cpu", "--max-batch", str(max(levels))],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                  stdout=log, stderr=subprocess.STDOUT,
                                   env={**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})})
         base = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 120
             while True:
                 if server.poll() is not None:
-                    sys.exit(f"rustchat serve exited: {server.stderr.read()[-2000:]}")
+                    sys.exit(f"rustchat serve exited: {(Path(tmp) / 'serve.log').read_text()[-2000:]}")
                 try:
                     info = httpx.get(base + "/health", timeout=2, trust_env=False).json()
                     break
@@ -155,6 +156,7 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(timeout=30)
+            log.close()
 
 
 if __name__ == "__main__":
