@@ -33,30 +33,17 @@ class SlotKVCache:
     own length. Duck-types `KVCache` for the model: `pos` (the longest running row: the rotary
     tables must reach it), `insert`, `advance` and `attn_mask`."""
 
-    def __init__(self, slots: int, num_kv_heads: int, max_len: int, head_dim: int, num_layers: int, *,
-                 device="cpu", dtype=torch.float32):
-        shape = (num_layers, slots, num_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.lengths = [0] * slots
+    def __init__(self, storage: KVCache):
+        self.k, self.v = storage.k, storage.v  # a KVCache's tensors: one row per slot
+        self.slots, self.max_len = storage.batch_size, storage.max_len
+        self.lengths = [0] * self.slots
         self.n = 0  # running rows: 0..n-1
         self.attn_mask = None
         self._pos_t = None  # this forward's write positions [n] (a tensor on the cache's device)
 
     @classmethod
     def for_model(cls, model, slots: int) -> "SlotKVCache":
-        ref = KVCache.for_model(model, 1, 1)  # the same dtype rule as the engine's caches
-        cfg = model.config
-        return cls(slots, cfg.n_kv_head, cfg.sequence_len, cfg.head_dim, cfg.n_layer, device=ref.k.device,
-                   dtype=ref.k.dtype)
-
-    @property
-    def slots(self) -> int:
-        return self.k.size(1)
-
-    @property
-    def max_len(self) -> int:
-        return self.k.size(3)
+        return cls(KVCache.for_model(model, slots))  # the engine's dtype rule
 
     @property
     def pos(self) -> int:

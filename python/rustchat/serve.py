@@ -389,12 +389,14 @@ def create_app(engine, *, temperature: float = 0.8, top_k: int = 50, max_tokens:
         prompt = fit_prompt(engine.tok, req["messages"], context, req["max_tokens"])
         return req, prompt, max(1, min(req["max_tokens"], context - len(prompt)))
 
-    def start(prompt, req, n) -> Reply:
+    async def open_reply(request: Request) -> tuple[dict, Reply]:
+        """The checked request and its generation, queued; RequestError when refused."""
+        req, prompt, n = await read_request(request)
         try:
             loop = asyncio.get_running_loop()
             if loop not in mailboxes:
                 mailboxes[loop] = Mailbox(loop)
-            return Reply(scheduler, mailboxes[loop], engine.tok, prompt, req, n)
+            return req, Reply(scheduler, mailboxes[loop], engine.tok, prompt, req, n)
         except RustchatError as e:  # the queue is full
             raise RequestError(429, str(e), None, "server_busy") from None
 
@@ -413,11 +415,14 @@ def create_app(engine, *, temperature: float = 0.8, top_k: int = 50, max_tokens:
             watcher.cancel()
             reply.gen.cancelled = True
 
+    def event_stream(request: Request, reply: Reply, agen):
+        return StreamingResponse(with_watch(request, reply, agen), media_type="text/event-stream",
+                                 headers=sse_headers)
+
     @app.post("/chat/completions")
     async def page_completions(request: Request):
         try:
-            req, prompt, n = await read_request(request)
-            reply = start(prompt, req, n)
+            _, reply = await open_reply(request)
         except RequestError as e:
             return JSONResponse({"error": e.message}, status_code=e.status)
 
@@ -429,14 +434,12 @@ def create_app(engine, *, temperature: float = 0.8, top_k: int = 50, max_tokens:
                 yield _sse({"error": str(e)})
             yield _sse({"done": True})
 
-        return StreamingResponse(with_watch(request, reply, stream()), media_type="text/event-stream",
-                                 headers=sse_headers)
+        return event_stream(request, reply, stream())
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         try:
-            req, prompt, n = await read_request(request)
-            reply = start(prompt, req, n)
+            req, reply = await open_reply(request)
         except RequestError as e:
             return openai_error(e)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -476,8 +479,7 @@ def create_app(engine, *, temperature: float = 0.8, top_k: int = 50, max_tokens:
                             "choices": [], "usage": usage()})
             yield b"data: [DONE]\n\n"
 
-        return StreamingResponse(with_watch(request, reply, stream()), media_type="text/event-stream",
-                                 headers=sse_headers)
+        return event_stream(request, reply, stream())
 
     return HostOriginGuard(app, host=host, allow_origins=allow_origins or [])
 
