@@ -8,7 +8,7 @@ generated tokens/s, p50/p99 request latency, p50 time to first token and the slo
 answer seen meanwhile, then the tokens/s of 8 and 64 clients as a ratio to 1 client (continuous
 batching shares each forward pass between the running requests).
 
-    python scripts/bench_serve.py [--base-dir DIR] [--max-tokens 32] [--requests 4]
+    python scripts/bench_serve.py [--base-dir DIR] [--max-tokens 32] [--requests 8] [--threads N]
 """
 from __future__ import annotations
 
@@ -111,7 +111,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base-dir", help="serve this base dir's sft checkpoint instead of a random tiny model")
     ap.add_argument("--max-tokens", type=int, default=32, help="tokens per reply")
-    ap.add_argument("--requests", type=int, default=4, help="requests per client, one after another")
+    ap.add_argument("--requests", type=int, default=8, help="requests per client, one after another")
     ap.add_argument("--levels", default="1,8,64", help="client counts")
     ap.add_argument("--threads", type=int, help="torch threads of the server (OMP_NUM_THREADS; default: torch's)")
     args = ap.parse_args()

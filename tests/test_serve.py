@@ -658,3 +658,12 @@ def test_serve_flags():
     args = build_parser().parse_args(["serve", "--allow-origin", "http://a.example,http://b.example", "--max-batch", "8"])
     cfg = from_args(args.config_class, args)
     assert cfg.allow_origin == "http://a.example,http://b.example" and cfg.max_batch == 8
+
+
+def test_bad_allow_origin_is_refused_before_loading(tmp_path):
+    from rustchat.common import RustchatError
+    from rustchat.config import ServeConfig
+    from rustchat.serve import run_server
+
+    with pytest.raises(RustchatError, match="allow-origin"):
+        run_server(ServeConfig(allow_origin="evil.example", base_dir=str(tmp_path)))

@@ -493,13 +493,16 @@ def run_server(cfg: ServeConfig) -> None:
             raise RustchatError(f"{name} must be in [{lo}, {hi}], got {v}")
     if not 0 <= cfg.port <= 65535:
         raise RustchatError(f"--port must be in [0, 65535], got {cfg.port}")
+    origins = [o.strip() for o in (cfg.allow_origin or "").split(",") if o.strip()]
+    for o in origins:
+        if o != "*" and not o.startswith(("http://", "https://")):
+            raise RustchatError(f"--allow-origin: {o!r} is not an origin like http://host:port (or *)")
     model, tok, meta = load_model(cfg.source, depth=cfg.depth, step=cfg.step, device=cfg.device, base_dir=cfg.base_dir)
     device = model.get_device()
     depth, step = model.config.n_layer, meta.get("step")
     info = {"id": f"rustchat-{cfg.source}-d{depth}" + (f"-step{step}" if step is not None else ""),
             "model": f"{cfg.source} d{depth} step {step}", "stage": cfg.source, "depth": depth, "step": step,
             "device": str(device)}
-    origins = [o.strip() for o in (cfg.allow_origin or "").split(",") if o.strip()]
     app = create_app(Engine(model, tok), temperature=cfg.temperature, top_k=cfg.top_k, max_tokens=cfg.max_tokens,
                      model_info=info, max_batch=cfg.max_batch, host=cfg.host, allow_origins=origins)
     # the event loop gives up the GIL at every socket write; with the default 5 ms switch
