@@ -77,18 +77,22 @@ def test_batched_requests_equal_engine_alone(engine):
     print("seed", seed)
     rng.seed(seed)
     requests = []
-    for i in range(11):  # more requests than slots: some wait, slots are reused and rows move
-        settings = rng.choice([dict(temperature=0.0, top_k=None), dict(temperature=1.0, top_k=20),
-                               dict(temperature=0.7, top_k=None)])
+    for i in range(14):  # more requests than slots: some wait, slots are reused and rows move
+        settings = ([dict(temperature=0.0, top_k=None), dict(temperature=1.0, top_k=20),
+                               dict(temperature=0.7, top_k=None),
+                               # unseeded: the scheduler's shared draw; a top_p this small keeps
+                               # only the top token, so the reply is the greedy one
+                               dict(temperature=1.0, top_k=None, top_p=1e-6, seed=None)])[i % 4]
         prompt = [rng.randrange(256) for _ in range(rng.randint(1, 50))]
-        requests.append((prompt, dict(max_tokens=rng.randint(1, 30), seed=rng.randrange(1000), **settings)))
+        requests.append((prompt, {"max_tokens": rng.randint(1, 30), "seed": rng.randrange(1000), **settings}))
     scheduler = BatchScheduler(engine, max_batch=4)
     try:
         results = run_all(scheduler, requests)
     finally:
         scheduler.close()
     for (prompt, kw), (toks, _forced, end) in zip(requests, results):
-        ref, _ = engine_tokens(engine, prompt, kw["max_tokens"], kw["temperature"], kw["top_k"], kw["seed"])
+        temperature = 0.0 if kw.get("top_p") else kw["temperature"]
+        ref, _ = engine_tokens(engine, prompt, kw["max_tokens"], temperature, kw["top_k"], kw["seed"] or 0)
         assert toks == ref, (prompt, kw)
         assert end == ("end", "stop" if ref[-1] in engine.stop_tokens else "length")
     assert scheduler.steps < sum(kw["max_tokens"] for _, kw in requests)  # forward passes were shared

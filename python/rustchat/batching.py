@@ -105,10 +105,13 @@ class GenRequest:
     """One reply to generate. `emit(event)` is called on the scheduler thread with
     ("token", id, forced) per generated token, then one ("end", reason) with reason "stop"
     (a stop token, which was emitted), "length" (max_tokens reached), "cancelled", or
-    ("error", message). Set `cancelled` (from any thread) to stop it: it leaves at the next step."""
+    ("error", message). Set `cancelled` (from any thread) to stop it: it leaves at the next step.
+    With a seed, it samples from its own generator (the tokens `Engine.generate` gives for that
+    seed); with seed None, from the scheduler's, in one draw with the other unseeded rows."""
 
     def __init__(self, prompt: Sequence[int], emit: Callable[[tuple], None], *, max_tokens: int,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 42):
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 seed: int | None = 42):
         self.prompt = [int(t) for t in prompt]
         if not self.prompt:
             raise RustchatError("a request needs a non-empty prompt")
@@ -142,6 +145,7 @@ class BatchScheduler:
         self.cond = threading.Condition()
         self.closed = False
         self.steps = 0  # batched decode forwards so far (tests read it)
+        self.generator: torch.Generator | None = None  # shared by unseeded requests
         self.thread = threading.Thread(target=self._loop, name="rustchat-batcher", daemon=True)
         self.thread.start()
 
@@ -211,8 +215,12 @@ class BatchScheduler:
         if self.cache is None:
             self.cache = SlotKVCache.for_model(model, self.max_batch)
         device = model.get_device()
-        req.generator = torch.Generator(device=device)
-        req.generator.manual_seed(req.seed)
+        if req.seed is not None:
+            req.generator = torch.Generator(device=device)
+            req.generator.manual_seed(req.seed)
+        if self.generator is None:
+            self.generator = torch.Generator(device=device)
+            self.generator.seed()  # unseeded requests: fresh randomness per server run
         # prefill alone, as Engine.generate does, then move the row into the shared cache
         single = KVCache.for_model(model, 1, len(req.prompt))
         logits = self._forward(torch.tensor([req.prompt], dtype=torch.long), single)
@@ -236,8 +244,14 @@ class BatchScheduler:
             # one softmax per group of equal settings, then each request draws from its own
             # seeded generator, as Engine does
             probs, ids = sampling_probs(logits[rows], temperature, top_k, top_p)
+            shared = [j for j, i in enumerate(rows) if reqs[i].generator is None]
+            if shared:  # one draw for every unseeded row
+                picked = draw(probs[shared], None if ids is None else ids[shared], self.generator).tolist()
+                for j, t in zip(shared, picked):
+                    out[rows[j]] = t
             for j, i in enumerate(rows):
-                out[i] = int(draw(probs[j:j + 1], None if ids is None else ids[j:j + 1], reqs[i].generator)[0])
+                if reqs[i].generator is not None:
+                    out[i] = int(draw(probs[j:j + 1], None if ids is None else ids[j:j + 1], reqs[i].generator)[0])
         return out
 
     def _take(self, req: GenRequest, sampled: int) -> None:

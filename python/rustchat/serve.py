@@ -18,7 +18,6 @@ address or localhost (DNS rebinding) and an `Origin` of another site unless --al
 # runtime, and they name classes imported inside create_app
 import asyncio
 import json
-import random
 import sys
 import threading
 import time
@@ -224,10 +223,9 @@ class Reply:
     def __init__(self, scheduler: BatchScheduler, mailbox: Mailbox, tok, prompt: list[int], req: dict,
                  max_tokens: int):
         self.events: asyncio.Queue = asyncio.Queue()
-        seed = req["seed"] if req["seed"] is not None else random.randrange(1 << 31)
         self.gen = GenRequest(prompt, lambda ev: mailbox.post(self.events, ev),
                               max_tokens=max_tokens, temperature=req["temperature"], top_k=req["top_k"],
-                              top_p=req["top_p"], seed=seed)
+                              top_p=req["top_p"], seed=req["seed"])
         self.tok, self.stops = tok, StopText(req["stop"])
         self.prompt_tokens = len(prompt)
         self.completion_tokens = 0
