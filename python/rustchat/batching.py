@@ -28,6 +28,9 @@ from .model import KVCache
 from .runtime import autocast_ctx
 
 
+PREFILL_TOKENS = 512
+
+
 class SlotKVCache:
     """Keys/values [L, S, H_kv, T_max, D] for S slots of which rows 0..n-1 run, each with its
     own length. Duck-types `KVCache` for the model: `pos` (the longest running row: the rotary
@@ -183,8 +186,13 @@ class BatchScheduler:
                     self.cond.wait()
                 if self.closed:
                     return
-                free = self.max_batch - len(self.running)
-                admitted = [self.queue.popleft() for _ in range(min(free, len(self.queue)))]
+                # prefill at most PREFILL_TOKENS prompt tokens (at least one request) between two
+                # decode steps, so running replies keep streaming while a crowd arrives
+                admitted, budget = [], PREFILL_TOKENS
+                while self.queue and len(self.running) + len(admitted) < self.max_batch and (
+                        not admitted or len(self.queue[0].prompt) <= budget):
+                    budget -= len(self.queue[0].prompt)
+                    admitted.append(self.queue.popleft())
             try:
                 with torch.inference_mode():
                     for req in admitted:
