@@ -133,6 +133,16 @@ class GenRequest:
         return self.temperature == 0.0 or self.top_k == 1
 
 
+def _emit(req: GenRequest, event: tuple) -> None:
+    """Hand an event to the request's consumer; a consumer that fails (its event loop is gone)
+    cancels its own request instead of failing the batch."""
+    try:
+        req.emit(event)
+    except Exception:
+        traceback.print_exc()
+        req.cancelled = True
+
+
 class BatchScheduler:
     """Runs every request on one thread over one SlotKVCache of `max_batch` rows; up to
     `max_queue` more wait. `submit` never blocks; `close` ends the thread."""
@@ -175,7 +185,7 @@ class BatchScheduler:
             self.cond.notify()
         self.thread.join(timeout=30)
         for req in [*self.running, *self.queue]:
-            req.emit(("end", "cancelled"))
+            _emit(req, ("end", "cancelled"))
         self.running, self.queue = [], deque()
 
     # -- the scheduler thread -------------------------------------------------------
@@ -208,7 +218,7 @@ class BatchScheduler:
                 if self.cache is not None:
                     self.cache.n = 0
                 for req in failed + [r for r in admitted if r not in failed and r.generated == 0]:
-                    req.emit(("error", f"generation failed: {type(e).__name__}: {e}"))
+                    _emit(req, ("error", f"generation failed: {type(e).__name__}: {e}"))
 
     def _forward(self, ids: torch.Tensor, cache, position_ids=None) -> torch.Tensor:
         device = self.engine.model.get_device()
@@ -217,7 +227,7 @@ class BatchScheduler:
 
     def _admit(self, req: GenRequest) -> None:
         if req.cancelled:
-            req.emit(("end", "cancelled"))
+            _emit(req, ("end", "cancelled"))
             return
         model = self.engine.model
         if self.cache is None:
@@ -266,7 +276,7 @@ class BatchScheduler:
         t, forced = self.engine.next_token(req.row, sampled)
         req.generated += 1
         req.last = t
-        req.emit(("token", t, forced))
+        _emit(req, ("token", t, forced))
 
     def _step(self) -> None:
         cache = self.cache
@@ -292,4 +302,4 @@ class BatchScheduler:
                     self.running[i] = self.running.pop()
                 else:
                     self.running.pop(i)
-            req.emit(("end", reason))
+            _emit(req, ("end", reason))

@@ -200,12 +200,19 @@ class Mailbox:
         self.loop, self.lock = loop, threading.Lock()
         self.pending: list = []
 
-    def post(self, q: asyncio.Queue, event) -> None:
+    def post(self, q: asyncio.Queue, event) -> bool:
+        """False when the loop has closed (nobody will read the event)."""
+        if self.loop.is_closed():
+            return False
         with self.lock:
             self.pending.append((q, event))
             if len(self.pending) > 1:
-                return  # a delivery is already scheduled
-        self.loop.call_soon_threadsafe(self._deliver)
+                return True  # a delivery is already scheduled
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # closed meanwhile
+            return False
+        return True
 
     def _deliver(self) -> None:
         with self.lock:
@@ -223,7 +230,8 @@ class Reply:
     def __init__(self, scheduler: BatchScheduler, mailbox: Mailbox, tok, prompt: list[int], req: dict,
                  max_tokens: int):
         self.events: asyncio.Queue = asyncio.Queue()
-        self.gen = GenRequest(prompt, lambda ev: mailbox.post(self.events, ev),
+        self.mailbox = mailbox
+        self.gen = GenRequest(prompt, self._post,
                               max_tokens=max_tokens, temperature=req["temperature"], top_k=req["top_k"],
                               top_p=req["top_p"], seed=req["seed"])
         self.tok, self.stops = tok, StopText(req["stop"])
@@ -231,6 +239,10 @@ class Reply:
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         scheduler.submit(self.gen)
+
+    def _post(self, event) -> None:  # on the scheduler thread
+        if not self.mailbox.post(self.events, event):
+            self.gen.cancelled = True  # the loop that would read it is gone
 
     async def pieces(self):
         display = ReplyEvents(self.tok)
