@@ -5,8 +5,9 @@ context 256, with random weights and a tokenizer trained here on this Python's s
 library; or a trained checkpoint with --base-dir), then for each concurrency level N runs N
 clients that each send --requests streamed /v1/chat/completions in a row. Prints requests/s,
 generated tokens/s, p50/p99 request latency, p50 time to first token (of the median of
---rounds rounds) and the slowest /health answer seen in any round, then the tokens/s of 8 and 64 clients as a ratio to 1 client (continuous
-batching shares each forward pass between the running requests).
+--rounds rounds) and the slowest /health answer seen in any round, then the tokens/s of 8 and
+64 clients as a ratio to 1 client (continuous batching shares each forward pass between the
+running requests).
 
     python scripts/bench_serve.py [--base-dir DIR] [--max-tokens 32] [--requests 8] [--rounds 3] [--threads N]
 """
@@ -120,11 +121,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="rustchat_bench_serve_") as tmp:
         root = Path(args.base_dir) if args.base_dir else tiny_base_dir(Path(tmp))
         port = free_port()
+        env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
         log = open(Path(tmp) / "serve.log", "w+")  # not a pipe: a full pipe would block the server's logging
         server = subprocess.Popen([sys.executable, "-m", "rustchat.cli", "serve", "--base-dir", str(root),
                                    "--port", str(port), "--device", "cpu", "--max-batch", str(max(levels))],
                                   stdout=log, stderr=subprocess.STDOUT,
-                                  env={**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})})
+                                  env=env)
         base = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 120
@@ -159,7 +161,8 @@ def main() -> None:
             if 1 in rows:
                 for n in levels:
                     if n != 1:
-                        print(f"aggregate tokens/s, {n} clients vs 1: {rows[n]['tok_per_s'] / rows[1]['tok_per_s']:.2f}x")
+                        ratio = rows[n]["tok_per_s"] / rows[1]["tok_per_s"]
+                        print(f"aggregate tokens/s, {n} clients vs 1: {ratio:.2f}x")
         finally:
             server.terminate()
             server.wait(timeout=30)

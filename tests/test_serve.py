@@ -655,7 +655,8 @@ def test_serve_flags():
     from rustchat.cli import build_parser
     from rustchat.config import from_args
 
-    args = build_parser().parse_args(["serve", "--allow-origin", "http://a.example,http://b.example", "--max-batch", "8"])
+    args = build_parser().parse_args(["serve", "--allow-origin", "http://a.example,http://b.example",
+                                      "--max-batch", "8"])
     cfg = from_args(args.config_class, args)
     assert cfg.allow_origin == "http://a.example,http://b.example" and cfg.max_batch == 8
 

@@ -9,9 +9,10 @@ each row's attention to its own keys. A request that ends (stop token, token lim
 cancelled by its consumer (client gone, stop string seen) leaves the batch at the next step; the
 last running row moves into its slot so the running rows stay 0..n-1.
 
-Each request keeps its own sampling settings and seeded generator, and the per-row logic
-(forced calculator tokens, stop tokens) is `Engine.next_token`: a request gives the same tokens
-alone or batched (up to float rounding of batched matmuls), and the same as `Engine.generate`.
+Each request keeps its own sampling settings; a seeded one its own generator. The per-row logic
+(forced calculator tokens, stop tokens) is `Engine.next_token`: a greedy or seeded request gives
+the same tokens alone or batched (up to float rounding of batched matmuls), and the same as
+`Engine.generate`. Between two decode steps at most PREFILL_TOKENS prompt tokens are prefilled.
 """
 from __future__ import annotations
 

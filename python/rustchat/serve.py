@@ -88,7 +88,8 @@ def parse_request(body, *, temperature: float = 0.8, top_k: int = 50, max_tokens
     if not isinstance(msgs, list) or not msgs:
         raise RequestError(400, "messages must be a non-empty list", "messages")
     if len(msgs) > MAX_MESSAGES:
-        raise RequestError(413, f"too many messages: {len(msgs)} > {MAX_MESSAGES}", "messages", "array_above_max_length")
+        raise RequestError(413, f"too many messages: {len(msgs)} > {MAX_MESSAGES}", "messages",
+                           "array_above_max_length")
     total = 0
     clean = []
     for i, m in enumerate(msgs):
