@@ -1,11 +1,15 @@
-"""The web server: request limits (4xx naming the problem), the SSE stream, and the real page
-driven in headless Chromium over the DevTools protocol against a loopback server."""
+"""The web server: request limits (4xx naming the problem), the SSE stream, the OpenAI API driven
+by the official `openai` client, 200 concurrent streams, Host/Origin checks, and the real page
+driven in headless Chromium over the DevTools protocol, all against loopback servers."""
+import asyncio
+import contextlib
 import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -51,7 +55,8 @@ def engine(tok):
 def client(engine):
     from fastapi.testclient import TestClient
 
-    return TestClient(create_app(engine, max_tokens=12))
+    # TestClient's default Host ("testserver") is refused like any foreign name
+    return TestClient(create_app(engine, max_tokens=12), base_url="http://localhost")
 
 
 def user(text="hello"):
@@ -146,7 +151,7 @@ def test_abandoned_stream_releases_the_model(client):
         next(r.iter_lines())  # read one event, then hang up
     r = client.post("/chat/completions", json={"messages": [user()], "max_tokens": 3})
     assert r.status_code == 200 and sse_events(r.text)[-1] == {"done": True}
-    assert client.get("/health").json()["busy"] is False
+    _wait(lambda: client.get("/health").json()["busy"] is False, 30, "the abandoned request to leave")
 
 
 def test_tool_call_is_streamed(tok):
@@ -179,12 +184,16 @@ def test_tool_call_is_streamed(tok):
             kv_cache.advance(T)
             return logits
 
-    c = TestClient(create_app(Engine(Scripted(), tok)))
+    c = TestClient(create_app(Engine(Scripted(), tok)), base_url="http://127.0.0.1:8000")
     r = c.post("/chat/completions", json={"messages": msgs, "temperature": 0})
     events = sse_events(r.text)
     assert {"token": "[calculator: 2+3 -> 5]", "tool": True} in events
     assert "".join(e.get("token", "") for e in events if not e.get("tool")) == "ok"
     assert events[-1] == {"done": True}
+    # the OpenAI endpoint shows the call inside the content
+    r = c.post("/v1/chat/completions", json={"model": "rustchat", "messages": msgs, "temperature": 0})
+    assert r.json()["choices"][0]["message"]["content"] == "[calculator: 2+3 -> 5]ok"
+    assert r.json()["choices"][0]["finish_reason"] == "stop"
 
 
 def test_health_and_page(client):
@@ -258,21 +267,16 @@ def test_web_page_in_headless_chromium(engine):
     if browser is None:
         pytest.skip("no chromium binary on PATH (Debian: apt-get install chromium)")
     pytest.importorskip("websocket", reason="needs websocket-client for the DevTools protocol")
-    import uvicorn
-
-    app = create_app(engine, max_tokens=24)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))  # a free loopback port
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    th = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    th.start()
+    app = create_app(engine, max_tokens=24, model_info={"model": "sft d2 step 7", "stage": "sft", "depth": 2,
+                                                          "step": 7})
     profile = tempfile.mkdtemp(prefix="rustchat_chromium_")
     proc = None
     devtools = None
-    try:
-        _wait(lambda: server.started, 20, "the server to start")
+    with contextlib.ExitStack() as stack:
+        port = stack.enter_context(serving(app))
+        stack.callback(shutil.rmtree, profile, ignore_errors=True)
+        stack.callback(lambda: devtools is not None and devtools.close())
+        stack.callback(lambda: proc is not None and _kill_group(proc))
         proc = subprocess.Popen(
             [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
              "--no-first-run", "--no-default-browser-check", "--disable-extensions", "--disable-sync",
@@ -323,19 +327,344 @@ def test_web_page_in_headless_chromium(engine):
         assert len(state["answer"]) == 1 and state["answer"][0].strip()
         assert state["chunks"] > 1  # arrived as a stream of pieces, not one blob
         assert devtools.js("document.getElementById('input').value") == ""
+        # the header names the loaded checkpoint (from /health)
+        assert _wait(lambda: devtools.js("document.getElementById('model').dataset.loaded"), 10, "the model label")
+        assert devtools.js("document.getElementById('model').textContent") == "sft · d2 · step 7"
+
+
+def _kill_group(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)  # the browser's own process group (start_new_session)
+        proc.wait(timeout=10)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+
+
+# ----------------------------------------------------------------------------- real servers on loopback
+@contextlib.contextmanager
+def serving(app):
+    """uvicorn running `app` in a thread on a free 127.0.0.1 port; yields the port."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    th = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    th.start()
+    try:
+        _wait(lambda: server.started, 20, "the server to start")
+        yield sock.getsockname()[1]
     finally:
-        if devtools is not None:
-            devtools.close()
-        if proc is not None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)  # the browser's own process group (start_new_session)
-                proc.wait(timeout=10)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait(timeout=10)
         server.should_exit = True
-        th.join(timeout=10)
-        shutil.rmtree(profile, ignore_errors=True)
+        th.join(timeout=20)
+
+
+MODEL_ID = "rustchat-sft-d2-step7"
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    app = create_app(engine, max_tokens=12, model_info={"id": MODEL_ID}, max_batch=32)
+    with serving(app) as port:
+        yield port, app.app.state.scheduler
+
+
+def openai_client(port, cls=None):
+    import httpx
+    import openai
+
+    http = (httpx.AsyncClient if cls is openai.AsyncOpenAI else httpx.Client)(trust_env=False, timeout=120)
+    return (cls or openai.OpenAI)(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
+                                  http_client=http)
+
+
+def engine_text(engine, messages, max_tokens):
+    """The reply the Engine alone gives (greedy), through the server's own prompt rendering."""
+    from rustchat.engine import stream_reply
+    from rustchat.serve import fit_prompt
+
+    prompt = fit_prompt(engine.tok, messages, engine.model.config.sequence_len, max_tokens)
+    text = "".join(s for _, s in stream_reply(engine, prompt, max_tokens=max_tokens, temperature=0.0, top_k=None))
+    return text, len(prompt)
+
+
+def test_openai_client_round_trip(server, engine):
+    port, _ = server
+    client = openai_client(port)
+    assert [m.id for m in client.models.list()] == [MODEL_ID]
+    msgs = [{"role": "system", "content": "be brief"}, user("what is a tokenizer?")]
+    expected, prompt_len = engine_text(engine, msgs, 10)
+    r = client.chat.completions.create(model=MODEL_ID, messages=msgs, max_tokens=10, temperature=0)
+    assert r.object == "chat.completion" and r.model == MODEL_ID
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == expected and expected
+    assert r.choices[0].finish_reason == "length"  # TalkativeGPT never ends a reply by itself
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (prompt_len, 10, prompt_len + 10)
+    # streamed: the same text in chat.completion.chunk events, then [DONE] (the client stops there)
+    chunks = list(client.chat.completions.create(model=MODEL_ID, messages=msgs, max_tokens=10, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 10
+    # max_completion_tokens is OpenAI's newer name for max_tokens
+    r = client.chat.completions.create(model=MODEL_ID, messages=msgs, max_completion_tokens=3, temperature=0)
+    assert r.usage.completion_tokens == 3 and expected.startswith(r.choices[0].message.content)
+    # stop strings cut the text before them, streamed or not
+    stop = expected[4:7]
+    cut = expected[:expected.find(stop)]
+    r = client.chat.completions.create(model=MODEL_ID, messages=msgs, max_tokens=10, temperature=0, stop=[stop])
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == (cut, "stop")
+    streamed = client.chat.completions.create(model=MODEL_ID, messages=msgs, max_tokens=10, temperature=0,
+                                              stop=stop, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == cut
+    # seeded sampling (top_p) repeats
+    a, b = (client.chat.completions.create(model=MODEL_ID, messages=msgs, max_tokens=8, temperature=1.0, top_p=0.9,
+                                           seed=11).choices[0].message.content for _ in range(2))
+    assert a == b
+
+
+def test_openai_errors(server):
+    import httpx
+    import openai
+
+    port, _ = server
+    client = openai_client(port)
+
+    def refused(exc, **kw):
+        with pytest.raises(exc) as e:
+            client.chat.completions.create(model=MODEL_ID, **{"messages": [user()], **kw})
+        return e.value
+
+    e = refused(openai.BadRequestError, messages=[user("x" * 8001)])
+    assert e.code == "string_above_max_length" and "too long" in e.message
+    e = refused(openai.BadRequestError, messages=[user("x" * 7000), {"role": "assistant", "content": "y" * 7000}] * 2
+                + [user("z" * 7000)])
+    assert e.code == "context_length_exceeded"
+    assert refused(openai.BadRequestError, temperature=2.5).param == "temperature"
+    assert refused(openai.BadRequestError, top_p=0).param == "top_p"
+    assert refused(openai.BadRequestError, max_tokens=0).param == "max_tokens"
+    assert refused(openai.BadRequestError, messages=[]).param == "messages"
+    assert refused(openai.BadRequestError, n=2).param == "n"
+    assert refused(openai.BadRequestError, stop=["a"] * 5).param == "stop"
+    e = refused(openai.APIStatusError, messages=[user("x" * 600_000)])
+    assert e.status_code == 413 and e.code == "request_too_large"
+    with httpx.Client(trust_env=False, timeout=30) as http:
+        base = f"http://127.0.0.1:{port}"
+        r = http.post(base + "/v1/chat/completions", content=b"{nope", headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+        r = http.get(base + "/v1/nothing")
+        assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_16_concurrent_openai_requests_each_get_their_own_answer(server, engine):
+    import openai
+
+    port, _ = server
+    prompts = [[user(f"question {i}: " + "why " * i)] for i in range(16)]  # different prompt lengths
+
+    async def ask(client, i):
+        if i % 2:
+            stream = await client.chat.completions.create(model=MODEL_ID, messages=prompts[i], max_tokens=8,
+                                                          temperature=0, stream=True)
+            return "".join([c.choices[0].delta.content or "" async for c in stream])
+        r = await client.chat.completions.create(model=MODEL_ID, messages=prompts[i], max_tokens=8, temperature=0)
+        return r.choices[0].message.content
+
+    async def main():
+        client = openai_client(port, openai.AsyncOpenAI)
+        try:
+            return await asyncio.gather(*(ask(client, i) for i in range(16)))
+        finally:
+            await client.close()
+
+    answers = asyncio.run(main())
+    assert answers == [engine_text(engine, p, 8)[0] for p in prompts]
+
+
+@pytest.fixture(scope="module")
+def cli_server(tok, tmp_path_factory):
+    """`rustchat serve` in its own process (as users run it) on a saved random sft checkpoint, so
+    load-test clients in this process never compete with the server for the GIL."""
+    import httpx
+
+    from rustchat.checkpoint import save_checkpoint, stage_dir
+
+    base = tmp_path_factory.mktemp("serve_base")
+    tok.save(base / "tokenizer")
+    torch.manual_seed(0)
+    cfg = GPTConfig(sequence_len=256, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+    save_checkpoint(stage_dir("sft", 2, base), 7, GPT(cfg), None, {})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(base / "serve.log", "w+")  # a file, not a pipe: a full pipe would block the server's logging
+    proc = subprocess.Popen([sys.executable, "-m", "rustchat.cli", "serve", "--base-dir", str(base), "--port",
+                             str(port), "--device", "cpu", "--max-tokens", "6"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def up():
+            if proc.poll() is not None:
+                raise AssertionError(f"rustchat serve exited: {(base / 'serve.log').read_text()[-2000:]}")
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2, trust_env=False).json()
+            except httpx.TransportError:
+                return None
+
+        yield port, _wait(up, 120, "rustchat serve to answer")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        log.close()
+
+
+def test_cli_server_names_its_model(cli_server):
+    port, health = cli_server
+    assert (health["stage"], health["depth"], health["step"]) == ("sft", 2, 7)
+    assert [m.id for m in openai_client(port).models.list()] == ["rustchat-sft-d2-step7"]
+
+
+# polls a URL every 50 ms until its stdin closes; prints the latencies (inf: no answer)
+HEALTH_POLLER = """
+import json, select, sys, time, urllib.request
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+lat = []
+while not select.select([sys.stdin], [], [], 0)[0] and len(lat) < 10000:
+    t0 = time.monotonic()
+    try:
+        opener.open(sys.argv[1], timeout=5).read()
+        lat.append(time.monotonic() - t0)
+    except OSError:
+        lat.append(float("inf"))
+    time.sleep(0.05)
+print(json.dumps(lat))
+"""
+
+
+def test_200_streaming_clients_and_health_stays_responsive(cli_server):
+    import httpx
+
+    port, _ = cli_server
+    base = f"http://127.0.0.1:{port}"
+
+    async def client(http, i):
+        body = {"model": "any", "messages": [user(f"client {i}")], "temperature": 0.7, "stream": True}
+        finish, finished = None, False
+        async with http.stream("POST", base + "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line == "data: [DONE]":
+                    finished = True
+                elif line.startswith("data: "):
+                    finish = json.loads(line[6:])["choices"][0]["finish_reason"] or finish
+        return finished, finish
+
+    async def main():
+        limits = httpx.Limits(max_connections=250, max_keepalive_connections=250)
+        async with httpx.AsyncClient(trust_env=False, limits=limits, timeout=300) as http:
+            return await asyncio.wait_for(asyncio.gather(*(client(http, i) for i in range(200))), 300)
+
+    # /health is polled from its own process, so its latency is the server's, not these clients'
+    poller = subprocess.Popen([sys.executable, "-c", HEALTH_POLLER, base + "/health"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        results = asyncio.run(main())
+    finally:
+        out, _ = poller.communicate("", timeout=60)  # closing stdin stops it
+    latencies = json.loads(out)
+    assert len(results) == 200
+    assert all(done and finish in ("stop", "length") for done, finish in results)
+    print(f"200 clients: /health max latency {max(latencies) * 1000:.0f} ms over {len(latencies)} polls")
+    assert len(latencies) >= 2 and max(latencies) < 1.0  # the issue's bound: an answer within 1 s
+
+
+class SlowGPT(TalkativeGPT):
+    """Each forward takes 10 ms more, so a long reply outlives the client that asked for it."""
+
+    def forward(self, idx, targets=None, **kw):
+        time.sleep(0.01)
+        return super().forward(idx, targets, **kw)
+
+
+def test_disconnected_client_frees_its_slot(engine):
+    import httpx
+
+    slow = SlowGPT(engine.model.config).eval()
+    slow.load_state_dict(engine.model.state_dict())
+    app = create_app(Engine(slow, engine.tok), max_tokens=4096)
+    scheduler = app.app.state.scheduler
+    with serving(app) as port, httpx.Client(trust_env=False, timeout=60) as http:
+        with http.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions",
+                         json={"model": "x", "messages": [user()], "stream": True}) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if '"content": "' in line and '"content": ""' not in line:
+                    break  # a first piece of text: hang up
+        steps_at_hangup = scheduler.steps
+        _wait(lambda: scheduler.stats()["running"] == 0, 30, "the slot to free")
+        # the reply would have run to the context (~240 steps at 10 ms); it stopped within a few
+        assert scheduler.steps - steps_at_hangup < 100
+        assert http.get(f"http://127.0.0.1:{port}/health").json()["busy"] is False
+
+
+def test_host_and_origin_are_checked(engine):
+    from fastapi.testclient import TestClient
+
+    app = create_app(engine, max_tokens=2)
+    c = TestClient(app, base_url="http://127.0.0.1:8000")
+    for host in ("127.0.0.1:8000", "localhost:8000", "localhost", "[::1]:8000"):
+        assert c.get("/health", headers={"Host": host}).status_code == 200, host
+    for host in ("evil.example", "evil.example:8000", "127.0.0.1.evil.example", ""):
+        r = c.get("/health", headers={"Host": host})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden", host
+    assert c.get("/health", headers={"Origin": "http://127.0.0.1:8000"}).status_code == 200  # the page itself
+    r = c.post("/v1/chat/completions", headers={"Origin": "http://evil.example"}, json={"messages": [user()]})
+    assert r.status_code == 403 and "Origin" in r.json()["error"]["message"]
+    assert c.get("/", headers={"Origin": "http://localhost:8001"}).status_code == 403  # another port: another site
+    assert c.get("/", headers={"Origin": "null"}).status_code == 403
+    # --allow-origin names pages that may call it (with CORS headers and preflights)
+    allowed = TestClient(create_app(engine, allow_origins=["http://app.example"]), base_url="http://localhost")
+    r = allowed.get("/v1/models", headers={"Origin": "http://app.example"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example"
+    r = allowed.options("/v1/chat/completions", headers={"Origin": "http://app.example",
+                                                          "Access-Control-Request-Method": "POST"})
+    assert r.status_code == 204 and "POST" in r.headers["access-control-allow-methods"]
+    assert allowed.get("/v1/models", headers={"Origin": "http://evil.example"}).status_code == 403
+    anyone = TestClient(create_app(engine, allow_origins=["*"]), base_url="http://localhost")
+    assert anyone.get("/v1/models", headers={"Origin": "http://evil.example"}).status_code == 200
+    # --host: a named address is accepted as Host; binding every interface accepts any name
+    named = TestClient(create_app(engine, host="192.168.1.5"), base_url="http://192.168.1.5:8000")
+    assert named.get("/health").status_code == 200
+    assert named.get("/health", headers={"Host": "evil.example"}).status_code == 403
+    wide = TestClient(create_app(engine, host="0.0.0.0"), base_url="http://my-box.lan:8000")
+    assert wide.get("/health").status_code == 200
+    assert wide.get("/health", headers={"Origin": "http://evil.example"}).status_code == 403
+
+
+def test_serve_flags():
+    from rustchat.cli import build_parser
+    from rustchat.config import from_args
+
+    args = build_parser().parse_args(["serve", "--allow-origin", "http://a.example,http://b.example",
+                                      "--max-batch", "8"])
+    cfg = from_args(args.config_class, args)
+    assert cfg.allow_origin == "http://a.example,http://b.example" and cfg.max_batch == 8
+
+
+def test_bad_allow_origin_is_refused_before_loading(tmp_path):
+    from rustchat.common import RustchatError
+    from rustchat.config import ServeConfig
+    from rustchat.serve import run_server
+
+    with pytest.raises(RustchatError, match="allow-origin"):
+        run_server(ServeConfig(allow_origin="evil.example", base_dir=str(tmp_path)))

@@ -180,6 +180,9 @@ class ServeConfig(ModelSourceConfig):
     temperature: float = opt(0.8, "default when a request gives none", minimum=0.0)
     top_k: int = opt(50, "default when a request gives none", minimum=1)
     max_tokens: int = opt(512, "default when a request gives none", minimum=1)
+    max_batch: int = opt(32, "requests decoded together (KV cache rows); more wait in a queue", minimum=1)
+    allow_origin: str | None = opt(None, "comma-separated web origins (scheme://host[:port]) whose pages may call "
+                                         "the server, or * for any (default: same origin only)")
 
 
 

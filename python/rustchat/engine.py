@@ -37,18 +37,38 @@ def _check_sampling(temperature: float, top_k: int | None) -> None:
         raise RustchatError(f"top_k must be >= 1 or None, got {top_k}")
 
 
+def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+                   top_p: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What `sample_next` draws from, for temperature > 0: (probs [B, K], ids [B, K]) over the
+    top tokens, or (probs [B, V], None) over the whole vocabulary. Rows are independent, so a
+    batch gives each row exactly what it would get alone."""
+    logits = logits.float() / temperature
+    if top_p is not None and top_p < 1.0:
+        k = top_k if top_k is not None and top_k < logits.size(-1) else logits.size(-1)
+        vals, idx = torch.topk(logits, k, dim=-1)  # sorted, largest first
+        probs = torch.softmax(vals, dim=-1)
+        # drop a token once the tokens before it already reach top_p (the first always stays)
+        return probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0), idx
+    if top_k is not None and top_k < logits.size(-1):
+        vals, idx = torch.topk(logits, top_k, dim=-1)
+        return torch.softmax(vals, dim=-1), idx
+    return torch.softmax(logits, dim=-1), None
+
+
+def draw(probs: torch.Tensor, ids: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row from `sampling_probs`' output -> int64 [B]."""
+    choice = torch.multinomial(probs, 1, generator=generator)
+    return (ids.gather(-1, choice) if ids is not None else choice).squeeze(-1)
+
+
 def sample_next(logits: torch.Tensor, generator: torch.Generator | None, temperature: float = 1.0,
-                top_k: int | None = None) -> torch.Tensor:
-    """Next token per row from logits [B, V] -> int64 [B]. Greedy at temperature 0 (and top_k 1)."""
+                top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Next token per row from logits [B, V] -> int64 [B]. Greedy at temperature 0 (and top_k 1).
+    `top_p` < 1 keeps the smallest set of top tokens whose probability reaches top_p (after top_k)."""
     _check_sampling(temperature, top_k)
     if temperature == 0.0 or top_k == 1:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        vals, idx = torch.topk(logits, top_k, dim=-1)
-        choice = torch.multinomial(torch.softmax(vals, dim=-1), 1, generator=generator)
-        return idx.gather(-1, choice).squeeze(-1)
-    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
+    return draw(*sampling_probs(logits, temperature, top_k, top_p), generator)
 
 
 class _Row:
@@ -90,6 +110,23 @@ class Engine:
             return []
         return [self.output_start, *self.tok.encode_ordinary(result), self.output_end]
 
+    def next_token(self, row: _Row, sampled: int) -> tuple[int, bool]:
+        """The token a row takes this step (a forced one before the sampled one) and whether it
+        was forced; updates the row's tool-call state and `done`."""
+        is_forced = bool(row.forced)
+        t = row.forced.popleft() if is_forced else sampled
+        if t in self.stop_tokens:
+            row.done = True
+        elif self.tools and not is_forced:
+            if t == self.python_start:
+                row.in_python, row.python = True, []
+            elif t == self.python_end and row.in_python:
+                row.in_python = False
+                row.forced.extend(self._tool_result(row))
+            elif row.in_python:
+                row.python.append(t)
+        return t, is_forced
+
     @torch.inference_mode()
     def generate(self, tokens: Sequence[int], num_samples: int = 1, max_tokens: int | None = None,
                  temperature: float = 1.0, top_k: int | None = None, seed: int = 42
@@ -130,20 +167,9 @@ class Engine:
                     column.append(self.assistant_end)
                     forced.append(False)
                     continue
-                is_forced = bool(row.forced)
-                t = row.forced.popleft() if is_forced else int(sampled[i])
+                t, is_forced = self.next_token(row, int(sampled[i]))
                 column.append(t)
                 forced.append(is_forced)
-                if t in self.stop_tokens:
-                    row.done = True
-                elif self.tools and not is_forced:
-                    if t == self.python_start:
-                        row.in_python, row.python = True, []
-                    elif t == self.python_end and row.in_python:
-                        row.in_python = False
-                        row.forced.extend(self._tool_result(row))
-                    elif row.in_python:
-                        row.python.append(t)
             yield column, forced
             if all(r.done for r in rows) or step == max_tokens - 1:
                 return
@@ -252,33 +278,54 @@ def format_tool_call(expr: str, result: str | None) -> str:
     return f"[calculator: {expr.strip()} -> {result if result is not None else 'refused'}]"
 
 
+class ReplyEvents:
+    """One reply's tokens -> display events ("text", s) and ("tool", "[calculator: e -> r]").
+
+    A tool call whose expression the calculator refused shows when the next token arrives
+    without an output. `parser` holds the reply's parts (for history)."""
+
+    def __init__(self, tokenizer, parser: CompletionParser | None = None):
+        self.parser = parser or CompletionParser(tokenizer)
+        self.pending: str | None = None  # expression waiting for its output
+
+    @property
+    def finished(self) -> bool:
+        return self.parser.finished
+
+    def feed(self, token: int) -> list[tuple[str, str]]:
+        out = []
+        for kind, s in self.parser.feed(token):
+            if kind == "python":
+                if self.pending is not None:
+                    out.append(("tool", format_tool_call(self.pending, None)))
+                self.pending = s
+            elif kind == "python_output":
+                out.append(("tool", format_tool_call(self.pending or "", s)))
+                self.pending = None
+            else:
+                if self.pending is not None:
+                    out.append(("tool", format_tool_call(self.pending, None)))
+                    self.pending = None
+                out.append((kind, s))
+        return out
+
+    def finish(self) -> list[tuple[str, str]]:
+        """What is still held back once the reply has ended (stop token or limit)."""
+        out = self.parser.flush()
+        if self.pending is not None:
+            out.append(("tool", format_tool_call(self.pending, None)))
+            self.pending = None
+        return out
+
+
 def stream_reply(engine: Engine, prompt: Sequence[int], *, max_tokens: int | None = None,
                  temperature: float = 0.6, top_k: int | None = 50, seed: int = 42,
                  parser: CompletionParser | None = None) -> Iterator[tuple[str, str]]:
-    """One sampled reply as display events: ("text", s) and ("tool", "[calculator: e -> r]").
-
-    A tool call whose expression the calculator refused shows when the next token arrives
-    without an output. Pass `parser` to read the reply's parts (for history) afterwards."""
-    parser = parser or CompletionParser(engine.tok)
-    pending: str | None = None  # expression waiting for its output
+    """One sampled reply as display events (see ReplyEvents). Pass `parser` to read the reply's
+    parts (for history) afterwards."""
+    events = ReplyEvents(engine.tok, parser)
     for column, _forced in engine.generate(prompt, 1, max_tokens, temperature, top_k, seed):
-        for kind, s in parser.feed(column[0]):
-            if kind == "python":
-                if pending is not None:
-                    yield "tool", format_tool_call(pending, None)
-                pending = s
-                continue
-            if kind == "python_output":
-                yield "tool", format_tool_call(pending or "", s)
-                pending = None
-                continue
-            if pending is not None:
-                yield "tool", format_tool_call(pending, None)
-                pending = None
-            yield kind, s
-        if parser.finished:
+        yield from events.feed(column[0])
+        if events.finished:
             break
-    for kind, s in parser.flush():
-        yield kind, s
-    if pending is not None:
-        yield "tool", format_tool_call(pending, None)
+    yield from events.finish()

@@ -86,6 +86,10 @@ class KVCache:
     `pos` is the number of cached positions; the model advances it once per forward, after
     every layer has inserted its keys/values at [pos, pos + T)."""
 
+    # a [B, 1, T, Tk] bool mask (True = attend) for caches whose rows hold different lengths
+    # (rustchat.batching.SlotKVCache sets one per forward); None: every row holds `pos` tokens
+    attn_mask = None
+
     def __init__(self, batch_size: int, num_kv_heads: int, max_len: int, head_dim: int,
                  num_layers: int, *, device="cpu", dtype=torch.float32):
         shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
@@ -255,7 +259,9 @@ class CausalSelfAttention(nn.Module):
             if k.dtype != q.dtype:
                 k, v = k.to(q.dtype), v.to(q.dtype)
             Tk = k.size(2)
-            if Tk == T:  # empty cache: plain causal
+            if kv_cache.attn_mask is not None:  # rows of different lengths
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=kv_cache.attn_mask, enable_gqa=gqa)
+            elif Tk == T:  # empty cache: plain causal
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
             elif T == 1:  # one new token sees everything cached
                 y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
@@ -406,7 +412,8 @@ class GPT(nn.Module):
             if position_ids is None:
                 position_ids = positions_from_doc_ids(doc_ids)
             doc_attn = _DocAttention(doc_ids)
-        rope = (cos, sin, offset, position_ids, plain)
+        # explicit positions with a cache: the caller's (rows of different lengths, rustchat.batching)
+        rope = (cos, sin, offset if position_ids is None else 0, position_ids, plain)
 
         x = norm(self.transformer.wte(idx))
         for block in self.transformer.h:

@@ -1,0 +1,306 @@
+"""Continuous batching for the server (docs/design.md, "Serving").
+
+One scheduler thread owns the model. Requests wait in a queue; whenever a slot of the shared
+KV cache is free, the next request is prefilled alone (a batch-1 cache, exactly as
+`Engine.generate` does) and its cache row copied into the slot. Every step then feeds the last
+token of every running request in one forward: rows hold prompts of different lengths, so the
+`SlotKVCache` keeps a length per row, writes each new key at its row's own position and masks
+each row's attention to its own keys. A request that ends (stop token, token limit) or is
+cancelled by its consumer (client gone, stop string seen) leaves the batch at the next step; the
+last running row moves into its slot so the running rows stay 0..n-1.
+
+Each request keeps its own sampling settings; a seeded one its own generator. The per-row logic
+(forced calculator tokens, stop tokens) is `Engine.next_token`: a greedy or seeded request gives
+the same tokens alone or batched (up to float rounding of batched matmuls), and the same as
+`Engine.generate`. Between two decode steps at most PREFILL_TOKENS prompt tokens are prefilled.
+"""
+from __future__ import annotations
+
+import threading
+import traceback
+from collections import deque
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .common import RustchatError
+from .engine import Engine, _Row, draw, sampling_probs
+from .model import KVCache
+from .runtime import autocast_ctx
+
+
+PREFILL_TOKENS = 512
+
+
+class SlotKVCache:
+    """Keys/values [L, S, H_kv, T_max, D] for S slots of which rows 0..n-1 run, each with its
+    own length. Duck-types `KVCache` for the model: `pos` (the longest running row: the rotary
+    tables must reach it), `insert`, `advance` and `attn_mask`."""
+
+    def __init__(self, storage: KVCache):
+        self.k, self.v = storage.k, storage.v  # a KVCache's tensors: one row per slot
+        self.slots, self.max_len = storage.batch_size, storage.max_len
+        self.lengths = [0] * self.slots
+        self.n = 0  # running rows: 0..n-1
+        self.attn_mask = None
+        self._pos_t = None  # this forward's write positions [n] (a tensor on the cache's device)
+
+    @classmethod
+    def for_model(cls, model, slots: int) -> "SlotKVCache":
+        return cls(KVCache.for_model(model, slots))  # the engine's dtype rule
+
+    @property
+    def pos(self) -> int:
+        return max(self.lengths[:self.n], default=0)
+
+    def add(self, cache: KVCache) -> int:
+        """Copy a batch-1 prefilled cache into the next free slot; returns the slot."""
+        if self.n >= self.slots:
+            raise RustchatError("SlotKVCache: every slot is in use")
+        if cache.pos > self.max_len:
+            raise RustchatError(f"SlotKVCache: {cache.pos} cached tokens exceed capacity {self.max_len}")
+        i, t = self.n, cache.pos
+        self.k[:, i, :, :t] = cache.k[:, 0, :, :t]
+        self.v[:, i, :, :t] = cache.v[:, 0, :, :t]
+        self.lengths[i] = t
+        self.n += 1
+        return i
+
+    def remove(self, i: int) -> int | None:
+        """Free slot i; the last running row moves into it. Returns the moved row's old slot."""
+        last = self.n - 1
+        self.n -= 1
+        if i == last:
+            return None
+        t = self.lengths[last]
+        self.k[:, i, :, :t] = self.k[:, last, :, :t]
+        self.v[:, i, :, :t] = self.v[:, last, :, :t]
+        self.lengths[i] = t
+        return last
+
+    def position_ids(self) -> torch.Tensor:
+        """Rotary positions of one new token per running row, [n, 1]; also readies this forward's
+        attention mask (row b sees its own keys 0..lengths[b])."""
+        if any(n + 1 > self.max_len for n in self.lengths[:self.n]):
+            raise RustchatError(f"KV cache is full: a row would exceed capacity {self.max_len}")
+        pos = torch.tensor(self.lengths[:self.n], dtype=torch.long, device=self.k.device)
+        keys = torch.arange(self.pos + 1, device=self.k.device)
+        self.attn_mask = (keys[None, :] <= pos[:, None])[:, None, None, :]  # [n, 1, 1, Tk]
+        self._pos_t = pos
+        return pos[:, None]
+
+    def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store one step's k, v ([n, H_kv, 1, D]) at each row's own position."""
+        if k.size(0) != self.n or k.size(2) != 1 or self._pos_t is None:
+            raise RustchatError("SlotKVCache takes one token per running row, after position_ids()")
+        rows = torch.arange(self.n, device=k.device)
+        self.k[layer, rows, :, self._pos_t] = k[:, :, 0]
+        self.v[layer, rows, :, self._pos_t] = v[:, :, 0]
+        tk = self.attn_mask.size(-1)
+        return self.k[layer, :self.n, :, :tk], self.v[layer, :self.n, :, :tk]
+
+    def advance(self, n: int) -> None:
+        for b in range(self.n):
+            self.lengths[b] += n
+        self.attn_mask = self._pos_t = None
+
+
+class GenRequest:
+    """One reply to generate. `emit(event)` is called on the scheduler thread with
+    ("token", id, forced) per generated token, then one ("end", reason) with reason "stop"
+    (a stop token, which was emitted), "length" (max_tokens reached), "cancelled", or
+    ("error", message). Set `cancelled` (from any thread) to stop it: it leaves at the next step.
+    With a seed, it samples from its own generator (the tokens `Engine.generate` gives for that
+    seed); with seed None, from the scheduler's, in one draw with the other unseeded rows."""
+
+    def __init__(self, prompt: Sequence[int], emit: Callable[[tuple], None], *, max_tokens: int,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 seed: int | None = 42):
+        self.prompt = [int(t) for t in prompt]
+        if not self.prompt:
+            raise RustchatError("a request needs a non-empty prompt")
+        if max_tokens < 1:
+            raise RustchatError(f"max_tokens must be >= 1, got {max_tokens}")
+        self.emit, self.max_tokens = emit, max_tokens
+        self.temperature, self.top_k, self.top_p, self.seed = temperature, top_k, top_p, seed
+        self.cancelled = False
+        self.row = _Row()
+        self.generated = 0
+        self.last = -1  # the token to feed next step
+        self.generator: torch.Generator | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+def _emit(req: GenRequest, event: tuple) -> None:
+    """Hand an event to the request's consumer; a consumer that fails (its event loop is gone)
+    cancels its own request instead of failing the batch."""
+    try:
+        req.emit(event)
+    except Exception:
+        traceback.print_exc()
+        req.cancelled = True
+
+
+class BatchScheduler:
+    """Runs every request on one thread over one SlotKVCache of `max_batch` rows; up to
+    `max_queue` more wait. `submit` never blocks; `close` ends the thread."""
+
+    def __init__(self, engine: Engine, *, max_batch: int = 32, max_queue: int = 1024):
+        if max_batch < 1 or max_queue < 0:
+            raise RustchatError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
+        self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
+        self.context = int(engine.model.config.sequence_len)
+        self.cache: SlotKVCache | None = None  # allocated by the thread at its first request
+        self.running: list[GenRequest] = []  # running[i] holds cache slot i
+        self.queue: deque[GenRequest] = deque()
+        self.cond = threading.Condition()
+        self.closed = False
+        self.steps = 0  # batched decode forwards so far (tests read it)
+        self.generator: torch.Generator | None = None  # shared by unseeded requests
+        self.thread = threading.Thread(target=self._loop, name="rustchat-batcher", daemon=True)
+        self.thread.start()
+
+    def stats(self) -> dict:
+        with self.cond:
+            return {"running": len(self.running), "queued": len(self.queue), "max_batch": self.max_batch}
+
+    def submit(self, req: GenRequest) -> None:
+        """Queue a request; RustchatError when the queue is full or it cannot fit the context."""
+        if len(req.prompt) + req.max_tokens > self.context:
+            raise RustchatError(f"prompt {len(req.prompt)} + max_tokens {req.max_tokens} tokens exceed the "
+                                f"context of {self.context}")
+        with self.cond:
+            if self.closed:
+                raise RustchatError("the scheduler is closed")
+            if len(self.queue) >= self.max_queue:
+                raise RustchatError(f"the server is busy: {len(self.queue)} requests are waiting")
+            self.queue.append(req)
+            self.cond.notify()
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify()
+        self.thread.join(timeout=30)
+        for req in [*self.running, *self.queue]:
+            _emit(req, ("end", "cancelled"))
+        self.running, self.queue = [], deque()
+
+    # -- the scheduler thread -------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self.closed and not self.queue and not self.running:
+                    self.cond.wait()
+                if self.closed:
+                    return
+                # prefill at most PREFILL_TOKENS prompt tokens (at least one request) between two
+                # decode steps, so running replies keep streaming while a crowd arrives
+                admitted, budget = [], PREFILL_TOKENS
+                while self.queue and len(self.running) + len(admitted) < self.max_batch and (
+                        not admitted or len(self.queue[0].prompt) <= budget):
+                    budget -= len(self.queue[0].prompt)
+                    admitted.append(self.queue.popleft())
+            try:
+                with torch.inference_mode():
+                    for req in admitted:
+                        self._admit(req)
+                    self._finish_rows()
+                    if self.running:
+                        self._step()
+                        self._finish_rows()
+            except Exception as e:  # a failing forward must not kill the server: fail its requests
+                traceback.print_exc()
+                with self.cond:
+                    failed, self.running = self.running, []
+                if self.cache is not None:
+                    self.cache.n = 0
+                for req in failed + [r for r in admitted if r not in failed and r.generated == 0]:
+                    _emit(req, ("error", f"generation failed: {type(e).__name__}: {e}"))
+
+    def _forward(self, ids: torch.Tensor, cache, position_ids=None) -> torch.Tensor:
+        device = self.engine.model.get_device()
+        with autocast_ctx(device):
+            return self.engine.model(ids.to(device), kv_cache=cache, position_ids=position_ids)[:, -1, :]
+
+    def _admit(self, req: GenRequest) -> None:
+        if req.cancelled:
+            _emit(req, ("end", "cancelled"))
+            return
+        model = self.engine.model
+        if self.cache is None:
+            self.cache = SlotKVCache.for_model(model, self.max_batch)
+        device = model.get_device()
+        if req.seed is not None:
+            req.generator = torch.Generator(device=device)
+            req.generator.manual_seed(req.seed)
+        if self.generator is None:
+            self.generator = torch.Generator(device=device)
+            self.generator.seed()  # unseeded requests: fresh randomness per server run
+        # prefill alone, as Engine.generate does, then move the row into the shared cache
+        single = KVCache.for_model(model, 1, len(req.prompt))
+        logits = self._forward(torch.tensor([req.prompt], dtype=torch.long), single)
+        self.cache.add(single)
+        with self.cond:
+            self.running.append(req)
+        self._take(req, self._sample([req], logits)[0])
+
+    def _sample(self, reqs: list[GenRequest], logits: torch.Tensor) -> list[int]:
+        out = [0] * len(reqs)
+        greedy, groups = [], {}
+        for i, r in enumerate(reqs):
+            if r.greedy:
+                greedy.append(i)
+            else:
+                groups.setdefault((r.temperature, r.top_k, r.top_p), []).append(i)
+        if greedy:  # one argmax for all greedy rows
+            for i, t in zip(greedy, logits[greedy].argmax(dim=-1).tolist()):
+                out[i] = t
+        for (temperature, top_k, top_p), rows in groups.items():
+            # one softmax per group of equal settings, then each request draws from its own
+            # seeded generator, as Engine does
+            probs, ids = sampling_probs(logits[rows], temperature, top_k, top_p)
+            shared = [j for j, i in enumerate(rows) if reqs[i].generator is None]
+            if shared:  # one draw for every unseeded row
+                picked = draw(probs[shared], None if ids is None else ids[shared], self.generator).tolist()
+                for j, t in zip(shared, picked):
+                    out[rows[j]] = t
+            for j, i in enumerate(rows):
+                if reqs[i].generator is not None:
+                    out[i] = int(draw(probs[j:j + 1], None if ids is None else ids[j:j + 1], reqs[i].generator)[0])
+        return out
+
+    def _take(self, req: GenRequest, sampled: int) -> None:
+        t, forced = self.engine.next_token(req.row, sampled)
+        req.generated += 1
+        req.last = t
+        _emit(req, ("token", t, forced))
+
+    def _step(self) -> None:
+        cache = self.cache
+        ids = torch.tensor([[r.last] for r in self.running], dtype=torch.long)
+        logits = self._forward(ids, cache, cache.position_ids())
+        self.steps += 1
+        for req, t in zip(self.running, self._sample(self.running, logits)):
+            self._take(req, t)
+
+    def _finish_rows(self) -> None:
+        """Rows that stopped, reached their limit or were cancelled leave the batch now."""
+        i = 0
+        while i < len(self.running):
+            req = self.running[i]
+            reason = ("stop" if req.row.done else "length" if req.generated >= req.max_tokens
+                      else "cancelled" if req.cancelled else None)
+            if reason is None:
+                i += 1
+                continue
+            moved = self.cache.remove(i)
+            with self.cond:
+                if moved is not None:
+                    self.running[i] = self.running.pop()
+                else:
+                    self.running.pop(i)
+            _emit(req, ("end", reason))

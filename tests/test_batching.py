@@ -1,0 +1,194 @@
+"""Continuous batching (rustchat.batching): every request gives exactly the tokens Engine.generate
+gives for it alone, whatever else shares its forward passes; slots free when requests end or
+are cancelled; calculator tokens are forced per row; top_p sampling keeps the nucleus only."""
+import queue
+import random
+
+import pytest
+import torch
+
+from rustchat.batching import BatchScheduler, GenRequest, SlotKVCache
+from rustchat.engine import Engine, sample_next
+from rustchat.model import GPT, GPTConfig
+from rustchat.tokenizer import SPECIAL_TOKENS
+
+VOCAB = 300
+
+
+class _Tok:
+    """Byte-level stand-in for the tokenizer: ids 0..255 are bytes, the specials follow."""
+
+    def __init__(self):
+        self.special_tokens = {name: 256 + i for i, name in enumerate(SPECIAL_TOKENS)}
+        self.vocab_size = VOCAB
+
+    def encode_special(self, name):
+        return self.special_tokens[name]
+
+    def encode_ordinary(self, text):
+        return list(text.encode())
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i < 256).decode(errors="replace")
+
+    def decode_bytes(self, ids):
+        return bytes(i for i in ids if i < 256)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    torch.manual_seed(1)
+    model = GPT(GPTConfig(sequence_len=128, vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)).eval()
+    with torch.no_grad():  # init zeroes the residual projections; give every layer a say
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    return Engine(model, _Tok(), tools=False)
+
+
+def run_all(scheduler, requests, timeout=120):
+    """Submit (prompt, settings) pairs at once; returns per request (tokens, forced, end event)."""
+    queues = [queue.Queue() for _ in requests]
+    for q, (prompt, kw) in zip(queues, requests):
+        scheduler.submit(GenRequest(prompt, q.put, **kw))
+    out = []
+    for q in queues:
+        toks, forced = [], []
+        while True:
+            ev = q.get(timeout=timeout)
+            if ev[0] != "token":
+                break
+            toks.append(ev[1])
+            forced.append(ev[2])
+        out.append((toks, forced, ev))
+    return out
+
+
+def engine_tokens(engine, prompt, max_tokens, temperature, top_k, seed):
+    toks, forced = [], []
+    for column, f in engine.generate(prompt, 1, max_tokens, temperature, top_k, seed):
+        toks.append(column[0])
+        forced.append(f[0])
+    return toks, forced
+
+
+def test_batched_requests_equal_engine_alone(engine):
+    rng = random.Random()
+    seed = rng.randrange(1 << 30)
+    print("seed", seed)
+    rng.seed(seed)
+    requests = []
+    for i in range(14):  # more requests than slots: some wait, slots are reused and rows move
+        settings = ([dict(temperature=0.0, top_k=None), dict(temperature=1.0, top_k=20),
+                               dict(temperature=0.7, top_k=None),
+                               # unseeded: the scheduler's shared draw; a top_p this small keeps
+                               # only the top token, so the reply is the greedy one
+                               dict(temperature=1.0, top_k=None, top_p=1e-6, seed=None)])[i % 4]
+        prompt = [rng.randrange(256) for _ in range(rng.randint(1, 50))]
+        requests.append((prompt, {"max_tokens": rng.randint(1, 30), "seed": rng.randrange(1000), **settings}))
+    scheduler = BatchScheduler(engine, max_batch=4)
+    try:
+        results = run_all(scheduler, requests)
+    finally:
+        scheduler.close()
+    for (prompt, kw), (toks, _forced, end) in zip(requests, results):
+        temperature = 0.0 if kw.get("top_p") else kw["temperature"]
+        ref, _ = engine_tokens(engine, prompt, kw["max_tokens"], temperature, kw["top_k"], kw["seed"] or 0)
+        assert toks == ref, (prompt, kw)
+        assert end == ("end", "stop" if ref[-1] in engine.stop_tokens else "length")
+    assert scheduler.steps < sum(kw["max_tokens"] for _, kw in requests)  # forward passes were shared
+
+
+def test_cancelled_request_frees_its_slot_and_others_are_unaffected(engine):
+    scheduler = BatchScheduler(engine, max_batch=2)
+    try:
+        long_q, short_q = queue.Queue(), queue.Queue()
+        long_req = GenRequest([5, 6, 7], long_q.put, max_tokens=100, temperature=0.0)
+        scheduler.submit(long_req)
+        scheduler.submit(GenRequest([9] * 20, short_q.put, max_tokens=40, temperature=0.0))
+        assert long_q.get(timeout=60)[0] == "token"
+        long_req.cancelled = True
+        events = []
+        while not events or events[-1][0] == "token":
+            events.append(long_q.get(timeout=60))
+        assert events[-1] == ("end", "cancelled") and len(events) < 99
+        # the waiting third request gets the freed slot while the second still runs
+        third = run_all(scheduler, [([1, 2, 3, 4], dict(max_tokens=10, temperature=0.0))])[0]
+        second = []
+        while True:
+            ev = short_q.get(timeout=60)
+            if ev[0] != "token":
+                break
+            second.append(ev[1])
+        assert second == engine_tokens(engine, [9] * 20, 40, 0.0, None, 0)[0]
+        assert third[0] == engine_tokens(engine, [1, 2, 3, 4], 10, 0.0, None, 0)[0]
+        assert scheduler.stats()["running"] == 0 and scheduler.cache.n == 0
+    finally:
+        scheduler.close()
+
+
+def test_requests_over_the_context_or_queue_are_refused(engine):
+    from rustchat.common import RustchatError
+
+    scheduler = BatchScheduler(engine, max_batch=1, max_queue=0)
+    try:
+        with pytest.raises(RustchatError, match="context"):
+            scheduler.submit(GenRequest([1] * 100, lambda ev: None, max_tokens=29))
+        with pytest.raises(RustchatError, match="busy"):
+            scheduler.submit(GenRequest([1], lambda ev: None, max_tokens=1))
+    finally:
+        scheduler.close()
+
+
+class _ScriptedByPosition(torch.nn.Module):
+    """Logits make script[k] the top token at generated step k, k counted from each row's own
+    rotary position (position_ids when the batcher passes them, else the cache length)."""
+
+    def __init__(self, prompt_len, script, end):
+        super().__init__()
+        self.config = GPTConfig(sequence_len=128, vocab_size=VOCAB, n_layer=1, n_head=1, n_kv_head=1, n_embd=8)
+        self.lm_head = torch.nn.Linear(8, VOCAB, bias=False)
+        self.prompt_len, self.script, self.end = prompt_len, script, end
+
+    def get_device(self):
+        return self.lm_head.weight.device
+
+    def forward(self, idx, targets=None, *, kv_cache=None, position_ids=None, **kw):
+        B, T = idx.shape
+        last = position_ids[:, -1].tolist() if position_ids is not None else [kv_cache.pos + T - 1] * B
+        logits = torch.zeros(B, T, VOCAB)
+        for b in range(B):
+            k = last[b] + 1 - self.prompt_len
+            logits[b, -1, self.script[k] if 0 <= k < len(self.script) else self.end] = 10.0
+        kv_cache.advance(T)
+        return logits
+
+
+def test_calculator_tokens_are_forced_per_row_in_a_batch():
+    tok = _Tok()
+    sp = tok.encode_special
+    script = [*b"ok ", sp("<|python_start|>"), *b"6*7", sp("<|python_end|>"), 0, 0, 0, 0, *b" done"]
+    eng = Engine(_ScriptedByPosition(5, script, sp("<|assistant_end|>")), tok)
+    ref_toks, ref_forced = engine_tokens(eng, [1, 2, 3, 4, 5], 40, 0.0, None, 0)
+    assert tok.decode(ref_toks) == "ok 6*742 done" and any(ref_forced)
+    scheduler = BatchScheduler(eng, max_batch=3)
+    try:  # 5 requests through 3 slots: they join the batch at different steps
+        results = run_all(scheduler, [([1, 2, 3, 4, 5], dict(max_tokens=40, temperature=0.0))] * 5)
+    finally:
+        scheduler.close()
+    for toks, forced, end in results:
+        assert (toks, forced) == (ref_toks, ref_forced)
+        assert end == ("end", "stop")
+
+
+def test_top_p_keeps_the_nucleus():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log()[None]
+    gen = torch.Generator().manual_seed(random.randrange(1 << 30))
+    for top_p, support in ((0.4, {0}), (0.7, {0, 1}), (0.8, {0, 1}), (0.9, {0, 1, 2}), (1.0, {0, 1, 2, 3})):
+        draws = [int(sample_next(logits, gen, 1.0, None, top_p)) for _ in range(400)]
+        assert set(draws) == support, top_p
+    # inside the nucleus the odds keep their ratio (0.5 : 0.3); 2000 draws: sd of the share ~0.011
+    draws = [int(sample_next(logits, gen, 1.0, None, 0.7)) for _ in range(2000)]
+    assert abs(draws.count(0) / 2000 - 0.625) < 0.05
+    # top_k applies first
+    assert {int(sample_next(logits, gen, 1.0, 1 + 1, 0.99)) for _ in range(200)} == {0, 1}
