@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .common import RustchatError
-from .engine import Engine, _Row, draw, sampling_probs
+from .engine import Engine, RowState, draw, sampling_probs
 from .model import KVCache
 from .runtime import autocast_ctx
 
@@ -124,7 +124,7 @@ class GenRequest:
         self.emit, self.max_tokens = emit, max_tokens
         self.temperature, self.top_k, self.top_p, self.seed = temperature, top_k, top_p, seed
         self.cancelled = False
-        self.row = _Row()
+        self.row = RowState()
         self.generated = 0
         self.last = -1  # the token to feed next step
         self.generator: torch.Generator | None = None

@@ -71,7 +71,7 @@ def sample_next(logits: torch.Tensor, generator: torch.Generator | None, tempera
     return draw(*sampling_probs(logits, temperature, top_k, top_p), generator)
 
 
-class _Row:
+class RowState:
     """Per-sample state: forced tokens still to feed, the open tool call, done."""
 
     __slots__ = ("forced", "in_python", "python", "done")
@@ -103,14 +103,14 @@ class Engine:
     def _new_cache(self, batch_size: int, max_len: int):
         return KVCache.for_model(self.model, batch_size, max_len)
 
-    def _tool_result(self, row: _Row) -> list[int]:
+    def _tool_result(self, row: RowState) -> list[int]:
         expr = self.tok.decode(row.python)
         result = self.calculator(expr)
         if result is None:
             return []
         return [self.output_start, *self.tok.encode_ordinary(result), self.output_end]
 
-    def next_token(self, row: _Row, sampled: int) -> tuple[int, bool]:
+    def next_token(self, row: RowState, sampled: int) -> tuple[int, bool]:
         """The token a row takes this step (a forced one before the sampled one) and whether it
         was forced; updates the row's tool-call state and `done`."""
         is_forced = bool(row.forced)
@@ -158,7 +158,7 @@ class Engine:
             cache.prefill(cache1)
             del cache1
             logits = logits.expand(num_samples, -1)
-        rows = [_Row() for _ in range(num_samples)]
+        rows = [RowState() for _ in range(num_samples)]
         for step in range(max_tokens):
             sampled = sample_next(logits, gen, temperature, top_k).tolist()
             column, forced = [], []
