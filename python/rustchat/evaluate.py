@@ -3,10 +3,10 @@
 Categorical tasks (ARC, MMLU): each prompt is rendered for completion, a padded batch goes
 through one forward, and the answer is the letter whose token has the highest logit at the
 position after `<|assistant_start|>`. Generative tasks (GSM8K, HumanEval, SpellingBee,
-Arithmetic): replies are sampled with the engine (calculator tool on) and checked by the task's
+Arithmetic, SimpleSpelling, Identity): replies are sampled with the engine (calculator tool on) and checked by the task's
 `evaluate`; a problem counts as solved when any of its `num_samples` replies passes.
-ChatCORE is the mean centered accuracy over the tasks run. Results go to stdout and to the
-"eval" section of report.md.
+ChatCORE is the mean centered accuracy over the tasks run. Results go to stdout and to
+report.md: the "eval" section for an SFT model, "mid-eval" for a mid one ("base-eval" for a base one).
 """
 from __future__ import annotations
 
@@ -32,10 +32,11 @@ from .tasks import get_task
 from .tasks.base import assistant_text
 
 PRESETS = {
-    "tiny": ("arithmetic", "spellingbee"),  # offline: generated problems
+    # offline: every task of the tiny training mixture, on generated held-out problems
+    "tiny": ("arithmetic", "spellingbee", "simplespelling", "identity"),
     "default": ("arc-easy", "arc-challenge", "mmlu", "gsm8k", "humaneval", "spellingbee"),
 }
-SYNTHETIC = ("arithmetic", "spellingbee", "simplespelling")  # generated: sized, not downloaded
+SYNTHETIC = ("arithmetic", "spellingbee", "simplespelling", "identity")  # generated: sized, not downloaded
 SYNTHETIC_SIZE = 256  # problems of a generated task when --max-problems is not given
 # Cap on logits materialised per categorical forward (rows x positions x vocab floats).
 _MAX_LOGIT_ELEMS = 1 << 28
@@ -282,7 +283,8 @@ def run_eval(cfg: EvalConfig) -> dict:
                                                f"samples {cfg.num_samples}, max new tokens {cfg.max_new_tokens}"}
     if core is not None:
         report_rows["ChatCORE"] = f"{core:.4f}"
-    write_section("eval", report_rows, base_dir=base, table=table)
+    # one section per stage, so the mid and SFT tables of one run both stay in the report
+    write_section("eval" if cfg.source == "sft" else f"{cfg.source}-eval", report_rows, base_dir=base, table=table)
     out = dict(results)
     if core is not None:
         out["ChatCORE"] = core
