@@ -131,9 +131,14 @@ def generative_accuracy(engine, task, *, num_samples: int = 1, batch_size: int =
                         temperature: float = 0.0, top_k: int | None = None, seed: int = 42,
                         progress=None) -> tuple[int, int]:
     """(solved, total): sample `num_samples` replies per problem (in chunks of `batch_size`
-    rows) and check them with `task.evaluate`; a problem is solved when any reply passes."""
+    rows) and check them with `task.evaluate`; a problem is solved when any reply passes.
+
+    Greedy single replies (the default) do not depend on the batch, so problems whose prompts
+    have the same length are decoded together, `batch_size` at a time."""
 
     tok = engine.tok
+    if num_samples == 1 and (temperature == 0.0 or top_k == 1):
+        return _greedy_accuracy(engine, task, batch_size, max_new_tokens, progress)
     solved = 0
     for i in range(len(task)):
         conv = task[i]
@@ -143,12 +148,40 @@ def generative_accuracy(engine, task, *, num_samples: int = 1, batch_size: int =
         while done < num_samples and not ok:
             n = min(batch_size, num_samples - done)
             # per problem (and chunk) seed: reruns are reproducible, problems differ
-            outs = engine.generate_batch(prompt, n, max_new_tokens, temperature, top_k, seed + 1000 * i + done)
+            outs = engine.generate_batch(prompt, n, _reply_limit(engine, len(prompt), max_new_tokens), temperature,
+                                         top_k, seed + 1000 * i + done)
             ok = any(task.evaluate(conv, completion_text(tok, o)) for o in outs)
             done += n
         solved += int(ok)
         if progress is not None:
             progress(1, solved, i + 1)
+    return solved, len(task)
+
+
+def _reply_limit(engine, prompt_len: int, max_new_tokens: int) -> int:
+    """New tokens for a reply: `max_new_tokens`, capped by what the model's context has left."""
+    return max(1, min(max_new_tokens, engine.model.config.sequence_len - prompt_len))
+
+
+def _greedy_accuracy(engine, task, batch_size: int, max_new_tokens: int, progress) -> tuple[int, int]:
+    tok = engine.tok
+    convs = [task[i] for i in range(len(task))]
+    prompts = [render_for_completion(tok, c).tolist() for c in convs]
+    by_length: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_length.setdefault(len(p), []).append(i)
+    solved = seen = 0
+    for length in sorted(by_length):
+        group = by_length[length]
+        for s in range(0, len(group), batch_size):
+            chunk = group[s: s + batch_size]
+            outs = engine.complete_prompts([prompts[i] for i in chunk], _reply_limit(engine, length, max_new_tokens),
+                                           0.0, None)
+            for i, out in zip(chunk, outs):
+                solved += int(bool(task.evaluate(convs[i], completion_text(tok, out))))
+            seen += len(chunk)
+            if progress is not None:
+                progress(len(chunk), solved, seen)
     return solved, len(task)
 
 

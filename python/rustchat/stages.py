@@ -49,14 +49,15 @@ MIXTURES = {
         },
     },
     "tiny": {
+        # identity is sliced: its 1,000 conversations would crowd out the measured tasks
         "mid": {
-            "train": [("arithmetic", {"size": 2000, "split": "train"}), ("identity", {}),
-                      ("simplespelling", {"size": 1000, "split": "train"}), ("spellingbee", {"size": 1000, "split": "train"})],
+            "train": [("arithmetic", {"size": 3000, "split": "train"}), ("identity", {"stop": 200}),
+                      ("simplespelling", {"size": 1000, "split": "train"}), ("spellingbee", {"size": 2000, "split": "train"})],
             "val": [("arithmetic", {"size": 100, "split": "test"}), ("spellingbee", {"size": 100, "split": "test"})],
         },
         "sft": {
-            "train": [("arithmetic", {"size": 400, "split": "train"}), ("identity", {}),
-                      ("simplespelling", {"size": 200, "split": "train"}), ("spellingbee", {"size": 400, "split": "train"})],
+            "train": [("arithmetic", {"size": 800, "split": "train"}), ("identity", {"stop": 150}),
+                      ("simplespelling", {"size": 300, "split": "train"}), ("spellingbee", {"size": 1200, "split": "train"})],
             "val": [("arithmetic", {"size": 64, "split": "test"}), ("spellingbee", {"size": 64, "split": "test"})],
         },
     },
@@ -171,7 +172,7 @@ def _bpb_evaluator(tok, make_val_iter, n_batches: int):
         nbytes = torch.zeros((), dtype=torch.float64, device=dev)
         it = make_val_iter()
         for _ in range(n_batches):
-            x, y, _ = next(it)
+            x, y = next(it)[:2]
             x, y = torch.as_tensor(x, device=dev).long(), torch.as_tensor(y, device=dev).long()
 
             with autocast_ctx(dev):
