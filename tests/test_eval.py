@@ -84,8 +84,8 @@ def test_chatcore_is_mean_centered_accuracy():
     got = chatcore_of({"ARC-Easy": 0.5, "MMLU": 0.25, "GSM8K": 0.1, "Arithmetic": 0.4}, types)
     assert got == pytest.approx(((0.5 - 0.25) / 0.75 + 0.0 + 0.1 + 0.4) / 4)
     assert chatcore_of({"ARC-Challenge": 1.0}, {"ARC-Challenge": "categorical"}) == pytest.approx(1.0)
-    assert parse_tasks("tiny") == ["arithmetic", "spellingbee"]
-    assert parse_tasks("gsm8k, tiny,GSM8K") == ["gsm8k", "arithmetic", "spellingbee"]
+    assert parse_tasks("tiny") == ["arithmetic", "spellingbee", "simplespelling", "identity"]
+    assert parse_tasks("gsm8k, tiny,GSM8K") == ["gsm8k", "arithmetic", "spellingbee", "simplespelling", "identity"]
 
 
 def test_humaneval_through_the_sampling_path(tok):
@@ -127,6 +127,33 @@ def test_generative_pass_at_n_and_calculator_in_the_loop(tok):
     assert seen == ["2+35"]  # python part + forced output, joined like assistant_text; stops at the first pass
 
 
+def test_greedy_eval_batches_same_length_prompts_without_changing_replies(tok):
+    """Greedy replies decoded together (prompts of one length share the cache) equal the
+    replies decoded one problem at a time, so the batched eval scores the same."""
+    torch.manual_seed(1)
+    cfg = GPTConfig(sequence_len=96, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
+    engine = Engine(GPT(cfg).eval(), tok)
+    words = ["alpha", "beta", "gamma", "delta", "kappa", "omega", "sigma", "theta", "zeta"]
+    convs = [{"messages": [{"role": "user", "content": f"spell {w} {i % 3}"}, {"role": "assistant", "content": w}]}
+             for i, w in enumerate(words)]
+    one_by_one = {}
+
+    def record(conv, completion):
+        one_by_one.setdefault(conv["messages"][0]["content"], []).append(completion)
+        return len(completion) % 2 == 0
+
+    task = ListTask(convs, evaluate=record)
+    batched = generative_accuracy(engine, task, batch_size=4, max_new_tokens=20)
+    # num_samples=2 takes the per-problem path; its first reply per problem is greedy too
+    per_problem = generative_accuracy(engine, task, num_samples=2, batch_size=1, max_new_tokens=20)
+    lengths = {len(render_for_completion(tok, c)) for c in convs}
+    assert len(lengths) < len(convs)  # some prompts share a length, so some rows were batched
+    for replies in one_by_one.values():
+        assert replies[0] == replies[1] == replies[2]
+    assert batched[1] == per_problem[1] == len(convs)
+    assert batched[0] == sum(len(r[0]) % 2 == 0 for r in one_by_one.values())
+
+
 # ----------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory, tok):
@@ -159,8 +186,8 @@ def test_rustchat_eval_end_to_end(base_dir, monkeypatch, capsys):
     cfg = EvalConfig(source="sft", depth=2, device="cpu", base_dir=str(base_dir), tasks="tiny", max_problems=2,
                      max_new_tokens=4, quiet=True)
     res = run_eval(cfg)
-    assert set(res) == {"Arithmetic", "SpellingBee", "ChatCORE"}
-    assert all(0.0 <= res[k] <= 1.0 for k in ("Arithmetic", "SpellingBee"))
+    assert set(res) == {"Arithmetic", "SpellingBee", "SimpleSpelling", "Identity", "ChatCORE"}
+    assert all(0.0 <= res[k] <= 1.0 for k in ("Arithmetic", "SpellingBee", "SimpleSpelling", "Identity"))
 
 
 def test_rustchat_eval_base_bits_per_byte(base_dir, capsys):

@@ -1,5 +1,6 @@
 """Model-free evaluation pieces: the calculator tool, the sandboxed HumanEval runner, scoring."""
 import random
+import re
 import string
 import time
 
@@ -9,7 +10,7 @@ import pytest
 from rustchat.common import RustchatError
 from rustchat.sandbox import run_program
 from rustchat.scoring import BASELINES, categorical_pick, centered, chatcore, extract_answer, gsm8k_correct
-from rustchat.tasks.humaneval import check_humaneval
+from rustchat.tasks.humaneval import MEMORY_MB, TIMEOUT_S, build_candidate, check_humaneval, extract_imports
 from rustchat.tools import calculate
 
 SEED = random.randrange(1 << 30)
@@ -82,22 +83,6 @@ def test_calculator_refuses(expr):
 
 # ------------------------------------------------------------------------ HumanEval sandbox
 
-PROMPT = 'def add(a: int, b: int) -> int:\n    """Return a + b."""\n'
-TEST = "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(-5, 5) == 0\n"
-
-
-def test_humaneval_pass_fail_timeout():
-    ok = check_humaneval(PROMPT, "    return a + b\n", TEST, "add", timeout=3)
-    assert ok.status == "passed" and ok.passed, ok.stderr
-    bad = check_humaneval(PROMPT, "    return a - b\n", TEST, "add", timeout=3)
-    assert bad.status == "failed" and "AssertionError" in bad.stderr
-    t = time.monotonic()
-    loop = check_humaneval(PROMPT, "    while True:\n        pass\n", TEST, "add", timeout=2)
-    assert loop.status == "timeout" and time.monotonic() - t < 6
-    syntax = check_humaneval(PROMPT, "    return a +\n", TEST, "add", timeout=3)
-    assert syntax.status == "failed"
-
-
 def test_sandbox_limits():
     # sys.exit before the tests must not count as a pass
     assert run_program("import sys\nsys.exit(0)\nassert False", timeout=3).status == "failed"
@@ -152,14 +137,91 @@ def test_categorical_pick(rng):
     assert categorical_pick(x, [2, 4, 6]) == 1
 
 
-def test_answer_extraction(rng):
+def nanochat_answer(text):
+    """nanochat's reader (GSM8K and SpellingBee), transcribed: the first match of
+    `#### (-?[0-9.,]+)`, stripped, commas removed; None without a match."""
+    m = re.search(r"#### (\-?[0-9\.\,]+)", text)
+    return None if m is None else m.group(1).strip().replace(",", "")
+
+
+def test_answer_extraction_is_nanochats(rng):
     for _ in range(50):
         n = rng.randint(-10**7, 10**7)
         text = "".join(rng.choices(string.ascii_letters + " \n", k=20))
         assert extract_answer(f"{text}\n#### {n:,}") == str(n)
         assert gsm8k_correct(f"#### {n}", f"{text} #### {n:,}")
         assert not gsm8k_correct(f"#### {n}", f"#### {n + 1}")
+    # fuzz: random strings around the marker read exactly as nanochat reads them
+    alphabet = "#### 0123456789.,-$\nab "
+    for _ in range(3000):
+        text = "".join(rng.choices(alphabet, k=rng.randint(0, 16)))
+        if rng.random() < 0.7:
+            text = text[: rng.randint(0, len(text))] + "#### " + text
+        assert extract_answer(text) == nanochat_answer(text), text
+        ref = f"#### {rng.randint(0, 99)}"
+        assert gsm8k_correct(ref, text) == (nanochat_answer(text) == nanochat_answer(ref)), (ref, text)
     assert extract_answer("no answer") is None
-    assert extract_answer("#### $1,234.50.") == "1234.50"
-    assert gsm8k_correct("#### 18", "#### 18.0")
-    assert not gsm8k_correct("#### 18", "the answer is 18")
+    # the cases nanochat rejects and rustchat used to accept
+    for reply in ("#### 18.0", "####18", "#### $18", "####\n18", "#### +18", "the answer is 18"):
+        assert not gsm8k_correct("#### 18", reply), reply
+    assert gsm8k_correct("#### 1800", "so #### 1,800 in all") and extract_answer("#### 1,234.50.") == "1234.50."
+    assert not gsm8k_correct("#### 1800", "so #### 1,800.")  # the trailing dot is read too, as in nanochat
+    assert extract_answer("#### 3 and #### 4") == "3"  # the first match counts
+
+
+# the HumanEval program as nanochat builds it, transcribed: prompt imports (up to the first line
+# that is neither import, comment nor blank), the first closed ```python / ``` block (else the
+# whole reply), both stripped, then the tests and check(entry_point)
+def nanochat_imports(prompt):
+    out = []
+    for line in prompt.split("\n"):
+        s = line.strip()
+        if s.startswith("import ") or s.startswith("from "):
+            out.append(s)
+        elif s and not s.startswith("#"):
+            break
+    return "\n".join(out)
+
+
+def nanochat_program(prompt, completion, test, entry_point):
+    blocks = re.findall(r"```(?:python)?\s*\n(.*?)\n```", completion, re.DOTALL)
+    code = blocks[0].strip() if blocks else completion.strip()
+    return nanochat_imports(prompt) + "\n\n" + code + "\n\n" + test + "\n" + f"check({entry_point})"
+
+
+def test_humaneval_program_is_nanochats(rng):
+    prompt = "import math\n# helper\nfrom typing import List\n\ndef f(xs: List[int]) -> int:\n    import os\n"
+    pieces = ["```python\n", "```\n", "```Python\n", "```", "\n", "def f(xs):\n", "    return sum(xs)\n",
+              "text ", "```python \n", "    return 1\n"]
+    for _ in range(300):
+        completion = "".join(rng.choices(pieces, k=rng.randint(0, 8)))
+        # our candidate is nanochat's program without the tests (those run in the harness)
+        ours = build_candidate(prompt, completion) + "\n\n" + TEST + "\n" + "check(f)"
+        assert ours == nanochat_program(prompt, completion, TEST, "f"), completion
+    assert extract_imports(prompt) == "import math\nfrom typing import List"
+
+
+PROMPT = 'def add(a: int, b: int) -> int:\n    """Return a + b."""\n'
+TEST = "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(-5, 5) == 0\n"
+
+
+def test_humaneval_pass_fail_timeout():
+    full = "def add(a, b):\n    return a + b\n"
+    ok = check_humaneval(PROMPT, f"Sure:\n```python\n{full}```\nThat's it.", TEST, "add", timeout=3)
+    assert ok.status == "passed" and ok.passed, ok.stderr
+    bad = check_humaneval(PROMPT, "def add(a, b):\n    return a - b\n", TEST, "add", timeout=3)
+    assert bad.status == "failed" and "AssertionError" in bad.stderr
+    # as in nanochat: a reply with only the body fails (the prompt is not prepended), so does an unclosed fence
+    assert check_humaneval(PROMPT, "    return a + b\n", TEST, "add", timeout=3).status == "failed"
+    assert check_humaneval(PROMPT, f"```python\n{full}", TEST, "add", timeout=3).status == "failed"
+    t = time.monotonic()
+    loop = check_humaneval(PROMPT, "def add(a, b):\n    while True:\n        pass\n", TEST, "add", timeout=2)
+    assert loop.status == "timeout" and time.monotonic() - t < 6
+    syntax = check_humaneval(PROMPT, "def add(a, b):\n    return a +\n", TEST, "add", timeout=3)
+    assert syntax.status == "failed"
+    # nanochat's limits: 5 s and 256 MiB
+    assert (TIMEOUT_S, MEMORY_MB) == (5.0, 256)
+    hog = check_humaneval(PROMPT, "def add(a, b):\n    x = bytearray(400 << 20)\n    return a + b\n", TEST, "add")
+    assert hog.status == "failed"
+    small = check_humaneval(PROMPT, "def add(a, b):\n    x = bytearray(50 << 20)\n    return a + b\n", TEST, "add")
+    assert small.passed, small.stderr

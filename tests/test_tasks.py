@@ -17,6 +17,7 @@ from rustchat.tasks import (
     Arithmetic,
     CustomJSON,
     HumanEval,
+    IdentityQuestions,
     SimpleSpelling,
     SmolTalk,
     SpellingBee,
@@ -32,6 +33,9 @@ from rustchat.tasks import (
 )
 from rustchat.tasks.base import MC_INSTRUCTION, Task
 from rustchat.tasks.humaneval import bundled_humaneval_path
+from rustchat.tasks.identity import HELD_OUT_QUESTIONS
+from rustchat.tasks.identity_gen import generate, to_jsonl
+from rustchat.tasks.spelling import BEE_TEMPLATES, word_lists
 from rustchat.tasks.stdlib_text import chunk, source_files, split_of, stdlib_documents
 
 from helpers import arc_rows, mmlu_rows, words, write_jsonl, write_parquet
@@ -51,11 +55,12 @@ def check_valid(conv):
     assert roles == ["user", "assistant"] * (len(roles) // 2)
 
 
-def check_mc(conv, question, choices, answer_index):
-    """The multiple-choice layout (docs/design.md): question, `- choice=letter` lines, instruction; answer letter."""
+def check_mc(conv, question, choices, answer_index, labels=None):
+    """The multiple-choice layout (docs/design.md): question, `- choice=letter` lines, instruction;
+    answer letter. `labels`: the dataset's own labels, which the letters must be (nanochat's ARC)."""
     check_valid(conv)
     letters = conv["letters"]
-    assert letters == list("ABCDE"[: len(choices)])
+    assert letters == (list(labels) if labels is not None else list("ABCDE"[: len(choices)]))
     user = conv["messages"][0]["content"]
     lines = user.split("\n")
     assert lines[0].endswith(question)
@@ -78,9 +83,13 @@ def test_arc_local(tmp_path, rng, fmt):
         i = int(conv["messages"][0]["content"].split(": ", 1)[1].split()[0])
         row = rows[i]
         seen.add(i)
-        check_mc(conv, row["question"], row["choices"]["text"], row["choices"]["label"].index(row["answerKey"]))
+        check_mc(conv, row["question"], row["choices"]["text"], row["choices"]["label"].index(row["answerKey"]),
+                 labels=row["choices"]["label"])
+        # nanochat keeps the dataset's answerKey unchanged, "1".."4" included
+        assert conv["messages"][1]["content"] == row["answerKey"]
         assert task.evaluate(conv, conv["messages"][1]["content"])
     assert seen == set(range(30))  # shuffled, but every row once
+    assert any(c["letters"][0] == "1" for c in task)  # the helper's rows include numeric labels
     # file order is kept without shuffling; the default shuffle is deterministic
     assert ARC("ARC-Easy", "train", path=path, shuffle_seed=None)[0]["messages"][0]["content"].split(": ", 1)[1].startswith("0 ")
     assert [c for c in task] == [c for c in ARC("ARC-Challenge", "train", path=path)]
@@ -181,10 +190,14 @@ def test_humaneval_local_and_bundled(tmp_path):
     task = HumanEval(path=write_jsonl(tmp_path / "he.jsonl", rows))
     conv = task[0]
     check_valid(conv)
-    assert conv["messages"][1]["content"] == rows[0]["prompt"] + rows[0]["canonical_solution"]
+    # nanochat's reference answer: prompt, a newline, canonical solution
+    assert conv["messages"][1]["content"] == rows[0]["prompt"] + "\n" + rows[0]["canonical_solution"]
     assert task.evaluate(conv, conv["messages"][1]["content"])
-    assert task.evaluate(conv, "```python\ndef add(a, b):\n    return b + a\n```")
-    assert task.evaluate(conv, "    return a + b\n")  # only the body
+    assert task.evaluate(conv, "Here:\n```python\ndef add(a, b):\n    return b + a\n```\nDone.")
+    assert task.evaluate(conv, "```\ndef add(a, b):\n    return b + a\n```")  # an untagged fence
+    # nanochat fails these: the prompt is never prepended, an unclosed fence is no block
+    assert not task.evaluate(conv, "    return a + b\n")
+    assert not task.evaluate(conv, "```python\ndef add(a, b):\n    return a + b\n")
     assert not task.evaluate(conv, "def add(a, b):\n    return a - b\n")
     bundled = bundled_humaneval_path()
     if bundled is None:
@@ -252,13 +265,34 @@ def test_customjson(tmp_path):
         CustomJSON(tmp_path / "nope.jsonl")
 
 
-def test_identity_bundle():
+def test_identity_bundle_is_generated_by_rustchat():
+    lines = identity_path().read_text(encoding="utf-8")
+    # the bundled file is exactly what the generator writes (python -m rustchat.tasks.identity_gen)
+    assert to_jsonl(generate()) == lines
     t = CustomJSON(identity_path())
-    assert len(t) >= 40
+    assert 950 <= len(t) <= 1100  # nanochat mixes in about 1,000
+    users = []
     for c in t:
         check_valid(c)
+        users += [m["content"] for m in c["messages"] if m["role"] == "user"]
     says = [any("rustchat" in m["content"] for m in c["messages"] if m["role"] == "assistant") for c in t]
     assert sum(says) >= 0.6 * len(t)
+    assert len(set(users)) >= 300  # varied questions, not a few repeated
+    for marker in ("é", "你", "あ", "ß", "¿"):  # several languages: French, Chinese, Japanese, German, Spanish
+        assert any(marker in u for u in users), marker
+    assert any(len(c["messages"]) > 2 for c in t)  # some multi-turn
+    # the held-out identity questions are never trained on
+    assert not any(q.lower().rstrip("?.!？。") == u.lower().rstrip("?.!？。") for q in HELD_OUT_QUESTIONS for u in users)
+
+
+def test_identity_test_split():
+    task = get_task("identity", split="test", size=40)
+    assert isinstance(task, IdentityQuestions) and len(task) == 40 and task.eval_type == "generative"
+    for conv in task:
+        check_valid(conv)
+        assert task.evaluate(conv, "I am RustChat, trained with rustchat.")
+        assert not task.evaluate(conv, "I am a helpful assistant.")
+    assert len({c["messages"][0]["content"] for c in task}) >= 30
 
 
 # ---------------------------------------------------------------------------------- spelling
@@ -271,20 +305,44 @@ def test_spelling_bee(rng):
     for conv in task:
         check_valid(conv)
         parts = conv["messages"][1]["content"]
+        # nanochat's five parts: manual count, lead-in, python call, its output, final answer
+        assert [p["type"] for p in parts] == ["text", "text", "python", "python_output", "text"]
+        assert parts[1]["text"] == "\n\nLet me double check this using Python:\n\n"
         call = [p["text"] for p in parts if p["type"] == "python"]
         out = [p["text"] for p in parts if p["type"] == "python_output"]
         word, letter = re.fullmatch(r"'([a-z]+)'\.count\('([a-z])'\)", call[0]).groups()
         assert word in conv["messages"][0]["content"] and letter in conv["messages"][0]["content"]
         n = sum(1 for ch in word if ch == letter)  # counted independently of str.count
         assert out == [str(n)] and calculate(call[0]) == str(n)
+        assert parts[4]["text"] == f"\n\nPython gives us {n}.\n\nMy final answer is:\n\n#### {n}"
         assert extract_answer(assistant_text(conv)) == str(n)
         assert task.evaluate(conv, f"... #### {n}") and not task.evaluate(conv, f"#### {n + 1}")
         # the hand count in the text agrees
-        assert f"This gives us {n}." in parts[0]["text"]
+        assert parts[0]["text"].endswith(f"This gives us {n}.")
+        assert f"{word}:{','.join(word)}" in parts[0]["text"]
     # deterministic per (split, seed, index); train and test words are disjoint
     assert SpellingBee(size=5, seed=seed)[3] == task[3]
     test_words = {SpellingBee(size=300, split="test", seed=seed)[i]["word"] for i in range(300)}
     assert not test_words & {c["word"] for c in task}
+    assert not test_words & set(word_lists()["train"])
+
+
+def test_spelling_words_and_templates_like_nanochat():
+    lists = word_lists()
+    words = lists["train"] + lists["test"]
+    # nanochat's words_alpha.txt has ~370K words; ours must be of comparable size, all lengths
+    assert len(words) >= 250_000 and len(set(words)) == len(words)
+    assert 0.08 < len(lists["test"]) / len(words) < 0.12
+    assert min(map(len, words)) <= 2 and max(map(len, words)) >= 20
+    assert all(w.isascii() and w.isalpha() and w.islower() for w in words[::997])
+    # many phrasings, in English and other languages (nanochat: es, zh, ko, fr, de, ja)
+    assert len(BEE_TEMPLATES) >= 30
+    for marker in ("¿", "单词", "에", "Combien", "Wie", "の"):
+        assert any(marker in t for t in BEE_TEMPLATES), marker
+    bee = SpellingBee(size=400, split="test")
+    users = [c["messages"][0]["content"] for c in bee]
+    assert len({u.split(c["word"])[0] for u, c in zip(users, bee)}) >= 25  # the templates are all used
+    assert 0.35 < sum(u.endswith("?") for u in users) / len(users) < 0.75  # "?" added half the time
 
 
 def test_simple_spelling(rng):
@@ -292,7 +350,7 @@ def test_simple_spelling(rng):
     for conv in task:
         check_valid(conv)
         word = conv["word"]
-        assert word in conv["messages"][0]["content"]
+        assert conv["messages"][0]["content"] == f"Spell the word: {word}"  # nanochat's prompt
         assert conv["messages"][1]["content"] == word + ":" + ",".join(word)
         assert task.evaluate(conv, conv["messages"][1]["content"] + "\n")
         assert not task.evaluate(conv, word)
@@ -311,6 +369,21 @@ def test_arithmetic(rng):
         assert final == calls[-1][1]
         assert task.evaluate(conv, f"#### {final}") and not task.evaluate(conv, f"#### {int(final) + 7}")
     assert Arithmetic(size=3, seed=1)[2] == Arithmetic(size=3, seed=1)[2] != Arithmetic(size=3, seed=2)[2]
+
+
+def _numbers(conv):
+    text = assistant_text(conv)
+    return " ".join("".join(c if c.isdigit() else " " for c in text.split("####")[0]).split())
+
+
+def test_arithmetic_test_problems_are_held_out(rng):
+    seed = rng.randrange(1000)
+    train = Arithmetic(size=3000, split="train", seed=seed)
+    test = Arithmetic(size=300, split="test", seed=seed)
+    train_numbers = {_numbers(c) for c in train}
+    test_numbers = [_numbers(c) for c in test]
+    assert not train_numbers & set(test_numbers)
+    assert len(set(test_numbers)) >= 260  # mostly distinct problems (small-number kinds repeat)
 
 
 # ------------------------------------------------------------------------- mixtures/registry
@@ -359,7 +432,7 @@ def test_registry():
     assert {"arc-easy", "mmlu", "gsm8k", "humaneval", "smoltalk", "spellingbee", "identity"} <= set(task_names())
     assert isinstance(get_task("SpellingBee", size=3), SpellingBee)
     assert len(get_task("spelling_bee", size=3)) == 3
-    assert len(get_task("identity")) >= 40
+    assert len(get_task("identity")) >= 950
     with pytest.raises(RustchatError, match="unknown task 'nope'.*gsm8k"):
         get_task("nope")
     with pytest.raises(RustchatError, match="spellingbee"):

@@ -158,7 +158,34 @@ class Engine:
             cache.prefill(cache1)
             del cache1
             logits = logits.expand(num_samples, -1)
-        rows = [RowState() for _ in range(num_samples)]
+        yield from self._decode(logits, cache, num_samples, max_tokens, gen, temperature, top_k, device)
+
+    @torch.inference_mode()
+    def generate_prompts(self, prompts: Sequence[Sequence[int]], max_tokens: int | None = None,
+                         temperature: float = 1.0, top_k: int | None = None, seed: int = 42
+                         ) -> Iterator[tuple[list[int], list[bool]]]:
+        """As `generate`, with one row per prompt. The prompts must have one length: the rows
+        share the cache's position, so they are prefilled together without padding."""
+        rows = [[int(t) for t in p] for p in prompts]
+        if not rows or not rows[0]:
+            raise RustchatError("generate_prompts needs non-empty prompts")
+        if len({len(r) for r in rows}) != 1:
+            raise RustchatError("generate_prompts needs prompts of one length")
+        _check_sampling(temperature, top_k)
+        if max_tokens is None:
+            max_tokens = max(self.model.config.sequence_len - len(rows[0]), 1)
+        if max_tokens < 1:
+            return
+        device = self._device()
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed)
+        cache = self._new_cache(len(rows), len(rows[0]) + max_tokens)
+        logits = self._forward(rows, cache, device)
+        yield from self._decode(logits, cache, len(rows), max_tokens, gen, temperature, top_k, device)
+
+    def _decode(self, logits, cache, num_rows: int, max_tokens: int, gen, temperature, top_k, device):
+        """The decoding loop after the prefill: sample, force tool outputs, stop rows."""
+        rows = [RowState() for _ in range(num_rows)]
         for step in range(max_tokens):
             sampled = sample_next(logits, gen, temperature, top_k).tolist()
             column, forced = [], []
@@ -187,10 +214,19 @@ class Engine:
                        return_forced: bool = False):
         """Completions (generated ids, without the prompt and the stop token), one list per
         sample; with `return_forced`, also per-token forced flags: (completions, forced)."""
-        out = [[] for _ in range(num_samples)]
-        flags = [[] for _ in range(num_samples)]
-        done = [False] * num_samples
-        for column, forced in self.generate(tokens, num_samples, max_tokens, temperature, top_k, seed):
+        stream = self.generate(tokens, num_samples, max_tokens, temperature, top_k, seed)
+        return self._collect(stream, num_samples, return_forced)
+
+    def complete_prompts(self, prompts: Sequence[Sequence[int]], max_tokens: int | None = None,
+                         temperature: float = 1.0, top_k: int | None = None, seed: int = 42) -> list[list[int]]:
+        """One completion per prompt (prompts of one length, see `generate_prompts`)."""
+        return self._collect(self.generate_prompts(prompts, max_tokens, temperature, top_k, seed), len(prompts), False)
+
+    def _collect(self, stream, num_rows: int, return_forced: bool):
+        out = [[] for _ in range(num_rows)]
+        flags = [[] for _ in range(num_rows)]
+        done = [False] * num_rows
+        for column, forced in stream:
             for i, (t, f) in enumerate(zip(column, forced)):
                 if done[i]:
                     continue

@@ -3,10 +3,10 @@
 Categorical tasks (ARC, MMLU): each prompt is rendered for completion, a padded batch goes
 through one forward, and the answer is the letter whose token has the highest logit at the
 position after `<|assistant_start|>`. Generative tasks (GSM8K, HumanEval, SpellingBee,
-Arithmetic): replies are sampled with the engine (calculator tool on) and checked by the task's
+Arithmetic, SimpleSpelling, Identity): replies are sampled with the engine (calculator tool on) and checked by the task's
 `evaluate`; a problem counts as solved when any of its `num_samples` replies passes.
-ChatCORE is the mean centered accuracy over the tasks run. Results go to stdout and to the
-"eval" section of report.md.
+ChatCORE is the mean centered accuracy over the tasks run. Results go to stdout and to
+report.md: the "eval" section for an SFT model, "mid-eval" for a mid one ("base-eval" for a base one).
 """
 from __future__ import annotations
 
@@ -34,10 +34,11 @@ from .tasks.base import assistant_text
 from .tasks.humaneval import HumanEval
 
 PRESETS = {
-    "tiny": ("arithmetic", "spellingbee"),  # offline: generated problems
+    # offline: every task of the tiny training mixture, on generated held-out problems
+    "tiny": ("arithmetic", "spellingbee", "simplespelling", "identity"),
     "default": ("arc-easy", "arc-challenge", "mmlu", "gsm8k", "humaneval", "spellingbee"),
 }
-SYNTHETIC = ("arithmetic", "spellingbee", "simplespelling")  # generated: sized, not downloaded
+SYNTHETIC = ("arithmetic", "spellingbee", "simplespelling", "identity")  # generated: sized, not downloaded
 SYNTHETIC_SIZE = 256  # problems of a generated task when --max-problems is not given
 # Cap on logits materialised per categorical forward (rows x positions x vocab floats).
 _MAX_LOGIT_ELEMS = 1 << 28
@@ -132,9 +133,14 @@ def generative_accuracy(engine, task, *, num_samples: int = 1, batch_size: int =
                         temperature: float = 0.0, top_k: int | None = None, seed: int = 42,
                         progress=None) -> tuple[int, int]:
     """(solved, total): sample `num_samples` replies per problem (in chunks of `batch_size`
-    rows) and check them with `task.evaluate`; a problem is solved when any reply passes."""
+    rows) and check them with `task.evaluate`; a problem is solved when any reply passes.
+
+    Greedy single replies (the default) do not depend on the batch, so problems whose prompts
+    have the same length are decoded together, `batch_size` at a time."""
 
     tok = engine.tok
+    if num_samples == 1 and (temperature == 0.0 or top_k == 1):
+        return _greedy_accuracy(engine, task, batch_size, max_new_tokens, progress)
     solved = 0
     for i in range(len(task)):
         conv = task[i]
@@ -144,12 +150,40 @@ def generative_accuracy(engine, task, *, num_samples: int = 1, batch_size: int =
         while done < num_samples and not ok:
             n = min(batch_size, num_samples - done)
             # per problem (and chunk) seed: reruns are reproducible, problems differ
-            outs = engine.generate_batch(prompt, n, max_new_tokens, temperature, top_k, seed + 1000 * i + done)
+            outs = engine.generate_batch(prompt, n, _reply_limit(engine, len(prompt), max_new_tokens), temperature,
+                                         top_k, seed + 1000 * i + done)
             ok = any(task.evaluate(conv, completion_text(tok, o)) for o in outs)
             done += n
         solved += int(ok)
         if progress is not None:
             progress(1, solved, i + 1)
+    return solved, len(task)
+
+
+def _reply_limit(engine, prompt_len: int, max_new_tokens: int) -> int:
+    """New tokens for a reply: `max_new_tokens`, capped by what the model's context has left."""
+    return max(1, min(max_new_tokens, engine.model.config.sequence_len - prompt_len))
+
+
+def _greedy_accuracy(engine, task, batch_size: int, max_new_tokens: int, progress) -> tuple[int, int]:
+    tok = engine.tok
+    convs = [task[i] for i in range(len(task))]
+    prompts = [render_for_completion(tok, c).tolist() for c in convs]
+    by_length: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_length.setdefault(len(p), []).append(i)
+    solved = seen = 0
+    for length in sorted(by_length):
+        group = by_length[length]
+        for s in range(0, len(group), batch_size):
+            chunk = group[s: s + batch_size]
+            outs = engine.complete_prompts([prompts[i] for i in chunk], _reply_limit(engine, length, max_new_tokens),
+                                           0.0, None)
+            for i, out in zip(chunk, outs):
+                solved += int(bool(task.evaluate(convs[i], completion_text(tok, out))))
+            seen += len(chunk)
+            if progress is not None:
+                progress(len(chunk), solved, seen)
     return solved, len(task)
 
 
@@ -289,7 +323,8 @@ def run_eval(cfg: EvalConfig) -> dict:
         report_rows["HumanEval sandbox"] = sandbox_line
     if core is not None:
         report_rows["ChatCORE"] = f"{core:.4f}"
-    write_section("eval", report_rows, base_dir=base, table=table)
+    # one section per stage, so the mid and SFT tables of one run both stay in the report
+    write_section("eval" if cfg.source == "sft" else f"{cfg.source}-eval", report_rows, base_dir=base, table=table)
     out = dict(results)
     if core is not None:
         out["ChatCORE"] = core

@@ -26,11 +26,16 @@ PRESETS = {
     "tiny": {
         "tokenizer": {"vocab_size": 4096, "max_chars": 30_000_000},
         "common": {"depth": 2, "seq_len": 256, "eval_batches": 4},
-        "base": {"device_batch_size": 8, "total_batch_size": 8 * 256, "max_steps": 150, "eval_every": 50},
-        "mid": {"device_batch_size": 8, "total_batch_size": 8 * 256, "max_steps": 100, "eval_every": 50,
+        "base": {"device_batch_size": 8, "total_batch_size": 8 * 256, "max_steps": 80, "eval_every": 40},
+        # mid-training is where the tasks are learned: most of the budget goes here
+        "mid": {"device_batch_size": 8, "total_batch_size": 8 * 256, "max_steps": 160, "eval_every": 80,
                 "tasks": "tiny"},
-        "sft": {"device_batch_size": 8, "total_batch_size": 16, "max_steps": 100, "eval_every": 50, "tasks": "tiny"},
-        "eval": {"tasks": "tiny", "max_problems": 40},
+        # SFT starts at a quarter of the base learning rates (nanochat's 2% barely moves a model
+        # this small in 80 steps)
+        "sft": {"device_batch_size": 8, "total_batch_size": 16, "max_steps": 80, "eval_every": 40, "tasks": "tiny",
+                "init_lr_frac": 0.25},
+        "base_eval": {"bpb_tokens": 1 << 16},
+        "eval": {"tasks": "tiny", "max_problems": 200},
     },
     "d10": {
         "tokenizer": {"vocab_size": 65536, "max_chars": 2_000_000_000, "num_shards": 8},
@@ -64,19 +69,57 @@ def _train_tokenizer(preset: dict, base: Path, tiny: bool, quiet: bool) -> None:
 
 
 def stage_configs(cfg: SpeedrunConfig, base: Path) -> dict:
-    """The configs the speedrun runs, by command: the same dataclasses `rustchat base|mid|sft|eval` build."""
+    """The configs the speedrun runs, by step: the same dataclasses `rustchat base|mid|sft|eval`
+    build. "mid-eval" and "sft-eval" are the one eval config of the preset with another source,
+    so both stages are scored on the same problems with `rustchat eval`'s own defaults."""
     preset = PRESETS[cfg.preset]
+    depth = preset["common"]["depth"]
     common = {"device": cfg.device, "base_dir": str(base), "quiet": cfg.quiet, "seed": cfg.seed, **preset["common"]}
     base_kw = dict(preset["base"])
     if cfg.preset == "tiny":
         base_kw["data_dir"] = str(base / "tiny_data")
+    eval_kw = {"depth": depth, "device": cfg.device, "base_dir": str(base), "quiet": cfg.quiet}
     return {
         "base": BaseConfig(**common, **base_kw),
+        "base-eval": EvalConfig(source="base", **eval_kw, **preset.get("base_eval", {})),
         "mid": MidConfig(**common, **preset["mid"]),
+        "mid-eval": EvalConfig(source="mid", **eval_kw, **preset["eval"]),
         "sft": SFTConfig(**common, **preset["sft"]),
-        "eval": EvalConfig(source="sft", depth=preset["common"]["depth"], device=cfg.device, base_dir=str(base),
-                           seed=cfg.seed, quiet=cfg.quiet, **preset["eval"]),
+        "sft-eval": EvalConfig(source="sft", **eval_kw, **preset["eval"]),
     }
+
+
+def _mean_ends(history: list[dict]) -> tuple[float, float, int]:
+    """Mean loss of the first and of the last tenth of the steps (single steps are noisy)."""
+    h = [x["loss"] for x in history]
+    k = max(1, len(h) // 10)
+    return sum(h[:k]) / k, sum(h[-k:]) / k, k
+
+
+def summary_table(rows: list[dict], tasks: list[str]) -> str:
+    """The closing table: one row per stage with its loss, validation metric, task scores and time."""
+    lines = ["| Stage | Loss first -> last | Val metric | " + " | ".join(tasks) + " | Time |",
+             "| --- | --- | --- | " + " | ".join("---:" for _ in tasks) + " | ---: |"]
+    for r in rows:
+        scores = [f"{100 * r['tasks'][t]:.1f}%" if t in r.get("tasks", {}) else "-" for t in tasks]
+        lines.append(f"| {r['stage']} | {r['loss']} | {r['val']} | " + " | ".join(scores) + f" | {r['seconds']:.0f} s |")
+    return "\n".join(lines)
+
+
+def _val_text(start: dict | None, last: dict | None) -> str:
+    if not last:
+        return "-"
+    key = "val_bpb" if "val_bpb" in last else "val_loss"
+    name = "val bpb" if key == "val_bpb" else "val loss"
+    if start and key in start:
+        return f"{name} {start[key]:.4f} -> {last[key]:.4f}"
+    return f"{name} {last[key]:.4f}"
+
+
+def evaluate_stage(configs: dict, stage: str) -> dict:
+    """Score a stage's checkpoint exactly as `rustchat eval` does: the same function on the same
+    config type, with the eval command's defaults for everything the preset does not set."""
+    return run_eval(configs[f"{stage}-eval"])
 
 
 def run_speedrun(cfg: SpeedrunConfig) -> dict:
@@ -86,19 +129,26 @@ def run_speedrun(cfg: SpeedrunConfig) -> dict:
     t_all = time.time()
     _train_tokenizer(PRESETS[cfg.preset], base, tiny, cfg.quiet)
     configs = stage_configs(cfg, base)
-    results = {}
+    rows, tasks = [], []
     for stage, train in (("base", train_base), ("mid", train_mid), ("sft", train_sft)):
+        t0 = time.time()
         res = train(configs[stage])
-        h = [x["loss"] for x in res["history"]]
-        k = max(1, len(h) // 10)  # single steps are noisy: compare the first and last tenth
-        first, last = sum(h[:k]) / k, sum(h[-k:]) / k
-        results[stage] = {"first_loss": first, "last_loss": last, "eval": res.get("last_eval")}
-        evals = "; ".join(f"{key} {v:.4f}" for key, v in (res.get("last_eval") or {}).items() if key != "step")
-        print0(f"{stage}: mean loss of first/last {k} steps {first:.3f} -> {last:.3f} over {len(h)} steps "
-               f"({res['seconds']:.0f} s){'; ' + evals if evals else ''}")
-    results["eval"] = run_eval(configs["eval"])
-    rows = {f"{s} loss": f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}" for s, r in results.items() if s != "eval"}
-    rows["total time"] = f"{time.time() - t_all:.0f} s"
-    write_section("speedrun", rows, base_dir=base)
-    print0(f"speedrun {cfg.preset} done in {time.time() - t_all:.0f} s; report: {base / 'report.md'}")
-    return results
+        first, last, k = _mean_ends(res["history"])
+        print0(f"{stage}: mean loss of first/last {k} steps {first:.3f} -> {last:.3f} over {len(res['history'])} "
+               f"steps ({res['seconds']:.0f} s)")
+        # bits per byte for base, the task table for mid and SFT
+        scores = evaluate_stage(configs, stage)
+        row = {"stage": stage, "loss": f"{first:.3f} -> {last:.3f}", "seconds": time.time() - t0,
+               "val": _val_text(res.get("start_eval"), res.get("last_eval"))}
+        if stage == "base":
+            row["val"] = f"val bpb {scores['val_bpb']:.4f}"
+        else:
+            row["tasks"] = {t: v for t, v in scores.items() if t != "ChatCORE"}
+            tasks += [t for t in row["tasks"] if t not in tasks]
+        rows.append(row)
+    total = time.time() - t_all
+    table = summary_table(rows, tasks)
+    write_section("speedrun", {"preset": cfg.preset, "seed": cfg.seed, "total time": f"{total:.0f} s"},
+                  base_dir=base, table=table)
+    print0(f"\nspeedrun {cfg.preset} (seed {cfg.seed}) done in {total:.0f} s; report: {base / 'report.md'}\n{table}")
+    return {"rows": rows, "seconds": total, "table": table}

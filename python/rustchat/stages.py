@@ -49,14 +49,15 @@ MIXTURES = {
         },
     },
     "tiny": {
+        # identity is sliced: its 1,000 conversations would crowd out the measured tasks
         "mid": {
-            "train": [("arithmetic", {"size": 2000, "split": "train"}), ("identity", {}),
-                      ("simplespelling", {"size": 1000, "split": "train"}), ("spellingbee", {"size": 1000, "split": "train"})],
+            "train": [("arithmetic", {"size": 3000, "split": "train"}), ("identity", {"stop": 200}),
+                      ("simplespelling", {"size": 1000, "split": "train"}), ("spellingbee", {"size": 2000, "split": "train"})],
             "val": [("arithmetic", {"size": 100, "split": "test"}), ("spellingbee", {"size": 100, "split": "test"})],
         },
         "sft": {
-            "train": [("arithmetic", {"size": 400, "split": "train"}), ("identity", {}),
-                      ("simplespelling", {"size": 200, "split": "train"}), ("spellingbee", {"size": 400, "split": "train"})],
+            "train": [("arithmetic", {"size": 800, "split": "train"}), ("identity", {"stop": 150}),
+                      ("simplespelling", {"size": 300, "split": "train"}), ("spellingbee", {"size": 1200, "split": "train"})],
             "val": [("arithmetic", {"size": 64, "split": "test"}), ("spellingbee", {"size": 64, "split": "test"})],
         },
     },
@@ -210,6 +211,18 @@ def _conv_loss_evaluator(tok, conversations, cfg: StageConfig, rank: int, world:
     return evaluate
 
 
+def _start_eval(cfg: StageConfig, model, evaluate, start: int) -> dict | None:
+    """The validation metric of the model the stage starts from (the previous stage's), so the
+    report shows what the stage changed on its own held-out data; None when resuming."""
+    if start or not cfg.eval_every:
+        return None
+    model.eval()
+    with torch.no_grad():
+        out = evaluate(model)
+    model.train()
+    return out
+
+
 # ----------------------------------------------------------------------------- stages
 def train_base(cfg: BaseConfig) -> dict:
     info, device, tok = _setup(cfg)
@@ -272,9 +285,11 @@ def train_mid(cfg: MidConfig) -> dict:
     evaluate = _conv_loss_evaluator(tok, val, cfg, info.rank, info.world_size)
     _banner(cfg, model, device, tok, f"{cfg.total_batch_size:,} tokens (grad accum {accum})", num_steps,
             f" | {len(train):,} conversations, {n_tokens:,} tokens")
+    start_eval = _start_eval(cfg, model, evaluate, start)
     result = run_stage(cfg, tok=tok, model=model, optimizers=opts, data=data, num_steps=num_steps,
                        lr_multiplier=lambda s: mid_lr_multiplier(s / num_steps), start_step=start,
                        evaluate=evaluate, ckpt_dir=_ckpt_dir("mid", cfg), resumed_meta=meta if cfg.resume else None)
+    result["start_eval"] = start_eval
     _report(cfg, model, result)
     return result
 
@@ -296,10 +311,12 @@ def train_sft(cfg: SFTConfig) -> dict:
     accum = E // (cfg.device_batch_size * info.world_size)
     _banner(cfg, model, device, tok, f"{E} examples (grad accum {accum})", num_steps,
             f" | {len(train):,} conversations")
+    start_eval = _start_eval(cfg, model, evaluate, start)
     result = run_stage(cfg, tok=tok, model=model, optimizers=opts, data=data, num_steps=num_steps,
                        lr_multiplier=lambda s: sft_lr_multiplier(s, num_steps, init_lr_frac=cfg.init_lr_frac),
                        start_step=start, evaluate=evaluate, ckpt_dir=_ckpt_dir("sft", cfg),
                        resumed_meta=meta if cfg.resume else None)
+    result["start_eval"] = start_eval
     _report(cfg, model, result)
     return result
 
@@ -325,6 +342,8 @@ def _report(cfg: StageConfig, model, result: dict) -> None:
         rows["resumed"] = f"at step {result['resumed_at']} (first loss and wall time cover the whole run)"
     if result.get("last_eval"):
         rows.update({k: f"{v:.4f}" for k, v in result["last_eval"].items() if k != "step"})
+    if result.get("start_eval"):
+        rows.update({f"{k} at start": f"{v:.4f}" for k, v in result["start_eval"].items()})
     if hist and "mfu" in hist[-1]:
         rows["MFU (median)"] = f"{100 * np.median([h['mfu'] for h in hist]):.1f}%"
     write_section(cfg.stage, rows, base_dir=cfg.base_dir)

@@ -22,6 +22,7 @@ from .base import (
 from .customjson import CustomJSON, identity_path
 from .gsm8k import GSM8K, calculator_parts
 from .humaneval import HumanEval
+from .identity import IdentityQuestions, identity_task
 from .mmlu import MMLU
 from .smoltalk import SmolTalk
 from .spelling import SimpleSpelling, SpellingBee
@@ -39,7 +40,7 @@ _REGISTRY = {
     "simplespelling": SimpleSpelling,
     "arithmetic": Arithmetic,
     "customjson": CustomJSON,
-    "identity": lambda **kw: CustomJSON(identity_path(), **kw),
+    "identity": identity_task,
 }
 
 
@@ -63,6 +64,6 @@ def get_task(name: str, **kwargs) -> Task:
 
 __all__ = [
     "ARC", "MMLU", "GSM8K", "HumanEval", "SmolTalk", "CustomJSON", "SpellingBee", "SimpleSpelling", "Arithmetic",
-    "Task", "CategoricalTask", "TaskMixture", "TaskSequence", "get_task", "task_names", "identity_path",
+    "IdentityQuestions", "Task", "CategoricalTask", "TaskMixture", "TaskSequence", "get_task", "task_names", "identity_path",
     "render_mc", "calculator_parts", "extract_answer", "answers_match", "assistant_text", "conversation_problem",
 ]

@@ -12,10 +12,11 @@ SPLITS = ("train", "validation", "test")
 class ARC(CategoricalTask):
     """Rows: question, choices {text: [...], label: [...]}, answerKey.
 
-    ARC labels are sometimes "1".."4"; choices are relabelled A, B, C, ... by position so the
-    letters scored are always the same few tokens. Most questions have 4 choices, a few 3 or 5."""
+    The dataset's own labels and answerKey are used unchanged, as nanochat does: most rows are
+    labelled A-D, a few "1".."4" (and a few have 3 or 5 choices); each conversation carries its
+    labels as `letters`, which are what the categorical evaluation scores."""
 
-    letters = tuple(LETTERS[:5])
+    letters = tuple(LETTERS[:5])  # only a fallback: every ARC conversation has its own letters
 
     def __init__(self, subset: str = "ARC-Easy", split: str = "test", path=None, shuffle_seed: int | None = 42, **kwargs):
         super().__init__(**kwargs)
@@ -35,12 +36,10 @@ class ARC(CategoricalTask):
         texts, labels = list(row["choices"]["text"]), [str(x) for x in row["choices"]["label"]]
         if len(texts) != len(labels) or not 2 <= len(texts) <= len(LETTERS) or str(row["answerKey"]) not in labels:
             raise RustchatError(f"{self.rows.source}: row {index} has malformed choices or an answerKey not among the labels")
-        letters = list(LETTERS[: len(texts)])
-        answer = letters[labels.index(str(row["answerKey"]))]
         return {
             "messages": [
-                {"role": "user", "content": render_mc(row["question"], letters, texts)},
-                {"role": "assistant", "content": answer},
+                {"role": "user", "content": render_mc(row["question"], labels, texts)},
+                {"role": "assistant", "content": str(row["answerKey"])},
             ],
-            "letters": letters,
+            "letters": labels,
         }

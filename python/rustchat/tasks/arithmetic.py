@@ -3,10 +3,14 @@
 Offline stand-in for GSM8K in the tiny recipe: each answer is written with `<<expr=result>>`
 annotations and turned into python / python_output parts by the same code as GSM8K, so the
 model practises the tool-call format; the final answer follows `#### `. All results are ints.
+
+Held out: a problem belongs to the test split when a CRC32 of its numbers falls in one tenth
+of the range, so no test problem's numbers (whatever the names) are trained on.
 """
 from __future__ import annotations
 
 import random
+import zlib
 
 from ..common import RustchatError
 from .base import Task, answers_match, assistant_text, extract_answer
@@ -17,6 +21,13 @@ NAMES = ("Ana", "Ben", "Chloe", "David", "Emma", "Farid", "Grace", "Hiro", "Ines
 ITEMS = ("apples", "marbles", "stickers", "books", "pencils", "cookies", "shells", "cards", "stamps", "eggs",
          "balloons", "coins")
 THINGS = ("notebook", "sandwich", "toy car", "ticket", "plant", "mug", "kite", "puzzle")
+
+
+def in_test_split(answer: str) -> bool:
+    """Whether a problem is held out: by a CRC32 of the numbers of its worked answer, in order,
+    so the same numbers under other names or items are held out too."""
+    numbers = " ".join("".join(c if c.isdigit() else " " for c in answer).split())
+    return zlib.crc32(numbers.encode()) % 10 == 0
 
 
 def _problem(rng: random.Random) -> tuple[str, str]:
@@ -42,7 +53,7 @@ def _problem(rng: random.Random) -> tuple[str, str]:
                 f"The packs hold {b}*{c} = <<{b}*{c}={p}>>{p} {item}. "
                 f"So {name} has {a}+{p} = <<{a}+{p}={a + p}>>{a + p} {item} now.\n#### {a + p}")
     if kind == 3:
-        n, k = r(2, 12), r(2, 30)
+        n, k = r(2, 12), r(2, 99)
         total = n * k
         return (f"{name} shares {total} {item} equally among {n} friends. How many {item} does each friend get?",
                 f"Each friend gets {total}/{n} = <<{total}/{n}={k}>>{k} {item}.\n#### {k}")
@@ -92,8 +103,12 @@ class Arithmetic(Task):
         return self.size
 
     def get_example(self, index: int) -> dict:
-        rng = random.Random(f"Arithmetic/{self.split}/{self.seed}/{index}")
-        question, answer = _problem(rng)
+        # draw until the problem falls in this split (about 10 draws for test, 1.1 for train)
+        for attempt in range(1000):
+            rng = random.Random(f"Arithmetic/{self.split}/{self.seed}/{index}/{attempt}")
+            question, answer = _problem(rng)
+            if in_test_split(answer) == (self.split == "test"):
+                break
         return {
             "messages": [
                 {"role": "user", "content": question},

@@ -18,8 +18,9 @@ MC_INSTRUCTION = "Respond only with the letter of the correct answer."
 LETTERS = "ABCDEFGHIJ"
 PART_TYPES = ("text", "python", "python_output")
 
-# `#### n` final answers (GSM8K style); commas are thousands separators.
-_ANSWER_RE = re.compile(r"####\s*\$?\s*(-?[0-9][0-9,]*(?:\.[0-9]+)?)")
+# `#### n` final answers, read exactly as nanochat reads them (docs/design.md, "Chat evaluation"):
+# one space after the marker, then digits, dots and commas; commas are removed afterwards.
+_ANSWER_RE = re.compile(r"#### (-?[0-9.,]+)")
 
 
 class Task:
@@ -165,15 +166,8 @@ def extract_answer(text: str) -> str | None:
 
 
 def answers_match(reference: str | None, predicted: str | None) -> bool:
-    """Numbers equal as strings, or as floats ("18" == "18.0")."""
-    if reference is None or predicted is None:
-        return False
-    if reference == predicted:
-        return True
-    try:
-        return abs(float(reference) - float(predicted)) <= 1e-9 * max(1.0, abs(float(reference)))
-    except ValueError:
-        return False
+    """Extracted answers equal as strings, as nanochat compares them ("18" != "18.0")."""
+    return reference is not None and predicted == reference
 
 
 def conversation_problem(conv) -> str | None:

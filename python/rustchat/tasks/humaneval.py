@@ -15,7 +15,11 @@ from .base import Task
 from .hub import load_rows
 
 _FIELDS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
-_FENCE_RE = re.compile(r"```(?:python|py|Python)?[ \t]*\n(.*?)(?:```|$)", re.S)
+# nanochat's limits for a candidate program: 5 s wall clock, 256 MiB of memory.
+TIMEOUT_S = 5.0
+MEMORY_MB = 256
+# Only a closed fence counts, tagged `python` or untagged (nanochat's pattern).
+_FENCE_RE = re.compile(r"```(?:python)?\s*\n(.*?)\n```", re.S)
 
 
 def bundled_humaneval_path() -> Path | None:
@@ -29,31 +33,38 @@ def bundled_humaneval_path() -> Path | None:
 
 
 def extract_program(completion: str) -> str:
-    """The code of a reply: the first ```python fenced block if there is one, else the text."""
+    """The code of a reply: the first closed ```python (or bare ```) block, stripped; without
+    one, the whole reply stripped. An unclosed fence is not a block, so its backticks stay in
+    the code and it fails to compile, as in nanochat."""
     m = _FENCE_RE.search(completion)
-    return m.group(1) if m else completion
+    return (m.group(1) if m else completion).strip()
 
 
-def _imports_of(prompt: str) -> str:
-    return "\n".join(l for l in prompt.splitlines() if l.startswith(("import ", "from ")))
+def extract_imports(prompt: str) -> str:
+    """The import lines at the top of a prompt (comments and blank lines skipped), up to the
+    first other line."""
+    imports = []
+    for line in prompt.splitlines():
+        stripped = line.strip()
+        if stripped.startswith(("import ", "from ")):
+            imports.append(stripped)
+        elif stripped and not stripped.startswith("#"):
+            break
+    return "\n".join(imports)
 
 
-def build_candidate(prompt: str, completion: str, entry_point: str) -> str:
-    """The candidate's code: the reply completed into a program that defines `entry_point`.
-
-    A reply that repeats the function definition is used as is (with the prompt's imports);
-    one that only continues the body is appended to the prompt. The tests are not part of it:
-    they run in a separate harness process (sandbox.run_tests), out of the candidate's reach."""
-    code = extract_program(completion)
-    if re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", code, re.M):
-        return _imports_of(prompt) + "\n\n" + code + "\n"
-    return prompt + code + "\n"
+def build_candidate(prompt: str, completion: str) -> str:
+    """The candidate's code as nanochat builds its program, minus the tests: the prompt's imports,
+    then the reply's code. As in nanochat the prompt itself is never prepended, so a reply that
+    only continues the function body fails. The tests are not part of it: they run in a separate
+    harness process (sandbox.run_tests), out of the candidate's reach."""
+    return f"{extract_imports(prompt)}\n\n{extract_program(completion)}"
 
 
 class HumanEval(Task):
     """Rows: task_id, prompt, canonical_solution, test, entry_point. Only the split "test"."""
 
-    def __init__(self, split: str = "test", path=None, shuffle_seed: int | None = 42, timeout: float = 5.0,
+    def __init__(self, split: str = "test", path=None, shuffle_seed: int | None = 42, timeout: float = TIMEOUT_S,
                  offline_fallback: bool = True, **kwargs):
         super().__init__(**kwargs)
         if split != "test":
@@ -76,7 +87,7 @@ class HumanEval(Task):
         return {
             "messages": [
                 {"role": "user", "content": row["prompt"]},
-                {"role": "assistant", "content": row["prompt"] + row["canonical_solution"]},
+                {"role": "assistant", "content": f"{row['prompt']}\n{row['canonical_solution']}"},
             ],
             "task_id": row["task_id"],
             "prompt": row["prompt"],
@@ -89,9 +100,9 @@ class HumanEval(Task):
                                timeout=self.timeout).passed
 
 
-def check_humaneval(prompt: str, completion: str, test: str, entry_point: str, timeout: float = 3.0,
-                    memory_mb: int = 1024) -> ExecResult:
+def check_humaneval(prompt: str, completion: str, test: str, entry_point: str, timeout: float = TIMEOUT_S,
+                    memory_mb: int = MEMORY_MB) -> ExecResult:
     """Run a HumanEval candidate (`completion`, the model's reply) against the problem's tests."""
     # the harness runs the prompt itself (trusted) so the tests can use its helper functions
-    return run_tests(build_candidate(prompt, completion, entry_point), entry_point, prompt, test,
+    return run_tests(build_candidate(prompt, completion), entry_point, prompt, test,
                      timeout=timeout, memory_mb=memory_mb)

@@ -1,10 +1,15 @@
-"""Synthetic spelling tasks from the `english-words` list (offline): SpellingBee and SimpleSpelling.
+"""Synthetic spelling tasks built like nanochat's (offline): SpellingBee and SimpleSpelling.
 
-SpellingBee asks how many times a letter occurs in a word; the answer spells the word out,
-counts by hand, checks with the calculator tool (`'word'.count('l')`) and ends in `#### n`.
-SimpleSpelling asks to spell a word letter by letter. Words are split between train and test
-by a hash of the word, so test words are never trained on. Example i of a (split, seed) is the
-same on every machine.
+SpellingBee asks how many times a letter occurs in a word, in one of many phrasings in seven
+languages; the answer spells the word out, counts by hand, checks with the calculator tool
+(`'word'.count('l')`) and ends in `#### n`, in the same five parts as nanochat's. SimpleSpelling
+asks "Spell the word: WORD" and answers `word:w,o,r,d`.
+
+Words: every lowercase alphabetic word of the `english-words` package's web2 and GCIDE lists
+(about 263K; nanochat downloads dwyl's words_alpha.txt, about 370K, which offline installs
+cannot). Unlike nanochat, whose test problems are drawn from the same words with other seeds,
+words are split between train and test by a CRC32 of the word, so test words are never
+trained on. Example i of a (split, seed) is the same on every machine.
 """
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ from .base import Task, answers_match, assistant_text, extract_answer
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 
+# Phrasings of "how many <letter> in <word>", in English and six other languages (nanochat's
+# set spans the same languages). No trailing "?" here: one is added to half of the questions.
 BEE_TEMPLATES = (
     "How many {letter} are in the word {word}",
     "How many {letter} are in {word}",
@@ -29,30 +36,42 @@ BEE_TEMPLATES = (
     "What is the count of the letter {letter} in {word}",
     "How often does {letter} show up in {word}",
     "Tell me how many {letter}'s are in {word}",
+    "How many {letter}s does {word} have",
+    "How many letter {letter} does the word {word} contain",
+    "Find the number of times {letter} appears in {word}",
+    "Can you count the {letter} in {word}",
+    "What's the number of {letter} in the word {word}",
     "Number of {letter} in {word}",
-    "how many {letter} in {word}",
-    "Combien de {letter} dans le mot {word}",
-    "Wie viele {letter} sind im Wort {word}",
+    "Count every {letter} in {word}",
     "¿Cuántas {letter} hay en la palabra {word}",
-    "单词 {word} 中有几个 {letter}",
+    "¿Cuántas veces aparece la {letter} en {word}",
+    "Cuenta las {letter} en {word}",
+    "Combien de {letter} dans le mot {word}",
+    "Combien de fois la lettre {letter} apparaît dans {word}",
+    "Compte les {letter} dans {word}",
+    "Wie viele {letter} sind im Wort {word}",
+    "Wie oft kommt {letter} in {word} vor",
+    "Zähle die {letter} in {word}",
+    "单词{word}中有几个{letter}",
+    "{word}里有多少个{letter}",
+    "数一数{word}中的{letter}",
+    "{word}에 {letter}가 몇 개 있나요",
+    "{word}라는 단어에 {letter}는 몇 번 나오나요",
+    "{word}に{letter}はいくつありますか",
+    "{word}の中に{letter}は何回出てきますか",
 )
-SPELL_TEMPLATES = (
-    "Spell the word: {word}",
-    "Spell {word}",
-    "How do you spell {word}?",
-    "Spell out the word {word} letter by letter.",
-    "spell {word}",
-)
+SPELL_TEMPLATE = "Spell the word: {word}"
 
 
 @functools.lru_cache(maxsize=1)
 def word_lists() -> dict[str, tuple[str, ...]]:
-    """{"train": words, "test": words}: lowercase ASCII words of 3-12 letters, sorted, split ~90/10."""
+    """{"train": words, "test": words}: the lowercase alphabetic words, sorted, split ~90/10."""
     try:
         from english_words import get_english_words_set  # loads its word lists on import
     except ImportError:
         raise RustchatError("the spelling tasks need the english-words package (pip install english-words)") from None
-    words = sorted(w for w in get_english_words_set(["web2"], lower=True, alpha=True) if w.isascii() and w.isalpha() and 3 <= len(w) <= 12)
+    words = sorted(w for w in get_english_words_set(["web2", "gcide"], lower=True, alpha=True)
+                   if w.isascii() and w.isalpha())
     test = tuple(w for w in words if zlib.crc32(w.encode()) % 10 == 0)
     train = tuple(w for w in words if zlib.crc32(w.encode()) % 10 != 0)
     return {"train": train, "test": test}
@@ -77,7 +96,8 @@ class _WordTask(Task):
 
 
 def spelling_bee_answer(word: str, letter: str) -> list[dict]:
-    """The assistant parts for "how many `letter` in `word`"."""
+    """The assistant parts for "how many `letter` in `word`", split as nanochat splits them:
+    the manual count, the lead-in to the check, the python call, its output, the final answer."""
     expr = f"'{word}'.count('{letter}')"
     count = calculate(expr)  # the very tool the engine runs, so training shows its real output
     lines = [
@@ -95,9 +115,10 @@ def spelling_bee_answer(word: str, letter: str) -> list[dict]:
             lines.append(f"{i}:{ch} hit! count={running}")
         else:
             lines.append(f"{i}:{ch}")
-    lines += ["", f"This gives us {running}.", "", "Let me double check this using Python:", "", ""]
+    lines += ["", f"This gives us {running}."]
     return [
         {"type": "text", "text": "\n".join(lines)},
+        {"type": "text", "text": "\n\nLet me double check this using Python:\n\n"},
         {"type": "python", "text": expr},
         {"type": "python_output", "text": str(count)},
         {"type": "text", "text": f"\n\nPython gives us {count}.\n\nMy final answer is:\n\n#### {count}"},
@@ -144,7 +165,7 @@ class SimpleSpelling(_WordTask):
         word = rng.choice(self.words)
         return {
             "messages": [
-                {"role": "user", "content": rng.choice(SPELL_TEMPLATES).format(word=word)},
+                {"role": "user", "content": SPELL_TEMPLATE.format(word=word)},
                 {"role": "assistant", "content": f"{word}:{','.join(word)}"},
             ],
             "word": word,
