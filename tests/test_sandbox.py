@@ -54,8 +54,9 @@ def _processes_with(marker: str) -> list[int]:
 
 
 def _body(code: str) -> str:
-    """`code` as the body of the candidate `add` (a completion of PROMPT)."""
-    return textwrap.indent(textwrap.dedent(code), "    ")
+    """`code` as the body of the candidate `add`: a reply defining the function, as HumanEval
+    replies must (the prompt is not prepended, as in nanochat)."""
+    return "def add(a, b):\n" + textwrap.indent(textwrap.dedent(code), "    ")
 
 
 def _attack(code: str, timeout: float = 5.0):
