@@ -145,7 +145,7 @@ COMMANDS = (
     ("speedrun", "tokenizer -> base -> mid -> SFT -> eval in one go", SpeedrunConfig, cmd_speedrun),
     ("eval", "evaluate a checkpoint: chat tasks + ChatCORE, or bits/byte for base models", EvalConfig, cmd_eval),
     ("chat", "chat with a model in the terminal", ChatConfig, cmd_chat),
-    ("serve", "web chat UI and a streaming completions endpoint", ServeConfig, cmd_serve),
+    ("serve", "web chat UI and an OpenAI-compatible /v1/chat/completions API", ServeConfig, cmd_serve),
     ("export", "write a checkpoint as a Hugging Face transformers directory (NanoChat architecture)",
      ExportConfig, cmd_export),
     ("import-hf", "import a transformers NanoChat directory as a checkpoint to continue mid/SFT",
