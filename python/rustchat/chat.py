@@ -53,11 +53,9 @@ class ChatSession:
             self.history = self.history[2 * dropped:]
             write(f"(dropped the {dropped} oldest turn(s) to fit the model's context)\n")
         seed = self.seed if self.seed is not None else random.randrange(1 << 31)
-        # the model was trained on sequence_len tokens: stop the reply there
-        n = max(1, min(self.max_tokens, self.engine.model.config.sequence_len - len(prompt)))
         parser = CompletionParser(self.engine.tok)
         shown = []
-        for kind, s in stream_reply(self.engine, prompt, max_tokens=n, temperature=self.temperature,
+        for kind, s in stream_reply(self.engine, prompt, max_tokens=self.max_tokens, temperature=self.temperature,
                                     top_k=self.top_k, seed=seed, parser=parser):
             s = s if kind == "text" else f" {s} "
             shown.append(s)

@@ -140,8 +140,7 @@ class Engine:
         if num_samples < 1:
             raise RustchatError(f"num_samples must be >= 1, got {num_samples}")
         _check_sampling(temperature, top_k)  # before any work
-        if max_tokens is None:
-            max_tokens = max(self.model.config.sequence_len - len(prompt), 1)
+        max_tokens = self.reply_limit(len(prompt), max_tokens)
         if max_tokens < 1:
             return
         device = self._device()
@@ -172,8 +171,7 @@ class Engine:
         if len({len(r) for r in rows}) != 1:
             raise RustchatError("generate_prompts needs prompts of one length")
         _check_sampling(temperature, top_k)
-        if max_tokens is None:
-            max_tokens = max(self.model.config.sequence_len - len(rows[0]), 1)
+        max_tokens = self.reply_limit(len(rows[0]), max_tokens)
         if max_tokens < 1:
             return
         device = self._device()
@@ -201,6 +199,13 @@ class Engine:
             if all(r.done for r in rows) or step == max_tokens - 1:
                 return
             logits = self._forward([[t] for t in column], cache, device)
+
+    def reply_limit(self, prompt_len: int, max_tokens: int | None) -> int:
+        """New tokens a reply may have: `max_tokens` (all when None), capped by what the model's
+        context leaves after the prompt (it was trained on sequence_len tokens), and at least one
+        token even when the prompt fills the context."""
+        room = max(self.model.config.sequence_len - prompt_len, 1)
+        return room if max_tokens is None else min(max_tokens, room)
 
     def _forward(self, ids: list[list[int]], cache, device) -> torch.Tensor:
         # autocast per call, not around the generator: its state is thread-local and the

@@ -150,7 +150,7 @@ def generative_accuracy(engine, task, *, num_samples: int = 1, batch_size: int =
         while done < num_samples and not ok:
             n = min(batch_size, num_samples - done)
             # per problem (and chunk) seed: reruns are reproducible, problems differ
-            outs = engine.generate_batch(prompt, n, _reply_limit(engine, len(prompt), max_new_tokens), temperature,
+            outs = engine.generate_batch(prompt, n, max_new_tokens, temperature,
                                          top_k, seed + 1000 * i + done)
             ok = any(task.evaluate(conv, completion_text(tok, o)) for o in outs)
             done += n
@@ -158,11 +158,6 @@ def generative_accuracy(engine, task, *, num_samples: int = 1, batch_size: int =
         if progress is not None:
             progress(1, solved, i + 1)
     return solved, len(task)
-
-
-def _reply_limit(engine, prompt_len: int, max_new_tokens: int) -> int:
-    """New tokens for a reply: `max_new_tokens`, capped by what the model's context has left."""
-    return max(1, min(max_new_tokens, engine.model.config.sequence_len - prompt_len))
 
 
 def _greedy_accuracy(engine, task, batch_size: int, max_new_tokens: int, progress) -> tuple[int, int]:
@@ -177,7 +172,7 @@ def _greedy_accuracy(engine, task, batch_size: int, max_new_tokens: int, progres
         group = by_length[length]
         for s in range(0, len(group), batch_size):
             chunk = group[s: s + batch_size]
-            outs = engine.complete_prompts([prompts[i] for i in chunk], _reply_limit(engine, length, max_new_tokens),
+            outs = engine.complete_prompts([prompts[i] for i in chunk], max_new_tokens,
                                            0.0, None)
             for i, out in zip(chunk, outs):
                 solved += int(bool(task.evaluate(convs[i], completion_text(tok, out))))
