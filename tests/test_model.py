@@ -3,6 +3,7 @@ import math
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -249,6 +250,21 @@ def test_from_depth_and_param_count():
     for d in range(1, 13):  # odd depths still give equal, even head widths
         c = GPTConfig.from_depth(d)
         assert c.n_embd == 64 * d and c.n_embd % c.n_head == 0 and c.head_dim % 2 == 0
+    # nanochat's shape knobs: width per layer and head width (the tiny preset: d2, 4 heads of 32)
+    tiny = GPTConfig.from_depth(2, aspect_ratio=64, head_dim=32)
+    assert (tiny.n_embd, tiny.n_head, tiny.head_dim) == (128, 4, 32)
+    rng = np.random.default_rng()
+    for _ in range(20):
+        d, ar, hd = int(rng.integers(1, 9)), 2 * int(rng.integers(1, 65)), int(rng.integers(2, 257))
+        c = GPTConfig.from_depth(d, aspect_ratio=ar, head_dim=hd)
+        # the fewest heads that are at most hd wide (when an even width divides), all of one even width
+        want = next(n for n in range(1, d * ar + 1)
+                    if (d * ar) % n == 0 and (d * ar // n) % 2 == 0 and n >= math.ceil(d * ar / hd))
+        assert (c.n_embd, c.n_head, c.head_dim % 2) == (d * ar, want, 0), (d, ar, hd)
+    from rustchat.common import RustchatError
+
+    with pytest.raises(RustchatError, match="must be even"):
+        GPTConfig.from_depth(3, aspect_ratio=33)
     with torch.device("meta"):
         m = GPT(c20, init=False)
     assert abs(m.num_params() - 561e6) < 1e6  # docs/design.md: d20 ~561M params

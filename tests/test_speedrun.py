@@ -57,7 +57,8 @@ def test_speedrun_evaluates_exactly_as_rustchat_eval(base_dir, monkeypatch):
     speedrun_replies = list(seen)
     seen.clear()
     rc = main(["eval", "-i", "sft", "--tasks", PRESETS["tiny"]["eval"]["tasks"], "--max-problems", str(n),
-               "--depth", str(DEPTH), "--base-dir", str(base_dir), "--device", "cpu", "--quiet"])
+               "--batch-size", str(PRESETS["tiny"]["eval"]["batch_size"]), "--depth", str(DEPTH),
+               "--base-dir", str(base_dir), "--device", "cpu", "--quiet"])
     assert rc == 0
     # the same problems got the very same replies, so the same scores
     assert speedrun_replies == seen and len(seen) == n * len(EVAL_CLASSES)
@@ -69,7 +70,8 @@ def test_speedrun_evaluates_exactly_as_rustchat_eval(base_dir, monkeypatch):
     # the config is the one the eval command builds from those flags: its generation limits
     # (512 new tokens, capped by the context) and sampling defaults included
     assert configs["sft-eval"] == EvalConfig(source="sft", depth=DEPTH, device="cpu", base_dir=str(base_dir),
-                                             quiet=True, tasks="tiny", max_problems=n)
+                                             quiet=True, tasks="tiny", max_problems=n,
+                                             batch_size=PRESETS["tiny"]["eval"]["batch_size"])
     tok = load_tokenizer(base_dir)
     longest = max(len(tok.encode_ordinary(reply)) for _, _, reply in seen)
     assert longest > 64  # no short cap on the replies (the speedrun used to stop at 64)

@@ -110,6 +110,10 @@ class BaseConfig(StageConfig):
     data_dir: str | None = opt(None, "local parquet/text files instead of downloading FineWeb-Edu")
     num_shards: int = opt(8, "FineWeb-Edu shards to download", minimum=1)
     tokens_per_param: float = opt(20.0, "training horizon: tokens per parameter", minimum=0.0)
+    # the shape of a new model (a resumed one keeps its checkpoint's): nanochat's knobs
+    aspect_ratio: int = opt(64, "model width per layer: model_dim = depth * aspect_ratio", minimum=2)
+    head_dim: int = opt(128, "attention head width (heads = model_dim / head_dim, rounded to divide it)",
+                        minimum=2)
 
 
 @dataclass

@@ -11,6 +11,7 @@ report.md: the "eval" section for an SFT model, "mid-eval" for a mid one ("base-
 from __future__ import annotations
 
 import math
+import queue
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .batching import BatchScheduler, GenRequest
 from .checkpoint import load_model
 from .common import RustchatError, get_base_dir
 from .config import EvalConfig
@@ -135,8 +137,8 @@ def generative_accuracy(engine, task, *, num_samples: int = 1, batch_size: int =
     """(solved, total): sample `num_samples` replies per problem (in chunks of `batch_size`
     rows) and check them with `task.evaluate`; a problem is solved when any reply passes.
 
-    Greedy single replies (the default) do not depend on the batch, so problems whose prompts
-    have the same length are decoded together, `batch_size` at a time."""
+    Greedy single replies (the default) do not depend on the batch, so they are decoded
+    `batch_size` problems at a time by continuous batching."""
 
     tok = engine.tok
     if num_samples == 1 and (temperature == 0.0 or top_k == 1):
@@ -161,25 +163,65 @@ def generative_accuracy(engine, task, *, num_samples: int = 1, batch_size: int =
 
 
 def _greedy_accuracy(engine, task, batch_size: int, max_new_tokens: int, progress) -> tuple[int, int]:
+    return greedy_accuracies(engine, [task], batch_size, max_new_tokens,
+                             None if progress is None else lambda t, k, good, seen: progress(k, good, seen))[0]
+
+
+def greedy_accuracies(engine, tasks, batch_size: int = 8, max_new_tokens: int = 512,
+                      progress=None) -> list[tuple[int, int]]:
+    """(solved, total) per task, from greedy replies decoded by continuous batching (the
+    server's scheduler): up to `batch_size` rows decode together whatever their task or prompt
+    length, and a finished row's slot goes to the next problem at once, so a task of long
+    replies and one of short replies share the steps. A greedy reply does not depend on its
+    batch (the scheduler's tests), so this scores exactly as decoding one problem at a time.
+    `progress(task_index, k, solved, seen)` follows each task."""
     tok = engine.tok
-    convs = [task[i] for i in range(len(task))]
-    prompts = [render_for_completion(tok, c).tolist() for c in convs]
-    by_length: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        by_length.setdefault(len(p), []).append(i)
-    solved = seen = 0
-    for length in sorted(by_length):
-        group = by_length[length]
-        for s in range(0, len(group), batch_size):
-            chunk = group[s: s + batch_size]
-            outs = engine.complete_prompts([prompts[i] for i in chunk], max_new_tokens,
-                                           0.0, None)
-            for i, out in zip(chunk, outs):
-                solved += int(bool(task.evaluate(convs[i], completion_text(tok, out))))
-            seen += len(chunk)
-            if progress is not None:
-                progress(len(chunk), solved, seen)
-    return solved, len(task)
+    context = int(engine.model.config.sequence_len)
+    jobs = []  # (task index, conversation, prompt, reply limit)
+    for ti, task in enumerate(tasks):
+        for i in range(len(task)):
+            conv = task[i]
+            prompt = render_for_completion(tok, conv).tolist()
+            jobs.append((ti, conv, prompt, engine.reply_limit(len(prompt), max_new_tokens)))
+    solved, seen = [0] * len(tasks), [0] * len(tasks)
+
+    def score(j: int, out: list[int]) -> None:
+        ti, conv = jobs[j][0], jobs[j][1]
+        solved[ti] += int(bool(tasks[ti].evaluate(conv, completion_text(tok, out))))
+        seen[ti] += 1
+        if progress is not None:
+            progress(ti, 1, solved[ti], seen[ti])
+
+    # a prompt that fills the context has no room in the scheduler's cache: decode it alone
+    fits = [j for j, (_, _, p, limit) in enumerate(jobs) if len(p) + limit <= context]
+    for j in sorted(set(range(len(jobs))) - set(fits)):
+        score(j, engine.complete_prompts([jobs[j][2]], max_new_tokens, 0.0, None)[0])
+    replies: dict[int, list[int]] = {j: [] for j in fits}
+    ended: queue.Queue = queue.Queue()
+
+    def emitter(j: int):
+        def emit(event: tuple) -> None:
+            if event[0] == "token":
+                if event[1] not in engine.stop_tokens:
+                    replies[j].append(event[1])
+            else:  # ("end", reason) or ("error", message)
+                ended.put((j, event))
+        return emit
+
+    if fits:
+        scheduler = BatchScheduler(engine, max_batch=batch_size, max_queue=len(fits))
+        try:
+            for j in fits:
+                scheduler.submit(GenRequest(jobs[j][2], emitter(j), max_tokens=jobs[j][3], temperature=0.0,
+                                            seed=None))
+            for _ in fits:
+                j, event = ended.get()
+                if event[0] == "error":
+                    raise RustchatError(f"{tasks[jobs[j][0]].name}: {event[1]}")
+                score(j, replies.pop(j))
+        finally:
+            scheduler.close()
+    return [(solved[ti], len(task)) for ti, task in enumerate(tasks)]
 
 
 def chatcore_of(results: dict[str, float], types: dict[str, str]) -> float:
@@ -286,26 +328,52 @@ def run_eval(cfg: EvalConfig) -> dict:
         print(f"HumanEval sandbox: {sandbox_line}")
     results, types, counts, rows = {}, {}, {}, []
     t_all = time.time()
+
+    def record(task, good: int, n: int, seconds: float | None) -> None:
+        acc = good / n if n else 0.0
+        results[task.name], types[task.name], counts[task.name] = acc, task.eval_type, n
+        if not cfg.quiet:
+            took = "" if seconds is None else f" ({seconds:.1f} s)"
+            print(f"{task.name}: {good}/{n} = {100 * acc:.2f}%{took}")
+
+    greedy = cfg.num_samples == 1 and (cfg.temperature == 0.0 or cfg.top_k == 1)
+    together = [t for t in tasks if greedy and t.eval_type != "categorical"]
+    if together:  # greedy generative tasks share one continuous batch
+        bars = [tqdm(total=len(t), desc=t.name, disable=cfg.quiet, leave=False, mininterval=1.0, position=i)
+                for i, t in enumerate(together)]
+
+        def progress_all(ti, k, good, seen):
+            bars[ti].update(k)
+            bars[ti].set_postfix_str(f"{good}/{seen}")
+
+        t0 = time.time()
+        scores = greedy_accuracies(engine, together, cfg.batch_size, cfg.max_new_tokens, progress_all)
+        for bar in bars:
+            bar.close()
+        if not cfg.quiet:
+            print(f"{', '.join(t.name for t in together)}: decoded together in {time.time() - t0:.1f} s")
+        done = dict(zip((id(t) for t in together), scores))
+    else:
+        done = {}
     for task in tasks:
-        name, kind = task.name, task.eval_type
-        bar = tqdm(total=len(task), desc=name, disable=cfg.quiet, leave=False, mininterval=1.0)
+        if id(task) in done:
+            record(task, *done[id(task)], None)
+            continue
+        bar = tqdm(total=len(task), desc=task.name, disable=cfg.quiet, leave=False, mininterval=1.0)
 
         def progress(k, good, seen, bar=bar):
             bar.update(k)
             bar.set_postfix_str(f"{good}/{seen}")
 
         t0 = time.time()
-        if kind == "categorical":
+        if task.eval_type == "categorical":
             good, n = categorical_accuracy(model, tok, task, cfg.batch_size, progress=progress)
         else:
             good, n = generative_accuracy(engine, task, num_samples=cfg.num_samples, batch_size=cfg.batch_size,
                                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                           top_k=cfg.top_k, seed=cfg.seed, progress=progress)
         bar.close()
-        acc = good / n if n else 0.0
-        results[name], types[name], counts[name] = acc, kind, n
-        if not cfg.quiet:
-            print(f"{name}: {good}/{n} = {100 * acc:.2f}% ({time.time() - t0:.1f} s)")
+        record(task, good, n, time.time() - t0)
     core = chatcore_of(results, types) if results else None
     for name, acc in results.items():
         b = BASELINES.get(name, 0.25 if types[name] == "categorical" else 0.0)

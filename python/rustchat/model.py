@@ -34,16 +34,19 @@ class GPTConfig:
 
     @classmethod
     def from_depth(cls, depth: int, vocab_size: int = 65536, sequence_len: int = 2048,
-                   n_kv_head: int | None = None) -> "GPTConfig":
-        """model_dim = 64*depth, heads of 128 dims: n_head = ceil(model_dim/128); n_kv_head
-        defaults to n_head (GQA: a divisor of n_head).
+                   n_kv_head: int | None = None, *, aspect_ratio: int = 64, head_dim: int = 128) -> "GPTConfig":
+        """model_dim = aspect_ratio*depth (64 by default), heads of about head_dim (128) dims:
+        n_head = ceil(model_dim/head_dim); n_kv_head defaults to n_head (GQA: a divisor of n_head).
 
-        When 128 does not split model_dim evenly (odd depths like 5, 9) the head count is raised
-        to the next divisor so every head has the same width."""
-        if depth < 1:
-            raise RustchatError(f"depth must be >= 1, got {depth}")
-        dim = 64 * depth
-        n_head = max(1, math.ceil(dim / 128))
+        When head_dim does not split model_dim evenly (odd depths like 5, 9) the head count is
+        raised to the next divisor so every head has the same (even: rotary pairs) width."""
+        if depth < 1 or aspect_ratio < 1 or head_dim < 2:
+            raise RustchatError(f"depth, aspect_ratio and head_dim must be >= 1, 1 and 2, got {depth}, "
+                                f"{aspect_ratio}, {head_dim}")
+        dim = aspect_ratio * depth
+        if dim % 2:
+            raise RustchatError(f"model_dim = depth x aspect_ratio = {dim} must be even (rotary turns pairs of dims)")
+        n_head = max(1, math.ceil(dim / head_dim))
         while dim % n_head or (dim // n_head) % 2:
             n_head += 1
         return cls(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth,

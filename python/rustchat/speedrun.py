@@ -1,9 +1,9 @@
 """`rustchat speedrun`: the whole pipeline in one command.
 
---preset tiny: offline and CPU-sized (a few minutes): a tokenizer and a depth-2 model
-pretrained on the Python standard library's own text, mid-trained and fine-tuned on
-generated arithmetic-with-calculator, spelling tasks and the bundled identity chats, then a
-short evaluation. Every machine has this data, so it is the embedded default job.
+--preset tiny: offline and CPU-sized (under 5 minutes on 2 cores): a byte-level tokenizer and a
+depth-2 model (0.5M parameters) pretrained on the Python standard library's own text,
+mid-trained and fine-tuned on generated arithmetic-with-calculator, spelling tasks and the
+bundled identity chats, each stage then scored by `rustchat eval`. Every machine has this data, so it is the embedded default job.
 --preset d10 / d20: nanochat's recipes on FineWeb-Edu and the hub task datasets.
 """
 from __future__ import annotations
@@ -19,23 +19,32 @@ from .evaluate import run_eval
 from .report import write_section
 from .stages import train_base, train_mid, train_sft
 from .tasks.stdlib_text import write_corpus
-from .tokenizer import Tokenizer
+from .tokenizer import SPECIAL_TOKENS, Tokenizer
 
 PRESETS = {
     # stage -> overrides of the stage defaults
     "tiny": {
-        "tokenizer": {"vocab_size": 4096, "max_chars": 30_000_000},
-        "common": {"depth": 2, "seq_len": 256, "eval_batches": 4},
-        "base": {"device_batch_size": 8, "total_batch_size": 8 * 256, "max_steps": 80, "eval_every": 40},
-        # mid-training is where the tasks are learned: most of the budget goes here
-        "mid": {"device_batch_size": 8, "total_batch_size": 8 * 256, "max_steps": 160, "eval_every": 80,
+        # Byte-level (256 bytes + 9 special tokens, no merges): a prompt's " word" and the
+        # answer's 'word' are then the same tokens, so spelling and arithmetic become exact
+        # copies, which a model this small learns in minutes; with merges it never copies
+        # (docs/design.md, "The tiny preset").
+        "tokenizer": {"vocab_size": 265, "max_chars": 30_000_000},
+        "common": {"depth": 2, "seq_len": 512, "eval_batches": 4},
+        # 4 heads of 32 dims instead of one of 128: copying needs several heads per layer
+        "base": {"device_batch_size": 8, "total_batch_size": 8 * 512, "max_steps": 20, "eval_every": 10,
+                 "head_dim": 32},
+        # mid-training is where the tasks are learned: most of the budget goes here, in many
+        # small steps (the copying skills appear after several hundred)
+        "mid": {"device_batch_size": 4, "total_batch_size": 4 * 512, "max_steps": 1100, "eval_every": 275,
                 "tasks": "tiny"},
         # SFT starts at a quarter of the base learning rates (nanochat's 2% barely moves a model
-        # this small in 80 steps)
-        "sft": {"device_batch_size": 8, "total_batch_size": 16, "max_steps": 80, "eval_every": 40, "tasks": "tiny",
-                "init_lr_frac": 0.25},
+        # this small); packed rows, so no step is spent on padding
+        "sft": {"device_batch_size": 8, "total_batch_size": 16, "max_steps": 230, "eval_every": 115, "tasks": "tiny",
+                "init_lr_frac": 0.25, "pack": True},
         "base_eval": {"bpb_tokens": 1 << 16},
-        "eval": {"tasks": "tiny", "max_problems": 200},
+        # the 800 problems decode 256 at a time in one continuous batch (greedy replies do not
+        # depend on the batch)
+        "eval": {"tasks": "tiny", "max_problems": 200, "batch_size": 256},
     },
     "d10": {
         "tokenizer": {"vocab_size": 65536, "max_chars": 2_000_000_000, "num_shards": 8},
@@ -65,7 +74,8 @@ def _train_tokenizer(preset: dict, base: Path, tiny: bool, quiet: bool) -> None:
     t0 = time.time()
     tok = Tokenizer.train(docs, t["vocab_size"], max_chars=t["max_chars"], verbose=not quiet)
     tok.save(base / "tokenizer")
-    print0(f"tokenizer: vocab {tok.vocab_size} in {time.time() - t0:.1f} s -> {base / 'tokenizer'}")
+    kind = " (byte-level: 256 bytes + special tokens)" if tok.vocab_size <= 256 + len(SPECIAL_TOKENS) else ""
+    print0(f"tokenizer: vocab {tok.vocab_size}{kind} in {time.time() - t0:.1f} s -> {base / 'tokenizer'}")
 
 
 def stage_configs(cfg: SpeedrunConfig, base: Path) -> dict:
