@@ -1,0 +1,87 @@
+"""Run `rustchat speedrun --preset tiny` for several seeds, one after another, and print each
+run's summary table, then the run-to-run spread: does SFT beat mid by more than the seeds differ?
+
+    python scripts/speedrun_seeds.py --seeds 1 2 3 --root /tmp/seeds
+    python scripts/speedrun_seeds.py --seeds 1 2 3 --root /tmp/seeds --reuse   # re-read finished runs
+
+Each seed gets its own base dir (ROOT/seed-N); a run's numbers are read back from the
+`speedrun` section of its report.md, so --reuse prints the same tables without training again.
+Runs are sequential on purpose: their times are the ones a user gets on this machine.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+
+def read_run(base: Path) -> dict:
+    """{"seconds": total, "rows": {stage: {"val": (start, end) | None, "tasks": {task: pct}}}}
+    from the speedrun section of base/report.md."""
+    report = (base / "report.md").read_text()
+    section = report.split("## speedrun\n", 1)[1].split("\n## ", 1)[0]
+    seconds = float(re.search(r"\| total time \| (\d+) s \|", section).group(1))
+    lines = [l for l in section.splitlines() if l.startswith("| ")]
+    header_at = next(i for i, l in enumerate(lines) if l.startswith("| Stage |"))
+    header = [c.strip() for c in lines[header_at].strip("|").split("|")]
+    tasks = header[3:-1]
+    rows = {}
+    for line in lines[header_at + 2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        val = re.match(r"val loss ([\d.]+) -> ([\d.]+)", cells[2])
+        rows[cells[0]] = {
+            "val": (float(val.group(1)), float(val.group(2))) if val else None,
+            "tasks": {t: float(c.rstrip("%")) for t, c in zip(tasks, cells[3:-1]) if c != "-"},
+            "table_line": line,
+        }
+    return {"seconds": seconds, "rows": rows, "table": "\n".join(lines[header_at:]), "tasks": tasks}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--root", type=Path, required=True, help="one base dir per seed is made under it")
+    ap.add_argument("--reuse", action="store_true", help="read finished runs instead of training again")
+    args = ap.parse_args()
+    runs = {}
+    for seed in args.seeds:
+        base = args.root / f"seed-{seed}"
+        if not (args.reuse and (base / "report.md").exists()):
+            cmd = ["rustchat", "speedrun", "--preset", "tiny", "--device", "cpu", "--quiet",
+                   "--seed", str(seed), "--base-dir", str(base)]
+            print("$", " ".join(cmd), flush=True)
+            if subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode != 0:
+                print(f"seed {seed}: the speedrun failed", file=sys.stderr)
+                return 1
+        runs[seed] = read_run(base)
+        print(f"\nseed {seed}: {runs[seed]['seconds']:.0f} s\n{runs[seed]['table']}")
+
+    tasks = runs[args.seeds[0]]["tasks"]
+    print("\nSFT vs mid, same 200 held-out problems per task (percent), and the held-out SFT val loss:\n")
+    print("| measure | mid per seed | SFT per seed | SFT - mid per seed | smallest margin | spread of SFT (max-min) "
+          "| spread of mid (max-min) |")
+    print("| --- | --- | --- | --- | ---: | ---: | ---: |")
+    for t in tasks + ["val loss"]:
+        if t == "val loss":  # the mid model and the SFT model on the SFT val split: lower is better
+            mid = [runs[s]["rows"]["sft"]["val"][0] for s in args.seeds]
+            sft = [runs[s]["rows"]["sft"]["val"][1] for s in args.seeds]
+            gain = [m - f for m, f in zip(mid, sft)]
+            fmt = "{:.4f}"
+        else:
+            mid = [runs[s]["rows"]["mid"]["tasks"][t] for s in args.seeds]
+            sft = [runs[s]["rows"]["sft"]["tasks"][t] for s in args.seeds]
+            gain = [f - m for m, f in zip(mid, sft)]
+            fmt = "{:.1f}"
+        spread_sft, spread_mid = max(sft) - min(sft), max(mid) - min(mid)
+        print(f"| {t} | {' / '.join(map(fmt.format, mid))} | {' / '.join(map(fmt.format, sft))} | "
+              f"{' / '.join(map(fmt.format, gain))} | {fmt.format(min(gain))} | {fmt.format(spread_sft)} | "
+              f"{fmt.format(spread_mid)} |")
+    times = [runs[s]["seconds"] for s in args.seeds]
+    print(f"\ntotal time per seed: {' / '.join(f'{x:.0f} s' for x in times)} (max {max(times):.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
