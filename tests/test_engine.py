@@ -162,6 +162,14 @@ def test_calculator_refuses_code_outside_its_grammar(tok):
     assert sp("<|output_start|>") not in toks[0]
     events = list(stream_reply(engine, prompt, max_tokens=80, temperature=0.0))
     assert events == [("tool", f"[calculator: {expr} -> refused]"), ("text", "?")]
+    # a reply cut by its token limit right after the call: the call was never run, not refused
+    ok_expr = "'serd'.count('e')"
+    sp, call, filler = _calc_script(tok, ok_expr)
+    engine = Engine(ScriptedModel(tok.vocab_size, len(prompt), call + [filler, end], end), tok)
+    events = list(stream_reply(engine, prompt, max_tokens=len(call), temperature=0.0))
+    assert events == [("tool", f"[calculator: {ok_expr} -> not run: the reply reached its token limit]")]
+    events = list(stream_reply(engine, prompt, max_tokens=len(call) + 3, temperature=0.0))
+    assert events[0] == ("tool", f"[calculator: {ok_expr} -> 1]")
     # the calculator itself: arithmetic and str.count only
     from rustchat.tools import calculate
 

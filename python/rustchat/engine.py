@@ -350,11 +350,16 @@ class ReplyEvents:
                 out.append((kind, s))
         return out
 
-    def finish(self) -> list[tuple[str, str]]:
-        """What is still held back once the reply has ended (stop token or limit)."""
+    def finish(self, cut: bool = False) -> list[tuple[str, str]]:
+        """What is still held back once the reply has ended: by a stop token, or `cut` by its
+        token limit (then a call still waiting for its output was never run, not refused)."""
         out = self.parser.flush()
         if self.pending is not None:
-            out.append(("tool", format_tool_call(self.pending, None)))
+            if cut:
+                out.append(("tool", f"[calculator: {self.pending.strip()} -> not run: the reply reached its "
+                                    "token limit]"))
+            else:
+                out.append(("tool", format_tool_call(self.pending, None)))
             self.pending = None
         return out
 
@@ -369,4 +374,4 @@ def stream_reply(engine: Engine, prompt: Sequence[int], *, max_tokens: int | Non
         yield from events.feed(column[0])
         if events.finished:
             break
-    yield from events.finish()
+    yield from events.finish(cut=not events.finished)

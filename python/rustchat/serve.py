@@ -253,7 +253,7 @@ class Reply:
                 if ev[0] == "error":
                     raise RustchatError(ev[1])
                 if ev[0] == "end":
-                    out = display.finish()
+                    out = display.finish(cut=ev[1] == "length")
                     self.finish_reason = "length" if ev[1] == "length" else "stop"
                 else:
                     out = display.feed(ev[1])
