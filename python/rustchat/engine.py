@@ -355,11 +355,8 @@ class ReplyEvents:
         token limit (then a call still waiting for its output was never run, not refused)."""
         out = self.parser.flush()
         if self.pending is not None:
-            if cut:
-                out.append(("tool", f"[calculator: {self.pending.strip()} -> not run: the reply reached its "
-                                    "token limit]"))
-            else:
-                out.append(("tool", format_tool_call(self.pending, None)))
+            result = "not run: the reply reached its token limit" if cut else None
+            out.append(("tool", format_tool_call(self.pending, result)))
             self.pending = None
         return out
 

@@ -141,8 +141,9 @@ def generative_accuracy(engine, task, *, num_samples: int = 1, batch_size: int =
     `batch_size` problems at a time by continuous batching."""
 
     tok = engine.tok
-    if num_samples == 1 and (temperature == 0.0 or top_k == 1):
-        return _greedy_accuracy(engine, task, batch_size, max_new_tokens, progress)
+    if is_greedy(num_samples, temperature, top_k):
+        step = None if progress is None else lambda _task, k, good, seen: progress(k, good, seen)
+        return greedy_accuracies(engine, [task], batch_size, max_new_tokens, step)[0]
     solved = 0
     for i in range(len(task)):
         conv = task[i]
@@ -162,9 +163,9 @@ def generative_accuracy(engine, task, *, num_samples: int = 1, batch_size: int =
     return solved, len(task)
 
 
-def _greedy_accuracy(engine, task, batch_size: int, max_new_tokens: int, progress) -> tuple[int, int]:
-    return greedy_accuracies(engine, [task], batch_size, max_new_tokens,
-                             None if progress is None else lambda t, k, good, seen: progress(k, good, seen))[0]
+def is_greedy(num_samples: int, temperature: float, top_k: int | None) -> bool:
+    """One reply per problem, picked by argmax: the same whatever the batch."""
+    return num_samples == 1 and (temperature == 0.0 or top_k == 1)
 
 
 def greedy_accuracies(engine, tasks, batch_size: int = 8, max_new_tokens: int = 512,
@@ -336,8 +337,9 @@ def run_eval(cfg: EvalConfig) -> dict:
             took = "" if seconds is None else f" ({seconds:.1f} s)"
             print(f"{task.name}: {good}/{n} = {100 * acc:.2f}%{took}")
 
-    greedy = cfg.num_samples == 1 and (cfg.temperature == 0.0 or cfg.top_k == 1)
+    greedy = is_greedy(cfg.num_samples, cfg.temperature, cfg.top_k)
     together = [t for t in tasks if greedy and t.eval_type != "categorical"]
+    done = {}  # id(task) -> (solved, total) of the tasks decoded together
     if together:  # greedy generative tasks share one continuous batch
         bars = [tqdm(total=len(t), desc=t.name, disable=cfg.quiet, leave=False, mininterval=1.0, position=i)
                 for i, t in enumerate(together)]
@@ -353,8 +355,6 @@ def run_eval(cfg: EvalConfig) -> dict:
         if not cfg.quiet:
             print(f"{', '.join(t.name for t in together)}: decoded together in {time.time() - t0:.1f} s")
         done = dict(zip((id(t) for t in together), scores))
-    else:
-        done = {}
     for task in tasks:
         if id(task) in done:
             record(task, *done[id(task)], None)

@@ -3,7 +3,8 @@
 --preset tiny: offline and CPU-sized (under 5 minutes on 2 cores): a byte-level tokenizer and a
 depth-2 model (0.5M parameters) pretrained on the Python standard library's own text,
 mid-trained and fine-tuned on generated arithmetic-with-calculator, spelling tasks and the
-bundled identity chats, each stage then scored by `rustchat eval`. Every machine has this data, so it is the embedded default job.
+bundled identity chats, each stage then scored by `rustchat eval`. Every machine has this
+data, so it is the embedded default job.
 --preset d10 / d20: nanochat's recipes on FineWeb-Edu and the hub task datasets.
 """
 from __future__ import annotations
