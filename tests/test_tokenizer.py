@@ -421,3 +421,18 @@ def test_encode_batch_splits_huge_documents_identically(trained, openai_encoding
         assert tok.encode_batch(docs) == expected
         ids, offs = tok.encode_batch_numpy(docs, prepend="<|bos|>" if "<|bos|>" in tok.special_tokens else None)
         assert len(offs) == len(docs) + 1
+
+
+def test_batch_encoders_refuse_out_of_range_prepend_and_append(trained):
+    """Both core batch encoders (bytes and lists) check the ids they add, also when called
+    without the Python wrapper's own check; the last id of the vocabulary is accepted."""
+    core, n = trained._core, trained.vocab_size
+    texts = ["hello world", "again"]
+    for encode in (core.encode_batch, core.encode_batch_lists):
+        for pre, post in ((n, None), (None, n), (n + 7, 0)):
+            with pytest.raises(ValueError, match=f"token id {n if pre != n + 7 else n + 7} is out of range"):
+                encode(texts, pre, post, None)
+    ids, offsets = core.encode_batch(texts, n - 1, n - 1, None)
+    lists = core.encode_batch_lists(texts, n - 1, n - 1, None)
+    assert lists == [[n - 1, *trained.encode_ordinary(t), n - 1] for t in texts]
+    assert np.frombuffer(ids, "<u4").tolist() == [i for row in lists for i in row]

@@ -245,6 +245,16 @@ impl PyCore {
     }
 
     /// Parallel encode of a list of str with the GIL released; errors name the text.
+    /// The batch, if its prepend/append ids are in the vocabulary (both batch encoders check).
+    fn checked(&self, batch: Batch) -> PyResult<Batch> {
+        for id in batch.prepend.iter().chain(batch.append.iter()) {
+            if *id as usize >= self.core.n_vocab {
+                return Err(PyValueError::new_err(format!("token id {id} is out of range")));
+            }
+        }
+        Ok(batch)
+    }
+
     fn encode_many<'py>(&self, py: Python<'py>, texts: &Bound<'py, PyList>, batch: Batch) -> PyResult<(Vec<u32>, Vec<u64>)> {
         let Batch { prepend, append, num_threads } = batch;
         let mut items: Vec<Bound<'py, PyAny>> = list_items(texts);
@@ -330,7 +340,7 @@ impl PyCore {
         append: Option<u32>,
         num_threads: Option<usize>,
     ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
-        let (ids, offsets) = self.encode_many(py, texts, Batch { prepend, append, num_threads })?;
+        let (ids, offsets) = self.encode_many(py, texts, self.checked(Batch { prepend, append, num_threads })?)?;
         let ids = PyBytes::new_with(py, ids.len() * 4, |buf| {
             write_u32s(buf, &ids);
             Ok(())
@@ -349,12 +359,7 @@ impl PyCore {
         append: Option<u32>,
         num_threads: Option<usize>,
     ) -> PyResult<Bound<'py, PyList>> {
-        for id in prepend.iter().chain(append.iter()) {
-            if *id as usize >= self.core.n_vocab {
-                return Err(PyValueError::new_err(format!("token id {id} is out of range")));
-            }
-        }
-        let batch = Batch { prepend, append, num_threads };
+        let batch = self.checked(Batch { prepend, append, num_threads })?;
         if num_threads == Some(1) {
             // One thread: encode everything, then build the lists (no channel, no hand-offs).
             let (ids, offsets) = self.encode_many(py, texts, batch)?;
