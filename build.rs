@@ -2,6 +2,12 @@
 //! project is specified with) in OUT_DIR; maturin's out-dir include (pyproject.toml) ships
 //! them from there as `rustchat/kernels/` in the wheel, and copies them into
 //! `python/rustchat/kernels/` for an editable install. One source of truth, no symlinks.
+//!
+//! The folder has no `__init__.py` on purpose: Python run from the checkout's root would import
+//! it as the top-level package `kernels` and shadow PyPI's `kernels` (which transformers >= 5.25
+//! imports). Without one it is at most a namespace package, which any installed regular package
+//! of that name outranks. The package's initializer is `kernels/package_init.py`, staged as
+//! `__init__.py`.
 use std::{env, fs, path::PathBuf};
 
 fn main() {
@@ -19,7 +25,19 @@ fn main() {
         let path = entry.expect("list kernels/").path();
         if path.extension().is_some_and(|x| x == "py") {
             println!("cargo:rerun-if-changed={}", path.display());
-            fs::copy(&path, out.join(path.file_name().unwrap())).expect("stage a kernel source");
+            fs::copy(&path, out.join(staged_name(&path))).expect("stage a kernel source");
         }
     }
 }
+
+/// The name a kernel source is shipped under: `package_init.py` becomes the package's `__init__.py`.
+fn staged_name(path: &std::path::Path) -> std::ffi::OsString {
+    let name = path.file_name().expect("a file name");
+    if name == PACKAGE_INIT {
+        "__init__.py".into()
+    } else {
+        name.to_os_string()
+    }
+}
+
+const PACKAGE_INIT: &str = "package_init.py";

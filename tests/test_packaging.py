@@ -4,7 +4,8 @@ dependency, and `import rustchat` with the tokenizer never loads torch.
 
 The kernel sources live in the top-level kernels/; build.rs stages them and maturin's out-dir
 include installs them as rustchat/kernels/ (copied into python/rustchat/kernels/ by an editable
-install). No symlinks anywhere."""
+install), `kernels/package_init.py` as the package's `__init__.py`. kernels/ itself has no
+`__init__.py`, so it never shadows PyPI's `kernels` package. No symlinks anywhere."""
 import ast
 import os
 import re
@@ -22,13 +23,18 @@ REPO = Path(__file__).resolve().parents[1]
 KERNEL_FILES = sorted(p.name for p in (REPO / "kernels").glob("*.py"))
 
 
+def shipped_name(source_name: str) -> str:
+    """The name build.rs gives a kernel source in rustchat/kernels/."""
+    return "__init__.py" if source_name == "package_init.py" else source_name
+
+
 def test_every_kernel_source_is_shipped_unchanged():
     import rustchat.kernels as k
 
     assert KERNEL_FILES, "kernels/ is empty?"
     installed = Path(k.__file__).parent
     for name in KERNEL_FILES:
-        shipped = installed / name
+        shipped = installed / shipped_name(name)
         assert shipped.is_file(), f"rustchat.kernels lacks {name} (installed at {installed})"
         assert shipped.read_bytes() == (REPO / "kernels" / name).read_bytes(), f"{shipped} differs from kernels/{name}"
     for name in ("cross_entropy", "linear_cross_entropy", "apply_rotary", "rotary_tables"):
@@ -40,9 +46,22 @@ def test_every_kernel_source_is_shipped_unchanged():
 @pytest.mark.skipif(not os.environ.get("RUSTCHAT_WHEEL"), reason="set RUSTCHAT_WHEEL=path/to/rustchat-*.whl to inspect a built wheel")
 def test_built_wheel_contents():
     names = set(zipfile.ZipFile(os.environ["RUSTCHAT_WHEEL"]).namelist())
-    missing = [f for f in KERNEL_FILES if f"rustchat/kernels/{f}" not in names]
+    missing = [f for f in map(shipped_name, KERNEL_FILES) if f"rustchat/kernels/{f}" not in names]
     assert not missing, f"wheel lacks rustchat/kernels/{missing}"
     assert not any(n.startswith("kernels/") for n in names), "a top-level kernels package would shadow others"
+
+
+def test_repository_root_does_not_shadow_pypi_kernels():
+    """transformers >= 5.25 imports PyPI's `kernels`; run from the checkout's root, Python must
+    still find that one, not the Triton sources in ./kernels (a regular package there would win)."""
+    assert not (REPO / "kernels" / "__init__.py").exists(), "kernels/__init__.py makes ./kernels a package"
+    code = "import kernels, sys; print(kernels.__file__); print(hasattr(kernels, 'get_kernel'))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, f"import kernels from the repository root failed: {out.stderr.strip()[-500:]}"
+    where, has_get_kernel = out.stdout.split()
+    assert Path(where).resolve().parent != (REPO / "kernels").resolve(), f"./kernels shadows PyPI's: {where}"
+    assert "site-packages" in where or "dist-packages" in where, where
+    assert has_get_kernel == "True", f"{where} is not Hugging Face's kernels package"
 
 
 def test_package_data_is_shipped():
