@@ -228,3 +228,39 @@ def test_absurd_sizes_are_refused_before_allocating(tmp_path):
     )
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stdout, r.stderr[-2000:])
+
+
+def _process_threads() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
+
+
+def test_num_threads_is_capped_at_the_cores_and_must_be_positive():
+    """A caller asking for a million threads gets at most one per core (it once started 15,000+
+    OS threads); zero or a negative count is a one-line ValueError on every batch path."""
+    import os
+
+    from rustchat.conversation import render_batch
+
+    rng = random.Random()
+    tok = Tokenizer.train(["".join(rng.choice("abc de\n") for _ in range(2000))], 300)
+    texts = ["".join(rng.choice("abcde fg") for _ in range(rng.randrange(1, 80))) for _ in range(64)]
+    conv = [{"messages": [{"role": "user", "content": t}, {"role": "assistant", "content": t[::-1]}]} for t in texts[:8]]
+    want = tok.encode_batch(texts, num_threads=1)
+    before = _process_threads()
+    cores = os.cpu_count()
+    # 64 first: an uncapped pool would show here as 64 new threads (and a million would hang).
+    for n in (64, cores + 1, 10**6, 2**62):
+        assert tok.encode_batch(texts, num_threads=n) == want
+        ids, offs = tok.encode_batch_numpy(texts, num_threads=n)
+        assert [ids[a:b].tolist() for a, b in zip(offs[:-1], offs[1:])] == want
+        list(render_batch(tok, conv, num_threads=n))
+        # At most one pool per thread count up to the cores: never more threads than that.
+        assert _process_threads() - before <= cores * (cores + 1) // 2, f"num_threads={n} started more threads than cores"
+    for n in (0, -1, -(10**9)):
+        with pytest.raises(ValueError, match="num_threads must be a positive int"):
+            tok.encode_batch(texts, num_threads=n)
+        with pytest.raises(ValueError, match="num_threads must be a positive int"):
+            tok.encode_batch_numpy(texts, num_threads=n)
+        with pytest.raises(ValueError, match="num_threads must be a positive int"):
+            list(render_batch(tok, conv, num_threads=n))

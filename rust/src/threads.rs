@@ -1,4 +1,7 @@
 //! Rayon pools by thread count, so callers can ask for `num_threads` per call.
+//!
+//! A request for more threads than the machine has cores gets as many as it has: more would
+//! only add switching (and a caller asking for a million would start a million OS threads).
 
 use rustc_hash::FxHashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -8,12 +11,26 @@ pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A rayon pool per requested thread count (built once); None means the global pool.
+/// The cores this process may run on (at least 1).
+pub fn available_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// `num_threads` as it will be used: None stays None (the global pool, one thread per core),
+/// 0 is refused, and more than the cores available is capped to them.
+pub fn capped(num_threads: Option<usize>) -> Result<Option<usize>, String> {
+    match num_threads {
+        Some(0) => Err("num_threads must be at least 1".into()),
+        n => Ok(n.map(|n| n.min(available_cores()))),
+    }
+}
+
+/// A rayon pool per thread count (built once, at most one per core count); None means the
+/// global pool.
 fn pool(num_threads: Option<usize>) -> Result<Option<Arc<rayon::ThreadPool>>, String> {
     static POOLS: OnceLock<Mutex<FxHashMap<usize, Arc<rayon::ThreadPool>>>> = OnceLock::new();
-    match num_threads {
+    match capped(num_threads)? {
         None => Ok(None),
-        Some(0) => Err("num_threads must be at least 1".into()),
         Some(n) => {
             let mut pools = lock(POOLS.get_or_init(Default::default));
             if let Some(p) = pools.get(&n) {
@@ -49,12 +66,17 @@ mod tests {
 
     #[test]
     fn pools_have_the_asked_size_and_zero_is_refused() {
-        assert_eq!(with_threads(Some(3), rayon::current_num_threads).unwrap(), 3);
+        let cores = available_cores();
+        assert_eq!(with_threads(Some(3), rayon::current_num_threads).unwrap(), 3.min(cores));
+        // Far more than the cores: capped, not a million OS threads.
+        assert_eq!(with_threads(Some(1_000_000), rayon::current_num_threads).unwrap(), cores);
+        assert_eq!(capped(Some(usize::MAX)).unwrap(), Some(cores));
+        assert_eq!(capped(None).unwrap(), None);
         assert_eq!(with_threads(Some(1), rayon::current_num_threads).unwrap(), 1);
         assert_eq!(with_threads(Some(0), || ()).unwrap_err(), "num_threads must be at least 1");
         // Jobs spawned in the scope run on the asked pool.
         let seen = Mutex::new(0);
         in_pool(Some(2), |s| s.spawn(|_| *lock(&seen) = rayon::current_num_threads())).unwrap();
-        assert_eq!(*lock(&seen), 2);
+        assert_eq!(*lock(&seen), 2.min(cores));
     }
 }

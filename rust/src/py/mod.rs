@@ -7,6 +7,7 @@ mod guard;
 mod idlists;
 mod render;
 mod text;
+mod threads;
 mod tokenizer;
 mod trainer;
 

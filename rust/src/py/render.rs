@@ -3,6 +3,7 @@
 
 use super::guard::{guarded, value_error};
 use super::text::encodable;
+use super::threads::thread_count;
 use super::tokenizer::PyCore;
 use crate::le::write_u32s;
 use crate::render::{render_batch, render_range, unknown_part, unknown_role, ChatIds, PartKind, Plans, Role};
@@ -169,11 +170,12 @@ pub fn render_conversations<'py>(
     core: &Bound<'py, PyCore>,
     convs: &Bound<'py, PyList>,
     max_tokens: Option<usize>,
-    num_threads: Option<usize>,
+    num_threads: Option<i64>,
     completion: bool,
     names: Option<Vec<i64>>,
     single: bool,
 ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
+    let num_threads = thread_count(num_threads)?;
     let core = &core.get().core;
     let chat = ChatIds::from_core(core).map_err(value_error)?;
     if let Some(n) = &names {

@@ -4,6 +4,7 @@
 use super::guard::{guarded, value_error};
 use super::idlists::{IntCache, OwedRefs};
 use super::text::{borrow_strs, list_items, text_of};
+use super::threads::thread_count;
 use crate::le::{bytes_to_u32s, u32s_to_bytes, write_u32s};
 use crate::threads::{in_pool, lock, with_threads};
 use crate::tokenizer::Core;
@@ -338,8 +339,9 @@ impl PyCore {
         texts: &Bound<'py, PyList>,
         prepend: Option<u32>,
         append: Option<u32>,
-        num_threads: Option<usize>,
+        num_threads: Option<i64>,
     ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
+        let num_threads = thread_count(num_threads)?;
         let (ids, offsets) = self.encode_many(py, texts, self.checked(Batch { prepend, append, num_threads })?)?;
         let ids = PyBytes::new_with(py, ids.len() * 4, |buf| {
             write_u32s(buf, &ids);
@@ -357,8 +359,9 @@ impl PyCore {
         texts: &Bound<'py, PyList>,
         prepend: Option<u32>,
         append: Option<u32>,
-        num_threads: Option<usize>,
+        num_threads: Option<i64>,
     ) -> PyResult<Bound<'py, PyList>> {
+        let num_threads = thread_count(num_threads)?;
         let batch = self.checked(Batch { prepend, append, num_threads })?;
         if num_threads == Some(1) {
             // One thread: encode everything, then build the lists (no channel, no hand-offs).
