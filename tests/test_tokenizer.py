@@ -393,7 +393,7 @@ def test_batch_errors_name_the_text(trained):
     texts[bad] = "ok"
     assert tok.encode_batch(texts, num_threads=2) == [list(t.encode()) for t in texts]
     for call in (trained.encode_batch, trained.encode_batch_numpy):
-        with pytest.raises(ValueError, match="num_threads must be at least 1"):
+        with pytest.raises(ValueError, match="num_threads must be a positive int, got 0"):
             call(["a", "b"], num_threads=0)
 
 
