@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from .common import RustchatError, get_base_dir
 from .config import STAGES
 from .model import GPT, GPTConfig
-from .runtime import autodetect_device, setup_cpu_math
+from .runtime import autodetect_device, get_world_size, setup_cpu_math
 from .tokenizer import Tokenizer, load_tokenizer
 
 _PREVIOUS = {"base": None, "mid": "base", "sft": "mid"}
@@ -285,7 +285,7 @@ def save_checkpoint(ckpt_dir, step: int, model, optimizers, meta: dict, *, rank:
     _remove_stale_temps(ckpt_dir, rank)
     model_path, optim_path, meta_path = _paths(ckpt_dir, step, rank)
     if optimizers is not None:
-        states = [opt.state_dict() for opt in optimizers]
+        states = [opt.state_dict() for opt in optimizers]  # this rank's shard
         _atomic_write(optim_path, lambda tmp: torch.save(states, tmp))
     if rank == 0:
         sd = _plain_state_dict(model)
@@ -294,6 +294,8 @@ def save_checkpoint(ckpt_dir, step: int, model, optimizers, meta: dict, *, rank:
         full = dict(meta)
         full["step"] = step
         full["model_config"] = raw.config.to_dict()
+        if optimizers is not None:  # how many optimizer files (shards) make up the state
+            full["optim_world_size"] = get_world_size()
         text = json.dumps(full, indent=2, default=_to_jsonable)
         _atomic_write(meta_path, lambda tmp: Path(tmp).write_text(text))
     return ckpt_dir
@@ -357,22 +359,47 @@ def load_checkpoint(ckpt_dir, step: int | None = None, device="cpu", load_optimi
             raise RustchatError(f"{model_path}: tensor {name} holds NaN or infinite values")
     optim_states = None
     if load_optimizer:
-        if not optim_path.exists():
-            raise RustchatError(f"optimizer state {optim_path.name} missing in {ckpt_dir}; "
-                                "resume needs the same number of ranks that saved it")
-        regular_file(optim_path, "optimizer state")
-        try:
-            optim_states = torch.load(optim_path, map_location=device, weights_only=True)
-        except Exception as e:  # weights_only refuses arbitrary pickled objects
-            raise RustchatError(f"cannot load {optim_path}: {type(e).__name__}: {e}") from None
+        optim_states = _load_optimizer_shards(ckpt_dir, step, meta)
     return model_state, optim_states, meta
 
 
+def _load_optimizer_shards(ckpt_dir: Path, step: int, meta: dict) -> list:
+    """Every rank's optimizer file of `step`, in rank order (a list per rank of the state dicts
+    of its optimizers): optimizer state is sharded, and a resume on another number of ranks
+    needs all the shards. Memory-mapped on the CPU: a rank reads only the slices it keeps."""
+    saved = meta.get("optim_world_size")
+    n = saved if isinstance(saved, int) and not isinstance(saved, bool) and 1 <= saved <= 1 << 16 else None
+    if n is None:  # checkpoints that do not record it: the consecutive rank files present
+        n = 1
+        while _paths(ckpt_dir, step, n)[1].exists():
+            n += 1
+    shards = []
+    for rank in range(n):
+        path = _paths(ckpt_dir, step, rank)[1]
+        if not path.exists():
+            raise RustchatError(f"optimizer state {path.name} missing in {ckpt_dir} (the run that saved it had "
+                                f"{n} ranks)")
+        regular_file(path, "optimizer state")
+        try:
+            shards.append(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+        except Exception as e:  # weights_only refuses arbitrary pickled objects
+            raise RustchatError(f"cannot load {path}: {type(e).__name__}: {e}") from None
+        if not isinstance(shards[-1], list):
+            raise RustchatError(f"{path}: optimizer state is a {type(shards[-1]).__name__}, expected a list")
+    return shards
+
+
 def load_optimizer_states(optimizers, optim_states) -> None:
-    if len(optimizers) != len(optim_states):
-        raise RustchatError(f"checkpoint has {len(optim_states)} optimizer states, run has {len(optimizers)}")
-    for opt, st in zip(optimizers, optim_states):
-        opt.load_state_dict(st)
+    """Load a checkpoint's optimizer states: every rank's list (load_checkpoint), or one rank's."""
+    per_rank = optim_states if optim_states and isinstance(optim_states[0], list) else [optim_states]
+    counts = {len(states) for states in per_rank}
+    if counts == {2} and len(optimizers) == 1:  # a classic [AdamW, Muon] pair (replicated on every rank)
+        optimizers[0].load_state_dict(per_rank[0])
+        return
+    if counts != {len(optimizers)}:
+        raise RustchatError(f"checkpoint has {sorted(counts)} optimizer states per rank, run has {len(optimizers)}")
+    for i, opt in enumerate(optimizers):
+        opt.load_state_dict([states[i] for states in per_rank] if len(per_rank) > 1 else per_rank[0][i])
 
 
 def build_model_from_meta(meta: dict, device="cpu", model_state: dict | None = None):

@@ -19,6 +19,7 @@ from .common import RustchatError
 DEVICES = ("auto", "cuda", "cpu", "mps")
 STAGES = ("base", "mid", "sft")  # the training stages, in pipeline order
 TASK_PRESETS = ("default", "tiny")
+OPTIMIZERS = ("auto", "2026", "classic")  # "auto" + rustchat.optim.RECIPES
 
 
 def opt(default, help: str, *, short: str | None = None, choices=None, minimum=None, required: bool = False,
@@ -99,6 +100,9 @@ class StageConfig(Config):
     matrix_lr: float = opt(0.02, "Muon learning rate of the transformer matrices", minimum=0.0)
     embedding_lr: float = opt(0.2, "AdamW learning rate of the token embedding", minimum=0.0)
     unembedding_lr: float = opt(0.004, "AdamW learning rate of the output head", minimum=0.0)
+    optimizer: str = opt("auto", "optimizer recipe: 2026 (Polar Express, NorMuon, cautious weight decay), classic "
+                                 "(Newton-Schulz Muon), auto (the model's architecture's; a resume keeps the "
+                                 "checkpoint's)", choices=OPTIMIZERS)
     base_dir: str | None = opt(None, "artifacts root (default $RUSTCHAT_BASE_DIR or ~/.cache/rustchat)")
     nproc: int = opt(1, "processes on this node (re-launches under torchrun)", minimum=1)
     quiet: bool = opt(False, "no progress bar")

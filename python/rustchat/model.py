@@ -369,10 +369,11 @@ class GPT(nn.Module):
         n_matmul = sum(p.numel() for p in self.transformer.h.parameters()) + cfg.vocab_size * cfg.n_embd
         return 6 * n_matmul + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
 
-    def setup_optimizers(self, *, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004,
-                         weight_decay=0.0, lr_scale=1.0):
-        return build_optimizers(self, matrix_lr=matrix_lr, embedding_lr=embedding_lr,
-                                unembedding_lr=unembedding_lr, weight_decay=weight_decay, lr_scale=lr_scale)
+    def setup_optimizers(self, *, recipe="2026", matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004,
+                         scalar_lr=0.5, weight_decay=0.0, lr_scale=1.0):
+        return build_optimizers(self, recipe=recipe, matrix_lr=matrix_lr, embedding_lr=embedding_lr,
+                                unembedding_lr=unembedding_lr, scalar_lr=scalar_lr, weight_decay=weight_decay,
+                                lr_scale=lr_scale)
 
     def _rotary(self, length: int, device: torch.device, plain: bool, dtype: torch.dtype):
         """cos/sin tables covering at least `length` positions (grown on demand, never per step)."""
