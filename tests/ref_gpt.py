@@ -22,16 +22,22 @@ def rms_norm(x):
     return x / torch.sqrt((x * x).mean(dim=-1, keepdim=True) + eps)
 
 
-def rotate_half_split(x, positions, base=10000.0):
+def rotate_half_split(x, positions, base=10000.0, bf16_tables=False):
     """x [B, T, H, D]; positions [B, T]. x1 = first half, x2 = second half of D:
-    y1 = x1 cos + x2 sin, y2 = -x1 sin + x2 cos, angle = pos * base^(-2i/D)."""
+    y1 = x1 cos + x2 sin, y2 = -x1 sin + x2 cos, angle = pos * base^(-2i/D); bf16_tables:
+    angles in fp32 and cos, sin rounded to bf16 first."""
     D = x.size(-1)
     half = D // 2
     i = torch.arange(half, dtype=torch.float64, device=x.device)
     inv_freq = base ** (-2.0 * i / D)
     ang = positions.to(torch.float64)[..., None] * inv_freq  # [B, T, half]
-    cos = ang.cos().to(x.dtype)[:, :, None, :]
-    sin = ang.sin().to(x.dtype)[:, :, None, :]
+    cos, sin = ang.cos(), ang.sin()
+    if bf16_tables:  # as nanochat's January model: fp32 angles, then bf16
+        inv32 = 1.0 / (base ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
+        ang32 = positions.to(torch.float32)[..., None] * inv32
+        cos, sin = ang32.cos().to(torch.bfloat16), ang32.sin().to(torch.bfloat16)
+    cos = cos.to(x.dtype)[:, :, None, :]
+    sin = sin.to(x.dtype)[:, :, None, :]
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], dim=-1)
 
@@ -57,7 +63,7 @@ def ref_forward(weights, cfg, idx, positions=None, doc_ids=None):
 
     cfg: dict with vocab_size, n_layer, n_head, n_kv_head, n_embd, and for the 2026 model
     sequence_len, window_pattern, rope_base, qk_scale, value_embeds, layer_lambdas, smear,
-    backout (absent = classic). positions default to 0..T-1; doc_ids (default: one document
+    backout (absent = classic), rope_bf16. positions default to 0..T-1; doc_ids (default: one document
     per row) restrict attention (and the smear) to the same document."""
     B, T = idx.shape
     V, L = cfg["vocab_size"], cfg["n_layer"]
@@ -66,6 +72,7 @@ def ref_forward(weights, cfg, idx, positions=None, doc_ids=None):
     group = H // Hkv  # query heads per kv head
     base = float(cfg.get("rope_base", 10000))
     qk_scale = cfg.get("qk_scale", 1.0)
+    bf16 = cfg.get("rope_bf16", False)
     windows = ref_windows(cfg)
     if positions is None:
         positions = torch.arange(T).expand(B, T)
@@ -97,8 +104,8 @@ def ref_forward(weights, cfg, idx, positions=None, doc_ids=None):
             ve = weights[f"value_embeds.{layer}.weight"][idx].view(B, T, Hkv, D)
             gate = 3 * torch.sigmoid(h[..., :12] @ weights[p + "attn.ve_gate.weight"].T)  # [B, T, Hkv]
             v = v + gate[..., None] * ve
-        q = rms_norm(rotate_half_split(q, positions, base)) * qk_scale
-        k = rms_norm(rotate_half_split(k, positions, base)) * qk_scale
+        q = rms_norm(rotate_half_split(q, positions, base, bf16)) * qk_scale
+        k = rms_norm(rotate_half_split(k, positions, base, bf16)) * qk_scale
         out = torch.zeros(B, T, H, D, dtype=x.dtype)
         w = windows[layer]
         for b in range(B):

@@ -44,10 +44,11 @@ _CONFIG_LIMITS = {"sequence_len": 1 << 20, "vocab_size": 1 << 24, "n_layer": 102
                   "n_kv_head": 1024, "n_embd": 1 << 16}
 # the architecture's feature fields (GPTConfig), optional in a meta: the accepted JSON types
 _FEATURE_TYPES = {"window_pattern": (str,), "rope_base": (int, float), "qk_scale": (int, float),
-                  "value_embeds": (bool,), "layer_lambdas": (bool,), "smear": (bool,), "backout": (bool,)}
+                  "value_embeds": (bool,), "layer_lambdas": (bool,), "smear": (bool,), "backout": (bool,),
+                  "rope_bf16": (bool,)}
 _FEATURE_NAMES = {"window_pattern": "null or a string of S and L", "rope_base": "a number",
                   "qk_scale": "a number", "value_embeds": "true or false", "layer_lambdas": "true or false",
-                  "smear": "true or false", "backout": "true or false"}
+                  "smear": "true or false", "backout": "true or false", "rope_bf16": "true or false"}
 _META_RE = re.compile(r"^meta_(\d{6,})\.json$")
 _DEPTH_RE = re.compile(r"^d(\d+)$")
 

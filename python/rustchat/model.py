@@ -56,6 +56,9 @@ class GPTConfig:
     layer_lambdas: bool = False  # per-layer resid_lambdas / x0_lambdas mixing in the first embedding
     smear: bool = False  # the previous token's embedding gated into each token's
     backout: bool = False  # the middle layer's residual, scaled, subtracted before the head
+    # rotary cos/sin rounded to bf16, as nanochat's January-2026 model keeps them (set on its
+    # imports so they compute what nanochat computes); not an architecture feature
+    rope_bf16: bool = False
 
     @classmethod
     def from_depth(cls, depth: int, vocab_size: int = 65536, sequence_len: int = 2048,
@@ -152,6 +155,13 @@ class GPTConfig:
             else:
                 out[k] = int(v)
         return cls(**out)
+
+
+def _bf16_rotary_tables(n: int, head_dim: int, base, device, dtype):
+    """cos/sin as nanochat's January-2026 model makes them: angles in fp32, rounded to bf16."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    ang = torch.outer(torch.arange(n, dtype=torch.float32, device=device), inv_freq)
+    return ang.cos().to(torch.bfloat16).to(dtype), ang.sin().to(torch.bfloat16).to(dtype)
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
@@ -468,6 +478,8 @@ class GPT(nn.Module):
         if hit is None or hit[2] < length:
             n = max(length, self.config.sequence_len, 2 * hit[2] if hit else 0)
             cos, sin = kernels.rotary_tables(n, self.config.head_dim, base=self.config.rope_base, device=device, dtype=dtype)
+            if self.config.rope_bf16:
+                cos, sin = _bf16_rotary_tables(n, self.config.head_dim, self.config.rope_base, device, dtype)
             hit = (cos, sin, n)
             self._rope_cache[key] = hit
         return hit[0], hit[1]
