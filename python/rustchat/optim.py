@@ -482,7 +482,12 @@ def build_optimizers(model, *, recipe: str = "2026", matrix_lr: float = 0.02, em
                     weight_decay=weight_decay)
     else:
         adamw = [("head", unembedding_lr * width, (0.8, 0.95), weight_decay),
-                 ("embedding", embedding_lr * width, (0.8, 0.95), weight_decay)]
+                 ("embedding", embedding_lr * width, (0.8, 0.95), weight_decay),
+                 # a 2026 model's other parameters under the classic optimizer: the 2026 rates
+                 ("value_embeds", embedding_lr * width * 0.5, (0.8, 0.95), weight_decay),
+                 ("resid", scalar_lr * 0.01, (0.8, 0.95), weight_decay),
+                 ("x0", scalar_lr, (0.96, 0.95), weight_decay),
+                 ("smear", 0.2, (0.8, 0.95), weight_decay)]
         muon = dict(kind="muon", role="matrix", recipe="classic", lr=matrix_lr, momentum=0.95, ns_steps=5,
                     nesterov=True, weight_decay=0.0)
     known = {role for role, *_ in adamw} | {"matrix"}

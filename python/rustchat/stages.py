@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import attention
 from .checkpoint import find_last_step, load_optimizer_states, load_stage_model, previous_stage, restore_rng_state, stage_dir
 from .common import RustchatError, get_base_dir, print0
 from .config import BaseConfig, MidConfig, SFTConfig, StageConfig
@@ -122,7 +123,7 @@ def _load_start(cfg: StageConfig, device, tok):
     prev = previous_stage(cfg.stage)
     if prev is None:
         mcfg = GPTConfig.from_depth(cfg.depth, vocab_size=tok.vocab_size, sequence_len=cfg.seq_len,
-                                    aspect_ratio=cfg.aspect_ratio, head_dim=cfg.head_dim)
+                                    aspect_ratio=cfg.aspect_ratio, head_dim=cfg.head_dim, arch=cfg.arch)
         with_device = GPT(mcfg).to(device)
         return with_device, None, None, 0
     model, _, meta = load_stage_model(prev, cfg.depth, device=device, base_dir=cfg.base_dir, load_optimizer=False)
@@ -162,7 +163,8 @@ def _banner(cfg: StageConfig, model, device, tok, tokens_per_step: str, num_step
     device = torch.device(device)
     kernels = "triton (fused linear CE, rotary)" if device.type == "cuda" and model.use_kernels else "torch reference"
     print0(
-        f"== rustchat {cfg.stage} | depth {cfg.depth} (dim {model.config.n_embd}, {model.config.n_head} heads) | "
+        f"== rustchat {cfg.stage} | depth {cfg.depth} (dim {model.config.n_embd}, {model.config.n_head} heads, "
+        f"{model.config.arch} arch) | attention: {attention.backend_name(device)} | "
         f"{model.num_params() / 1e6:.2f}M params | device {device} "
         f"({compute_dtype(device)}) | kernels: {kernels} | vocab {tok.vocab_size} | seq {cfg.seq_len} | "
         f"{tokens_per_step} per step | {num_steps} steps{extra}")
