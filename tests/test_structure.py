@@ -18,7 +18,7 @@ PKG = Path(rustchat.__file__).parent
 # Lower layers never import higher ones. Within a layer, imports are allowed but must not cycle.
 LAYERS = {
     0: {"_core", "common"},
-    1: {"config", "conversation", "tokenizer", "tools", "sandbox", "runtime", "kernels", "optim", "attention"},
+    1: {"config", "conversation", "tokenizer", "tools", "sandbox", "runtime", "kernels", "optim", "attention", "fp8"},
     2: {"model", "data", "tasks", "checkpoint", "schedules", "scoring", "report"},
     3: {"engine", "trainer", "batching"},
     4: {"stages", "evaluate", "chat", "serve", "export", "hf_import", "nanochat_import", "tokenizer_stage"},

@@ -24,6 +24,7 @@ from .data.pretrain import FINEWEB_SHARDS, DocumentSource, PretrainLoader, downl
 from .data.steps import SFTSteps, StreamSteps
 from .model import GPT, GPTConfig
 from .report import write_section
+from .fp8 import enable_fp8, fp8_refusal
 from .optim import optimizer_state_bytes, saved_recipe
 from .runtime import autocast_ctx, barrier, compute_dtype, get_rank, get_world_size, init_distributed
 from .schedules import base_lr_multiplier, mid_lr_multiplier, muon_momentum, muon_momentum_2026, muon_weight_decay, sft_lr_multiplier
@@ -248,6 +249,8 @@ def _start_eval(cfg: StageConfig, model, evaluate, start: int) -> dict | None:
 # ----------------------------------------------------------------------------- stages
 def train_base(cfg: BaseConfig) -> dict:
     info, device, tok = _setup(cfg)
+    if cfg.fp8 and (why := fp8_refusal(device)):  # before any download
+        raise RustchatError(why)
     if cfg.data_dir:
         files = DocumentSource.from_paths([cfg.data_dir]).files
         if len(files) < 2:
@@ -256,13 +259,15 @@ def train_base(cfg: BaseConfig) -> dict:
     else:
 
         data = Path(cfg.base_dir or get_base_dir()) / "base_data"
-        if info.rank == 0:  # one downloader; the others wait at the barrier
+        if info.local_rank == 0:  # one downloader per machine; the others wait at the barrier
             download_shards([*range(cfg.num_shards), FINEWEB_SHARDS - 1], data)
         barrier()
         train_files = [data / f"shard_{i:05d}.parquet" for i in range(cfg.num_shards)]
         val_files = [data / f"shard_{FINEWEB_SHARDS - 1:05d}.parquet"]
     train_src, val_src = DocumentSource(train_files), DocumentSource(val_files)
     model, optim_states, meta, start = _load_start(cfg, device, tok)
+    if cfg.fp8:  # before the optimizer: it holds the same parameters, FP8 only changes the matmuls
+        print0(enable_fp8(model, device))
     opts = _optimizers(model, cfg, optim_states)
     accum = _grad_accum(cfg, info.world_size)
     if cfg.max_steps:
