@@ -82,7 +82,7 @@ class _FP8Matmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x8, x_inv, w8, w_inv = ctx.saved_tensors
-        g8, g_inv = quantize(grad_out, torch.float8_e5m2)
+        g8, g_inv = quantize(grad_out.contiguous(), torch.float8_e5m2)  # row-major for _scaled_mm
         grad_x = scaled_mm(g8, _col_major(w8), g_inv, w_inv, grad_out.dtype, fast_accum=False)
         grad_w = scaled_mm(g8.t().contiguous(), _col_major(x8), g_inv, x_inv, grad_out.dtype, fast_accum=False)
         return grad_x, grad_w.to(ctx.weight_dtype)
@@ -97,7 +97,7 @@ class FP8Linear(nn.Linear):
         if x.is_cuda and x.dtype == torch.float32:  # _scaled_mm's output dtype: bf16 like autocast
             x = x.to(torch.bfloat16)
         shape = x.shape
-        out = _FP8Matmul.apply(x.reshape(-1, shape[-1]), self.weight)
+        out = _FP8Matmul.apply(x.reshape(-1, shape[-1]).contiguous(), self.weight)
         out = out.reshape(*shape[:-1], out.shape[-1])
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
