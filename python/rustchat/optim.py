@@ -160,6 +160,21 @@ def _adamw_sharded(p: torch.Tensor, world: int) -> bool:
     return world > 1 and p.numel() >= SMALL_NUMEL and p.shape[0] % world == 0
 
 
+def _own_rows(p: torch.Tensor, rank: int, world: int) -> slice:
+    """The rows of AdamW tensor p that `rank` owns (all of them when p is replicated)."""
+    if not _adamw_sharded(p, world):
+        return slice(None)
+    rows = p.shape[0] // world
+    return slice(rank * rows, (rank + 1) * rows)
+
+
+def _own_adamw_state(p: torch.Tensor, full: dict, rank: int, world: int) -> dict:
+    """This rank's slice of an AdamW parameter's full state, fp32 on p's device."""
+    keep = _own_rows(p, rank, world)
+    return {"step": int(full["step"]),
+            **{k: full[k][keep].to(p.device, torch.float32).clone() for k in ("exp_avg", "exp_avg_sq")}}
+
+
 class MuonAdamW(torch.optim.Optimizer):
     """Muon for 2-D matrices, AdamW for the rest, with state sharded across ranks.
 
@@ -241,11 +256,7 @@ class MuonAdamW(torch.optim.Optimizer):
         for p, (work, g) in zip(group["params"], reduced):
             if work is not None:
                 work.wait()
-            if _adamw_sharded(p, world):
-                rows = p.shape[0] // world
-                p_slice = p[rank * rows:(rank + 1) * rows]
-            else:
-                p_slice = p
+            p_slice = p[_own_rows(p, rank, world)] if _adamw_sharded(p, world) else p
             state = self.state[p]
             if not state:
                 state["step"] = 0
@@ -336,8 +347,8 @@ class MuonAdamW(torch.optim.Optimizer):
                 for pi, p in enumerate(group["params"]):
                     st = self.state.get(p)
                     if st:
-                        rows = p.shape[0] // world
-                        span = [rank * rows, (rank + 1) * rows] if _adamw_sharded(p, world) else None
+                        own = _own_rows(p, rank, world)
+                        span = [own.start, own.stop] if _adamw_sharded(p, world) else None
                         state[f"{gi}.{pi}"] = {"step": st["step"], "exp_avg": st["exp_avg"],
                                                "exp_avg_sq": st["exp_avg_sq"], "rows": span}
             else:
@@ -395,11 +406,7 @@ class MuonAdamW(torch.optim.Optimizer):
                     st = full["state"].get(f"{gi}.{pi}")
                     if st is None:
                         continue
-                    rows = p.shape[0] // world
-                    keep = slice(rank * rows, (rank + 1) * rows) if _adamw_sharded(p, world) else slice(None)
-                    self.state[p] = {"step": int(st["step"]),
-                                     **{k: st[k][keep].to(p.device, torch.float32).clone()
-                                        for k in ("exp_avg", "exp_avg_sq")}}
+                    self.state[p] = _own_adamw_state(p, st, rank, world)
             else:
                 st = full["state"].get(str(gi))
                 if st is None:
@@ -438,11 +445,7 @@ class MuonAdamW(torch.optim.Optimizer):
                     st = full_adamw.get(id(p))
                     if st is None:
                         continue
-                    rows = p.shape[0] // world
-                    keep = slice(rank * rows, (rank + 1) * rows) if _adamw_sharded(p, world) else slice(None)
-                    self.state[p] = {"step": int(st["step"]),
-                                     **{k: st[k][keep].to(p.device, torch.float32).clone()
-                                        for k in ("exp_avg", "exp_avg_sq")}}
+                    self.state[p] = _own_adamw_state(p, st, rank, world)
             elif all(id(p) in full_muon for p in group["params"]):
                 chunk = -(-len(group["params"]) // world)
                 owned = group["params"][rank * chunk:(rank + 1) * chunk]
