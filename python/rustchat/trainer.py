@@ -64,10 +64,12 @@ class _Logger:
             print0(f"--run: wandb disabled ({type(e).__name__}: {e})")
 
     def _lrs(self) -> dict:
+        """One lr per parameter role (head, embedding, matrix, ...): the Muon groups of one
+        role, one per matrix shape, share theirs."""
         out = {}
         for i, opt in enumerate(self.optimizers):
             for j, group in enumerate(opt.param_groups):
-                out[f"lr/{type(opt).__name__.lower()}{i}_group{j}"] = float(group["lr"])
+                out[f"lr/{group.get('role') or f'opt{i}_group{j}'}"] = float(group["lr"])
         return out
 
     def log(self, d: dict, kind: str = "train") -> None:
