@@ -1,6 +1,7 @@
 """Sharded optimizer state across gloo processes on the CPU: training on 2 and 4 ranks equals
 one process, each rank holds about 1/world of the state, and a checkpoint written by one
-world size resumes on another. Multi-process, so marked slow (a few seconds of start-up each)."""
+world size resumes on another (the multi-process test is marked slow: start-up of 6 processes);
+data cursors across a change of world size."""
 import contextlib
 import os
 import socket
@@ -15,7 +16,6 @@ from rustchat.model import GPT, GPTConfig
 from rustchat.optim import optimizer_state_bytes
 from rustchat.trainer import train_step
 
-pytestmark = pytest.mark.slow
 RECIPES = ("2026", "classic")
 STEPS, SAVE_AT, ROWS = 3, 2, 4
 
@@ -108,6 +108,7 @@ def _close(a, b, outliers=4):
         assert float((x - y).abs().max()) < 1e-2
 
 
+@pytest.mark.slow
 def test_two_and_four_ranks_match_one_and_resume_across_world_sizes():
     with tempfile.TemporaryDirectory() as d:
         single = {}
@@ -139,3 +140,28 @@ def test_two_and_four_ranks_match_one_and_resume_across_world_sizes():
                         assert torch.equal(a, b)
             resumed = _resume(os.path.join(d, f"ckpt4_{recipe}"), recipe, 0, 1)
             _close([p.detach() for p in resumed.parameters()], want)
+
+
+@pytest.mark.parametrize("old_world,new_world", [(2, 4), (4, 1), (3, 2)])
+def test_data_cursors_move_to_another_world_size(old_world, new_world):
+    """Per-rank pretraining cursors are remapped (each new rank starts past every group an old
+    rank had begun, so nothing is trained twice); cursors all ranks share (SFT) carry over;
+    a loader without a remap is refused in one line."""
+    from rustchat.common import RustchatError
+    from rustchat.data.pretrain import PretrainLoader
+    from rustchat.trainer import data_state_for_rank
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
+    old = [dict(file=int(torch.randint(0, 3, (), generator=g)), group=int(torch.randint(0, 50, (), generator=g)),
+                doc=3, skip=7, epoch=1) for _ in range(old_world)]
+    meta = {"data_states": old}
+    new = [data_state_for_rank(meta, r, new_world, PretrainLoader.reshard) for r in range(new_world)]
+    last = max((s["epoch"], s["file"], s["group"]) for s in old)
+    for s in new:
+        assert (s["epoch"], s["file"], s["group"]) == (last[0], last[1], last[2] + 1) and s["doc"] == s["skip"] == 0
+    same = [{"pos": 12, "epoch": 0}] * old_world
+    assert data_state_for_rank({"data_states": same}, new_world - 1, new_world) == {"pos": 12, "epoch": 0}
+    assert data_state_for_rank(meta, 0, old_world) == old[0]
+    if len({tuple(s.values()) for s in old}) > 1:
+        with pytest.raises(RustchatError, match=f"written by {old_world} ranks"):
+            data_state_for_rank(meta, 0, new_world)
