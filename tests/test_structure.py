@@ -14,6 +14,9 @@ import rustchat
 from rustchat import cli, config
 
 PKG = Path(rustchat.__file__).parent
+# modeling code that `rustchat export` copies into transformers directories: transformers runs
+# it (trust_remote_code), rustchat never imports it
+REMOTE_CODE = PKG / "hf_remote"
 
 # Lower layers never import higher ones. Within a layer, imports are allowed but must not cycle.
 LAYERS = {
@@ -39,6 +42,8 @@ def _modules():
     """module name (rustchat-relative, dotted) -> path, for every .py file of the package."""
     out = {}
     for p in sorted(PKG.rglob("*.py")):
+        if REMOTE_CODE in p.parents:
+            continue
         rel = p.relative_to(PKG).with_suffix("")
         parts = list(rel.parts)
         if parts[-1] == "__init__" and len(parts) > 1:

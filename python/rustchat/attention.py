@@ -63,7 +63,8 @@ def fa3_usable(q: torch.Tensor) -> bool:
 
 def fa3_causal(q, k, v, window: int | None):
     """FA3 over [B, T, H, D] tensors (its native layout), GQA handled by the kernel."""
-    return _load_fa3().flash_attn_func(q, k, v, causal=True, window_size=(-1 if window is None else window, 0))
+    out = _load_fa3().flash_attn_func(q, k, v, causal=True, window_size=(-1 if window is None else window, 0))
+    return out[0] if isinstance(out, tuple) else out  # some builds also return the softmax LSE
 
 
 def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:

@@ -1,8 +1,12 @@
 """The GPT of docs/design.md ("Model"): pre-norm transformer, rotary + QK-norm, ReLU^2 MLP, softcapped fp32 logits.
 
-Module names follow nanochat (transformer.wte, transformer.h.{i}.attn.c_q, ..., lm_head) so a
-nanochat state dict maps onto ours by name. Rotary and the fused head+loss come from
-rustchat.kernels, which picks Triton or plain-torch paths itself.
+Two architectures, one model: the classic one and the 2026 one (sliding windows, value
+embeddings, per-layer lambdas, smear, backout, rotary base 100k, q/k scale), whose features are
+GPTConfig fields ("The 2026 architecture" in docs/design.md). Module names follow nanochat
+(transformer.wte, transformer.h.{i}.attn.c_q, ..., value_embeds.{i}, resid_lambdas, lm_head) so
+a nanochat state dict of either version maps onto ours by name. Rotary and the fused head+loss
+come from rustchat.kernels, which picks Triton or plain-torch paths itself; attention from
+rustchat.attention.
 """
 from __future__ import annotations
 
