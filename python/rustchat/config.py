@@ -19,6 +19,8 @@ from .common import RustchatError
 DEVICES = ("auto", "cuda", "cpu", "mps")
 STAGES = ("base", "mid", "sft")  # the training stages, in pipeline order
 TASK_PRESETS = ("default", "tiny")
+OPTIMIZERS = ("auto", "2026", "classic")  # "auto" + rustchat.optim.RECIPES
+ARCHS = ("2026", "classic")  # the keys of rustchat.model.ARCHS
 
 
 def opt(default, help: str, *, short: str | None = None, choices=None, minimum=None, required: bool = False,
@@ -99,8 +101,16 @@ class StageConfig(Config):
     matrix_lr: float = opt(0.02, "Muon learning rate of the transformer matrices", minimum=0.0)
     embedding_lr: float = opt(0.2, "AdamW learning rate of the token embedding", minimum=0.0)
     unembedding_lr: float = opt(0.004, "AdamW learning rate of the output head", minimum=0.0)
+    optimizer: str = opt("auto", "optimizer recipe: 2026 (Polar Express, NorMuon, cautious weight decay), classic "
+                                 "(Newton-Schulz Muon), auto (the model's architecture's; a resume keeps the "
+                                 "checkpoint's)", choices=OPTIMIZERS)
     base_dir: str | None = opt(None, "artifacts root (default $RUSTCHAT_BASE_DIR or ~/.cache/rustchat)")
     nproc: int = opt(1, "processes on this node (re-launches under torchrun)", minimum=1)
+    nnodes: int = opt(1, "machines training together; run the same command on each with its --node-rank",
+                      minimum=1)
+    node_rank: int = opt(0, "this machine's index among --nnodes (0 hosts the rendezvous)", minimum=0)
+    master_addr: str | None = opt(None, "address of node 0, reachable from every node (needed with --nnodes > 1)")
+    master_port: int = opt(29500, "port of the rendezvous on node 0", minimum=1)
     quiet: bool = opt(False, "no progress bar")
 
 
@@ -114,6 +124,10 @@ class BaseConfig(StageConfig):
     aspect_ratio: int = opt(64, "model width per layer: model_dim = depth * aspect_ratio", minimum=2)
     head_dim: int = opt(128, "attention head width (heads = model_dim / head_dim, rounded to divide it)",
                         minimum=2)
+    fp8: bool = opt(False, "train the transformer's matmuls in FP8, tensorwise scaling (GPUs with FP8 tensor "
+                           "cores: compute capability 8.9+)")
+    arch: str = opt("2026", "architecture of a new model: 2026 (nanochat's July-2026 model: sliding windows, "
+                            "value embeddings, smear, backout) or classic (January 2026)", choices=ARCHS)
 
 
 @dataclass

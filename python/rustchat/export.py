@@ -1,6 +1,8 @@
 """`rustchat export` and `rustchat import-hf`: a checkpoint as a Hugging Face `transformers`
-directory of its built-in NanoChat architecture (`model_type: nanochat`, no remote code), and
-such a directory back into a checkpoint and tokenizer (docs/design.md, "Export to transformers").
+directory of its built-in NanoChat architecture (`model_type: nanochat`, no remote code) for
+the classic architecture, or with our own modeling code (`model_type: rustchat`, loaded with
+trust_remote_code=True) for the 2026 one; and either kind back into a checkpoint and tokenizer
+(docs/design.md, "Export to transformers").
 
 transformers' NanoChat is the same network as ours: embedding, RMSNorm without weights
 before the blocks, pre-norm blocks with rotary (nanochat's sign convention) then QK RMSNorm,
@@ -21,13 +23,14 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .checkpoint import build_model_from_meta, find_last_step, load_model, save_checkpoint, stage_dir
+from .checkpoint import build_model_from_meta, check_model_config, find_last_step, load_model, save_checkpoint, stage_dir
 from .common import RustchatError, get_base_dir
 from .config import ExportConfig, ImportHFConfig
 from .model import ROPE_BASE, SOFTCAP, GPTConfig
@@ -38,6 +41,10 @@ from .tokenizer import SPECIAL_TOKENS, Tokenizer
 RMS_EPS = float(torch.finfo(torch.float32).eps)
 _MODEL_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
+# the modeling code a non-classic export carries (run by transformers, not imported by rustchat)
+_REMOTE_CODE = Path(__file__).parent / "hf_remote"
+_REMOTE_TYPE = "rustchat"
+_GPT_FIELDS = {f.name for f in fields(GPTConfig)}
 
 # ours -> transformers, per block (the rest: wte -> embed_tokens, lm_head -> lm_head)
 _BLOCK_NAMES = {
@@ -283,19 +290,45 @@ def tokenizer_files(tok: Tokenizer, context: int) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- the commands
+def remote_state_dict(state: dict, config: GPTConfig) -> dict:
+    """Our state dict for the remote-code model: our names, vocab rows cut to the real vocabulary."""
+    out = {}
+    for name, t in state.items():
+        name = name.replace("_orig_mod.", "")
+        if name in _VOCAB_ROWS or name.startswith("value_embeds."):
+            t = t[: config.vocab_size]
+        out[name] = t.detach().to("cpu", torch.float32).contiguous()
+    return out
+
+
+def remote_config(config: GPTConfig, tok: Tokenizer) -> dict:
+    """config.json of the remote-code model: our GPTConfig's fields, and where its code is."""
+    eos = tok.encode_special("<|assistant_end|>")
+    return {"architectures": ["RustchatForCausalLM"], "model_type": _REMOTE_TYPE,
+            "auto_map": {"AutoConfig": "configuration_rustchat.RustchatConfig",
+                         "AutoModelForCausalLM": "modeling_rustchat.RustchatForCausalLM"},
+            **config.to_dict(), "softcap": SOFTCAP, "bos_token_id": tok.bos_token_id, "eos_token_id": eos,
+            "pad_token_id": eos, "use_cache": True, "tie_word_embeddings": False, "dtype": "float32"}
+
+
 def export_model(model, tok: Tokenizer, out, *, source: str = "", step: int | None = None) -> Path:
-    """Write `model` and `tok` as a transformers NanoChat directory at `out`."""
+    """Write `model` and `tok` as a transformers directory at `out`: the built-in NanoChat for
+    the classic architecture, else our own modeling code (rustchat/hf_remote/) beside the
+    weights, loaded with trust_remote_code=True."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     if cfg.vocab_size != tok.vocab_size:
         raise RustchatError(f"model vocab {cfg.vocab_size} differs from the tokenizer's {tok.vocab_size}")
+    builtin = cfg.arch == "classic"
     # where the weights came from, readable back by import-hf (safetensors metadata is str -> str)
     provenance = {"format": "pt", "rustchat_source": source, "rustchat_step": "" if step is None else str(step)}
-    save_file(to_hf_state_dict(model.state_dict(), cfg), str(out / _MODEL_FILE), metadata=provenance)
+    weights = to_hf_state_dict(model.state_dict(), cfg) if builtin else remote_state_dict(model.state_dict(), cfg)
+    save_file(weights, str(out / _MODEL_FILE), metadata=provenance)
     eos = [tok.encode_special("<|assistant_end|>"), tok.bos_token_id]  # where rustchat's engine stops
-    files = {
-        "config.json": json.dumps(hf_config(cfg, tok), indent=2),
+    files = {} if builtin else {f.name: f.read_text(encoding="utf-8") for f in sorted(_REMOTE_CODE.glob("*.py"))}
+    files |= {
+        "config.json": json.dumps(hf_config(cfg, tok) if builtin else remote_config(cfg, tok), indent=2),
         "generation_config.json": json.dumps({"bos_token_id": tok.bos_token_id, "eos_token_id": eos,
                                               "pad_token_id": eos[0]}, indent=2),
         **tokenizer_files(tok, cfg.sequence_len),
@@ -331,7 +364,10 @@ def load_hf_dir(hf_dir) -> tuple[object, Tokenizer, dict]:
         hf_cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise RustchatError(f"{cfg_path}: invalid JSON ({e})") from None
-    config = gpt_config_from_hf(hf_cfg, cfg_path)
+    if isinstance(hf_cfg, dict) and hf_cfg.get("model_type") == _REMOTE_TYPE:
+        config = check_model_config({k: v for k, v in hf_cfg.items() if k in _GPT_FIELDS}, cfg_path)
+    else:
+        config = gpt_config_from_hf(hf_cfg, cfg_path)
     tok_path = d / "tokenizer.json"
     if not tok_path.is_file():
         raise RustchatError(f"{d}: no tokenizer.json")
@@ -341,7 +377,10 @@ def load_hf_dir(hf_dir) -> tuple[object, Tokenizer, dict]:
     # the model's rows past the tokenizer's ids are padding that no id can reach
     config = GPTConfig(**{**config.to_dict(), "vocab_size": tok.vocab_size})
     hf_state, provenance = _read_safetensors(d)
-    model = build_model_from_meta({"model_config": config.to_dict()}, "cpu", from_hf_state_dict(hf_state, config))
+    # the remote-code model's weights have our names: they go in as a nanochat state dict does
+    state = (convert_state_dict(hf_state, config) if hf_cfg.get("model_type") == _REMOTE_TYPE
+             else from_hf_state_dict(hf_state, config))
+    model = build_model_from_meta({"model_config": config.to_dict()}, "cpu", state)
     return model, tok, provenance
 
 

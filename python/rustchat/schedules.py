@@ -1,10 +1,10 @@
-"""Learning-rate multipliers (of each group's `initial_lr`) and the Muon momentum warmup.
+"""Learning-rate multipliers (of each group's `initial_lr`), Muon's momentum and weight decay.
 
 Steps count from 0; `num_steps` is the number of optimizer steps in the run.
 """
 from __future__ import annotations
 
-from .optim import Muon
+import math
 
 
 def base_lr_multiplier(step: int, num_steps: int, *, warmup_ratio: float = 0.0,
@@ -42,6 +42,24 @@ def muon_momentum(step: int, *, warmup_steps: int = 300, start: float = 0.85, en
     return (1.0 - frac) * start + frac * end
 
 
+def muon_momentum_2026(step: int, num_steps: int, *, warmdown_ratio: float = 0.65) -> float:
+    """The 2026 recipe: 0.85 -> 0.97 over the first 400 steps, 0.97 -> 0.90 across the lr warmdown."""
+    warmdown = round(warmdown_ratio * num_steps)
+    start = num_steps - warmdown
+    if step < 400:
+        frac = step / 400
+        return (1 - frac) * 0.85 + frac * 0.97
+    if step >= start and warmdown > 0:
+        progress = (step - start) / warmdown
+        return 0.97 * (1 - progress) + 0.90 * progress
+    return 0.97
+
+
+def muon_weight_decay(step: int, num_steps: int, weight_decay: float) -> float:
+    """The 2026 recipe: Muon's (cautious) weight decay falls to 0 along a half cosine."""
+    return weight_decay * 0.5 * (1 + math.cos(math.pi * step / num_steps))
+
+
 def apply_lr_multiplier(optimizers, multiplier: float) -> None:
     """group['lr'] = group['initial_lr'] * multiplier for every group of every optimizer."""
     for opt in optimizers:
@@ -49,9 +67,18 @@ def apply_lr_multiplier(optimizers, multiplier: float) -> None:
             group["lr"] = group["initial_lr"] * multiplier
 
 
+def _muon_groups(optimizers):
+    return [g for opt in optimizers for g in opt.param_groups if g.get("kind") == "muon"]
+
+
 def set_muon_momentum(optimizers, momentum: float) -> None:
-    """Set the momentum of every Muon optimizer in the list (AdamW untouched)."""
-    for opt in optimizers:
-        if isinstance(opt, Muon):
-            for group in opt.param_groups:
-                group["momentum"] = momentum
+    """Set the momentum of every Muon group (AdamW groups untouched)."""
+    for group in _muon_groups(optimizers):
+        group["momentum"] = momentum
+
+
+def set_muon_weight_decay(optimizers, weight_decay: float) -> None:
+    """Set the weight decay of every 2026-recipe Muon group (classic Muon has none)."""
+    for group in _muon_groups(optimizers):
+        if group.get("recipe") == "2026":
+            group["weight_decay"] = weight_decay

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import attention
 from .checkpoint import find_last_step, load_optimizer_states, load_stage_model, previous_stage, restore_rng_state, stage_dir
 from .common import RustchatError, get_base_dir, print0
 from .config import BaseConfig, MidConfig, SFTConfig, StageConfig
@@ -23,8 +24,10 @@ from .data.pretrain import FINEWEB_SHARDS, DocumentSource, PretrainLoader, downl
 from .data.steps import SFTSteps, StreamSteps
 from .model import GPT, GPTConfig
 from .report import write_section
-from .runtime import autocast_ctx, barrier, compute_dtype, get_rank, init_distributed
-from .schedules import base_lr_multiplier, mid_lr_multiplier, muon_momentum, sft_lr_multiplier
+from .fp8 import enable_fp8, fp8_refusal
+from .optim import optimizer_state_bytes, saved_recipe
+from .runtime import autocast_ctx, barrier, compute_dtype, get_rank, get_world_size, init_distributed
+from .schedules import base_lr_multiplier, mid_lr_multiplier, muon_momentum, muon_momentum_2026, muon_weight_decay, sft_lr_multiplier
 from .tasks import TaskMixture, get_task
 from .tokenizer import load_tokenizer
 from .trainer import all_reduce_sum, data_state_for_rank, run_stage
@@ -121,7 +124,7 @@ def _load_start(cfg: StageConfig, device, tok):
     prev = previous_stage(cfg.stage)
     if prev is None:
         mcfg = GPTConfig.from_depth(cfg.depth, vocab_size=tok.vocab_size, sequence_len=cfg.seq_len,
-                                    aspect_ratio=cfg.aspect_ratio, head_dim=cfg.head_dim)
+                                    aspect_ratio=cfg.aspect_ratio, head_dim=cfg.head_dim, arch=cfg.arch)
         with_device = GPT(mcfg).to(device)
         return with_device, None, None, 0
     model, _, meta = load_stage_model(prev, cfg.depth, device=device, base_dir=cfg.base_dir, load_optimizer=False)
@@ -132,11 +135,28 @@ def _load_start(cfg: StageConfig, device, tok):
     return model, None, meta, 0
 
 
+def _recipe(model, cfg: StageConfig, optim_states) -> str:
+    """The optimizer recipe: a resumed run keeps its checkpoint's; else --optimizer, where auto
+    follows the architecture (a classic model keeps the classic optimizer)."""
+    saved = saved_recipe(optim_states)
+    if saved is not None:
+        return saved
+    if cfg.optimizer != "auto":
+        return cfg.optimizer
+    return "2026" if getattr(model.config, "arch", "classic") == "2026" else "classic"
+
+
 def _optimizers(model, cfg: StageConfig, optim_states):
-    opts = model.setup_optimizers(matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
-                                  unembedding_lr=cfg.unembedding_lr)
+    recipe = _recipe(model, cfg, optim_states)
+    opts = model.setup_optimizers(recipe=recipe, matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
+                                  unembedding_lr=cfg.unembedding_lr, scalar_lr=getattr(cfg, "scalar_lr", 0.5),
+                                  weight_decay=getattr(cfg, "weight_decay", 0.0))
     if optim_states is not None:
         load_optimizer_states(opts, optim_states)
+    world = get_world_size()
+    mine, whole = optimizer_state_bytes(opts, world, get_rank()), optimizer_state_bytes(opts, 1, 0)
+    print0(f"== optimizer: MuonAdamW, {recipe} recipe | state {mine / 2**20:.2f} MiB on rank 0 of {world} "
+           f"({whole / 2**20:.2f} MiB unsharded; ZeRO-2: gradients reduce-scattered, parameters all-gathered)")
     return opts
 
 
@@ -144,7 +164,8 @@ def _banner(cfg: StageConfig, model, device, tok, tokens_per_step: str, num_step
     device = torch.device(device)
     kernels = "triton (fused linear CE, rotary)" if device.type == "cuda" and model.use_kernels else "torch reference"
     print0(
-        f"== rustchat {cfg.stage} | depth {cfg.depth} (dim {model.config.n_embd}, {model.config.n_head} heads) | "
+        f"== rustchat {cfg.stage} | depth {cfg.depth} (dim {model.config.n_embd}, {model.config.n_head} heads, "
+        f"{model.config.arch} arch) | attention: {attention.backend_name(device)} | "
         f"{model.num_params() / 1e6:.2f}M params | device {device} "
         f"({compute_dtype(device)}) | kernels: {kernels} | vocab {tok.vocab_size} | seq {cfg.seq_len} | "
         f"{tokens_per_step} per step | {num_steps} steps{extra}")
@@ -228,6 +249,8 @@ def _start_eval(cfg: StageConfig, model, evaluate, start: int) -> dict | None:
 # ----------------------------------------------------------------------------- stages
 def train_base(cfg: BaseConfig) -> dict:
     info, device, tok = _setup(cfg)
+    if cfg.fp8 and (why := fp8_refusal(device)):  # before any download
+        raise RustchatError(why)
     if cfg.data_dir:
         files = DocumentSource.from_paths([cfg.data_dir]).files
         if len(files) < 2:
@@ -236,13 +259,15 @@ def train_base(cfg: BaseConfig) -> dict:
     else:
 
         data = Path(cfg.base_dir or get_base_dir()) / "base_data"
-        if info.rank == 0:  # one downloader; the others wait at the barrier
+        if info.local_rank == 0:  # one downloader per machine; the others wait at the barrier
             download_shards([*range(cfg.num_shards), FINEWEB_SHARDS - 1], data)
         barrier()
         train_files = [data / f"shard_{i:05d}.parquet" for i in range(cfg.num_shards)]
         val_files = [data / f"shard_{FINEWEB_SHARDS - 1:05d}.parquet"]
     train_src, val_src = DocumentSource(train_files), DocumentSource(val_files)
     model, optim_states, meta, start = _load_start(cfg, device, tok)
+    if cfg.fp8:  # before the optimizer: it holds the same parameters, FP8 only changes the matmuls
+        print0(enable_fp8(model, device))
     opts = _optimizers(model, cfg, optim_states)
     accum = _grad_accum(cfg, info.world_size)
     if cfg.max_steps:
@@ -252,17 +277,25 @@ def train_base(cfg: BaseConfig) -> dict:
     if meta is not None and cfg.resume:
         num_steps = int(meta.get("num_steps", num_steps)) if not cfg.max_steps else num_steps
     loader = PretrainLoader(tok, train_src, cfg.device_batch_size, cfg.seq_len, device=device, rank=info.rank,
-                            world_size=info.world_size, state=data_state_for_rank(meta, info.rank) if cfg.resume else None)
+                            world_size=info.world_size,
+                            state=data_state_for_rank(meta, info.rank, info.world_size, PretrainLoader.reshard)
+                            if cfg.resume else None)
     data = StreamSteps(loader, accum)
     evaluate = _bpb_evaluator(
         tok, lambda: iter(PretrainLoader(tok, val_src, cfg.device_batch_size, cfg.seq_len, device=device,
                                          rank=info.rank, world_size=info.world_size)), cfg.eval_batches)
 
     _banner(cfg, model, device, tok, f"{cfg.total_batch_size:,} tokens (grad accum {accum})", num_steps)
+    momentum_fn, weight_decay_fn = muon_momentum, None
+    if any(g.get("recipe") == "2026" for opt in opts for g in opt.param_groups):  # the 2026 recipe's schedules
+        momentum_fn = lambda s: muon_momentum_2026(s, num_steps)  # noqa: E731
+        wd = getattr(cfg, "weight_decay", 0.0)
+        weight_decay_fn = lambda s: muon_weight_decay(s, num_steps, wd)  # noqa: E731
     result = run_stage(cfg, tok=tok, model=model, optimizers=opts, data=data,
                        num_steps=num_steps, lr_multiplier=lambda s: base_lr_multiplier(s, num_steps),
                        start_step=start, evaluate=evaluate, ckpt_dir=_ckpt_dir("base", cfg),
-                       momentum_fn=muon_momentum, resumed_meta=meta if cfg.resume else None)
+                       momentum_fn=momentum_fn, weight_decay_fn=weight_decay_fn,
+                       resumed_meta=meta if cfg.resume else None)
     _report(cfg, model, result)
     return result
 
@@ -280,7 +313,7 @@ def train_mid(cfg: MidConfig) -> dict:
         n_tokens += int(render_batch(tok, [train[i] for i in range(s, min(s + 4096, len(train)))], cfg.seq_len).lengths.sum())
     num_steps = cfg.max_steps or max(1, (n_tokens * cfg.num_epochs) // cfg.total_batch_size)
     stream = MidTrainStream(tok, train, cfg.device_batch_size, cfg.seq_len,
-                            state=data_state_for_rank(meta, info.rank) if cfg.resume else None,
+                            state=data_state_for_rank(meta, info.rank, info.world_size) if cfg.resume else None,
                             max_tokens=cfg.seq_len, rank=info.rank, world_size=info.world_size)
 
     data = StreamSteps(stream, accum)
@@ -308,7 +341,8 @@ def train_sft(cfg: SFTConfig) -> dict:
                             f"= {cfg.device_batch_size * info.world_size}")
     num_steps = cfg.max_steps or max(1, (len(train) * cfg.num_epochs) // E)
     data = SFTSteps(tok, train, E, cfg.device_batch_size, cfg.seq_len, info.rank, info.world_size, cfg.seed,
-                    state=data_state_for_rank(meta, info.rank) if cfg.resume else None, pack=cfg.pack)
+                    state=data_state_for_rank(meta, info.rank, info.world_size) if cfg.resume else None,
+                    pack=cfg.pack)
     evaluate = _conv_loss_evaluator(tok, val, cfg, info.rank, info.world_size)
     accum = E // (cfg.device_batch_size * info.world_size)
     _banner(cfg, model, device, tok, f"{E} examples (grad accum {accum})", num_steps,

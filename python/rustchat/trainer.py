@@ -3,7 +3,8 @@
 Each optimizer step takes a fixed set of examples (a global batch), split over ranks and
 micro-batches. The loss is normalised per trained token over the WHOLE step: every
 micro-batch contributes sum(token losses) / (trained tokens in the step, summed over all
-micro-batches and ranks), and gradients are summed across ranks. This departs on purpose
+micro-batches and ranks), and gradients are summed across ranks (by the optimizer, which
+shards its state: rustchat.optim). This departs on purpose
 from nanochat's mean of micro-batch means (docs/design.md): the update no longer depends on
 --device-batch-size or on how masked tokens fall into micro-batches, and a micro-batch with no
 trained token adds exactly zero (never NaN).
@@ -26,9 +27,8 @@ from tqdm import tqdm
 from .checkpoint import capture_rng_state, check_checkpoint_dir, checkpoint_bytes, prune_checkpoints, save_checkpoint
 from .common import RustchatError, print0
 from .config import StageConfig
-from .optim import all_reduce_grads
 from .runtime import autocast_ctx, barrier, get_rank, get_world_size, synchronize
-from .schedules import apply_lr_multiplier, set_muon_momentum
+from .schedules import apply_lr_multiplier, set_muon_momentum, set_muon_weight_decay
 
 H100_BF16_PEAK_FLOPS = 989e12
 
@@ -64,10 +64,12 @@ class _Logger:
             print0(f"--run: wandb disabled ({type(e).__name__}: {e})")
 
     def _lrs(self) -> dict:
+        """One lr per parameter role (head, embedding, matrix, ...): the Muon groups of one
+        role, one per matrix shape, share theirs."""
         out = {}
         for i, opt in enumerate(self.optimizers):
             for j, group in enumerate(opt.param_groups):
-                out[f"lr/{type(opt).__name__.lower()}{i}_group{j}"] = float(group["lr"])
+                out[f"lr/{group.get('role') or f'opt{i}_group{j}'}"] = float(group["lr"])
         return out
 
     def log(self, d: dict, kind: str = "train") -> None:
@@ -115,7 +117,7 @@ def train_step(model, optimizers, micro_batches, device, autocast_ctx) -> tuple[
         # Divided by the step's global count: sums to the per-token mean over the whole step.
         (loss / max(total, 1.0)).backward()
         loss_sum += float(loss.detach())
-    all_reduce_grads(model, "sum")
+    # the optimizers reduce-scatter (sum) the gradients across ranks themselves (rustchat.optim)
     for opt in optimizers:
         opt.step()
     model.zero_grad(set_to_none=True)
@@ -124,7 +126,8 @@ def train_step(model, optimizers, micro_batches, device, autocast_ctx) -> tuple[
 
 
 def run_stage(cfg: StageConfig, *, tok, model, optimizers, data, num_steps: int, lr_multiplier,
-              start_step: int, evaluate=None, ckpt_dir, momentum_fn=None, resumed_meta: dict | None = None) -> dict:
+              start_step: int, evaluate=None, ckpt_dir, momentum_fn=None, weight_decay_fn=None,
+              resumed_meta: dict | None = None) -> dict:
     """The shared loop: schedule, step, eval, checkpoint, progress, report numbers.
 
     `resumed_meta` (the checkpoint a --resume starts from) carries the run so far: its history
@@ -181,6 +184,8 @@ def run_stage(cfg: StageConfig, *, tok, model, optimizers, data, num_steps: int,
             apply_lr_multiplier(optimizers, mult)
             if momentum_fn is not None:
                 set_muon_momentum(optimizers, momentum_fn(step))
+            if weight_decay_fn is not None:
+                set_muon_weight_decay(optimizers, weight_decay_fn(step))
             micro = data.next_step()
             t0 = time.time()
             model.train()
@@ -229,11 +234,20 @@ def run_stage(cfg: StageConfig, *, tok, model, optimizers, data, num_steps: int,
             "resumed_at": start_step if resumed_meta else None}
 
 
-def data_state_for_rank(meta: dict | None, rank: int):
-    """This rank's saved data cursor (None to start fresh)."""
+def data_state_for_rank(meta: dict | None, rank: int, world: int = 1, reshard=None):
+    """This rank's saved data cursor (None to start fresh).
+
+    After a change of world size: cursors that every rank shares (SFT's global position) carry
+    over as they are; per-rank cursors need the loader's `reshard(states, world)`, which maps
+    the old ranks' cursors onto the new ranks."""
     states = (meta or {}).get("data_states")
     if not states:
         return None
-    if rank >= len(states):
-        raise RustchatError(f"the checkpoint was written by {len(states)} ranks; resume with the same number of processes")
-    return states[rank]
+    if len(states) == world:
+        return states[rank]
+    if all(s == states[0] for s in states):
+        return states[0]
+    if reshard is None:
+        raise RustchatError(f"the checkpoint was written by {len(states)} ranks and this stage's data cannot move "
+                            f"to {world}; resume with {len(states)} processes")
+    return reshard(states, world)[rank]

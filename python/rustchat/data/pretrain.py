@@ -226,6 +226,15 @@ class PretrainLoader:
         """Where the next batch starts (JSON-able)."""
         return asdict(self._next)
 
+    @staticmethod
+    def reshard(states: list[dict], world: int) -> list[dict]:
+        """The cursors of a run on len(states) ranks -> cursors for `world` ranks (a resume on
+        another number of processes). Ranks own row groups by index, so every new rank starts
+        after the furthest group any old rank had begun: no document is trained twice; the
+        rest of the groups in flight (at most one per old rank) is skipped."""
+        last = max((Cursor(**s) for s in states), key=lambda c: (c.epoch, c.file, c.group))
+        return [asdict(Cursor(last.file, last.group + 1, 0, 0, last.epoch)) for _ in range(world)]
+
     def __iter__(self):
         stop = threading.Event()
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
