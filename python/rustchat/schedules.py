@@ -4,14 +4,18 @@ Steps count from 0; `num_steps` is the number of optimizer steps in the run.
 """
 from __future__ import annotations
 
+import math
+
 from .optim import Muon
 
 
 def base_lr_multiplier(step: int, num_steps: int, *, warmup_ratio: float = 0.0,
-                       warmdown_ratio: float = 0.2, final_lr_frac: float = 0.0) -> float:
-    """Base pretraining: optional linear warmup, flat at 1, then linear warmdown over the last
-    `warmdown_ratio` of the run to `final_lr_frac` (reached at step == num_steps)."""
-    warmup = round(warmup_ratio * num_steps)
+                       warmdown_ratio: float = 0.2, final_lr_frac: float = 0.0,
+                       warmup_steps: int | None = None) -> float:
+    """Base pretraining: optional linear warmup (`warmup_steps`, else `warmup_ratio` of the
+    run), flat at 1, then linear warmdown over the last `warmdown_ratio` of the run to
+    `final_lr_frac` (reached at step == num_steps)."""
+    warmup = round(warmup_ratio * num_steps) if warmup_steps is None else warmup_steps
     warmdown = round(warmdown_ratio * num_steps)
     if step < warmup:
         return (step + 1) / warmup
@@ -42,6 +46,27 @@ def muon_momentum(step: int, *, warmup_steps: int = 300, start: float = 0.85, en
     return (1.0 - frac) * start + frac * end
 
 
+def muon_momentum_2026(step: int, num_steps: int, *, warmdown_ratio: float = 0.65, warmup_steps: int = 400,
+                       start: float = 0.85, peak: float = 0.97, end: float = 0.90) -> float:
+    """2026 base pretraining: Muon momentum ramps 0.85 -> 0.97 over the first 400 steps, holds,
+    and falls linearly to 0.90 across the lr warmdown (less momentum as the steps shrink)."""
+    warmdown = round(warmdown_ratio * num_steps)
+    warmdown_start = num_steps - warmdown
+    if step < warmup_steps:
+        frac = step / warmup_steps
+        return (1.0 - frac) * start + frac * peak
+    if step >= warmdown_start and warmdown > 0:
+        progress = (step - warmdown_start) / warmdown
+        return (1.0 - progress) * peak + progress * end
+    return peak
+
+
+def cosine_weight_decay(step: int, num_steps: int, peak: float) -> float:
+    """2026 base pretraining: the matrices' weight decay falls from `peak` to 0 along half a
+    cosine over the run."""
+    return peak * 0.5 * (1.0 + math.cos(math.pi * step / num_steps))
+
+
 def apply_lr_multiplier(optimizers, multiplier: float) -> None:
     """group['lr'] = group['initial_lr'] * multiplier for every group of every optimizer."""
     for opt in optimizers:
@@ -55,3 +80,11 @@ def set_muon_momentum(optimizers, momentum: float) -> None:
         if isinstance(opt, Muon):
             for group in opt.param_groups:
                 group["momentum"] = momentum
+
+
+def set_muon_weight_decay(optimizers, weight_decay: float) -> None:
+    """Set the weight decay of every Muon optimizer's groups (AdamW untouched)."""
+    for opt in optimizers:
+        if isinstance(opt, Muon):
+            for group in opt.param_groups:
+                group["weight_decay"] = weight_decay

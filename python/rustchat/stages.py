@@ -8,6 +8,7 @@ with --resume, and writes step-numbered checkpoints under
 """
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 
@@ -24,7 +25,9 @@ from .data.steps import SFTSteps, StreamSteps
 from .model import GPT, GPTConfig
 from .report import write_section
 from .runtime import autocast_ctx, barrier, compute_dtype, get_rank, init_distributed
-from .schedules import base_lr_multiplier, mid_lr_multiplier, muon_momentum, sft_lr_multiplier
+from .rules import REFERENCE_DEPTH, Plan, plan_2026, plan_classic, scaling_params
+from .schedules import (base_lr_multiplier, cosine_weight_decay, mid_lr_multiplier, muon_momentum, muon_momentum_2026,
+                        sft_lr_multiplier)
 from .tasks import TaskMixture, get_task
 from .tokenizer import load_tokenizer
 from .trainer import all_reduce_sum, data_state_for_rank, run_stage
@@ -132,9 +135,19 @@ def _load_start(cfg: StageConfig, device, tok):
     return model, None, meta, 0
 
 
-def _optimizers(model, cfg: StageConfig, optim_states):
-    opts = model.setup_optimizers(matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
-                                  unembedding_lr=cfg.unembedding_lr)
+def _optimizers(model, cfg: StageConfig, optim_states, plan: Plan | None = None):
+    """The stage's optimizers: base takes its learning rates and weight decay from the rules'
+    plan, mid and SFT from their flags."""
+    if plan is None:
+        opts = model.setup_optimizers(matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
+                                      unembedding_lr=cfg.unembedding_lr)
+    else:
+        kw = dict(matrix_lr=plan.matrix_lr, embedding_lr=plan.embedding_lr, unembedding_lr=plan.unembedding_lr,
+                  weight_decay=plan.weight_decay)
+        # only optimizers with a group for the per-layer scalars take their lr
+        if "scalar_lr" in inspect.signature(model.setup_optimizers).parameters:
+            kw["scalar_lr"] = plan.scalar_lr
+        opts = model.setup_optimizers(**kw)
     if optim_states is not None:
         load_optimizer_states(opts, optim_states)
     return opts
@@ -150,12 +163,37 @@ def _banner(cfg: StageConfig, model, device, tok, tokens_per_step: str, num_step
         f"{tokens_per_step} per step | {num_steps} steps{extra}")
 
 
-def _grad_accum(cfg: StageConfig, world: int) -> int:
+def _grad_accum(cfg: StageConfig, world: int, total_batch_size: int | None = None) -> int:
+    total = cfg.total_batch_size if total_batch_size is None else total_batch_size
     per = cfg.device_batch_size * cfg.seq_len * world
-    if cfg.total_batch_size % per:
+    if total % per:
         raise RustchatError(
-            f"--total-batch-size {cfg.total_batch_size} is not a multiple of device batch x seq len x ranks = {per}")
-    return cfg.total_batch_size // per
+            f"--total-batch-size {total} is not a multiple of device batch x seq len x ranks = {per}")
+    return total // per
+
+
+def scaling_param_counts(model) -> int:
+    """The parameters the 2026 horizon counts: every block parameter plus the (padded) head."""
+    return scaling_params(sum(p.numel() for p in model.transformer.h.parameters()), model.lm_head.weight.numel())
+
+
+def base_plan(cfg: BaseConfig, model) -> Plan:
+    """What the rules derive for this base run from the model's size and the flags given."""
+    given = dict(matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr,
+                 scalar_lr=cfg.scalar_lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
+                 warmdown_ratio=cfg.warmdown_ratio, final_lr_frac=cfg.final_lr_frac)
+    common = dict(tokens_per_param=cfg.target_param_data_ratio, total_batch_size=cfg.total_batch_size,
+                  num_steps=cfg.max_steps, **given)
+    if cfg.rules == "classic":
+        return plan_classic(model.num_params(), **common)
+    # the d12 sibling the 2026 hyperparameters were tuned on: same width rule, vocab, context and
+    # features; built on the meta device (shapes only, no memory)
+    c = model.config
+    ref_cfg = GPTConfig.from_depth(REFERENCE_DEPTH, vocab_size=c.vocab_size, sequence_len=c.sequence_len,
+                                   aspect_ratio=cfg.aspect_ratio, head_dim=cfg.head_dim)
+    with torch.device("meta"):
+        ref = GPT(ref_cfg)
+    return plan_2026(scaling_param_counts(model), scaling_param_counts(ref), **common)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -243,12 +281,10 @@ def train_base(cfg: BaseConfig) -> dict:
         val_files = [data / f"shard_{FINEWEB_SHARDS - 1:05d}.parquet"]
     train_src, val_src = DocumentSource(train_files), DocumentSource(val_files)
     model, optim_states, meta, start = _load_start(cfg, device, tok)
-    opts = _optimizers(model, cfg, optim_states)
-    accum = _grad_accum(cfg, info.world_size)
-    if cfg.max_steps:
-        num_steps = cfg.max_steps
-    else:
-        num_steps = max(1, math.ceil(cfg.tokens_per_param * model.num_params() / cfg.total_batch_size))
+    plan = base_plan(cfg, model)
+    opts = _optimizers(model, cfg, optim_states, plan)
+    accum = _grad_accum(cfg, info.world_size, plan.total_batch_size)
+    num_steps = plan.num_steps
     if meta is not None and cfg.resume:
         num_steps = int(meta.get("num_steps", num_steps)) if not cfg.max_steps else num_steps
     loader = PretrainLoader(tok, train_src, cfg.device_batch_size, cfg.seq_len, device=device, rank=info.rank,
@@ -258,11 +294,21 @@ def train_base(cfg: BaseConfig) -> dict:
         tok, lambda: iter(PretrainLoader(tok, val_src, cfg.device_batch_size, cfg.seq_len, device=device,
                                          rank=info.rank, world_size=info.world_size)), cfg.eval_batches)
 
-    _banner(cfg, model, device, tok, f"{cfg.total_batch_size:,} tokens (grad accum {accum})", num_steps)
+    _banner(cfg, model, device, tok, f"{plan.total_batch_size:,} tokens (grad accum {accum})", num_steps,
+            f"\n   {plan.describe()}")
+    if plan.rules == "2026":
+        momentum = lambda s: muon_momentum_2026(s, num_steps, warmdown_ratio=plan.warmdown_ratio)  # noqa: E731
+        weight_decay = lambda s: cosine_weight_decay(s, num_steps, plan.weight_decay)  # noqa: E731
+    else:
+        momentum, weight_decay = muon_momentum, None
+    lr_multiplier = lambda s: base_lr_multiplier(s, num_steps, warmup_steps=plan.warmup_steps,  # noqa: E731
+                                                 warmdown_ratio=plan.warmdown_ratio, final_lr_frac=plan.final_lr_frac)
     result = run_stage(cfg, tok=tok, model=model, optimizers=opts, data=data,
-                       num_steps=num_steps, lr_multiplier=lambda s: base_lr_multiplier(s, num_steps),
+                       num_steps=num_steps, lr_multiplier=lr_multiplier,
                        start_step=start, evaluate=evaluate, ckpt_dir=_ckpt_dir("base", cfg),
-                       momentum_fn=muon_momentum, resumed_meta=meta if cfg.resume else None)
+                       momentum_fn=momentum, weight_decay_fn=weight_decay,
+                       resumed_meta=meta if cfg.resume else None)
+    result["plan"] = plan.to_dict()
     _report(cfg, model, result)
     return result
 

@@ -28,7 +28,7 @@ from .common import RustchatError, print0
 from .config import StageConfig
 from .optim import all_reduce_grads
 from .runtime import autocast_ctx, barrier, get_rank, get_world_size, synchronize
-from .schedules import apply_lr_multiplier, set_muon_momentum
+from .schedules import apply_lr_multiplier, set_muon_momentum, set_muon_weight_decay
 
 H100_BF16_PEAK_FLOPS = 989e12
 
@@ -124,7 +124,8 @@ def train_step(model, optimizers, micro_batches, device, autocast_ctx) -> tuple[
 
 
 def run_stage(cfg: StageConfig, *, tok, model, optimizers, data, num_steps: int, lr_multiplier,
-              start_step: int, evaluate=None, ckpt_dir, momentum_fn=None, resumed_meta: dict | None = None) -> dict:
+              start_step: int, evaluate=None, ckpt_dir, momentum_fn=None, weight_decay_fn=None,
+              resumed_meta: dict | None = None) -> dict:
     """The shared loop: schedule, step, eval, checkpoint, progress, report numbers.
 
     `resumed_meta` (the checkpoint a --resume starts from) carries the run so far: its history
@@ -181,6 +182,8 @@ def run_stage(cfg: StageConfig, *, tok, model, optimizers, data, num_steps: int,
             apply_lr_multiplier(optimizers, mult)
             if momentum_fn is not None:
                 set_muon_momentum(optimizers, momentum_fn(step))
+            if weight_decay_fn is not None:
+                set_muon_weight_decay(optimizers, weight_decay_fn(step))
             micro = data.next_step()
             t0 = time.time()
             model.train()
