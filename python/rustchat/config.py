@@ -20,6 +20,7 @@ from .rules import RULES
 DEVICES = ("auto", "cuda", "cpu", "mps")
 STAGES = ("base", "mid", "sft")  # the training stages, in pipeline order
 TASK_PRESETS = ("default", "tiny")
+SFT_SOURCES = ("mid", "base")  # the checkpoints SFT can start from
 
 
 def opt(default, help: str, *, short: str | None = None, choices=None, minimum=None, required: bool = False,
@@ -156,8 +157,16 @@ class SFTConfig(StageConfig):
     eval_every: int = opt(100, "steps between validation evaluations (0: only at the end)", minimum=0)
     tasks: str = opt("default", "task mixture: default (hub datasets) or tiny (offline)", choices=TASK_PRESETS)
     task_dir: str | None = opt(None, "directory with local copies of the hub datasets")
-    init_lr_frac: float = opt(0.02, "starting fraction of the base learning rates", minimum=0.0)
+    init_lr_frac: float | None = opt(None, "starting fraction of the base learning rates (default: 0.02 from mid, "
+                                           "0.8 from base)", minimum=0.0)
     pack: bool = opt(False, "pack conversations into rows instead of padding")
+    from_stage: str = opt("mid", "the checkpoint to start from: mid, or base (nanochat's 2026 path: mid-training's "
+                                 "data folded into the SFT mixture)", short="--from", choices=SFT_SOURCES)
+    matrix_lr: float | None = opt(None, "Muon learning rate of the transformer matrices (default: 0.02)", minimum=0.0)
+    embedding_lr: float | None = opt(None, "AdamW learning rate of the token embedding (default: 0.2 from mid, "
+                                           "the base run's from base)", minimum=0.0)
+    unembedding_lr: float | None = opt(None, "AdamW learning rate of the output head (default: 0.004 from mid, "
+                                             "the base run's from base)", minimum=0.0)
 
 
 STAGE_CONFIGS: dict[str, type[StageConfig]] = {"base": BaseConfig, "mid": MidConfig, "sft": SFTConfig}

@@ -33,11 +33,16 @@ def mid_lr_multiplier(progress: float, *, warmdown_frac: float = 0.2) -> float:
     return max(0.0, (1.0 - progress) / warmdown_frac)
 
 
-def sft_lr_multiplier(step: int, num_steps: int, *, init_lr_frac: float = 0.02) -> float:
-    """SFT: starts at init_lr_frac (0.02) of the base lrs, linear decay to 0 at num_steps.
+def sft_lr_multiplier(step: int, num_steps: int, *, init_lr_frac: float = 0.02, warmdown_ratio: float = 1.0) -> float:
+    """SFT: starts at init_lr_frac of the base lrs, flat, then linear decay to 0 at num_steps
+    over the last `warmdown_ratio` of the run (from mid: 0.02 and all of it; from base, as
+    nanochat's 2026 SFT: 0.8 and the last half).
 
     Use either this init_lr_frac or build_optimizers(lr_scale=...), not both."""
-    return init_lr_frac * max(0.0, 1.0 - step / num_steps)
+    progress = step / num_steps
+    if progress <= 1.0 - warmdown_ratio:
+        return init_lr_frac
+    return init_lr_frac * max(0.0, (1.0 - progress) / warmdown_ratio)
 
 
 def muon_momentum(step: int, *, warmup_steps: int = 300, start: float = 0.85, end: float = 0.95) -> float:

@@ -25,7 +25,7 @@ from .data.steps import SFTSteps, StreamSteps
 from .model import GPT, GPTConfig
 from .report import write_section
 from .runtime import autocast_ctx, barrier, compute_dtype, get_rank, init_distributed
-from .rules import REFERENCE_DEPTH, Plan, plan_2026, plan_classic, scaling_params
+from .rules import DEFAULTS, REFERENCE_DEPTH, Plan, plan_2026, plan_classic, scaling_params
 from .schedules import (base_lr_multiplier, cosine_weight_decay, mid_lr_multiplier, muon_momentum, muon_momentum_2026,
                         sft_lr_multiplier)
 from .tasks import TaskMixture, get_task
@@ -50,6 +50,15 @@ MIXTURES = {
                       ("simplespelling", {"size": 300, "split": "train"}), ("spellingbee", {"size": 300, "split": "train"})],
             "val": [("smoltalk", {"split": "test"})],
         },
+        # SFT straight from base (nanochat's 2026 recipe): mid-training's conversations folded in,
+        # MMLU 3 epochs (multiple choice), GSM8K 4 epochs (math and tool use); validation as mid's
+        "sft-from-base": {
+            "train": [("smoltalk", {"split": "train"}),
+                      *[("mmlu", {"subset": "auxiliary_train", "split": "train"})] * 3,
+                      *[("gsm8k", {"split": "train"})] * 4],
+            "val": [("smoltalk", {"split": "test"}), ("mmlu", {"subset": "all", "split": "test", "stop": 5200}),
+                    ("gsm8k", {"split": "test", "stop": 420})],
+        },
     },
     "tiny": {
         # identity is sliced: its 1,000 conversations would crowd out the measured tasks
@@ -65,6 +74,12 @@ MIXTURES = {
         },
     },
 }
+# the offline recipe from base: the tiny mid and SFT training sets together, SFT's validation
+MIXTURES["tiny"]["sft-from-base"] = {"train": MIXTURES["tiny"]["mid"]["train"] + MIXTURES["tiny"]["sft"]["train"],
+                                     "val": MIXTURES["tiny"]["sft"]["val"]}
+SFT_FROM_BASE = dict(init_lr_frac=0.8, warmdown_ratio=0.5)  # nanochat's 2026 SFT schedule
+SFT_FROM_MID = dict(init_lr_frac=0.02, warmdown_ratio=1.0)
+SFT_LR_KEYS = ("matrix_lr", "embedding_lr", "unembedding_lr")  # SFT's lr flags, inherited from base
 
 
 HUB_TASKS = {"arc", "mmlu", "gsm8k", "smoltalk", "humaneval"}
@@ -121,7 +136,7 @@ def _load_start(cfg: StageConfig, device, tok):
                                                load_optimizer=True)
         restore_rng_state(meta.get("rng", {}))
         return model, optim_states, meta, int(meta["step"])
-    prev = previous_stage(cfg.stage)
+    prev = getattr(cfg, "from_stage", None) or previous_stage(cfg.stage)
     if prev is None:
         mcfg = GPTConfig.from_depth(cfg.depth, vocab_size=tok.vocab_size, sequence_len=cfg.seq_len,
                                     aspect_ratio=cfg.aspect_ratio, head_dim=cfg.head_dim)
@@ -342,12 +357,28 @@ def train_mid(cfg: MidConfig) -> dict:
     return result
 
 
+def _sft_lrs(cfg: SFTConfig, start_meta: dict | None) -> dict:
+    """SFT's base learning rates: the flags given, else from base the base run's (its flags or
+    its rules' defaults; a checkpoint without rules is classic), else the classic ones."""
+    source = DEFAULTS["classic"]
+    inherited = {}
+    if cfg.from_stage == "base" and start_meta is not None and not cfg.resume:
+        base_cfg = start_meta.get("config") or {}
+        source = DEFAULTS.get(base_cfg.get("rules"), DEFAULTS["classic"])
+        inherited = {k: base_cfg[k] for k in SFT_LR_KEYS if base_cfg.get(k) is not None}
+    return {k: getattr(cfg, k) if getattr(cfg, k) is not None else inherited.get(k, getattr(source, k))
+            for k in SFT_LR_KEYS}
+
+
 def train_sft(cfg: SFTConfig) -> dict:
     info, device, tok = _setup(cfg)
     model, optim_states, meta, start = _load_start(cfg, device, tok)  # fails fast if the previous stage is missing
-    train = build_mixture("sft", cfg.tasks, "train", cfg.task_dir, cfg.seed)
-    val = build_mixture("sft", cfg.tasks, "val", cfg.task_dir, cfg.seed)
-    opts = _optimizers(model, cfg, optim_states)
+    path = SFT_FROM_BASE if cfg.from_stage == "base" else SFT_FROM_MID
+    init_lr_frac = path["init_lr_frac"] if cfg.init_lr_frac is None else cfg.init_lr_frac
+    mixture = "sft-from-base" if cfg.from_stage == "base" else "sft"
+    train = build_mixture(mixture, cfg.tasks, "train", cfg.task_dir, cfg.seed)
+    val = build_mixture(mixture, cfg.tasks, "val", cfg.task_dir, cfg.seed)
+    opts = _optimizers(model, cfg.replace(**_sft_lrs(cfg, meta)), optim_states)
     E = cfg.total_batch_size
     if E % (cfg.device_batch_size * info.world_size):
         raise RustchatError(f"--total-batch-size {E} examples is not a multiple of device batch x ranks "
@@ -358,11 +389,16 @@ def train_sft(cfg: SFTConfig) -> dict:
     evaluate = _conv_loss_evaluator(tok, val, cfg, info.rank, info.world_size)
     accum = E // (cfg.device_batch_size * info.world_size)
     _banner(cfg, model, device, tok, f"{E} examples (grad accum {accum})", num_steps,
-            f" | {len(train):,} conversations")
+            f" | from {cfg.from_stage} | {len(train):,} conversations ({mixture} mixture) | lr from "
+            f"{init_lr_frac:g} of the base lrs, warmdown over the last {path['warmdown_ratio']:g}")
     start_eval = _start_eval(cfg, model, evaluate, start)
+    lr_multiplier = lambda s: sft_lr_multiplier(s, num_steps, init_lr_frac=init_lr_frac,  # noqa: E731
+                                                warmdown_ratio=path["warmdown_ratio"])
     result = run_stage(cfg, tok=tok, model=model, optimizers=opts, data=data, num_steps=num_steps,
-                       lr_multiplier=lambda s: sft_lr_multiplier(s, num_steps, init_lr_frac=cfg.init_lr_frac),
-                       start_step=start, evaluate=evaluate, ckpt_dir=_ckpt_dir("sft", cfg),
+                       lr_multiplier=lr_multiplier, start_step=start, evaluate=evaluate,
+                       ckpt_dir=_ckpt_dir("sft", cfg),
+                       # from base, momentum warms up 0.85 -> 0.95 as in pretraining (nanochat's 2026 SFT)
+                       momentum_fn=muon_momentum if cfg.from_stage == "base" else None,
                        resumed_meta=meta if cfg.resume else None)
     result["start_eval"] = start_eval
     _report(cfg, model, result)
