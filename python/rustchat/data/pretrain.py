@@ -152,6 +152,14 @@ class DocumentSource:
             return pq.ParquetFile(path).num_row_groups
         return sum(1 for _ in self.groups(path))
 
+    def read_group(self, file: int, group: int) -> list[str]:
+        """The documents of one row group (to rebuild a packer's buffer on resume)."""
+        for i, docs in enumerate(self.groups(self.files[file])):
+            if i == group:
+                return docs
+        raise RustchatError(f"{self.files[file]} has no row group {group}: the pretraining files changed since "
+                            "the checkpoint was written")
+
     def groups(self, path: Path) -> Iterator[list[str]]:
         if path.suffix == ".parquet":
             yield from parquet_texts(path, self.text_column)
@@ -226,11 +234,15 @@ class PretrainLoader:
         """Where the next batch starts (JSON-able)."""
         return asdict(self._next)
 
-    def __iter__(self):
+    def _start_producer(self) -> tuple[threading.Event, queue.Queue]:
+        """The tokenizing thread from `self.start`: (its stop event, the queue it fills)."""
         stop = threading.Event()
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        th = threading.Thread(target=self._encoded_groups, args=(self.start, stop, q), daemon=True)
-        th.start()
+        threading.Thread(target=self._encoded_groups, args=(self.start, stop, q), daemon=True).start()
+        return stop, q
+
+    def __iter__(self):
+        stop, q = self._start_producer()
         need = self.B * self.T + 1
         buf: list[np.ndarray] = []  # pending stream pieces, fewer than `need` tokens in all
         buf_len = 0
@@ -262,11 +274,15 @@ class PretrainLoader:
                     head = Cursor(fi, gi, d0 + k, pos - int(offs[k]), epoch)
                     x = torch.from_numpy(batch[:-1].reshape(self.B, self.T))
                     y = torch.from_numpy(batch[1:].reshape(self.B, self.T))
-                    if pin:
-                        x, y = x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
-                    elif str(self.device) != "cpu":
-                        x, y = x.to(self.device), y.to(self.device)
                     self._next = head
-                    yield x, y
+                    yield self._deliver(x, y, pin)
         finally:
             stop.set()
+
+    def _deliver(self, x: torch.Tensor, y: torch.Tensor, pin: bool):
+        """The batch on the loader's device (pinned and non-blocking on CUDA)."""
+        if pin:
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        if str(self.device) != "cpu":
+            return x.to(self.device), y.to(self.device)
+        return x, y
