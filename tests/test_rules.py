@@ -64,7 +64,7 @@ def test_2026_rules_match_the_hand_table(depth):
     # the base learning rates (matrix 0.02, embedding 0.3, unembedding 0.008, scalars 0.5) times the scale
     assert (p.matrix_lr, p.embedding_lr, p.unembedding_lr, p.scalar_lr) == pytest.approx(
         (0.02 * scale, 0.3 * scale, 0.008 * scale, 0.5 * scale), rel=1e-6)
-    assert (p.warmup_steps, p.warmdown_ratio, p.final_lr_frac) == (40, 0.65, 0.05)
+    assert (p.warmup_steps, p.warmdown_ratio, p.final_lr_frac, p.packing) == (40, 0.65, 0.05, "bos_bestfit")
     line = p.describe()
     for shown in (f"{tokens:,}", f"{batch:,}", f"{steps:,}", f"{p.lr_scale:.4f}", f"{p.weight_decay:.6g}",
                   "warmup 40", "warmdown 0.65", "0.05"):
@@ -97,6 +97,7 @@ def test_classic_rules_are_the_january_recipe():
     p = rules.plan_classic(123_456_789)
     assert p.total_batch_size == 524_288 and p.num_steps == math.ceil(20 * 123_456_789 / 524_288)
     assert (p.lr_scale, p.weight_decay, p.warmup_steps, p.warmdown_ratio, p.final_lr_frac) == (1.0, 0.0, 0, 0.2, 0.0)
+    assert p.packing == "stream"
     assert (p.matrix_lr, p.embedding_lr, p.unembedding_lr) == (0.02, 0.2, 0.004)
 
 

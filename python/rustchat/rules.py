@@ -12,6 +12,8 @@ Two rule sets:
   warmdown over the last 65% to 5% of the peak.
 - "classic" (January 2026): 20 tokens per parameter (all of them), a fixed 524,288-token batch,
   unscaled learning rates, no weight decay, warmdown over the last 20% to 0.
+The 2026 rules also pack pretraining rows BOS-aligned best-fit (`data.bestfit`); the classic
+ones cut a plain stream of documents (`data.pretrain`).
 
 Everything here is a pure function of parameter counts, so the rules can be checked by hand
 without building a model (tests/test_rules.py holds such a table).
@@ -43,15 +45,16 @@ class RuleDefaults:
     warmup_steps: int
     warmdown_ratio: float
     final_lr_frac: float
+    packing: str  # pretraining rows: "bos_bestfit" (each row starts at a document) or "stream"
 
 
 DEFAULTS = {
     "2026": RuleDefaults(tokens_per_param=12.0, total_batch_size=None, matrix_lr=0.02, embedding_lr=0.3,
                          unembedding_lr=0.008, scalar_lr=0.5, weight_decay=0.28, warmup_steps=40,
-                         warmdown_ratio=0.65, final_lr_frac=0.05),
+                         warmdown_ratio=0.65, final_lr_frac=0.05, packing="bos_bestfit"),
     "classic": RuleDefaults(tokens_per_param=20.0, total_batch_size=524_288, matrix_lr=0.02, embedding_lr=0.2,
                             unembedding_lr=0.004, scalar_lr=0.5, weight_decay=0.0, warmup_steps=0,
-                            warmdown_ratio=0.2, final_lr_frac=0.0),
+                            warmdown_ratio=0.2, final_lr_frac=0.0, packing="stream"),
 }
 
 
@@ -77,6 +80,7 @@ class Plan:
     warmup_steps: int
     warmdown_ratio: float
     final_lr_frac: float
+    packing: str
 
     def describe(self) -> str:
         """One banner line with every derived value."""
@@ -88,7 +92,8 @@ class Plan:
                 f"{self.num_steps:,} steps | lr scale {self.lr_scale:.4f}: matrix {self.matrix_lr:.6g}, "
                 f"embedding {self.embedding_lr:.6g}, unembedding {self.unembedding_lr:.6g}, "
                 f"scalar {self.scalar_lr:.6g} | weight decay {self.weight_decay:.6g} | warmup "
-                f"{self.warmup_steps} steps, warmdown {self.warmdown_ratio:g} to {self.final_lr_frac:g} of peak")
+                f"{self.warmup_steps} steps, warmdown {self.warmdown_ratio:g} to {self.final_lr_frac:g} of peak | "
+                f"rows: {self.packing}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -141,7 +146,8 @@ def plan_2026(params: int, ref_params: int, *, tokens_per_param: float | None = 
                 ref_tokens=ref_tokens, total_batch_size=B, batch_auto=auto, num_steps=steps, lr_scale=s,
                 matrix_lr=d.matrix_lr * s, embedding_lr=d.embedding_lr * s, unembedding_lr=d.unembedding_lr * s,
                 scalar_lr=d.scalar_lr * s, weight_decay=scaled_weight_decay(d.weight_decay, B, target, ref_tokens),
-                warmup_steps=d.warmup_steps, warmdown_ratio=d.warmdown_ratio, final_lr_frac=d.final_lr_frac)
+                warmup_steps=d.warmup_steps, warmdown_ratio=d.warmdown_ratio, final_lr_frac=d.final_lr_frac,
+                packing=d.packing)
 
 
 def plan_classic(params: int, *, tokens_per_param: float | None = None, total_batch_size: int | None = None,
@@ -157,7 +163,7 @@ def plan_classic(params: int, *, tokens_per_param: float | None = None, total_ba
                 ref_tokens=None, total_batch_size=B, batch_auto=False, num_steps=steps, lr_scale=1.0,
                 matrix_lr=d.matrix_lr, embedding_lr=d.embedding_lr, unembedding_lr=d.unembedding_lr,
                 scalar_lr=d.scalar_lr, weight_decay=d.weight_decay, warmup_steps=d.warmup_steps,
-                warmdown_ratio=d.warmdown_ratio, final_lr_frac=d.final_lr_frac)
+                warmdown_ratio=d.warmdown_ratio, final_lr_frac=d.final_lr_frac, packing=d.packing)
 
 
 def _defaults(rules: str, overrides: dict) -> RuleDefaults:

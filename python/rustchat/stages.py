@@ -19,6 +19,7 @@ from .checkpoint import find_last_step, load_optimizer_states, load_stage_model,
 from .common import RustchatError, get_base_dir, print0
 from .config import BaseConfig, MidConfig, SFTConfig, StageConfig
 from .conversation import collate_sft, render_batch
+from .data.bestfit import PACKING, BestFitLoader
 from .data.midtrain import MidTrainStream
 from .data.pretrain import FINEWEB_SHARDS, DocumentSource, PretrainLoader, download_shards
 from .data.steps import SFTSteps, StreamSteps
@@ -302,8 +303,11 @@ def train_base(cfg: BaseConfig) -> dict:
     num_steps = plan.num_steps
     if meta is not None and cfg.resume:
         num_steps = int(meta.get("num_steps", num_steps)) if not cfg.max_steps else num_steps
-    loader = PretrainLoader(tok, train_src, cfg.device_batch_size, cfg.seq_len, device=device, rank=info.rank,
-                            world_size=info.world_size, state=data_state_for_rank(meta, info.rank) if cfg.resume else None)
+    # validation stays on the plain stream (every token scored, nothing cropped): one bpb for
+    # training, `rustchat eval -i base` and the speedrun
+    loader_cls = BestFitLoader if plan.packing == PACKING else PretrainLoader
+    loader = loader_cls(tok, train_src, cfg.device_batch_size, cfg.seq_len, device=device, rank=info.rank,
+                        world_size=info.world_size, state=data_state_for_rank(meta, info.rank) if cfg.resume else None)
     data = StreamSteps(loader, accum)
     evaluate = _bpb_evaluator(
         tok, lambda: iter(PretrainLoader(tok, val_src, cfg.device_batch_size, cfg.seq_len, device=device,
