@@ -86,7 +86,7 @@ class BestFitLoader(PretrainLoader):
             ids, offs = self.tok.encode_batch_numpy([texts[d] for _, _, d in run], prepend=self.bos)
             push(ids, offs, run)
 
-        stop, q = self._start_producer()
+        producer, stop, q = self._start_producer()
         pin = str(self.device).startswith("cuda")
         group = None  # (epoch, file, group, first doc, ids, offsets) being fed
         fed = 0  # documents of `group` fed so far
@@ -115,4 +115,4 @@ class BestFitLoader(PretrainLoader):
                 x, y = torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
                 yield self._deliver(x, y, pin)
         finally:
-            stop.set()
+            self._stop_producer(producer, stop)

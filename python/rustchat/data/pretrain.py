@@ -234,15 +234,24 @@ class PretrainLoader:
         """Where the next batch starts (JSON-able)."""
         return asdict(self._next)
 
-    def _start_producer(self) -> tuple[threading.Event, queue.Queue]:
-        """The tokenizing thread from `self.start`: (its stop event, the queue it fills)."""
+    def _start_producer(self) -> tuple[threading.Thread, threading.Event, queue.Queue]:
+        """The tokenizing thread from `self.start`, its stop event and the queue it fills;
+        `_stop_producer` ends it."""
         stop = threading.Event()
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        threading.Thread(target=self._encoded_groups, args=(self.start, stop, q), daemon=True).start()
-        return stop, q
+        thread = threading.Thread(target=self._encoded_groups, args=(self.start, stop, q), daemon=True)
+        thread.start()
+        return thread, stop, q
+
+    @staticmethod
+    def _stop_producer(thread: threading.Thread, stop: threading.Event) -> None:
+        """Stops the tokenizing thread and waits for it: a daemon thread still inside the Rust
+        encoder when the interpreter exits aborts the process."""
+        stop.set()
+        thread.join(timeout=60)
 
     def __iter__(self):
-        stop, q = self._start_producer()
+        producer, stop, q = self._start_producer()
         need = self.B * self.T + 1
         buf: list[np.ndarray] = []  # pending stream pieces, fewer than `need` tokens in all
         buf_len = 0
@@ -277,7 +286,7 @@ class PretrainLoader:
                     self._next = head
                     yield self._deliver(x, y, pin)
         finally:
-            stop.set()
+            self._stop_producer(producer, stop)
 
     def _deliver(self, x: torch.Tensor, y: torch.Tensor, pin: bool):
         """The batch on the loader's device (pinned and non-blocking on CUDA)."""
