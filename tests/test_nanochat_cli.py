@@ -1,6 +1,8 @@
 """`rustchat import-nanochat`: a nanochat checkpoint dir + tokenizer.pkl (a pickled tiktoken
 Encoding) become a rustchat checkpoint and tokenizer; the pickle is read without running code."""
+import json
 import os
+import shutil
 import pickle
 import subprocess
 import sys
@@ -69,6 +71,71 @@ def test_import_nanochat_cli_then_logits_match_reference(tmp_path):
     assert meta["step"] == 650 and "imported_from" in meta
     assert Tokenizer.load(base / "tokenizer").vocab_size == 300
     idx = torch.randint(0, 300, (2, 10))
-    ref = ref_forward({k: v.double() for k, v in sd.items()}, cfg, idx)
+    assert model.config.rope_bf16  # January's nanochat keeps its rotary tables in bf16
+    ref = ref_forward({k: v.double() for k, v in sd.items()}, {**cfg, "rope_bf16": True}, idx)
     with torch.no_grad():
         torch.testing.assert_close(model.double()(idx), ref, rtol=1e-9, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- fixtures
+# checkpoints and logits written by nanochat's own code (scripts/make_nanochat_fixtures.py)
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+def _fixture_dir(tmp_path, version):
+    ck = tmp_path / "base_checkpoints" / "d3"
+    shutil.copytree(os.path.join(FIXTURES, f"nanochat_{version}"), ck)
+    (tmp_path / "tokenizer").mkdir()
+    _nanochat_tokenizer_pickle(tmp_path / "tokenizer" / "tokenizer.pkl")
+    return ck
+
+
+def _import(ck, base):
+    return subprocess.run([sys.executable, "-m", "rustchat.cli", "import-nanochat", str(ck)],
+                          capture_output=True, text=True, env={**os.environ, "RUSTCHAT_BASE_DIR": str(base)})
+
+
+@pytest.mark.parametrize("version,arch", [("92d63d4", "2026"), ("48abd7d", "classic")])
+def test_nanochat_checkpoints_import_with_nanochats_logits(tmp_path, version, arch):
+    """Both nanochat versions: the CLI import, then fp32 CPU logits within 1e-3 of nanochat's own
+    forward on ids longer than the short window, and equal to our float64 reference."""
+    ck = _fixture_dir(tmp_path, version)
+    r = _import(ck, tmp_path / "rc")
+    assert r.returncode == 0, r.stderr
+    model, _, meta = load_stage_model("base", 3, base_dir=tmp_path / "rc")
+    assert model.config.arch == arch and meta["step"] == 100
+    expected = torch.load(ck / "expected.pt", weights_only=True)
+    ids = expected["ids"]
+    assert ids.size(1) > 128  # past the 2026 model's short window
+    with torch.no_grad():
+        logits = model.float().eval()(ids)
+    torch.testing.assert_close(logits, expected["logits"], rtol=0, atol=1e-3)
+    weights = {k: v.double() for k, v in model.state_dict().items()}
+    ref = ref_forward(weights, model.config.to_dict(), ids)
+    torch.testing.assert_close(logits.double(), ref, rtol=0, atol=1e-3)
+
+
+def test_nanochat_refusals_name_the_field_or_tensor(tmp_path):
+    ck = _fixture_dir(tmp_path, "92d63d4")
+    meta_path = ck / "meta_000100.json"
+    meta = json.loads(meta_path.read_text())
+    meta["model_config"]["attn_softcap"] = 30
+    meta_path.write_text(json.dumps(meta))
+    r = _import(ck, tmp_path / "rc")
+    assert r.returncode == 2 and "'attn_softcap'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+    del meta["model_config"]["attn_softcap"]
+    meta["model_config"]["window_pattern"] = "SXL"
+    meta_path.write_text(json.dumps(meta))
+    r = _import(ck, tmp_path / "rc")
+    assert r.returncode == 2 and "window_pattern" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+    meta["model_config"]["window_pattern"] = "SSSL"
+    meta_path.write_text(json.dumps(meta))
+    sd = torch.load(ck / "model_000100.pt", weights_only=True)
+    sd["_orig_mod.transformer.h.0.attn.gate.weight"] = torch.zeros(2, 12)
+    del sd["_orig_mod.smear_lambda"]
+    torch.save(sd, ck / "model_000100.pt")
+    r = _import(ck, tmp_path / "rc")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "smear_lambda" in r.stderr and "transformer.h.0.attn.gate.weight" in r.stderr

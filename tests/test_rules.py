@@ -129,6 +129,40 @@ def _meta_model(depth: int, vocab: int, **kw) -> GPT:
         return GPT(GPTConfig.from_depth(depth, vocab_size=vocab, **kw))
 
 
+@pytest.mark.parametrize("depth", sorted(TABLE))
+def test_base_derives_the_table_from_depth_alone(depth):
+    """`rustchat base --depth N` on the 2026 model (nanochat's vocabulary) counts the table's
+    scaling parameters and derives the table's plan."""
+    cfg = BaseConfig(depth=depth, arch="2026")
+    model = _meta_model(depth, 32768, aspect_ratio=cfg.aspect_ratio, head_dim=cfg.head_dim, arch=cfg.arch)
+    params, tokens, batch, steps, scale, wd = TABLE[depth]
+    p = base_plan(cfg, model)
+    assert (p.params, p.ref_params, p.target_tokens, p.total_batch_size, p.num_steps) == (
+        params, REF_PARAMS, tokens, batch, steps)
+    assert p.weight_decay == pytest.approx(wd, rel=1e-5)
+
+
+def test_the_base_banner_prints_the_plan(tmp_path, capsys):
+    from rustchat import Tokenizer
+    from rustchat.stages import train_base
+
+    rnd = random.Random()
+    docs = [" ".join(rnd.choice("abc de fgh ij klm".split()) for _ in range(rnd.randint(3, 40))) for _ in range(60)]
+    Tokenizer.train(docs, vocab_size=270).save(tmp_path / "tokenizer")
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "a.txt").write_text("\n\n".join(docs[:50]))
+    (tmp_path / "text" / "b.txt").write_text("\n\n".join(docs[50:]))
+    res = train_base(BaseConfig(depth=1, seq_len=32, device_batch_size=2, total_batch_size=64, max_steps=1,
+                                device="cpu", quiet=True, eval_every=0, data_dir=str(tmp_path / "text"),
+                                base_dir=str(tmp_path)))
+    out = capsys.readouterr().out
+    p = res["plan"]
+    assert "rules 2026" in out and "rows: bos_bestfit" in out
+    for shown in (f"{p['target_tokens']:,} tokens", f"lr scale {p['lr_scale']:.4f}", f"weight decay {p['weight_decay']:.6g}",
+                  "warmup 40 steps", "warmdown 0.65 to 0.05"):
+        assert shown in out
+
+
 def test_base_plan_counts_the_models_blocks_and_head():
     """`rustchat base` feeds the rules the block + head count of the model it trains and of its
     d12 sibling; the classic rules count every parameter."""

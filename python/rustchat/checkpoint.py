@@ -42,6 +42,13 @@ MAX_META_BYTES = 64 << 20
 _MAX_SAFETENSORS_HEADER = 100 << 20  # the limit safetensors itself applies
 _CONFIG_LIMITS = {"sequence_len": 1 << 20, "vocab_size": 1 << 24, "n_layer": 1024, "n_head": 1024,
                   "n_kv_head": 1024, "n_embd": 1 << 16}
+# the architecture's feature fields (GPTConfig), optional in a meta: the accepted JSON types
+_FEATURE_TYPES = {"window_pattern": (str,), "rope_base": (int, float), "qk_scale": (int, float),
+                  "value_embeds": (bool,), "layer_lambdas": (bool,), "smear": (bool,), "backout": (bool,),
+                  "rope_bf16": (bool,)}
+_FEATURE_NAMES = {"window_pattern": "null or a string of S and L", "rope_base": "a number",
+                  "qk_scale": "a number", "value_embeds": "true or false", "layer_lambdas": "true or false",
+                  "smear": "true or false", "backout": "true or false", "rope_bf16": "true or false"}
 _META_RE = re.compile(r"^meta_(\d{6,})\.json$")
 _DEPTH_RE = re.compile(r"^d(\d+)$")
 
@@ -121,6 +128,14 @@ def check_model_config(mc, where) -> GPTConfig:
             raise RustchatError(f"{where}: model_config lacks {key!r}")
         if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= limit:
             raise RustchatError(f"{where}: model_config {key}={v!r} must be an integer in 1..{limit}")
+        values[key] = v
+    for key, kinds in _FEATURE_TYPES.items():  # the 2026 features; absent: classic
+        if key not in mc:
+            continue
+        v = mc[key]
+        if (v is None and key != "window_pattern") or (v is not None and (not isinstance(v, kinds) or (
+                isinstance(v, bool) and bool not in kinds))):
+            raise RustchatError(f"{where}: model_config {key}={v!r} must be {_FEATURE_NAMES[key]}")
         values[key] = v
     try:
         return GPTConfig(**values)

@@ -21,6 +21,7 @@ DEVICES = ("auto", "cuda", "cpu", "mps")
 STAGES = ("base", "mid", "sft")  # the training stages, in pipeline order
 TASK_PRESETS = ("default", "tiny")
 SFT_SOURCES = ("mid", "base")  # the checkpoints SFT can start from
+ARCHS = ("2026", "classic")  # the keys of rustchat.model.ARCHS
 
 
 def opt(default, help: str, *, short: str | None = None, choices=None, minimum=None, required: bool = False,
@@ -138,6 +139,8 @@ class BaseConfig(StageConfig):
     aspect_ratio: int = opt(64, "model width per layer: model_dim = depth * aspect_ratio", minimum=2)
     head_dim: int = opt(128, "attention head width (heads = model_dim / head_dim, rounded to divide it)",
                         minimum=2)
+    arch: str = opt("2026", "architecture of a new model: 2026 (nanochat's July-2026 model: sliding windows, "
+                            "value embeddings, smear, backout) or classic (January 2026)", choices=ARCHS)
 
 
 @dataclass

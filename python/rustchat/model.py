@@ -7,20 +7,34 @@ rustchat.kernels, which picks Triton or plain-torch paths itself.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import kernels
+from . import attention, kernels
 from .common import RustchatError
 from .optim import build_optimizers
 
 SOFTCAP = 15.0
-ROPE_BASE = 10000
+ROPE_BASE = 10000  # the classic rotary base (the 2026 model uses 100,000)
 VOCAB_PAD = 64  # pad the head/embedding rows to a multiple of this for matmul efficiency
+
+
+# The two architectures rustchat trains and loads, as values of GPTConfig's feature fields.
+# "classic" is nanochat's model of January 2026; "2026" its model of July 2026 (docs/design.md,
+# "Model"). A saved config without the feature fields is classic.
+ARCHS = {
+    "classic": dict(window_pattern=None, rope_base=ROPE_BASE, qk_scale=1.0, value_embeds=False,
+                    layer_lambdas=False, smear=False, backout=False),
+    "2026": dict(window_pattern="SSSL", rope_base=100000, qk_scale=1.2, value_embeds=True,
+                 layer_lambdas=True, smear=True, backout=True),
+}
+VE_GATE_CHANNELS = 12  # value-embedding gates read this many leading channels of the block input
+SMEAR_CHANNELS = 24  # the smear gate reads this many leading channels of the token embedding
+WINDOW_TILE = 128  # short windows are rounded up to a multiple of this (flash-attention's tile)
+MAX_WINDOW_PATTERN = 64
 
 
 @dataclass
@@ -31,15 +45,33 @@ class GPTConfig:
     n_head: int = 10
     n_kv_head: int = 10
     n_embd: int = 1280
+    # -- the 2026 features (defaults: classic) --
+    # per-layer attention windows: a string of L (window = sequence_len) and S (a quarter of it,
+    # rounded up, then up to a multiple of WINDOW_TILE) tiled over the layers, last layer L;
+    # None: unlimited causal
+    window_pattern: str | None = None
+    rope_base: int = 10000
+    qk_scale: float = 1.0  # q and k are multiplied by this after QK-norm
+    value_embeds: bool = False  # per-token value embeddings on alternating layers (last included)
+    layer_lambdas: bool = False  # per-layer resid_lambdas / x0_lambdas mixing in the first embedding
+    smear: bool = False  # the previous token's embedding gated into each token's
+    backout: bool = False  # the middle layer's residual, scaled, subtracted before the head
+    # rotary cos/sin rounded to bf16, as nanochat's January-2026 model keeps them (set on its
+    # imports so they compute what nanochat computes); not an architecture feature
+    rope_bf16: bool = False
 
     @classmethod
     def from_depth(cls, depth: int, vocab_size: int = 65536, sequence_len: int = 2048,
-                   n_kv_head: int | None = None, *, aspect_ratio: int = 64, head_dim: int = 128) -> "GPTConfig":
+                   n_kv_head: int | None = None, *, aspect_ratio: int = 64, head_dim: int = 128,
+                   arch: str = "classic") -> "GPTConfig":
         """model_dim = aspect_ratio*depth (64 by default), heads of about head_dim (128) dims:
         n_head = ceil(model_dim/head_dim); n_kv_head defaults to n_head (GQA: a divisor of n_head).
 
         When head_dim does not split model_dim evenly (odd depths like 5, 9) the head count is
-        raised to the next divisor so every head has the same (even: rotary pairs) width."""
+        raised to the next divisor so every head has the same (even: rotary pairs) width.
+        arch: a key of ARCHS."""
+        if arch not in ARCHS:
+            raise RustchatError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHS)}")
         if depth < 1 or aspect_ratio < 1 or head_dim < 2:
             raise RustchatError(f"depth, aspect_ratio and head_dim must be >= 1, 1 and 2, got {depth}, "
                                 f"{aspect_ratio}, {head_dim}")
@@ -50,7 +82,7 @@ class GPTConfig:
         while dim % n_head or (dim // n_head) % 2:
             n_head += 1
         return cls(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth,
-                   n_head=n_head, n_kv_head=n_kv_head or n_head, n_embd=dim)
+                   n_head=n_head, n_kv_head=n_kv_head or n_head, n_embd=dim, **ARCHS[arch])
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -59,6 +91,18 @@ class GPTConfig:
             raise RustchatError(f"n_kv_head {self.n_kv_head} must divide n_head {self.n_head}")
         if self.head_dim % 2:
             raise RustchatError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+        p = self.window_pattern
+        if p is not None and (not isinstance(p, str) or not 1 <= len(p) <= MAX_WINDOW_PATTERN
+                              or set(p.upper()) - set("SL")):
+            raise RustchatError(f"window_pattern {p!r} must be 1..{MAX_WINDOW_PATTERN} letters S and L")
+        if not (isinstance(self.rope_base, (int, float)) and 1 < self.rope_base <= 1e9):
+            raise RustchatError(f"rope_base {self.rope_base!r} must be a number in (1, 1e9]")
+        if not (isinstance(self.qk_scale, (int, float)) and 0 < self.qk_scale <= 100):
+            raise RustchatError(f"qk_scale {self.qk_scale!r} must be a number in (0, 100]")
+        if self.value_embeds and self.n_embd < VE_GATE_CHANNELS:
+            raise RustchatError(f"value embeddings need n_embd >= {VE_GATE_CHANNELS}, got {self.n_embd}")
+        if self.smear and self.n_embd < SMEAR_CHANNELS:
+            raise RustchatError(f"the smear gate needs n_embd >= {SMEAR_CHANNELS}, got {self.n_embd}")
 
     @property
     def head_dim(self) -> int:
@@ -68,14 +112,56 @@ class GPTConfig:
     def padded_vocab_size(self) -> int:
         return -(-self.vocab_size // VOCAB_PAD) * VOCAB_PAD
 
+    @property
+    def arch(self) -> str:
+        """'classic', '2026', or 'custom' (some other mix of the feature fields)."""
+        mine = {k: getattr(self, k) for k in ARCHS["classic"]}
+        return next((name for name, feats in ARCHS.items() if feats == mine), "custom")
+
+    def window_sizes(self) -> list[int | None]:
+        """Per layer: how many earlier positions a query may see (key position >= query
+        position - window), or None for unlimited."""
+        if self.window_pattern is None:
+            return [None] * self.n_layer
+        long = self.sequence_len
+        short = -(-long // 4 // WINDOW_TILE) * WINDOW_TILE  # ceil(ceil(long / 4) / tile) * tile: 2048 -> 512
+        pattern = self.window_pattern.upper()
+        sizes = [long if pattern[i % len(pattern)] == "L" else short for i in range(self.n_layer)]
+        sizes[-1] = long
+        return sizes
+
+    def has_value_embed(self, layer: int) -> bool:
+        """Alternating layers, the last one always included."""
+        return self.value_embeds and layer % 2 == (self.n_layer - 1) % 2
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
-        """From a saved config; unknown keys (newer writers) are ignored."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: int(v) for k, v in d.items() if k in names})
+        """From a saved config; unknown keys (newer writers) are ignored, missing feature
+        fields keep their classic defaults."""
+        kinds = {f.name: f.type for f in fields(cls)}
+        out = {}
+        for k, v in d.items():
+            if k not in kinds:
+                continue
+            if k == "window_pattern":
+                out[k] = None if v is None else str(v)
+            elif k == "qk_scale":
+                out[k] = float(v)
+            elif kinds[k] in ("bool", bool):
+                out[k] = bool(v)
+            else:
+                out[k] = int(v)
+        return cls(**out)
+
+
+def _bf16_rotary_tables(n: int, head_dim: int, base, device, dtype):
+    """cos/sin as nanochat's January-2026 model makes them: angles in fp32, rounded to bf16."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    ang = torch.outer(torch.arange(n, dtype=torch.float32, device=device), inv_freq)
+    return ang.cos().to(torch.bfloat16).to(dtype), ang.sin().to(torch.bfloat16).to(dtype)
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
@@ -84,7 +170,8 @@ def norm(x: torch.Tensor) -> torch.Tensor:
 
 
 class KVCache:
-    """Preallocated keys/values [L, B, H_kv, T_max, D] for incremental decoding.
+    """Preallocated keys/values [L, B, H_kv, T_max, D] for incremental decoding, and the smear
+    state. Every position is kept; sliding-window layers mask what is out of their window.
 
     `pos` is the number of cached positions; the model advances it once per forward, after
     every layer has inserted its keys/values at [pos, pos + T)."""
@@ -92,6 +179,8 @@ class KVCache:
     # a [B, 1, T, Tk] bool mask (True = attend) for caches whose rows hold different lengths
     # (rustchat.batching.SlotKVCache sets one per forward); None: every row holds `pos` tokens
     attn_mask = None
+    # the smear gate's state: the last fed token's embedding [B, 1, C] (None until a forward)
+    prev_embedding = None
 
     def __init__(self, batch_size: int, num_kv_heads: int, max_len: int, head_dim: int,
                  num_layers: int, *, device="cpu", dtype=torch.float32):
@@ -123,6 +212,7 @@ class KVCache:
 
     def reset(self) -> None:
         self.pos = 0
+        self.prev_embedding = None
 
     def prefill(self, other: "KVCache") -> None:
         """Copy a (usually batch-1) cache into every row of this one: prefill once, sample N."""
@@ -138,6 +228,8 @@ class KVCache:
         self.k[:, :, :, :n] = other.k[:, :, :, :n]  # broadcasts batch 1 -> B
         self.v[:, :, :, :n] = other.v[:, :, :, :n]
         self.pos = n
+        prev = other.prev_embedding
+        self.prev_embedding = None if prev is None else prev.expand(B, -1, -1).clone()
 
     def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store k, v ([B, H_kv, T, D]) at the current position; return all keys/values so far."""
@@ -156,14 +248,6 @@ class KVCache:
 # attention masks
 
 
-def _doc_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """[B, 1, T, T] bool: causal and same document (True = attend)."""
-    T = doc_ids.size(1)
-    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
-    same = doc_ids[:, :, None] == doc_ids[:, None, :]
-    return (same & causal)[:, None]
-
-
 def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
     """Position of each token inside its document (0 at every document start), [B, T]."""
     T = doc_ids.size(1)
@@ -172,59 +256,6 @@ def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
     start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
     first = torch.where(start, ar, torch.zeros_like(ar)).cummax(dim=1).values
     return ar - first
-
-
-_FLEX = {"fn": None, "failed": False}
-
-
-def _flex_attention():
-    """Compiled flex_attention on CUDA, or None when unavailable / previously failed."""
-    if _FLEX["failed"]:
-        return None
-    if _FLEX["fn"] is None:
-        try:
-            from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # CUDA-only path
-        except ImportError:
-            _FLEX["failed"] = True
-            return None
-        _FLEX["fn"] = (torch.compile(flex_attention, dynamic=False), create_block_mask)
-    return _FLEX["fn"]
-
-
-class _DocAttention:
-    """Per-forward attention plan for packed rows, shared by all layers (mask built once)."""
-
-    def __init__(self, doc_ids: torch.Tensor):
-        self.doc_ids = doc_ids
-        self.block_mask = None
-        self.dense_mask = None
-        flex = _flex_attention() if doc_ids.is_cuda else None
-        if flex is not None:
-            try:
-                _, create_block_mask = flex
-                B, T = doc_ids.shape
-
-                def mask_mod(b, h, q_idx, kv_idx):
-                    return (q_idx >= kv_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
-
-                self.block_mask = create_block_mask(mask_mod, B, None, T, T, device=doc_ids.device)
-            except Exception as e:  # fall back to a dense mask rather than fail training
-                warnings.warn(f"flex_attention block mask failed ({e!r}); using a dense SDPA mask")
-                _FLEX["failed"] = True
-        if self.block_mask is None:
-            self.dense_mask = _doc_mask(doc_ids)
-
-    def __call__(self, q, k, v, enable_gqa: bool):
-        if self.block_mask is not None:
-            try:
-                flex_attention, _ = _FLEX["fn"]
-                return flex_attention(q, k, v, block_mask=self.block_mask, enable_gqa=enable_gqa)
-            except Exception as e:
-                warnings.warn(f"flex_attention failed ({e!r}); using a dense SDPA mask")
-                _FLEX["failed"] = True
-                self.block_mask = None
-                self.dense_mask = _doc_mask(self.doc_ids)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.dense_mask, enable_gqa=enable_gqa)
 
 
 # ---------------------------------------------------------------------------
@@ -238,44 +269,48 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_kv_head = config.n_kv_head
         self.head_dim = config.head_dim
+        self.qk_scale = config.qk_scale
+        self.window = config.window_sizes()[layer_idx]
         C = config.n_embd
         self.c_q = nn.Linear(C, self.n_head * self.head_dim, bias=False)
         self.c_k = nn.Linear(C, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(C, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(self.n_head * self.head_dim, C, bias=False)
+        # per kv head, how much of the token's value embedding joins its values (0..3)
+        self.ve_gate = (nn.Linear(VE_GATE_CHANNELS, self.n_kv_head, bias=False)
+                        if config.has_value_embed(layer_idx) else None)
 
-    def forward(self, x, rope, kv_cache=None, doc_attn=None):
+    def forward(self, x, rope, kv_cache=None, doc_attn=None, ve=None):
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # [B, T, H_kv]
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim).to(v.dtype)
         cos, sin, offset, position_ids, plain = rope
         q, k = kernels.apply_rotary(q, k, cos, sin, offset=offset, position_ids=position_ids,
                                    backend="torch" if plain else "auto")
         # QK-norm after rotary; autocast may run rms_norm in fp32, keep q, k, v in one dtype
         q, k = norm(q).to(v.dtype), norm(k).to(v.dtype)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+        if self.qk_scale != 1.0:  # sharper attention, the scale split between q and k
+            q, k = q * self.qk_scale, k * self.qk_scale
         gqa = self.n_head != self.n_kv_head
+        if kv_cache is None and doc_attn is None and attention.fa3_usable(q):
+            y = attention.fa3_causal(q, k, v, self.window)  # [B, T, H, D] in and out
+            return self.c_proj(y.reshape(B, T, self.n_head * self.head_dim))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
 
         if kv_cache is not None:
             k, v = kv_cache.insert(self.layer_idx, k, v)
             if k.dtype != q.dtype:
                 k, v = k.to(q.dtype), v.to(q.dtype)
-            Tk = k.size(2)
-            if kv_cache.attn_mask is not None:  # rows of different lengths
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=kv_cache.attn_mask, enable_gqa=gqa)
-            elif Tk == T:  # empty cache: plain causal
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-            elif T == 1:  # one new token sees everything cached
-                y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-            else:  # full over the cached prefix, causal within the new chunk
-                prefix = Tk - T
-                mask = torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril(diagonal=prefix)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            # rows of different lengths (attn_mask set) place their queries by position_ids
+            y = attention.cached(q, k, v, self.window, gqa, q_pos=position_ids, attn_mask=kv_cache.attn_mask)
         elif doc_attn is not None:
-            y = doc_attn(q, k, v, gqa)
+            y = doc_attn(q, k, v, gqa, self.window)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            y = attention.causal(q, k, v, self.window, gqa)
 
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.c_proj(y)
@@ -297,8 +332,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope, kv_cache=None, doc_attn=None):
-        x = x + self.attn(norm(x), rope, kv_cache, doc_attn)
+    def forward(self, x, rope, kv_cache=None, doc_attn=None, ve=None):
+        x = x + self.attn(norm(x), rope, kv_cache, doc_attn, ve)
         x = x + self.mlp(norm(x))
         return x
 
@@ -316,6 +351,19 @@ class GPT(nn.Module):
             "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         })
         self.lm_head = nn.Linear(config.n_embd, V, bias=False)
+        # the 2026 features' parameters, named as nanochat names them (a checkpoint maps 1:1)
+        if config.layer_lambdas:  # before block i: x = resid_lambdas[i] * x + x0_lambdas[i] * x0
+            self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
+            self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
+        if config.smear:  # x[t] += smear_lambda * sigmoid(smear_gate(x[t][:24])) * x[t-1]
+            self.smear_gate = nn.Linear(SMEAR_CHANNELS, 1, bias=False)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+        if config.backout:  # x -= backout_lambda * (the residual after block n_layer // 2)
+            self.backout_lambda = nn.Parameter(torch.full((1,), 0.2))
+        if config.value_embeds:
+            kv_dim = config.n_kv_head * config.head_dim
+            self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, kv_dim) for i in range(config.n_layer)
+                                               if config.has_value_embed(i)})
         self._rope_cache: dict = {}  # (device, plain, dtype) -> (cos, sin, length); rebuilt on demand
         if init and self.lm_head.weight.device.type != "meta":
             self.init_weights()
@@ -324,6 +372,25 @@ class GPT(nn.Module):
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         cfg = self.config
+        if cfg.arch == "classic":
+            self._init_trunk_classic(generator)
+        else:
+            self._init_trunk_2026(generator)
+        if cfg.layer_lambdas:
+            # stronger residual and more of the first embedding in early layers
+            frac = torch.arange(cfg.n_layer, dtype=torch.float64) / max(cfg.n_layer - 1, 1)
+            self.resid_lambdas.copy_(1.15 - 0.10 * frac)
+            self.x0_lambdas.copy_(0.20 - 0.15 * frac)
+        if cfg.smear:
+            self.smear_lambda.zero_()
+            self.smear_gate.weight.uniform_(0.0, 0.02, generator=generator)
+        if cfg.backout:
+            self.backout_lambda.fill_(0.2)
+        # padded rows are never read by the loss or logits; keep them at zero
+        self.transformer.wte.weight[cfg.vocab_size:].zero_()
+        self.lm_head.weight[cfg.vocab_size:].zero_()
+
+    def _init_trunk_classic(self, generator) -> None:
         for block in self.transformer.h:
             for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
                 fan_out, fan_in = lin.weight.shape
@@ -335,39 +402,69 @@ class GPT(nn.Module):
             block.mlp.c_proj.weight.zero_()
         self.transformer.wte.weight.normal_(0.0, 1.0, generator=generator)
         self.lm_head.weight.normal_(0.0, 0.001, generator=generator)
-        # padded rows are never read by the loss or logits; keep them at zero
-        self.transformer.wte.weight[cfg.vocab_size:].zero_()
-        self.lm_head.weight[cfg.vocab_size:].zero_()
+
+    def _init_trunk_2026(self, generator) -> None:
+        """nanochat's July-2026 init: uniform (no outliers) with std 1/sqrt(n_embd), c_fc at 0.4x,
+        gates slightly open, value embeddings like c_v."""
+        s = 3 ** 0.5 * self.config.n_embd ** -0.5  # uniform(-s, s) has std 1/sqrt(n_embd)
+        for block in self.transformer.h:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
+                lin.weight.uniform_(-s, s, generator=generator)
+            block.mlp.c_fc.weight.uniform_(-0.4 * s, 0.4 * s, generator=generator)
+            block.attn.c_proj.weight.zero_()
+            block.mlp.c_proj.weight.zero_()
+            if block.attn.ve_gate is not None:
+                block.attn.ve_gate.weight.uniform_(0.0, 0.02, generator=generator)
+        if self.config.value_embeds:
+            for ve in self.value_embeds.values():
+                ve.weight.uniform_(-s, s, generator=generator)
+        self.transformer.wte.weight.normal_(0.0, 0.8, generator=generator)
+        self.lm_head.weight.normal_(0.0, 0.001, generator=generator)
 
     # -- helpers ------------------------------------------------------------
     def get_device(self) -> torch.device:
         return self.lm_head.weight.device
 
     def param_groups(self) -> dict:
-        """Parameters by optimizer role: Muon for block matrices, AdamW for embedding and head."""
+        """Parameters by optimizer role: Muon for block matrices (value-embedding gates
+        included), AdamW for the rest: embedding, head, and with the 2026 features value_embeds,
+        resid (resid_lambdas), x0 (x0_lambdas) and smear (smear gate, smear and backout
+        lambdas); a role the model lacks is an empty list."""
+        cfg = self.config
         groups = {
             "matrix": list(self.transformer.h.parameters()),
             "embedding": list(self.transformer.wte.parameters()),
             "head": list(self.lm_head.parameters()),
+            "value_embeds": list(self.value_embeds.parameters()) if cfg.value_embeds else [],
+            "resid": [self.resid_lambdas] if cfg.layer_lambdas else [],
+            "x0": [self.x0_lambdas] if cfg.layer_lambdas else [],
+            "smear": ([self.smear_gate.weight, self.smear_lambda] if cfg.smear else [])
+                     + ([self.backout_lambda] if cfg.backout else []),
         }
         assert sum(len(g) for g in groups.values()) == len(list(self.parameters()))
         return groups
 
     def num_params(self, *, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
-        if exclude_embedding:
+        if exclude_embedding:  # lookups, not matmuls: the token and value embeddings
             n -= self.transformer.wte.weight.numel()
+            if self.config.value_embeds:
+                n -= sum(p.numel() for p in self.value_embeds.parameters())
         return n
 
     def estimate_flops(self, seq_len: int | None = None) -> int:
-        """Training FLOPs per token: 6 * (matmul params) + attention (12 * L * H * D * T).
+        """Training FLOPs per token: 6 * (matmul params) + attention (12 * H * D * keys seen, per layer).
 
-        Matmul params are the block matrices plus the unpadded head (the loss only multiplies
-        vocab_size rows); the embedding is a lookup. Attention is counted un-masked, as nanochat."""
+        Matmul params are the block matrices, the smear gate and the unpadded head (the loss only
+        multiplies vocab_size rows); embeddings are lookups. Attention is counted un-masked, as
+        nanochat, over min(window, T) keys."""
         cfg = self.config
         T = seq_len or cfg.sequence_len
         n_matmul = sum(p.numel() for p in self.transformer.h.parameters()) + cfg.vocab_size * cfg.n_embd
-        return 6 * n_matmul + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
+        if cfg.smear:
+            n_matmul += self.smear_gate.weight.numel()
+        keys = sum(T if w is None else min(w, T) for w in cfg.window_sizes())
+        return 6 * n_matmul + 12 * cfg.n_head * cfg.head_dim * keys
 
     def setup_optimizers(self, *, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004,
                          weight_decay=0.0, lr_scale=1.0):
@@ -380,7 +477,9 @@ class GPT(nn.Module):
         hit = self._rope_cache.get(key)
         if hit is None or hit[2] < length:
             n = max(length, self.config.sequence_len, 2 * hit[2] if hit else 0)
-            cos, sin = kernels.rotary_tables(n, self.config.head_dim, base=ROPE_BASE, device=device, dtype=dtype)
+            cos, sin = kernels.rotary_tables(n, self.config.head_dim, base=self.config.rope_base, device=device, dtype=dtype)
+            if self.config.rope_bf16:
+                cos, sin = _bf16_rotary_tables(n, self.config.head_dim, self.config.rope_base, device, dtype)
             hit = (cos, sin, n)
             self._rope_cache[key] = hit
         return hit[0], hit[1]
@@ -391,6 +490,24 @@ class GPT(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     # -- forward ------------------------------------------------------------
+    def _smear(self, x: torch.Tensor, kv_cache, doc_ids) -> torch.Tensor:
+        """Each token's embedding plus its gated predecessor's. The first token of a row (or of
+        a document in a packed row) has none, unless the cache holds the embedding of the token
+        before it (`prev_embedding`, [B, 1, C]); the cache then keeps this call's last one."""
+        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]).to(x.dtype))
+        prev = getattr(kv_cache, "prev_embedding", None) if kv_cache is not None and kv_cache.pos > 0 else None
+        if prev is None:
+            before = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+        else:
+            before = torch.cat([prev.to(x.dtype), x[:, :-1]], dim=1)
+        if doc_ids is not None:  # nothing smears across a document boundary
+            same = torch.ones_like(doc_ids, dtype=torch.bool)
+            same[:, 1:] = doc_ids[:, 1:] == doc_ids[:, :-1]
+            gate = gate * same[..., None].to(gate.dtype)
+        if kv_cache is not None:
+            kv_cache.prev_embedding = x[:, -1:]
+        return x + gate * before
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, loss_reduction: str = "mean",
                 kv_cache: KVCache | None = None, position_ids: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None):
@@ -414,13 +531,25 @@ class GPT(nn.Module):
         if doc_ids is not None:
             if position_ids is None:
                 position_ids = positions_from_doc_ids(doc_ids)
-            doc_attn = _DocAttention(doc_ids)
+            doc_attn = attention.DocAttention(doc_ids)
         # explicit positions with a cache: the caller's (rows of different lengths, rustchat.batching)
         rope = (cos, sin, offset if position_ids is None else 0, position_ids, plain)
 
         x = norm(self.transformer.wte(idx))
-        for block in self.transformer.h:
-            x = block(x, rope, kv_cache, doc_attn)
+        if cfg.smear:
+            x = self._smear(x, kv_cache, doc_ids)
+        x0 = x
+        backout_at = cfg.n_layer // 2 if cfg.backout else -1
+        x_backout = None
+        for i, block in enumerate(self.transformer.h):
+            if cfg.layer_lambdas:
+                x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
+            ve = self.value_embeds[str(i)](idx) if cfg.has_value_embed(i) else None
+            x = block(x, rope, kv_cache, doc_attn, ve)
+            if i == backout_at:
+                x_backout = x
+        if x_backout is not None:
+            x = x - self.backout_lambda.to(x.dtype) * x_backout
         x = norm(x)
         if kv_cache is not None:
             kv_cache.advance(T)

@@ -1,8 +1,10 @@
 """`rustchat import-nanochat`: a nanochat checkpoint (model_<step>.pt + meta_<step>.json) and its
 tokenizer.pkl become a rustchat checkpoint and tokenizer, so mid/SFT continue from them.
 
-Our module names are nanochat's, so the mapping is: strip torch.compile's `_orig_mod.`
-prefix, pad embedding/head rows to our padded vocab, cast to fp32. Files are read without
+Both nanochat models import: January 2026's (the classic architecture) and July 2026's (a
+`window_pattern` in the meta's model_config: the 2026 architecture). Our module names are
+nanochat's, so the mapping is: strip torch.compile's `_orig_mod.` prefix, pad embedding, value
+embedding and head rows to our padded vocab, cast to fp32. Files are read without
 executing code (torch.load(weights_only=True), json), after checking each is a regular file
 (checkpoint.regular_file); weights must be finite. An import never replaces a different
 tokenizer or an existing checkpoint of the same step unless asked to (--force).
@@ -19,11 +21,12 @@ import torch
 from .checkpoint import check_model_config, read_json_object, regular_file, save_checkpoint, stage_dir
 from .common import RustchatError, get_base_dir
 from .config import ImportNanochatConfig
-from .model import GPT, GPTConfig
+from .model import ARCHS, GPT, GPTConfig
 from .tokenizer import Tokenizer
 
 _MODEL_RE = re.compile(r"^model_(\d+)\.pt$")
-_VOCAB_ROWS = ("transformer.wte.weight", "lm_head.weight")
+_VOCAB_ROWS = ("transformer.wte.weight", "lm_head.weight")  # and value_embeds.<layer>.weight
+_NANOCHAT_SIZES = {"sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"}
 _MAX_TOKENIZER_PICKLE = 256 << 20
 
 
@@ -42,6 +45,24 @@ def _file_for_step(ckpt_dir: Path, prefix: str, step: int, suffix: str) -> Path:
     raise RustchatError(f"nanochat checkpoint {ckpt_dir} has no {prefix}_{step:06d}{suffix}")
 
 
+def nanochat_config(mc, where) -> GPTConfig:
+    """The architecture of a nanochat meta's `model_config`: January 2026's six sizes, or July
+    2026's with `window_pattern` (which brings all of that model's features). Any other field
+    is refused by name: it would be a model we do not compute."""
+    if isinstance(mc, dict):
+        unknown = sorted(set(mc) - _NANOCHAT_SIZES - {"window_pattern"})
+        if unknown:
+            raise RustchatError(f"{where}: unsupported nanochat model_config field(s) {', '.join(map(repr, unknown))} "
+                                f"(known: {', '.join(sorted(_NANOCHAT_SIZES))}, window_pattern)")
+    config = check_model_config(mc, where)  # refuses missing, ill-typed and absurd sizes
+    # January's model keeps its rotary tables in bf16, July's in the compute dtype (fp32 on a CPU)
+    feats = dict(ARCHS["2026"], window_pattern=mc["window_pattern"]) if "window_pattern" in mc else {"rope_bf16": True}
+    try:
+        return GPTConfig(**{**config.to_dict(), **feats})
+    except RustchatError as e:
+        raise RustchatError(f"{where}: model_config: {e}") from None
+
+
 def convert_state_dict(sd: dict, config: GPTConfig) -> dict:
     """nanochat state dict -> ours (fp32, padded vocab rows, no compile prefix)."""
     sd = {k.replace("_orig_mod.", ""): v for k, v in sd.items()}
@@ -50,12 +71,13 @@ def convert_state_dict(sd: dict, config: GPTConfig) -> dict:
     missing = sorted(set(expected) - set(sd))
     extra = sorted(set(sd) - set(expected))
     if missing or extra:
-        raise RustchatError(f"unsupported nanochat model: missing {missing[:4]}, unexpected {extra[:4]} "
+        raise RustchatError(f"unsupported nanochat model ({config.arch} architecture by its model_config): "
+                            f"missing tensors {missing[:4]}, unexpected tensors {extra[:4]} "
                             f"({len(missing)} missing, {len(extra)} unexpected)")
     out = {}
     for name, ref in expected.items():
         t = sd[name].to(torch.float32)
-        if name in _VOCAB_ROWS:
+        if name in _VOCAB_ROWS or name.startswith("value_embeds."):
             rows = min(t.size(0), ref.size(0))
             if t.size(0) < config.vocab_size or t.size(1) != ref.size(1):
                 raise RustchatError(f"nanochat {name} has shape {tuple(t.shape)}, expected at least "
@@ -79,7 +101,7 @@ def import_nanochat_model(ckpt_dir, step: int | None = None, device="cpu"):
         step = find_nanochat_step(ckpt_dir)
     meta_path = _file_for_step(ckpt_dir, "meta", step, ".json")
     meta = read_json_object(meta_path, "nanochat meta")
-    config = check_model_config(meta.get("model_config"), meta_path)
+    config = nanochat_config(meta.get("model_config"), meta_path)
     weights_path = _file_for_step(ckpt_dir, "model", step, ".pt")
     regular_file(weights_path, "nanochat weights")
     try:

@@ -90,6 +90,11 @@ def build_optimizers(model, *, matrix_lr: float = 0.02, embedding_lr: float = 0.
     dmodel_scale = (model.config.n_embd / 768) ** -0.5
     adam_groups = [dict(params=groups["head"], lr=unembedding_lr * dmodel_scale * lr_scale),
                    dict(params=groups["embedding"], lr=embedding_lr * dmodel_scale * lr_scale)]
+    # the 2026 model's extra parameters, at nanochat's July-2026 rates (scalar lr 0.5)
+    extra = [("value_embeds", embedding_lr * dmodel_scale * 0.5, (0.8, 0.95)), ("resid", 0.5 * 0.01, (0.8, 0.95)),
+             ("x0", 0.5, (0.96, 0.95)), ("smear", 0.2, (0.8, 0.95))]
+    adam_groups += [dict(params=groups[name], lr=lr * lr_scale, betas=betas)
+                    for name, lr, betas in extra if groups.get(name)]
     adam_kwargs = dict(betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay)
     try:  # fused: one pass over memory (CUDA, and ~8x faster than foreach on CPU)
         adamw = torch.optim.AdamW(adam_groups, fused=True, **adam_kwargs)

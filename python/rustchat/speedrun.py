@@ -32,10 +32,11 @@ PRESETS = {
         "tokenizer": {"vocab_size": 265, "max_chars": 30_000_000},
         "common": {"depth": 2, "seq_len": 512, "eval_batches": 4},
         # 4 heads of 32 dims instead of one of 128: copying needs several heads per layer
-        # the classic rules (fixed lrs, no warmup): measured to meet the preset's targets; the 2026
-        # rules would scale this 4k-token batch's lrs by sqrt(4096/2^19) = 0.09
+        # the architecture is a choice here (docs/benchmarks.md says which meets the targets); the
+        # classic rules (fixed lrs, no warmup) were measured with it: the 2026 rules would scale
+        # this 4k-token batch's lrs by sqrt(4096/2^19) = 0.09
         "base": {"device_batch_size": 8, "total_batch_size": 8 * 512, "max_steps": 20, "eval_every": 10,
-                 "head_dim": 32, "rules": "classic"},
+                 "head_dim": 32, "arch": "classic", "rules": "classic"},
         # mid-training is where the tasks are learned: most of the budget goes here, in many
         # small steps (the copying skills appear after several hundred)
         "mid": {"device_batch_size": 4, "total_batch_size": 4 * 512, "max_steps": 1100, "eval_every": 275,

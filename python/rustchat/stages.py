@@ -8,6 +8,7 @@ with --resume, and writes step-numbered checkpoints under
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import attention
 from .checkpoint import find_last_step, load_optimizer_states, load_stage_model, previous_stage, restore_rng_state, stage_dir
 from .common import RustchatError, get_base_dir, print0
 from .config import BaseConfig, MidConfig, SFTConfig, StageConfig
@@ -23,7 +25,7 @@ from .data.bestfit import PACKING, BestFitLoader
 from .data.midtrain import MidTrainStream
 from .data.pretrain import FINEWEB_SHARDS, DocumentSource, PretrainLoader, download_shards
 from .data.steps import SFTSteps, StreamSteps
-from .model import GPT, GPTConfig
+from .model import ARCHS, GPT, GPTConfig
 from .report import write_section
 from .runtime import autocast_ctx, barrier, compute_dtype, get_rank, init_distributed
 from .rules import DEFAULTS, REFERENCE_DEPTH, Plan, plan_2026, plan_classic, scaling_params
@@ -140,7 +142,7 @@ def _load_start(cfg: StageConfig, device, tok):
     prev = getattr(cfg, "from_stage", None) or previous_stage(cfg.stage)
     if prev is None:
         mcfg = GPTConfig.from_depth(cfg.depth, vocab_size=tok.vocab_size, sequence_len=cfg.seq_len,
-                                    aspect_ratio=cfg.aspect_ratio, head_dim=cfg.head_dim)
+                                    aspect_ratio=cfg.aspect_ratio, head_dim=cfg.head_dim, arch=cfg.arch)
         with_device = GPT(mcfg).to(device)
         return with_device, None, None, 0
     model, _, meta = load_stage_model(prev, cfg.depth, device=device, base_dir=cfg.base_dir, load_optimizer=False)
@@ -173,7 +175,8 @@ def _banner(cfg: StageConfig, model, device, tok, tokens_per_step: str, num_step
     device = torch.device(device)
     kernels = "triton (fused linear CE, rotary)" if device.type == "cuda" and model.use_kernels else "torch reference"
     print0(
-        f"== rustchat {cfg.stage} | depth {cfg.depth} (dim {model.config.n_embd}, {model.config.n_head} heads) | "
+        f"== rustchat {cfg.stage} | depth {cfg.depth} (dim {model.config.n_embd}, {model.config.n_head} heads, "
+        f"{model.config.arch} arch) | attention: {attention.backend_name(device)} | "
         f"{model.num_params() / 1e6:.2f}M params | device {device} "
         f"({compute_dtype(device)}) | kernels: {kernels} | vocab {tok.vocab_size} | seq {cfg.seq_len} | "
         f"{tokens_per_step} per step | {num_steps} steps{extra}")
@@ -205,8 +208,10 @@ def base_plan(cfg: BaseConfig, model) -> Plan:
     # the d12 sibling the 2026 hyperparameters were tuned on: same width rule, vocab, context and
     # features; built on the meta device (shapes only, no memory)
     c = model.config
-    ref_cfg = GPTConfig.from_depth(REFERENCE_DEPTH, vocab_size=c.vocab_size, sequence_len=c.sequence_len,
-                                   aspect_ratio=cfg.aspect_ratio, head_dim=cfg.head_dim)
+    ref_cfg = dataclasses.replace(
+        GPTConfig.from_depth(REFERENCE_DEPTH, vocab_size=c.vocab_size, sequence_len=c.sequence_len,
+                             aspect_ratio=cfg.aspect_ratio, head_dim=cfg.head_dim),
+        **{k: getattr(c, k) for k in ARCHS["classic"]})  # the model's architecture features
     with torch.device("meta"):
         ref = GPT(ref_cfg)
     return plan_2026(scaling_param_counts(model), scaling_param_counts(ref), **common)
