@@ -166,3 +166,19 @@ def test_a_stream_cursor_is_refused_in_one_line(tok, shards):
     stream_state = _take(PretrainLoader(tok, src, 1, 8), 2)[-1][2]
     with pytest.raises(RustchatError, match="--rules classic"):
         BestFitLoader(tok, src, 1, 8, state=stream_state)
+
+
+def test_reshard_moves_past_every_rank_and_trains_no_document_twice(tok, shards):
+    """A resume on another number of ranks starts every new rank after the furthest group any
+    old rank had begun (what the trainer calls when the world size changes)."""
+    d, groups = shards
+    src = DocumentSource.from_paths([d])
+    kw = dict(buffer_docs=5, refill_docs=3)
+    old = [_take(BestFitLoader(tok, src, 1, 16, rank=r, world_size=2, **kw), 4)[-1][2] for r in range(2)]
+    new = BestFitLoader.reshard(old, 3)
+    furthest = max((s["epoch"], s["file"], s["group"]) for s in old)
+    assert len(new) == 3 and all(s == new[0] for s in new)
+    assert (new[0]["epoch"], new[0]["file"], new[0]["group"]) == (furthest[0], furthest[1], furthest[2] + 1)
+    assert new[0]["buffer"] == [] and new[0]["doc"] == 0
+    for r in range(3):
+        assert len(_take(BestFitLoader(tok, src, 1, 16, rank=r, world_size=3, state=new[r], **kw), 2)) == 2

@@ -40,7 +40,7 @@ from rustchat import rules
 from rustchat.common import RustchatError
 from rustchat.config import BaseConfig
 from rustchat.model import GPT, GPTConfig
-from rustchat.schedules import base_lr_multiplier, cosine_weight_decay, muon_momentum_2026
+from rustchat.schedules import base_lr_multiplier, muon_momentum_2026, muon_weight_decay
 from rustchat.stages import base_plan, scaling_param_counts
 
 REF_PARAMS = 110_100_912
@@ -120,8 +120,8 @@ def test_2026_schedules():
     assert muon_momentum_2026(500, 2000) == 0.97 and muon_momentum_2026(700, 2000) == 0.97
     assert muon_momentum_2026(700 + 650, 2000) == pytest.approx(0.935)
     # weight decay: half a cosine to 0
-    assert cosine_weight_decay(0, n, 0.2) == 0.2 and cosine_weight_decay(500, n, 0.2) == pytest.approx(0.1)
-    assert cosine_weight_decay(n, n, 0.2) == pytest.approx(0.0, abs=1e-12)
+    assert muon_weight_decay(0, n, 0.2) == 0.2 and muon_weight_decay(500, n, 0.2) == pytest.approx(0.1)
+    assert muon_weight_decay(n, n, 0.2) == pytest.approx(0.0, abs=1e-12)
 
 
 def _meta_model(depth: int, vocab: int, **kw) -> GPT:

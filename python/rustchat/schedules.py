@@ -1,4 +1,4 @@
-"""Learning-rate multipliers (of each group's `initial_lr`) and the Muon momentum warmup.
+"""Learning-rate multipliers (of each group's `initial_lr`), Muon's momentum and weight decay.
 
 Steps count from 0; `num_steps` is the number of optimizer steps in the run.
 """
@@ -51,25 +51,22 @@ def muon_momentum(step: int, *, warmup_steps: int = 300, start: float = 0.85, en
     return (1.0 - frac) * start + frac * end
 
 
-def muon_momentum_2026(step: int, num_steps: int, *, warmdown_ratio: float = 0.65, warmup_steps: int = 400,
-                       start: float = 0.85, peak: float = 0.97, end: float = 0.90) -> float:
-    """2026 base pretraining: Muon momentum ramps 0.85 -> 0.97 over the first 400 steps, holds,
-    and falls linearly to 0.90 across the lr warmdown (less momentum as the steps shrink)."""
+def muon_momentum_2026(step: int, num_steps: int, *, warmdown_ratio: float = 0.65) -> float:
+    """The 2026 recipe: 0.85 -> 0.97 over the first 400 steps, 0.97 -> 0.90 across the lr warmdown."""
     warmdown = round(warmdown_ratio * num_steps)
-    warmdown_start = num_steps - warmdown
-    if step < warmup_steps:
-        frac = step / warmup_steps
-        return (1.0 - frac) * start + frac * peak
-    if step >= warmdown_start and warmdown > 0:
-        progress = (step - warmdown_start) / warmdown
-        return (1.0 - progress) * peak + progress * end
-    return peak
+    start = num_steps - warmdown
+    if step < 400:
+        frac = step / 400
+        return (1 - frac) * 0.85 + frac * 0.97
+    if step >= start and warmdown > 0:
+        progress = (step - start) / warmdown
+        return 0.97 * (1 - progress) + 0.90 * progress
+    return 0.97
 
 
-def cosine_weight_decay(step: int, num_steps: int, peak: float) -> float:
-    """2026 base pretraining: the matrices' weight decay falls from `peak` to 0 along half a
-    cosine over the run."""
-    return peak * 0.5 * (1.0 + math.cos(math.pi * step / num_steps))
+def muon_weight_decay(step: int, num_steps: int, weight_decay: float) -> float:
+    """The 2026 recipe: Muon's (cautious) weight decay falls to 0 along a half cosine."""
+    return weight_decay * 0.5 * (1 + math.cos(math.pi * step / num_steps))
 
 
 def apply_lr_multiplier(optimizers, multiplier: float) -> None:

@@ -29,7 +29,7 @@ from .model import ARCHS, GPT, GPTConfig
 from .report import write_section
 from .runtime import autocast_ctx, barrier, compute_dtype, get_rank, init_distributed
 from .rules import DEFAULTS, REFERENCE_DEPTH, Plan, plan_2026, plan_classic, scaling_params
-from .schedules import (base_lr_multiplier, cosine_weight_decay, mid_lr_multiplier, muon_momentum, muon_momentum_2026,
+from .schedules import (base_lr_multiplier, mid_lr_multiplier, muon_momentum, muon_momentum_2026, muon_weight_decay,
                         sft_lr_multiplier)
 from .tasks import TaskMixture, get_task
 from .tokenizer import load_tokenizer
@@ -322,7 +322,7 @@ def train_base(cfg: BaseConfig) -> dict:
             f"\n   {plan.describe()}")
     if plan.rules == "2026":
         momentum = lambda s: muon_momentum_2026(s, num_steps, warmdown_ratio=plan.warmdown_ratio)  # noqa: E731
-        weight_decay = lambda s: cosine_weight_decay(s, num_steps, plan.weight_decay)  # noqa: E731
+        weight_decay = lambda s: muon_weight_decay(s, num_steps, plan.weight_decay)  # noqa: E731
     else:
         momentum, weight_decay = muon_momentum, None
     lr_multiplier = lambda s: base_lr_multiplier(s, num_steps, warmup_steps=plan.warmup_steps,  # noqa: E731

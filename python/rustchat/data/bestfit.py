@@ -58,6 +58,16 @@ class BestFitLoader(PretrainLoader):
     def state(self) -> dict:
         return {**self._state, "buffer": [list(r) for r in self._state["buffer"]]}
 
+    @staticmethod
+    def reshard(states: list[dict], world: int) -> list[dict]:
+        """The cursors of a run on len(states) ranks -> cursors for `world` ranks (a resume on
+        another number of processes). Ranks own row groups by index, so every new rank starts
+        after the furthest group any old rank had begun, with an empty buffer: no document is
+        trained twice; the old buffers and the rest of the groups in flight are skipped."""
+        last = max((Cursor(**{k: v for k, v in s.items() if k not in ("packing", "buffer")}) for s in states),
+                   key=lambda c: (c.epoch, c.file, c.group))
+        return [BestFitLoader._pack_state(Cursor(last.file, last.group + 1, 0, 0, last.epoch), []) for _ in range(world)]
+
     def crop_share(self) -> float:
         """Share of the documents' tokens taken from the buffer that crops dropped so far."""
         total = self.placed_tokens + self.cropped_tokens
