@@ -132,7 +132,7 @@ def plan_2026(params: int, ref_params: int, *, tokens_per_param: float | None = 
     d = _defaults("2026", overrides)
     ratio = d.tokens_per_param if tokens_per_param is None else tokens_per_param
     if ratio <= 0:
-        raise RustchatError(f"--tokens-per-param must be > 0 under the 2026 rules, got {ratio}")
+        raise RustchatError(f"--target-param-data-ratio must be > 0 under the 2026 rules, got {ratio}")
     target = int(ratio * params)
     ref_tokens = ratio * ref_params
     auto = total_batch_size is None
@@ -140,7 +140,7 @@ def plan_2026(params: int, ref_params: int, *, tokens_per_param: float | None = 
     steps = num_steps if num_steps is not None else target // B
     if steps < 1:
         raise RustchatError(f"the horizon ({target:,} tokens) is less than one batch of {B:,} tokens: "
-                            "raise --tokens-per-param or lower --total-batch-size")
+                            "raise --target-param-data-ratio or lower --total-batch-size")
     s = batch_lr_scale(B)
     return Plan(rules="2026", params=params, ref_params=ref_params, tokens_per_param=ratio, target_tokens=target,
                 ref_tokens=ref_tokens, total_batch_size=B, batch_auto=auto, num_steps=steps, lr_scale=s,

@@ -182,12 +182,14 @@ def _banner(cfg: StageConfig, model, device, tok, tokens_per_step: str, num_step
         f"{tokens_per_step} per step | {num_steps} steps{extra}")
 
 
-def _grad_accum(cfg: StageConfig, world: int, total_batch_size: int | None = None) -> int:
-    total = cfg.total_batch_size if total_batch_size is None else total_batch_size
+def _grad_accum(cfg: StageConfig, world: int, plan: Plan | None = None) -> int:
+    total = cfg.total_batch_size if plan is None else plan.total_batch_size
     per = cfg.device_batch_size * cfg.seq_len * world
     if total % per:
-        raise RustchatError(
-            f"--total-batch-size {total} is not a multiple of device batch x seq len x ranks = {per}")
+        what = (f"the batch the {plan.rules} rules derive ({total:,} tokens)" if plan is not None and plan.batch_auto
+                else f"--total-batch-size {total}")
+        raise RustchatError(f"{what} is not a multiple of device batch x seq len x ranks = {per}"
+                            + ("; set --total-batch-size or a smaller --device-batch-size" if "derive" in what else ""))
     return total // per
 
 
@@ -304,7 +306,7 @@ def train_base(cfg: BaseConfig) -> dict:
     model, optim_states, meta, start = _load_start(cfg, device, tok)
     plan = base_plan(cfg, model)
     opts = _optimizers(model, cfg, optim_states, plan)
-    accum = _grad_accum(cfg, info.world_size, plan.total_batch_size)
+    accum = _grad_accum(cfg, info.world_size, plan)
     num_steps = plan.num_steps
     if meta is not None and cfg.resume:
         num_steps = int(meta.get("num_steps", num_steps)) if not cfg.max_steps else num_steps
