@@ -152,7 +152,7 @@ def test_the_base_banner_prints_the_plan(tmp_path, capsys):
     (tmp_path / "text").mkdir()
     (tmp_path / "text" / "a.txt").write_text("\n\n".join(docs[:50]))
     (tmp_path / "text" / "b.txt").write_text("\n\n".join(docs[50:]))
-    res = train_base(BaseConfig(depth=1, seq_len=32, device_batch_size=2, total_batch_size=64, max_steps=1,
+    res = train_base(BaseConfig(depth=1, seq_len=32, device_batch_size=2, total_batch_size=64, max_steps=2,
                                 device="cpu", quiet=True, eval_every=0, data_dir=str(tmp_path / "text"),
                                 base_dir=str(tmp_path)))
     out = capsys.readouterr().out
@@ -161,6 +161,11 @@ def test_the_base_banner_prints_the_plan(tmp_path, capsys):
     for shown in (f"{p['target_tokens']:,} tokens", f"lr scale {p['lr_scale']:.4f}", f"weight decay {p['weight_decay']:.6g}",
                   "warmup 40 steps", "warmdown 0.65 to 0.05"):
         assert shown in out
+    # the matrices' weight decay follows its half cosine: at step 1 of 2, half the peak
+    from rustchat.checkpoint import load_checkpoint, stage_dir
+    _, states, _ = load_checkpoint(stage_dir("base", 1, tmp_path), load_optimizer=True)
+    decays = [g.get("weight_decay") for st in states for g in st["param_groups"]]
+    assert any(d == pytest.approx(p["weight_decay"] / 2, rel=1e-9) for d in decays), (decays, p["weight_decay"])
 
 
 def test_base_plan_counts_the_models_blocks_and_head():

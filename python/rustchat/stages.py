@@ -154,14 +154,14 @@ def _load_start(cfg: StageConfig, device, tok):
 
 
 def _optimizers(model, cfg: StageConfig, optim_states, plan: Plan | None = None):
-    """The stage's optimizers: base takes its learning rates and weight decay from the rules'
-    plan, mid and SFT from their flags."""
+    """The stage's optimizers: base takes its learning rates from the rules' plan, mid and SFT
+    from their flags. The plan's weight decay is the matrices' (Muon's) alone and is set each
+    step by its schedule (`set_muon_weight_decay`), never handed to AdamW."""
     if plan is None:
         opts = model.setup_optimizers(matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
                                       unembedding_lr=cfg.unembedding_lr)
     else:
-        kw = dict(matrix_lr=plan.matrix_lr, embedding_lr=plan.embedding_lr, unembedding_lr=plan.unembedding_lr,
-                  weight_decay=plan.weight_decay)
+        kw = dict(matrix_lr=plan.matrix_lr, embedding_lr=plan.embedding_lr, unembedding_lr=plan.unembedding_lr)
         # only optimizers with a group for the per-layer scalars take their lr
         if "scalar_lr" in inspect.signature(model.setup_optimizers).parameters:
             kw["scalar_lr"] = plan.scalar_lr
