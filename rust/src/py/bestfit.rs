@@ -3,7 +3,8 @@
 
 use super::guard::{guarded, value_error};
 use crate::bestfit::{BestFit, Fill};
-use crate::le::write_u32s;
+use super::collate::le_offsets;
+use crate::le::{bytes_to_u32s, write_u32s};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyByteArray;
@@ -22,24 +23,23 @@ impl PyBestFit {
 
     /// Buffers documents: ids (u32 LE), offsets (i64 LE, n+1 bounds), tags (u64 LE, one per document).
     fn push(&mut self, py: Python<'_>, ids: &[u8], offsets: &[u8], tags: &[u8]) -> PyResult<()> {
-        if ids.len() % 4 != 0 || offsets.len() % 8 != 0 || tags.len() % 8 != 0 {
-            return Err(PyValueError::new_err("ids, offsets and tags must be u32, i64 and u64 little-endian buffers"));
+        let ids = bytes_to_u32s(ids, "ids").map_err(value_error)?;
+        let offs = le_offsets(offsets)?;
+        if !tags.len().is_multiple_of(8) {
+            return Err(PyValueError::new_err(format!("tags: buffer length {} is not a multiple of 8", tags.len())));
         }
-        let n_docs = tags.len() / 8;
-        if offsets.len() / 8 != n_docs + 1 {
-            return Err(PyValueError::new_err(format!("{} offsets for {n_docs} documents (need n+1)", offsets.len() / 8)));
-        }
-        let ids: Vec<u32> = ids.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
-        let offs: Vec<i64> = offsets.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
         let tags: Vec<u64> = tags.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect();
-        if offs[0] < 0 || offs.windows(2).any(|w| w[1] < w[0]) || offs[n_docs] as usize > ids.len() {
-            return Err(PyValueError::new_err("offsets must rise from 0 to at most the number of ids"));
+        if offs.len() != tags.len() + 1 {
+            return Err(PyValueError::new_err(format!("{} offsets for {} documents (need n+1)", offs.len(), tags.len())));
+        }
+        if offs.windows(2).any(|w| w[1] < w[0]) || offs.last().is_some_and(|&e| e > ids.len()) {
+            return Err(PyValueError::new_err("offsets must rise to at most the number of ids"));
         }
         let inner = &mut self.inner;
         py.detach(|| {
             guarded(|| {
                 for (d, tag) in tags.iter().enumerate() {
-                    inner.push(&ids[offs[d] as usize..offs[d + 1] as usize], *tag);
+                    inner.push(&ids[offs[d]..offs[d + 1]], *tag);
                 }
             })
         })
