@@ -21,7 +21,8 @@ REMOTE_CODE = PKG / "hf_remote"
 # Lower layers never import higher ones. Within a layer, imports are allowed but must not cycle.
 LAYERS = {
     0: {"_core", "common"},
-    1: {"config", "conversation", "tokenizer", "tools", "sandbox", "runtime", "kernels", "optim", "attention", "fp8"},
+    1: {"config", "rules", "conversation", "tokenizer", "tools", "sandbox", "runtime", "kernels", "optim", "attention",
+        "fp8"},
     2: {"model", "data", "tasks", "checkpoint", "schedules", "scoring", "report"},
     3: {"engine", "trainer", "batching"},
     4: {"stages", "evaluate", "chat", "serve", "export", "hf_import", "nanochat_import", "tokenizer_stage"},
@@ -281,4 +282,4 @@ def test_configs_refuse_bad_values_with_one_line():
         config.SFTConfig(depth=0)
     with pytest.raises(config.RustchatError, match=r"--device must be one of"):
         config.EvalConfig(device="tpu")
-    assert config.SFTConfig().total_batch_size == 32 and config.BaseConfig().total_batch_size == 524_288
+    assert config.SFTConfig().total_batch_size == 32 and config.BaseConfig().total_batch_size is None

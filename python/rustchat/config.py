@@ -15,11 +15,13 @@ from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 from .common import RustchatError
+from .rules import RULES
 
 DEVICES = ("auto", "cuda", "cpu", "mps")
 STAGES = ("base", "mid", "sft")  # the training stages, in pipeline order
 TASK_PRESETS = ("default", "tiny")
 OPTIMIZERS = ("auto", "2026", "classic")  # "auto" + rustchat.optim.RECIPES
+SFT_SOURCES = ("mid", "base")  # the checkpoints SFT can start from
 ARCHS = ("2026", "classic")  # the keys of rustchat.model.ARCHS
 
 
@@ -119,7 +121,29 @@ class BaseConfig(StageConfig):
     stage: ClassVar[str] = "base"
     data_dir: str | None = opt(None, "local parquet/text files instead of downloading FineWeb-Edu")
     num_shards: int = opt(8, "FineWeb-Edu shards to download", minimum=1)
-    tokens_per_param: float = opt(20.0, "training horizon: tokens per parameter", minimum=0.0)
+    # the training rules (rustchat.rules): every None below means "the rules' value"
+    rules: str = opt("2026", "how horizon, batch size, learning rates and schedule follow from the model: 2026 "
+                             "(nanochat's July 2026 rules) or classic (January 2026)", choices=RULES)
+    target_param_data_ratio: float | None = opt(None, "training horizon in tokens per parameter (default: 12 per "
+                                                      "scaling parameter under 2026, 20 per parameter under classic)",
+                                                minimum=0.0)
+    total_batch_size: int | None = opt(None, "tokens per optimizer step; gradient accumulation makes up the rest "
+                                             "(default: 2026 derives it from the horizon, classic 524,288)", minimum=1)
+    matrix_lr: float | None = opt(None, "Muon learning rate of the transformer matrices at the reference batch "
+                                        "(default: the rules', 0.02)", minimum=0.0)
+    embedding_lr: float | None = opt(None, "AdamW learning rate of the token embedding at the reference batch "
+                                           "(default: 2026 0.3, classic 0.2)", minimum=0.0)
+    unembedding_lr: float | None = opt(None, "AdamW learning rate of the output head at the reference batch "
+                                             "(default: 2026 0.008, classic 0.004)", minimum=0.0)
+    scalar_lr: float | None = opt(None, "learning rate of the per-layer scalars at the reference batch "
+                                        "(default: 0.5)", minimum=0.0)
+    weight_decay: float | None = opt(None, "weight decay of the matrices at the reference batch and horizon "
+                                           "(default: 2026 0.28, classic 0)", minimum=0.0)
+    warmup_steps: int | None = opt(None, "steps of linear lr warmup (default: 2026 40, classic 0)", minimum=0)
+    warmdown_ratio: float | None = opt(None, "share of the run over which the lr falls linearly "
+                                             "(default: 2026 0.65, classic 0.2)", minimum=0.0)
+    final_lr_frac: float | None = opt(None, "lr at the end, as a share of the peak (default: 2026 0.05, classic 0)",
+                                      minimum=0.0)
     # the shape of a new model (a resumed one keeps its checkpoint's): nanochat's knobs
     aspect_ratio: int = opt(64, "model width per layer: model_dim = depth * aspect_ratio", minimum=2)
     head_dim: int = opt(128, "attention head width (heads = model_dim / head_dim, rounded to divide it)",
@@ -147,8 +171,16 @@ class SFTConfig(StageConfig):
     eval_every: int = opt(100, "steps between validation evaluations (0: only at the end)", minimum=0)
     tasks: str = opt("default", "task mixture: default (hub datasets) or tiny (offline)", choices=TASK_PRESETS)
     task_dir: str | None = opt(None, "directory with local copies of the hub datasets")
-    init_lr_frac: float = opt(0.02, "starting fraction of the base learning rates", minimum=0.0)
+    init_lr_frac: float | None = opt(None, "starting fraction of the base learning rates (default: 0.02 from mid, "
+                                           "0.8 from base)", minimum=0.0)
     pack: bool = opt(False, "pack conversations into rows instead of padding")
+    from_stage: str = opt("mid", "the checkpoint to start from: mid, or base (nanochat's 2026 path: mid-training's "
+                                 "data folded into the SFT mixture)", short="--from", choices=SFT_SOURCES)
+    matrix_lr: float | None = opt(None, "Muon learning rate of the transformer matrices (default: 0.02)", minimum=0.0)
+    embedding_lr: float | None = opt(None, "AdamW learning rate of the token embedding (default: 0.2 from mid, "
+                                           "the base run's from base)", minimum=0.0)
+    unembedding_lr: float | None = opt(None, "AdamW learning rate of the output head (default: 0.004 from mid, "
+                                             "the base run's from base)", minimum=0.0)
 
 
 STAGE_CONFIGS: dict[str, type[StageConfig]] = {"base": BaseConfig, "mid": MidConfig, "sft": SFTConfig}

@@ -8,10 +8,12 @@ import math
 
 
 def base_lr_multiplier(step: int, num_steps: int, *, warmup_ratio: float = 0.0,
-                       warmdown_ratio: float = 0.2, final_lr_frac: float = 0.0) -> float:
-    """Base pretraining: optional linear warmup, flat at 1, then linear warmdown over the last
-    `warmdown_ratio` of the run to `final_lr_frac` (reached at step == num_steps)."""
-    warmup = round(warmup_ratio * num_steps)
+                       warmdown_ratio: float = 0.2, final_lr_frac: float = 0.0,
+                       warmup_steps: int | None = None) -> float:
+    """Base pretraining: optional linear warmup (`warmup_steps`, else `warmup_ratio` of the
+    run), flat at 1, then linear warmdown over the last `warmdown_ratio` of the run to
+    `final_lr_frac` (reached at step == num_steps)."""
+    warmup = round(warmup_ratio * num_steps) if warmup_steps is None else warmup_steps
     warmdown = round(warmdown_ratio * num_steps)
     if step < warmup:
         return (step + 1) / warmup
@@ -29,11 +31,16 @@ def mid_lr_multiplier(progress: float, *, warmdown_frac: float = 0.2) -> float:
     return max(0.0, (1.0 - progress) / warmdown_frac)
 
 
-def sft_lr_multiplier(step: int, num_steps: int, *, init_lr_frac: float = 0.02) -> float:
-    """SFT: starts at init_lr_frac (0.02) of the base lrs, linear decay to 0 at num_steps.
+def sft_lr_multiplier(step: int, num_steps: int, *, init_lr_frac: float = 0.02, warmdown_ratio: float = 1.0) -> float:
+    """SFT: starts at init_lr_frac of the base lrs, flat, then linear decay to 0 at num_steps
+    over the last `warmdown_ratio` of the run (from mid: 0.02 and all of it; from base, as
+    nanochat's 2026 SFT: 0.8 and the last half).
 
     Use either this init_lr_frac or build_optimizers(lr_scale=...), not both."""
-    return init_lr_frac * max(0.0, 1.0 - step / num_steps)
+    progress = step / num_steps
+    if progress <= 1.0 - warmdown_ratio:
+        return init_lr_frac
+    return init_lr_frac * max(0.0, (1.0 - progress) / warmdown_ratio)
 
 
 def muon_momentum(step: int, *, warmup_steps: int = 300, start: float = 0.85, end: float = 0.95) -> float:

@@ -32,9 +32,11 @@ PRESETS = {
         "tokenizer": {"vocab_size": 265, "max_chars": 30_000_000},
         "common": {"depth": 2, "seq_len": 512, "eval_batches": 4},
         # 4 heads of 32 dims instead of one of 128: copying needs several heads per layer
-        # the architecture is a choice here (docs/benchmarks.md says which meets the targets)
+        # the architecture is a choice here (docs/benchmarks.md says which meets the targets); the
+        # classic rules (fixed lrs, no warmup) were measured with it: the 2026 rules would scale
+        # this 4k-token batch's lrs by sqrt(4096/2^19) = 0.09
         "base": {"device_batch_size": 8, "total_batch_size": 8 * 512, "max_steps": 20, "eval_every": 10,
-                 "head_dim": 32, "arch": "classic"},
+                 "head_dim": 32, "arch": "classic", "rules": "classic"},
         # mid-training is where the tasks are learned: most of the budget goes here, in many
         # small steps (the copying skills appear after several hundred)
         "mid": {"device_batch_size": 4, "total_batch_size": 4 * 512, "max_steps": 1100, "eval_every": 275,
@@ -42,7 +44,7 @@ PRESETS = {
         # SFT starts at a quarter of the base learning rates (nanochat's 2% barely moves a model
         # this small); packed rows, so no step is spent on padding
         "sft": {"device_batch_size": 8, "total_batch_size": 16, "max_steps": 230, "eval_every": 115, "tasks": "tiny",
-                "init_lr_frac": 0.25, "pack": True},
+                "init_lr_frac": 0.25, "pack": True, "from_stage": "mid"},
         "base_eval": {"bpb_tokens": 1 << 16},
         # the 800 problems decode 256 at a time in one continuous batch (greedy replies do not
         # depend on the batch)
@@ -53,7 +55,7 @@ PRESETS = {
         "common": {"depth": 10, "seq_len": 2048},
         "base": {"device_batch_size": 32, "total_batch_size": 524_288, "num_shards": 60},
         "mid": {"device_batch_size": 32, "total_batch_size": 524_288, "tasks": "default"},
-        "sft": {"device_batch_size": 4, "total_batch_size": 32, "tasks": "default"},
+        "sft": {"device_batch_size": 4, "total_batch_size": 32, "tasks": "default", "from_stage": "mid"},
         "eval": {"tasks": "default"},
     },
     "d20": {
@@ -61,10 +63,15 @@ PRESETS = {
         "common": {"depth": 20, "seq_len": 2048},
         "base": {"device_batch_size": 32, "total_batch_size": 524_288, "num_shards": 240},
         "mid": {"device_batch_size": 32, "total_batch_size": 524_288, "tasks": "default"},
-        "sft": {"device_batch_size": 4, "total_batch_size": 32, "tasks": "default"},
+        "sft": {"device_batch_size": 4, "total_batch_size": 32, "tasks": "default", "from_stage": "mid"},
         "eval": {"tasks": "default"},
     },
 }
+
+
+def pipeline_path(configs: dict) -> str:
+    """The stages a preset runs, in order, and where SFT starts from."""
+    return f"base -> mid -> sft (SFT from {configs['sft'].from_stage}; base rules {configs['base'].rules})"
 
 
 def _train_tokenizer(preset: dict, base: Path, tiny: bool, quiet: bool) -> None:
@@ -141,6 +148,7 @@ def run_speedrun(cfg: SpeedrunConfig) -> dict:
     t_all = time.time()
     _train_tokenizer(PRESETS[cfg.preset], base, tiny, cfg.quiet)
     configs = stage_configs(cfg, base)
+    print0(f"speedrun {cfg.preset}: {pipeline_path(configs)}")
     rows, tasks = [], []
     for stage, train in (("base", train_base), ("mid", train_mid), ("sft", train_sft)):
         t0 = time.time()
@@ -160,7 +168,8 @@ def run_speedrun(cfg: SpeedrunConfig) -> dict:
         rows.append(row)
     total = time.time() - t_all
     table = summary_table(rows, tasks)
-    write_section("speedrun", {"preset": cfg.preset, "seed": cfg.seed, "total time": f"{total:.0f} s"},
-                  base_dir=base, table=table)
-    print0(f"\nspeedrun {cfg.preset} (seed {cfg.seed}) done in {total:.0f} s; report: {base / 'report.md'}\n{table}")
+    write_section("speedrun", {"preset": cfg.preset, "seed": cfg.seed, "path": pipeline_path(configs),
+                               "total time": f"{total:.0f} s"}, base_dir=base, table=table)
+    print0(f"\nspeedrun {cfg.preset} (seed {cfg.seed}) done in {total:.0f} s; {pipeline_path(configs)}; "
+           f"report: {base / 'report.md'}\n{table}")
     return {"rows": rows, "seconds": total, "table": table}

@@ -8,6 +8,7 @@ with --resume, and writes step-numbered checkpoints under
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -19,15 +20,18 @@ from .checkpoint import find_last_step, load_optimizer_states, load_stage_model,
 from .common import RustchatError, get_base_dir, print0
 from .config import BaseConfig, MidConfig, SFTConfig, StageConfig
 from .conversation import collate_sft, render_batch
+from .data.bestfit import PACKING, BestFitLoader
 from .data.midtrain import MidTrainStream
 from .data.pretrain import FINEWEB_SHARDS, DocumentSource, PretrainLoader, download_shards
 from .data.steps import SFTSteps, StreamSteps
-from .model import GPT, GPTConfig
+from .model import ARCHS, GPT, GPTConfig
 from .report import write_section
 from .fp8 import enable_fp8, fp8_refusal
 from .optim import optimizer_state_bytes, saved_recipe
+from .rules import DEFAULTS, REFERENCE_DEPTH, Plan, plan_2026, plan_classic, scaling_params
 from .runtime import autocast_ctx, barrier, compute_dtype, get_rank, get_world_size, init_distributed
-from .schedules import base_lr_multiplier, mid_lr_multiplier, muon_momentum, muon_momentum_2026, muon_weight_decay, sft_lr_multiplier
+from .schedules import (base_lr_multiplier, mid_lr_multiplier, muon_momentum, muon_momentum_2026, muon_weight_decay,
+                        sft_lr_multiplier)
 from .tasks import TaskMixture, get_task
 from .tokenizer import load_tokenizer
 from .trainer import all_reduce_sum, data_state_for_rank, run_stage
@@ -50,6 +54,15 @@ MIXTURES = {
                       ("simplespelling", {"size": 300, "split": "train"}), ("spellingbee", {"size": 300, "split": "train"})],
             "val": [("smoltalk", {"split": "test"})],
         },
+        # SFT straight from base (nanochat's 2026 recipe): mid-training's conversations folded in,
+        # MMLU 3 epochs (multiple choice), GSM8K 4 epochs (math and tool use); validation as mid's
+        "sft-from-base": {
+            "train": [("smoltalk", {"split": "train"}),
+                      *[("mmlu", {"subset": "auxiliary_train", "split": "train"})] * 3,
+                      *[("gsm8k", {"split": "train"})] * 4],
+            "val": [("smoltalk", {"split": "test"}), ("mmlu", {"subset": "all", "split": "test", "stop": 5200}),
+                    ("gsm8k", {"split": "test", "stop": 420})],
+        },
     },
     "tiny": {
         # identity is sliced: its 1,000 conversations would crowd out the measured tasks
@@ -65,6 +78,12 @@ MIXTURES = {
         },
     },
 }
+# the offline recipe from base: the tiny mid and SFT training sets together, SFT's validation
+MIXTURES["tiny"]["sft-from-base"] = {"train": MIXTURES["tiny"]["mid"]["train"] + MIXTURES["tiny"]["sft"]["train"],
+                                     "val": MIXTURES["tiny"]["sft"]["val"]}
+SFT_FROM_BASE = dict(init_lr_frac=0.8, warmdown_ratio=0.5)  # nanochat's 2026 SFT schedule
+SFT_FROM_MID = dict(init_lr_frac=0.02, warmdown_ratio=1.0)
+SFT_LR_KEYS = ("matrix_lr", "embedding_lr", "unembedding_lr")  # SFT's lr flags, inherited from base
 
 
 HUB_TASKS = {"arc", "mmlu", "gsm8k", "smoltalk", "humaneval"}
@@ -121,7 +140,7 @@ def _load_start(cfg: StageConfig, device, tok):
                                                load_optimizer=True)
         restore_rng_state(meta.get("rng", {}))
         return model, optim_states, meta, int(meta["step"])
-    prev = previous_stage(cfg.stage)
+    prev = getattr(cfg, "from_stage", None) or previous_stage(cfg.stage)
     if prev is None:
         mcfg = GPTConfig.from_depth(cfg.depth, vocab_size=tok.vocab_size, sequence_len=cfg.seq_len,
                                     aspect_ratio=cfg.aspect_ratio, head_dim=cfg.head_dim, arch=cfg.arch)
@@ -146,11 +165,21 @@ def _recipe(model, cfg: StageConfig, optim_states) -> str:
     return "2026" if getattr(model.config, "arch", "classic") == "2026" else "classic"
 
 
-def _optimizers(model, cfg: StageConfig, optim_states):
+def _optimizers(model, cfg: StageConfig, optim_states, plan: Plan | None = None):
+    """The stage's optimizers: base takes its learning rates and weight decay from the rules'
+    plan, mid and SFT their learning rates from their flags (no weight decay)."""
     recipe = _recipe(model, cfg, optim_states)
-    opts = model.setup_optimizers(recipe=recipe, matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
-                                  unembedding_lr=cfg.unembedding_lr, scalar_lr=getattr(cfg, "scalar_lr", 0.5),
-                                  weight_decay=getattr(cfg, "weight_decay", 0.0))
+    if plan is None:
+        lrs = dict(matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr)
+        weight_decay = 0.0
+    else:
+        lrs = dict(matrix_lr=plan.matrix_lr, embedding_lr=plan.embedding_lr, unembedding_lr=plan.unembedding_lr,
+                   scalar_lr=plan.scalar_lr)
+        # The 2026 rules' decay is the matrices' (Muon's, cautious), set each step by its
+        # schedule; the classic optimizer's Muon has none, and the classic rules' decay is
+        # AdamW's, as in January. A 2026 decay never lands on AdamW.
+        weight_decay = plan.weight_decay if recipe == "2026" or plan.rules == "classic" else 0.0
+    opts = model.setup_optimizers(recipe=recipe, weight_decay=weight_decay, **lrs)
     if optim_states is not None:
         load_optimizer_states(opts, optim_states)
     world = get_world_size()
@@ -171,12 +200,41 @@ def _banner(cfg: StageConfig, model, device, tok, tokens_per_step: str, num_step
         f"{tokens_per_step} per step | {num_steps} steps{extra}")
 
 
-def _grad_accum(cfg: StageConfig, world: int) -> int:
+def _grad_accum(cfg: StageConfig, world: int, plan: Plan | None = None) -> int:
+    total = cfg.total_batch_size if plan is None else plan.total_batch_size
     per = cfg.device_batch_size * cfg.seq_len * world
-    if cfg.total_batch_size % per:
-        raise RustchatError(
-            f"--total-batch-size {cfg.total_batch_size} is not a multiple of device batch x seq len x ranks = {per}")
-    return cfg.total_batch_size // per
+    if total % per:
+        what = (f"the batch the {plan.rules} rules derive ({total:,} tokens)" if plan is not None and plan.batch_auto
+                else f"--total-batch-size {total}")
+        raise RustchatError(f"{what} is not a multiple of device batch x seq len x ranks = {per}"
+                            + ("; set --total-batch-size or a smaller --device-batch-size" if "derive" in what else ""))
+    return total // per
+
+
+def scaling_param_counts(model) -> int:
+    """The parameters the 2026 horizon counts: every block parameter plus the (padded) head."""
+    return scaling_params(sum(p.numel() for p in model.transformer.h.parameters()), model.lm_head.weight.numel())
+
+
+def base_plan(cfg: BaseConfig, model) -> Plan:
+    """What the rules derive for this base run from the model's size and the flags given."""
+    given = dict(matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr,
+                 scalar_lr=cfg.scalar_lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
+                 warmdown_ratio=cfg.warmdown_ratio, final_lr_frac=cfg.final_lr_frac)
+    common = dict(tokens_per_param=cfg.target_param_data_ratio, total_batch_size=cfg.total_batch_size,
+                  num_steps=cfg.max_steps, **given)
+    if cfg.rules == "classic":
+        return plan_classic(model.num_params(), **common)
+    # the d12 sibling the 2026 hyperparameters were tuned on: same width rule, vocab, context and
+    # features; built on the meta device (shapes only, no memory)
+    c = model.config
+    ref_cfg = dataclasses.replace(
+        GPTConfig.from_depth(REFERENCE_DEPTH, vocab_size=c.vocab_size, sequence_len=c.sequence_len,
+                             aspect_ratio=cfg.aspect_ratio, head_dim=cfg.head_dim),
+        **{k: getattr(c, k) for k in ARCHS["classic"]})  # the model's architecture features
+    with torch.device("meta"):
+        ref = GPT(ref_cfg)
+    return plan_2026(scaling_param_counts(model), scaling_param_counts(ref), **common)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -268,34 +326,39 @@ def train_base(cfg: BaseConfig) -> dict:
     model, optim_states, meta, start = _load_start(cfg, device, tok)
     if cfg.fp8:  # before the optimizer: it holds the same parameters, FP8 only changes the matmuls
         print0(enable_fp8(model, device))
-    opts = _optimizers(model, cfg, optim_states)
-    accum = _grad_accum(cfg, info.world_size)
-    if cfg.max_steps:
-        num_steps = cfg.max_steps
-    else:
-        num_steps = max(1, math.ceil(cfg.tokens_per_param * model.num_params() / cfg.total_batch_size))
+    plan = base_plan(cfg, model)
+    opts = _optimizers(model, cfg, optim_states, plan)
+    accum = _grad_accum(cfg, info.world_size, plan)
+    num_steps = plan.num_steps
     if meta is not None and cfg.resume:
         num_steps = int(meta.get("num_steps", num_steps)) if not cfg.max_steps else num_steps
-    loader = PretrainLoader(tok, train_src, cfg.device_batch_size, cfg.seq_len, device=device, rank=info.rank,
-                            world_size=info.world_size,
-                            state=data_state_for_rank(meta, info.rank, info.world_size, PretrainLoader.reshard)
-                            if cfg.resume else None)
+    # validation stays on the plain stream (every token scored, nothing cropped): one bpb for
+    # training, `rustchat eval -i base` and the speedrun
+    loader_cls = BestFitLoader if plan.packing == PACKING else PretrainLoader
+    loader = loader_cls(tok, train_src, cfg.device_batch_size, cfg.seq_len, device=device, rank=info.rank,
+                        world_size=info.world_size,
+                        state=data_state_for_rank(meta, info.rank, info.world_size, loader_cls.reshard)
+                        if cfg.resume else None)
     data = StreamSteps(loader, accum)
     evaluate = _bpb_evaluator(
         tok, lambda: iter(PretrainLoader(tok, val_src, cfg.device_batch_size, cfg.seq_len, device=device,
                                          rank=info.rank, world_size=info.world_size)), cfg.eval_batches)
 
-    _banner(cfg, model, device, tok, f"{cfg.total_batch_size:,} tokens (grad accum {accum})", num_steps)
-    momentum_fn, weight_decay_fn = muon_momentum, None
-    if any(g.get("recipe") == "2026" for opt in opts for g in opt.param_groups):  # the 2026 recipe's schedules
-        momentum_fn = lambda s: muon_momentum_2026(s, num_steps)  # noqa: E731
-        wd = getattr(cfg, "weight_decay", 0.0)
-        weight_decay_fn = lambda s: muon_weight_decay(s, num_steps, wd)  # noqa: E731
+    _banner(cfg, model, device, tok, f"{plan.total_batch_size:,} tokens (grad accum {accum})", num_steps,
+            f"\n   {plan.describe()}")
+    if plan.rules == "2026":
+        momentum = lambda s: muon_momentum_2026(s, num_steps, warmdown_ratio=plan.warmdown_ratio)  # noqa: E731
+        weight_decay = lambda s: muon_weight_decay(s, num_steps, plan.weight_decay)  # noqa: E731
+    else:
+        momentum, weight_decay = muon_momentum, None
+    lr_multiplier = lambda s: base_lr_multiplier(s, num_steps, warmup_steps=plan.warmup_steps,  # noqa: E731
+                                                 warmdown_ratio=plan.warmdown_ratio, final_lr_frac=plan.final_lr_frac)
     result = run_stage(cfg, tok=tok, model=model, optimizers=opts, data=data,
-                       num_steps=num_steps, lr_multiplier=lambda s: base_lr_multiplier(s, num_steps),
+                       num_steps=num_steps, lr_multiplier=lr_multiplier,
                        start_step=start, evaluate=evaluate, ckpt_dir=_ckpt_dir("base", cfg),
-                       momentum_fn=momentum_fn, weight_decay_fn=weight_decay_fn,
+                       momentum_fn=momentum, weight_decay_fn=weight_decay,
                        resumed_meta=meta if cfg.resume else None)
+    result["plan"] = plan.to_dict()
     _report(cfg, model, result)
     return result
 
@@ -329,12 +392,28 @@ def train_mid(cfg: MidConfig) -> dict:
     return result
 
 
+def _sft_lrs(cfg: SFTConfig, start_meta: dict | None) -> dict:
+    """SFT's base learning rates: the flags given, else from base the base run's (its flags or
+    its rules' defaults; a checkpoint without rules is classic), else the classic ones."""
+    source = DEFAULTS["classic"]
+    inherited = {}
+    if cfg.from_stage == "base" and start_meta is not None and not cfg.resume:
+        base_cfg = start_meta.get("config") or {}
+        source = DEFAULTS.get(base_cfg.get("rules"), DEFAULTS["classic"])
+        inherited = {k: base_cfg[k] for k in SFT_LR_KEYS if base_cfg.get(k) is not None}
+    return {k: getattr(cfg, k) if getattr(cfg, k) is not None else inherited.get(k, getattr(source, k))
+            for k in SFT_LR_KEYS}
+
+
 def train_sft(cfg: SFTConfig) -> dict:
     info, device, tok = _setup(cfg)
     model, optim_states, meta, start = _load_start(cfg, device, tok)  # fails fast if the previous stage is missing
-    train = build_mixture("sft", cfg.tasks, "train", cfg.task_dir, cfg.seed)
-    val = build_mixture("sft", cfg.tasks, "val", cfg.task_dir, cfg.seed)
-    opts = _optimizers(model, cfg, optim_states)
+    path = SFT_FROM_BASE if cfg.from_stage == "base" else SFT_FROM_MID
+    init_lr_frac = path["init_lr_frac"] if cfg.init_lr_frac is None else cfg.init_lr_frac
+    mixture = "sft-from-base" if cfg.from_stage == "base" else "sft"
+    train = build_mixture(mixture, cfg.tasks, "train", cfg.task_dir, cfg.seed)
+    val = build_mixture(mixture, cfg.tasks, "val", cfg.task_dir, cfg.seed)
+    opts = _optimizers(model, cfg.replace(**_sft_lrs(cfg, meta)), optim_states)
     E = cfg.total_batch_size
     if E % (cfg.device_batch_size * info.world_size):
         raise RustchatError(f"--total-batch-size {E} examples is not a multiple of device batch x ranks "
@@ -346,11 +425,16 @@ def train_sft(cfg: SFTConfig) -> dict:
     evaluate = _conv_loss_evaluator(tok, val, cfg, info.rank, info.world_size)
     accum = E // (cfg.device_batch_size * info.world_size)
     _banner(cfg, model, device, tok, f"{E} examples (grad accum {accum})", num_steps,
-            f" | {len(train):,} conversations")
+            f" | from {cfg.from_stage} | {len(train):,} conversations ({mixture} mixture) | lr from "
+            f"{init_lr_frac:g} of the base lrs, warmdown over the last {path['warmdown_ratio']:g}")
     start_eval = _start_eval(cfg, model, evaluate, start)
+    lr_multiplier = lambda s: sft_lr_multiplier(s, num_steps, init_lr_frac=init_lr_frac,  # noqa: E731
+                                                warmdown_ratio=path["warmdown_ratio"])
     result = run_stage(cfg, tok=tok, model=model, optimizers=opts, data=data, num_steps=num_steps,
-                       lr_multiplier=lambda s: sft_lr_multiplier(s, num_steps, init_lr_frac=cfg.init_lr_frac),
-                       start_step=start, evaluate=evaluate, ckpt_dir=_ckpt_dir("sft", cfg),
+                       lr_multiplier=lr_multiplier, start_step=start, evaluate=evaluate,
+                       ckpt_dir=_ckpt_dir("sft", cfg),
+                       # from base, momentum warms up 0.85 -> 0.95 as in pretraining (nanochat's 2026 SFT)
+                       momentum_fn=muon_momentum if cfg.from_stage == "base" else None,
                        resumed_meta=meta if cfg.resume else None)
     result["start_eval"] = start_eval
     _report(cfg, model, result)

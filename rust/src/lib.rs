@@ -3,6 +3,7 @@
 //! `rustchat._core` is the `py` module, compiled only with the `python` feature (maturin turns
 //! it on), so `cargo test` runs without Python.
 
+pub mod bestfit;
 pub mod bpe;
 pub mod collate;
 pub mod le;

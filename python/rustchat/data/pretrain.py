@@ -152,6 +152,14 @@ class DocumentSource:
             return pq.ParquetFile(path).num_row_groups
         return sum(1 for _ in self.groups(path))
 
+    def read_group(self, file: int, group: int) -> list[str]:
+        """The documents of one row group (to rebuild a packer's buffer on resume)."""
+        for i, docs in enumerate(self.groups(self.files[file])):
+            if i == group:
+                return docs
+        raise RustchatError(f"{self.files[file]} has no row group {group}: the pretraining files changed since "
+                            "the checkpoint was written")
+
     def groups(self, path: Path) -> Iterator[list[str]]:
         if path.suffix == ".parquet":
             yield from parquet_texts(path, self.text_column)
@@ -235,11 +243,24 @@ class PretrainLoader:
         last = max((Cursor(**s) for s in states), key=lambda c: (c.epoch, c.file, c.group))
         return [asdict(Cursor(last.file, last.group + 1, 0, 0, last.epoch)) for _ in range(world)]
 
-    def __iter__(self):
+    def _start_producer(self) -> tuple[threading.Thread, threading.Event, queue.Queue]:
+        """The tokenizing thread from `self.start`, its stop event and the queue it fills;
+        `_stop_producer` ends it."""
         stop = threading.Event()
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        th = threading.Thread(target=self._encoded_groups, args=(self.start, stop, q), daemon=True)
-        th.start()
+        thread = threading.Thread(target=self._encoded_groups, args=(self.start, stop, q), daemon=True)
+        thread.start()
+        return thread, stop, q
+
+    @staticmethod
+    def _stop_producer(thread: threading.Thread, stop: threading.Event) -> None:
+        """Stops the tokenizing thread and waits for it: a daemon thread still inside the Rust
+        encoder when the interpreter exits aborts the process."""
+        stop.set()
+        thread.join(timeout=60)
+
+    def __iter__(self):
+        producer, stop, q = self._start_producer()
         need = self.B * self.T + 1
         buf: list[np.ndarray] = []  # pending stream pieces, fewer than `need` tokens in all
         buf_len = 0
@@ -271,11 +292,15 @@ class PretrainLoader:
                     head = Cursor(fi, gi, d0 + k, pos - int(offs[k]), epoch)
                     x = torch.from_numpy(batch[:-1].reshape(self.B, self.T))
                     y = torch.from_numpy(batch[1:].reshape(self.B, self.T))
-                    if pin:
-                        x, y = x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
-                    elif str(self.device) != "cpu":
-                        x, y = x.to(self.device), y.to(self.device)
                     self._next = head
-                    yield x, y
+                    yield self._deliver(x, y, pin)
         finally:
-            stop.set()
+            self._stop_producer(producer, stop)
+
+    def _deliver(self, x: torch.Tensor, y: torch.Tensor, pin: bool):
+        """The batch on the loader's device (pinned and non-blocking on CUDA)."""
+        if pin:
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        if str(self.device) != "cpu":
+            return x.to(self.device), y.to(self.device)
+        return x, y

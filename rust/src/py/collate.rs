@@ -13,7 +13,7 @@ fn ids_and_offsets(ids: &[u8], offsets: &[u8]) -> PyResult<(Vec<u32>, Vec<usize>
     Ok((bytes_to_u32s(ids, "ids").map_err(value_error)?, le_offsets(offsets)?))
 }
 
-fn le_offsets(b: &[u8]) -> PyResult<Vec<usize>> {
+pub(super) fn le_offsets(b: &[u8]) -> PyResult<Vec<usize>> {
     if b.len() % 8 != 0 {
         return Err(PyValueError::new_err(format!("offsets: buffer length {} is not a multiple of 8", b.len())));
     }

@@ -2,6 +2,7 @@
 //! core (ids cross as little-endian byte buffers, never one object per token) and releases
 //! the GIL around the core's loops. Built only with the `python` cargo feature.
 
+mod bestfit;
 mod collate;
 mod guard;
 mod idlists;
@@ -17,6 +18,7 @@ use pyo3::prelude::*;
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<tokenizer::PyCore>()?;
     m.add_class::<trainer::PyTrainer>()?;
+    m.add_class::<bestfit::PyBestFit>()?;
     m.add_function(wrap_pyfunction!(render::render_conversations, m)?)?;
     m.add_function(wrap_pyfunction!(collate::py_collate_sft, m)?)?;
     m.add_function(wrap_pyfunction!(collate::py_pack_rows, m)?)?;
