@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from rustchat.batching import BatchScheduler, GenRequest, SlotKVCache
-from rustchat.engine import Engine, sample_next
+from rustchat.engine import Engine
+from rustchat.sampling import sample_next
 from rustchat.model import GPT, GPTConfig
 from rustchat.tokenizer import SPECIAL_TOKENS
 

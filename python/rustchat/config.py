@@ -185,6 +185,8 @@ class ServeConfig(ModelSourceConfig):
     top_k: int = opt(50, "default when a request gives none", minimum=1)
     max_tokens: int = opt(512, "default when a request gives none", minimum=1)
     max_batch: int = opt(32, "requests decoded together (KV cache rows); more wait in a queue", minimum=1)
+    max_connections: int = opt(2048, "open connections at most (lowered to fit the open-file limit); over it "
+                                     "the longest-idle one is closed", minimum=1)
     allow_origin: str | None = opt(None, "comma-separated web origins (scheme://host[:port]) whose pages may call "
                                          "the server, or * for any (default: same origin only)")
 
