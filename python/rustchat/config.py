@@ -187,6 +187,8 @@ class ServeConfig(ModelSourceConfig):
     max_batch: int = opt(32, "requests decoded together (KV cache rows); more wait in a queue", minimum=1)
     max_connections: int = opt(2048, "open connections at most (lowered to fit the open-file limit); over it "
                                      "the longest-idle one is closed", minimum=1)
+    request_timeout: float = opt(15.0, "seconds a client has to send a request's headers, and then its body, "
+                                       "before its connection is closed", minimum=0.1)
     allow_origin: str | None = opt(None, "comma-separated web origins (scheme://host[:port]) whose pages may call "
                                          "the server, or * for any (default: same origin only)")
 

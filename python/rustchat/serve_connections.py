@@ -2,9 +2,10 @@
 
 Every open connection costs a file descriptor; once the process runs out, accepting fails and
 nothing is served, /health included. So:
-- a connection waiting for a request's headers gets HEADERS_S seconds (from its opening, or
+- a connection waiting for a request's headers gets `headers_s` seconds (from its opening, or
   from the end of its previous response; uvicorn's own keep-alive timer restarts at every byte,
-  this one does not), and a request's body BODY_S seconds after its headers; then it is closed;
+  this one does not), and a request's body `body_s` seconds after its headers; then it is
+  closed (`rustchat serve --request-timeout` sets both);
 - idle keep-alive connections close after KEEP_ALIVE_S (uvicorn's `timeout_keep_alive`);
 - at most `max_connections` are open, below the descriptor limit (`connection_cap`); a new
   connection over the cap closes the longest-waiting idle one (no request in progress), or,
@@ -26,8 +27,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from .common import RustchatError
 
 KEEP_ALIVE_S = 5
-HEADERS_S = 10.0
-BODY_S = 30.0
+HEADERS_S = BODY_S = 15.0
 FD_RESERVE = 64  # descriptors left for the listening socket, checkpoints, logs and the browser's page
 LOG_INTERVAL_S = 10.0
 
