@@ -108,7 +108,7 @@ def test_bad_json_and_huge_body(client):
 
 
 def test_limits_at_the_edges_are_accepted(client):
-    from rustchat.serve import parse_request
+    from rustchat.serve_request import parse_request
 
     edge = [user("x" * 8000), {"role": "assistant", "content": "y" * 8000}] * 2 + [user("")]  # 32,000 chars
     for extra in ({"temperature": 0, "top_k": 1, "max_tokens": 1}, {"temperature": 2, "top_k": 200, "max_tokens": 4096}):
@@ -353,7 +353,11 @@ def serving(app):
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    from rustchat.serve_connections import protocol_class
+
+    # the protocol `rustchat serve` runs (deadlines, connection cap, JSON 400s)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5,
+                                           http=protocol_class(256)))
     th = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     th.start()
     try:
@@ -386,7 +390,7 @@ def openai_client(port, cls=None):
 def engine_text(engine, messages, max_tokens):
     """The reply the Engine alone gives (greedy), through the server's own prompt rendering."""
     from rustchat.engine import stream_reply
-    from rustchat.serve import fit_prompt
+    from rustchat.serve_request import fit_prompt
 
     prompt = fit_prompt(engine.tok, messages, engine.model.config.sequence_len, max_tokens)
     text = "".join(s for _, s in stream_reply(engine, prompt, max_tokens=max_tokens, temperature=0.0, top_k=None))
@@ -851,6 +855,15 @@ def test_tokenizer_refusal_is_a_400_and_any_failure_is_json(tmp_path):
             err = r.json()["error"]
             assert "tokenizer" in (err if isinstance(err, str) else err["message"])
         assert http.post(url + "/v1/chat/completions", json={"messages": [user("hi")]}).status_code == 200
+        # a request HTTP cannot parse: JSON too
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
+            raw.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nno colon here\r\n\r\n")
+            answer = b""
+            while chunk := raw.recv(4096):
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head
+        assert json.loads(body)["error"]["code"] == "invalid_http"
         # a failure no handler expected: the scheduler's stats break
         app.app.state.scheduler.stats = lambda: 1 / 0
         r = http.get(url + "/health")

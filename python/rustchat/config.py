@@ -46,7 +46,7 @@ class Config:
                 continue
             if m.get("choices") and v not in m["choices"]:
                 raise RustchatError(f"{flag_name(f.name)} must be one of {', '.join(map(str, m['choices']))}, got {v!r}")
-            if m.get("minimum") is not None and v < m["minimum"]:
+            if m.get("minimum") is not None and not v >= m["minimum"]:  # NaN too
                 raise RustchatError(f"{flag_name(f.name)} must be >= {m['minimum']}, got {v}")
 
     def replace(self, **changes):

@@ -40,7 +40,8 @@ from .common import RustchatError
 from .config import ServeConfig
 from .engine import Engine
 from .serve_bridge import Mailbox, Reply
-from .serve_connections import KEEP_ALIVE_S, connection_cap, protocol_class, throttle_accept_errors
+from .serve_connections import (KEEP_ALIVE_S, MAX_REQUEST_TIMEOUT_S, connection_cap, protocol_class,
+                                throttle_accept_errors)
 from .serve_guard import LOOPBACK_HOSTS, HostOriginGuard
 from .serve_request import (MAX_BODY_BYTES, MAX_TOKENS_RANGE, TEMPERATURE_RANGE, TOP_K_RANGE, RequestError,
                             error_body, fit_prompt, parse_request)
@@ -288,6 +289,8 @@ def run_server(cfg: ServeConfig) -> None:
                               ("--max-tokens", cfg.max_tokens, MAX_TOKENS_RANGE)):
         if not lo <= v <= hi:
             raise RustchatError(f"{name} must be in [{lo}, {hi}], got {v}")
+    if not cfg.request_timeout <= MAX_REQUEST_TIMEOUT_S:
+        raise RustchatError(f"--request-timeout must be at most {MAX_REQUEST_TIMEOUT_S:g} s, got {cfg.request_timeout}")
     if not 0 <= cfg.port <= 65535:
         raise RustchatError(f"--port must be in [0, 65535], got {cfg.port}")
     origins = [o.strip() for o in (cfg.allow_origin or "").split(",") if o.strip()]

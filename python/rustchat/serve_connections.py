@@ -17,6 +17,7 @@ A response being streamed has no deadline: a long reply is not an idle client.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import resource
 import time
@@ -25,9 +26,11 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .common import RustchatError
+from .serve_request import error_body
 
 KEEP_ALIVE_S = 5
 HEADERS_S = BODY_S = 15.0
+MAX_REQUEST_TIMEOUT_S = 3600.0  # a deadline beyond an hour is no deadline
 FD_RESERVE = 64  # descriptors left for the listening socket, checkpoints, logs and the browser's page
 LOG_INTERVAL_S = 10.0
 
@@ -77,6 +80,14 @@ def protocol_class(max_connections: int, *, headers_s: float = HEADERS_S, body_s
         def connection_lost(self, exc) -> None:
             self._set_phase(None)
             super().connection_lost(exc)
+
+        def send_400_response(self, msg: str) -> None:
+            """A request h11 cannot parse: answered in the API's JSON error shape, not plain text."""
+            body = json.dumps(error_body(msg, "invalid_request_error", None, "invalid_http")).encode()
+            headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+            for event in (h11.Response(status_code=400, headers=headers), h11.Data(data=body), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
 
         def _watch(self) -> None:
             """Arm the deadline of what the connection waits for from its client."""
