@@ -28,7 +28,6 @@ import torch
 from .common import RustchatError
 from .engine import Engine, RowState
 from .model import KVCache
-from .runtime import autocast_ctx
 from .sampling import Sampling
 
 
@@ -222,11 +221,6 @@ class BatchScheduler:
                 for req in failed + [r for r in admitted if r not in failed and r.generated == 0]:
                     _emit(req, ("error", f"generation failed: {type(e).__name__}: {e}"))
 
-    def _forward(self, ids: torch.Tensor, cache, position_ids=None) -> torch.Tensor:
-        device = self.engine.model.get_device()
-        with autocast_ctx(device):
-            return self.engine.model(ids.to(device), kv_cache=cache, position_ids=position_ids)[:, -1, :]
-
     def _admit(self, req: GenRequest) -> None:
         if req.cancelled:
             _emit(req, ("end", "cancelled"))
@@ -245,7 +239,7 @@ class BatchScheduler:
             req.row.sampling.generator = self.generator
         # prefill alone, as Engine.generate does, then move the row into the shared cache
         single = KVCache.for_model(model, 1, len(req.prompt))
-        logits = self._forward(torch.tensor([req.prompt], dtype=torch.long), single)
+        logits = self.engine.forward([req.prompt], single)
         self.cache.add(single)
         with self.cond:
             self.running.append(req)
@@ -260,8 +254,7 @@ class BatchScheduler:
 
     def _step(self) -> None:
         cache = self.cache
-        ids = torch.tensor([[r.last] for r in self.running], dtype=torch.long)
-        logits = self._forward(ids, cache, cache.position_ids())
+        logits = self.engine.forward([[r.last] for r in self.running], cache, cache.position_ids())
         self.steps += 1
         for req, step in zip(self.running, self.engine.decode_step([r.row for r in self.running], logits)):
             self._take(req, step)

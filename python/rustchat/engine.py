@@ -149,7 +149,7 @@ class Engine:
         max_len = len(prompt) + max_tokens
         # prefill once with batch 1, then copy the cache into every sample row
         cache1 = self._new_cache(1, max_len)
-        logits = self._forward([prompt], cache1, device)
+        logits = self.forward([prompt], cache1)
         if num_samples == 1:
             cache = cache1
         else:
@@ -157,8 +157,7 @@ class Engine:
             cache.prefill(cache1)
             del cache1
             logits = logits.expand(num_samples, -1)
-        yield from self._decode(logits, cache, num_samples, max_tokens, Sampling(temperature, top_k, generator=gen),
-                                device)
+        yield from self._decode(logits, cache, num_samples, max_tokens, Sampling(temperature, top_k, generator=gen))
 
     @torch.inference_mode()
     def generate_prompts(self, prompts: Sequence[Sequence[int]], max_tokens: int | None = None,
@@ -179,11 +178,10 @@ class Engine:
         gen = torch.Generator(device=device)
         gen.manual_seed(seed)
         cache = self._new_cache(len(rows), len(rows[0]) + max_tokens)
-        logits = self._forward(rows, cache, device)
-        yield from self._decode(logits, cache, len(rows), max_tokens, Sampling(temperature, top_k, generator=gen),
-                                device)
+        logits = self.forward(rows, cache)
+        yield from self._decode(logits, cache, len(rows), max_tokens, Sampling(temperature, top_k, generator=gen))
 
-    def _decode(self, logits, cache, num_rows: int, max_tokens: int, sampling: Sampling, device):
+    def _decode(self, logits, cache, num_rows: int, max_tokens: int, sampling: Sampling):
         """The decoding loop after the prefill: `decode_step` per forward, every row sharing
         one Sampling (and so one generator: the rows draw together)."""
         rows = [RowState(sampling) for _ in range(num_rows)]
@@ -196,7 +194,7 @@ class Engine:
             yield column, forced
             if all(r.done for r in rows) or step == max_tokens - 1:
                 return
-            logits = self._forward([[t] for t in column], cache, device)
+            logits = self.forward([[t] for t in column], cache)
 
     def reply_limit(self, prompt_len: int, max_tokens: int | None) -> int:
         """New tokens a reply may have: `max_tokens` (all when None), capped by what the model's
@@ -205,12 +203,17 @@ class Engine:
         room = max(self.model.config.sequence_len - prompt_len, 1)
         return room if max_tokens is None else min(max_tokens, room)
 
-    def _forward(self, ids: list[list[int]], cache, device) -> torch.Tensor:
+    def forward(self, ids, cache, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, V] at the last position of one forward over `ids` (rows of token ids, a
+        list or tensor) with `cache`: a KVCache, or the scheduler's SlotKVCache with each row's
+        rotary position in `position_ids`."""
         # autocast per call, not around the generator: its state is thread-local and the
         # consumer (e.g. the web server) may resume us on another thread
-        x = torch.tensor(ids, dtype=torch.long, device=device)
+        device = self._device()
+        x = torch.as_tensor(ids, dtype=torch.long, device=device)
+        kw = {} if position_ids is None else {"position_ids": position_ids}
         with autocast_ctx(device):
-            return self.model(x, kv_cache=cache)[:, -1, :]
+            return self.model(x, kv_cache=cache, **kw)[:, -1, :]
 
     def generate_batch(self, tokens: Sequence[int], num_samples: int = 1, max_tokens: int | None = None,
                        temperature: float = 1.0, top_k: int | None = None, seed: int = 42, *,
