@@ -109,7 +109,11 @@ class Engine:
         gives `<|assistant_end|>` again. A row whose logits are no distribution gets `error`,
         turns done and gives None; the other rows are unaffected."""
         live = [i for i, r in enumerate(rows) if not r.done]
-        sampled = sample_rows(logits[live], [rows[i].sampling for i in live]) if live else []
+        if not live:
+            sampled = []
+        else:  # (no copy of the logits while every row runs)
+            sampled = sample_rows(logits if len(live) == len(rows) else logits[live],
+                                  [rows[i].sampling for i in live])
         out: list[Step | None] = [Step(self.assistant_end, False) for _ in rows]
         want = []  # rows that report log-probabilities
         for i, t in zip(live, sampled):

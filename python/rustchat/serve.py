@@ -314,5 +314,5 @@ def run_server(cfg: ServeConfig) -> None:
     print(f"rustchat serve: {info['model']} on {device} -> http://{cfg.host}:{cfg.port}/ "
           f"(OpenAI API at /v1, model id {info['id']})")
     throttle_accept_errors()
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info", http=protocol_class(max_connections, headers_s=cfg.request_timeout, body_s=cfg.request_timeout),
-                timeout_keep_alive=KEEP_ALIVE_S)
+    protocol = protocol_class(max_connections, headers_s=cfg.request_timeout, body_s=cfg.request_timeout)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info", http=protocol, timeout_keep_alive=KEEP_ALIVE_S)

@@ -26,6 +26,7 @@ MAX_BODY_BYTES = 512 * 1024  # 32,000 chars of JSON-escaped text and 500 envelop
 # honoured (see parse_request); `model` and `user` are accepted and not used
 ACCEPTED = ("messages", "model", "temperature", "top_k", "top_p", "max_tokens", "max_completion_tokens", "seed", "n",
             "stop", "stream", "stream_options", "logprobs", "top_logprobs", "user")
+STREAM_OPTIONS = ("include_usage", "include_obfuscation")  # the second only pads chunks: nothing to do
 # field -> is this value a request for nothing? (then it is accepted; otherwise refused by name)
 NEUTRAL = {
     "tools": lambda v: v is None or v == [],
@@ -162,8 +163,9 @@ def parse_request(body, *, temperature: float = 0.8, top_k: int = 50, max_tokens
                                 f"most {MAX_STOP_CHARS} characters", "stop")
     stream = _flag(body, "stream")
     options = body.get("stream_options")
-    if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage", "include_obfuscation"}):
-        raise RequestError(400, "stream_options must be an object with at most include_usage (and include_obfuscation)", "stream_options")
+    if options is not None and (not isinstance(options, dict) or set(options) - set(STREAM_OPTIONS)):
+        raise RequestError(400, f"stream_options must be an object with at most {', '.join(STREAM_OPTIONS)}",
+                           "stream_options")
     include_usage = _flag(options or {}, "include_usage")
     logprobs = _flag(body, "logprobs")
     top_logprobs = _number(body, "top_logprobs", None, *TOP_LOGPROBS_RANGE, integer=True)
