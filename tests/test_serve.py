@@ -955,3 +955,22 @@ def test_accept_errors_are_logged_once_per_interval():
     f.last -= 3600  # an interval later: one line with the count of those held back
     r = record("socket.accept() out of system resource", emfile)
     assert f.filter(r) and "500 more" in r.getMessage()
+
+
+def test_connection_flags_are_checked(tmp_path):
+    import resource
+
+    from rustchat.cli import build_parser
+    from rustchat.common import RustchatError
+    from rustchat.config import ServeConfig, from_args
+    from rustchat.serve import run_server
+    from rustchat.serve_connections import FD_RESERVE, connection_cap
+
+    for value, words in (("nan", ">= 0.1"), ("0", ">= 0.1"), ("inf", "at most 3600")):
+        with pytest.raises(RustchatError, match=words):
+            args = build_parser().parse_args(["serve", "--request-timeout", value, "--base-dir", str(tmp_path)])
+            run_server(from_args(args.config_class, args))
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    unlimited = soft == resource.RLIM_INFINITY
+    assert connection_cap(10**9) == (10**9 if unlimited else soft - FD_RESERVE) and connection_cap(10) == 10
+    assert ServeConfig().max_connections == 2048
