@@ -926,7 +926,12 @@ def test_idle_connections_cannot_take_the_server_down(serve_base):
                 still_open[:] = [s for s in still_open if not closed(s)]
                 return not still_open
 
+            all_closed()
+            made_room = len(idle) + 2 - len(still_open)
             _wait(all_closed, 120, "the server to close every idle connection")
+            print(f"descriptor limit {limit}: {sockets} idle sockets + 2 half-sent requests; /health and a completion "
+                  f"answered; {made_room} of them closed by the server by then (to make room or at their deadline), "
+                  "the rest after")
             with httpx.Client(trust_env=False, timeout=60) as http:  # and it still serves
                 assert http.get(f"http://127.0.0.1:{port}/health").status_code == 200
             log = log_path.read_text()
