@@ -61,7 +61,9 @@ def _number(body: dict, key: str, default, lo, hi, integer: bool, lo_open: bool 
     v = body.get(key)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not float(v).is_integer()):
+    # (no float() of an int: 10**400 is valid JSON and would overflow)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and isinstance(v, float)
+                                                                     and not v.is_integer()):
         raise RequestError(400, f"{key} must be {'an integer' if integer else 'a number'}, got {_shown(v)}",
                            key, "invalid_type")
     if not (lo < v if lo_open else lo <= v) or not v <= hi:
