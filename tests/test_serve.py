@@ -982,3 +982,43 @@ def test_connection_flags_are_checked(tmp_path):
     unlimited = soft == resource.RLIM_INFINITY
     assert connection_cap(10**9) == (10**9 if unlimited else soft - FD_RESERVE) and connection_cap(10) == 10
     assert ServeConfig().max_connections == 2048
+
+
+def test_random_bodies_are_answered_or_refused_never_crash():
+    """parse_request on random JSON values for every field it knows (and some it does not):
+    a dict of settings, or a RequestError; nothing else escapes."""
+    import random
+
+    from rustchat.serve_request import ACCEPTED, NEUTRAL, RequestError, parse_request
+
+    rng = random.Random()
+    seed = rng.randrange(1 << 30)
+    rng.seed(seed)
+    scalars = [None, True, False, 0, 1, -1, 2, 20, 21, 0.5, 1e-300, -0.0, 1e308, 10**400, float("nan"), float("inf"),
+               "", "x", "text", "none", "auto", "required", [], {}, [1], ["text"], {"type": "text"},
+               {"type": "json_object"}, {"include_usage": True}, {"include_usage": 1}]
+
+    def value(depth=0):
+        r = rng.random()
+        if depth < 2 and r < 0.15:
+            return [value(depth + 1) for _ in range(rng.randrange(3))]
+        if depth < 2 and r < 0.3:
+            names = ["role", "content", "type", "text", "x"]
+            return {rng.choice(names): value(depth + 1) for _ in range(rng.randrange(3))}
+        return rng.choice(scalars)
+
+    keys = list(ACCEPTED) + list(NEUTRAL) + ["bogus", "Temperature"]
+    accepted = 0
+    for _ in range(3000):
+        body = {k: value() for k in rng.sample(keys, rng.randrange(1, 6))}
+        if rng.random() < 0.7:
+            body["messages"] = [{"role": "user", "content": "hi"}]
+        try:
+            req = parse_request(body)
+        except RequestError as e:
+            assert 400 <= e.status < 500 and e.message, (seed, body)
+            continue
+        accepted += 1
+        assert 0 <= req["temperature"] <= 2 and 0 < req["top_p"] <= 1 and 1 <= req["max_tokens"] <= 4096, (seed, body)
+        assert req["logprobs"] is None or 0 <= req["logprobs"] <= 20
+    assert accepted > 0, seed
