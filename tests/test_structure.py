@@ -23,9 +23,10 @@ LAYERS = {
     0: {"_core", "common"},
     1: {"config", "rules", "conversation", "tokenizer", "tools", "sandbox", "runtime", "kernels", "optim", "attention",
         "fp8"},
-    2: {"model", "data", "tasks", "checkpoint", "schedules", "scoring", "report"},
+    2: {"model", "data", "tasks", "checkpoint", "schedules", "scoring", "report", "sampling", "replies"},
     3: {"engine", "trainer", "batching"},
-    4: {"stages", "evaluate", "chat", "serve", "export", "hf_import", "nanochat_import", "tokenizer_stage"},
+    4: {"stages", "evaluate", "chat", "serve", "serve_request", "serve_bridge", "serve_guard",
+        "serve_connections", "export", "hf_import", "nanochat_import", "tokenizer_stage"},
     5: {"speedrun"},
     6: {"cli", "__init__"},
 }

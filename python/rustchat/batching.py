@@ -9,10 +9,12 @@ each row's attention to its own keys. A request that ends (stop token, token lim
 cancelled by its consumer (client gone, stop string seen) leaves the batch at the next step; the
 last running row moves into its slot so the running rows stay 0..n-1.
 
-Each request keeps its own sampling settings; a seeded one its own generator. The per-row logic
-(forced calculator tokens, stop tokens) is `Engine.next_token`: a greedy or seeded request gives
-the same tokens alone or batched (up to float rounding of batched matmuls), and the same as
-`Engine.generate`. Between two decode steps at most PREFILL_TOKENS prompt tokens are prefilled.
+Each request keeps its own sampling settings; a seeded one its own generator. Each step is
+`Engine.decode_step`, the engine's own (sampling, forced calculator tokens, stop tokens): a
+greedy or seeded request gives the same tokens alone or batched (up to float rounding of
+batched matmuls), and the same as `Engine.generate`. A row whose sampling fails ends with an
+error alone; the others go on. Between two decode steps at most PREFILL_TOKENS prompt tokens
+are prefilled.
 """
 from __future__ import annotations
 
@@ -24,9 +26,9 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .common import RustchatError
-from .engine import Engine, RowState, draw, sampling_probs
+from .engine import Engine, RowState
 from .model import KVCache
-from .runtime import autocast_ctx
+from .sampling import Sampling
 
 
 PREFILL_TOKENS = 512
@@ -126,31 +128,29 @@ class SlotKVCache:
 
 class GenRequest:
     """One reply to generate. `emit(event)` is called on the scheduler thread with
-    ("token", id, forced) per generated token, then one ("end", reason) with reason "stop"
-    (a stop token, which was emitted), "length" (max_tokens reached), "cancelled", or
-    ("error", message). Set `cancelled` (from any thread) to stop it: it leaves at the next step.
-    With a seed, it samples from its own generator (the tokens `Engine.generate` gives for that
-    seed); with seed None, from the scheduler's, in one draw with the other unseeded rows."""
+    ("token", id, forced, logprobs) per generated token (logprobs: None, or with `logprobs=k`
+    the token's log-probability and its k top alternatives, see `Engine.decode_step`), then one
+    ("end", reason) with reason "stop" (a stop token, which was emitted), "length" (max_tokens
+    reached), "cancelled", or ("error", message). Set `cancelled` (from any thread) to stop it:
+    it leaves at the next step. With a seed, it samples from its own generator (the tokens
+    `Engine.generate` gives for that seed); with seed None, from the scheduler's, in one draw
+    with the other unseeded rows. Bad settings raise RustchatError here, before it is queued."""
 
     def __init__(self, prompt: Sequence[int], emit: Callable[[tuple], None], *, max_tokens: int,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 seed: int | None = 42):
+                 seed: int | None = 42, logprobs: int | None = None):
         self.prompt = [int(t) for t in prompt]
         if not self.prompt:
             raise RustchatError("a request needs a non-empty prompt")
         if max_tokens < 1:
             raise RustchatError(f"max_tokens must be >= 1, got {max_tokens}")
-        self.emit, self.max_tokens = emit, max_tokens
-        self.temperature, self.top_k, self.top_p, self.seed = temperature, top_k, top_p, seed
+        if logprobs is not None and logprobs < 0:
+            raise RustchatError(f"logprobs must be >= 0 or None, got {logprobs}")
+        self.emit, self.max_tokens, self.seed = emit, max_tokens, seed
         self.cancelled = False
-        self.row = RowState()
+        self.row = RowState(Sampling(temperature, top_k, top_p, logprobs=logprobs))
         self.generated = 0
         self.last = -1  # the token to feed next step
-        self.generator: torch.Generator | None = None
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
 
 
 def _emit(req: GenRequest, event: tuple) -> None:
@@ -240,11 +240,6 @@ class BatchScheduler:
                 for req in failed + [r for r in admitted if r not in failed and r.generated == 0]:
                     _emit(req, ("error", f"generation failed: {type(e).__name__}: {e}"))
 
-    def _forward(self, ids: torch.Tensor, cache, position_ids=None) -> torch.Tensor:
-        device = self.engine.model.get_device()
-        with autocast_ctx(device):
-            return self.engine.model(ids.to(device), kv_cache=cache, position_ids=position_ids)[:, -1, :]
-
     def _admit(self, req: GenRequest) -> None:
         if req.cancelled:
             _emit(req, ("end", "cancelled"))
@@ -253,66 +248,43 @@ class BatchScheduler:
         if self.cache is None:
             self.cache = SlotKVCache.for_model(model, self.max_batch)
         device = model.get_device()
-        if req.seed is not None:
-            req.generator = torch.Generator(device=device)
-            req.generator.manual_seed(req.seed)
         if self.generator is None:
             self.generator = torch.Generator(device=device)
             self.generator.seed()  # unseeded requests: fresh randomness per server run
+        if req.seed is not None:
+            req.row.sampling.generator = torch.Generator(device=device)
+            req.row.sampling.generator.manual_seed(req.seed)
+        else:  # drawn together with the other unseeded rows
+            req.row.sampling.generator = self.generator
         # prefill alone, as Engine.generate does, then move the row into the shared cache
         single = KVCache.for_model(model, 1, len(req.prompt))
-        logits = self._forward(torch.tensor([req.prompt], dtype=torch.long), single)
+        logits = self.engine.forward([req.prompt], single)
         self.cache.add(single)
         with self.cond:
             self.running.append(req)
-        self._take(req, self._sample([req], logits)[0])
+        self._take(req, self.engine.decode_step([req.row], logits)[0])
 
-    def _sample(self, reqs: list[GenRequest], logits: torch.Tensor) -> list[int]:
-        out = [0] * len(reqs)
-        greedy, groups = [], {}
-        for i, r in enumerate(reqs):
-            if r.greedy:
-                greedy.append(i)
-            else:
-                groups.setdefault((r.temperature, r.top_k, r.top_p), []).append(i)
-        if greedy:  # one argmax for all greedy rows
-            for i, t in zip(greedy, logits[greedy].argmax(dim=-1).tolist()):
-                out[i] = t
-        for (temperature, top_k, top_p), rows in groups.items():
-            # one softmax per group of equal settings, then each request draws from its own
-            # seeded generator, as Engine does
-            probs, ids = sampling_probs(logits[rows], temperature, top_k, top_p)
-            shared = [j for j, i in enumerate(rows) if reqs[i].generator is None]
-            if shared:  # one draw for every unseeded row
-                picked = draw(probs[shared], None if ids is None else ids[shared], self.generator).tolist()
-                for j, t in zip(shared, picked):
-                    out[rows[j]] = t
-            for j, i in enumerate(rows):
-                if reqs[i].generator is not None:
-                    out[i] = int(draw(probs[j:j + 1], None if ids is None else ids[j:j + 1], reqs[i].generator)[0])
-        return out
-
-    def _take(self, req: GenRequest, sampled: int) -> None:
-        t, forced = self.engine.next_token(req.row, sampled)
+    def _take(self, req: GenRequest, step) -> None:
+        if step is None:  # its sampling failed: it leaves with its error at _finish_rows
+            return
         req.generated += 1
-        req.last = t
-        _emit(req, ("token", t, forced))
+        req.last = step.token
+        _emit(req, ("token", step.token, step.forced, step.logprobs))
 
     def _step(self) -> None:
         cache = self.cache
-        ids = torch.tensor([[r.last] for r in self.running], dtype=torch.long)
-        logits = self._forward(ids, cache, cache.position_ids())
+        logits = self.engine.forward([[r.last] for r in self.running], cache, cache.position_ids())
         self.steps += 1
-        for req, t in zip(self.running, self._sample(self.running, logits)):
-            self._take(req, t)
+        for req, step in zip(self.running, self.engine.decode_step([r.row for r in self.running], logits)):
+            self._take(req, step)
 
     def _finish_rows(self) -> None:
         """Rows that stopped, reached their limit or were cancelled leave the batch now."""
         i = 0
         while i < len(self.running):
             req = self.running[i]
-            reason = ("stop" if req.row.done else "length" if req.generated >= req.max_tokens
-                      else "cancelled" if req.cancelled else None)
+            reason = ("error" if req.row.error else "stop" if req.row.done
+                      else "length" if req.generated >= req.max_tokens else "cancelled" if req.cancelled else None)
             if reason is None:
                 i += 1
                 continue
@@ -322,4 +294,4 @@ class BatchScheduler:
                     self.running[i] = self.running.pop()
                 else:
                     self.running.pop(i)
-            _emit(req, ("end", reason))
+            _emit(req, ("error", f"generation failed: {req.row.error}") if reason == "error" else ("end", reason))

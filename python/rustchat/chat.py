@@ -14,7 +14,8 @@ from .checkpoint import load_model
 from .common import RustchatError
 from .config import ChatConfig
 from .conversation import render_for_completion
-from .engine import CompletionParser, Engine, stream_reply
+from .engine import Engine, stream_reply
+from .replies import CompletionParser
 
 HELP = "commands: 'clear' starts over, 'quit' (or Ctrl-D) exits"
 

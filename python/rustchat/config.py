@@ -50,7 +50,7 @@ class Config:
                 continue
             if m.get("choices") and v not in m["choices"]:
                 raise RustchatError(f"{flag_name(f.name)} must be one of {', '.join(map(str, m['choices']))}, got {v!r}")
-            if m.get("minimum") is not None and v < m["minimum"]:
+            if m.get("minimum") is not None and not v >= m["minimum"]:  # NaN too
                 raise RustchatError(f"{flag_name(f.name)} must be >= {m['minimum']}, got {v}")
 
     def replace(self, **changes):
@@ -231,6 +231,10 @@ class ServeConfig(ModelSourceConfig):
     top_k: int = opt(50, "default when a request gives none", minimum=1)
     max_tokens: int = opt(512, "default when a request gives none", minimum=1)
     max_batch: int = opt(32, "requests decoded together (KV cache rows); more wait in a queue", minimum=1)
+    max_connections: int = opt(2048, "open connections at most (lowered to fit the open-file limit); over it "
+                                     "the longest-idle one is closed", minimum=1)
+    request_timeout: float = opt(15.0, "seconds a client has to send a request's headers, and then its body, "
+                                       "before its connection is closed", minimum=0.1)
     allow_origin: str | None = opt(None, "comma-separated web origins (scheme://host[:port]) whose pages may call "
                                          "the server, or * for any (default: same origin only)")
 

@@ -26,7 +26,8 @@ from .config import EvalConfig
 from .conversation import render_for_completion
 from .data.pretrain import FINEWEB_SHARDS, DocumentSource
 from .data.textsource import list_files
-from .engine import CompletionParser, Engine
+from .engine import Engine
+from .replies import CompletionParser
 from .report import write_section
 from .runtime import autocast_ctx
 from .sandbox import protection
