@@ -195,7 +195,7 @@ def test_import_hf_round_trip_then_sft(exported, tmp_path):
     # SFT continues from the imported mid checkpoint
     res = train_sft(STAGE_CONFIGS["sft"](
         depth=2, seq_len=64, device="cpu", quiet=True, eval_every=0, eval_batches=1, max_steps=1, tasks="tiny",
-        device_batch_size=2, total_batch_size=2, base_dir=str(fresh)))
+        device_batch_size=2, total_batch_conversations=2, base_dir=str(fresh)))
     assert res["steps"] == 1 and res["history"][0]["loss"] > 0
     assert load_stage_model("sft", 2, base_dir=fresh)[2]["step"] == 1
 

@@ -276,4 +276,4 @@ def test_configs_refuse_bad_values_with_one_line():
         config.SFTConfig(depth=0)
     with pytest.raises(config.RustchatError, match=r"--device must be one of"):
         config.EvalConfig(device="tpu")
-    assert config.SFTConfig().total_batch_size == 32 and config.BaseConfig().total_batch_size == 524_288
+    assert config.SFTConfig().total_batch_conversations == 32 and config.BaseConfig().total_batch_size == 524_288

@@ -29,6 +29,12 @@ def opt(default, help: str, *, short: str | None = None, choices=None, minimum=N
                                             "metavar": metavar})
 
 
+def retired(hint: str):
+    """A field a subclass no longer takes (a renamed flag): hidden from --help, and any value
+    given is refused in one line with `hint`, from the command line and from Python alike."""
+    return field(default=None, metadata={"help": "", "retired": hint})
+
+
 def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -40,6 +46,8 @@ class Config:
     def __post_init__(self):
         for f in fields(self):
             v, m = getattr(self, f.name), f.metadata
+            if m.get("retired") and v is not None:
+                raise RustchatError(f"{flag_name(f.name)} is not an option here: {m['retired']}")
             if v is None:
                 if m.get("required"):
                     raise RustchatError(f"{flag_name(f.name)} is required")
@@ -78,7 +86,8 @@ class StageConfig(Config):
     """What base, mid and SFT share; each stage's class sets its own defaults below."""
 
     stage: ClassVar[str]
-    depth: int = opt(10, "model depth (d10 = 640 dim, 5 heads)", minimum=1)
+    depth: int | None = opt(None, "model depth (default: the one depth with the checkpoint this run starts from; "
+                                  "a new base model: 10, i.e. 640 dim, 5 heads)", minimum=1)
     device: str = opt("auto", "where to train", choices=DEVICES)
     device_batch_size: int = opt(32, "rows per micro-batch", minimum=1)
     total_batch_size: int = opt(524_288, "tokens per optimizer step; gradient accumulation makes up the rest",
@@ -92,7 +101,9 @@ class StageConfig(Config):
     keep_last: int | None = opt(None, "keep only the newest N checkpoints of this stage and depth (default: all)",
                                 minimum=1)
     run: str | None = opt(None, "wandb run name (off by default; honours WANDB_MODE)")
-    resume: bool = opt(False, "continue from this stage's latest checkpoint")
+    resume: bool = opt(False, "continue the run in this stage's directory from its latest checkpoint, with its "
+                              "settings")
+    force: bool = opt(False, "start a new run where an old one has checkpoints (the old run is archived)")
     stop_at_step: int | None = opt(None, "stop at this step with a checkpoint, schedule unchanged; "
                                          "continue later with --resume", minimum=1)
     seed: int = opt(42, "seed of weights, data order and sampling")
@@ -102,6 +113,40 @@ class StageConfig(Config):
     base_dir: str | None = opt(None, "artifacts root (default $RUSTCHAT_BASE_DIR or ~/.cache/rustchat)")
     nproc: int = opt(1, "processes on this node (re-launches under torchrun)", minimum=1)
     quiet: bool = opt(False, "no progress bar")
+
+
+    # --resume restores the run's settings from its checkpoint: these may differ (how far and how
+    # the run goes on), the others define what it trains on and are refused; the ones in
+    # RESUME_OWN belong to this invocation and are never taken from the checkpoint
+    RESUME_MAY_CHANGE: ClassVar[frozenset] = frozenset({
+        "max_steps", "eval_every", "eval_batches", "save_every", "keep_last", "run", "device", "quiet",
+        "matrix_lr", "embedding_lr", "unembedding_lr", "init_lr_frac"})
+    RESUME_OWN: ClassVar[frozenset] = frozenset({"resume", "force", "base_dir", "depth", "stop_at_step", "nproc"})
+    RENAMED: ClassVar[dict] = {}  # old field name in a checkpoint's config -> its name now
+
+    def resumed(self, saved: dict) -> tuple["StageConfig", list[str]]:
+        """This config continuing a run saved with `saved` (its meta's config): fields left at
+        their defaults take the run's values; a field set to another value is applied with a
+        note (RESUME_MAY_CHANGE) or refused in one line."""
+        saved = dict(saved)
+        for old, new in self.RENAMED.items():  # a checkpoint written before the rename
+            if old in saved and new not in saved:
+                saved[new] = saved[old]
+        changes, notes = {}, []
+        for f in fields(self):
+            if f.name in self.RESUME_OWN or f.name not in saved or f.metadata.get("retired"):
+                continue
+            mine, theirs = getattr(self, f.name), saved[f.name]
+            if mine == theirs:
+                continue
+            if mine == f.default:
+                changes[f.name] = theirs
+            elif f.name in self.RESUME_MAY_CHANGE:
+                notes.append(f"{flag_name(f.name)} {mine} applied (the run had {theirs})")
+            else:
+                raise RustchatError(f"--resume: {flag_name(f.name)} {mine} differs from the run's {theirs}; a resumed "
+                                    f"run keeps it (drop the flag, or start a new run with --force)")
+        return self.replace(**changes), notes
 
 
 @dataclass
@@ -128,8 +173,11 @@ class MidConfig(StageConfig):
 class SFTConfig(StageConfig):
     stage: ClassVar[str] = "sft"
     device_batch_size: int = opt(4, "conversations per micro-batch", minimum=1)
-    total_batch_size: int = opt(32, "conversations per optimizer step; gradient accumulation makes up the rest",
-                                minimum=1)
+    # base and mid count tokens per step; SFT counts conversations, under its own name
+    total_batch_size: int | None = retired("SFT counts conversations per step: use --total-batch-conversations")
+    RENAMED: ClassVar[dict] = {"total_batch_size": "total_batch_conversations"}
+    total_batch_conversations: int = opt(32, "conversations per optimizer step; gradient accumulation makes up "
+                                             "the rest", minimum=1)
     eval_every: int = opt(100, "steps between validation evaluations (0: only at the end)", minimum=0)
     tasks: str = opt("default", "task mixture: default (hub datasets) or tiny (offline)", choices=TASK_PRESETS)
     task_dir: str | None = opt(None, "directory with local copies of the hub datasets")
@@ -249,7 +297,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Config]) -> None:
         shown = "" if f.default in (None, False) else f" (default: {f.default})"
         # choices are listed in the help and checked by __post_init__ (a one-line error)
         listed = f" (one of: {', '.join(m['choices'])})" if m.get("choices") else ""
-        kw: dict = {"help": m.get("help", "") + listed + shown}
+        kw: dict = {"help": argparse.SUPPRESS if m.get("retired") else m.get("help", "") + listed + shown}
         if m.get("metavar"):
             kw["metavar"] = m["metavar"]
         if m.get("positional"):

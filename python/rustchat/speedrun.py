@@ -40,7 +40,7 @@ PRESETS = {
                 "tasks": "tiny"},
         # SFT starts at a quarter of the base learning rates (nanochat's 2% barely moves a model
         # this small); packed rows, so no step is spent on padding
-        "sft": {"device_batch_size": 8, "total_batch_size": 16, "max_steps": 230, "eval_every": 115, "tasks": "tiny",
+        "sft": {"device_batch_size": 8, "total_batch_conversations": 16, "max_steps": 230, "eval_every": 115, "tasks": "tiny",
                 "init_lr_frac": 0.25, "pack": True},
         "base_eval": {"bpb_tokens": 1 << 16},
         # the 800 problems decode 256 at a time in one continuous batch (greedy replies do not
@@ -52,7 +52,7 @@ PRESETS = {
         "common": {"depth": 10, "seq_len": 2048},
         "base": {"device_batch_size": 32, "total_batch_size": 524_288, "num_shards": 60},
         "mid": {"device_batch_size": 32, "total_batch_size": 524_288, "tasks": "default"},
-        "sft": {"device_batch_size": 4, "total_batch_size": 32, "tasks": "default"},
+        "sft": {"device_batch_size": 4, "total_batch_conversations": 32, "tasks": "default"},
         "eval": {"tasks": "default"},
     },
     "d20": {
@@ -60,7 +60,7 @@ PRESETS = {
         "common": {"depth": 20, "seq_len": 2048},
         "base": {"device_batch_size": 32, "total_batch_size": 524_288, "num_shards": 240},
         "mid": {"device_batch_size": 32, "total_batch_size": 524_288, "tasks": "default"},
-        "sft": {"device_batch_size": 4, "total_batch_size": 32, "tasks": "default"},
+        "sft": {"device_batch_size": 4, "total_batch_conversations": 32, "tasks": "default"},
         "eval": {"tasks": "default"},
     },
 }

@@ -8,13 +8,27 @@ with --resume, and writes step-numbered checkpoints under
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .checkpoint import find_last_step, load_optimizer_states, load_stage_model, previous_stage, restore_rng_state, stage_dir
+from .checkpoint import (
+    StageLock,
+    find_last_step,
+    latest_meta,
+    load_optimizer_states,
+    load_stage_model,
+    pick_depth,
+    previous_stage,
+    restore_rng_state,
+    stage_dir,
+    start_fresh_run,
+)
 from .common import RustchatError, get_base_dir, print0
 from .config import BaseConfig, MidConfig, SFTConfig, StageConfig
 from .conversation import collate_sft, render_batch
@@ -95,12 +109,95 @@ def build_mixture(stage: str, preset: str, split: str, task_dir: str | None = No
     return TaskMixture(tasks, seed=seed)
 
 
+# ----------------------------------------------------------------------------- the run
+def resolve_run(cfg: StageConfig) -> StageConfig:
+    """The run a stage command means: its depth when --depth is not given (the one depth with
+    the checkpoint it starts from, `pick_depth`; a new base model: 10), and with --resume the
+    run's own settings from its latest checkpoint (a differing flag is applied, saying so, or
+    refused in one line: `StageConfig.resumed`)."""
+    if cfg.resume and cfg.force:
+        raise RustchatError("--resume continues the run in the stage's directory and --force replaces it: pick one")
+    needs = cfg.stage if cfg.resume else previous_stage(cfg.stage)
+    if cfg.depth is None:
+        cfg = cfg.replace(depth=NEW_MODEL_DEPTH if needs is None else pick_depth(needs, cfg.base_dir))
+    if not cfg.resume:
+        return cfg
+    own = _ckpt_dir(cfg.stage, cfg)
+    meta = latest_meta(own)
+    if meta is None:
+        raise RustchatError(f"--resume: no {cfg.stage} checkpoint in {own}; run without --resume to start")
+    saved = meta.get("config")
+    cfg, applied = cfg.resumed(saved if isinstance(saved, dict) else {})
+    for note in applied:
+        print0(f"--resume: {note}")
+    return cfg
+
+
+def one_run(train):
+    """A stage's run owns its checkpoint directory: `resolve_run` first, then one writer at a
+    time (`StageLock`), and a new run never hides behind an old one's checkpoints
+    (`start_fresh_run`: refused, or archived with --force)."""
+
+    @functools.wraps(train)
+    def run(cfg: StageConfig) -> dict:
+        cfg = resolve_run(cfg)
+        if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 speaks for the run
+            return train(cfg)
+        own = _ckpt_dir(cfg.stage, cfg)
+        with StageLock(own):
+            if not cfg.resume:
+                start_fresh_run(own, force=cfg.force)
+            return train(cfg)
+
+    return run
+
+
 # ----------------------------------------------------------------------------- shared setup
-def _setup(cfg: StageConfig):
+NEW_MODEL_DEPTH = 10  # a base run without --depth and nothing to continue: nanochat's d10
+
+
+@dataclass
+class StageStart:
+    """What every stage starts with: the processes, the tokenizer, the model (new, the previous
+    stage's, or its own with --resume) and its optimizers. `meta` is the checkpoint resumed
+    from (None for a new run), `start_step` where the loop begins."""
+
+    info: object
+    device: object
+    tok: object
+    model: object
+    optimizers: list
+    meta: dict | None
+    start_step: int
+
+    def data_state(self):
+        """This rank's data cursor to continue from (None for a new run)."""
+        return data_state_for_rank(self.meta, self.info.rank)
+
+
+@dataclass
+class ConversationStart(StageStart):
+    """mid and SFT also start with their task mixtures and the held-out loss evaluator."""
+
+    train: object = None
+    val: object = None
+    evaluate: object = None
+
+
+def _start(cfg: StageConfig) -> StageStart:
     info, device = init_distributed(cfg.device, seed=cfg.seed)
     tok = load_tokenizer(cfg.base_dir)
     torch.manual_seed(cfg.seed + info.rank)
-    return info, device, tok
+    model, optim_states, meta, start = _load_start(cfg, device, tok)  # fails fast if the previous stage is missing
+    return StageStart(info, device, tok, model, _optimizers(model, cfg, optim_states), meta, start)
+
+
+def _conversation_start(cfg: MidConfig | SFTConfig) -> ConversationStart:
+    """The shared start of mid and SFT: model, then the stage's task mixtures, then optimizers."""
+    s = _start(cfg)
+    val = build_mixture(cfg.stage, cfg.tasks, "val", cfg.task_dir, cfg.seed)
+    return ConversationStart(**vars(s), train=build_mixture(cfg.stage, cfg.tasks, "train", cfg.task_dir, cfg.seed),
+                             val=val, evaluate=_conv_loss_evaluator(s.tok, val, cfg, s.info.rank, s.info.world_size))
 
 
 def _ckpt_dir(stage: str, cfg: StageConfig) -> Path:
@@ -129,7 +226,7 @@ def _load_start(cfg: StageConfig, device, tok):
         raise RustchatError(
             f"the {prev} checkpoint has vocab {model.config.vocab_size} but the tokenizer has {tok.vocab_size}: "
             "use the tokenizer the model was trained with")
-    return model, None, meta, 0
+    return model, None, None, 0
 
 
 def _optimizers(model, cfg: StageConfig, optim_states):
@@ -138,6 +235,16 @@ def _optimizers(model, cfg: StageConfig, optim_states):
     if optim_states is not None:
         load_optimizer_states(opts, optim_states)
     return opts
+
+
+def _num_steps(cfg: StageConfig, s: StageStart, horizon: int) -> int:
+    """--max-steps, else the stage's horizon; a resumed run keeps the horizon it was started
+    with (its schedule) unless --max-steps changes it."""
+    if cfg.max_steps:
+        return cfg.max_steps
+    if s.meta is not None and s.meta.get("num_steps"):
+        return int(s.meta["num_steps"])
+    return horizon
 
 
 def _banner(cfg: StageConfig, model, device, tok, tokens_per_step: str, num_steps: int, extra: str = "") -> None:
@@ -226,100 +333,86 @@ def _start_eval(cfg: StageConfig, model, evaluate, start: int) -> dict | None:
 
 
 # ----------------------------------------------------------------------------- stages
+@one_run
 def train_base(cfg: BaseConfig) -> dict:
-    info, device, tok = _setup(cfg)
     if cfg.data_dir:
         files = DocumentSource.from_paths([cfg.data_dir]).files
         if len(files) < 2:
             raise RustchatError(f"--data-dir {cfg.data_dir} needs at least 2 files: the last one is used for validation")
         train_files, val_files = files[:-1], files[-1:]
     else:
-
+        train_files, val_files = None, None
+    s = _start(cfg)
+    if train_files is None:
         data = Path(cfg.base_dir or get_base_dir()) / "base_data"
-        if info.rank == 0:  # one downloader; the others wait at the barrier
+        if s.info.rank == 0:  # one downloader; the others wait at the barrier
             download_shards([*range(cfg.num_shards), FINEWEB_SHARDS - 1], data)
         barrier()
         train_files = [data / f"shard_{i:05d}.parquet" for i in range(cfg.num_shards)]
         val_files = [data / f"shard_{FINEWEB_SHARDS - 1:05d}.parquet"]
     train_src, val_src = DocumentSource(train_files), DocumentSource(val_files)
-    model, optim_states, meta, start = _load_start(cfg, device, tok)
-    opts = _optimizers(model, cfg, optim_states)
-    accum = _grad_accum(cfg, info.world_size)
-    if cfg.max_steps:
-        num_steps = cfg.max_steps
-    else:
-        num_steps = max(1, math.ceil(cfg.tokens_per_param * model.num_params() / cfg.total_batch_size))
-    if meta is not None and cfg.resume:
-        num_steps = int(meta.get("num_steps", num_steps)) if not cfg.max_steps else num_steps
-    loader = PretrainLoader(tok, train_src, cfg.device_batch_size, cfg.seq_len, device=device, rank=info.rank,
-                            world_size=info.world_size, state=data_state_for_rank(meta, info.rank) if cfg.resume else None)
+    accum = _grad_accum(cfg, s.info.world_size)
+    num_steps = _num_steps(cfg, s, max(1, math.ceil(cfg.tokens_per_param * s.model.num_params()
+                                                    / cfg.total_batch_size)))
+    loader = PretrainLoader(s.tok, train_src, cfg.device_batch_size, cfg.seq_len, device=s.device, rank=s.info.rank,
+                            world_size=s.info.world_size, state=s.data_state())
     data = StreamSteps(loader, accum)
     evaluate = _bpb_evaluator(
-        tok, lambda: iter(PretrainLoader(tok, val_src, cfg.device_batch_size, cfg.seq_len, device=device,
-                                         rank=info.rank, world_size=info.world_size)), cfg.eval_batches)
+        s.tok, lambda: iter(PretrainLoader(s.tok, val_src, cfg.device_batch_size, cfg.seq_len, device=s.device,
+                                           rank=s.info.rank, world_size=s.info.world_size)), cfg.eval_batches)
 
-    _banner(cfg, model, device, tok, f"{cfg.total_batch_size:,} tokens (grad accum {accum})", num_steps)
-    result = run_stage(cfg, tok=tok, model=model, optimizers=opts, data=data,
-                       num_steps=num_steps, lr_multiplier=lambda s: base_lr_multiplier(s, num_steps),
-                       start_step=start, evaluate=evaluate, ckpt_dir=_ckpt_dir("base", cfg),
-                       momentum_fn=muon_momentum, resumed_meta=meta if cfg.resume else None)
-    _report(cfg, model, result)
+    _banner(cfg, s.model, s.device, s.tok, f"{cfg.total_batch_size:,} tokens (grad accum {accum})", num_steps)
+    result = run_stage(cfg, tok=s.tok, model=s.model, optimizers=s.optimizers, data=data,
+                       num_steps=num_steps, lr_multiplier=lambda step: base_lr_multiplier(step, num_steps),
+                       start_step=s.start_step, evaluate=evaluate, ckpt_dir=_ckpt_dir("base", cfg),
+                       momentum_fn=muon_momentum, resumed_meta=s.meta)
+    _report(cfg, s.model, result)
     return result
 
 
+@one_run
 def train_mid(cfg: MidConfig) -> dict:
-    info, device, tok = _setup(cfg)
-    model, optim_states, meta, start = _load_start(cfg, device, tok)  # fails fast if the previous stage is missing
-    train = build_mixture("mid", cfg.tasks, "train", cfg.task_dir, cfg.seed)
-    val = build_mixture("mid", cfg.tasks, "val", cfg.task_dir, cfg.seed)
-    opts = _optimizers(model, cfg, optim_states)
-    accum = _grad_accum(cfg, info.world_size)
+    s = _conversation_start(cfg)
+    accum = _grad_accum(cfg, s.info.world_size)
     # Size the run by the data: one pass over the rendered mixture (Rust renders fast).
     n_tokens = 0
-    for s in range(0, len(train), 4096):
-        n_tokens += int(render_batch(tok, [train[i] for i in range(s, min(s + 4096, len(train)))], cfg.seq_len).lengths.sum())
-    num_steps = cfg.max_steps or max(1, (n_tokens * cfg.num_epochs) // cfg.total_batch_size)
-    stream = MidTrainStream(tok, train, cfg.device_batch_size, cfg.seq_len,
-                            state=data_state_for_rank(meta, info.rank) if cfg.resume else None,
-                            max_tokens=cfg.seq_len, rank=info.rank, world_size=info.world_size)
-
+    for i in range(0, len(s.train), 4096):
+        rows = render_batch(s.tok, [s.train[j] for j in range(i, min(i + 4096, len(s.train)))], cfg.seq_len)
+        n_tokens += int(rows.lengths.sum())
+    num_steps = _num_steps(cfg, s, max(1, (n_tokens * cfg.num_epochs) // cfg.total_batch_size))
+    stream = MidTrainStream(s.tok, s.train, cfg.device_batch_size, cfg.seq_len, state=s.data_state(),
+                            max_tokens=cfg.seq_len, rank=s.info.rank, world_size=s.info.world_size)
     data = StreamSteps(stream, accum)
-    evaluate = _conv_loss_evaluator(tok, val, cfg, info.rank, info.world_size)
-    _banner(cfg, model, device, tok, f"{cfg.total_batch_size:,} tokens (grad accum {accum})", num_steps,
-            f" | {len(train):,} conversations, {n_tokens:,} tokens")
-    start_eval = _start_eval(cfg, model, evaluate, start)
-    result = run_stage(cfg, tok=tok, model=model, optimizers=opts, data=data, num_steps=num_steps,
-                       lr_multiplier=lambda s: mid_lr_multiplier(s / num_steps), start_step=start,
-                       evaluate=evaluate, ckpt_dir=_ckpt_dir("mid", cfg), resumed_meta=meta if cfg.resume else None)
+    _banner(cfg, s.model, s.device, s.tok, f"{cfg.total_batch_size:,} tokens (grad accum {accum})", num_steps,
+            f" | {len(s.train):,} conversations, {n_tokens:,} tokens")
+    start_eval = _start_eval(cfg, s.model, s.evaluate, s.start_step)
+    result = run_stage(cfg, tok=s.tok, model=s.model, optimizers=s.optimizers, data=data, num_steps=num_steps,
+                       lr_multiplier=lambda step: mid_lr_multiplier(step / num_steps), start_step=s.start_step,
+                       evaluate=s.evaluate, ckpt_dir=_ckpt_dir("mid", cfg), resumed_meta=s.meta)
     result["start_eval"] = start_eval
-    _report(cfg, model, result)
+    _report(cfg, s.model, result)
     return result
 
 
+@one_run
 def train_sft(cfg: SFTConfig) -> dict:
-    info, device, tok = _setup(cfg)
-    model, optim_states, meta, start = _load_start(cfg, device, tok)  # fails fast if the previous stage is missing
-    train = build_mixture("sft", cfg.tasks, "train", cfg.task_dir, cfg.seed)
-    val = build_mixture("sft", cfg.tasks, "val", cfg.task_dir, cfg.seed)
-    opts = _optimizers(model, cfg, optim_states)
-    E = cfg.total_batch_size
-    if E % (cfg.device_batch_size * info.world_size):
-        raise RustchatError(f"--total-batch-size {E} examples is not a multiple of device batch x ranks "
-                            f"= {cfg.device_batch_size * info.world_size}")
-    num_steps = cfg.max_steps or max(1, (len(train) * cfg.num_epochs) // E)
-    data = SFTSteps(tok, train, E, cfg.device_batch_size, cfg.seq_len, info.rank, info.world_size, cfg.seed,
-                    state=data_state_for_rank(meta, info.rank) if cfg.resume else None, pack=cfg.pack)
-    evaluate = _conv_loss_evaluator(tok, val, cfg, info.rank, info.world_size)
-    accum = E // (cfg.device_batch_size * info.world_size)
-    _banner(cfg, model, device, tok, f"{E} examples (grad accum {accum})", num_steps,
-            f" | {len(train):,} conversations")
-    start_eval = _start_eval(cfg, model, evaluate, start)
-    result = run_stage(cfg, tok=tok, model=model, optimizers=opts, data=data, num_steps=num_steps,
-                       lr_multiplier=lambda s: sft_lr_multiplier(s, num_steps, init_lr_frac=cfg.init_lr_frac),
-                       start_step=start, evaluate=evaluate, ckpt_dir=_ckpt_dir("sft", cfg),
-                       resumed_meta=meta if cfg.resume else None)
+    s = _conversation_start(cfg)
+    E = cfg.total_batch_conversations
+    per = cfg.device_batch_size * s.info.world_size
+    if E % per:
+        raise RustchatError(f"--total-batch-conversations {E} is not a multiple of device batch x ranks = {per}")
+    num_steps = _num_steps(cfg, s, max(1, (len(s.train) * cfg.num_epochs) // E))
+    data = SFTSteps(s.tok, s.train, E, cfg.device_batch_size, cfg.seq_len, s.info.rank, s.info.world_size, cfg.seed,
+                    state=s.data_state(), pack=cfg.pack)
+    _banner(cfg, s.model, s.device, s.tok, f"{E} conversations (grad accum {E // per})", num_steps,
+            f" | {len(s.train):,} conversations")
+    start_eval = _start_eval(cfg, s.model, s.evaluate, s.start_step)
+    result = run_stage(cfg, tok=s.tok, model=s.model, optimizers=s.optimizers, data=data, num_steps=num_steps,
+                       lr_multiplier=lambda step: sft_lr_multiplier(step, num_steps, init_lr_frac=cfg.init_lr_frac),
+                       start_step=s.start_step, evaluate=s.evaluate, ckpt_dir=_ckpt_dir("sft", cfg),
+                       resumed_meta=s.meta)
     result["start_eval"] = start_eval
-    _report(cfg, model, result)
+    _report(cfg, s.model, result)
     return result
 
 
