@@ -250,10 +250,13 @@ def test_flags_round_trip_into_the_config(name, cls, handler):
     flags, the config holds the dataclass's own defaults."""
     rng = random.Random()
     hints = typing.get_type_hints(cls)
-    want = {f.name: _value_for(f, hints[f.name], rng) for f in dataclasses.fields(cls)}
+    want = {f.name: None if f.metadata.get("retired") else _value_for(f, hints[f.name], rng)
+            for f in dataclasses.fields(cls)}
     argv = name.split()
     for f in dataclasses.fields(cls):
         v = want[f.name]
+        if f.metadata.get("retired"):  # a renamed flag: refused (test_runs), never round-trips
+            continue
         if f.metadata.get("positional"):
             argv.append(str(v))
         elif v is True:

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import base64
 import errno
+import fcntl
 import json
 import os
 import random
 import re
 import secrets
+import socket
 import stat
 import struct
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -580,10 +583,6 @@ class StageLock:
         self.fd: int | None = None
 
     def acquire(self) -> "StageLock":
-        import fcntl
-        import socket
-        import sys
-
         for _ in range(10):
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -58,7 +58,10 @@ class Config:
                 raise RustchatError(f"{flag_name(f.name)} must be >= {m['minimum']}, got {v}")
 
     def replace(self, **changes):
-        return dataclasses.replace(self, **changes)
+        out = dataclasses.replace(self, **changes)
+        if hasattr(self, "given"):
+            out.given = self.given | set(changes)
+        return out
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -125,9 +128,10 @@ class StageConfig(Config):
     RENAMED: ClassVar[dict] = {}  # old field name in a checkpoint's config -> its name now
 
     def resumed(self, saved: dict) -> tuple["StageConfig", list[str]]:
-        """This config continuing a run saved with `saved` (its meta's config): fields left at
-        their defaults take the run's values; a field set to another value is applied with a
-        note (RESUME_MAY_CHANGE) or refused in one line."""
+        """This config continuing a run saved with `saved` (its meta's config): fields not given
+        (not on the command line; from Python: left at their defaults) take the run's values; a
+        given field with another value is applied with a note (RESUME_MAY_CHANGE) or refused in
+        one line."""
         saved = dict(saved)
         for old, new in self.RENAMED.items():  # a checkpoint written before the rename
             if old in saved and new not in saved:
@@ -139,7 +143,8 @@ class StageConfig(Config):
             mine, theirs = getattr(self, f.name), saved[f.name]
             if mine == theirs:
                 continue
-            if mine == f.default:
+            given = f.name in self.given if hasattr(self, "given") else mine != f.default
+            if not given:
                 changes[f.name] = theirs
             elif f.name in self.RESUME_MAY_CHANGE:
                 notes.append(f"{flag_name(f.name)} {mine} applied (the run had {theirs})")
@@ -264,6 +269,7 @@ class SpeedrunConfig(Config):
     seed: int = opt(42, "seed of every stage")
     base_dir: str | None = opt(None, "artifacts root (default $RUSTCHAT_BASE_DIR or ~/.cache/rustchat)")
     quiet: bool = opt(False, "no progress bars")
+    force: bool = opt(False, "run again where an earlier run left checkpoints (they are archived)")
 
 
 @dataclass
@@ -318,4 +324,6 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Config]) -> None:
 
 def from_args(cls: type[Config], ns: argparse.Namespace) -> Config:
     """The config of `cls` from the flags the user gave (the rest keep their defaults)."""
-    return cls(**{f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)})
+    cfg = cls(**{f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)})
+    cfg.given = frozenset(f.name for f in fields(cls) if hasattr(ns, f.name))  # what --resume must not override
+    return cfg

@@ -12,7 +12,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .common import get_base_dir, print0
+from .checkpoint import find_last_step, stage_dir
+from .common import RustchatError, get_base_dir, print0
 from .config import BaseConfig, EvalConfig, MidConfig, SFTConfig, SpeedrunConfig
 from .data.pretrain import download_shards
 from .data.textsource import iter_documents
@@ -85,7 +86,8 @@ def stage_configs(cfg: SpeedrunConfig, base: Path) -> dict:
     so both stages are scored on the same problems with `rustchat eval`'s own defaults."""
     preset = PRESETS[cfg.preset]
     depth = preset["common"]["depth"]
-    common = {"device": cfg.device, "base_dir": str(base), "quiet": cfg.quiet, "seed": cfg.seed, **preset["common"]}
+    common = {"device": cfg.device, "base_dir": str(base), "quiet": cfg.quiet, "seed": cfg.seed, "force": cfg.force,
+              **preset["common"]}
     base_kw = dict(preset["base"])
     if cfg.preset == "tiny":
         base_kw["data_dir"] = str(base / "tiny_data")
@@ -133,13 +135,26 @@ def evaluate_stage(configs: dict, stage: str) -> dict:
     return run_eval(configs[f"{stage}-eval"])
 
 
+def _check_no_earlier_run(configs: dict, force: bool) -> None:
+    """A speedrun's stages start new runs: where an earlier run left checkpoints they would be
+    refused after minutes of work, so ask for --force up front."""
+    for stage in ("base", "mid", "sft"):
+        c = configs[stage]
+        d = stage_dir(stage, c.depth, c.base_dir)
+        step = find_last_step(d)
+        if step is not None and not force:
+            raise RustchatError(f"{d} holds an earlier run (up to step {step}): run the speedrun with --force "
+                                "to archive it and start again, or use another --base-dir")
+
+
 def run_speedrun(cfg: SpeedrunConfig) -> dict:
     tiny = cfg.preset == "tiny"
     base = Path(cfg.base_dir) if cfg.base_dir else get_base_dir()
     base.mkdir(parents=True, exist_ok=True)
     t_all = time.time()
-    _train_tokenizer(PRESETS[cfg.preset], base, tiny, cfg.quiet)
     configs = stage_configs(cfg, base)
+    _check_no_earlier_run(configs, cfg.force)  # before the tokenizer is replaced under them
+    _train_tokenizer(PRESETS[cfg.preset], base, tiny, cfg.quiet)
     rows, tasks = [], []
     for stage, train in (("base", train_base), ("mid", train_mid), ("sft", train_sft)):
         t0 = time.time()
