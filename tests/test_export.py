@@ -59,6 +59,14 @@ def exported(tmp_path_factory, corpus):
     return base, out, model.eval(), tok
 
 
+def test_exported_files_are_all_readable_by_others(exported):
+    import stat
+
+    _, out, _, _ = exported
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert len(set(modes.values())) == 1 and modes["model.safetensors"] & 0o044 == 0o044, modes
+
+
 def test_load_model_returns_fp32_logits(exported):
     base, _, ref, tok = exported
     model, tok2, meta = rustchat.load_model("sft", base_dir=base)

@@ -199,3 +199,39 @@ def test_every_command_picks_the_depth_the_same_way(base_dir, tmp_path, capsys):
     assert resolve_run(STAGE_CONFIGS["sft"](depth=extra, base_dir=str(d), **TINY)).depth == extra
     with pytest.raises(RustchatError, match="no sft checkpoint"):
         resolve_run(STAGE_CONFIGS["sft"](depth=extra, resume=True, base_dir=str(d)))
+
+
+# ----------------------------------------------------------------------------- the command line's small things
+def test_version_names_package_and_core():
+    from importlib.metadata import version
+
+    import rustchat
+
+    r = subprocess.run([sys.executable, "-m", "rustchat.cli", "--version"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0
+    assert r.stdout.strip() == f"rustchat {version('rustchat')} (core {rustchat._core.__version__})"
+
+
+@pytest.mark.parametrize("argv,command", [(["sft", "--dept", "2"], "rustchat sft"),
+                                          (["chat", "--temp", "1"], "rustchat chat"),
+                                          (["tok", "train", "--input", "x", "--vocab", "300"], "rustchat tok train")])
+def test_flag_errors_name_the_subcommand_help_and_refuse_abbreviations(argv, command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err
+    assert err.startswith(f"{command}: error: unrecognized arguments: {argv[-2]}") and err.endswith(
+        f"(see {command} --help)")
+
+
+def test_chat_and_serve_sample_at_one_default_temperature():
+    from rustchat.chat import ChatSession
+    from rustchat.config import ChatConfig, ServeConfig
+    from rustchat.serve import create_app, parse_request
+    import inspect
+
+    t = ChatConfig().temperature
+    assert ServeConfig().temperature == t
+    assert parse_request({"messages": [{"role": "user", "content": "hi"}]})["temperature"] == t
+    for fn in (ChatSession.__init__, create_app, parse_request):
+        assert inspect.signature(fn).parameters["temperature"].default == t

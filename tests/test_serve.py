@@ -461,6 +461,10 @@ def test_openai_errors(server):
         assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
         r = http.get(base + "/v1/nothing")
         assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
+    # a model this server does not have: OpenAI's 404 model_not_found (its client: NotFoundError)
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model=MODEL_ID + "-x", messages=[user()])
+    assert e.value.code == "model_not_found" and e.value.param == "model"
 
 
 def test_16_concurrent_openai_requests_each_get_their_own_answer(server, engine):

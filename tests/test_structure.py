@@ -20,7 +20,7 @@ LAYERS = {
     0: {"_core", "common"},
     1: {"config", "conversation", "tokenizer", "tools", "sandbox", "runtime", "kernels", "optim"},
     2: {"model", "data", "tasks", "checkpoint", "schedules", "scoring", "report"},
-    3: {"engine", "trainer", "batching"},
+    3: {"engine", "trainer", "batching", "bpb"},
     4: {"stages", "evaluate", "chat", "serve", "export", "hf_import", "nanochat_import", "tokenizer_stage"},
     5: {"speedrun"},
     6: {"cli", "__init__"},

@@ -19,6 +19,7 @@ from .common import RustchatError
 DEVICES = ("auto", "cuda", "cpu", "mps")
 STAGES = ("base", "mid", "sft")  # the training stages, in pipeline order
 TASK_PRESETS = ("default", "tiny")
+DEFAULT_TEMPERATURE = 0.6  # chat and serve sample alike unless told otherwise
 
 
 def opt(default, help: str, *, short: str | None = None, choices=None, minimum=None, required: bool = False,
@@ -160,6 +161,8 @@ class BaseConfig(StageConfig):
     data_dir: str | None = opt(None, "local parquet/text files instead of downloading FineWeb-Edu")
     num_shards: int = opt(8, "FineWeb-Edu shards to download", minimum=1)
     tokens_per_param: float = opt(20.0, "training horizon: tokens per parameter", minimum=0.0)
+    bpb_tokens: int = opt(1 << 20, "validation tokens scored for val bpb (the set `eval -i base --bpb-tokens` "
+                                   "scores)", minimum=1)
     # the shape of a new model (a resumed one keeps its checkpoint's): nanochat's knobs
     aspect_ratio: int = opt(64, "model width per layer: model_dim = depth * aspect_ratio", minimum=2)
     head_dim: int = opt(128, "attention head width (heads = model_dim / head_dim, rounded to divide it)",
@@ -224,7 +227,7 @@ class EvalConfig(ModelSourceConfig):
 @dataclass
 class ChatConfig(ModelSourceConfig):
     prompt: str | None = opt(None, "answer this one prompt and exit", short="-p")
-    temperature: float = opt(0.6, "0: greedy", minimum=0.0)
+    temperature: float = opt(DEFAULT_TEMPERATURE, "0: greedy", minimum=0.0)
     top_k: int | None = opt(50, "sample from the k most likely tokens", minimum=1)
     max_tokens: int = opt(512, "tokens per reply at most", minimum=1)
     seed: int | None = opt(None, "sampling seed (default: a new one per reply)")
@@ -234,7 +237,7 @@ class ChatConfig(ModelSourceConfig):
 class ServeConfig(ModelSourceConfig):
     host: str = opt("127.0.0.1", "listen address (default loopback only)")
     port: int = opt(8000, "listen port", minimum=0)
-    temperature: float = opt(0.8, "default when a request gives none", minimum=0.0)
+    temperature: float = opt(DEFAULT_TEMPERATURE, "default when a request gives none", minimum=0.0)
     top_k: int = opt(50, "default when a request gives none", minimum=1)
     max_tokens: int = opt(512, "default when a request gives none", minimum=1)
     max_batch: int = opt(32, "requests decoded together (KV cache rows); more wait in a queue", minimum=1)

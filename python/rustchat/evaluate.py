@@ -10,7 +10,6 @@ report.md: the "eval" section for an SFT model, "mid-eval" for a mid one ("base-
 """
 from __future__ import annotations
 
-import math
 import queue
 import time
 from pathlib import Path
@@ -20,11 +19,12 @@ import torch
 from tqdm import tqdm
 
 from .batching import BatchScheduler, GenRequest
+from .bpb import bits_per_byte, val_token_stream
 from .checkpoint import load_model
 from .common import RustchatError, get_base_dir
 from .config import EvalConfig
 from .conversation import render_for_completion
-from .data.pretrain import FINEWEB_SHARDS, DocumentSource
+from .data.pretrain import FINEWEB_SHARDS
 from .data.textsource import list_files
 from .engine import CompletionParser, Engine
 from .report import write_section
@@ -41,7 +41,7 @@ PRESETS = {
     "default": ("arc-easy", "arc-challenge", "mmlu", "gsm8k", "humaneval", "spellingbee"),
 }
 SYNTHETIC = ("arithmetic", "spellingbee", "simplespelling", "identity")  # generated: sized, not downloaded
-SYNTHETIC_SIZE = 256  # problems of a generated task when --max-problems is not given
+SYNTHETIC_SIZE = 200  # problems of a generated task when --max-problems is not given (the speedrun's too)
 # Cap on logits materialised per categorical forward (rows x positions x vocab floats).
 _MAX_LOGIT_ELEMS = 1 << 28
 
@@ -257,44 +257,6 @@ def default_val_files(base: Path, data_dir: str | None) -> list[Path]:
     raise RustchatError(f"no validation text under {base}: pass --data-dir with text/JSONL/parquet files")
 
 
-def bits_per_byte(model, tok, files, *, batch_size: int = 8, max_tokens: int = 1 << 20) -> tuple[float, int]:
-    """(bits per byte, tokens scored) of the model on the documents of `files`, each
-    prefixed with `<|bos|>`, cut into rows of the model's context. Summed nats over target
-    bytes; special tokens have 0 bytes and count in neither sum."""
-
-
-    src = DocumentSource(list(files))
-    pieces, have = [], 0
-    for f in src.files:
-        for docs in src.groups(f):
-            ids, _ = tok.encode_batch_numpy(docs, prepend=tok.bos_token_id)
-            pieces.append(ids)
-            have += len(ids)
-            if have > max_tokens:
-                break
-        if have > max_tokens:
-            break
-    stream = np.concatenate(pieces)[: max_tokens + 1] if pieces else np.zeros(0, np.int32)
-    if len(stream) < 2:
-        raise RustchatError(f"validation text in {', '.join(map(str, files))} holds fewer than 2 tokens")
-    T = min(model.config.sequence_len, len(stream) - 1)
-    n_rows = (len(stream) - 1) // T
-    device = model.get_device()
-    token_bytes = torch.as_tensor(tok.token_bytes(), dtype=torch.int64, device=device)
-    nats = nbytes = 0.0
-    for r0 in range(0, n_rows, batch_size):
-        r1 = min(r0 + batch_size, n_rows)
-        chunk = torch.as_tensor(stream[r0 * T: r1 * T + 1].astype(np.int64))
-        x = torch.stack([chunk[r * T: (r + 1) * T] for r in range(r1 - r0)]).to(device)
-        y = torch.stack([chunk[r * T + 1: (r + 1) * T + 1] for r in range(r1 - r0)]).to(device)
-        with torch.inference_mode(), autocast_ctx(device):
-            loss = model(x, y, loss_reduction="none").float()
-        b = token_bytes[y]
-        nats += float((loss * (b > 0)).sum())
-        nbytes += float(b.sum())
-    return nats / (math.log(2) * max(nbytes, 1.0)), n_rows * T
-
-
 # ----------------------------------------------------------------------------- entry point
 def eval_base(cfg: EvalConfig) -> dict:
     """Bits per byte of a base checkpoint on held-out text."""
@@ -302,7 +264,7 @@ def eval_base(cfg: EvalConfig) -> dict:
     base = Path(cfg.base_dir) if cfg.base_dir else get_base_dir(create=False)
     files = default_val_files(base, cfg.data_dir)
     t0 = time.time()
-    bpb, n = bits_per_byte(model, tok, files, batch_size=cfg.batch_size, max_tokens=cfg.bpb_tokens)
+    bpb, n = bits_per_byte(model, tok, val_token_stream(tok, files, cfg.bpb_tokens))
     label = f"base d{model.config.n_layer} step {meta.get('step')}"
     if not cfg.quiet:
         print(f"{label}: val bits/byte {bpb:.4f} over {n:,} tokens of {', '.join(map(str, files))} "

@@ -20,6 +20,7 @@ rendering").
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -302,6 +303,8 @@ def export_model(model, tok: Tokenizer, out, *, source: str = "", step: int | No
     }
     for name, text in files.items():
         (out / name).write_text(text, encoding="utf-8")
+    # safetensors creates its file 0600; the directory is for others to load: mode of its siblings
+    os.chmod(out / _MODEL_FILE, (out / "config.json").stat().st_mode & 0o777)
     return out
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from .batching import BatchScheduler, GenRequest
 from .checkpoint import load_model
 from .common import RustchatError
-from .config import ServeConfig
+from .config import DEFAULT_TEMPERATURE, ServeConfig
 from .conversation import render_for_completion
 from .engine import Engine, ReplyEvents
 
@@ -78,12 +78,16 @@ def _content_text(content, i: int):
     return content
 
 
-def parse_request(body, *, temperature: float = 0.8, top_k: int = 50, max_tokens: int = 512) -> dict:
+def parse_request(body, *, temperature: float = DEFAULT_TEMPERATURE, top_k: int = 50, max_tokens: int = 512,
+                  model_id: str | None = None) -> dict:
     """Check a chat completions body (the page's or OpenAI's) against the limits; defaults fill
     missing settings. Returns {"messages", "temperature", "top_k", "top_p", "max_tokens", "seed",
     "stop", "stream", "include_usage"}; raises RequestError."""
     if not isinstance(body, dict):
         raise RequestError(400, "the body must be a JSON object")
+    if model_id is not None and body.get("model") not in (None, model_id):  # as OpenAI answers an unknown model
+        raise RequestError(404, f"The model {json.dumps(body['model'])[:80]} does not exist; this server has "
+                                f"{model_id!r} (GET /v1/models)", "model", "model_not_found")
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise RequestError(400, "messages must be a non-empty list", "messages")
@@ -329,7 +333,7 @@ class HostOriginGuard:
         return await self.app(scope, receive, send_with_cors)
 
 
-def create_app(engine, *, temperature: float = 0.8, top_k: int = 50, max_tokens: int = 512,
+def create_app(engine, *, temperature: float = DEFAULT_TEMPERATURE, top_k: int = 50, max_tokens: int = 512,
                model_info: dict | None = None, max_batch: int = 32, max_queue: int = 1024,
                host: str = "127.0.0.1", allow_origins: list[str] | None = None):
     """The ASGI app around one Engine (FastAPI inside the Host/Origin guard). Its scheduler
@@ -396,7 +400,7 @@ def create_app(engine, *, temperature: float = 0.8, top_k: int = 50, max_tokens:
             body = json.loads(raw.decode("utf-8"))
         except (ValueError, RecursionError) as e:  # bad UTF-8 / JSON, or absurdly deep nesting
             raise RequestError(400, f"the body is not valid JSON: {e}", None, "invalid_json") from None
-        req = parse_request(body, temperature=temperature, top_k=top_k, max_tokens=max_tokens)
+        req = parse_request(body, temperature=temperature, top_k=top_k, max_tokens=max_tokens, model_id=model_id)
         prompt = fit_prompt(engine.tok, req["messages"], context, req["max_tokens"])
         return req, prompt, max(1, min(req["max_tokens"], context - len(prompt)))
 

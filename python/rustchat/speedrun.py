@@ -34,7 +34,7 @@ PRESETS = {
         "common": {"depth": 2, "seq_len": 512, "eval_batches": 4},
         # 4 heads of 32 dims instead of one of 128: copying needs several heads per layer
         "base": {"device_batch_size": 8, "total_batch_size": 8 * 512, "max_steps": 20, "eval_every": 10,
-                 "head_dim": 32},
+                 "head_dim": 32, "bpb_tokens": 1 << 16},
         # mid-training is where the tasks are learned: most of the budget goes here, in many
         # small steps (the copying skills appear after several hundred)
         "mid": {"device_batch_size": 4, "total_batch_size": 4 * 512, "max_steps": 1100, "eval_every": 275,
@@ -43,10 +43,9 @@ PRESETS = {
         # this small); packed rows, so no step is spent on padding
         "sft": {"device_batch_size": 8, "total_batch_conversations": 16, "max_steps": 230, "eval_every": 115, "tasks": "tiny",
                 "init_lr_frac": 0.25, "pack": True},
-        "base_eval": {"bpb_tokens": 1 << 16},
-        # the 800 problems decode 256 at a time in one continuous batch (greedy replies do not
-        # depend on the batch)
-        "eval": {"tasks": "tiny", "max_problems": 200, "batch_size": 256},
+        # `rustchat eval --tasks tiny`'s own problems (200 per task): the 800 decode 256 at a time
+        # in one continuous batch (greedy replies do not depend on the batch)
+        "eval": {"tasks": "tiny", "batch_size": 256},
     },
     "d10": {
         "tokenizer": {"vocab_size": 65536, "max_chars": 2_000_000_000, "num_shards": 8},
@@ -92,9 +91,11 @@ def stage_configs(cfg: SpeedrunConfig, base: Path) -> dict:
     if cfg.preset == "tiny":
         base_kw["data_dir"] = str(base / "tiny_data")
     eval_kw = {"depth": depth, "device": cfg.device, "base_dir": str(base), "quiet": cfg.quiet}
+    base_cfg = BaseConfig(**common, **base_kw)
     return {
-        "base": BaseConfig(**common, **base_kw),
-        "base-eval": EvalConfig(source="base", **eval_kw, **preset.get("base_eval", {})),
+        "base": base_cfg,
+        # bits per byte on the very tokens training's own evaluation scored: one number
+        "base-eval": EvalConfig(source="base", **eval_kw, bpb_tokens=base_cfg.bpb_tokens),
         "mid": MidConfig(**common, **preset["mid"]),
         "mid-eval": EvalConfig(source="mid", **eval_kw, **preset["eval"]),
         "sft": SFTConfig(**common, **preset["sft"]),

@@ -31,6 +31,7 @@ from .checkpoint import (
 )
 from .common import RustchatError, get_base_dir, print0
 from .config import BaseConfig, MidConfig, SFTConfig, StageConfig
+from .bpb import bits_per_byte, val_token_stream
 from .conversation import collate_sft, render_batch
 from .data.midtrain import MidTrainStream
 from .data.pretrain import FINEWEB_SHARDS, DocumentSource, PretrainLoader, download_shards
@@ -266,35 +267,6 @@ def _grad_accum(cfg: StageConfig, world: int) -> int:
 
 
 # ----------------------------------------------------------------------------- evaluation
-def _bpb_evaluator(tok, make_val_iter, n_batches: int):
-    """Bits per byte on validation text: summed nats over target bytes (specials have 0 bytes
-    and are left out of both), so it is comparable across tokenizers."""
-
-    token_bytes = None
-
-    def evaluate(model):
-        nonlocal token_bytes
-        dev = model.get_device()
-        if token_bytes is None:
-            token_bytes = torch.as_tensor(tok.token_bytes(), dtype=torch.int64, device=dev)
-        nats = torch.zeros((), dtype=torch.float64, device=dev)
-        nbytes = torch.zeros((), dtype=torch.float64, device=dev)
-        it = make_val_iter()
-        for _ in range(n_batches):
-            x, y = next(it)
-            x, y = torch.as_tensor(x, device=dev).long(), torch.as_tensor(y, device=dev).long()
-
-            with autocast_ctx(dev):
-                loss = model(x, y, loss_reduction="none").float()
-            b = token_bytes[y.clamp(min=0)] * (y >= 0)
-            nats += (loss * (b > 0)).sum().double()
-            nbytes += b.sum().double()
-
-        return {"val_bpb": all_reduce_sum(float(nats), dev) / (math.log(2) * max(all_reduce_sum(float(nbytes), dev), 1.0))}
-
-    return evaluate
-
-
 def _conv_loss_evaluator(tok, conversations, cfg: StageConfig, rank: int, world: int):
     """Validation loss per trained token on held-out conversations (mask applied)."""
 
@@ -350,16 +322,15 @@ def train_base(cfg: BaseConfig) -> dict:
         barrier()
         train_files = [data / f"shard_{i:05d}.parquet" for i in range(cfg.num_shards)]
         val_files = [data / f"shard_{FINEWEB_SHARDS - 1:05d}.parquet"]
-    train_src, val_src = DocumentSource(train_files), DocumentSource(val_files)
+    train_src = DocumentSource(train_files)
     accum = _grad_accum(cfg, s.info.world_size)
     num_steps = _num_steps(cfg, s, max(1, math.ceil(cfg.tokens_per_param * s.model.num_params()
                                                     / cfg.total_batch_size)))
     loader = PretrainLoader(s.tok, train_src, cfg.device_batch_size, cfg.seq_len, device=s.device, rank=s.info.rank,
                             world_size=s.info.world_size, state=s.data_state())
     data = StreamSteps(loader, accum)
-    evaluate = _bpb_evaluator(
-        s.tok, lambda: iter(PretrainLoader(s.tok, val_src, cfg.device_batch_size, cfg.seq_len, device=s.device,
-                                           rank=s.info.rank, world_size=s.info.world_size)), cfg.eval_batches)
+    val = val_token_stream(s.tok, val_files, cfg.bpb_tokens)  # the tokens `eval -i base` scores
+    evaluate = lambda model: {"val_bpb": bits_per_byte(model, s.tok, val)[0]}  # noqa: E731
 
     _banner(cfg, s.model, s.device, s.tok, f"{cfg.total_batch_size:,} tokens (grad accum {accum})", num_steps)
     result = run_stage(cfg, tok=s.tok, model=s.model, optimizers=s.optimizers, data=data,
