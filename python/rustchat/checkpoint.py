@@ -351,6 +351,7 @@ def _stage_of(path: Path) -> str | None:
 def _missing(path: Path, what: str) -> RustchatError:
     stage = _stage_of(path)
     hint = f"run the {stage} stage first" if stage else "train a model first"
+    hint += " (offline, rustchat speedrun --preset tiny trains every stage on bundled data)"
     return RustchatError(f"{what} in {path}: {hint}")
 
 

@@ -213,6 +213,7 @@ class EvalConfig(ModelSourceConfig):
     tasks: str = opt("default", "tiny (the offline tasks), default (ARC-Easy, ARC-Challenge, MMLU, GSM8K, "
                                 "HumanEval, SpellingBee) or a comma list, e.g. arc-easy,gsm8k")
     max_problems: int | None = opt(None, "first N problems of each task", minimum=1)
+    task_dir: str | None = opt(None, "directory with local copies of the hub datasets (e.g. arc-ARC-Easy-test.jsonl)")
     batch_size: int = opt(8, "rows per forward / samples per batch", minimum=1)
     num_samples: int = opt(1, "replies per generative problem (pass@n)", minimum=1)
     temperature: float = opt(0.0, "0: greedy", minimum=0.0)

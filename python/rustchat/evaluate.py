@@ -21,7 +21,7 @@ from tqdm import tqdm
 from .batching import BatchScheduler, GenRequest
 from .bpb import bits_per_byte, val_token_stream
 from .checkpoint import load_model
-from .common import RustchatError, get_base_dir
+from .common import OFFLINE_ROUTE, RustchatError, get_base_dir
 from .config import EvalConfig
 from .conversation import render_for_completion
 from .data.pretrain import FINEWEB_SHARDS
@@ -31,7 +31,7 @@ from .report import write_section
 from .runtime import autocast_ctx
 from .sandbox import protection
 from .scoring import BASELINES, categorical_pick, chatcore
-from .tasks import get_task
+from .tasks import get_task, task_from
 from .tasks.base import assistant_text
 from .tasks.humaneval import HumanEval
 
@@ -65,15 +65,22 @@ def parse_tasks(spec: str) -> list[str]:
     return names
 
 
-def load_task(name: str, max_problems: int | None = None):
-    """The test split of a task, its first `max_problems` problems."""
+# eval task -> (its name in a --task-dir file, what else names the file): arc-ARC-Easy-test.jsonl, ...
+TASK_FILES = {"arceasy": ("arc", {"subset": "ARC-Easy"}), "arcchallenge": ("arc", {"subset": "ARC-Challenge"}),
+              "mmlu": ("mmlu", {"subset": "all"}), "gsm8k": ("gsm8k", {}), "humaneval": ("humaneval", {})}
+
+
+def load_task(name: str, max_problems: int | None = None, task_dir: str | None = None):
+    """The test split of a task, its first `max_problems` problems; a hub task from its local
+    copy in task_dir when there is one (named as for mid/SFT: <task>[-<subset>]-test.jsonl)."""
 
     if max_problems is not None and max_problems < 1:
         raise RustchatError(f"--max-problems must be >= 1, got {max_problems}")
     if _key(name) in {_key(n) for n in SYNTHETIC}:
         return get_task(name, split="test", size=max_problems or SYNTHETIC_SIZE)
     kw = {} if max_problems is None else {"stop": max_problems}
-    return get_task(name, **kw)
+    file_name, naming = TASK_FILES.get(_key(name), (None, {}))
+    return task_from(name, kw, task_dir, file_name=file_name, file_kwargs={**naming, "split": "test"})
 
 
 def _letter_ids(tok, letters) -> list[int]:
@@ -254,7 +261,8 @@ def default_val_files(base: Path, data_dir: str | None) -> list[Path]:
               base / "base_data" / f"shard_{FINEWEB_SHARDS - 1:05d}.parquet"):
         if p.is_file():
             return [p]
-    raise RustchatError(f"no validation text under {base}: pass --data-dir with text/JSONL/parquet files")
+    raise RustchatError(f"no validation text under {base}: pass --data-dir with text/JSONL/parquet files, or "
+                        f"{OFFLINE_ROUTE}")
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -279,7 +287,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     for chat models, {"val_bpb": x} for base models."""
     if cfg.source == "base":
         return eval_base(cfg)
-    tasks = [load_task(n, cfg.max_problems) for n in parse_tasks(cfg.tasks)]  # fail early on a bad name
+    tasks = [load_task(n, cfg.max_problems, cfg.task_dir) for n in parse_tasks(cfg.tasks)]  # fail early
     model, tok, meta = load_model(cfg.source, depth=cfg.depth, step=cfg.step, device=cfg.device,
                                   base_dir=cfg.base_dir)
     base = Path(cfg.base_dir) if cfg.base_dir else get_base_dir(create=False)

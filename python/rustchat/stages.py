@@ -40,7 +40,7 @@ from .model import GPT, GPTConfig
 from .report import write_section
 from .runtime import autocast_ctx, barrier, compute_dtype, get_rank, init_distributed
 from .schedules import base_lr_multiplier, mid_lr_multiplier, muon_momentum, sft_lr_multiplier
-from .tasks import TaskMixture, get_task
+from .tasks import TaskMixture, task_from
 from .tokenizer import load_tokenizer
 from .trainer import all_reduce_sum, data_state_for_rank, run_stage
 
@@ -79,35 +79,13 @@ MIXTURES = {
 }
 
 
-HUB_TASKS = {"arc", "mmlu", "gsm8k", "smoltalk", "humaneval"}
-LOCAL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
-
-
-def local_task_file(task_dir: str | Path, name: str, kwargs: dict) -> Path | None:
-    """A local copy of a hub dataset in task_dir, named <task>[-<subset>]-<split><suffix>,
-    e.g. arc-ARC-Easy-train.jsonl, smoltalk-test.parquet, mmlu-auxiliary_train-train.jsonl."""
-    stem = "-".join(str(x) for x in (name, kwargs.get("subset"), kwargs.get("split")) if x)
-    for suffix in LOCAL_SUFFIXES:
-        p = Path(task_dir) / f"{stem}{suffix}"
-        if p.is_file():
-            return p
-    return None
-
-
 def build_mixture(stage: str, preset: str, split: str, task_dir: str | None = None, seed: int = 42):
+    """A stage's task mixture; hub datasets come from their local copies in task_dir when it has
+    them (`tasks.task_from`)."""
     if preset not in MIXTURES:
         raise RustchatError(f"unknown task preset {preset!r}; known: {', '.join(MIXTURES)}")
-    if task_dir is not None and not Path(task_dir).is_dir():
-        raise RustchatError(f"--task-dir {task_dir}: no such directory")
-    tasks = []
-    for name, kwargs in MIXTURES[preset][stage][split]:
-        kw = dict(kwargs)
-        if task_dir is not None and name in HUB_TASKS:
-            local = local_task_file(task_dir, name, kw)
-            if local is not None:
-                kw["path"] = str(local)
-        tasks.append(get_task(name, **kw))
-    return TaskMixture(tasks, seed=seed)
+    return TaskMixture([task_from(name, kwargs, task_dir) for name, kwargs in MIXTURES[preset][stage][split]],
+                       seed=seed)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -196,9 +174,10 @@ def _start(cfg: StageConfig) -> StageStart:
 def _conversation_start(cfg: MidConfig | SFTConfig) -> ConversationStart:
     """The shared start of mid and SFT: model, then the stage's task mixtures, then optimizers."""
     s = _start(cfg)
+    train = build_mixture(cfg.stage, cfg.tasks, "train", cfg.task_dir, cfg.seed)
     val = build_mixture(cfg.stage, cfg.tasks, "val", cfg.task_dir, cfg.seed)
-    return ConversationStart(**vars(s), train=build_mixture(cfg.stage, cfg.tasks, "train", cfg.task_dir, cfg.seed),
-                             val=val, evaluate=_conv_loss_evaluator(s.tok, val, cfg, s.info.rank, s.info.world_size))
+    return ConversationStart(**vars(s), train=train, val=val,
+                             evaluate=_conv_loss_evaluator(s.tok, val, cfg, s.info.rank, s.info.world_size))
 
 
 def _ckpt_dir(stage: str, cfg: StageConfig) -> Path:
