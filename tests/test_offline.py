@@ -71,9 +71,10 @@ def test_no_network_is_found_by_one_attempt(tmp_path):
     from rustchat.checkpoint import save_checkpoint, stage_dir
     from rustchat.model import GPT, GPTConfig
 
-    Tokenizer.train(["some text to learn from " * 20], vocab_size=270).save(tmp_path / "tokenizer")
-    save_checkpoint(stage_dir("mid", 1, tmp_path), 3, GPT(GPTConfig.from_depth(1, vocab_size=270, sequence_len=64)),
-                    None, {})
+    tok = Tokenizer.train(["some text to learn from " * 20], vocab_size=270)
+    tok.save(tmp_path / "tokenizer")
+    model = GPT(GPTConfig.from_depth(1, vocab_size=tok.vocab_size, sequence_len=64))
+    save_checkpoint(stage_dir("mid", 1, tmp_path), 3, model, None, {})
     code, lines, attempts = _run(["sft", "--tasks", "default", "--device", "cpu", "--base-dir", str(tmp_path)],
                                  endpoint, tmp_path)
     _assert_offline_error(code, lines, "arc-ARC-Easy-train")
