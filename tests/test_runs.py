@@ -94,6 +94,36 @@ def test_resume_restores_the_run_from_its_checkpoint(base_dir, tmp_path, capsys)
     assert find_last_step(stage_dir("sft", 1, d)) == 5
 
 
+@pytest.mark.parametrize("stage", ["base", "mid"])
+def test_every_stage_resumes_its_own_run(base_dir, tmp_path, stage, capsys):
+    """base and mid too: the run's settings come back from the checkpoint, the depth is the one
+    with the stage's checkpoint, and a finished run says so."""
+    d = _copy(base_dir, tmp_path, stage)
+    seq = random.choice([32, 64])
+    argv = [stage, "--device", "cpu", "--seq-len", str(seq), "--device-batch-size", "2", "--total-batch-size",
+            str(2 * seq), "--max-steps", "3", "--eval-every", "0", "--quiet", "--base-dir", str(d)]
+    if stage == "base":
+        rnd = random.Random()
+        text = d / "text"
+        text.mkdir()
+        for name in ("a.txt", "b.txt"):
+            (text / name).write_text("\n\n".join(" ".join(rnd.choice("the cat sat on a mat".split()) for _ in range(30))
+                                                  for _ in range(60)))
+        argv += ["--depth", "1", "--data-dir", str(text), "--bpb-tokens", "256"]
+    else:
+        shutil.move(d / "mid_checkpoints", d / "base_checkpoints")  # what mid starts from
+        argv += ["--tasks", "tiny"]
+    assert main(argv + ["--stop-at-step", "1"]) == 0
+    assert f"stopped at step 1 of 3; continue with: rustchat {stage} --resume --depth 1 --base-dir {d}" in \
+        capsys.readouterr().out
+    assert main([stage, "--resume", "--base-dir", str(d)]) == 0
+    meta = latest_meta(stage_dir(stage, 1, d))
+    assert meta["step"] == 3 and meta["config"]["seq_len"] == seq and meta["config"]["device"] == "cpu"
+    capsys.readouterr()
+    assert main([stage, "--resume", "--base-dir", str(d)]) == 0
+    assert "already at step 3 of 3" in capsys.readouterr().out
+
+
 def test_resume_reads_a_checkpoint_saved_before_the_batch_flag_was_renamed(base_dir, tmp_path):
     d = _copy(base_dir, tmp_path, "renamed")
     train_sft(STAGE_CONFIGS["sft"](depth=1, max_steps=3, stop_at_step=1, base_dir=str(d), **TINY))
