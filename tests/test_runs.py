@@ -160,6 +160,9 @@ def test_a_fresh_run_over_an_old_one_is_refused_or_archived(base_dir, tmp_path, 
     err = _one_line_error(argv, capsys)
     assert f"holds run {old['run_id']} (up to step {old_steps})" in err and "--resume" in err and "--force" in err
     assert find_last_step(ck) == old_steps  # nothing touched
+    # a forced start that fails before its first step loses nothing either
+    _one_line_error(argv + ["--force", "--task-dir", str(tmp_path / "no_such_dir")], capsys)
+    assert find_last_step(ck) == old_steps and not (ck / "archived").exists()
     assert main(argv + ["--force"]) == 0
     out = capsys.readouterr().out
     archive = ck / "archived" / old["run_id"]

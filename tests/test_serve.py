@@ -562,7 +562,7 @@ def test_200_streaming_clients_and_health_stays_responsive(cli_server):
     base = f"http://127.0.0.1:{port}"
 
     async def client(http, i):
-        body = {"model": "any", "messages": [user(f"client {i}")], "temperature": 0.7, "stream": True}
+        body = {"model": "rustchat-sft-d2-step7", "messages": [user(f"client {i}")], "temperature": 0.7, "stream": True}
         finish, finished = None, False
         async with http.stream("POST", base + "/v1/chat/completions", json=body) as r:
             assert r.status_code == 200
@@ -609,7 +609,7 @@ def test_disconnected_client_frees_its_slot(engine):
     scheduler = app.app.state.scheduler
     with serving(app) as port, httpx.Client(trust_env=False, timeout=60) as http:
         with http.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions",
-                         json={"model": "x", "messages": [user()], "stream": True}) as r:
+                         json={"model": "rustchat", "messages": [user()], "stream": True}) as r:
             assert r.status_code == 200
             for line in r.iter_lines():
                 if '"content": "' in line and '"content": ""' not in line:

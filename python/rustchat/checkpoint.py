@@ -546,18 +546,25 @@ def _run_of(ckpt_dir: Path, step: int) -> str:
     return str(meta.get("run_id") or f"unnamed-{step:06d}")
 
 
-def start_fresh_run(ckpt_dir, *, force: bool, resume_hint: str = "--resume") -> str | None:
-    """A new run must not hide behind an old one: where `ckpt_dir` holds checkpoints, refuse
-    in one line, or with force move them to <ckpt_dir>/archived/<old run id>/ (saying so), so
-    the directory's latest checkpoint is always this run's. Returns the archive path or None."""
+def check_fresh_run(ckpt_dir, *, force: bool, resume_hint: str = "--resume") -> None:
+    """A new run must not hide behind an old one: where `ckpt_dir` holds checkpoints, refuse in
+    one line unless force (then `archive_run` moves the old run aside before the first save, so
+    a start that fails loses nothing)."""
+    ckpt_dir = Path(ckpt_dir)
+    last = find_last_step(ckpt_dir)
+    if last is not None and not force:
+        raise RustchatError(f"{ckpt_dir} holds run {_run_of(ckpt_dir, last)} (up to step {last}): continue it with "
+                            f"{resume_hint}, or start a new run with --force (the old one is archived)")
+
+
+def archive_run(ckpt_dir) -> str | None:
+    """Move the checkpoints in `ckpt_dir` to <ckpt_dir>/archived/<their run id>/, saying so, so
+    the directory's latest checkpoint is always the new run's. Returns the archive or None."""
     ckpt_dir = Path(ckpt_dir)
     last = find_last_step(ckpt_dir)
     if last is None:
         return None
     old = _run_of(ckpt_dir, last)
-    if not force:
-        raise RustchatError(f"{ckpt_dir} holds run {old} (up to step {last}): continue it with {resume_hint}, "
-                            "or start a new run with --force (the old one is archived)")
     dest = ckpt_dir / "archived" / old
     n = 1
     while dest.exists():

@@ -10,7 +10,9 @@ import argparse
 import contextlib
 import os
 import sys
+from importlib.metadata import PackageNotFoundError, version
 
+from . import __version__, _core
 from .common import RustchatError
 from .config import (
     STAGE_CONFIGS,
@@ -179,10 +181,6 @@ def _add_command(sub, name: str, help_: str, cls, handler) -> None:
 def versions() -> str:
     """`rustchat --version`: the package's and the Rust core's (they are built together; a
     mismatch means a stale extension)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    from . import __version__, _core
-
     try:
         installed = version("rustchat")
     except PackageNotFoundError:  # run from a checkout without installing

@@ -19,6 +19,7 @@ import torch
 
 from .checkpoint import (
     StageLock,
+    check_fresh_run,
     find_last_step,
     latest_meta,
     load_optimizer_states,
@@ -27,7 +28,6 @@ from .checkpoint import (
     previous_stage,
     restore_rng_state,
     stage_dir,
-    start_fresh_run,
 )
 from .common import RustchatError, get_base_dir, print0
 from .config import BaseConfig, MidConfig, SFTConfig, StageConfig
@@ -115,7 +115,7 @@ def resolve_run(cfg: StageConfig) -> StageConfig:
 def one_run(train):
     """A stage's run owns its checkpoint directory: `resolve_run` first, then one writer at a
     time (`StageLock`), and a new run never hides behind an old one's checkpoints
-    (`start_fresh_run`: refused, or archived with --force)."""
+    (`check_fresh_run`: refused, or archived with --force when the run saves its first step)."""
 
     @functools.wraps(train)
     def run(cfg: StageConfig) -> dict:
@@ -125,7 +125,7 @@ def one_run(train):
         own = _ckpt_dir(cfg.stage, cfg)
         with StageLock(own):
             if not cfg.resume:
-                start_fresh_run(own, force=cfg.force)
+                check_fresh_run(own, force=cfg.force)
             return train(cfg)
 
     return run

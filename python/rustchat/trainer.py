@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from .checkpoint import (
     RunLedger,
+    archive_run,
     capture_rng_state,
     check_checkpoint_dir,
     checkpoint_bytes,
@@ -146,6 +147,8 @@ def run_stage(cfg: StageConfig, *, tok, model, optimizers, data, num_steps: int,
         return {"steps": start_step, "history": [], "evals": [], "last_eval": None, "seconds": 0.0, "tokens": 0,
                 "finished": True, **ledger.summary([], 0.0)}
     check_checkpoint_dir(ckpt_dir, checkpoint_bytes(model))  # fail now, not at the first save
+    if resumed_meta is None and getattr(cfg, "force", False) and get_rank() == 0:
+        archive_run(ckpt_dir)  # --force: the old run steps aside only now that this one starts
 
     device = model.get_device()
     rank = get_rank()

@@ -74,6 +74,11 @@ def load_rows(hub_id: str, subset: str | None, split: str, path=None, *, fields=
 
 def _load_hub(hub_id: str, subset: str | None, split: str):
     where = f"{hub_id}" + (f" ({subset})" if subset else "") + f", split {split!r}"
+    try:
+        import datasets  # heavy; only a hub download needs it
+    except ImportError:
+        raise HubUnavailable(f"loading {where} from the Hugging Face hub needs the datasets package "
+                             "(pip install datasets)") from None
     # no network: say so now (once per process) rather than after the libraries' retries; in
     # offline mode `datasets` still reads its own cache
     why = hub_unreachable()
@@ -81,14 +86,9 @@ def _load_hub(hub_id: str, subset: str | None, split: str):
         raise HubUnavailable(f"cannot load {where} from the Hugging Face hub ({why}; a copy already in the "
                              "datasets cache is used with HF_HUB_OFFLINE=1)")
     try:
-        import datasets  # heavy; only a hub download needs it
-    except ImportError:
-        raise HubUnavailable(f"loading {where} from the Hugging Face hub needs the datasets package "
-                             "(pip install datasets)") from None
-    try:
         return datasets.load_dataset(hub_id, subset, split=split)
     except Exception as e:  # network, auth, unknown split... all end the same way for the user
-        because = why or f"{type(e).__name__}: {str(e)[:300]}"
+        because = (f"{why}: " if why else "") + f"{type(e).__name__}: {str(e)[:300]}"
         raise HubUnavailable(f"could not load {where} from the Hugging Face hub ({because})") from e
 
 
