@@ -95,7 +95,7 @@ def test_meta_is_a_list(base, capsys):
 def test_meta_without_model_config(base, capsys):
     _edit_meta(base / MID_META, lambda m: {k: v for k, v in m.items() if k != "model_config"})
     err = _one_line_error(capsys, ["sft", "--depth", "1", "--device", "cpu", "--tasks", "tiny", "--max-steps", "1",
-                                   "--quiet"])
+                                   "--quiet", "--force"])  # (the base dir also holds an SFT run)
     assert "meta_000000.json: no 'model_config' object" in err
 
 

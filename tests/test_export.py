@@ -63,6 +63,14 @@ def exported(tmp_path_factory, corpus, request):
     return base, out, model.eval(), tok
 
 
+def test_exported_files_are_all_readable_by_others(exported):
+    import stat
+
+    _, out, _, _ = exported
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert len(set(modes.values())) == 1 and modes["model.safetensors"] & 0o044 == 0o044, modes
+
+
 def test_load_model_returns_fp32_logits(exported):
     base, _, ref, tok = exported
     model, tok2, meta = rustchat.load_model("sft", base_dir=base)
@@ -215,7 +223,7 @@ def test_import_hf_round_trip_then_sft(exported, tmp_path):
     # SFT continues from the imported mid checkpoint
     res = train_sft(STAGE_CONFIGS["sft"](
         depth=2, seq_len=64, device="cpu", quiet=True, eval_every=0, eval_batches=1, max_steps=1, tasks="tiny",
-        device_batch_size=2, total_batch_size=2, base_dir=str(fresh)))
+        device_batch_size=2, total_batch_conversations=2, base_dir=str(fresh)))
     assert res["steps"] == 1 and res["history"][0]["loss"] > 0
     assert load_stage_model("sft", 2, base_dir=fresh)[2]["step"] == 1
 

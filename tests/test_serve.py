@@ -465,6 +465,10 @@ def test_openai_errors(server):
         assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
         r = http.get(base + "/v1/nothing")
         assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
+    # a model this server does not have: OpenAI's 404 model_not_found (its client: NotFoundError)
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model=MODEL_ID + "-x", messages=[user()])
+    assert e.value.code == "model_not_found" and e.value.param == "model"
 
 
 def test_16_concurrent_openai_requests_each_get_their_own_answer(server, engine):
@@ -577,7 +581,7 @@ def test_200_streaming_clients_all_finish_and_health_answers(cli_server):
     base = f"http://127.0.0.1:{port}"
 
     async def client(http, i):
-        body = {"model": "any", "messages": [user(f"client {i}")], "temperature": 0.7, "stream": True}
+        body = {"model": "rustchat-sft-d2-step7", "messages": [user(f"client {i}")], "temperature": 0.7, "stream": True}
         finish, finished = None, False
         async with http.stream("POST", base + "/v1/chat/completions", json=body) as r:
             assert r.status_code == 200
@@ -626,7 +630,7 @@ def test_disconnected_client_frees_its_slot(engine):
     scheduler = app.app.state.scheduler
     with serving(app) as port, httpx.Client(trust_env=False, timeout=60) as http:
         with http.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions",
-                         json={"model": "x", "messages": [user()], "stream": True}) as r:
+                         json={"model": "rustchat", "messages": [user()], "stream": True}) as r:
             assert r.status_code == 200
             for line in r.iter_lines():
                 if '"content": "' in line and '"content": ""' not in line:

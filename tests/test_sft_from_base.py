@@ -79,9 +79,9 @@ def base_only(tmp_path):
 def test_tiny_sft_from_base_runs(base_only):
     d = base_only
     with pytest.raises(RustchatError, match="mid"):  # the default path still needs mid
-        train_sft(STAGE_CONFIGS["sft"](max_steps=2, device_batch_size=2, total_batch_size=4, tasks="tiny",
+        train_sft(STAGE_CONFIGS["sft"](max_steps=2, device_batch_size=2, total_batch_conversations=4, tasks="tiny",
                                        base_dir=str(d), **TINY))
-    res = train_sft(STAGE_CONFIGS["sft"](from_stage="base", max_steps=2, device_batch_size=2, total_batch_size=4,
+    res = train_sft(STAGE_CONFIGS["sft"](from_stage="base", max_steps=2, device_batch_size=2, total_batch_conversations=4,
                                          tasks="tiny", base_dir=str(d), **TINY))
     assert len(res["history"]) == 2 and all(h["trained_tokens"] > 0 for h in res["history"])
     assert res["history"][0]["lr_mult"] == 0.8  # nanochat's starting fraction from base

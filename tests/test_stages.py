@@ -80,7 +80,7 @@ def test_sft_update_does_not_depend_on_device_batch_size(base_dir, tmp_path):
     results = []
     for dbs in (1, 2, 4):
         d = _copy(base_dir, tmp_path, f"dbs{dbs}")
-        cfg = STAGE_CONFIGS["sft"](device_batch_size=dbs, total_batch_size=8, max_steps=2, tasks="tiny",
+        cfg = STAGE_CONFIGS["sft"](device_batch_size=dbs, total_batch_conversations=8, max_steps=2, tasks="tiny",
                           base_dir=str(d), **TINY)
         res = train_sft(cfg)
         results.append((_weights(d, "sft")[0], [h["loss"] for h in res["history"]]))
@@ -111,7 +111,7 @@ def test_resume_matches_uninterrupted(base_dir, tmp_path, stage):
         kw.update(device_batch_size=2, total_batch_size=2 * 64 * 2)
         fn = train_base
     else:
-        kw.update(device_batch_size=2, total_batch_size=4, tasks="tiny")
+        kw.update(device_batch_size=2, total_batch_conversations=4, tasks="tiny")
         fn = train_sft
     full = _copy(base_dir, tmp_path, "full")
     part = _copy(base_dir, tmp_path, "part")
@@ -149,7 +149,7 @@ def test_two_gloo_processes_match_one(base_dir, tmp_path):
     one = _copy(base_dir, tmp_path, "one")
     two = _copy(base_dir, tmp_path, "two")
     common = ["sft", "--depth", "1", "--seq-len", "64", "--device", "cpu", "--tasks", "tiny", "--max-steps", "2",
-              "--total-batch-size", "4", "--eval-every", "0", "--quiet"]
+              "--total-batch-conversations", "4", "--eval-every", "0", "--quiet"]
     r1 = _run_cli(common + ["--device-batch-size", "2"], {"RUSTCHAT_BASE_DIR": str(one)})
     assert r1.returncode == 0, r1.stderr[-2000:]
     env = {"RUSTCHAT_BASE_DIR": str(two), "OMP_NUM_THREADS": "1"}
@@ -209,7 +209,7 @@ def test_default_recipe_runs_from_local_task_files(base_dir, tmp_path):
     assert len(mix) == 6 + 5 + 4 + 7 + len(get_task("identity")) + 300 + 300
     assert kinds == {"ARC", "GSM8K", "SmolTalk", "CustomJSON", "SimpleSpelling", "SpellingBee"}
     d = _copy(base_dir, tmp_path, "dflt")
-    res = train_sft(STAGE_CONFIGS["sft"](device_batch_size=4, total_batch_size=8, max_steps=2, tasks="default",
+    res = train_sft(STAGE_CONFIGS["sft"](device_batch_size=4, total_batch_conversations=8, max_steps=2, tasks="default",
                                 task_dir=str(td), base_dir=str(d), **TINY))
     assert len(res["history"]) == 2 and all(h["trained_tokens"] > 0 for h in res["history"])
     write_jsonl(td / "mmlu-auxiliary_train-train.jsonl", [{"train": r} for r in mmlu_rows(rng, 5)])
@@ -260,7 +260,7 @@ def test_base_reports_validation_bits_per_byte(base_dir, tmp_path):
 
 
 # ------------------------------------------------------------------ disk: space, temp files, pruning, report
-SFT_TINY = dict(device_batch_size=2, total_batch_size=4, tasks="tiny", **TINY)
+SFT_TINY = dict(device_batch_size=2, total_batch_conversations=4, tasks="tiny", **TINY)
 
 
 def _report_rows(d, section):
@@ -311,7 +311,7 @@ def _cli_error(argv, capsys):
 
 
 SFT_ARGS = ["sft", "--depth", "1", "--device", "cpu", "--seq-len", "64", "--device-batch-size", "2",
-            "--total-batch-size", "4", "--tasks", "tiny", "--max-steps", "2", "--eval-every", "0", "--quiet"]
+            "--total-batch-conversations", "4", "--tasks", "tiny", "--max-steps", "2", "--eval-every", "0", "--quiet"]
 
 
 def test_no_space_is_found_before_step_one(base_dir, tmp_path, capsys, monkeypatch):

@@ -465,7 +465,7 @@ def test_hub_path_via_datasets(tmp_path, rng, monkeypatch):
         raise ConnectionError("no route to host")
 
     monkeypatch.setattr(datasets, "load_dataset", broken)
-    with pytest.raises(RustchatError, match="could not load openai/gsm8k.*no route to host.*path="):
+    with pytest.raises(RustchatError, match="could not load openai/gsm8k.*no route to host.*--task-dir.*--tasks tiny"):
         GSM8K()
 
 

@@ -59,7 +59,7 @@ def test_run_logs_losses_lr_throughput_and_evals_offline(tmp_path):
            # nothing listens here: any attempt to reach a server would fail, not hang
            "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_API_KEY": ""}
     cmd = [sys.executable, "-m", "rustchat.cli", "sft", "--depth", "1", "--seq-len", "256", "--device", "cpu",
-           "--device-batch-size", "2", "--total-batch-size", "2", "--max-steps", "4", "--eval-every", "2",
+           "--device-batch-size", "2", "--total-batch-conversations", "2", "--max-steps", "4", "--eval-every", "2",
            "--eval-batches", "1", "--tasks", "tiny", "--run", "offline-test", "--quiet"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr

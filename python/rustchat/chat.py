@@ -12,7 +12,7 @@ import sys
 
 from .checkpoint import load_model
 from .common import RustchatError
-from .config import ChatConfig
+from .config import DEFAULT_TEMPERATURE, ChatConfig
 from .conversation import render_for_completion
 from .engine import Engine, stream_reply
 from .replies import CompletionParser
@@ -23,7 +23,7 @@ HELP = "commands: 'clear' starts over, 'quit' (or Ctrl-D) exits"
 class ChatSession:
     """A conversation with a model: `reply(text, write)` streams the answer and keeps history."""
 
-    def __init__(self, engine, *, temperature: float = 0.6, top_k: int | None = 50, max_tokens: int = 512,
+    def __init__(self, engine, *, temperature: float = DEFAULT_TEMPERATURE, top_k: int | None = 50, max_tokens: int = 512,
                  seed: int | None = None):
         if temperature < 0:
             raise RustchatError(f"--temperature must be >= 0, got {temperature}")

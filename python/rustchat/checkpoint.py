@@ -15,13 +15,18 @@ from __future__ import annotations
 
 import base64
 import errno
+import fcntl
 import json
 import os
 import random
 import re
+import secrets
+import socket
 import stat
 import struct
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -67,6 +72,26 @@ def find_depths(stage: str, base_dir=None) -> list[int]:
     if not root.is_dir():
         return []
     return sorted(int(m.group(1)) for d in root.iterdir() if d.is_dir() and (m := _DEPTH_RE.match(d.name)))
+
+
+def pick_depth(stage: str, base_dir=None) -> int:
+    """The depth a command without --depth uses, the same way for every command: the one depth
+    that has a complete checkpoint of `stage` (the checkpoint the command needs), or a one-line
+    error naming the depths found."""
+    depths = [d for d in find_depths(stage, base_dir) if find_last_step(stage_dir(stage, d, base_dir)) is not None]
+    root = stage_dir(stage, 0, base_dir).parent
+    if not depths:
+        raise _missing(root, f"no {stage} checkpoints")
+    if len(depths) > 1:
+        raise RustchatError(f"{root} has {stage} checkpoints at depths {', '.join(map(str, depths))}: "
+                            "choose one with --depth")
+    return depths[0]
+
+
+def latest_meta(ckpt_dir) -> dict | None:
+    """The meta of the directory's latest complete checkpoint (no weights read), or None."""
+    step = find_last_step(ckpt_dir)
+    return None if step is None else read_json_object(_paths(Path(ckpt_dir), step)[2], "checkpoint meta")
 
 
 def _paths(ckpt_dir: Path, step: int, rank: int = 0):
@@ -227,16 +252,19 @@ def check_checkpoint_dir(ckpt_dir, need_bytes: int) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise RustchatError(f"{ckpt_dir}: no space left on device; free space or use another --base-dir") from None
-        raise RustchatError(f"{ckpt_dir}: checkpoint directory is not writable ({e.strerror or e}); "
-                            "use another --base-dir") from None
+        raise _unwritable(ckpt_dir, e) from None
     st = os.statvfs(ckpt_dir)
     free = st.f_bavail * st.f_frsize
     if free < need_bytes:
         raise RustchatError(f"{ckpt_dir}: not enough space for a checkpoint: {free / 2**20:.0f} MiB free on the "
                             f"device, about {need_bytes / 2**20:.0f} MiB needed (saving would fail with "
                             "'no space left on device'); free space or use another --base-dir")
+
+
+def _unwritable(ckpt_dir, e: OSError) -> RustchatError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return RustchatError(f"{ckpt_dir}: no space left on device; free space or use another --base-dir")
+    return RustchatError(f"{ckpt_dir}: checkpoint directory is not writable ({e.strerror or e}); use another --base-dir")
 
 
 def _remove_stale_temps(ckpt_dir: Path, rank: int) -> None:
@@ -340,6 +368,7 @@ def _stage_of(path: Path) -> str | None:
 def _missing(path: Path, what: str) -> RustchatError:
     stage = _stage_of(path)
     hint = f"run the {stage} stage first" if stage else "train a model first"
+    hint += " (offline, rustchat speedrun --preset tiny trains every stage on bundled data)"
     return RustchatError(f"{what} in {path}: {hint}")
 
 
@@ -433,12 +462,9 @@ def build_model_from_meta(meta: dict, device="cpu", model_state: dict | None = N
 def load_stage_model(stage: str, depth: int | None = None, step: int | None = None, device="cpu", *,
                      base_dir=None, load_optimizer: bool = False):
     """Model of a stage's checkpoint -> (model, optim_states or None, meta).
-    depth None picks the largest depth that has a complete checkpoint."""
+    depth None picks the one depth that has a complete checkpoint (`pick_depth`)."""
     if depth is None:
-        depths = [d for d in find_depths(stage, base_dir) if find_last_step(stage_dir(stage, d, base_dir)) is not None]
-        if not depths:
-            raise _missing(stage_dir(stage, 0, base_dir).parent, f"no {stage} checkpoints")
-        depth = depths[-1]
+        depth = pick_depth(stage, base_dir)
     d = stage_dir(stage, depth, base_dir)
     model_state, optim_states, meta = load_checkpoint(d, step, device, load_optimizer)
     model = build_model_from_meta(meta, device, model_state)
@@ -511,3 +537,162 @@ def restore_rng_state(state: dict | None) -> None:
         torch.set_rng_state(_unb64(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(_unb64(state["cuda"]))
+
+
+# ---------------------------------------------------------------------------
+# Runs: what a --resume carries over, which run a directory holds, and who writes it
+
+
+def new_run_id() -> str:
+    """A run's name in its checkpoints' meta: when it started, plus random hex for uniqueness."""
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+
+
+class RunLedger:
+    """The bookkeeping that carries a run across --resume: its id, its loss history, its first
+    record and its wall time. `resumed_meta` is the meta of the checkpoint a --resume starts
+    from (None for a new run); `meta()` is what every checkpoint of the run records, and
+    `summary()` the whole run for the report, while a stage's own history and seconds cover
+    one invocation only."""
+
+    def __init__(self, resumed_meta: dict | None = None):
+        prior = resumed_meta or {}
+        self.run_id = str(prior.get("run_id") or new_run_id())
+        self.resumed_at = int(prior.get("step", 0)) if resumed_meta else None
+        self.prior_history = list(prior.get("history") or [])
+        self.run_first = prior.get("run_first") or (self.prior_history[0] if self.prior_history else None)
+        self.prior_seconds = float(prior.get("run_seconds") or 0.0)
+
+    def meta(self, history: list[dict], seconds: float) -> dict:
+        return {
+            "run_id": self.run_id,
+            "history": (self.prior_history + history)[-2000:],
+            # the run from its first step, across resumes (history above is capped)
+            "run_first": self.run_first or (history[0] if history else None),
+            "run_seconds": self.prior_seconds + seconds,
+        }
+
+    def summary(self, history: list[dict], seconds: float) -> dict:
+        run_history = self.prior_history + history
+        if self.run_first and (not run_history or run_history[0]["step"] != self.run_first["step"]):
+            run_history.insert(0, self.run_first)
+        return {"run_id": self.run_id, "run_history": run_history, "run_seconds": self.prior_seconds + seconds,
+                "resumed_at": self.resumed_at}
+
+
+def _run_of(ckpt_dir: Path, step: int) -> str:
+    try:
+        meta = read_json_object(_paths(ckpt_dir, step)[2], "checkpoint meta")
+    except RustchatError:
+        return f"unnamed-{step:06d}"
+    return str(meta.get("run_id") or f"unnamed-{step:06d}")
+
+
+def check_fresh_run(ckpt_dir, *, force: bool, resume_hint: str = "--resume") -> None:
+    """A new run must not hide behind an old one: where `ckpt_dir` holds checkpoints, refuse in
+    one line unless force (then `archive_run` moves the old run aside before the first save, so
+    a start that fails loses nothing)."""
+    ckpt_dir = Path(ckpt_dir)
+    last = find_last_step(ckpt_dir)
+    if last is not None and not force:
+        raise RustchatError(f"{ckpt_dir} holds run {_run_of(ckpt_dir, last)} (up to step {last}): continue it with "
+                            f"{resume_hint}, or start a new run with --force (the old one is archived)")
+
+
+def archive_run(ckpt_dir) -> str | None:
+    """Move the checkpoints in `ckpt_dir` to <ckpt_dir>/archived/<their run id>/, saying so, so
+    the directory's latest checkpoint is always the new run's. Returns the archive or None."""
+    ckpt_dir = Path(ckpt_dir)
+    last = find_last_step(ckpt_dir)
+    if last is None:
+        return None
+    old = _run_of(ckpt_dir, last)
+    dest = ckpt_dir / "archived" / old
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = ckpt_dir / "archived" / f"{old}.{n}"
+    dest.mkdir(parents=True)
+    for f in ckpt_dir.iterdir():
+        if f.is_file() and re.match(r"^(model|optim|meta)_\d{6,}", f.name):
+            os.replace(f, dest / f.name)
+    print(f"--force: archived the previous run {old} (up to step {last}) to {dest}", flush=True)
+    return str(dest)
+
+
+class StageLock:
+    """One writer per stage directory: an advisory lock (flock) on <ckpt_dir>/.lock held for
+    the run. The kernel releases it when the process ends however it ends, so a crashed run
+    never blocks the next; the file names the holder (pid, command, start) for the refusal,
+    and a file left by a dead pid is simply taken over."""
+
+    NAME = ".lock"
+
+    def __init__(self, ckpt_dir):
+        self.path = Path(ckpt_dir) / self.NAME
+        self.fd: int | None = None
+
+    def acquire(self) -> "StageLock":
+        for _ in range(10):
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise _unwritable(self.path.parent, e) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self._holder(fd)
+                os.close(fd)
+                raise RustchatError(f"{self.path.parent} is in use by another run ({holder}); wait for it to end, "
+                                    "or use another --depth or --base-dir") from None
+            # the file may have been removed by a holder releasing just now: lock the live one
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                      "command": " ".join(["rustchat", *sys.argv[1:]])[:300]}
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(record).encode())
+            self.fd = fd
+            return self
+        raise RustchatError(f"{self.path}: could not take the run lock (it keeps changing)")
+
+    @staticmethod
+    def _holder(fd: int) -> str:
+        try:
+            rec = json.loads(os.pread(fd, 4096, 0).decode("utf-8", "replace") or "{}")
+        except (OSError, ValueError):
+            rec = {}
+        if not isinstance(rec, dict) or "pid" not in rec:
+            return "holder unknown"
+        pid = rec.get("pid")
+        alive = ""
+        if isinstance(pid, int):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                alive = ", which has exited: a child process of it still holds the lock"
+            except OSError:
+                pass
+        return f"pid {pid} on {rec.get('host', '?')}, started {rec.get('started', '?')}: {rec.get('command', '?')}{alive}"
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)  # before unlocking: a waiter then re-checks the live file
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()

@@ -10,7 +10,9 @@ import argparse
 import contextlib
 import os
 import sys
+from importlib.metadata import PackageNotFoundError, version
 
+from . import __version__, _core
 from .common import RustchatError
 from .config import (
     STAGE_CONFIGS,
@@ -182,7 +184,11 @@ TOK_COMMANDS = (
 
 
 class _Parser(argparse.ArgumentParser):
-    """Usage mistakes end in one line too, like every other error."""
+    """Usage mistakes end in one line too, like every other error, pointing to the help of the
+    command they concern. Flags are never abbreviated: `--dept` is an error, not `--depth`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -191,11 +197,22 @@ class _Parser(argparse.ArgumentParser):
 def _add_command(sub, name: str, help_: str, cls, handler) -> None:
     p = sub.add_parser(name, help=help_, description=help_)
     add_arguments(p, cls)
-    p.set_defaults(config_class=cls, handler=handler)
+    p.set_defaults(config_class=cls, handler=handler, command_parser=p)
+
+
+def versions() -> str:
+    """`rustchat --version`: the package's and the Rust core's (they are built together; a
+    mismatch means a stale extension)."""
+    try:
+        installed = version("rustchat")
+    except PackageNotFoundError:  # run from a checkout without installing
+        installed = __version__
+    return f"rustchat {installed} (core {getattr(_core, '__version__', 'unknown')})"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rustchat", description="Train and chat with small language models.")
+    parser.add_argument("--version", action="version", version=versions())
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     tok = sub.add_parser("tok", help="train or evaluate the BPE tokenizer")
     tsub = tok.add_subparsers(dest="tok_command", required=True, parser_class=_Parser)
@@ -207,7 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # said by the subcommand's parser, so the hint names its help
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         args.handler(from_args(args.config_class, args))
     except RustchatError as e:  # TextSourceError and every other user-facing error derive from it

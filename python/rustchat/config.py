@@ -23,6 +23,7 @@ TASK_PRESETS = ("default", "tiny")
 OPTIMIZERS = ("auto", "2026", "classic")  # "auto" + rustchat.optim.RECIPES
 SFT_SOURCES = ("mid", "base")  # the checkpoints SFT can start from
 ARCHS = ("2026", "classic")  # the keys of rustchat.model.ARCHS
+DEFAULT_TEMPERATURE = 0.6  # chat and serve sample alike unless told otherwise
 
 
 def opt(default, help: str, *, short: str | None = None, choices=None, minimum=None, required: bool = False,
@@ -31,6 +32,12 @@ def opt(default, help: str, *, short: str | None = None, choices=None, minimum=N
     return field(default=default, metadata={"help": help, "short": short, "choices": choices, "minimum": minimum,
                                             "required": required, "positional": positional, "append": append,
                                             "metavar": metavar})
+
+
+def retired(hint: str):
+    """A field a subclass no longer takes (a renamed flag): hidden from --help, and any value
+    given is refused in one line with `hint`, from the command line and from Python alike."""
+    return field(default=None, metadata={"help": "", "retired": hint})
 
 
 def flag_name(name: str) -> str:
@@ -44,6 +51,8 @@ class Config:
     def __post_init__(self):
         for f in fields(self):
             v, m = getattr(self, f.name), f.metadata
+            if m.get("retired") and v is not None:
+                raise RustchatError(f"{flag_name(f.name)} is not an option here: {m['retired']}")
             if v is None:
                 if m.get("required"):
                     raise RustchatError(f"{flag_name(f.name)} is required")
@@ -54,7 +63,10 @@ class Config:
                 raise RustchatError(f"{flag_name(f.name)} must be >= {m['minimum']}, got {v}")
 
     def replace(self, **changes):
-        return dataclasses.replace(self, **changes)
+        out = dataclasses.replace(self, **changes)
+        if hasattr(self, "given"):
+            out.given = self.given | set(changes)
+        return out
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -82,7 +94,8 @@ class StageConfig(Config):
     """What base, mid and SFT share; each stage's class sets its own defaults below."""
 
     stage: ClassVar[str]
-    depth: int = opt(10, "model depth (d10 = 640 dim, 5 heads)", minimum=1)
+    depth: int | None = opt(None, "model depth (default: the one depth with the checkpoint this run starts from; "
+                                  "a new base model: 10, i.e. 640 dim, 5 heads)", minimum=1)
     device: str = opt("auto", "where to train", choices=DEVICES)
     device_batch_size: int = opt(32, "rows per micro-batch", minimum=1)
     total_batch_size: int = opt(524_288, "tokens per optimizer step; gradient accumulation makes up the rest",
@@ -96,7 +109,9 @@ class StageConfig(Config):
     keep_last: int | None = opt(None, "keep only the newest N checkpoints of this stage and depth (default: all)",
                                 minimum=1)
     run: str | None = opt(None, "wandb run name (off by default; honours WANDB_MODE)")
-    resume: bool = opt(False, "continue from this stage's latest checkpoint")
+    resume: bool = opt(False, "continue the run in this stage's directory from its latest checkpoint, with its "
+                              "settings")
+    force: bool = opt(False, "start a new run where an old one has checkpoints (the old run is archived)")
     stop_at_step: int | None = opt(None, "stop at this step with a checkpoint, schedule unchanged; "
                                          "continue later with --resume", minimum=1)
     seed: int = opt(42, "seed of weights, data order and sampling")
@@ -114,6 +129,43 @@ class StageConfig(Config):
     master_addr: str | None = opt(None, "address of node 0, reachable from every node (needed with --nnodes > 1)")
     master_port: int = opt(29500, "port of the rendezvous on node 0", minimum=1)
     quiet: bool = opt(False, "no progress bar")
+
+
+    # --resume restores the run's settings from its checkpoint: these may differ (how far and how
+    # the run goes on), the others define what it trains on and are refused; the ones in
+    # RESUME_OWN belong to this invocation and are never taken from the checkpoint
+    RESUME_MAY_CHANGE: ClassVar[frozenset] = frozenset({
+        "max_steps", "eval_every", "eval_batches", "save_every", "keep_last", "run", "device", "quiet",
+        "matrix_lr", "embedding_lr", "unembedding_lr", "init_lr_frac"})
+    RESUME_OWN: ClassVar[frozenset] = frozenset({"resume", "force", "base_dir", "depth", "stop_at_step", "nproc",
+                                                  "nnodes", "node_rank", "master_addr", "master_port"})
+    RENAMED: ClassVar[dict] = {}  # old field name in a checkpoint's config -> its name now
+
+    def resumed(self, saved: dict) -> tuple["StageConfig", list[str]]:
+        """This config continuing a run saved with `saved` (its meta's config): fields not given
+        (not on the command line; from Python: left at their defaults) take the run's values; a
+        given field with another value is applied with a note (RESUME_MAY_CHANGE) or refused in
+        one line."""
+        saved = dict(saved)
+        for old, new in self.RENAMED.items():  # a checkpoint written before the rename
+            if old in saved and new not in saved:
+                saved[new] = saved[old]
+        changes, notes = {}, []
+        for f in fields(self):
+            if f.name in self.RESUME_OWN or f.name not in saved or f.metadata.get("retired"):
+                continue
+            mine, theirs = getattr(self, f.name), saved[f.name]
+            if mine == theirs:
+                continue
+            given = f.name in self.given if hasattr(self, "given") else mine != f.default
+            if not given:
+                changes[f.name] = theirs
+            elif f.name in self.RESUME_MAY_CHANGE:
+                notes.append(f"{flag_name(f.name)} {mine} applied (the run had {theirs})")
+            else:
+                raise RustchatError(f"--resume: {flag_name(f.name)} {mine} differs from the run's {theirs}; a resumed "
+                                    f"run keeps it (drop the flag, or start a new run with --force)")
+        return self.replace(**changes), notes
 
 
 @dataclass
@@ -144,6 +196,8 @@ class BaseConfig(StageConfig):
                                              "(default: 2026 0.65, classic 0.2)", minimum=0.0)
     final_lr_frac: float | None = opt(None, "lr at the end, as a share of the peak (default: 2026 0.05, classic 0)",
                                       minimum=0.0)
+    bpb_tokens: int = opt(1 << 20, "validation tokens scored for val bpb (the set `eval -i base --bpb-tokens` "
+                                   "scores)", minimum=1)
     # the shape of a new model (a resumed one keeps its checkpoint's): nanochat's knobs
     aspect_ratio: int = opt(64, "model width per layer: model_dim = depth * aspect_ratio", minimum=2)
     head_dim: int = opt(128, "attention head width (heads = model_dim / head_dim, rounded to divide it)",
@@ -166,8 +220,11 @@ class MidConfig(StageConfig):
 class SFTConfig(StageConfig):
     stage: ClassVar[str] = "sft"
     device_batch_size: int = opt(4, "conversations per micro-batch", minimum=1)
-    total_batch_size: int = opt(32, "conversations per optimizer step; gradient accumulation makes up the rest",
-                                minimum=1)
+    # base and mid count tokens per step; SFT counts conversations, under its own name
+    total_batch_size: int | None = retired("SFT counts conversations per step: use --total-batch-conversations")
+    RENAMED: ClassVar[dict] = {"total_batch_size": "total_batch_conversations"}
+    total_batch_conversations: int = opt(32, "conversations per optimizer step; gradient accumulation makes up "
+                                             "the rest", minimum=1)
     eval_every: int = opt(100, "steps between validation evaluations (0: only at the end)", minimum=0)
     tasks: str = opt("default", "task mixture: default (hub datasets) or tiny (offline)", choices=TASK_PRESETS)
     task_dir: str | None = opt(None, "directory with local copies of the hub datasets")
@@ -203,6 +260,7 @@ class EvalConfig(ModelSourceConfig):
     tasks: str = opt("default", "tiny (the offline tasks), default (ARC-Easy, ARC-Challenge, MMLU, GSM8K, "
                                 "HumanEval, SpellingBee) or a comma list, e.g. arc-easy,gsm8k")
     max_problems: int | None = opt(None, "first N problems of each task", minimum=1)
+    task_dir: str | None = opt(None, "directory with local copies of the hub datasets (e.g. arc-ARC-Easy-test.jsonl)")
     batch_size: int = opt(8, "rows per forward / samples per batch", minimum=1)
     num_samples: int = opt(1, "replies per generative problem (pass@n)", minimum=1)
     temperature: float = opt(0.0, "0: greedy", minimum=0.0)
@@ -217,7 +275,7 @@ class EvalConfig(ModelSourceConfig):
 @dataclass
 class ChatConfig(ModelSourceConfig):
     prompt: str | None = opt(None, "answer this one prompt and exit", short="-p")
-    temperature: float = opt(0.6, "0: greedy", minimum=0.0)
+    temperature: float = opt(DEFAULT_TEMPERATURE, "0: greedy", minimum=0.0)
     top_k: int | None = opt(50, "sample from the k most likely tokens", minimum=1)
     max_tokens: int = opt(512, "tokens per reply at most", minimum=1)
     seed: int | None = opt(None, "sampling seed (default: a new one per reply)")
@@ -227,7 +285,7 @@ class ChatConfig(ModelSourceConfig):
 class ServeConfig(ModelSourceConfig):
     host: str = opt("127.0.0.1", "listen address (default loopback only)")
     port: int = opt(8000, "listen port", minimum=0)
-    temperature: float = opt(0.8, "default when a request gives none", minimum=0.0)
+    temperature: float = opt(DEFAULT_TEMPERATURE, "default when a request gives none", minimum=0.0)
     top_k: int = opt(50, "default when a request gives none", minimum=1)
     max_tokens: int = opt(512, "default when a request gives none", minimum=1)
     max_batch: int = opt(32, "requests decoded together (KV cache rows); more wait in a queue", minimum=1)
@@ -266,6 +324,7 @@ class SpeedrunConfig(Config):
     seed: int = opt(42, "seed of every stage")
     base_dir: str | None = opt(None, "artifacts root (default $RUSTCHAT_BASE_DIR or ~/.cache/rustchat)")
     quiet: bool = opt(False, "no progress bars")
+    force: bool = opt(False, "run again where an earlier run left checkpoints (they are archived)")
 
 
 @dataclass
@@ -299,7 +358,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Config]) -> None:
         shown = "" if f.default in (None, False) else f" (default: {f.default})"
         # choices are listed in the help and checked by __post_init__ (a one-line error)
         listed = f" (one of: {', '.join(m['choices'])})" if m.get("choices") else ""
-        kw: dict = {"help": m.get("help", "") + listed + shown}
+        kw: dict = {"help": argparse.SUPPRESS if m.get("retired") else m.get("help", "") + listed + shown}
         if m.get("metavar"):
             kw["metavar"] = m["metavar"]
         if m.get("positional"):
@@ -320,4 +379,6 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Config]) -> None:
 
 def from_args(cls: type[Config], ns: argparse.Namespace) -> Config:
     """The config of `cls` from the flags the user gave (the rest keep their defaults)."""
-    return cls(**{f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)})
+    cfg = cls(**{f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)})
+    cfg.given = frozenset(f.name for f in fields(cls) if hasattr(ns, f.name))  # what --resume must not override
+    return cfg

@@ -77,7 +77,8 @@ def render_batch(tok, conversations, max_tokens: int | None = DEFAULT_MAX_TOKENS
 def render_conversation(tok, conversation, max_tokens: int | None = DEFAULT_MAX_TOKENS) -> tuple[np.ndarray, np.ndarray]:
     """One conversation -> (ids int32, mask uint8), truncated to `max_tokens` (None: never)."""
     ids, mask, _ = _core.render_conversations(_core_of(tok), [conversation], _check_max_tokens(max_tokens), None, False, None, True)
-    return np.frombuffer(ids, "<i4"), np.frombuffer(mask, np.uint8)
+    # one conversation: writable copies (torch.as_tensor warns on a read-only array)
+    return np.frombuffer(bytearray(ids), "<i4"), np.frombuffer(bytearray(mask), np.uint8)
 
 
 def render_conversations(tok, conversations, max_tokens: int | None = DEFAULT_MAX_TOKENS,
@@ -91,7 +92,7 @@ def render_for_completion(tok, conversation, max_tokens: int | None = None) -> n
     """The prompt for generating the last (assistant) message: the conversation without it,
     then `<|assistant_start|>`. int32 ids; no truncation unless `max_tokens` is given."""
     ids, _, _ = _core.render_conversations(_core_of(tok), [conversation], _check_max_tokens(max_tokens), None, True, None, True)
-    return np.frombuffer(ids, "<i4")
+    return np.frombuffer(bytearray(ids), "<i4")  # writable, so torch.as_tensor(prompt) does not warn
 
 
 # ------------------------------------------------------------------ rows for training

@@ -10,7 +10,6 @@ report.md: the "eval" section for an SFT model, "mid-eval" for a mid one ("base-
 """
 from __future__ import annotations
 
-import math
 import queue
 import time
 from pathlib import Path
@@ -20,11 +19,12 @@ import torch
 from tqdm import tqdm
 
 from .batching import BatchScheduler, GenRequest
+from .bpb import bits_per_byte, val_token_stream
 from .checkpoint import load_model
-from .common import RustchatError, get_base_dir
+from .common import OFFLINE_ROUTE, RustchatError, get_base_dir
 from .config import EvalConfig
 from .conversation import render_for_completion
-from .data.pretrain import FINEWEB_SHARDS, DocumentSource
+from .data.pretrain import FINEWEB_SHARDS
 from .data.textsource import list_files
 from .engine import Engine
 from .replies import CompletionParser
@@ -32,7 +32,7 @@ from .report import write_section
 from .runtime import autocast_ctx
 from .sandbox import protection
 from .scoring import BASELINES, categorical_pick, chatcore
-from .tasks import get_task
+from .tasks import get_task, task_from
 from .tasks.base import assistant_text
 from .tasks.humaneval import HumanEval
 
@@ -42,7 +42,7 @@ PRESETS = {
     "default": ("arc-easy", "arc-challenge", "mmlu", "gsm8k", "humaneval", "spellingbee"),
 }
 SYNTHETIC = ("arithmetic", "spellingbee", "simplespelling", "identity")  # generated: sized, not downloaded
-SYNTHETIC_SIZE = 256  # problems of a generated task when --max-problems is not given
+SYNTHETIC_SIZE = 200  # problems of a generated task when --max-problems is not given (the speedrun's too)
 # Cap on logits materialised per categorical forward (rows x positions x vocab floats).
 _MAX_LOGIT_ELEMS = 1 << 28
 
@@ -66,15 +66,22 @@ def parse_tasks(spec: str) -> list[str]:
     return names
 
 
-def load_task(name: str, max_problems: int | None = None):
-    """The test split of a task, its first `max_problems` problems."""
+# eval task -> (its name in a --task-dir file, what else names the file): arc-ARC-Easy-test.jsonl, ...
+TASK_FILES = {"arceasy": ("arc", {"subset": "ARC-Easy"}), "arcchallenge": ("arc", {"subset": "ARC-Challenge"}),
+              "mmlu": ("mmlu", {"subset": "all"}), "gsm8k": ("gsm8k", {}), "humaneval": ("humaneval", {})}
+
+
+def load_task(name: str, max_problems: int | None = None, task_dir: str | None = None):
+    """The test split of a task, its first `max_problems` problems; a hub task from its local
+    copy in task_dir when there is one (named as for mid/SFT: <task>[-<subset>]-test.jsonl)."""
 
     if max_problems is not None and max_problems < 1:
         raise RustchatError(f"--max-problems must be >= 1, got {max_problems}")
     if _key(name) in {_key(n) for n in SYNTHETIC}:
         return get_task(name, split="test", size=max_problems or SYNTHETIC_SIZE)
     kw = {} if max_problems is None else {"stop": max_problems}
-    return get_task(name, **kw)
+    file_name, naming = TASK_FILES.get(_key(name), (None, {}))
+    return task_from(name, kw, task_dir, file_name=file_name, file_kwargs={**naming, "split": "test"})
 
 
 def _letter_ids(tok, letters) -> list[int]:
@@ -255,45 +262,8 @@ def default_val_files(base: Path, data_dir: str | None) -> list[Path]:
               base / "base_data" / f"shard_{FINEWEB_SHARDS - 1:05d}.parquet"):
         if p.is_file():
             return [p]
-    raise RustchatError(f"no validation text under {base}: pass --data-dir with text/JSONL/parquet files")
-
-
-def bits_per_byte(model, tok, files, *, batch_size: int = 8, max_tokens: int = 1 << 20) -> tuple[float, int]:
-    """(bits per byte, tokens scored) of the model on the documents of `files`, each
-    prefixed with `<|bos|>`, cut into rows of the model's context. Summed nats over target
-    bytes; special tokens have 0 bytes and count in neither sum."""
-
-
-    src = DocumentSource(list(files))
-    pieces, have = [], 0
-    for f in src.files:
-        for docs in src.groups(f):
-            ids, _ = tok.encode_batch_numpy(docs, prepend=tok.bos_token_id)
-            pieces.append(ids)
-            have += len(ids)
-            if have > max_tokens:
-                break
-        if have > max_tokens:
-            break
-    stream = np.concatenate(pieces)[: max_tokens + 1] if pieces else np.zeros(0, np.int32)
-    if len(stream) < 2:
-        raise RustchatError(f"validation text in {', '.join(map(str, files))} holds fewer than 2 tokens")
-    T = min(model.config.sequence_len, len(stream) - 1)
-    n_rows = (len(stream) - 1) // T
-    device = model.get_device()
-    token_bytes = torch.as_tensor(tok.token_bytes(), dtype=torch.int64, device=device)
-    nats = nbytes = 0.0
-    for r0 in range(0, n_rows, batch_size):
-        r1 = min(r0 + batch_size, n_rows)
-        chunk = torch.as_tensor(stream[r0 * T: r1 * T + 1].astype(np.int64))
-        x = torch.stack([chunk[r * T: (r + 1) * T] for r in range(r1 - r0)]).to(device)
-        y = torch.stack([chunk[r * T + 1: (r + 1) * T + 1] for r in range(r1 - r0)]).to(device)
-        with torch.inference_mode(), autocast_ctx(device):
-            loss = model(x, y, loss_reduction="none").float()
-        b = token_bytes[y]
-        nats += float((loss * (b > 0)).sum())
-        nbytes += float(b.sum())
-    return nats / (math.log(2) * max(nbytes, 1.0)), n_rows * T
+    raise RustchatError(f"no validation text under {base}: pass --data-dir with text/JSONL/parquet files, or "
+                        f"{OFFLINE_ROUTE}")
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -303,7 +273,7 @@ def eval_base(cfg: EvalConfig) -> dict:
     base = Path(cfg.base_dir) if cfg.base_dir else get_base_dir(create=False)
     files = default_val_files(base, cfg.data_dir)
     t0 = time.time()
-    bpb, n = bits_per_byte(model, tok, files, batch_size=cfg.batch_size, max_tokens=cfg.bpb_tokens)
+    bpb, n = bits_per_byte(model, tok, val_token_stream(tok, files, cfg.bpb_tokens))
     label = f"base d{model.config.n_layer} step {meta.get('step')}"
     if not cfg.quiet:
         print(f"{label}: val bits/byte {bpb:.4f} over {n:,} tokens of {', '.join(map(str, files))} "
@@ -318,7 +288,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     for chat models, {"val_bpb": x} for base models."""
     if cfg.source == "base":
         return eval_base(cfg)
-    tasks = [load_task(n, cfg.max_problems) for n in parse_tasks(cfg.tasks)]  # fail early on a bad name
+    tasks = [load_task(n, cfg.max_problems, cfg.task_dir) for n in parse_tasks(cfg.tasks)]  # fail early
     model, tok, meta = load_model(cfg.source, depth=cfg.depth, step=cfg.step, device=cfg.device,
                                   base_dir=cfg.base_dir)
     base = Path(cfg.base_dir) if cfg.base_dir else get_base_dir(create=False)

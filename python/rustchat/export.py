@@ -22,6 +22,7 @@ rendering").
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import fields
 from pathlib import Path
@@ -335,6 +336,8 @@ def export_model(model, tok: Tokenizer, out, *, source: str = "", step: int | No
     }
     for name, text in files.items():
         (out / name).write_text(text, encoding="utf-8")
+    # safetensors creates its file 0600; the directory is for others to load: mode of its siblings
+    os.chmod(out / _MODEL_FILE, (out / "config.json").stat().st_mode & 0o777)
     return out
 
 

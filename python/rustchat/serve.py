@@ -37,7 +37,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from .batching import BatchScheduler
 from .checkpoint import load_model
 from .common import RustchatError
-from .config import ServeConfig
+from .config import DEFAULT_TEMPERATURE, ServeConfig
 from .engine import Engine
 from .serve_bridge import Mailbox, Reply
 from .serve_connections import (KEEP_ALIVE_S, MAX_REQUEST_TIMEOUT_S, connection_cap, protocol_class,
@@ -146,7 +146,7 @@ async def read_body(request: Request):
 async def open_reply(request: Request) -> tuple[dict, Reply]:
     """The checked request and its generation, queued; RequestError when refused."""
     state = _state(request)
-    req = parse_request(await read_body(request), **state.defaults)
+    req = parse_request(await read_body(request), **state.defaults, model_id=state.info["id"])
     prompt = fit_prompt(state.engine.tok, req["messages"], state.context, req["max_tokens"])
     budget = max(1, min(req["max_tokens"], state.context - len(prompt)))
     loop = asyncio.get_running_loop()
@@ -263,7 +263,7 @@ async def chat_completions(request: Request):
     return event_stream(request, reply, stream())
 
 
-def create_app(engine, *, temperature: float = 0.8, top_k: int = 50, max_tokens: int = 512,
+def create_app(engine, *, temperature: float = DEFAULT_TEMPERATURE, top_k: int = 50, max_tokens: int = 512,
                model_info: dict | None = None, max_batch: int = 32, max_queue: int = 1024,
                host: str = "127.0.0.1", allow_origins: list[str] | None = None):
     """The ASGI app around one Engine (FastAPI inside the Host/Origin guard). Its scheduler

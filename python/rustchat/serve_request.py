@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+from .config import DEFAULT_TEMPERATURE
 from .conversation import render_for_completion
 
 MAX_MESSAGES = 500
@@ -142,13 +143,18 @@ def _messages(msgs) -> list[dict]:
     return clean
 
 
-def parse_request(body, *, temperature: float = 0.8, top_k: int = 50, max_tokens: int = 512) -> dict:
+def parse_request(body, *, temperature: float = DEFAULT_TEMPERATURE, top_k: int = 50, max_tokens: int = 512,
+                  model_id: str | None = None) -> dict:
     """Check a chat completions body (the page's or OpenAI's) against the limits; defaults fill
     missing settings. Returns {"messages", "temperature", "top_k", "top_p", "max_tokens", "seed",
     "stop", "stream", "include_usage", "logprobs"} (logprobs: None, or how many alternatives to
-    report per token); raises RequestError."""
+    report per token); raises RequestError. With `model_id`, another model name is a 404, as
+    OpenAI answers an unknown model."""
     if not isinstance(body, dict):
         raise RequestError(400, "the body must be a JSON object")
+    if model_id is not None and body.get("model") not in (None, model_id):
+        raise RequestError(404, f"The model {_shown(body['model'])} does not exist; this server has "
+                                f"{model_id!r} (GET /v1/models)", "model", "model_not_found")
     _check_fields(body)
     clean = _messages(body.get("messages"))
     seed = body.get("seed")

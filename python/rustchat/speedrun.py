@@ -12,7 +12,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .common import get_base_dir, print0
+from .checkpoint import find_last_step, stage_dir
+from .common import RustchatError, get_base_dir, print0
 from .config import BaseConfig, EvalConfig, MidConfig, SFTConfig, SpeedrunConfig
 from .data.pretrain import download_shards
 from .data.textsource import iter_documents
@@ -36,26 +37,25 @@ PRESETS = {
         # classic rules (fixed lrs, no warmup) were measured with it: the 2026 rules would scale
         # this 4k-token batch's lrs by sqrt(4096/2^19) = 0.09
         "base": {"device_batch_size": 8, "total_batch_size": 8 * 512, "max_steps": 20, "eval_every": 10,
-                 "head_dim": 32, "arch": "classic", "rules": "classic"},
+                 "head_dim": 32, "arch": "classic", "rules": "classic", "bpb_tokens": 1 << 16},
         # mid-training is where the tasks are learned: most of the budget goes here, in many
         # small steps (the copying skills appear after several hundred)
         "mid": {"device_batch_size": 4, "total_batch_size": 4 * 512, "max_steps": 1100, "eval_every": 275,
                 "tasks": "tiny"},
         # SFT starts at a quarter of the base learning rates (nanochat's 2% barely moves a model
         # this small); packed rows, so no step is spent on padding
-        "sft": {"device_batch_size": 8, "total_batch_size": 16, "max_steps": 230, "eval_every": 115, "tasks": "tiny",
-                "init_lr_frac": 0.25, "pack": True, "from_stage": "mid"},
-        "base_eval": {"bpb_tokens": 1 << 16},
-        # the 800 problems decode 256 at a time in one continuous batch (greedy replies do not
-        # depend on the batch)
-        "eval": {"tasks": "tiny", "max_problems": 200, "batch_size": 256},
+        "sft": {"device_batch_size": 8, "total_batch_conversations": 16, "max_steps": 230, "eval_every": 115,
+                "tasks": "tiny", "init_lr_frac": 0.25, "pack": True, "from_stage": "mid"},
+        # `rustchat eval --tasks tiny`'s own problems (200 per task): the 800 decode 256 at a time
+        # in one continuous batch (greedy replies do not depend on the batch)
+        "eval": {"tasks": "tiny", "batch_size": 256},
     },
     "d10": {
         "tokenizer": {"vocab_size": 65536, "max_chars": 2_000_000_000, "num_shards": 8},
         "common": {"depth": 10, "seq_len": 2048},
         "base": {"device_batch_size": 32, "total_batch_size": 524_288, "num_shards": 60},
         "mid": {"device_batch_size": 32, "total_batch_size": 524_288, "tasks": "default"},
-        "sft": {"device_batch_size": 4, "total_batch_size": 32, "tasks": "default", "from_stage": "mid"},
+        "sft": {"device_batch_size": 4, "total_batch_conversations": 32, "tasks": "default", "from_stage": "mid"},
         "eval": {"tasks": "default"},
     },
     "d20": {
@@ -63,7 +63,7 @@ PRESETS = {
         "common": {"depth": 20, "seq_len": 2048},
         "base": {"device_batch_size": 32, "total_batch_size": 524_288, "num_shards": 240},
         "mid": {"device_batch_size": 32, "total_batch_size": 524_288, "tasks": "default"},
-        "sft": {"device_batch_size": 4, "total_batch_size": 32, "tasks": "default", "from_stage": "mid"},
+        "sft": {"device_batch_size": 4, "total_batch_conversations": 32, "tasks": "default", "from_stage": "mid"},
         "eval": {"tasks": "default"},
     },
 }
@@ -93,14 +93,17 @@ def stage_configs(cfg: SpeedrunConfig, base: Path) -> dict:
     so both stages are scored on the same problems with `rustchat eval`'s own defaults."""
     preset = PRESETS[cfg.preset]
     depth = preset["common"]["depth"]
-    common = {"device": cfg.device, "base_dir": str(base), "quiet": cfg.quiet, "seed": cfg.seed, **preset["common"]}
+    common = {"device": cfg.device, "base_dir": str(base), "quiet": cfg.quiet, "seed": cfg.seed, "force": cfg.force,
+              **preset["common"]}
     base_kw = dict(preset["base"])
     if cfg.preset == "tiny":
         base_kw["data_dir"] = str(base / "tiny_data")
     eval_kw = {"depth": depth, "device": cfg.device, "base_dir": str(base), "quiet": cfg.quiet}
+    base_cfg = BaseConfig(**common, **base_kw)
     return {
-        "base": BaseConfig(**common, **base_kw),
-        "base-eval": EvalConfig(source="base", **eval_kw, **preset.get("base_eval", {})),
+        "base": base_cfg,
+        # bits per byte on the very tokens training's own evaluation scored: one number
+        "base-eval": EvalConfig(source="base", **eval_kw, bpb_tokens=base_cfg.bpb_tokens),
         "mid": MidConfig(**common, **preset["mid"]),
         "mid-eval": EvalConfig(source="mid", **eval_kw, **preset["eval"]),
         "sft": SFTConfig(**common, **preset["sft"]),
@@ -141,14 +144,27 @@ def evaluate_stage(configs: dict, stage: str) -> dict:
     return run_eval(configs[f"{stage}-eval"])
 
 
+def _check_no_earlier_run(configs: dict, force: bool) -> None:
+    """A speedrun's stages start new runs: where an earlier run left checkpoints they would be
+    refused after minutes of work, so ask for --force up front."""
+    for stage in ("base", "mid", "sft"):
+        c = configs[stage]
+        d = stage_dir(stage, c.depth, c.base_dir)
+        step = find_last_step(d)
+        if step is not None and not force:
+            raise RustchatError(f"{d} holds an earlier run (up to step {step}): run the speedrun with --force "
+                                "to archive it and start again, or use another --base-dir")
+
+
 def run_speedrun(cfg: SpeedrunConfig) -> dict:
     tiny = cfg.preset == "tiny"
     base = Path(cfg.base_dir) if cfg.base_dir else get_base_dir()
     base.mkdir(parents=True, exist_ok=True)
     t_all = time.time()
-    _train_tokenizer(PRESETS[cfg.preset], base, tiny, cfg.quiet)
     configs = stage_configs(cfg, base)
+    _check_no_earlier_run(configs, cfg.force)  # before the tokenizer is replaced under them
     print0(f"speedrun {cfg.preset}: {pipeline_path(configs)}")
+    _train_tokenizer(PRESETS[cfg.preset], base, tiny, cfg.quiet)
     rows, tasks = [], []
     for stage, train in (("base", train_base), ("mid", train_mid), ("sft", train_sft)):
         t0 = time.time()

@@ -9,16 +9,30 @@ with --resume, and writes step-numbered checkpoints under
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import attention
-from .checkpoint import find_last_step, load_optimizer_states, load_stage_model, previous_stage, restore_rng_state, stage_dir
+from .checkpoint import (
+    StageLock,
+    check_fresh_run,
+    find_last_step,
+    latest_meta,
+    load_optimizer_states,
+    load_stage_model,
+    pick_depth,
+    previous_stage,
+    restore_rng_state,
+    stage_dir,
+)
 from .common import RustchatError, get_base_dir, print0
 from .config import BaseConfig, MidConfig, SFTConfig, StageConfig
+from .bpb import bits_per_byte, val_token_stream
 from .conversation import collate_sft, render_batch
 from .data.bestfit import PACKING, BestFitLoader
 from .data.midtrain import MidTrainStream
@@ -32,7 +46,7 @@ from .rules import DEFAULTS, REFERENCE_DEPTH, Plan, plan_2026, plan_classic, sca
 from .runtime import autocast_ctx, barrier, compute_dtype, get_rank, get_world_size, init_distributed
 from .schedules import (base_lr_multiplier, mid_lr_multiplier, muon_momentum, muon_momentum_2026, muon_weight_decay,
                         sft_lr_multiplier)
-from .tasks import TaskMixture, get_task
+from .tasks import TaskMixture, task_from
 from .tokenizer import load_tokenizer
 from .trainer import all_reduce_sum, data_state_for_rank, run_stage
 
@@ -86,43 +100,122 @@ SFT_FROM_MID = dict(init_lr_frac=0.02, warmdown_ratio=1.0)
 SFT_LR_KEYS = ("matrix_lr", "embedding_lr", "unembedding_lr")  # SFT's lr flags, inherited from base
 
 
-HUB_TASKS = {"arc", "mmlu", "gsm8k", "smoltalk", "humaneval"}
-LOCAL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
-
-
-def local_task_file(task_dir: str | Path, name: str, kwargs: dict) -> Path | None:
-    """A local copy of a hub dataset in task_dir, named <task>[-<subset>]-<split><suffix>,
-    e.g. arc-ARC-Easy-train.jsonl, smoltalk-test.parquet, mmlu-auxiliary_train-train.jsonl."""
-    stem = "-".join(str(x) for x in (name, kwargs.get("subset"), kwargs.get("split")) if x)
-    for suffix in LOCAL_SUFFIXES:
-        p = Path(task_dir) / f"{stem}{suffix}"
-        if p.is_file():
-            return p
-    return None
-
-
 def build_mixture(stage: str, preset: str, split: str, task_dir: str | None = None, seed: int = 42):
+    """A stage's task mixture; hub datasets come from their local copies in task_dir when it has
+    them (`tasks.task_from`)."""
     if preset not in MIXTURES:
         raise RustchatError(f"unknown task preset {preset!r}; known: {', '.join(MIXTURES)}")
-    if task_dir is not None and not Path(task_dir).is_dir():
-        raise RustchatError(f"--task-dir {task_dir}: no such directory")
-    tasks = []
-    for name, kwargs in MIXTURES[preset][stage][split]:
-        kw = dict(kwargs)
-        if task_dir is not None and name in HUB_TASKS:
-            local = local_task_file(task_dir, name, kw)
-            if local is not None:
-                kw["path"] = str(local)
-        tasks.append(get_task(name, **kw))
-    return TaskMixture(tasks, seed=seed)
+    return TaskMixture([task_from(name, kwargs, task_dir) for name, kwargs in MIXTURES[preset][stage][split]],
+                       seed=seed)
+
+
+# ----------------------------------------------------------------------------- the run
+def resolve_run(cfg: StageConfig) -> StageConfig:
+    """The run a stage command means: its depth when --depth is not given (the one depth with
+    the checkpoint it starts from, `pick_depth`; a new base model: 10), and with --resume the
+    run's own settings from its latest checkpoint (a differing flag is applied, saying so, or
+    refused in one line: `StageConfig.resumed`)."""
+    if cfg.resume and cfg.force:
+        raise RustchatError("--resume continues the run in the stage's directory and --force replaces it: pick one")
+    needs = cfg.stage if cfg.resume else getattr(cfg, "from_stage", None) or previous_stage(cfg.stage)
+    if cfg.depth is None:
+        cfg = cfg.replace(depth=NEW_MODEL_DEPTH if needs is None else pick_depth(needs, cfg.base_dir))
+    if not cfg.resume:
+        return cfg
+    own = _ckpt_dir(cfg.stage, cfg)
+    meta = latest_meta(own)
+    if meta is None:
+        raise RustchatError(f"--resume: no {cfg.stage} checkpoint in {own}; run without --resume to start")
+    saved = meta.get("config")
+    cfg, applied = cfg.resumed(saved if isinstance(saved, dict) else {})
+    for note in applied:
+        print0(f"--resume: {note}")
+    return cfg
+
+
+def one_run(train):
+    """A stage's run owns its checkpoint directory: `resolve_run` first, then one writer at a
+    time (`StageLock`), and a new run never hides behind an old one's checkpoints
+    (`check_fresh_run`: refused, or archived with --force when the run saves its first step)."""
+
+    @functools.wraps(train)
+    def run(cfg: StageConfig) -> dict:
+        cfg = resolve_run(cfg)
+        if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 speaks for the run
+            return train(cfg)
+        own = _ckpt_dir(cfg.stage, cfg)
+        with StageLock(own):
+            if not cfg.resume:
+                check_fresh_run(own, force=cfg.force)
+            return train(cfg)
+
+    return run
 
 
 # ----------------------------------------------------------------------------- shared setup
-def _setup(cfg: StageConfig):
+NEW_MODEL_DEPTH = 10  # a base run without --depth and nothing to continue: nanochat's d10
+
+
+@dataclass
+class StageStart:
+    """What every stage starts with: the processes, the tokenizer, the model (new, the previous
+    stage's, or its own with --resume) and its optimizers. `meta` is the checkpoint resumed
+    from (None for a new run), `start_step` where the loop begins; `plan` is base's training
+    plan (the rules' derivation), None for mid and SFT."""
+
+    info: object
+    device: object
+    tok: object
+    model: object
+    optimizers: list
+    meta: dict | None
+    start_step: int
+    plan: Plan | None = None
+
+    def data_state(self, reshard=None):
+        """This rank's data cursor to continue from (None for a new run); `reshard` maps a
+        per-rank cursor of a run on another number of processes (`data_state_for_rank`)."""
+        return data_state_for_rank(self.meta, self.info.rank, self.info.world_size, reshard)
+
+
+@dataclass
+class ConversationStart(StageStart):
+    """mid and SFT also start with their task mixtures and the held-out loss evaluator."""
+
+    train: object = None
+    val: object = None
+    evaluate: object = None
+
+
+def _start(cfg: StageConfig) -> StageStart:
+    """Processes, tokenizer, model (FP8 matmuls with base --fp8), base's plan, optimizers."""
     info, device = init_distributed(cfg.device, seed=cfg.seed)
+    fp8 = getattr(cfg, "fp8", False)
+    if fp8 and (why := fp8_refusal(device)):  # before any download
+        raise RustchatError(why)
     tok = load_tokenizer(cfg.base_dir)
     torch.manual_seed(cfg.seed + info.rank)
-    return info, device, tok
+    # fails fast if the previous stage is missing
+    model, optim_states, meta, start, from_meta = _load_start(cfg, device, tok)
+    if fp8:  # before the optimizer: it holds the same parameters, FP8 only changes the matmuls
+        print0(enable_fp8(model, device))
+    plan = base_plan(cfg, model) if isinstance(cfg, BaseConfig) else None
+    opt_cfg = cfg.replace(**_sft_lrs(cfg, from_meta)) if isinstance(cfg, SFTConfig) else cfg
+    return StageStart(info, device, tok, model, _optimizers(model, opt_cfg, optim_states, plan), meta, start, plan)
+
+
+def _mixture(cfg: MidConfig | SFTConfig) -> str:
+    """The name of the stage's task mixture in MIXTURES (SFT from base has its own)."""
+    return "sft-from-base" if getattr(cfg, "from_stage", None) == "base" else cfg.stage
+
+
+def _conversation_start(cfg: MidConfig | SFTConfig) -> ConversationStart:
+    """The shared start of mid and SFT: model and optimizers, then the stage's task mixtures."""
+    s = _start(cfg)
+    train = build_mixture(_mixture(cfg), cfg.tasks, "train", cfg.task_dir, cfg.seed)
+    val = build_mixture(_mixture(cfg), cfg.tasks, "val", cfg.task_dir, cfg.seed)
+    return ConversationStart(**vars(s), train=train, val=val,
+                             evaluate=_conv_loss_evaluator(s.tok, val, cfg, s.info.rank, s.info.world_size))
 
 
 def _ckpt_dir(stage: str, cfg: StageConfig) -> Path:
@@ -130,7 +223,8 @@ def _ckpt_dir(stage: str, cfg: StageConfig) -> Path:
 
 
 def _load_start(cfg: StageConfig, device, tok):
-    """(model, optimizer states or None, meta or None, start_step) for a stage."""
+    """(model, optimizer states or None, resumed meta or None, start_step, meta of the previous
+    stage's checkpoint a new run starts from or None) for a stage."""
 
     own = _ckpt_dir(cfg.stage, cfg)
     if cfg.resume:
@@ -139,19 +233,18 @@ def _load_start(cfg: StageConfig, device, tok):
         model, optim_states, meta = load_stage_model(cfg.stage, cfg.depth, device=device, base_dir=cfg.base_dir,
                                                load_optimizer=True)
         restore_rng_state(meta.get("rng", {}))
-        return model, optim_states, meta, int(meta["step"])
+        return model, optim_states, meta, int(meta["step"]), None
     prev = getattr(cfg, "from_stage", None) or previous_stage(cfg.stage)
     if prev is None:
         mcfg = GPTConfig.from_depth(cfg.depth, vocab_size=tok.vocab_size, sequence_len=cfg.seq_len,
                                     aspect_ratio=cfg.aspect_ratio, head_dim=cfg.head_dim, arch=cfg.arch)
-        with_device = GPT(mcfg).to(device)
-        return with_device, None, None, 0
+        return GPT(mcfg).to(device), None, None, 0, None
     model, _, meta = load_stage_model(prev, cfg.depth, device=device, base_dir=cfg.base_dir, load_optimizer=False)
     if model.config.vocab_size != tok.vocab_size:
         raise RustchatError(
             f"the {prev} checkpoint has vocab {model.config.vocab_size} but the tokenizer has {tok.vocab_size}: "
             "use the tokenizer the model was trained with")
-    return model, None, meta, 0
+    return model, None, None, 0, meta
 
 
 def _recipe(model, cfg: StageConfig, optim_states) -> str:
@@ -187,6 +280,16 @@ def _optimizers(model, cfg: StageConfig, optim_states, plan: Plan | None = None)
     print0(f"== optimizer: MuonAdamW, {recipe} recipe | state {mine / 2**20:.2f} MiB on rank 0 of {world} "
            f"({whole / 2**20:.2f} MiB unsharded; ZeRO-2: gradients reduce-scattered, parameters all-gathered)")
     return opts
+
+
+def _num_steps(cfg: StageConfig, s: StageStart, horizon: int) -> int:
+    """--max-steps, else the stage's horizon; a resumed run keeps the horizon it was started
+    with (its schedule) unless --max-steps changes it."""
+    if cfg.max_steps:
+        return cfg.max_steps
+    if s.meta is not None and s.meta.get("num_steps"):
+        return int(s.meta["num_steps"])
+    return horizon
 
 
 def _banner(cfg: StageConfig, model, device, tok, tokens_per_step: str, num_steps: int, extra: str = "") -> None:
@@ -238,35 +341,6 @@ def base_plan(cfg: BaseConfig, model) -> Plan:
 
 
 # ----------------------------------------------------------------------------- evaluation
-def _bpb_evaluator(tok, make_val_iter, n_batches: int):
-    """Bits per byte on validation text: summed nats over target bytes (specials have 0 bytes
-    and are left out of both), so it is comparable across tokenizers."""
-
-    token_bytes = None
-
-    def evaluate(model):
-        nonlocal token_bytes
-        dev = model.get_device()
-        if token_bytes is None:
-            token_bytes = torch.as_tensor(tok.token_bytes(), dtype=torch.int64, device=dev)
-        nats = torch.zeros((), dtype=torch.float64, device=dev)
-        nbytes = torch.zeros((), dtype=torch.float64, device=dev)
-        it = make_val_iter()
-        for _ in range(n_batches):
-            x, y = next(it)
-            x, y = torch.as_tensor(x, device=dev).long(), torch.as_tensor(y, device=dev).long()
-
-            with autocast_ctx(dev):
-                loss = model(x, y, loss_reduction="none").float()
-            b = token_bytes[y.clamp(min=0)] * (y >= 0)
-            nats += (loss * (b > 0)).sum().double()
-            nbytes += b.sum().double()
-
-        return {"val_bpb": all_reduce_sum(float(nats), dev) / (math.log(2) * max(all_reduce_sum(float(nbytes), dev), 1.0))}
-
-    return evaluate
-
-
 def _conv_loss_evaluator(tok, conversations, cfg: StageConfig, rank: int, world: int):
     """Validation loss per trained token on held-out conversations (mask applied)."""
 
@@ -305,90 +379,76 @@ def _start_eval(cfg: StageConfig, model, evaluate, start: int) -> dict | None:
 
 
 # ----------------------------------------------------------------------------- stages
+@one_run
 def train_base(cfg: BaseConfig) -> dict:
-    info, device, tok = _setup(cfg)
-    if cfg.fp8 and (why := fp8_refusal(device)):  # before any download
-        raise RustchatError(why)
     if cfg.data_dir:
         files = DocumentSource.from_paths([cfg.data_dir]).files
         if len(files) < 2:
             raise RustchatError(f"--data-dir {cfg.data_dir} needs at least 2 files: the last one is used for validation")
         train_files, val_files = files[:-1], files[-1:]
     else:
-
+        train_files, val_files = None, None
+    s = _start(cfg)
+    if train_files is None:
         data = Path(cfg.base_dir or get_base_dir()) / "base_data"
-        if info.local_rank == 0:  # one downloader per machine; the others wait at the barrier
+        if s.info.local_rank == 0:  # one downloader per machine; the others wait at the barrier
             download_shards([*range(cfg.num_shards), FINEWEB_SHARDS - 1], data)
         barrier()
         train_files = [data / f"shard_{i:05d}.parquet" for i in range(cfg.num_shards)]
         val_files = [data / f"shard_{FINEWEB_SHARDS - 1:05d}.parquet"]
-    train_src, val_src = DocumentSource(train_files), DocumentSource(val_files)
-    model, optim_states, meta, start = _load_start(cfg, device, tok)
-    if cfg.fp8:  # before the optimizer: it holds the same parameters, FP8 only changes the matmuls
-        print0(enable_fp8(model, device))
-    plan = base_plan(cfg, model)
-    opts = _optimizers(model, cfg, optim_states, plan)
-    accum = _grad_accum(cfg, info.world_size, plan)
-    num_steps = plan.num_steps
-    if meta is not None and cfg.resume:
-        num_steps = int(meta.get("num_steps", num_steps)) if not cfg.max_steps else num_steps
+    train_src = DocumentSource(train_files)
+    plan = s.plan
+    accum = _grad_accum(cfg, s.info.world_size, plan)
+    num_steps = _num_steps(cfg, s, plan.num_steps)
     # validation stays on the plain stream (every token scored, nothing cropped): one bpb for
     # training, `rustchat eval -i base` and the speedrun
     loader_cls = BestFitLoader if plan.packing == PACKING else PretrainLoader
-    loader = loader_cls(tok, train_src, cfg.device_batch_size, cfg.seq_len, device=device, rank=info.rank,
-                        world_size=info.world_size,
-                        state=data_state_for_rank(meta, info.rank, info.world_size, loader_cls.reshard)
-                        if cfg.resume else None)
+    loader = loader_cls(s.tok, train_src, cfg.device_batch_size, cfg.seq_len, device=s.device, rank=s.info.rank,
+                        world_size=s.info.world_size, state=s.data_state(loader_cls.reshard))
     data = StreamSteps(loader, accum)
-    evaluate = _bpb_evaluator(
-        tok, lambda: iter(PretrainLoader(tok, val_src, cfg.device_batch_size, cfg.seq_len, device=device,
-                                         rank=info.rank, world_size=info.world_size)), cfg.eval_batches)
+    val = val_token_stream(s.tok, val_files, cfg.bpb_tokens)  # the tokens `eval -i base` scores
+    evaluate = lambda model: {"val_bpb": bits_per_byte(model, s.tok, val)[0]}  # noqa: E731
 
-    _banner(cfg, model, device, tok, f"{plan.total_batch_size:,} tokens (grad accum {accum})", num_steps,
+    _banner(cfg, s.model, s.device, s.tok, f"{plan.total_batch_size:,} tokens (grad accum {accum})", num_steps,
             f"\n   {plan.describe()}")
     if plan.rules == "2026":
-        momentum = lambda s: muon_momentum_2026(s, num_steps, warmdown_ratio=plan.warmdown_ratio)  # noqa: E731
-        weight_decay = lambda s: muon_weight_decay(s, num_steps, plan.weight_decay)  # noqa: E731
+        momentum = lambda step: muon_momentum_2026(step, num_steps, warmdown_ratio=plan.warmdown_ratio)  # noqa: E731
+        weight_decay = lambda step: muon_weight_decay(step, num_steps, plan.weight_decay)  # noqa: E731
     else:
         momentum, weight_decay = muon_momentum, None
-    lr_multiplier = lambda s: base_lr_multiplier(s, num_steps, warmup_steps=plan.warmup_steps,  # noqa: E731
-                                                 warmdown_ratio=plan.warmdown_ratio, final_lr_frac=plan.final_lr_frac)
-    result = run_stage(cfg, tok=tok, model=model, optimizers=opts, data=data,
+    lr_multiplier = lambda step: base_lr_multiplier(step, num_steps, warmup_steps=plan.warmup_steps,  # noqa: E731
+                                                    warmdown_ratio=plan.warmdown_ratio,
+                                                    final_lr_frac=plan.final_lr_frac)
+    result = run_stage(cfg, tok=s.tok, model=s.model, optimizers=s.optimizers, data=data,
                        num_steps=num_steps, lr_multiplier=lr_multiplier,
-                       start_step=start, evaluate=evaluate, ckpt_dir=_ckpt_dir("base", cfg),
-                       momentum_fn=momentum, weight_decay_fn=weight_decay,
-                       resumed_meta=meta if cfg.resume else None)
+                       start_step=s.start_step, evaluate=evaluate, ckpt_dir=_ckpt_dir("base", cfg),
+                       momentum_fn=momentum, weight_decay_fn=weight_decay, resumed_meta=s.meta)
     result["plan"] = plan.to_dict()
-    _report(cfg, model, result)
+    _report(cfg, s.model, result)
     return result
 
 
+@one_run
 def train_mid(cfg: MidConfig) -> dict:
-    info, device, tok = _setup(cfg)
-    model, optim_states, meta, start = _load_start(cfg, device, tok)  # fails fast if the previous stage is missing
-    train = build_mixture("mid", cfg.tasks, "train", cfg.task_dir, cfg.seed)
-    val = build_mixture("mid", cfg.tasks, "val", cfg.task_dir, cfg.seed)
-    opts = _optimizers(model, cfg, optim_states)
-    accum = _grad_accum(cfg, info.world_size)
+    s = _conversation_start(cfg)
+    accum = _grad_accum(cfg, s.info.world_size)
     # Size the run by the data: one pass over the rendered mixture (Rust renders fast).
     n_tokens = 0
-    for s in range(0, len(train), 4096):
-        n_tokens += int(render_batch(tok, [train[i] for i in range(s, min(s + 4096, len(train)))], cfg.seq_len).lengths.sum())
-    num_steps = cfg.max_steps or max(1, (n_tokens * cfg.num_epochs) // cfg.total_batch_size)
-    stream = MidTrainStream(tok, train, cfg.device_batch_size, cfg.seq_len,
-                            state=data_state_for_rank(meta, info.rank, info.world_size) if cfg.resume else None,
-                            max_tokens=cfg.seq_len, rank=info.rank, world_size=info.world_size)
-
+    for i in range(0, len(s.train), 4096):
+        rows = render_batch(s.tok, [s.train[j] for j in range(i, min(i + 4096, len(s.train)))], cfg.seq_len)
+        n_tokens += int(rows.lengths.sum())
+    num_steps = _num_steps(cfg, s, max(1, (n_tokens * cfg.num_epochs) // cfg.total_batch_size))
+    stream = MidTrainStream(s.tok, s.train, cfg.device_batch_size, cfg.seq_len, state=s.data_state(),
+                            max_tokens=cfg.seq_len, rank=s.info.rank, world_size=s.info.world_size)
     data = StreamSteps(stream, accum)
-    evaluate = _conv_loss_evaluator(tok, val, cfg, info.rank, info.world_size)
-    _banner(cfg, model, device, tok, f"{cfg.total_batch_size:,} tokens (grad accum {accum})", num_steps,
-            f" | {len(train):,} conversations, {n_tokens:,} tokens")
-    start_eval = _start_eval(cfg, model, evaluate, start)
-    result = run_stage(cfg, tok=tok, model=model, optimizers=opts, data=data, num_steps=num_steps,
-                       lr_multiplier=lambda s: mid_lr_multiplier(s / num_steps), start_step=start,
-                       evaluate=evaluate, ckpt_dir=_ckpt_dir("mid", cfg), resumed_meta=meta if cfg.resume else None)
+    _banner(cfg, s.model, s.device, s.tok, f"{cfg.total_batch_size:,} tokens (grad accum {accum})", num_steps,
+            f" | {len(s.train):,} conversations, {n_tokens:,} tokens")
+    start_eval = _start_eval(cfg, s.model, s.evaluate, s.start_step)
+    result = run_stage(cfg, tok=s.tok, model=s.model, optimizers=s.optimizers, data=data, num_steps=num_steps,
+                       lr_multiplier=lambda step: mid_lr_multiplier(step / num_steps), start_step=s.start_step,
+                       evaluate=s.evaluate, ckpt_dir=_ckpt_dir("mid", cfg), resumed_meta=s.meta)
     result["start_eval"] = start_eval
-    _report(cfg, model, result)
+    _report(cfg, s.model, result)
     return result
 
 
@@ -397,7 +457,7 @@ def _sft_lrs(cfg: SFTConfig, start_meta: dict | None) -> dict:
     its rules' defaults; a checkpoint without rules is classic), else the classic ones."""
     source = DEFAULTS["classic"]
     inherited = {}
-    if cfg.from_stage == "base" and start_meta is not None and not cfg.resume:
+    if cfg.from_stage == "base" and start_meta is not None:
         base_cfg = start_meta.get("config") or {}
         source = DEFAULTS.get(base_cfg.get("rules"), DEFAULTS["classic"])
         inherited = {k: base_cfg[k] for k in SFT_LR_KEYS if base_cfg.get(k) is not None}
@@ -405,39 +465,32 @@ def _sft_lrs(cfg: SFTConfig, start_meta: dict | None) -> dict:
             for k in SFT_LR_KEYS}
 
 
+@one_run
 def train_sft(cfg: SFTConfig) -> dict:
-    info, device, tok = _setup(cfg)
-    model, optim_states, meta, start = _load_start(cfg, device, tok)  # fails fast if the previous stage is missing
+    s = _conversation_start(cfg)
     path = SFT_FROM_BASE if cfg.from_stage == "base" else SFT_FROM_MID
     init_lr_frac = path["init_lr_frac"] if cfg.init_lr_frac is None else cfg.init_lr_frac
-    mixture = "sft-from-base" if cfg.from_stage == "base" else "sft"
-    train = build_mixture(mixture, cfg.tasks, "train", cfg.task_dir, cfg.seed)
-    val = build_mixture(mixture, cfg.tasks, "val", cfg.task_dir, cfg.seed)
-    opts = _optimizers(model, cfg.replace(**_sft_lrs(cfg, meta)), optim_states)
-    E = cfg.total_batch_size
-    if E % (cfg.device_batch_size * info.world_size):
-        raise RustchatError(f"--total-batch-size {E} examples is not a multiple of device batch x ranks "
-                            f"= {cfg.device_batch_size * info.world_size}")
-    num_steps = cfg.max_steps or max(1, (len(train) * cfg.num_epochs) // E)
-    data = SFTSteps(tok, train, E, cfg.device_batch_size, cfg.seq_len, info.rank, info.world_size, cfg.seed,
-                    state=data_state_for_rank(meta, info.rank, info.world_size) if cfg.resume else None,
-                    pack=cfg.pack)
-    evaluate = _conv_loss_evaluator(tok, val, cfg, info.rank, info.world_size)
-    accum = E // (cfg.device_batch_size * info.world_size)
-    _banner(cfg, model, device, tok, f"{E} examples (grad accum {accum})", num_steps,
-            f" | from {cfg.from_stage} | {len(train):,} conversations ({mixture} mixture) | lr from "
+    E = cfg.total_batch_conversations
+    per = cfg.device_batch_size * s.info.world_size
+    if E % per:
+        raise RustchatError(f"--total-batch-conversations {E} is not a multiple of device batch x ranks = {per}")
+    num_steps = _num_steps(cfg, s, max(1, (len(s.train) * cfg.num_epochs) // E))
+    data = SFTSteps(s.tok, s.train, E, cfg.device_batch_size, cfg.seq_len, s.info.rank, s.info.world_size, cfg.seed,
+                    state=s.data_state(), pack=cfg.pack)
+    _banner(cfg, s.model, s.device, s.tok, f"{E} conversations (grad accum {E // per})", num_steps,
+            f" | from {cfg.from_stage} | {len(s.train):,} conversations ({_mixture(cfg)} mixture) | lr from "
             f"{init_lr_frac:g} of the base lrs, warmdown over the last {path['warmdown_ratio']:g}")
-    start_eval = _start_eval(cfg, model, evaluate, start)
-    lr_multiplier = lambda s: sft_lr_multiplier(s, num_steps, init_lr_frac=init_lr_frac,  # noqa: E731
-                                                warmdown_ratio=path["warmdown_ratio"])
-    result = run_stage(cfg, tok=tok, model=model, optimizers=opts, data=data, num_steps=num_steps,
-                       lr_multiplier=lr_multiplier, start_step=start, evaluate=evaluate,
+    start_eval = _start_eval(cfg, s.model, s.evaluate, s.start_step)
+    lr_multiplier = lambda step: sft_lr_multiplier(step, num_steps, init_lr_frac=init_lr_frac,  # noqa: E731
+                                                   warmdown_ratio=path["warmdown_ratio"])
+    result = run_stage(cfg, tok=s.tok, model=s.model, optimizers=s.optimizers, data=data, num_steps=num_steps,
+                       lr_multiplier=lr_multiplier, start_step=s.start_step, evaluate=s.evaluate,
                        ckpt_dir=_ckpt_dir("sft", cfg),
                        # from base, momentum warms up 0.85 -> 0.95 as in pretraining (nanochat's 2026 SFT)
                        momentum_fn=muon_momentum if cfg.from_stage == "base" else None,
-                       resumed_meta=meta if cfg.resume else None)
+                       resumed_meta=s.meta)
     result["start_eval"] = start_eval
-    _report(cfg, model, result)
+    _report(cfg, s.model, result)
     return result
 
 

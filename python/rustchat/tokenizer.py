@@ -414,7 +414,8 @@ def load_tokenizer(base_dir=None, *, directory=None) -> Tokenizer:
     d = Path(directory) if directory is not None else \
         Path(base_dir if base_dir is not None else get_base_dir(create=False)) / "tokenizer"
     if not (d / "tokenizer.json").exists():
-        raise RustchatError(f"no tokenizer at {d}: run `rustchat tok train --input FILES --out {d}` first")
+        raise RustchatError(f"no tokenizer at {d}: run `rustchat tok train --input FILES --out {d}` first "
+                            "(offline, rustchat speedrun --preset tiny trains one on bundled text)")
     try:
         return Tokenizer.load(d)
     except (ValueError, FileNotFoundError) as e:  # their messages start with the file

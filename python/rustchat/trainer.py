@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 import time
 from dataclasses import asdict
 
@@ -24,7 +25,15 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .checkpoint import capture_rng_state, check_checkpoint_dir, checkpoint_bytes, prune_checkpoints, save_checkpoint
+from .checkpoint import (
+    RunLedger,
+    archive_run,
+    capture_rng_state,
+    check_checkpoint_dir,
+    checkpoint_bytes,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from .common import RustchatError, print0
 from .config import StageConfig
 from .runtime import autocast_ctx, barrier, get_rank, get_world_size, synchronize
@@ -130,14 +139,19 @@ def run_stage(cfg: StageConfig, *, tok, model, optimizers, data, num_steps: int,
               resumed_meta: dict | None = None) -> dict:
     """The shared loop: schedule, step, eval, checkpoint, progress, report numbers.
 
-    `resumed_meta` (the checkpoint a --resume starts from) carries the run so far: its history
-    and wall time continue in the checkpoints written here and in `run_history` /
-    `run_seconds` of the result, while `history` / `seconds` cover this invocation only."""
+    `resumed_meta` (the checkpoint a --resume starts from) carries the run so far
+    (`checkpoint.RunLedger`): its id, history and wall time continue in the checkpoints written
+    here and in `run_history` / `run_seconds` of the result, while `history` / `seconds`
+    cover this invocation only."""
+    ledger = RunLedger(resumed_meta)
+    if start_step >= num_steps:  # nothing left to train: say so instead of silently re-saving
+        print0(f"{cfg.stage}: run {ledger.run_id} is already at step {start_step} of {num_steps}; nothing to do "
+               "(--max-steps N continues it to step N)")
+        return {"steps": start_step, "history": [], "evals": [], "last_eval": None, "seconds": 0.0, "tokens": 0,
+                "finished": True, **ledger.summary([], 0.0)}
     check_checkpoint_dir(ckpt_dir, checkpoint_bytes(model))  # fail now, not at the first save
-    prior = resumed_meta or {}
-    prior_history = list(prior.get("history") or [])
-    run_first = prior.get("run_first") or (prior_history[0] if prior_history else None)
-    prior_seconds = float(prior.get("run_seconds") or 0.0)
+    if resumed_meta is None and getattr(cfg, "force", False) and get_rank() == 0:
+        archive_run(ckpt_dir)  # --force: the old run steps aside only now that this one starts
 
     device = model.get_device()
     rank = get_rank()
@@ -166,10 +180,7 @@ def run_stage(cfg: StageConfig, *, tok, model, optimizers, data, num_steps: int,
             "data_states": states,  # one cursor per rank
             "rng": capture_rng_state(),
             "config": asdict(cfg),
-            "history": (prior_history + history)[-2000:],
-            # the run from its first step, across resumes (history above is capped)
-            "run_first": run_first or (history[0] if history else None),
-            "run_seconds": prior_seconds + time.time() - t_start,
+            **ledger.meta(history, time.time() - t_start),
         }
         save_checkpoint(ckpt_dir, step, model, optimizers, meta, rank=rank)
         barrier()
@@ -226,12 +237,18 @@ def run_stage(cfg: StageConfig, *, tok, model, optimizers, data, num_steps: int,
     save(step)
     logger.finish()
     elapsed = time.time() - t_start
-    run_history = prior_history + history
-    if run_first and (not run_history or run_history[0]["step"] != run_first["step"]):
-        run_history.insert(0, run_first)
+    if step < num_steps:
+        print0(f"{cfg.stage}: stopped at step {step} of {num_steps}; continue with: {continue_command(cfg)}")
     return {"steps": step, "history": history, "evals": evals, "last_eval": last_eval, "seconds": elapsed,
-            "tokens": tokens_seen, "run_history": run_history, "run_seconds": prior_seconds + elapsed,
-            "resumed_at": start_step if resumed_meta else None}
+            "tokens": tokens_seen, "finished": step >= num_steps, **ledger.summary(history, elapsed)}
+
+
+def continue_command(cfg: StageConfig) -> str:
+    """The command that continues this run: --resume restores every other setting."""
+    args = ["rustchat", cfg.stage, "--resume", "--depth", str(cfg.depth)]
+    if cfg.base_dir:
+        args += ["--base-dir", str(cfg.base_dir)]
+    return " ".join(shlex.quote(a) for a in args)
 
 
 def data_state_for_rank(meta: dict | None, rank: int, world: int = 1, reshard=None):

@@ -27,17 +27,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from ..common import RustchatError
+from ..common import OFFLINE_ROUTE, RustchatError, hub_endpoint, hub_unreachable
 from .textsource import SUFFIXES, TextSourceError, jsonl_docs, list_files, parquet_texts, text_file_docs
 
 FINEWEB_REPO = "karpathy/fineweb-edu-100b-shuffle"
 FINEWEB_SHARDS = 1823  # shard_00000 .. shard_01822; the last one is kept for validation
 DOCS_PER_TEXT_GROUP = 1024  # plain-text files are cut into groups like parquet row groups
-
-
-def hub_endpoint() -> str:
-    """The Hugging Face endpoint, honouring HF_ENDPOINT as the hub libraries do."""
-    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 
 
 def shard_url(index: int, repo: str = FINEWEB_REPO) -> str:
@@ -95,12 +90,16 @@ def download_shards(indices, data_dir: str | os.PathLike, *, repo: str = FINEWEB
     d = Path(data_dir)
     d.mkdir(parents=True, exist_ok=True)
     out = []
+    no_data = f"pass --data-dir with local parquet/text files, or {OFFLINE_ROUTE}"
     for i in indices:
         path = d / f"shard_{i:05d}.parquet"
         out.append(path)
         if path.exists():
             continue
         url = shard_url(i, repo)
+        why = hub_unreachable()  # asked once: no retries against a network that is not there
+        if why:
+            raise RustchatError(f"cannot download {path.name} from {hub_endpoint()} ({why}); {no_data}")
         for attempt in range(1, retries + 1):
             fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=d)
             os.close(fd)
@@ -111,10 +110,12 @@ def download_shards(indices, data_dir: str | os.PathLike, *, repo: str = FINEWEB
                 break
             except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
                 tmp.unlink(missing_ok=True)
-                if attempt == retries:
-                    raise RustchatError(
-                        f"could not download {url} ({e}); check the network or HF_ENDPOINT, or pass --data-dir with local parquet/text files"
-                    ) from None
+                # only a transfer cut short or a server error is worth another try
+                lasting = isinstance(e, urllib.error.HTTPError) and e.code < 500 or (
+                    isinstance(e, urllib.error.URLError) and not isinstance(e, urllib.error.HTTPError))
+                if attempt == retries or lasting:
+                    raise RustchatError(f"could not download {url} ({e}); check the network or HF_ENDPOINT, or "
+                                        f"{no_data}") from None
                 time.sleep(min(30, 2**attempt))
     return out
 
@@ -136,7 +137,8 @@ class DocumentSource:
 
     def __init__(self, files: list[Path], text_column: str = "text"):
         if not files:
-            raise RustchatError("no pretraining files: pass --data-dir with parquet/text files, or allow downloads")
+            raise RustchatError(f"no pretraining files: pass --data-dir with parquet/text files, allow downloads, or "
+                                f"{OFFLINE_ROUTE}")
         self.files = files
         self.text_column = text_column
         for f in files:

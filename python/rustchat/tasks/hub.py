@@ -16,10 +16,24 @@ from pathlib import Path
 
 import numpy as np
 
-from ..common import RustchatError
+from ..common import OFFLINE_ROUTE, RustchatError, hub_offline_mode, hub_unreachable
 from ..data.textsource import jsonl_rows
 
 _SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
+
+
+class HubUnavailable(RustchatError):
+    """A hub dataset that could not be loaded. `what` says which and why; the message adds the
+    way round it, which callers that know the --task-dir file name make exact (`tasks.task_from`)."""
+
+    def __init__(self, what: str):
+        self.what = what
+        super().__init__(f"{what}; {local_hint()}")
+
+
+def local_hint(file_stem: str | None = None) -> str:
+    named = f" holding {file_stem}.jsonl (or .jsonl.gz, .json, .parquet)" if file_stem else " with a local copy"
+    return f"pass --task-dir DIR{named}, or {OFFLINE_ROUTE}"
 
 
 class Rows:
@@ -59,21 +73,23 @@ def load_rows(hub_id: str, subset: str | None, split: str, path=None, *, fields=
 
 
 def _load_hub(hub_id: str, subset: str | None, split: str):
+    where = f"{hub_id}" + (f" ({subset})" if subset else "") + f", split {split!r}"
     try:
         import datasets  # heavy; only a hub download needs it
     except ImportError:
-        raise RustchatError(
-            f"loading {hub_id} from the Hugging Face hub needs the datasets package (pip install datasets); "
-            "or pass a local JSONL/parquet copy with path="
-        ) from None
+        raise HubUnavailable(f"loading {where} from the Hugging Face hub needs the datasets package "
+                             "(pip install datasets)") from None
+    # no network: say so now (once per process) rather than after the libraries' retries; in
+    # offline mode `datasets` still reads its own cache
+    why = hub_unreachable()
+    if why and not hub_offline_mode():
+        raise HubUnavailable(f"cannot load {where} from the Hugging Face hub ({why}; a copy already in the "
+                             "datasets cache is used with HF_HUB_OFFLINE=1)")
     try:
         return datasets.load_dataset(hub_id, subset, split=split)
     except Exception as e:  # network, auth, unknown split... all end the same way for the user
-        where = f"{hub_id}" + (f" ({subset})" if subset else "") + f", split {split!r}"
-        raise RustchatError(
-            f"could not load {where} from the Hugging Face hub ({type(e).__name__}: {e}); "
-            "check the network / HF_ENDPOINT, or pass a local JSONL/parquet copy with path="
-        ) from e
+        because = (f"{why}: " if why else "") + f"{type(e).__name__}: {str(e)[:300]}"
+        raise HubUnavailable(f"could not load {where} from the Hugging Face hub ({because})") from e
 
 
 def _read_local(path: Path) -> list[dict]:

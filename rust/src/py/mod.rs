@@ -22,6 +22,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(render::render_conversations, m)?)?;
     m.add_function(wrap_pyfunction!(collate::py_collate_sft, m)?)?;
     m.add_function(wrap_pyfunction!(collate::py_pack_rows, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?; // the Rust crate's own version, for `rustchat --version`
     m.add("DEFAULT_PATTERN", crate::pretokenize::default_pattern())?;
     m.add("CL100K_PATTERN", crate::pretokenize::CL100K_PATTERN)?;
     m.add("MAX_VOCAB", crate::bpe::MAX_VOCAB)?;
