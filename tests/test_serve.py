@@ -725,7 +725,7 @@ def test_bad_allow_origin_is_refused_before_loading(tmp_path):
     ({"user": 5}, "user"),
 ])
 def test_unsupported_or_mistyped_parameters_are_refused_by_name(client, extra, param):
-    r = client.post("/v1/chat/completions", json={"model": "x", "messages": [user()], **extra})
+    r = client.post("/v1/chat/completions", json={"model": "rustchat", "messages": [user()], **extra})
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
@@ -733,7 +733,7 @@ def test_unsupported_or_mistyped_parameters_are_refused_by_name(client, extra, p
 
 
 def test_neutral_values_of_unsupported_parameters_are_accepted(client):
-    body = {"model": "x", "messages": [user()], "max_tokens": 2, "tools": [], "tool_choice": "none",
+    body = {"model": "rustchat", "messages": [user()], "max_tokens": 2, "tools": [], "tool_choice": "none",
             "response_format": {"type": "text"}, "frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {},
             "user": "me", "metadata": {"k": "v"}, "store": False, "n": 1, "logprobs": False}
     r = client.post("/v1/chat/completions", json=body)
