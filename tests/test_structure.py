@@ -19,7 +19,7 @@ PKG = Path(rustchat.__file__).parent
 LAYERS = {
     0: {"_core", "common"},
     1: {"config", "conversation", "tokenizer", "tools", "sandbox", "runtime", "kernels", "optim"},
-    2: {"model", "data", "tasks", "checkpoint", "schedules", "scoring", "report"},
+    2: {"model", "data", "tasks", "checkpoint", "schedules", "scoring", "report", "core_bundle", "core_eval"},
     3: {"engine", "trainer", "batching"},
     4: {"stages", "evaluate", "chat", "serve", "export", "hf_import", "nanochat_import", "tokenizer_stage"},
     5: {"speedrun"},

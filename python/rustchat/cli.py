@@ -68,7 +68,8 @@ def cmd_speedrun(cfg: SpeedrunConfig) -> None:
 def cmd_eval(cfg: EvalConfig) -> None:
     from .evaluate import run_eval  # torch
 
-    run_eval(cfg)
+    with _processes(cfg.nproc):
+        run_eval(cfg)
 
 
 def cmd_chat(cfg: ChatConfig) -> None:
@@ -143,7 +144,7 @@ STAGE_COMMANDS = (
 COMMANDS = (
     *((name, help_, STAGE_CONFIGS[name], handler) for name, help_, handler in STAGE_COMMANDS),
     ("speedrun", "tokenizer -> base -> mid -> SFT -> eval in one go", SpeedrunConfig, cmd_speedrun),
-    ("eval", "evaluate a checkpoint: chat tasks + ChatCORE, or bits/byte for base models", EvalConfig, cmd_eval),
+    ("eval", "evaluate a checkpoint: chat tasks + ChatCORE, or bits/byte (and --core: CORE) for base models", EvalConfig, cmd_eval),
     ("chat", "chat with a model in the terminal", ChatConfig, cmd_chat),
     ("serve", "web chat UI and an OpenAI-compatible /v1/chat/completions API", ServeConfig, cmd_serve),
     ("export", "write a checkpoint as a Hugging Face transformers directory (NanoChat architecture)",

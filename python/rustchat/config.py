@@ -114,6 +114,10 @@ class BaseConfig(StageConfig):
     aspect_ratio: int = opt(64, "model width per layer: model_dim = depth * aspect_ratio", minimum=2)
     head_dim: int = opt(128, "attention head width (heads = model_dim / head_dim, rounded to divide it)",
                         minimum=2)
+    core_every: int = opt(0, "steps between CORE evaluations, and one at the end (0: none)", minimum=0)
+    core_max_per_task: int = opt(500, "examples per CORE task during training", minimum=1)
+    bundle: str | None = opt(None, "CORE eval bundle directory (default: <base dir>/eval_bundle, downloaded "
+                                   "on first use)")
 
 
 @dataclass
@@ -165,7 +169,19 @@ class EvalConfig(ModelSourceConfig):
     seed: int = opt(42, "sampling seed")
     data_dir: str | None = opt(None, "-i base: validation text files (default: the base dir's)")
     bpb_tokens: int = opt(1 << 20, "-i base: tokens scored at most", minimum=1)
+    core: bool = opt(False, "-i base: also score the CORE suite (DCLM's ICL tasks, as nanochat does)")
+    bundle: str | None = opt(None, "-i base --core: eval bundle directory (core.yaml, eval_data/, "
+                                   "eval_meta_data.csv; default: <base dir>/eval_bundle, downloaded on first use)")
+    max_per_task: int | None = opt(None, "-i base --core: first N examples of each task after the seeded shuffle "
+                                         "(default: all)", minimum=1)
+    nproc: int = opt(1, "-i base --core: processes on this node splitting the examples (re-launches under "
+                        "torchrun)", minimum=1)
     quiet: bool = opt(False, "no progress bars or per-task lines")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.nproc > 1 and not (self.source == "base" and self.core):
+            raise RustchatError("--nproc > 1 splits only the CORE evaluation: use it with -i base --core")
 
 
 @dataclass

@@ -18,6 +18,8 @@ from .checkpoint import find_last_step, load_optimizer_states, load_stage_model,
 from .common import RustchatError, get_base_dir, print0
 from .config import BaseConfig, MidConfig, SFTConfig, StageConfig
 from .conversation import collate_sft, render_batch
+from .core_bundle import resolve_bundle
+from .core_eval import evaluate_core
 from .data.midtrain import MidTrainStream
 from .data.pretrain import FINEWEB_SHARDS, DocumentSource, PretrainLoader, download_shards
 from .data.steps import SFTSteps, StreamSteps
@@ -213,6 +215,19 @@ def _conv_loss_evaluator(tok, conversations, cfg: StageConfig, rank: int, world:
     return evaluate
 
 
+def _core_evaluator(cfg: BaseConfig, tok):
+    """CORE during base training, as nanochat's --core-metric-every: the first
+    --core-max-per-task examples of each task, every rank scoring its share."""
+    tasks = resolve_bundle(cfg.bundle, cfg.base_dir or get_base_dir(), quiet=cfg.quiet)
+
+    def evaluate(model):
+        res = evaluate_core(model, tok, tasks, max_per_task=cfg.core_max_per_task,
+                            token_budget=cfg.device_batch_size * cfg.seq_len)
+        return {"core_metric": res.core, **{f"centered/{t.label}": t.centered for t in res.tasks}}
+
+    return evaluate
+
+
 def _start_eval(cfg: StageConfig, model, evaluate, start: int) -> dict | None:
     """The validation metric of the model the stage starts from (the previous stage's), so the
     report shows what the stage changed on its own held-out data; None when resuming."""
@@ -258,11 +273,12 @@ def train_base(cfg: BaseConfig) -> dict:
         tok, lambda: iter(PretrainLoader(tok, val_src, cfg.device_batch_size, cfg.seq_len, device=device,
                                          rank=info.rank, world_size=info.world_size)), cfg.eval_batches)
 
+    core = (cfg.core_every, _core_evaluator(cfg, tok)) if cfg.core_every else None  # the bundle fails fast
     _banner(cfg, model, device, tok, f"{cfg.total_batch_size:,} tokens (grad accum {accum})", num_steps)
     result = run_stage(cfg, tok=tok, model=model, optimizers=opts, data=data,
                        num_steps=num_steps, lr_multiplier=lambda s: base_lr_multiplier(s, num_steps),
                        start_step=start, evaluate=evaluate, ckpt_dir=_ckpt_dir("base", cfg),
-                       momentum_fn=muon_momentum, resumed_meta=meta if cfg.resume else None)
+                       momentum_fn=muon_momentum, resumed_meta=meta if cfg.resume else None, core_eval=core)
     _report(cfg, model, result)
     return result
 
@@ -346,6 +362,9 @@ def _report(cfg: StageConfig, model, result: dict) -> None:
         rows.update({k: f"{v:.4f}" for k, v in result["last_eval"].items() if k != "step"})
     if result.get("start_eval"):
         rows.update({f"{k} at start": f"{v:.4f}" for k, v in result["start_eval"].items()})
+    if result.get("cores"):
+        last = result["cores"][-1]
+        rows[f"CORE (step {last['step']}, {cfg.core_max_per_task} per task at most)"] = f"{last['core_metric']:.4f}"
     if hist and "mfu" in hist[-1]:
         rows["MFU (median)"] = f"{100 * np.median([h['mfu'] for h in hist]):.1f}%"
     write_section(cfg.stage, rows, base_dir=cfg.base_dir)

@@ -124,12 +124,15 @@ def train_step(model, optimizers, micro_batches, device, autocast_ctx) -> tuple[
 
 
 def run_stage(cfg: StageConfig, *, tok, model, optimizers, data, num_steps: int, lr_multiplier,
-              start_step: int, evaluate=None, ckpt_dir, momentum_fn=None, resumed_meta: dict | None = None) -> dict:
+              start_step: int, evaluate=None, ckpt_dir, momentum_fn=None, resumed_meta: dict | None = None,
+              core_eval=None) -> dict:
     """The shared loop: schedule, step, eval, checkpoint, progress, report numbers.
 
     `resumed_meta` (the checkpoint a --resume starts from) carries the run so far: its history
     and wall time continue in the checkpoints written here and in `run_history` /
-    `run_seconds` of the result, while `history` / `seconds` cover this invocation only."""
+    `run_seconds` of the result, while `history` / `seconds` cover this invocation only.
+    `core_eval` = (every, fn): fn(model) -> {"core_metric": x, ...} runs on every rank every
+    `every` steps and at the last step (nanochat's --core-metric-every)."""
     check_checkpoint_dir(ckpt_dir, checkpoint_bytes(model))  # fail now, not at the first save
     prior = resumed_meta or {}
     prior_history = list(prior.get("history") or [])
@@ -149,6 +152,7 @@ def run_stage(cfg: StageConfig, *, tok, model, optimizers, data, num_steps: int,
     t_start = time.time()
     tokens_seen = 0
     last_eval = None
+    cores = []
 
     def save(step):
         states = [data.state()]
@@ -212,6 +216,13 @@ def run_stage(cfg: StageConfig, *, tok, model, optimizers, data, num_steps: int,
                 logger.log(last_eval, "eval")
                 if rank == 0 and not cfg.quiet:
                     bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items() if k != "step"))
+            if core_eval is not None and core_eval[0] and (step % core_eval[0] == 0 or step == num_steps):
+                model.eval()
+                cores.append({"step": step, **core_eval[1](model)})
+                model.train()
+                logger.log(cores[-1], "core")
+                if rank == 0 and not cfg.quiet:
+                    bar.write(f"step {step}: CORE {cores[-1]['core_metric']:.4f}")
             if cfg.save_every and step % cfg.save_every == 0 and step < num_steps:
                 save(step)
     except torch.cuda.OutOfMemoryError:
@@ -224,7 +235,8 @@ def run_stage(cfg: StageConfig, *, tok, model, optimizers, data, num_steps: int,
     run_history = prior_history + history
     if run_first and (not run_history or run_history[0]["step"] != run_first["step"]):
         run_history.insert(0, run_first)
-    return {"steps": step, "history": history, "evals": evals, "last_eval": last_eval, "seconds": elapsed,
+    return {"steps": step, "history": history, "evals": evals, "last_eval": last_eval, "cores": cores,
+            "seconds": elapsed,
             "tokens": tokens_seen, "run_history": run_history, "run_seconds": prior_seconds + elapsed,
             "resumed_at": start_step if resumed_meta else None}
 
