@@ -111,6 +111,15 @@ def make_bundle(root: Path, seed: int, n: int = 30) -> Path:
     return root
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The model's matrices are tiny: one thread beats two, by far on a loaded machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(tokenizer, a depth-2 model trained on the sentences the tasks ask about, base dir)."""
@@ -127,8 +136,8 @@ def tiny(tmp_path_factory):
             p.normal_(0, 0.05)
     stream = [t for doc in text for t in tok.encode(doc, prepend=tok.bos_token_id)]
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(60):
-        starts = [rng.randrange(len(stream) - CONTEXT - 1) for _ in range(16)]
+    for step in range(40):
+        starts = [rng.randrange(len(stream) - CONTEXT - 1) for _ in range(8)]
         x = torch.tensor([stream[s: s + CONTEXT] for s in starts])
         y = torch.tensor([stream[s + 1: s + CONTEXT + 1] for s in starts])
         loss = model(x, y)
@@ -136,37 +145,43 @@ def tiny(tmp_path_factory):
         opt.step()
         opt.zero_grad(set_to_none=True)
     model.eval()
-    save_checkpoint(stage_dir("base", 2, base), 60, model, None, {"stage": "base"})
+    save_checkpoint(stage_dir("base", 2, base), 40, model, None, {"stage": "base"})
     return tok, model, base
 
 
-def _check_against_reference(tok, model, bundle, max_per_task=None, token_budget=None):
+@pytest.fixture(scope="module")
+def bundle(tiny, tmp_path_factory):
+    """(a random bundle of 20 examples per task, the reference's verdicts and crop counts per label)."""
+    tok, model, _ = tiny
+    root = make_bundle(tmp_path_factory.mktemp("core_bundle") / "b", seed=random.randrange(1 << 30), n=20)
     model64 = copy.deepcopy(model).double()
-    seen = {}
-    for task in load_bundle(bundle):
-        data = subsample(load_examples(task), max_per_task)
-        ours = task_verdicts(model, tok, task, data, token_budget or 8 * CONTEXT)
-        ref, cropped = ref_core.verdicts(model64, tok, task.task_type, load_examples(task), task.num_fewshot,
-                                         task.continuation_delimiter, CONTEXT, max_per_task)
+    ref = {t.label: ref_core.verdicts(model64, tok, t.task_type, load_examples(t), t.num_fewshot,
+                                      t.continuation_delimiter, CONTEXT) for t in load_bundle(root)}
+    return root, ref
+
+
+def test_verdicts_match_the_plain_python_scorer(tiny, bundle):
+    tok, model, _ = tiny
+    root, ref = bundle
+    for task in load_bundle(root):
+        ours = task_verdicts(model, tok, task, subsample(load_examples(task), None), 8 * CONTEXT)
+        verdicts, cropped = ref[task.label]
+        assert ours == verdicts, task.label
+        # the check can fail: both verdicts occur
+        assert 0 < sum(ours) < len(ours), (task.label, ours)
+        # the long task's rows exceed the context, the others' do not
+        assert (cropped > 0) == (task.label == "mc_long_prompts"), (task.label, cropped)
+
+
+def test_max_per_task_takes_the_seeded_shuffle_and_batching_does_not_matter(tiny, bundle):
+    tok, model, _ = tiny
+    model64 = copy.deepcopy(model).double()
+    for task in load_bundle(bundle[0]):
+        data = subsample(load_examples(task), 9)
+        ours = task_verdicts(model, tok, task, data, 1)  # one example per forward
+        ref, _ = ref_core.verdicts(model64, tok, task.task_type, load_examples(task), task.num_fewshot,
+                                   task.continuation_delimiter, CONTEXT, 9)
         assert ours == ref, task.label
-        seen[task.label] = (sum(ours), len(ours), cropped)
-    return seen
-
-
-def test_verdicts_match_the_plain_python_scorer(tiny, tmp_path):
-    tok, model, _ = tiny
-    seen = _check_against_reference(tok, model, make_bundle(tmp_path / "b", seed=random.randrange(1 << 30)))
-    # the checks can fail: both verdicts occur, and the long task's rows exceed the context
-    for label, (good, n, _) in seen.items():
-        assert 0 < good < n, (label, good, n)
-    assert seen["mc_long_prompts"][2] > 0
-    assert seen["mc_objects"][2] == 0
-
-
-def test_max_per_task_takes_the_seeded_shuffle_and_batching_does_not_matter(tiny, tmp_path):
-    tok, model, _ = tiny
-    bundle = make_bundle(tmp_path / "b", seed=random.randrange(1 << 30), n=40)
-    _check_against_reference(tok, model, bundle, max_per_task=17, token_budget=1)  # one example per forward
 
 
 def test_crop_keeps_the_last_tokens_and_shifts_the_span(tiny, tmp_path):
@@ -207,24 +222,22 @@ def _read_csv(path):
     return rows
 
 
-def test_rustchat_eval_core_end_to_end(tiny, tmp_path, capsys):
+def test_rustchat_eval_core_end_to_end(tiny, bundle, capsys):
     tok, model, base = tiny
-    bundle = make_bundle(tmp_path / "bundle", seed=random.randrange(1 << 30))
-    rc = main(["eval", "-i", "base", "--core", "--bundle", str(bundle), "--max-per-task", "20", "--base-dir",
+    root, ref = bundle
+    rc = main(["eval", "-i", "base", "--core", "--bundle", str(root), "--max-per-task", "20", "--base-dir",
                str(base), "--device", "cpu", "--quiet"])
     out = capsys.readouterr().out
     assert rc == 0
     assert "| Task | Type | Shots | Problems | Accuracy | Centered |" in out
     assert "| mc_long_prompts | multiple_choice | 5 | 20 |" in out and "| lm_objects | language_modeling | 2 | 20 |" in out
     assert "examples/s" in out
-    got = _read_csv(base / "base_eval" / "base_model_d2_000060.csv")
-    # by hand, from the reference's verdicts and the bundle's baselines
-    model64 = copy.deepcopy(model).double()
+    got = _read_csv(base / "base_eval" / "base_model_d2_000040.csv")
+    # by hand, from the reference's verdicts and the bundle's baselines (20 examples: all of them)
     centred = []
-    for task in load_bundle(bundle):
-        ref, _ = ref_core.verdicts(model64, tok, task.task_type, load_examples(task), task.num_fewshot,
-                                   task.continuation_delimiter, CONTEXT, 20)
-        acc = sum(ref) / len(ref)
+    for task in load_bundle(root):
+        verdicts = ref[task.label][0]
+        acc = sum(verdicts) / len(verdicts)
         b = TASKS[task.label][4] / 100
         centred.append((acc - b) / (1 - b))
         assert got[task.label] == pytest.approx((acc, centred[-1]), abs=1e-6)
@@ -235,7 +248,7 @@ def test_rustchat_eval_core_end_to_end(tiny, tmp_path, capsys):
 
 def test_two_gloo_processes_give_the_same_core(tiny, tmp_path):
     _, _, base = tiny
-    bundle = make_bundle(tmp_path / "bundle", seed=random.randrange(1 << 30), n=150)  # 3 chunks per task
+    bundle = make_bundle(tmp_path / "bundle", seed=random.randrange(1 << 30), n=70)  # 2 chunks per task
     results = []
     for nproc in (1, 2):
         d = tmp_path / f"run{nproc}"
@@ -247,9 +260,9 @@ def test_two_gloo_processes_give_the_same_core(tiny, tmp_path):
                             str(bundle), "--base-dir", str(d), "--device", "cpu", "--quiet", "--nproc", str(nproc)],
                            capture_output=True, text=True, env=env, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
-        results.append((d / "base_eval" / "base_model_d2_000060.csv").read_text())
+        results.append((d / "base_eval" / "base_model_d2_000040.csv").read_text())
     assert results[0] == results[1]
-    assert _read_csv(tmp_path / "run1" / "base_eval" / "base_model_d2_000060.csv")["mc_objects"][0] > 0
+    assert _read_csv(tmp_path / "run1" / "base_eval" / "base_model_d2_000040.csv")["mc_objects"][0] > 0
 
 
 # ----------------------------------------------------------------------------- malformed bundles

@@ -213,11 +213,15 @@ def score_examples(model, examples: list[EncodedExample], pad_id: int, token_bud
     return out
 
 
+def _check_shots(task: CoreTask, data: list[dict]) -> None:
+    if task.num_fewshot >= len(data):
+        raise RustchatError(f"task {task.label!r} ({task.data_path}) draws {task.num_fewshot} few-shot examples "
+                            f"from the others but has {len(data)} examples (raise --max-per-task)")
+
+
 def task_verdicts(model, tok, task: CoreTask, data: list[dict], token_budget: int) -> list[bool]:
     """Every example's verdict, this rank scoring its chunks; the others' arrive by all-reduce."""
-    if task.num_fewshot >= len(data):
-        raise RustchatError(f"task {task.label!r} draws {task.num_fewshot} few-shot examples from the others but "
-                            f"has {len(data)} examples (raise --max-per-task)")
+    _check_shots(task, data)
     rank, world = get_rank(), get_world_size()
     max_len = int(model.config.sequence_len)
     device = model.get_device()
@@ -278,10 +282,13 @@ def evaluate_core(model, tok, tasks: list[CoreTask], *, max_per_task: int | None
     model.eval()
     result = CoreResult()
     t_all = time.time()
+    # every task's data is read and checked before the first forward: a bad file fails fast
+    datas = [subsample(load_examples(task), max_per_task) for task in tasks]
+    for task, data in zip(tasks, datas):
+        _check_shots(task, data)
     try:
-        for task in tasks:
+        for task, data in zip(tasks, datas):
             t0 = time.time()
-            data = subsample(load_examples(task), max_per_task)
             verdicts = task_verdicts(model, tok, task, data, budget)
             acc = sum(verdicts) / len(verdicts)
             score = TaskScore(task.label, task.task_type, task.num_fewshot, len(data), acc,
