@@ -70,7 +70,8 @@ def cmd_speedrun(cfg: SpeedrunConfig) -> None:
 def cmd_eval(cfg: EvalConfig) -> None:
     from .evaluate import run_eval  # torch
 
-    run_eval(cfg)
+    with _processes(cfg):
+        run_eval(cfg)
 
 
 def cmd_chat(cfg: ChatConfig) -> None:
@@ -110,7 +111,7 @@ def _processes(cfg):
     process is asked for; the process group closes after."""
     from .runtime import cleanup_distributed  # torch
 
-    if (cfg.nproc > 1 or cfg.nnodes > 1) and "RANK" not in os.environ:
+    if (cfg.nproc > 1 or getattr(cfg, "nnodes", 1) > 1) and "RANK" not in os.environ:
         _relaunch_with_torchrun(cfg)
     try:
         yield
@@ -124,11 +125,14 @@ LAUNCH_FLAGS = ("--nproc", "--nnodes", "--node-rank", "--master-addr", "--master
 def torchrun_command(cfg, argv: list[str]) -> list[str]:
     """torchrun's command line for this run: `argv` (the command's own arguments) without the
     launch flags, which become torchrun's. One node: a standalone rendezvous on this machine;
-    several: a static one at --master-addr:--master-port, which node 0 hosts."""
-    if cfg.node_rank >= cfg.nnodes:
-        raise RustchatError(f"--node-rank {cfg.node_rank} must be below --nnodes {cfg.nnodes}")
-    if cfg.master_port > 65535:
-        raise RustchatError(f"--master-port must be in 1..65535, got {cfg.master_port}")
+    several: a static one at --master-addr:--master-port, which node 0 hosts. Commands without
+    the node flags (eval) run on one node."""
+    nnodes, node_rank = getattr(cfg, "nnodes", 1), getattr(cfg, "node_rank", 0)
+    master_addr, master_port = getattr(cfg, "master_addr", None), getattr(cfg, "master_port", 29500)
+    if node_rank >= nnodes:
+        raise RustchatError(f"--node-rank {node_rank} must be below --nnodes {nnodes}")
+    if master_port > 65535:
+        raise RustchatError(f"--master-port must be in 1..65535, got {master_port}")
     out, skip = [], False
     for a in argv:
         if skip:
@@ -140,13 +144,13 @@ def torchrun_command(cfg, argv: list[str]) -> list[str]:
         if a.split("=", 1)[0] in LAUNCH_FLAGS:
             continue
         out.append(a)
-    if cfg.nnodes == 1:
+    if nnodes == 1:
         launch = ["--standalone"]
     else:
-        if not cfg.master_addr:
+        if not master_addr:
             raise RustchatError("--nnodes > 1 needs --master-addr (the address of node 0, reachable from every node)")
-        launch = [f"--nnodes={cfg.nnodes}", f"--node-rank={cfg.node_rank}", f"--master-addr={cfg.master_addr}",
-                  f"--master-port={cfg.master_port}"]
+        launch = [f"--nnodes={nnodes}", f"--node-rank={node_rank}", f"--master-addr={master_addr}",
+                  f"--master-port={master_port}"]
     return [sys.executable, "-m", "torch.distributed.run", *launch, f"--nproc-per-node={cfg.nproc}",
             "-m", "rustchat.cli", *out]
 
@@ -167,7 +171,7 @@ STAGE_COMMANDS = (
 COMMANDS = (
     *((name, help_, STAGE_CONFIGS[name], handler) for name, help_, handler in STAGE_COMMANDS),
     ("speedrun", "tokenizer -> base -> mid -> SFT -> eval in one go", SpeedrunConfig, cmd_speedrun),
-    ("eval", "evaluate a checkpoint: chat tasks + ChatCORE, or bits/byte for base models", EvalConfig, cmd_eval),
+    ("eval", "evaluate a checkpoint: chat tasks + ChatCORE, or bits/byte (and --core: CORE) for base models", EvalConfig, cmd_eval),
     ("chat", "chat with a model in the terminal", ChatConfig, cmd_chat),
     ("serve", "web chat UI and an OpenAI-compatible /v1/chat/completions API", ServeConfig, cmd_serve),
     ("export", "write a checkpoint as a Hugging Face transformers directory (NanoChat architecture)",

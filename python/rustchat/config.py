@@ -206,6 +206,10 @@ class BaseConfig(StageConfig):
                            "cores: compute capability 8.9+)")
     arch: str = opt("2026", "architecture of a new model: 2026 (nanochat's July-2026 model: sliding windows, "
                             "value embeddings, smear, backout) or classic (January 2026)", choices=ARCHS)
+    core_every: int = opt(0, "steps between CORE evaluations, and one at the end (0: none)", minimum=0)
+    core_max_per_task: int = opt(500, "examples per CORE task during training", minimum=1)
+    bundle: str | None = opt(None, "CORE eval bundle directory (default: <base dir>/eval_bundle, downloaded "
+                                   "on first use)")
 
 
 @dataclass
@@ -269,7 +273,19 @@ class EvalConfig(ModelSourceConfig):
     seed: int = opt(42, "sampling seed")
     data_dir: str | None = opt(None, "-i base: validation text files (default: the base dir's)")
     bpb_tokens: int = opt(1 << 20, "-i base: tokens scored at most", minimum=1)
+    core: bool = opt(False, "-i base: also score the CORE suite (DCLM's ICL tasks, as nanochat does)")
+    bundle: str | None = opt(None, "-i base --core: eval bundle directory (core.yaml, eval_data/, "
+                                   "eval_meta_data.csv; default: <base dir>/eval_bundle, downloaded on first use)")
+    max_per_task: int | None = opt(None, "-i base --core: first N examples of each task after the seeded shuffle "
+                                         "(default: all)", minimum=1)
+    nproc: int = opt(1, "-i base --core: processes on this node splitting the examples (re-launches under "
+                        "torchrun)", minimum=1)
     quiet: bool = opt(False, "no progress bars or per-task lines")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.nproc > 1 and not (self.source == "base" and self.core):
+            raise RustchatError("--nproc > 1 splits only the CORE evaluation: use it with -i base --core")
 
 
 @dataclass

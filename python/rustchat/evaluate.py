@@ -1,4 +1,5 @@
-"""`rustchat eval`: chat models on the eval tasks (docs/design.md, "Evaluation"), base models by bits per byte.
+"""`rustchat eval`: chat models on the eval tasks (docs/design.md, "Evaluation"), base models by bits per
+byte and (--core) the CORE suite (core_eval.py).
 
 Categorical tasks (ARC, MMLU): each prompt is rendered for completion, a padded batch goes
 through one forward, and the answer is the letter whose token has the highest logit at the
@@ -21,15 +22,17 @@ from tqdm import tqdm
 from .batching import BatchScheduler, GenRequest
 from .bpb import bits_per_byte, val_token_stream
 from .checkpoint import load_model
-from .common import OFFLINE_ROUTE, RustchatError, get_base_dir
+from .common import OFFLINE_ROUTE, RustchatError, get_base_dir, print0
 from .config import EvalConfig
 from .conversation import render_for_completion
+from .core_bundle import resolve_bundle
+from .core_eval import core_csv, evaluate_core, format_core_table
 from .data.pretrain import FINEWEB_SHARDS
 from .data.textsource import list_files
 from .engine import Engine
 from .replies import CompletionParser
 from .report import write_section
-from .runtime import autocast_ctx
+from .runtime import autocast_ctx, get_rank, get_world_size, init_distributed
 from .sandbox import protection
 from .scoring import BASELINES, categorical_pick, chatcore
 from .tasks import get_task, task_from
@@ -267,25 +270,61 @@ def default_val_files(base: Path, data_dir: str | None) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- entry point
+def core_csv_path(base: Path, depth: int, step) -> Path:
+    """nanochat's per-model results file, in base_eval/ beside report.md."""
+    return base / "base_eval" / f"base_model_d{depth}_{int(step or 0):06d}.csv"
+
+
 def eval_base(cfg: EvalConfig) -> dict:
-    """Bits per byte of a base checkpoint on held-out text."""
-    model, tok, meta = load_model("base", depth=cfg.depth, step=cfg.step, device=cfg.device, base_dir=cfg.base_dir)
+    """Bits per byte of a base checkpoint on held-out text, and with --core the CORE suite
+    (its examples split over the ranks when run under torchrun)."""
+    _, device = init_distributed(cfg.device, seed=None)
+    model, tok, meta = load_model("base", depth=cfg.depth, step=cfg.step, device=device, base_dir=cfg.base_dir)
     base = Path(cfg.base_dir) if cfg.base_dir else get_base_dir(create=False)
-    files = default_val_files(base, cfg.data_dir)
-    t0 = time.time()
-    bpb, n = bits_per_byte(model, tok, val_token_stream(tok, files, cfg.bpb_tokens))
     label = f"base d{model.config.n_layer} step {meta.get('step')}"
-    if not cfg.quiet:
-        print(f"{label}: val bits/byte {bpb:.4f} over {n:,} tokens of {', '.join(map(str, files))} "
-              f"({time.time() - t0:.1f} s)")
-    write_section("base-eval", {"model": label, "val files": ", ".join(map(str, files)), "tokens": f"{n:,}",
-                                "val bpb": f"{bpb:.4f}"}, base_dir=base)
-    return {"val_bpb": bpb}
+    rows, out, table = {"model": label}, {}, None
+    try:
+        files = default_val_files(base, cfg.data_dir)
+    except RustchatError:
+        if not cfg.core:
+            raise
+        files = None  # CORE alone: bits per byte needs validation text
+    if files:
+        t0 = time.time()
+        bpb, n = bits_per_byte(model, tok, val_token_stream(tok, files, cfg.bpb_tokens))
+        if not cfg.quiet:
+            print0(f"{label}: val bits/byte {bpb:.4f} over {n:,} tokens of {', '.join(map(str, files))} "
+                   f"({time.time() - t0:.1f} s)")
+        rows.update({"val files": ", ".join(map(str, files)), "tokens": f"{n:,}", "val bpb": f"{bpb:.4f}"})
+        out["val_bpb"] = bpb
+    if cfg.core:
+        tasks = resolve_bundle(cfg.bundle, base, quiet=cfg.quiet)
+        print0(f"CORE: {len(tasks)} tasks, {get_world_size()} process(es), "
+               f"{'all examples' if not cfg.max_per_task else f'{cfg.max_per_task} examples per task at most'}")
+        res = evaluate_core(model, tok, tasks, max_per_task=cfg.max_per_task,
+                            token_budget=cfg.batch_size * model.config.sequence_len,
+                            log=None if cfg.quiet else print0)
+        table = format_core_table(res)
+        csv_path = core_csv_path(base, model.config.n_layer, meta.get("step"))
+        if get_rank() == 0:
+            csv_path.parent.mkdir(parents=True, exist_ok=True)
+            csv_path.write_text(core_csv(res))
+        print0(f"\n{label}\n{table}\n{res.examples} examples in {res.seconds:.1f} s: "
+               f"{res.examples_per_s:.1f} examples/s\nresults: {csv_path}")
+        rows.update({"CORE": f"{res.core:.4f}", "CORE examples": f"{res.examples:,}"
+                     + (f" (at most {cfg.max_per_task} per task)" if cfg.max_per_task else ""),
+                     "CORE examples/s": f"{res.examples_per_s:.1f}", "CORE results": str(csv_path)})
+        out["CORE"] = res.core
+        out["core_tasks"] = {t.label: t.accuracy for t in res.tasks}
+    if get_rank() == 0:
+        write_section("base-eval", rows, base_dir=base, table=table)
+    return out
 
 
 def run_eval(cfg: EvalConfig) -> dict:
     """Evaluate a checkpoint; returns {task display name: accuracy, ..., "ChatCORE": x}
-    for chat models, {"val_bpb": x} for base models."""
+    for chat models, {"val_bpb": x} for base models (with --core also "CORE" and
+    "core_tasks": {label: accuracy})."""
     if cfg.source == "base":
         return eval_base(cfg)
     tasks = [load_task(n, cfg.max_problems, cfg.task_dir) for n in parse_tasks(cfg.tasks)]  # fail early

@@ -5,7 +5,8 @@ depth-2 model (0.5M parameters) pretrained on the Python standard library's own 
 mid-trained and fine-tuned on generated arithmetic-with-calculator, spelling tasks and the
 bundled identity chats, each stage then scored by `rustchat eval`. Every machine has this
 data, so it is the embedded default job.
---preset d10 / d20: nanochat's recipes on FineWeb-Edu and the hub task datasets.
+--preset d10 / d20: nanochat's recipes on FineWeb-Edu and the hub task datasets, with CORE during
+and after base training.
 """
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ from .report import write_section
 from .stages import train_base, train_mid, train_sft
 from .tasks.stdlib_text import write_corpus
 from .tokenizer import SPECIAL_TOKENS, Tokenizer
+
+# nanochat's base training scores CORE (500 examples per task) every 2000 steps and at the end;
+# the GPU presets then score the whole suite on the final base model (base_eval "core")
+CORE_DURING_BASE = {"core_every": 2000, "core_max_per_task": 500}
 
 PRESETS = {
     # stage -> overrides of the stage defaults
@@ -53,7 +58,8 @@ PRESETS = {
     "d10": {
         "tokenizer": {"vocab_size": 65536, "max_chars": 2_000_000_000, "num_shards": 8},
         "common": {"depth": 10, "seq_len": 2048},
-        "base": {"device_batch_size": 32, "total_batch_size": 524_288, "num_shards": 60},
+        "base": {"device_batch_size": 32, "total_batch_size": 524_288, "num_shards": 60, **CORE_DURING_BASE},
+        "base_eval": {"core": True},
         "mid": {"device_batch_size": 32, "total_batch_size": 524_288, "tasks": "default"},
         "sft": {"device_batch_size": 4, "total_batch_conversations": 32, "tasks": "default", "from_stage": "mid"},
         "eval": {"tasks": "default"},
@@ -61,7 +67,8 @@ PRESETS = {
     "d20": {
         "tokenizer": {"vocab_size": 65536, "max_chars": 2_000_000_000, "num_shards": 8},
         "common": {"depth": 20, "seq_len": 2048},
-        "base": {"device_batch_size": 32, "total_batch_size": 524_288, "num_shards": 240},
+        "base": {"device_batch_size": 32, "total_batch_size": 524_288, "num_shards": 240, **CORE_DURING_BASE},
+        "base_eval": {"core": True},
         "mid": {"device_batch_size": 32, "total_batch_size": 524_288, "tasks": "default"},
         "sft": {"device_batch_size": 4, "total_batch_conversations": 32, "tasks": "default", "from_stage": "mid"},
         "eval": {"tasks": "default"},
@@ -177,7 +184,8 @@ def run_speedrun(cfg: SpeedrunConfig) -> dict:
         row = {"stage": stage, "loss": f"{first:.3f} -> {last:.3f}", "seconds": time.time() - t0,
                "val": _val_text(res.get("start_eval"), res.get("last_eval"))}
         if stage == "base":
-            row["val"] = f"val bpb {scores['val_bpb']:.4f}"
+            row["val"] = ", ".join([f"val bpb {scores['val_bpb']:.4f}"] * ("val_bpb" in scores)
+                                   + [f"CORE {scores['CORE']:.4f}"] * ("CORE" in scores))
         else:
             row["tasks"] = {t: v for t, v in scores.items() if t != "ChatCORE"}
             tasks += [t for t in row["tasks"] if t not in tasks]

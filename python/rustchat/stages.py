@@ -35,6 +35,8 @@ from .config import BaseConfig, MidConfig, SFTConfig, StageConfig
 from .bpb import bits_per_byte, val_token_stream
 from .conversation import collate_sft, render_batch
 from .data.bestfit import PACKING, BestFitLoader
+from .core_bundle import resolve_bundle
+from .core_eval import evaluate_core
 from .data.midtrain import MidTrainStream
 from .data.pretrain import FINEWEB_SHARDS, DocumentSource, PretrainLoader, download_shards
 from .data.steps import SFTSteps, StreamSteps
@@ -366,6 +368,19 @@ def _conv_loss_evaluator(tok, conversations, cfg: StageConfig, rank: int, world:
     return evaluate
 
 
+def _core_evaluator(cfg: BaseConfig, tok):
+    """CORE during base training, as nanochat's --core-metric-every: the first
+    --core-max-per-task examples of each task, every rank scoring its share."""
+    tasks = resolve_bundle(cfg.bundle, cfg.base_dir or get_base_dir(), quiet=cfg.quiet)
+
+    def evaluate(model):
+        res = evaluate_core(model, tok, tasks, max_per_task=cfg.core_max_per_task,
+                            token_budget=cfg.device_batch_size * cfg.seq_len)
+        return {"core_metric": res.core, **{f"centered/{t.label}": t.centered for t in res.tasks}}
+
+    return evaluate
+
+
 def _start_eval(cfg: StageConfig, model, evaluate, start: int) -> dict | None:
     """The validation metric of the model the stage starts from (the previous stage's), so the
     report shows what the stage changed on its own held-out data; None when resuming."""
@@ -409,6 +424,7 @@ def train_base(cfg: BaseConfig) -> dict:
     val = val_token_stream(s.tok, val_files, cfg.bpb_tokens)  # the tokens `eval -i base` scores
     evaluate = lambda model: {"val_bpb": bits_per_byte(model, s.tok, val)[0]}  # noqa: E731
 
+    core = (cfg.core_every, _core_evaluator(cfg, s.tok)) if cfg.core_every else None  # the bundle fails fast
     _banner(cfg, s.model, s.device, s.tok, f"{plan.total_batch_size:,} tokens (grad accum {accum})", num_steps,
             f"\n   {plan.describe()}")
     if plan.rules == "2026":
@@ -422,7 +438,7 @@ def train_base(cfg: BaseConfig) -> dict:
     result = run_stage(cfg, tok=s.tok, model=s.model, optimizers=s.optimizers, data=data,
                        num_steps=num_steps, lr_multiplier=lr_multiplier,
                        start_step=s.start_step, evaluate=evaluate, ckpt_dir=_ckpt_dir("base", cfg),
-                       momentum_fn=momentum, weight_decay_fn=weight_decay, resumed_meta=s.meta)
+                       momentum_fn=momentum, weight_decay_fn=weight_decay, resumed_meta=s.meta, core_eval=core)
     result["plan"] = plan.to_dict()
     _report(cfg, s.model, result)
     return result
@@ -517,6 +533,9 @@ def _report(cfg: StageConfig, model, result: dict) -> None:
         rows.update({k: f"{v:.4f}" for k, v in result["last_eval"].items() if k != "step"})
     if result.get("start_eval"):
         rows.update({f"{k} at start": f"{v:.4f}" for k, v in result["start_eval"].items()})
+    if result.get("cores"):
+        last = result["cores"][-1]
+        rows[f"CORE (step {last['step']}, {cfg.core_max_per_task} per task at most)"] = f"{last['core_metric']:.4f}"
     if hist and "mfu" in hist[-1]:
         rows["MFU (median)"] = f"{100 * np.median([h['mfu'] for h in hist]):.1f}%"
     write_section(cfg.stage, rows, base_dir=cfg.base_dir)

@@ -136,19 +136,20 @@ def train_step(model, optimizers, micro_batches, device, autocast_ctx) -> tuple[
 
 def run_stage(cfg: StageConfig, *, tok, model, optimizers, data, num_steps: int, lr_multiplier,
               start_step: int, evaluate=None, ckpt_dir, momentum_fn=None, weight_decay_fn=None,
-              resumed_meta: dict | None = None) -> dict:
+              resumed_meta: dict | None = None, core_eval=None) -> dict:
     """The shared loop: schedule, step, eval, checkpoint, progress, report numbers.
 
     `resumed_meta` (the checkpoint a --resume starts from) carries the run so far
     (`checkpoint.RunLedger`): its id, history and wall time continue in the checkpoints written
     here and in `run_history` / `run_seconds` of the result, while `history` / `seconds`
-    cover this invocation only."""
+    cover this invocation only. `core_eval` = (every, fn): fn(model) -> {"core_metric": x, ...}
+    runs on every rank every `every` steps and at the last step (nanochat's --core-metric-every)."""
     ledger = RunLedger(resumed_meta)
     if start_step >= num_steps:  # nothing left to train: say so instead of silently re-saving
         print0(f"{cfg.stage}: run {ledger.run_id} is already at step {start_step} of {num_steps}; nothing to do "
                "(--max-steps N continues it to step N)")
-        return {"steps": start_step, "history": [], "evals": [], "last_eval": None, "seconds": 0.0, "tokens": 0,
-                "finished": True, **ledger.summary([], 0.0)}
+        return {"steps": start_step, "history": [], "evals": [], "last_eval": None, "cores": [], "seconds": 0.0,
+                "tokens": 0, "finished": True, **ledger.summary([], 0.0)}
     check_checkpoint_dir(ckpt_dir, checkpoint_bytes(model))  # fail now, not at the first save
     if resumed_meta is None and getattr(cfg, "force", False) and get_rank() == 0:
         archive_run(ckpt_dir)  # --force: the old run steps aside only now that this one starts
@@ -166,6 +167,7 @@ def run_stage(cfg: StageConfig, *, tok, model, optimizers, data, num_steps: int,
     t_start = time.time()
     tokens_seen = 0
     last_eval = None
+    cores = []
 
     def save(step):
         states = [data.state()]
@@ -228,6 +230,13 @@ def run_stage(cfg: StageConfig, *, tok, model, optimizers, data, num_steps: int,
                 logger.log(last_eval, "eval")
                 if rank == 0 and not cfg.quiet:
                     bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items() if k != "step"))
+            if core_eval is not None and core_eval[0] and (step % core_eval[0] == 0 or step == num_steps):
+                model.eval()
+                cores.append({"step": step, **core_eval[1](model)})
+                model.train()
+                logger.log(cores[-1], "core")
+                if rank == 0 and not cfg.quiet:
+                    bar.write(f"step {step}: CORE {cores[-1]['core_metric']:.4f}")
             if cfg.save_every and step % cfg.save_every == 0 and step < num_steps:
                 save(step)
     except torch.cuda.OutOfMemoryError:
@@ -239,7 +248,8 @@ def run_stage(cfg: StageConfig, *, tok, model, optimizers, data, num_steps: int,
     elapsed = time.time() - t_start
     if step < num_steps:
         print0(f"{cfg.stage}: stopped at step {step} of {num_steps}; continue with: {continue_command(cfg)}")
-    return {"steps": step, "history": history, "evals": evals, "last_eval": last_eval, "seconds": elapsed,
+    return {"steps": step, "history": history, "evals": evals, "last_eval": last_eval, "cores": cores,
+            "seconds": elapsed,
             "tokens": tokens_seen, "finished": step >= num_steps, **ledger.summary(history, elapsed)}
 
 
