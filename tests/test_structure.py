@@ -21,7 +21,7 @@ LAYERS = {
     1: {"config", "conversation", "tokenizer", "tools", "sandbox", "runtime", "kernels", "optim"},
     2: {"model", "data", "tasks", "checkpoint", "schedules", "scoring", "report"},
     3: {"engine", "trainer", "batching"},
-    4: {"stages", "evaluate", "chat", "serve", "export", "hf_import", "nanochat_import", "tokenizer_stage"},
+    4: {"stages", "evaluate", "rl", "chat", "serve", "export", "hf_import", "nanochat_import", "tokenizer_stage"},
     5: {"speedrun"},
     6: {"cli", "__init__"},
 }

@@ -59,6 +59,13 @@ def cmd_sft(cfg) -> None:
         train_sft(cfg)
 
 
+def cmd_rl(cfg) -> None:
+    from .stages import train_rl  # torch
+
+    with _processes(cfg.nproc):
+        train_rl(cfg)
+
+
 def cmd_speedrun(cfg: SpeedrunConfig) -> None:
     from .speedrun import run_speedrun  # torch
 
@@ -139,6 +146,7 @@ STAGE_COMMANDS = (
     ("base", "pretrain on web text (FineWeb-Edu or --data-dir)", cmd_base),
     ("mid", "mid-train on conversations (every token trained)", cmd_mid),
     ("sft", "supervised fine-tuning (loss on assistant tokens)", cmd_sft),
+    ("rl", "reinforcement learning on tasks with checkable answers (simplified GRPO)", cmd_rl),
 )
 COMMANDS = (
     *((name, help_, STAGE_CONFIGS[name], handler) for name, help_, handler in STAGE_COMMANDS),

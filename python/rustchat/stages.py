@@ -14,18 +14,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import find_last_step, load_optimizer_states, load_stage_model, previous_stage, restore_rng_state, stage_dir
+from .checkpoint import (
+    build_model_from_meta,
+    find_last_step,
+    load_checkpoint,
+    load_optimizer_states,
+    load_stage_model,
+    previous_stage,
+    restore_rng_state,
+    stage_dir,
+)
 from .common import RustchatError, get_base_dir, print0
-from .config import BaseConfig, MidConfig, SFTConfig, StageConfig
+from .config import BaseConfig, MidConfig, RLConfig, SFTConfig, StageConfig, TrainConfig
 from .conversation import collate_sft, render_batch
 from .data.midtrain import MidTrainStream
 from .data.pretrain import FINEWEB_SHARDS, DocumentSource, PretrainLoader, download_shards
 from .data.steps import SFTSteps, StreamSteps
 from .model import GPT, GPTConfig
+from .engine import Engine
 from .report import write_section
+from .rl import RolloutSteps, Sampler, pass_at_k_evaluator, rl_train_step
 from .runtime import autocast_ctx, barrier, compute_dtype, get_rank, init_distributed
 from .schedules import base_lr_multiplier, mid_lr_multiplier, muon_momentum, sft_lr_multiplier
-from .tasks import TaskMixture, get_task
+from .tasks import CustomJSON, Task, TaskMixture, get_task
 from .tokenizer import load_tokenizer
 from .trainer import all_reduce_sum, data_state_for_rank, run_stage
 
@@ -96,18 +107,18 @@ def build_mixture(stage: str, preset: str, split: str, task_dir: str | None = No
 
 
 # ----------------------------------------------------------------------------- shared setup
-def _setup(cfg: StageConfig):
+def _setup(cfg: TrainConfig):
     info, device = init_distributed(cfg.device, seed=cfg.seed)
     tok = load_tokenizer(cfg.base_dir)
     torch.manual_seed(cfg.seed + info.rank)
     return info, device, tok
 
 
-def _ckpt_dir(stage: str, cfg: StageConfig) -> Path:
+def _ckpt_dir(stage: str, cfg: TrainConfig) -> Path:
     return stage_dir(stage, cfg.depth, cfg.base_dir)
 
 
-def _load_start(cfg: StageConfig, device, tok):
+def _load_start(cfg: TrainConfig, device, tok):
     """(model, optimizer states or None, meta or None, start_step) for a stage."""
 
     own = _ckpt_dir(cfg.stage, cfg)
@@ -132,7 +143,7 @@ def _load_start(cfg: StageConfig, device, tok):
     return model, None, meta, 0
 
 
-def _optimizers(model, cfg: StageConfig, optim_states):
+def _optimizers(model, cfg: TrainConfig, optim_states):
     opts = model.setup_optimizers(matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
                                   unembedding_lr=cfg.unembedding_lr)
     if optim_states is not None:
@@ -140,13 +151,14 @@ def _optimizers(model, cfg: StageConfig, optim_states):
     return opts
 
 
-def _banner(cfg: StageConfig, model, device, tok, tokens_per_step: str, num_steps: int, extra: str = "") -> None:
+def _banner(cfg: TrainConfig, model, device, tok, tokens_per_step: str, num_steps: int, extra: str = "") -> None:
     device = torch.device(device)
     kernels = "triton (fused linear CE, rotary)" if device.type == "cuda" and model.use_kernels else "torch reference"
     print0(
         f"== rustchat {cfg.stage} | depth {cfg.depth} (dim {model.config.n_embd}, {model.config.n_head} heads) | "
         f"{model.num_params() / 1e6:.2f}M params | device {device} "
-        f"({compute_dtype(device)}) | kernels: {kernels} | vocab {tok.vocab_size} | seq {cfg.seq_len} | "
+        f"({compute_dtype(device)}) | kernels: {kernels} | vocab {tok.vocab_size} | "
+        f"{f'seq {cfg.seq_len} | ' if hasattr(cfg, 'seq_len') else ''}"
         f"{tokens_per_step} per step | {num_steps} steps{extra}")
 
 
@@ -323,10 +335,128 @@ def train_sft(cfg: SFTConfig) -> dict:
     return result
 
 
-STAGE_FUNCS = {"base": train_base, "mid": train_mid, "sft": train_sft}
+# ----------------------------------------------------------------------------- RL
+RL_TASKS = ("gsm8k", "arithmetic", "spellingbee", "simplespelling")  # generative, with a checkable answer
+SYNTHETIC_RL_TASKS = ("arithmetic", "spellingbee", "simplespelling")  # generated: sized, with a test split
 
 
-def _report(cfg: StageConfig, model, result: dict) -> None:
+def _rl_task(name: str, split: str, cfg: RLConfig) -> Task:
+    """One split of a named RL task (GSM8K's from --task-dir when a local copy is there)."""
+    key = "".join(c for c in name.lower() if c.isalnum())
+    if key in SYNTHETIC_RL_TASKS:
+        return get_task(key, split=split, size=cfg.train_size if split == "train" else cfg.eval_examples,
+                        seed=cfg.seed if split == "train" else 0)
+    kw = {"split": split}
+    if cfg.task_dir is not None:
+        if not Path(cfg.task_dir).is_dir():
+            raise RustchatError(f"--task-dir {cfg.task_dir}: no such directory")
+        local = local_task_file(cfg.task_dir, key, kw)
+        if local is not None:
+            kw["path"] = str(local)
+    return get_task(key, **kw)
+
+
+def rl_tasks(cfg: RLConfig) -> tuple[list[Task], list[Task]]:
+    """(training tasks, held-out tasks) of --tasks. A custom JSONL file holds out its last
+    tenth (at least one conversation) for pass@k; the rest is trained on."""
+    train, held_out = [], []
+    for part in (p.strip() for p in cfg.tasks.split(",")):
+        if not part:
+            continue
+        key = "".join(c for c in part.lower() if c.isalnum())
+        if key in RL_TASKS:
+            train.append(_rl_task(key, "train", cfg))
+            held_out.append(_rl_task(key, "test", cfg))
+        elif part.endswith((".jsonl", ".json")) or Path(part).is_file():
+            n = len(CustomJSON(part))
+            if n < 2:
+                raise RustchatError(f"--tasks {part}: RL needs at least 2 conversations (one is held out), got {n}")
+            n_out = max(1, n // 10)
+            train.append(CustomJSON(part, stop=n - n_out))
+            held_out.append(CustomJSON(part, start=n - n_out))
+        else:
+            raise RustchatError(f"--tasks {part!r}: not a task with a checkable answer; use "
+                                f"{', '.join(RL_TASKS)} or a JSONL file of conversations")
+    if not train:
+        raise RustchatError(f"--tasks {cfg.tasks!r} names no task")
+    return train, held_out
+
+
+def _held_out_problems(tasks: list[Task], n: int) -> list[tuple[Task, dict]]:
+    """About n problems, an equal share from each held-out task."""
+    share = max(1, n // len(tasks))
+    return [(t, t[i]) for t in tasks for i in range(min(share, len(t)))]
+
+
+def _load_rl_start(cfg: RLConfig, device, tok):
+    """As _load_start, but --from PATH (a checkpoint directory) replaces the SFT checkpoint."""
+    if cfg.resume or not cfg.from_path:
+        return _load_start(cfg, device, tok)
+    state, _, meta = load_checkpoint(cfg.from_path, device=device, load_optimizer=False)
+    model = build_model_from_meta(meta, device, state)
+    if model.config.vocab_size != tok.vocab_size:
+        raise RustchatError(f"--from {cfg.from_path}: the checkpoint has vocab {model.config.vocab_size} but the "
+                            f"tokenizer has {tok.vocab_size}")
+    if model.config.n_layer != cfg.depth:
+        raise RustchatError(f"--from {cfg.from_path}: the checkpoint has depth {model.config.n_layer}, not "
+                            f"--depth {cfg.depth}")
+    return model, None, meta, 0
+
+
+def train_rl(cfg: RLConfig) -> dict:
+    info, device, tok = _setup(cfg)
+    model, optim_states, meta, start = _load_rl_start(cfg, device, tok)
+    train_tasks, held_out = rl_tasks(cfg)
+    order = TaskMixture(train_tasks, seed=cfg.seed)
+
+    def stream(pos: int):
+        ti, local = order.source(pos % len(order))
+        return order.tasks[ti], order.tasks[ti][local]
+
+    opts = _optimizers(model, cfg, optim_states)
+    num_steps = cfg.max_steps or max(1, (len(order) * cfg.num_epochs) // cfg.examples_per_step)
+    per_rank = cfg.examples_per_step // info.world_size
+    engine = Engine(model, tok)  # the calculator tool is active in the rollouts
+    # every reply of a step (this rank's share) decodes in one continuous batch
+    sampler = Sampler(engine, max_batch=max(1, per_rank * cfg.num_samples), max_new_tokens=cfg.max_new_tokens,
+                      temperature=cfg.temperature, top_k=cfg.top_k or None)
+    data = RolloutSteps(tok, sampler, stream, examples_per_step=cfg.examples_per_step, num_samples=cfg.num_samples,
+                        device_batch_size=cfg.device_batch_size, seed=cfg.seed, rank=info.rank,
+                        world_size=info.world_size, state=data_state_for_rank(meta, info.rank) if cfg.resume else None)
+    evaluate = pass_at_k_evaluator(tok, sampler, _held_out_problems(held_out, cfg.eval_examples),
+                                   num_samples=cfg.num_samples, seed=cfg.seed, rank=info.rank,
+                                   world_size=info.world_size)
+    _banner(cfg, model, device, tok, f"{cfg.examples_per_step} questions x {cfg.num_samples} replies", num_steps,
+            f" | tasks {', '.join(t.name for t in train_tasks)} ({len(order):,} problems)")
+    try:
+        result = run_stage(cfg, tok=tok, model=model, optimizers=opts, data=data, num_steps=num_steps,
+                           lr_multiplier=lambda s: sft_lr_multiplier(s, num_steps, init_lr_frac=cfg.init_lr_frac),
+                           start_step=start, evaluate=evaluate, ckpt_dir=_ckpt_dir("rl", cfg),
+                           resumed_meta=meta if cfg.resume else None, step_fn=rl_train_step)
+    finally:
+        sampler.close()
+    hist = result["history"]
+    extra = {}
+    if hist:
+        share = float(np.mean([h["rollout_share"] for h in hist]))
+        tps = float(np.median([h["sample_tok_per_s"] for h in hist]))
+        print0(f"rl: reward {hist[0]['reward']:.3f} -> {hist[-1]['reward']:.3f}; rollouts {100 * share:.0f}% of step "
+               f"time, {tps:,.0f} sampled tokens/s (median)")
+        k = max(1, len(hist) // 10)
+        extra = {"reward first -> last": f"{np.mean([h['reward'] for h in hist[:k]]):.3f} -> "
+                                         f"{np.mean([h['reward'] for h in hist[-k:]]):.3f} (means of {k} steps)",
+                 "groups all right / all wrong (last)": f"{100 * hist[-1]['all_right']:.0f}% / "
+                                                        f"{100 * hist[-1]['all_wrong']:.0f}%",
+                 "rollout share of step time": f"{100 * share:.0f}%",
+                 "sampled tokens/s (median)": f"{tps:,.0f}"}
+    _report(cfg, model, result, extra)
+    return result
+
+
+STAGE_FUNCS = {"base": train_base, "mid": train_mid, "sft": train_sft, "rl": train_rl}
+
+
+def _report(cfg: TrainConfig, model, result: dict, extra: dict | None = None) -> None:
     if get_rank() != 0:
         return
     # the whole run: after --resume, the steps and time before it count too
@@ -348,7 +478,8 @@ def _report(cfg: StageConfig, model, result: dict) -> None:
         rows.update({f"{k} at start": f"{v:.4f}" for k, v in result["start_eval"].items()})
     if hist and "mfu" in hist[-1]:
         rows["MFU (median)"] = f"{100 * np.median([h['mfu'] for h in hist]):.1f}%"
+    rows.update(extra or {})
     write_section(cfg.stage, rows, base_dir=cfg.base_dir)
 
 
-__all__ = ["train_base", "train_mid", "train_sft", "STAGE_FUNCS", "build_mixture"]
+__all__ = ["train_base", "train_mid", "train_sft", "train_rl", "STAGE_FUNCS", "build_mixture"]

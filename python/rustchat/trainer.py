@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from .checkpoint import capture_rng_state, check_checkpoint_dir, checkpoint_bytes, prune_checkpoints, save_checkpoint
 from .common import RustchatError, print0
-from .config import StageConfig
+from .config import TrainConfig
 from .optim import all_reduce_grads
 from .runtime import autocast_ctx, barrier, get_rank, get_world_size, synchronize
 from .schedules import apply_lr_multiplier, set_muon_momentum
@@ -48,7 +48,7 @@ class _Logger:
     wandb itself honours WANDB_MODE: offline writes the run under WANDB_DIR to `wandb sync`
     later, with no network; disabled turns it off."""
 
-    def __init__(self, cfg: StageConfig, rank: int, optimizers=()):
+    def __init__(self, cfg: TrainConfig, rank: int, optimizers=()):
         self.run = None
         self.optimizers = list(optimizers)
         if not cfg.run or rank != 0 or os.environ.get("WANDB_MODE") == "disabled":
@@ -92,7 +92,7 @@ def all_reduce_sum(value: float, device) -> float:
     return float(t.item())
 
 
-def _oom_error(cfg: StageConfig) -> RustchatError:
+def _oom_error(cfg: TrainConfig) -> RustchatError:
     half = max(1, cfg.device_batch_size // 2)
     return RustchatError(f"CUDA out of memory at --device-batch-size {cfg.device_batch_size}; try --device-batch-size {half}")
 
@@ -123,9 +123,13 @@ def train_step(model, optimizers, micro_batches, device, autocast_ctx) -> tuple[
     return loss_sum / max(total, 1.0), int(total)
 
 
-def run_stage(cfg: StageConfig, *, tok, model, optimizers, data, num_steps: int, lr_multiplier,
-              start_step: int, evaluate=None, ckpt_dir, momentum_fn=None, resumed_meta: dict | None = None) -> dict:
+def run_stage(cfg: TrainConfig, *, tok, model, optimizers, data, num_steps: int, lr_multiplier,
+              start_step: int, evaluate=None, ckpt_dir, momentum_fn=None, resumed_meta: dict | None = None,
+              step_fn=None) -> dict:
     """The shared loop: schedule, step, eval, checkpoint, progress, report numbers.
+
+    `step_fn(model, optimizers, step_data, device, autocast)` -> (loss, trained tokens, numbers
+    to log) replaces `train_step` (RL's policy-gradient step).
 
     `resumed_meta` (the checkpoint a --resume starts from) carries the run so far: its history
     and wall time continue in the checkpoints written here and in `run_history` /
@@ -139,7 +143,7 @@ def run_stage(cfg: StageConfig, *, tok, model, optimizers, data, num_steps: int,
     device = model.get_device()
     rank = get_rank()
     logger = _Logger(cfg, rank, optimizers)
-    flops_per_token = model.estimate_flops(cfg.seq_len)
+    flops_per_token = model.estimate_flops(getattr(cfg, "seq_len", None))
     is_cuda = device.type == "cuda"
     ac = lambda: autocast_ctx(device)  # noqa: E731
     history = []
@@ -184,7 +188,11 @@ def run_stage(cfg: StageConfig, *, tok, model, optimizers, data, num_steps: int,
             micro = data.next_step()
             t0 = time.time()
             model.train()
-            loss, ntok = train_step(model, optimizers, micro, device, ac)
+            if step_fn is None:
+                loss, ntok = train_step(model, optimizers, micro, device, ac)
+                logged = {}
+            else:
+                loss, ntok, logged = step_fn(model, optimizers, micro, device, ac)
             if not math.isfinite(loss):
                 raise RustchatError(f"{cfg.stage}: loss became {loss} at step {step}; lower the learning rates")
             synchronize(device)
@@ -193,8 +201,10 @@ def run_stage(cfg: StageConfig, *, tok, model, optimizers, data, num_steps: int,
             tokens_seen += n_in
             tps = n_in / dt
             step += 1
-            rec = {"step": step, "loss": loss, "lr_mult": mult, "tok_per_s": tps, "trained_tokens": ntok}
+            rec = {"step": step, "loss": loss, "lr_mult": mult, "tok_per_s": tps, "trained_tokens": ntok, **logged}
             post = {"loss": f"{loss:.4f}", "tok/s": f"{tps:,.0f}"}
+            if "reward" in logged:
+                post["reward"] = f"{logged['reward']:.3f}"
             if is_cuda:
                 mfu = flops_per_token * tps / (H100_BF16_PEAK_FLOPS * all_reduce_sum(1, device))
                 rec["mfu"] = mfu
