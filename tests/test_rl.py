@@ -22,6 +22,7 @@ from rustchat.engine import Engine
 from rustchat.model import GPT, GPTConfig
 from rustchat import rl, stages
 from rustchat.tasks import CustomJSON, Task
+from test_stages import _assert_same_weights  # equal up to summation order, Adam's sign flips aside
 
 GOOD = frozenset(chr(i) for i in range(33, 127) if i % 3 == 0)  # 31 of the 94 visible ASCII characters
 
@@ -254,7 +255,9 @@ RANKS_SCRIPT = textwrap.dedent("""
     from rustchat.runtime import cleanup_distributed
     stages.rl_tasks = toy_tasks
     try:
-        res = stages.train_rl(RLConfig(**{{**TOY, "max_steps": 3, "device_batch_size": {dbs}}}, base_dir={base!r}))
+        res = stages.train_rl(RLConfig(**{{**TOY, "max_steps": 3, "device_batch_size": {dbs}, "init_lr_frac": 0.1,
+                                          "max_new_tokens": 4}},
+                                       base_dir={base!r}))
     finally:
         cleanup_distributed()
     json.dump([[h["loss"], h["reward"]] for h in res["history"]], open({out!r}, "w"))
@@ -278,11 +281,13 @@ def test_two_gloo_processes_match_one(base_dir, tmp_path):
     h1 = _run_ranks(one, 1, 8)
     h2 = _run_ranks(two, 2, 3)  # another micro-batch size too: the update must not depend on it
     assert [r for _, r in h1] == [r for _, r in h2]  # the same replies, sampled on other ranks
-    assert [l for l, _ in h1] == pytest.approx([l for l, _ in h2], rel=1e-4, abs=1e-7)
-    a = load_checkpoint(stage_dir("rl", 1, one), load_optimizer=False)[0]
-    b = load_checkpoint(stage_dir("rl", 1, two), load_optimizer=False)[0]
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=2e-4, atol=2e-5)
+    # the loss is a near-cancelling sum (advantages sum to 0 per group): compare it absolutely too.
+    # Replies of several tokens: with one-token replies the output head's rows of unsampled
+    # tokens get gradients that are 0 but for rounding, which AdamW (eps 1e-10) turns into
+    # full-size steps of either sign, so no two summation orders would agree.
+    assert [l for l, _ in h1] == pytest.approx([l for l, _ in h2], rel=1e-4, abs=1e-6)
+    _assert_same_weights(load_checkpoint(stage_dir("rl", 1, one), load_optimizer=False)[0],
+                         load_checkpoint(stage_dir("rl", 1, two), load_optimizer=False)[0], 2e-4)
     assert any(l != 0.0 for l, _ in h1)  # some groups carried a signal
 
 
