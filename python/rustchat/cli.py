@@ -150,7 +150,7 @@ STAGE_COMMANDS = (
 )
 COMMANDS = (
     *((name, help_, STAGE_CONFIGS[name], handler) for name, help_, handler in STAGE_COMMANDS),
-    ("speedrun", "tokenizer -> base -> mid -> SFT -> eval in one go", SpeedrunConfig, cmd_speedrun),
+    ("speedrun", "tokenizer -> base -> mid -> SFT (-> RL) -> eval in one go", SpeedrunConfig, cmd_speedrun),
     ("eval", "evaluate a checkpoint: chat tasks + ChatCORE, or bits/byte for base models", EvalConfig, cmd_eval),
     ("chat", "chat with a model in the terminal", ChatConfig, cmd_chat),
     ("serve", "web chat UI and an OpenAI-compatible /v1/chat/completions API", ServeConfig, cmd_serve),

@@ -267,6 +267,9 @@ def rl_train_step(model, optimizers, batch: RolloutBatch, device, autocast_ctx) 
         "rollout_share": rollout / max(rollout + train_seconds, 1e-9),
         "sample_tok_per_s": s["sampled"] / max(batch.stats["sample_seconds"], 1e-9),
         "sampled_tokens": s["sampled"],
+        "rollout_s": rollout,
+        "sample_s": batch.stats["sample_seconds"],
+        "train_s": train_seconds,
     }
     return loss_sum / max(total, 1.0), int(total), stats
 
