@@ -309,3 +309,32 @@ def test_custom_json_task_checks_reference_answers(tmp_path):
     assert held[1][0] == rows[18]
     with pytest.raises(RustchatError, match="checkable"):
         stages.rl_tasks(RLConfig(tasks="smoltalk"))
+
+
+def test_bad_input_is_one_line(base_dir, tmp_path, capsys):
+    from rustchat.cli import main
+    d = _copy(base_dir, tmp_path, "bad")
+    common = ["rl", "--depth", "1", "--device", "cpu", "--base-dir", str(d), "--quiet", "--tasks", "arithmetic",
+              "--train-size", "10", "--eval-examples", "2"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "q"}]}\n')
+    for argv, what in [(["--tasks", "smoltalk"], "checkable answer"), (["--tasks", str(bad)], "bad.jsonl:1"),
+                       (["--from", str(tmp_path / "none")], "no checkpoint directory"),
+                       (["--depth", "3"], "sft"), (["--resume"], "no rl checkpoint"),
+                       (["--examples-per-step", "0"], "--examples-per-step must be >= 1")]:
+        assert main(common + argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and err.startswith("rustchat: error:") and what in err, (argv, err)
+
+
+def test_tiny_preset_never_trains_on_the_problems_it_is_scored_on():
+    from test_speedrun import _words_and_numbers
+    from rustchat.evaluate import load_task
+    from rustchat.speedrun import PRESETS
+    cfg = RLConfig(**{**PRESETS["tiny"]["rl"], "train_size": 3000})
+    train, held_out = stages.rl_tasks(cfg)
+    for task, probe in zip(train, held_out):
+        scored = load_task(type(task).__name__, 200)  # what the speedrun's eval scores
+        trained = {_words_and_numbers(c) for c in task}
+        assert not trained & {_words_and_numbers(c) for c in scored}
+        assert not trained & {_words_and_numbers(c) for c in probe}

@@ -404,9 +404,12 @@ def _load_rl_start(cfg: RLConfig, device, tok):
 
 
 def train_rl(cfg: RLConfig) -> dict:
+    train_tasks, held_out = rl_tasks(cfg)  # a bad --tasks fails before anything loads
     info, device, tok = _setup(cfg)
     model, optim_states, meta, start = _load_rl_start(cfg, device, tok)
-    train_tasks, held_out = rl_tasks(cfg)
+    if cfg.examples_per_step % info.world_size:
+        raise RustchatError(f"--examples-per-step {cfg.examples_per_step} is not a multiple of the "
+                            f"{info.world_size} ranks")
     order = TaskMixture(train_tasks, seed=cfg.seed)
 
     def stream(pos: int):
