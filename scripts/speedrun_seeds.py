@@ -1,5 +1,6 @@
 """Run `rustchat speedrun --preset tiny` for several seeds, one after another, and print each
 run's summary table, then the run-to-run spread: does SFT beat mid by more than the seeds differ?
+And RL beside SFT: what RL adds on the same held-out problems, seed by seed.
 
     python scripts/speedrun_seeds.py --seeds 1 2 3 --root /tmp/seeds
     python scripts/speedrun_seeds.py --seeds 1 2 3 --root /tmp/seeds --reuse   # re-read finished runs
@@ -78,6 +79,16 @@ def main() -> int:
         print(f"| {t} | {' / '.join(map(fmt.format, mid))} | {' / '.join(map(fmt.format, sft))} | "
               f"{' / '.join(map(fmt.format, gain))} | {fmt.format(min(gain))} | {fmt.format(spread_sft)} | "
               f"{fmt.format(spread_mid)} |")
+    if all("rl" in runs[s]["rows"] for s in args.seeds):
+        print("\nRL vs SFT, the same problems (percent):\n")
+        print("| task | SFT per seed | RL per seed | RL - SFT per seed | smallest margin | spread of RL (max-min) |")
+        print("| --- | --- | --- | --- | ---: | ---: |")
+        for t in tasks:
+            sft = [runs[s]["rows"]["sft"]["tasks"][t] for s in args.seeds]
+            rl = [runs[s]["rows"]["rl"]["tasks"][t] for s in args.seeds]
+            gain = [r - f for f, r in zip(sft, rl)]
+            print(f"| {t} | {' / '.join(f'{x:.1f}' for x in sft)} | {' / '.join(f'{x:.1f}' for x in rl)} | "
+                  f"{' / '.join(f'{x:+.1f}' for x in gain)} | {min(gain):+.1f} | {max(rl) - min(rl):.1f} |")
     times = [runs[s]["seconds"] for s in args.seeds]
     print(f"\ntotal time per seed: {' / '.join(f'{x:.0f} s' for x in times)} (max {max(times):.0f} s)")
     return 0

@@ -26,7 +26,7 @@ LAYERS = {
     2: {"model", "data", "tasks", "checkpoint", "schedules", "scoring", "report", "sampling", "replies", "core_bundle",
         "core_eval"},
     3: {"engine", "trainer", "batching", "bpb"},
-    4: {"stages", "evaluate", "chat", "serve", "serve_request", "serve_bridge", "serve_guard",
+    4: {"stages", "evaluate", "rl", "chat", "serve", "serve_request", "serve_bridge", "serve_guard",
         "serve_connections", "export", "hf_import", "nanochat_import", "tokenizer_stage"},
     5: {"speedrun"},
     6: {"cli", "__init__"},

@@ -40,7 +40,7 @@ from .model import GPT, GPTConfig
 from .runtime import autodetect_device, get_world_size, setup_cpu_math
 from .tokenizer import Tokenizer, load_tokenizer
 
-_PREVIOUS = {"base": None, "mid": "base", "sft": "mid"}
+_PREVIOUS = {"base": None, "mid": "base", "sft": "mid", "rl": "sft"}
 # Caps on what a checkpoint's files may hold, far above any real model, far below what
 # would exhaust memory before a shape check could fail.
 MAX_META_BYTES = 64 << 20
@@ -472,7 +472,7 @@ def load_stage_model(stage: str, depth: int | None = None, step: int | None = No
 
 
 def previous_stage(stage: str) -> str | None:
-    """The stage whose checkpoint `stage` starts from (base <- mid <- sft)."""
+    """The stage whose checkpoint `stage` starts from (base <- mid <- sft <- rl)."""
     return _PREVIOUS[stage]
 
 

@@ -61,6 +61,13 @@ def cmd_sft(cfg) -> None:
         train_sft(cfg)
 
 
+def cmd_rl(cfg) -> None:
+    from .stages import train_rl  # torch
+
+    with _processes(cfg):
+        train_rl(cfg)
+
+
 def cmd_speedrun(cfg: SpeedrunConfig) -> None:
     from .speedrun import run_speedrun  # torch
 
@@ -167,10 +174,11 @@ STAGE_COMMANDS = (
     ("base", "pretrain on web text (FineWeb-Edu or --data-dir)", cmd_base),
     ("mid", "mid-train on conversations (every token trained)", cmd_mid),
     ("sft", "supervised fine-tuning (loss on assistant tokens)", cmd_sft),
+    ("rl", "reinforcement learning on tasks with checkable answers (simplified GRPO)", cmd_rl),
 )
 COMMANDS = (
     *((name, help_, STAGE_CONFIGS[name], handler) for name, help_, handler in STAGE_COMMANDS),
-    ("speedrun", "tokenizer -> base -> mid -> SFT -> eval in one go", SpeedrunConfig, cmd_speedrun),
+    ("speedrun", "tokenizer -> base -> mid -> SFT (-> RL) -> eval in one go", SpeedrunConfig, cmd_speedrun),
     ("eval", "evaluate a checkpoint: chat tasks + ChatCORE, or bits/byte (and --core: CORE) for base models", EvalConfig, cmd_eval),
     ("chat", "chat with a model in the terminal", ChatConfig, cmd_chat),
     ("serve", "web chat UI and an OpenAI-compatible /v1/chat/completions API", ServeConfig, cmd_serve),

@@ -18,7 +18,7 @@ from .common import RustchatError
 from .rules import RULES
 
 DEVICES = ("auto", "cuda", "cpu", "mps")
-STAGES = ("base", "mid", "sft")  # the training stages, in pipeline order
+STAGES = ("base", "mid", "sft", "rl")  # the training stages, in pipeline order
 TASK_PRESETS = ("default", "tiny")
 OPTIMIZERS = ("auto", "2026", "classic")  # "auto" + rustchat.optim.RECIPES
 SFT_SOURCES = ("mid", "base")  # the checkpoints SFT can start from
@@ -90,21 +90,18 @@ class TokEvalConfig(Config):
 
 # ----------------------------------------------------------------------------- training stages
 @dataclass
-class StageConfig(Config):
-    """What base, mid and SFT share; each stage's class sets its own defaults below."""
+class TrainConfig(Config):
+    """What every training stage shares (base, mid, SFT and RL); each stage's class sets its own
+    defaults below."""
 
     stage: ClassVar[str]
     depth: int | None = opt(None, "model depth (default: the one depth with the checkpoint this run starts from; "
                                   "a new base model: 10, i.e. 640 dim, 5 heads)", minimum=1)
     device: str = opt("auto", "where to train", choices=DEVICES)
     device_batch_size: int = opt(32, "rows per micro-batch", minimum=1)
-    total_batch_size: int = opt(524_288, "tokens per optimizer step; gradient accumulation makes up the rest",
-                                minimum=1)
-    seq_len: int = opt(2048, "tokens per row (the model's context)", minimum=1)
     max_steps: int | None = opt(None, "stop after this many steps (default: the stage's horizon)", minimum=1)
-    num_epochs: int = opt(1, "passes over the data (mid, SFT)", minimum=1)
+    num_epochs: int = opt(1, "passes over the data (mid, SFT, RL)", minimum=1)
     eval_every: int = opt(250, "steps between validation evaluations (0: only at the end)", minimum=0)
-    eval_batches: int = opt(8, "batches per validation evaluation", minimum=1)
     save_every: int | None = opt(None, "steps between intermediate checkpoints", minimum=1)
     keep_last: int | None = opt(None, "keep only the newest N checkpoints of this stage and depth (default: all)",
                                 minimum=1)
@@ -166,6 +163,16 @@ class StageConfig(Config):
                 raise RustchatError(f"--resume: {flag_name(f.name)} {mine} differs from the run's {theirs}; a resumed "
                                     f"run keeps it (drop the flag, or start a new run with --force)")
         return self.replace(**changes), notes
+
+
+@dataclass
+class StageConfig(TrainConfig):
+    """What base, mid and SFT share: rows of a fixed length, a batch counted in tokens."""
+
+    total_batch_size: int = opt(524_288, "tokens per optimizer step; gradient accumulation makes up the rest",
+                                minimum=1)
+    seq_len: int = opt(2048, "tokens per row (the model's context)", minimum=1)
+    eval_batches: int = opt(8, "batches per validation evaluation", minimum=1)
 
 
 @dataclass
@@ -244,7 +251,35 @@ class SFTConfig(StageConfig):
                                              "the base run's from base)", minimum=0.0)
 
 
-STAGE_CONFIGS: dict[str, type[StageConfig]] = {"base": BaseConfig, "mid": MidConfig, "sft": SFTConfig}
+@dataclass
+class RLConfig(TrainConfig):
+    """Simplified GRPO on tasks with checkable answers (docs/design.md, "Reinforcement learning")."""
+
+    stage: ClassVar[str] = "rl"
+    device_batch_size: int = opt(8, "rows (sampled replies) per training micro-batch", minimum=1)
+    eval_every: int = opt(60, "steps between pass@k evaluations on held-out problems (0: none)",
+                          minimum=0)
+    save_every: int | None = opt(60, "steps between intermediate checkpoints", minimum=1)
+    tasks: str = opt("gsm8k", "comma list of tasks with checkable answers: gsm8k, arithmetic, spellingbee, or a "
+                              "custom JSONL file of conversations whose last assistant message is the reference")
+    task_dir: str | None = opt(None, "directory with a local copy of GSM8K (gsm8k-main-train.jsonl, ...)")
+    from_path: str | None = opt(None, "start from this checkpoint directory instead of the SFT one", short="--from",
+                                metavar="PATH")
+    examples_per_step: int = opt(16, "questions per optimizer step, over all ranks", minimum=1)
+    num_samples: int = opt(16, "replies sampled per question (the group of its advantage)", minimum=1)
+    max_new_tokens: int = opt(256, "tokens per sampled reply at most", minimum=1)
+    temperature: float = opt(1.0, "sampling temperature of the rollouts and the pass@k evaluation", minimum=0.0)
+    top_k: int | None = opt(50, "sample from the k most likely tokens (default 50; 0: the whole vocabulary)",
+                            minimum=0)
+    train_size: int = opt(10_000, "problems generated for a synthetic task's training split (arithmetic, "
+                                  "spellingbee)", minimum=1)
+    eval_examples: int = opt(400, "held-out problems per pass@k evaluation (split over ranks)", minimum=1)
+    init_lr_frac: float = opt(0.05, "starting fraction of the base learning rates (decays linearly to zero)",
+                              minimum=0.0)
+
+
+STAGE_CONFIGS: dict[str, type[TrainConfig]] = {"base": BaseConfig, "mid": MidConfig, "sft": SFTConfig,
+                                              "rl": RLConfig}
 
 
 # ----------------------------------------------------------------------------- using a model

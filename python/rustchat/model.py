@@ -482,9 +482,13 @@ class GPT(nn.Module):
         hit = self._rope_cache.get(key)
         if hit is None or hit[2] < length:
             n = max(length, self.config.sequence_len, 2 * hit[2] if hit else 0)
-            cos, sin = kernels.rotary_tables(n, self.config.head_dim, base=self.config.rope_base, device=device, dtype=dtype)
-            if self.config.rope_bf16:
-                cos, sin = _bf16_rotary_tables(n, self.config.head_dim, self.config.rope_base, device, dtype)
+            # plain tensors even when first asked for under inference_mode (the RL rollouts):
+            # training reuses them, and autograd refuses inference tensors
+            with torch.inference_mode(False):
+                cos, sin = kernels.rotary_tables(n, self.config.head_dim, base=self.config.rope_base, device=device,
+                                                 dtype=dtype)
+                if self.config.rope_bf16:
+                    cos, sin = _bf16_rotary_tables(n, self.config.head_dim, self.config.rope_base, device, dtype)
             hit = (cos, sin, n)
             self._rope_cache[key] = hit
         return hit[0], hit[1]

@@ -1,32 +1,38 @@
 """`rustchat speedrun`: the whole pipeline in one command.
 
---preset tiny: offline and CPU-sized (under 5 minutes on 2 cores): a byte-level tokenizer and a
+--preset tiny: offline and CPU-sized (under 6 minutes on 2 cores): a byte-level tokenizer and a
 depth-2 model (0.5M parameters) pretrained on the Python standard library's own text,
 mid-trained and fine-tuned on generated arithmetic-with-calculator, spelling tasks and the
-bundled identity chats, each stage then scored by `rustchat eval`. Every machine has this
+bundled identity chats, then reinforced (RL) on arithmetic and spelling questions, each stage
+then scored by `rustchat eval`. Every machine has this
 data, so it is the embedded default job.
 --preset d10 / d20: nanochat's recipes on FineWeb-Edu and the hub task datasets, with CORE during
 and after base training.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
 from .checkpoint import find_last_step, stage_dir
 from .common import RustchatError, get_base_dir, print0
-from .config import BaseConfig, EvalConfig, MidConfig, SFTConfig, SpeedrunConfig
+from .config import BaseConfig, EvalConfig, MidConfig, RLConfig, SFTConfig, SpeedrunConfig
 from .data.pretrain import download_shards
 from .data.textsource import iter_documents
 from .evaluate import run_eval
 from .report import write_section
-from .stages import train_base, train_mid, train_sft
+from .stages import train_base, train_mid, train_rl, train_sft
 from .tasks.stdlib_text import write_corpus
 from .tokenizer import SPECIAL_TOKENS, Tokenizer
 
 # nanochat's base training scores CORE (500 examples per task) every 2000 steps and at the end;
 # the GPU presets then score the whole suite on the final base model (base_eval "core")
 CORE_DURING_BASE = {"core_every": 2000, "core_max_per_task": 500}
+
+TINY_RL = {"tasks": "arithmetic,spellingbee", "examples_per_step": 8, "num_samples": 8, "device_batch_size": 16,
+           "max_new_tokens": 160, "max_steps": 30, "eval_every": 30, "eval_examples": 64, "save_every": None,
+           "init_lr_frac": 0.1}
 
 PRESETS = {
     # stage -> overrides of the stage defaults
@@ -51,6 +57,9 @@ PRESETS = {
         # this small); packed rows, so no step is spent on padding
         "sft": {"device_batch_size": 8, "total_batch_conversations": 16, "max_steps": 230, "eval_every": 115,
                 "tasks": "tiny", "init_lr_frac": 0.25, "pack": True, "from_stage": "mid"},
+        # RL on the SFT model's own replies: 8 samples per arithmetic or spelling question,
+        # the calculator active; a higher learning rate than nanochat's 5%, as for SFT
+        "rl": TINY_RL,
         # `rustchat eval --tasks tiny`'s own problems (200 per task): the 800 decode 256 at a time
         # in one continuous batch (greedy replies do not depend on the batch)
         "eval": {"tasks": "tiny", "batch_size": 256},
@@ -78,7 +87,8 @@ PRESETS = {
 
 def pipeline_path(configs: dict) -> str:
     """The stages a preset runs, in order, and where SFT starts from."""
-    return f"base -> mid -> sft (SFT from {configs['sft'].from_stage}; base rules {configs['base'].rules})"
+    rl = " -> rl" if "rl" in configs else ""
+    return f"base -> mid -> sft{rl} (SFT from {configs['sft'].from_stage}; base rules {configs['base'].rules})"
 
 
 def _train_tokenizer(preset: dict, base: Path, tiny: bool, quiet: bool) -> None:
@@ -107,20 +117,26 @@ def stage_configs(cfg: SpeedrunConfig, base: Path) -> dict:
         base_kw["data_dir"] = str(base / "tiny_data")
     eval_kw = {"depth": depth, "device": cfg.device, "base_dir": str(base), "quiet": cfg.quiet}
     base_cfg = BaseConfig(**common, **base_kw)
-    return {
+    configs = {
         "base": base_cfg,
         # bits per byte on the very tokens training's own evaluation scored: one number
-        "base-eval": EvalConfig(source="base", **eval_kw, bpb_tokens=base_cfg.bpb_tokens),
+        "base-eval": EvalConfig(source="base", **eval_kw, bpb_tokens=base_cfg.bpb_tokens, **preset.get("base_eval", {})),
         "mid": MidConfig(**common, **preset["mid"]),
         "mid-eval": EvalConfig(source="mid", **eval_kw, **preset["eval"]),
         "sft": SFTConfig(**common, **preset["sft"]),
         "sft-eval": EvalConfig(source="sft", **eval_kw, **preset["eval"]),
     }
+    if "rl" in preset:  # the presets that have an RL stage after SFT
+        rl_fields = {f.name for f in dataclasses.fields(RLConfig)}  # no rows of a fixed length, no val batches
+        rl_common = {k: v for k, v in common.items() if k in rl_fields}
+        configs["rl"] = RLConfig(**rl_common, **preset["rl"])
+        configs["rl-eval"] = EvalConfig(source="rl", **eval_kw, **preset["eval"])
+    return configs
 
 
-def _mean_ends(history: list[dict]) -> tuple[float, float, int]:
-    """Mean loss of the first and of the last tenth of the steps (single steps are noisy)."""
-    h = [x["loss"] for x in history]
+def _mean_ends(history: list[dict], key: str = "loss") -> tuple[float, float, int]:
+    """Mean loss (or `key`) of the first and of the last tenth of the steps (single steps are noisy)."""
+    h = [x[key] for x in history]
     k = max(1, len(h) // 10)
     return sum(h[:k]) / k, sum(h[-k:]) / k, k
 
@@ -154,7 +170,7 @@ def evaluate_stage(configs: dict, stage: str) -> dict:
 def _check_no_earlier_run(configs: dict, force: bool) -> None:
     """A speedrun's stages start new runs: where an earlier run left checkpoints they would be
     refused after minutes of work, so ask for --force up front."""
-    for stage in ("base", "mid", "sft"):
+    for stage in [st for st in ("base", "mid", "sft", "rl") if st in configs]:
         c = configs[stage]
         d = stage_dir(stage, c.depth, c.base_dir)
         step = find_last_step(d)
@@ -173,16 +189,24 @@ def run_speedrun(cfg: SpeedrunConfig) -> dict:
     print0(f"speedrun {cfg.preset}: {pipeline_path(configs)}")
     _train_tokenizer(PRESETS[cfg.preset], base, tiny, cfg.quiet)
     rows, tasks = [], []
-    for stage, train in (("base", train_base), ("mid", train_mid), ("sft", train_sft)):
+    pipeline = [("base", train_base), ("mid", train_mid), ("sft", train_sft)]
+    if "rl" in configs:
+        pipeline.append(("rl", train_rl))
+    for stage, train in pipeline:
         t0 = time.time()
         res = train(configs[stage])
-        first, last, k = _mean_ends(res["history"])
-        print0(f"{stage}: mean loss of first/last {k} steps {first:.3f} -> {last:.3f} over {len(res['history'])} "
+        key = "reward" if stage == "rl" else "loss"
+        first, last, k = _mean_ends(res["history"], key)
+        print0(f"{stage}: mean {key} of first/last {k} steps {first:.3f} -> {last:.3f} over {len(res['history'])} "
                f"steps ({res['seconds']:.0f} s)")
-        # bits per byte for base, the task table for mid and SFT
+        # bits per byte for base, the task table for mid, SFT and RL
         scores = evaluate_stage(configs, stage)
         row = {"stage": stage, "loss": f"{first:.3f} -> {last:.3f}", "seconds": time.time() - t0,
                "val": _val_text(res.get("start_eval"), res.get("last_eval"))}
+        if stage == "rl":  # the policy-gradient loss says little: the reward and pass@k do
+            row["loss"] = f"reward {first:.3f} -> {last:.3f}"
+            ev = res.get("last_eval") or {}
+            row["val"] = ", ".join(f"{k} {v:.3f}" for k, v in ev.items() if k.startswith("pass@")) or "-"
         if stage == "base":
             row["val"] = ", ".join([f"val bpb {scores['val_bpb']:.4f}"] * ("val_bpb" in scores)
                                    + [f"CORE {scores['CORE']:.4f}"] * ("CORE" in scores))

@@ -20,9 +20,11 @@ import torch
 from . import attention
 from .checkpoint import (
     StageLock,
+    build_model_from_meta,
     check_fresh_run,
     find_last_step,
     latest_meta,
+    load_checkpoint,
     load_optimizer_states,
     load_stage_model,
     pick_depth,
@@ -31,7 +33,7 @@ from .checkpoint import (
     stage_dir,
 )
 from .common import RustchatError, get_base_dir, print0
-from .config import BaseConfig, MidConfig, SFTConfig, StageConfig
+from .config import BaseConfig, MidConfig, RLConfig, SFTConfig, StageConfig, TrainConfig
 from .bpb import bits_per_byte, val_token_stream
 from .conversation import collate_sft, render_batch
 from .data.bestfit import PACKING, BestFitLoader
@@ -41,14 +43,16 @@ from .data.midtrain import MidTrainStream
 from .data.pretrain import FINEWEB_SHARDS, DocumentSource, PretrainLoader, download_shards
 from .data.steps import SFTSteps, StreamSteps
 from .model import ARCHS, GPT, GPTConfig
+from .engine import Engine
 from .report import write_section
 from .fp8 import enable_fp8, fp8_refusal
 from .optim import optimizer_state_bytes, saved_recipe
+from .rl import RolloutSteps, Sampler, pass_at_k_evaluator, rl_train_step
 from .rules import DEFAULTS, REFERENCE_DEPTH, Plan, plan_2026, plan_classic, scaling_params
 from .runtime import autocast_ctx, barrier, compute_dtype, get_rank, get_world_size, init_distributed
 from .schedules import (base_lr_multiplier, mid_lr_multiplier, muon_momentum, muon_momentum_2026, muon_weight_decay,
                         sft_lr_multiplier)
-from .tasks import TaskMixture, task_from
+from .tasks import CustomJSON, Task, TaskMixture, get_task, task_from
 from .tokenizer import load_tokenizer
 from .trainer import all_reduce_sum, data_state_for_rank, run_stage
 
@@ -120,6 +124,11 @@ def resolve_run(cfg: StageConfig) -> StageConfig:
     if cfg.resume and cfg.force:
         raise RustchatError("--resume continues the run in the stage's directory and --force replaces it: pick one")
     needs = cfg.stage if cfg.resume else getattr(cfg, "from_stage", None) or previous_stage(cfg.stage)
+    if cfg.depth is None and getattr(cfg, "from_path", None) and not cfg.resume:  # RL's --from PATH: its depth
+        meta = latest_meta(cfg.from_path)
+        if meta is None:
+            raise RustchatError(f"--from {cfg.from_path}: no checkpoint there")
+        cfg = cfg.replace(depth=int((meta.get("model_config") or {}).get("n_layer", 0)) or None)
     if cfg.depth is None:
         cfg = cfg.replace(depth=NEW_MODEL_DEPTH if needs is None else pick_depth(needs, cfg.base_dir))
     if not cfg.resume:
@@ -163,7 +172,7 @@ class StageStart:
     """What every stage starts with: the processes, the tokenizer, the model (new, the previous
     stage's, or its own with --resume) and its optimizers. `meta` is the checkpoint resumed
     from (None for a new run), `start_step` where the loop begins; `plan` is base's training
-    plan (the rules' derivation), None for mid and SFT."""
+    plan (the rules' derivation), None for the others."""
 
     info: object
     device: object
@@ -189,7 +198,7 @@ class ConversationStart(StageStart):
     evaluate: object = None
 
 
-def _start(cfg: StageConfig) -> StageStart:
+def _start(cfg: TrainConfig) -> StageStart:
     """Processes, tokenizer, model (FP8 matmuls with base --fp8), base's plan, optimizers."""
     info, device = init_distributed(cfg.device, seed=cfg.seed)
     fp8 = getattr(cfg, "fp8", False)
@@ -220,13 +229,14 @@ def _conversation_start(cfg: MidConfig | SFTConfig) -> ConversationStart:
                              evaluate=_conv_loss_evaluator(s.tok, val, cfg, s.info.rank, s.info.world_size))
 
 
-def _ckpt_dir(stage: str, cfg: StageConfig) -> Path:
+def _ckpt_dir(stage: str, cfg: TrainConfig) -> Path:
     return stage_dir(stage, cfg.depth, cfg.base_dir)
 
 
-def _load_start(cfg: StageConfig, device, tok):
-    """(model, optimizer states or None, resumed meta or None, start_step, meta of the previous
-    stage's checkpoint a new run starts from or None) for a stage."""
+def _load_start(cfg: TrainConfig, device, tok):
+    """(model, optimizer states or None, resumed meta or None, start_step, meta of the checkpoint
+    a new run starts from or None) for a stage: its own latest with --resume, else the previous
+    stage's (or RL's --from PATH), else (base) a new model."""
 
     own = _ckpt_dir(cfg.stage, cfg)
     if cfg.resume:
@@ -236,6 +246,16 @@ def _load_start(cfg: StageConfig, device, tok):
                                                load_optimizer=True)
         restore_rng_state(meta.get("rng", {}))
         return model, optim_states, meta, int(meta["step"]), None
+    if getattr(cfg, "from_path", None):  # RL's --from PATH: any checkpoint directory
+        state, _, meta = load_checkpoint(cfg.from_path, device=device, load_optimizer=False)
+        model = build_model_from_meta(meta, device, state)
+        if model.config.vocab_size != tok.vocab_size:
+            raise RustchatError(f"--from {cfg.from_path}: the checkpoint has vocab {model.config.vocab_size} but the "
+                                f"tokenizer has {tok.vocab_size}")
+        if model.config.n_layer != cfg.depth:
+            raise RustchatError(f"--from {cfg.from_path}: the checkpoint has depth {model.config.n_layer}, not "
+                                f"--depth {cfg.depth}")
+        return model, None, None, 0, meta
     prev = getattr(cfg, "from_stage", None) or previous_stage(cfg.stage)
     if prev is None:
         mcfg = GPTConfig.from_depth(cfg.depth, vocab_size=tok.vocab_size, sequence_len=cfg.seq_len,
@@ -249,7 +269,7 @@ def _load_start(cfg: StageConfig, device, tok):
     return model, None, None, 0, meta
 
 
-def _recipe(model, cfg: StageConfig, optim_states) -> str:
+def _recipe(model, cfg: TrainConfig, optim_states) -> str:
     """The optimizer recipe: a resumed run keeps its checkpoint's; else --optimizer, where auto
     follows the architecture (a classic model keeps the classic optimizer)."""
     saved = saved_recipe(optim_states)
@@ -260,7 +280,7 @@ def _recipe(model, cfg: StageConfig, optim_states) -> str:
     return "2026" if getattr(model.config, "arch", "classic") == "2026" else "classic"
 
 
-def _optimizers(model, cfg: StageConfig, optim_states, plan: Plan | None = None):
+def _optimizers(model, cfg: TrainConfig, optim_states, plan: Plan | None = None):
     """The stage's optimizers: base takes its learning rates and weight decay from the rules'
     plan, mid and SFT their learning rates from their flags (no weight decay)."""
     recipe = _recipe(model, cfg, optim_states)
@@ -284,7 +304,7 @@ def _optimizers(model, cfg: StageConfig, optim_states, plan: Plan | None = None)
     return opts
 
 
-def _num_steps(cfg: StageConfig, s: StageStart, horizon: int) -> int:
+def _num_steps(cfg: TrainConfig, s: StageStart, horizon: int) -> int:
     """--max-steps, else the stage's horizon; a resumed run keeps the horizon it was started
     with (its schedule) unless --max-steps changes it."""
     if cfg.max_steps:
@@ -294,14 +314,15 @@ def _num_steps(cfg: StageConfig, s: StageStart, horizon: int) -> int:
     return horizon
 
 
-def _banner(cfg: StageConfig, model, device, tok, tokens_per_step: str, num_steps: int, extra: str = "") -> None:
+def _banner(cfg: TrainConfig, model, device, tok, tokens_per_step: str, num_steps: int, extra: str = "") -> None:
     device = torch.device(device)
     kernels = "triton (fused linear CE, rotary)" if device.type == "cuda" and model.use_kernels else "torch reference"
     print0(
         f"== rustchat {cfg.stage} | depth {cfg.depth} (dim {model.config.n_embd}, {model.config.n_head} heads, "
         f"{model.config.arch} arch) | attention: {attention.backend_name(device)} | "
         f"{model.num_params() / 1e6:.2f}M params | device {device} "
-        f"({compute_dtype(device)}) | kernels: {kernels} | vocab {tok.vocab_size} | seq {cfg.seq_len} | "
+        f"({compute_dtype(device)}) | kernels: {kernels} | vocab {tok.vocab_size} | "
+        f"{f'seq {cfg.seq_len} | ' if hasattr(cfg, 'seq_len') else ''}"
         f"{tokens_per_step} per step | {num_steps} steps{extra}")
 
 
@@ -510,10 +531,107 @@ def train_sft(cfg: SFTConfig) -> dict:
     return result
 
 
-STAGE_FUNCS = {"base": train_base, "mid": train_mid, "sft": train_sft}
+# ----------------------------------------------------------------------------- RL
+RL_TASKS = ("gsm8k", "arithmetic", "spellingbee", "simplespelling")  # generative, with a checkable answer
+SYNTHETIC_RL_TASKS = ("arithmetic", "spellingbee", "simplespelling")  # generated: sized, with a test split
 
 
-def _report(cfg: StageConfig, model, result: dict) -> None:
+def _rl_task(name: str, split: str, cfg: RLConfig) -> Task:
+    """One split of a named RL task (GSM8K's from its local copy in --task-dir when there)."""
+    key = "".join(c for c in name.lower() if c.isalnum())
+    if key in SYNTHETIC_RL_TASKS:
+        return get_task(key, split=split, size=cfg.train_size if split == "train" else cfg.eval_examples,
+                        seed=cfg.seed if split == "train" else 0)
+    return task_from(key, {"split": split}, cfg.task_dir)
+
+
+def rl_tasks(cfg: RLConfig) -> tuple[list[Task], list[Task]]:
+    """(training tasks, held-out tasks) of --tasks. A custom JSONL file holds out its last
+    tenth (at least one conversation) for pass@k; the rest is trained on."""
+    train, held_out = [], []
+    for part in (p.strip() for p in cfg.tasks.split(",")):
+        if not part:
+            continue
+        key = "".join(c for c in part.lower() if c.isalnum())
+        if key in RL_TASKS:
+            train.append(_rl_task(key, "train", cfg))
+            held_out.append(_rl_task(key, "test", cfg))
+        elif part.endswith((".jsonl", ".json")) or Path(part).is_file():
+            n = len(CustomJSON(part))
+            if n < 2:
+                raise RustchatError(f"--tasks {part}: RL needs at least 2 conversations (one is held out), got {n}")
+            n_out = max(1, n // 10)
+            train.append(CustomJSON(part, stop=n - n_out))
+            held_out.append(CustomJSON(part, start=n - n_out))
+        else:
+            raise RustchatError(f"--tasks {part!r}: not a task with a checkable answer; use "
+                                f"{', '.join(RL_TASKS)} or a JSONL file of conversations")
+    if not train:
+        raise RustchatError(f"--tasks {cfg.tasks!r} names no task")
+    return train, held_out
+
+
+def _held_out_problems(tasks: list[Task], n: int) -> list[tuple[Task, dict]]:
+    """About n problems, an equal share from each held-out task."""
+    share = max(1, n // len(tasks))
+    return [(t, t[i]) for t in tasks for i in range(min(share, len(t)))]
+
+
+@one_run
+def train_rl(cfg: RLConfig) -> dict:
+    train_tasks, held_out = rl_tasks(cfg)  # a bad --tasks fails before anything loads
+    s = _start(cfg)
+    world = s.info.world_size
+    if cfg.examples_per_step % world:
+        raise RustchatError(f"--examples-per-step {cfg.examples_per_step} is not a multiple of the {world} ranks")
+    order = TaskMixture(train_tasks, seed=cfg.seed)
+
+    def stream(pos: int):
+        ti, local = order.source(pos % len(order))
+        return order.tasks[ti], order.tasks[ti][local]
+
+    num_steps = _num_steps(cfg, s, max(1, (len(order) * cfg.num_epochs) // cfg.examples_per_step))
+    per_rank = cfg.examples_per_step // world
+    engine = Engine(s.model, s.tok)  # the calculator tool is active in the rollouts
+    # every reply of a step (this rank's share) decodes in one continuous batch
+    sampler = Sampler(engine, max_batch=max(1, per_rank * cfg.num_samples), max_new_tokens=cfg.max_new_tokens,
+                      temperature=cfg.temperature, top_k=cfg.top_k or None)
+    data = RolloutSteps(s.tok, sampler, stream, examples_per_step=cfg.examples_per_step, num_samples=cfg.num_samples,
+                        device_batch_size=cfg.device_batch_size, seed=cfg.seed, rank=s.info.rank, world_size=world,
+                        state=s.data_state())
+    evaluate = pass_at_k_evaluator(s.tok, sampler, _held_out_problems(held_out, cfg.eval_examples),
+                                   num_samples=cfg.num_samples, seed=cfg.seed, rank=s.info.rank, world_size=world)
+    _banner(cfg, s.model, s.device, s.tok, f"{cfg.examples_per_step} questions x {cfg.num_samples} replies",
+            num_steps, f" | tasks {', '.join(t.name for t in train_tasks)} ({len(order):,} problems)")
+    try:
+        result = run_stage(cfg, tok=s.tok, model=s.model, optimizers=s.optimizers, data=data, num_steps=num_steps,
+                           lr_multiplier=lambda step: sft_lr_multiplier(step, num_steps, init_lr_frac=cfg.init_lr_frac),
+                           start_step=s.start_step, evaluate=evaluate, ckpt_dir=_ckpt_dir("rl", cfg),
+                           resumed_meta=s.meta, step_fn=rl_train_step)
+    finally:
+        sampler.close()
+    hist = result["history"]
+    extra = {}
+    if hist:
+        share = float(np.mean([h["rollout_share"] for h in hist]))
+        tps = float(np.median([h["sample_tok_per_s"] for h in hist]))
+        print0(f"rl: reward {hist[0]['reward']:.3f} -> {hist[-1]['reward']:.3f}; rollouts {100 * share:.0f}% of step "
+               f"time, {tps:,.0f} sampled tokens/s (median)")
+        k = max(1, len(hist) // 10)
+        extra = {"reward first -> last": f"{np.mean([h['reward'] for h in hist[:k]]):.3f} -> "
+                                         f"{np.mean([h['reward'] for h in hist[-k:]]):.3f} (means of {k} steps)",
+                 "groups all right / all wrong (last)": f"{100 * hist[-1]['all_right']:.0f}% / "
+                                                        f"{100 * hist[-1]['all_wrong']:.0f}%",
+                 "rollout share of step time": f"{100 * share:.0f}%",
+                 "sampled tokens/s (median)": f"{tps:,.0f}"}
+    _report(cfg, s.model, result, extra)
+    return result
+
+
+STAGE_FUNCS = {"base": train_base, "mid": train_mid, "sft": train_sft, "rl": train_rl}
+
+
+def _report(cfg: TrainConfig, model, result: dict, extra: dict | None = None) -> None:
     if get_rank() != 0:
         return
     # the whole run: after --resume, the steps and time before it count too
@@ -538,7 +656,8 @@ def _report(cfg: StageConfig, model, result: dict) -> None:
         rows[f"CORE (step {last['step']}, {cfg.core_max_per_task} per task at most)"] = f"{last['core_metric']:.4f}"
     if hist and "mfu" in hist[-1]:
         rows["MFU (median)"] = f"{100 * np.median([h['mfu'] for h in hist]):.1f}%"
+    rows.update(extra or {})
     write_section(cfg.stage, rows, base_dir=cfg.base_dir)
 
 
-__all__ = ["train_base", "train_mid", "train_sft", "STAGE_FUNCS", "build_mixture"]
+__all__ = ["train_base", "train_mid", "train_sft", "train_rl", "STAGE_FUNCS", "build_mixture"]

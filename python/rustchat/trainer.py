@@ -35,7 +35,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .common import RustchatError, print0
-from .config import StageConfig
+from .config import TrainConfig
 from .runtime import autocast_ctx, barrier, get_rank, get_world_size, synchronize
 from .schedules import apply_lr_multiplier, set_muon_momentum, set_muon_weight_decay
 
@@ -57,7 +57,7 @@ class _Logger:
     wandb itself honours WANDB_MODE: offline writes the run under WANDB_DIR to `wandb sync`
     later, with no network; disabled turns it off."""
 
-    def __init__(self, cfg: StageConfig, rank: int, optimizers=()):
+    def __init__(self, cfg: TrainConfig, rank: int, optimizers=()):
         self.run = None
         self.optimizers = list(optimizers)
         if not cfg.run or rank != 0 or os.environ.get("WANDB_MODE") == "disabled":
@@ -103,7 +103,7 @@ def all_reduce_sum(value: float, device) -> float:
     return float(t.item())
 
 
-def _oom_error(cfg: StageConfig) -> RustchatError:
+def _oom_error(cfg: TrainConfig) -> RustchatError:
     half = max(1, cfg.device_batch_size // 2)
     return RustchatError(f"CUDA out of memory at --device-batch-size {cfg.device_batch_size}; try --device-batch-size {half}")
 
@@ -134,15 +134,16 @@ def train_step(model, optimizers, micro_batches, device, autocast_ctx) -> tuple[
     return loss_sum / max(total, 1.0), int(total)
 
 
-def run_stage(cfg: StageConfig, *, tok, model, optimizers, data, num_steps: int, lr_multiplier,
+def run_stage(cfg: TrainConfig, *, tok, model, optimizers, data, num_steps: int, lr_multiplier,
               start_step: int, evaluate=None, ckpt_dir, momentum_fn=None, weight_decay_fn=None,
-              resumed_meta: dict | None = None, core_eval=None) -> dict:
+              resumed_meta: dict | None = None, core_eval=None, step_fn=None) -> dict:
     """The shared loop: schedule, step, eval, checkpoint, progress, report numbers.
 
     `resumed_meta` (the checkpoint a --resume starts from) carries the run so far
     (`checkpoint.RunLedger`): its id, history and wall time continue in the checkpoints written
     here and in `run_history` / `run_seconds` of the result, while `history` / `seconds`
-    cover this invocation only. `core_eval` = (every, fn): fn(model) -> {"core_metric": x, ...}
+    cover this invocation only. `step_fn(model, optimizers, step_data, device, autocast)` ->
+    (loss, trained tokens, numbers to log) replaces `train_step` (RL's policy-gradient step). `core_eval` = (every, fn): fn(model) -> {"core_metric": x, ...}
     runs on every rank every `every` steps and at the last step (nanochat's --core-metric-every)."""
     ledger = RunLedger(resumed_meta)
     if start_step >= num_steps:  # nothing left to train: say so instead of silently re-saving
@@ -157,7 +158,7 @@ def run_stage(cfg: StageConfig, *, tok, model, optimizers, data, num_steps: int,
     device = model.get_device()
     rank = get_rank()
     logger = _Logger(cfg, rank, optimizers)
-    flops_per_token = model.estimate_flops(cfg.seq_len)
+    flops_per_token = model.estimate_flops(getattr(cfg, "seq_len", None))
     is_cuda = device.type == "cuda"
     ac = lambda: autocast_ctx(device)  # noqa: E731
     history = []
@@ -202,7 +203,11 @@ def run_stage(cfg: StageConfig, *, tok, model, optimizers, data, num_steps: int,
             micro = data.next_step()
             t0 = time.time()
             model.train()
-            loss, ntok = train_step(model, optimizers, micro, device, ac)
+            if step_fn is None:
+                loss, ntok = train_step(model, optimizers, micro, device, ac)
+                logged = {}
+            else:
+                loss, ntok, logged = step_fn(model, optimizers, micro, device, ac)
             if not math.isfinite(loss):
                 raise RustchatError(f"{cfg.stage}: loss became {loss} at step {step}; lower the learning rates")
             synchronize(device)
@@ -211,8 +216,10 @@ def run_stage(cfg: StageConfig, *, tok, model, optimizers, data, num_steps: int,
             tokens_seen += n_in
             tps = n_in / dt
             step += 1
-            rec = {"step": step, "loss": loss, "lr_mult": mult, "tok_per_s": tps, "trained_tokens": ntok}
+            rec = {"step": step, "loss": loss, "lr_mult": mult, "tok_per_s": tps, "trained_tokens": ntok, **logged}
             post = {"loss": f"{loss:.4f}", "tok/s": f"{tps:,.0f}"}
+            if "reward" in logged:
+                post["reward"] = f"{logged['reward']:.3f}"
             if is_cuda:
                 mfu = flops_per_token * tps / (H100_BF16_PEAK_FLOPS * all_reduce_sum(1, device))
                 rec["mfu"] = mfu
@@ -253,7 +260,7 @@ def run_stage(cfg: StageConfig, *, tok, model, optimizers, data, num_steps: int,
             "tokens": tokens_seen, "finished": step >= num_steps, **ledger.summary(history, elapsed)}
 
 
-def continue_command(cfg: StageConfig) -> str:
+def continue_command(cfg: TrainConfig) -> str:
     """The command that continues this run: --resume restores every other setting."""
     args = ["rustchat", cfg.stage, "--resume", "--depth", str(cfg.depth)]
     if cfg.base_dir:

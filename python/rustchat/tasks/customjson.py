@@ -5,7 +5,7 @@ from pathlib import Path
 
 from ..common import RustchatError
 from ..data.textsource import jsonl_rows
-from .base import Task, conversation_problem
+from .base import Task, answers_match, assistant_text, conversation_problem, extract_answer
 
 
 def identity_path() -> Path:
@@ -44,3 +44,13 @@ class CustomJSON(Task):
 
     def get_example(self, index: int) -> dict:
         return self.conversations[index]
+
+    def evaluate(self, conversation: dict, completion: str) -> bool:
+        """The last assistant message is the reference answer: when it ends in a `#### n`
+        marker the numbers must match (as GSM8K checks them), otherwise the whole reply must
+        equal it, surrounding white space aside."""
+        reference = assistant_text(conversation)
+        number = extract_answer(reference)
+        if number is not None:
+            return answers_match(number, extract_answer(completion))
+        return completion.strip() == reference.strip()
