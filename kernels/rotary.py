@@ -84,11 +84,6 @@ def _rotary_kernel(
     t = (bt - b32 * T).to(tl.int64)
     b = b32.to(tl.int64)
     rr = rr.to(tl.int64)
-    if HAS_POS:
-        pos = tl.load(POS + b * sp_b + t * sp_t, mask=row_ok, other=0).to(tl.int64)
-    else:
-        pos = t + offset
-    pos_ok = row_ok & (pos >= 0) & (pos < max_pos)  # never read outside the tables
     in_off = tl.where(is_q, b * sq_b + t * sq_t + h * sq_h, b * sk_b + t * sk_t + h * sk_h)
     m2 = row_ok[:, None] & (d[None, :] < HALF)
     # head dim has unit stride (ensured by the wrapper) so the loads vectorise
@@ -99,9 +94,17 @@ def _rotary_kernel(
         # loads and stores vectorise
         x_row = tl.multiple_of(x_row, 16)
         o_row = tl.multiple_of(o_row, 16)
+    # x first: its loads are in flight while the table addresses wait for the positions
     x1p = x_row[:, None] + d[None, :]
-    x1 = tl.load(x1p, mask=m2, other=0.0).to(tl.float32)
-    x2 = tl.load(x1p + HALF, mask=m2, other=0.0).to(tl.float32)
+    x1 = tl.load(x1p, mask=m2, other=0.0)
+    x2 = tl.load(x1p + HALF, mask=m2, other=0.0)
+    if HAS_POS:
+        pos = tl.load(POS + b * sp_b + t * sp_t, mask=row_ok, other=0).to(tl.int64)
+    else:
+        pos = t + offset
+    pos_ok = row_ok & (pos >= 0) & (pos < max_pos)  # never read outside the tables
+    x1 = x1.to(tl.float32)
+    x2 = x2.to(tl.float32)
     tab = pos[:, None] * stride_tab + d[None, :]
     mt = pos_ok[:, None] & (d[None, :] < HALF)
     c = tl.load(COS + tab, mask=mt, other=0.0)
@@ -139,9 +142,7 @@ def _rotary_triton(q, k, cos, sin, offset, position_ids, inverse):
         return qo, ko
     if n_rows + 4096 >= 2**31:
         raise ValueError(f"too many rows for the rotary kernel ({n_rows} = B*T*(Hq+Hkv) >= 2**31)")
-    BLOCK_D = next_pow2(half)
-    # ~4K elements (x1 and x2 halves: 2x that) per program: enough bytes in flight per SM
-    BLOCK_R = max(1, min(next_pow2(n_rows), 4096 // BLOCK_D))
+    BLOCK_D, BLOCK_R, warps = rotary_launch_config(D, n_rows)
     if position_ids is not None:
         pos = position_ids
         sp_b, sp_t = (pos.stride(0), pos.stride(1)) if pos.dim() == 2 else (0, pos.stride(0))
@@ -155,9 +156,17 @@ def _rotary_triton(q, k, cos, sin, offset, position_ids, inverse):
         T, HQ, HKV, n_q, n_rows, int(offset), cos.shape[0],
         HALF=half, BLOCK_D=BLOCK_D, BLOCK_R=BLOCK_R,
         HAS_POS=position_ids is not None, INVERSE=inverse, ALIGNED=_aligned16(q, k, qo, ko),
-        RNE_FIX=interpreting() and q.dtype == torch.bfloat16, num_warps=4,
+        RNE_FIX=interpreting() and q.dtype == torch.bfloat16, num_warps=warps,
     )
     return qo, ko
+
+
+def rotary_launch_config(D, n_rows):
+    """(BLOCK_D, BLOCK_R, num_warps): ~4K half-rows elements (x1 and x2: 2x that) per program of
+    4 warps, so each thread issues all its 16-byte loads (x and the tables) before any math:
+    enough bytes in flight per SM (the cost report models it)."""
+    block_d = next_pow2(D // 2)
+    return block_d, max(1, min(next_pow2(n_rows), 4096 // block_d)), 4
 
 
 def _aligned16(q, k, qo, ko):
