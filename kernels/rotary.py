@@ -202,8 +202,8 @@ def apply_rotary(q, k, cos, sin, *, offset=0, position_ids=None, backend="auto")
     """Rotate q [B, T, Hq, D] and k [B, T, Hkv, D] (Hkv may differ: GQA) by positions.
 
     cos/sin: [T_max, D/2] tables (see `rotary_tables`). Positions are offset..offset+T-1 (offset =
-    KV-cache length), or `position_ids` [B, T] / [T] (ints) for packed rows whose positions restart
-    per document. Returns (q_out, k_out) in the input dtype; math in fp32 (fp64 for float64, on
+    KV-cache length; an int, or a 1-element integer tensor, read on the device only), or
+    `position_ids` [B, T] / [T] (ints) for packed rows whose positions restart per document. Returns (q_out, k_out) in the input dtype; math in fp32 (fp64 for float64, on
     the torch path).
     """
     check_float("q", q)
@@ -226,11 +226,23 @@ def apply_rotary(q, k, cos, sin, *, offset=0, position_ids=None, backend="auto")
         raise ValueError(f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} shapes differ")
     if not (q.device == k.device == cos.device == sin.device):
         raise ValueError("q, k, cos, sin must be on the same device")
-    if isinstance(offset, torch.Tensor):
-        offset = int(offset)
-    if not isinstance(offset, int) or offset < 0:
-        raise ValueError(f"offset must be a non-negative int, got {offset!r}")
     T_max = cos.shape[0]
+    offset_t = None
+    if isinstance(offset, torch.Tensor):
+        # a device-side offset (e.g. a KV cache length kept on the GPU): reading it would sync
+        # the host and break CUDA-graph capture; its positions offset..offset+T-1 become
+        # position_ids on the device, checked there
+        if offset.numel() != 1 or offset.is_floating_point() or offset.is_complex() or offset.dtype == torch.bool:
+            raise ValueError(f"offset must be a non-negative int or a 1-element integer tensor, got {offset!r}")
+        if position_ids is not None:
+            raise ValueError("pass either offset or position_ids, not both")
+        offset_t = offset.reshape(()).to(device=q.device, dtype=torch.long)
+        device_check((offset_t >= 0) & (offset_t + T <= T_max),
+                     f"offset must be >= 0 and offset + T (T = {T}) within the rotary table length {T_max}")
+        position_ids = offset_t + torch.arange(T, device=q.device)
+        offset = 0
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise ValueError(f"offset must be a non-negative int, got {offset!r}")
     if position_ids is not None:
         if not isinstance(position_ids, torch.Tensor) or position_ids.is_floating_point() or position_ids.is_complex():
             raise ValueError("position_ids must be an integer tensor")
@@ -240,7 +252,7 @@ def apply_rotary(q, k, cos, sin, *, offset=0, position_ids=None, backend="auto")
             raise ValueError("position_ids must be on the same device as q")
         if offset != 0:
             raise ValueError("pass either offset or position_ids, not both")
-        if position_ids.numel():  # on the device, no host sync; the kernel also masks table reads
+        if position_ids.numel() and offset_t is None:  # on the device, no host sync; the kernel also masks table reads
             device_check(((position_ids >= 0) & (position_ids < T_max)).all(), f"position_ids must be in [0, {T_max})")
     elif offset + T > T_max:
         raise ValueError(f"offset + T = {offset + T} exceeds the rotary table length {T_max}")
