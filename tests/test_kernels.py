@@ -11,9 +11,11 @@ of the session), the interpreter tests are re-run in a subprocess instead
 Inputs are fresh random every run; every test prints its seed (shown by pytest on failure);
 rerun with KERNEL_TEST_SEED=<seed> to reproduce.
 """
+import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -847,6 +849,73 @@ def test_kernels_compile_for_sm90():
     if r.returncode == 0 and out.startswith("SKIP"):
         pytest.skip(out)
     assert r.returncode == 0 and out.endswith("OK"), out[-3000:] + r.stderr[-5000:]
+
+
+_COST_SCRIPT = r"""
+import json, sys
+sys.argv = ["kernel_cost.py"]
+sys.path.insert(0, sys.argv_dir if hasattr(sys, "argv_dir") else "scripts")
+try:
+    import kernel_cost as kc
+except Exception as e:
+    print("SKIP cannot import the cost script:", type(e).__name__, e); sys.exit(0)
+try:
+    rows = kc.variants()
+except Exception as e:
+    print("SKIP cannot compile for sm_90 here:", type(e).__name__, str(e)[:300]); sys.exit(0)
+out = []
+for r in rows:
+    sw = []
+    for w in r["sweeps"]:
+        s, e = w["range"]
+        body = [t for _, op, t in kc.sweeps(r["instrs"], r["elt_bytes"])[0][s:e + 1]]
+        sw.append(dict(elems=w["elems"], body=body))
+    out.append(dict(kernel=r["kernel"], block=r["block"], threads=r["threads"], elt_bytes=r["elt_bytes"], sweeps=sw,
+                    per_thread=r.get("elems_per_thread"), all_sass=[t for _, _, t in r["instrs"]]))
+print(json.dumps(out))
+"""
+
+
+def _ldg_bytes(line):
+    """Bytes one thread loads with this SASS line (an independent reading of the widths)."""
+    m = re.search(r"\bLDG\.E(?:\.(\w+))?(?:\.(\w+))?", line)
+    if not m:
+        return 0
+    widths = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
+    for part in m.groups():
+        if part in widths:
+            return widths[part]
+    return 4
+
+
+def test_kernel_cost_counts_elements_from_sass():
+    """scripts/kernel_cost.py's elements per loop iteration equal what each sweep's loop body
+    loads (its LDG widths, read here from the SASS; ptxas's unrolling included) over the element
+    size, for every variant; each is a whole number of blocks per thread; rotary's one pass
+    stores what it counts. Compiles every variant for sm_90 (~20-40 s on 2 cores; skipped where
+    Triton cannot compile for sm_90)."""
+    if not _backend.HAS_TRITON:
+        pytest.skip("triton not installed")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _COST_SCRIPT], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    out = r.stdout.strip()
+    if r.returncode == 0 and out.startswith("SKIP"):
+        pytest.skip(out)
+    assert r.returncode == 0, out[-3000:] + r.stderr[-5000:]
+    rows = json.loads(out.splitlines()[-1])
+    assert len(rows) >= 18
+    for row in rows:
+        per_block = row["block"] / row["threads"]  # elements per thread of one block
+        if row["per_thread"] is not None:  # rotary: no loop, one pass per program
+            stored = sum(16 if ".128" in t else 8 if ".64" in t else 4 for t in row["all_sass"] if "STG" in t) / 2
+            assert row["per_thread"] == stored == per_block, row["kernel"]
+            continue
+        assert row["sweeps"], f"{row['kernel']}: no element loop found"
+        for w in row["sweeps"]:
+            loaded = sum(_ldg_bytes(t) for t in w["body"]) / row["elt_bytes"]
+            assert w["elems"] == loaded, f"{row['kernel']}: {w['elems']} elements counted, the loop loads {loaded}"
+            assert w["elems"] % per_block == 0, f"{row['kernel']}: {w['elems']} is not whole blocks of {per_block}"
 
 
 @pytest.mark.skipif(INTERP_IN_PROCESS or _CHILD, reason="interpreter tests already run in this process")
