@@ -1,35 +1,40 @@
 #!/usr/bin/env python3
-"""Static cost report of the Triton kernels on an H100 (sm_90), without a GPU.
+"""Static cost report of the Triton kernels on an H100 SXM and an H200 (sm_90), without a GPU.
 
 Every kernel variant the launchers use is compiled for sm_90 (triton.compile + GPUTarget, the same
 toolchain a GPU run uses: Triton's bundled ptxas); cuobjdump reads the cubin. Per kernel/config:
 
   instr/elt  SASS instructions per element (logit, or rotary element) on a thread's path: each
-             innermost loop that loads from global memory costs body / (elements per thread per
-             iteration); the rest of the kernel (per-row set-up, reductions, target fix, and the
-             code of branches not taken, so an upper bound) is spread over the elements of a row
-             (V = 65536) or of a program (rotary)
+             innermost loop that loads from global memory (a sweep) costs body / its elements
+             per thread per iteration, read from the SASS: the loop's LDG widths over the element
+             size (ptxas's unrolling included); the rest of the kernel (per-row set-up,
+             reductions, target fix, and the code of branches not taken, so an upper bound) is
+             spread over the elements of a row (V = 65536) or of a program (rotary: no loop, its
+             elements are what it stores)
   sfu/elt    the same for MUFU (special-function unit: ex2, rcp, ...) instructions
   regs       registers per thread; spill = stack/local bytes (0 = no spills)
+  in flight  bytes of loads a thread has issued before the first instruction that uses one, x
+             threads per SM, against what the sweep needs at full bandwidth (share of HBM
+             bandwidth per SM x latency)
   HBM B/elt  bytes per element that must come from or go to HBM given the passes and the L2
              model below (the floor for CE fwd+bwd in bf16 is 2 read + 2 write)
 
-Roofline model (stated here, printed with the report): H100 SXM, 3.35 TB/s HBM, 989 TFLOP/s
-dense bf16 = 132 SMs x 4096 FLOP/clk x 1.83 GHz, so clk = 1.83 GHz. Per SM and clock: 4 warp
-instructions issued (128 thread-instructions) and 16 MUFU results. A kernel's time per element is
-max(bytes/HBM, instr/(132*128*clk), sfu/(132*16*clk)) (perfect overlap, no latency limits: an
-upper bound), and its predicted fraction of HBM bandwidth = (floor bytes/HBM) / that time, so
-both extra HBM traffic and compute limits lower it. L2 model: the persistent CE kernel keeps
-`programs x row bytes` in flight; if that fits in half the 50 MB L2 the second sweep over a row
-hits L2, otherwise it is charged to HBM again.
+Model (printed with the report): 132 SMs, 1.98 GHz (67 TFLOP/s FP32), 128 thread-instructions
+and 16 MUFU results per SM per clock; HBM 3.35 TB/s (H100 SXM) or 4.8 TB/s (H200); time per
+element = max(bytes/HBM, instr/issue, sfu/SFU, latency), latency = sum over a row's sweeps of
+bytes read x loaded latency (700 ns HBM, 350 ns L2 hit) / (132 x bytes in flight per SM); divided
+by the SM balance (busiest SM's rows over the average: programs per SM, last partial round of
+rows; rotary: last partial wave). Predicted fraction of HBM peak = (floor bytes / HBM) / that
+time. L2 model: the persistent CE kernel keeps `programs x row bytes` of sweep 2's row in
+flight; the share of it that fits in half the 50 MB L2 hits there, the rest is charged to HBM.
 
-  python scripts/kernel_cost.py            # the table (markdown), ~1-2 min on 2 cores
+  python scripts/kernel_cost.py            # the table (markdown), ~15-40 s on 2 cores
 """
 from __future__ import annotations
 
 import argparse
-import math
 import datetime
+import math
 import os
 import platform
 import re
