@@ -102,6 +102,28 @@ def softcap_sigmoid(x, k, FAST: tl.constexpr):
 
 
 @device_fn
+def bf16x2_unpack(w):
+    """(low, high) bf16 halves of uint32 words, as fp32: one shift or one mask each. (Triton's
+    own bf16 -> fp32 conversion spends 1.5 instructions per element: a byte permute for the high
+    half, then a shift.)"""
+    lo = (w << 16).to(tl.float32, bitcast=True)
+    hi = (w & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return lo, hi
+
+
+@device_fn
+def bf16x2_pack(lo, hi, FAST: tl.constexpr):
+    """uint32 words bf16(lo) | bf16(hi) << 16, rounded to nearest even: one cvt.rn.bf16x2.f32
+    per pair (FAST); the interpreter rounds by hand."""
+    if FAST:
+        w = tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $1, $2;", "=r,f,f", [hi, lo], dtype=tl.uint32,
+                                      is_pure=True, pack=1)
+    else:
+        w = (round_bf16_rne(lo).to(tl.uint32, bitcast=True) >> 16) | round_bf16_rne(hi).to(tl.uint32, bitcast=True)
+    return w
+
+
+@device_fn
 def round_bf16_rne(y):
     """The interpreter truncates fp32 -> bf16; round to nearest even by hand so results match the
     GPU (only traced when the caller's RNE_FIX constexpr is set: never in a compiled kernel)."""

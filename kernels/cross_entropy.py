@@ -33,7 +33,7 @@ from ._backend import (
     resolve_backend,
     tl,
 )
-from ._common import LOG2E, ROUND_MAGIC, exp2_poly, fast_exp2, fast_rcp, round_bf16_rne, softcap_sigmoid  # noqa: F401 (kernel globals)
+from ._common import LOG2E, ROUND_MAGIC, bf16x2_pack, bf16x2_unpack, exp2_poly, fast_exp2, fast_rcp, round_bf16_rne, softcap_sigmoid  # noqa: F401 (kernel globals)
 
 # --------------------------------------------------------------------------------------------
 # Plain PyTorch reference (backend="torch"): what eager code does, autograd does the backward.
@@ -108,18 +108,25 @@ def _load_x(ptr, mask, MASKED: tl.constexpr):
 
 
 @device_fn
-def _cap_sweep1_block(x, g_row, cols, V, k_sig, c2, c2_off, MASKED: tl.constexpr, STORE: tl.constexpr,
-                      FAST: tl.constexpr, RNE_FIX: tl.constexpr):
-    """exp(z - cap + d) of one loaded block x (fp32; 0 where masked), d = the row's constant
-    offset (see the caller); STORE: also write that times t(1 - t), the gradient up to the
-    factor 4*scale/sum that sweep 2 applies. Two MUFU per logit (the sigmoid's exp2 and
-    reciprocal); the third exponential is the FMA pipe's polynomial: its argument
-    2cap*log2(e)*(t - 1) lies in (-116, 0] for cap <= 40."""
-    mask = cols < V
+def _cap_exp(x, k_sig, c2, c2_off, FAST: tl.constexpr):
+    """(exp(z - cap + d), that times t(1 - t)) of fp32 logits x, d = the row's constant offset
+    (see the caller); the second is the gradient up to the factor 4*scale/sum that sweep 2
+    applies. Two MUFU per logit (the sigmoid's exp2 and reciprocal); the third exponential is
+    the FMA pipe's polynomial: its argument 2cap*log2(e)*(t - 1) lies in (-116, 0] for
+    cap <= 40."""
     t = softcap_sigmoid(x, k_sig, FAST)
     e = exp2_poly(c2, t, c2_off)  # (z - cap)*log2(e) = c2*(t - 1)
+    return e, e * (t - t * t)
+
+
+@device_fn
+def _cap_sweep1_block(x, g_row, cols, V, k_sig, c2, c2_off, MASKED: tl.constexpr, STORE: tl.constexpr,
+                      FAST: tl.constexpr, RNE_FIX: tl.constexpr):
+    """_cap_exp of one loaded block x (0 where masked); STORE: the gradient part is stored."""
+    mask = cols < V
+    e, g = _cap_exp(x, k_sig, c2, c2_off, FAST)
     if STORE:
-        _store_grad(g_row + cols, e * (t - t * t), mask, MASKED, RNE_FIX)
+        _store_grad(g_row + cols, g, mask, MASKED, RNE_FIX)
     if MASKED:
         e = tl.where(mask, e, 0.0)
     return e
@@ -172,6 +179,7 @@ def _ce_kernel(
     # RESCALE (implies WRITE_GRAD, FIXED_MAX): sweep 1 stores the unnormalised gradient
     HAS_CAP: tl.constexpr, FIXED_MAX: tl.constexpr, WRITE_GRAD: tl.constexpr, RESCALE: tl.constexpr,
     FAST: tl.constexpr, RNE_FIX: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr,
+    WORDS: tl.constexpr,  # FIXED_MAX sweeps read (and write) bf16 pairs as uint32 words
 ):
     offs = tl.arange(0, BLOCK)
     # unmasked blocks [0, v_full), then one masked tail block if V % BLOCK (TAIL; compiled only
@@ -204,16 +212,37 @@ def _ce_kernel(
                 c2_off = ROUND_MAGIC - c2
                 d = (c2_off - ROUND_MAGIC) + c2
                 acc = tl.zeros([BLOCK], dtype=tl.float32)
-                xn = tl.load(x_row + offs, mask=offs < v_full, other=0.0)
-                for start in range(0, v_full, BLOCK):
-                    xc = xn
-                    xn = _next_block(x_row, offs, start, v_full, BLOCK)
-                    acc += _cap_sweep1_block(xc.to(tl.float32), g_row, start + offs, V, k_sig, c2, c2_off,
-                                             False, RESCALE, FAST, RNE_FIX)
+                if WORDS:
+                    # bf16 pairs as uint32 words: unpacked and packed with one instruction per
+                    # element / per pair; the order of the sum does not matter, the gradient's
+                    # pairs are stored back where they came from
+                    offs_w = tl.arange(0, BLOCK // 2)
+                    xw_row = x_row.to(tl.pointer_type(tl.uint32))
+                    gw_row = g_row.to(tl.pointer_type(tl.uint32))
+                    acc_w = tl.zeros([BLOCK // 2], dtype=tl.float32)
+                    wn = tl.load(xw_row + offs_w, mask=offs_w < v_full // 2, other=0)
+                    for start in range(0, v_full, BLOCK):
+                        wc = wn
+                        wn = _next_block(xw_row, offs_w, start // 2, v_full // 2, BLOCK // 2)
+                        lo, hi = bf16x2_unpack(wc)
+                        e_lo, g_lo = _cap_exp(lo, k_sig, c2, c2_off, FAST)
+                        e_hi, g_hi = _cap_exp(hi, k_sig, c2, c2_off, FAST)
+                        acc_w += e_lo + e_hi
+                        if RESCALE:
+                            tl.store(gw_row + start // 2 + offs_w, bf16x2_pack(g_lo, g_hi, FAST))
+                    s = tl.sum(acc_w, 0)
+                else:
+                    xn = tl.load(x_row + offs, mask=offs < v_full, other=0.0)
+                    for start in range(0, v_full, BLOCK):
+                        xc = xn
+                        xn = _next_block(x_row, offs, start, v_full, BLOCK)
+                        acc += _cap_sweep1_block(xc.to(tl.float32), g_row, start + offs, V, k_sig, c2, c2_off,
+                                                 False, RESCALE, FAST, RNE_FIX)
+                    s = 0.0
                 if TAIL:
                     acc += _cap_sweep1_block(_load_x(x_row + v_full + offs, v_full + offs < V, True), g_row,
                                              v_full + offs, V, k_sig, c2, c2_off, True, RESCALE, FAST, RNE_FIX)
-                s = tl.sum(acc, 0)
+                s += tl.sum(acc, 0)
                 m = cap - d / LOG2E  # sum = sum(exp(z - m)): exp(z - cap) * 2**d
             else:
                 # sweep 1: online max / sum of exp (scalar running state)
@@ -236,11 +265,20 @@ def _ce_kernel(
                     f = 4.0 * scale * inv_s
                     offs2 = tl.arange(0, 2 * BLOCK)
                     v_full2 = V - V % (2 * BLOCK)
-                    gn = tl.load(g_row + offs2, mask=offs2 < v_full2, other=0.0)
-                    for start in range(0, v_full2, 2 * BLOCK):
-                        gc = gn
-                        gn = _next_block(g_row, offs2, start, v_full2, 2 * BLOCK)
-                        _store_grad(g_row + start + offs2, gc.to(tl.float32) * f, offs2, False, RNE_FIX)
+                    if WORDS:
+                        gw_row = g_row.to(tl.pointer_type(tl.uint32))
+                        gn = tl.load(gw_row + offs, mask=offs < v_full2 // 2, other=0)
+                        for start in range(0, v_full2, 2 * BLOCK):
+                            gc = gn
+                            gn = _next_block(gw_row, offs, start // 2, v_full2 // 2, BLOCK)
+                            lo, hi = bf16x2_unpack(gc)
+                            tl.store(gw_row + start // 2 + offs, bf16x2_pack(lo * f, hi * f, FAST))
+                    else:
+                        gn = tl.load(g_row + offs2, mask=offs2 < v_full2, other=0.0)
+                        for start in range(0, v_full2, 2 * BLOCK):
+                            gc = gn
+                            gn = _next_block(g_row, offs2, start, v_full2, 2 * BLOCK)
+                            _store_grad(g_row + start + offs2, gc.to(tl.float32) * f, offs2, False, RNE_FIX)
                     if v_full2 < V:
                         tmask = v_full2 + offs2 < V
                         _store_grad(g_row + v_full2 + offs2, _load_x(g_row + v_full2 + offs2, tmask, True) * f,
@@ -366,9 +404,17 @@ def ce_rows_triton(logits, targets, softcap, scale, want_grad, grad_dtype=None, 
         # the stored unnormalised gradient can underflow fp16's range: recompute there
         RESCALE=rescale,
         FAST=not interpreting(), RNE_FIX=interpreting() and want_grad and grad.dtype == torch.bfloat16,
-        BLOCK=block, TAIL=V % block != 0, num_warps=warps,
+        BLOCK=block, TAIL=V % block != 0, WORDS=fixed and _words_ok(logits, grad if want_grad else None),
+        num_warps=warps,
     )
     return loss, (grad if want_grad else None)
+
+
+def _words_ok(logits, grad):
+    """The bf16 rows (and gradient rows) can be read as aligned uint32 words: bf16, even row
+    strides, 4-byte aligned starts (checked exactly; otherwise the element path runs)."""
+    return all(t.dtype == torch.bfloat16 and t.stride(0) % 2 == 0 and t.data_ptr() % 4 == 0
+               for t in (logits, grad) if t is not None)
 
 
 def scale_rows_(grad, go):

@@ -278,7 +278,9 @@ def variants():
                 reread = es if grad else 0
                 elems = ce_mod.ELEMS_PER_THREAD if grad else ce_mod.ELEMS_PER_THREAD_FWD
                 block, warps, progs = ce_mod.ce_launch_config(V, reread, _FakeDev(), elems)
-                consts = dict(c, FAST=True, RNE_FIX=False, BLOCK=block, TAIL=V % block != 0)
+                # bf16 rows of even length (V = 65536): the launcher reads them as uint32 pairs
+                consts = dict(c, FAST=True, RNE_FIX=False, BLOCK=block, TAIL=V % block != 0,
+                              WORDS=c["FIXED_MAX"] and dtype == torch.bfloat16)
                 sig = dict(CE_SIG, X=TY[dtype], G=TY[dtype])
                 cubin = compile_sm90(ce_mod._CE_KERNEL, sig, consts, warps, div16=("stride_x", "stride_g", "V"))
                 instrs, regs, spill = sass_and_resources(cubin)
