@@ -334,9 +334,14 @@ _CE_SCALE_KERNEL = LazyKernel(_ce_scale_kernel)
 L2_SHARE = 0.5
 # elements per thread per block: two 16-byte loads in bf16 (four in fp32), and with the next
 # block prefetched two more in flight during the math. The forward-only sweep has no store to
-# wait for and no sweep 2 to hide latency behind: it takes twice as many per block.
+# wait for and no sweep 2 to hide latency behind: it takes 64 bytes per thread per block.
 ELEMS_PER_THREAD = 16
-ELEMS_PER_THREAD_FWD = 32
+FWD_BYTES_PER_THREAD = 64
+
+
+def ce_elems_per_thread(want_grad, elt_bytes):
+    """Elements per thread per block of the CE kernel (the launcher's and the cost report's)."""
+    return ELEMS_PER_THREAD if want_grad else FWD_BYTES_PER_THREAD // elt_bytes
 # warps per program: 512 threads on one SM. The sweeps need more than 64 registers per thread
 # (ptxas caps them at 128 for 512 threads, so one program always fits): one program per SM.
 CE_WARPS = 16
@@ -395,7 +400,7 @@ def ce_rows_triton(logits, targets, softcap, scale, want_grad, grad_dtype=None, 
     rescale = fixed and want_grad and grad.dtype != torch.float16
     # sweep 2 re-reads the stored gradient (rescale) or the logits (recompute); none without grad
     reread = (grad.element_size() if rescale else logits.element_size()) if want_grad else 0
-    block, warps, progs = ce_launch_config(V, reread, dev, ELEMS_PER_THREAD if want_grad else ELEMS_PER_THREAD_FWD)
+    block, warps, progs = ce_launch_config(V, reread, dev, ce_elems_per_thread(want_grad, logits.element_size()))
     _CE_KERNEL.get()[(min(R, progs),)](
         logits, logits.stride(0), targets, loss,
         grad, grad.stride(0) if want_grad else 0,

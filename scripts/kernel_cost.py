@@ -276,7 +276,7 @@ def variants():
                 if not grad and not inplace:
                     continue
                 reread = es if grad else 0
-                elems = ce_mod.ELEMS_PER_THREAD if grad else ce_mod.ELEMS_PER_THREAD_FWD
+                elems = ce_mod.ce_elems_per_thread(grad, es)
                 block, warps, progs = ce_mod.ce_launch_config(V, reread, _FakeDev(), elems)
                 # bf16 rows of even length (V = 65536): the launcher reads them as uint32 pairs
                 consts = dict(c, FAST=True, RNE_FIX=False, BLOCK=block, TAIL=V % block != 0,
