@@ -136,8 +136,9 @@ def _cap_sweep1_block(x, g_row, cols, V, k_sig, c2, c2_off, MASKED: tl.constexpr
 def _next_block(ptr_row, offs, start, v_full, BLOCK: tl.constexpr):
     """The block after `start` among the v_full unmasked columns, loaded one iteration ahead so
     its 16-byte loads are in flight during this block's math (the last iteration reloads its
-    own block: in bounds, and L1/L2-resident)."""
-    return tl.load(ptr_row + tl.minimum(start + BLOCK, v_full - BLOCK) + offs)
+    own block: in bounds, and L1/L2-resident). start and v_full are multiples of BLOCK: said
+    so, or older Tritons cannot vectorise the load."""
+    return tl.load(ptr_row + tl.multiple_of(tl.minimum(start + BLOCK, v_full - BLOCK), BLOCK) + offs)
 
 
 @device_fn
@@ -180,8 +181,10 @@ def _ce_kernel(
     HAS_CAP: tl.constexpr, FIXED_MAX: tl.constexpr, WRITE_GRAD: tl.constexpr, RESCALE: tl.constexpr,
     FAST: tl.constexpr, RNE_FIX: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr,
     WORDS: tl.constexpr,  # FIXED_MAX sweeps read (and write) bf16 pairs as uint32 words
+    TAIL2: tl.constexpr,  # V % (2*BLOCK): sweep 2 (double blocks) ends with a masked one
 ):
     offs = tl.arange(0, BLOCK)
+    offs_w = tl.arange(0, BLOCK // 2)  # uint32 words of a block (WORDS)
     # unmasked blocks [0, v_full), then one masked tail block if V % BLOCK (TAIL; compiled only
     # then: no per-element mask work in the sweeps, no dead tail code)
     v_full = V - V % BLOCK
@@ -204,7 +207,8 @@ def _ce_kernel(
             if FIXED_MAX:
                 # every z = cap*tanh(x/cap) is in (-cap, cap): cap is a safe max (exp(z - cap) >=
                 # exp(-2cap) does not underflow for cap <= 40): no running max, per-lane sums.
-                # Software-pipelined: block i+1 is loaded before block i's math.
+                # Software-pipelined: block i+1 is loaded before block i's math (the first block's
+                # load has one mask for the whole block: it stays vectorised).
                 c2 = 2.0 * cap * LOG2E
                 # the polynomial's offset ROUND_MAGIC - c2 rounds in fp32 (to an integer): every
                 # exponential of the row is off by the same exact factor 2**d, which cancels in
@@ -216,11 +220,12 @@ def _ce_kernel(
                     # bf16 pairs as uint32 words: unpacked and packed with one instruction per
                     # element / per pair; the order of the sum does not matter, the gradient's
                     # pairs are stored back where they came from
-                    offs_w = tl.arange(0, BLOCK // 2)
-                    xw_row = x_row.to(tl.pointer_type(tl.uint32))
-                    gw_row = g_row.to(tl.pointer_type(tl.uint32))
+                    # (16-byte aligned rows, checked on the host: the hint lets every Triton
+                    # version vectorise the word loads and stores)
+                    xw_row = tl.multiple_of(x_row.to(tl.pointer_type(tl.uint32)), 16)
+                    gw_row = tl.multiple_of(g_row.to(tl.pointer_type(tl.uint32)), 16)
                     acc_w = tl.zeros([BLOCK // 2], dtype=tl.float32)
-                    wn = tl.load(xw_row + offs_w, mask=offs_w < v_full // 2, other=0)
+                    wn = tl.load(xw_row + offs_w, mask=tl.zeros_like(offs_w) < v_full, other=0)
                     for start in range(0, v_full, BLOCK):
                         wc = wn
                         wn = _next_block(xw_row, offs_w, start // 2, v_full // 2, BLOCK // 2)
@@ -232,7 +237,7 @@ def _ce_kernel(
                             tl.store(gw_row + start // 2 + offs_w, bf16x2_pack(g_lo, g_hi, FAST))
                     s = tl.sum(acc_w, 0)
                 else:
-                    xn = tl.load(x_row + offs, mask=offs < v_full, other=0.0)
+                    xn = tl.load(x_row + offs, mask=tl.zeros_like(offs) < v_full, other=0.0)
                     for start in range(0, v_full, BLOCK):
                         xc = xn
                         xn = _next_block(x_row, offs, start, v_full, BLOCK)
@@ -266,20 +271,27 @@ def _ce_kernel(
                     offs2 = tl.arange(0, 2 * BLOCK)
                     v_full2 = V - V % (2 * BLOCK)
                     if WORDS:
-                        gw_row = g_row.to(tl.pointer_type(tl.uint32))
-                        gn = tl.load(gw_row + offs, mask=offs < v_full2 // 2, other=0)
+                        # a double block = two word blocks of sweep 1's shape (one layout for
+                        # loads and stores: no shuffle through shared memory)
+                        gw_row = tl.multiple_of(g_row.to(tl.pointer_type(tl.uint32)), 16)
+                        na = tl.load(gw_row + offs_w, mask=tl.zeros_like(offs_w) < v_full2, other=0)
+                        nb = tl.load(gw_row + BLOCK // 2 + offs_w, mask=tl.zeros_like(offs_w) < v_full2, other=0)
                         for start in range(0, v_full2, 2 * BLOCK):
-                            gc = gn
-                            gn = _next_block(gw_row, offs, start // 2, v_full2 // 2, BLOCK)
-                            lo, hi = bf16x2_unpack(gc)
-                            tl.store(gw_row + start // 2 + offs, bf16x2_pack(lo * f, hi * f, FAST))
+                            ca = na
+                            cb = nb
+                            na = _next_block(gw_row, offs_w, start // 2, v_full2 // 2, BLOCK)
+                            nb = _next_block(gw_row + BLOCK // 2, offs_w, start // 2, v_full2 // 2, BLOCK)
+                            lo, hi = bf16x2_unpack(ca)
+                            tl.store(gw_row + start // 2 + offs_w, bf16x2_pack(lo * f, hi * f, FAST))
+                            lo, hi = bf16x2_unpack(cb)
+                            tl.store(gw_row + start // 2 + BLOCK // 2 + offs_w, bf16x2_pack(lo * f, hi * f, FAST))
                     else:
-                        gn = tl.load(g_row + offs2, mask=offs2 < v_full2, other=0.0)
+                        gn = tl.load(g_row + offs2, mask=tl.zeros_like(offs2) < v_full2, other=0.0)
                         for start in range(0, v_full2, 2 * BLOCK):
                             gc = gn
                             gn = _next_block(g_row, offs2, start, v_full2, 2 * BLOCK)
                             _store_grad(g_row + start + offs2, gc.to(tl.float32) * f, offs2, False, RNE_FIX)
-                    if v_full2 < V:
+                    if TAIL2:
                         tmask = v_full2 + offs2 < V
                         _store_grad(g_row + v_full2 + offs2, _load_x(g_row + v_full2 + offs2, tmask, True) * f,
                                     tmask, True, RNE_FIX)
@@ -409,16 +421,16 @@ def ce_rows_triton(logits, targets, softcap, scale, want_grad, grad_dtype=None, 
         # the stored unnormalised gradient can underflow fp16's range: recompute there
         RESCALE=rescale,
         FAST=not interpreting(), RNE_FIX=interpreting() and want_grad and grad.dtype == torch.bfloat16,
-        BLOCK=block, TAIL=V % block != 0, WORDS=fixed and _words_ok(logits, grad if want_grad else None),
+        BLOCK=block, TAIL=V % block != 0, TAIL2=V % (2 * block) != 0, WORDS=fixed and _words_ok(logits, grad if want_grad else None),
         num_warps=warps,
     )
     return loss, (grad if want_grad else None)
 
 
 def _words_ok(logits, grad):
-    """The bf16 rows (and gradient rows) can be read as aligned uint32 words: bf16, even row
-    strides, 4-byte aligned starts (checked exactly; otherwise the element path runs)."""
-    return all(t.dtype == torch.bfloat16 and t.stride(0) % 2 == 0 and t.data_ptr() % 4 == 0
+    """The bf16 rows (and gradient rows) can be read as uint32 words 16 bytes at a time: bf16,
+    every row starting on a 16-byte boundary (checked exactly; otherwise the element path)."""
+    return all(t.dtype == torch.bfloat16 and t.stride(0) % 8 == 0 and t.data_ptr() % 16 == 0
                for t in (logits, grad) if t is not None)
 
 

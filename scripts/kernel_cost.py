@@ -279,7 +279,7 @@ def variants():
                 elems = ce_mod.ce_elems_per_thread(grad, es)
                 block, warps, progs = ce_mod.ce_launch_config(V, reread, _FakeDev(), elems)
                 # bf16 rows of even length (V = 65536): the launcher reads them as uint32 pairs
-                consts = dict(c, FAST=True, RNE_FIX=False, BLOCK=block, TAIL=V % block != 0,
+                consts = dict(c, FAST=True, RNE_FIX=False, BLOCK=block, TAIL=V % block != 0, TAIL2=V % (2 * block) != 0,
                               WORDS=c["FIXED_MAX"] and dtype == torch.bfloat16)
                 sig = dict(CE_SIG, X=TY[dtype], G=TY[dtype])
                 cubin = compile_sm90(ce_mod._CE_KERNEL, sig, consts, warps, div16=("stride_x", "stride_g", "V"))
