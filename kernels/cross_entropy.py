@@ -33,7 +33,7 @@ from ._backend import (
     resolve_backend,
     tl,
 )
-from ._common import LOG2E, fast_exp2, fast_rcp, round_bf16_rne, softcap_sigmoid  # noqa: F401 (kernel globals)
+from ._common import LOG2E, ROUND_MAGIC, bf16x2_pack, bf16x2_unpack, exp2_poly, fast_exp2, fast_rcp, round_bf16_rne, softcap_sigmoid  # noqa: F401 (kernel globals)
 
 # --------------------------------------------------------------------------------------------
 # Plain PyTorch reference (backend="torch"): what eager code does, autograd does the backward.
@@ -108,24 +108,37 @@ def _load_x(ptr, mask, MASKED: tl.constexpr):
 
 
 @device_fn
-def _cap_sweep1_block(x_row, g_row, cols, V, k_sig, c2, MASKED: tl.constexpr, STORE: tl.constexpr,
+def _cap_exp(x, k_sig, c2, c2_off, FAST: tl.constexpr):
+    """(exp(z - cap + d), that times t(1 - t)) of fp32 logits x, d = the row's constant offset
+    (see the caller); the second is the gradient up to the factor 4*scale/sum that sweep 2
+    applies. Two MUFU per logit (the sigmoid's exp2 and reciprocal); the third exponential is
+    the FMA pipe's polynomial: its argument 2cap*log2(e)*(t - 1) lies in (-116, 0] for
+    cap <= 40."""
+    t = softcap_sigmoid(x, k_sig, FAST)
+    e = exp2_poly(c2, t, c2_off)  # (z - cap)*log2(e) = c2*(t - 1)
+    return e, e * (t - t * t)
+
+
+@device_fn
+def _cap_sweep1_block(x, g_row, cols, V, k_sig, c2, c2_off, MASKED: tl.constexpr, STORE: tl.constexpr,
                       FAST: tl.constexpr, RNE_FIX: tl.constexpr):
-    """exp(z - cap) of one block (0 where masked); STORE: also write exp(z - cap) * t(1 - t),
-    the gradient up to the factor 4*scale/sum that sweep 2 applies."""
+    """_cap_exp of one loaded block x (0 where masked); STORE: the gradient part is stored."""
     mask = cols < V
-    t = softcap_sigmoid(_load_x(x_row + cols, mask, MASKED), k_sig, FAST)
-    e = fast_exp2(c2 * t - c2, FAST)  # z - cap = 2cap(t - 1)
+    e, g = _cap_exp(x, k_sig, c2, c2_off, FAST)
     if STORE:
-        _store_grad(g_row + cols, e * (t - t * t), mask, MASKED, RNE_FIX)
+        _store_grad(g_row + cols, g, mask, MASKED, RNE_FIX)
     if MASKED:
         e = tl.where(mask, e, 0.0)
     return e
 
 
 @device_fn
-def _rescale_block(g_row, cols, V, f, MASKED: tl.constexpr, RNE_FIX: tl.constexpr):
-    mask = cols < V
-    _store_grad(g_row + cols, _load_x(g_row + cols, mask, MASKED) * f, mask, MASKED, RNE_FIX)
+def _next_block(ptr_row, offs, start, v_full, BLOCK: tl.constexpr):
+    """The block after `start` among the v_full unmasked columns, loaded one iteration ahead so
+    its 16-byte loads are in flight during this block's math (the last iteration reloads its
+    own block: in bounds, and L1/L2-resident). start and v_full are multiples of BLOCK: said
+    so, or older Tritons cannot vectorise the load."""
+    return tl.load(ptr_row + tl.multiple_of(tl.minimum(start + BLOCK, v_full - BLOCK), BLOCK) + offs)
 
 
 @device_fn
@@ -167,8 +180,11 @@ def _ce_kernel(
     # RESCALE (implies WRITE_GRAD, FIXED_MAX): sweep 1 stores the unnormalised gradient
     HAS_CAP: tl.constexpr, FIXED_MAX: tl.constexpr, WRITE_GRAD: tl.constexpr, RESCALE: tl.constexpr,
     FAST: tl.constexpr, RNE_FIX: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr,
+    WORDS: tl.constexpr,  # FIXED_MAX sweeps read (and write) bf16 pairs as uint32 words
+    TAIL2: tl.constexpr,  # V % (2*BLOCK): sweep 2 (double blocks) ends with a masked one
 ):
     offs = tl.arange(0, BLOCK)
+    offs_w = tl.arange(0, BLOCK // 2)  # uint32 words of a block (WORDS)
     # unmasked blocks [0, v_full), then one masked tail block if V % BLOCK (TAIL; compiled only
     # then: no per-element mask work in the sweeps, no dead tail code)
     v_full = V - V % BLOCK
@@ -190,17 +206,49 @@ def _ce_kernel(
                 dzt = 4.0 * (tt - tt * tt)
             if FIXED_MAX:
                 # every z = cap*tanh(x/cap) is in (-cap, cap): cap is a safe max (exp(z - cap) >=
-                # exp(-2cap) does not underflow for cap <= 40): no running max, per-lane sums
+                # exp(-2cap) does not underflow for cap <= 40): no running max, per-lane sums.
+                # Software-pipelined: block i+1 is loaded before block i's math (the first block's
+                # load has one mask for the whole block: it stays vectorised).
                 c2 = 2.0 * cap * LOG2E
+                # the polynomial's offset ROUND_MAGIC - c2 rounds in fp32 (to an integer): every
+                # exponential of the row is off by the same exact factor 2**d, which cancels in
+                # the gradient (e / sum) and is taken out of the loss below
+                c2_off = ROUND_MAGIC - c2
+                d = (c2_off - ROUND_MAGIC) + c2
                 acc = tl.zeros([BLOCK], dtype=tl.float32)
-                for start in range(0, v_full, BLOCK):
-                    acc += _cap_sweep1_block(x_row, g_row, start + offs, V, k_sig, c2, False,
-                                             RESCALE, FAST, RNE_FIX)
+                if WORDS:
+                    # bf16 pairs as uint32 words: unpacked and packed with one instruction per
+                    # element / per pair; the order of the sum does not matter, the gradient's
+                    # pairs are stored back where they came from
+                    # (16-byte aligned rows, checked on the host: the hint lets every Triton
+                    # version vectorise the word loads and stores)
+                    xw_row = tl.multiple_of(x_row.to(tl.pointer_type(tl.uint32)), 16)
+                    gw_row = tl.multiple_of(g_row.to(tl.pointer_type(tl.uint32)), 16)
+                    acc_w = tl.zeros([BLOCK // 2], dtype=tl.float32)
+                    wn = tl.load(xw_row + offs_w, mask=tl.zeros_like(offs_w) < v_full, other=0)
+                    for start in range(0, v_full, BLOCK):
+                        wc = wn
+                        wn = _next_block(xw_row, offs_w, start // 2, v_full // 2, BLOCK // 2)
+                        lo, hi = bf16x2_unpack(wc)
+                        e_lo, g_lo = _cap_exp(lo, k_sig, c2, c2_off, FAST)
+                        e_hi, g_hi = _cap_exp(hi, k_sig, c2, c2_off, FAST)
+                        acc_w += e_lo + e_hi
+                        if RESCALE:
+                            tl.store(gw_row + start // 2 + offs_w, bf16x2_pack(g_lo, g_hi, FAST))
+                    s = tl.sum(acc_w, 0)
+                else:
+                    xn = tl.load(x_row + offs, mask=tl.zeros_like(offs) < v_full, other=0.0)
+                    for start in range(0, v_full, BLOCK):
+                        xc = xn
+                        xn = _next_block(x_row, offs, start, v_full, BLOCK)
+                        acc += _cap_sweep1_block(xc.to(tl.float32), g_row, start + offs, V, k_sig, c2, c2_off,
+                                                 False, RESCALE, FAST, RNE_FIX)
+                    s = 0.0
                 if TAIL:
-                    acc += _cap_sweep1_block(x_row, g_row, v_full + offs, V, k_sig, c2, True,
-                                             RESCALE, FAST, RNE_FIX)
-                m = cap
-                s = tl.sum(acc, 0)
+                    acc += _cap_sweep1_block(_load_x(x_row + v_full + offs, v_full + offs < V, True), g_row,
+                                             v_full + offs, V, k_sig, c2, c2_off, True, RESCALE, FAST, RNE_FIX)
+                s += tl.sum(acc, 0)
+                m = cap - d / LOG2E  # sum = sum(exp(z - m)): exp(z - cap) * 2**d
             else:
                 # sweep 1: online max / sum of exp (scalar running state)
                 m = float("-inf")
@@ -217,11 +265,36 @@ def _ce_kernel(
                 inv_s = 1.0 / s
                 if RESCALE:
                     # sweep 2: the stored exp(z - cap)*t(1 - t) times 4*scale/sum (L2-resident)
+                    # (L2 hits: blocks of 2*BLOCK, twice the bytes in flight of sweep 1, so its
+                    # shorter latency is covered with the same number of threads)
                     f = 4.0 * scale * inv_s
-                    for start in range(0, v_full, BLOCK):
-                        _rescale_block(g_row, start + offs, V, f, False, RNE_FIX)
-                    if TAIL:
-                        _rescale_block(g_row, v_full + offs, V, f, True, RNE_FIX)
+                    offs2 = tl.arange(0, 2 * BLOCK)
+                    v_full2 = V - V % (2 * BLOCK)
+                    if WORDS:
+                        # a double block = two word blocks of sweep 1's shape (one layout for
+                        # loads and stores: no shuffle through shared memory)
+                        gw_row = tl.multiple_of(g_row.to(tl.pointer_type(tl.uint32)), 16)
+                        na = tl.load(gw_row + offs_w, mask=tl.zeros_like(offs_w) < v_full2, other=0)
+                        nb = tl.load(gw_row + BLOCK // 2 + offs_w, mask=tl.zeros_like(offs_w) < v_full2, other=0)
+                        for start in range(0, v_full2, 2 * BLOCK):
+                            ca = na
+                            cb = nb
+                            na = _next_block(gw_row, offs_w, start // 2, v_full2 // 2, BLOCK)
+                            nb = _next_block(gw_row + BLOCK // 2, offs_w, start // 2, v_full2 // 2, BLOCK)
+                            lo, hi = bf16x2_unpack(ca)
+                            tl.store(gw_row + start // 2 + offs_w, bf16x2_pack(lo * f, hi * f, FAST))
+                            lo, hi = bf16x2_unpack(cb)
+                            tl.store(gw_row + start // 2 + BLOCK // 2 + offs_w, bf16x2_pack(lo * f, hi * f, FAST))
+                    else:
+                        gn = tl.load(g_row + offs2, mask=tl.zeros_like(offs2) < v_full2, other=0.0)
+                        for start in range(0, v_full2, 2 * BLOCK):
+                            gc = gn
+                            gn = _next_block(g_row, offs2, start, v_full2, 2 * BLOCK)
+                            _store_grad(g_row + start + offs2, gc.to(tl.float32) * f, offs2, False, RNE_FIX)
+                    if TAIL2:
+                        tmask = v_full2 + offs2 < V
+                        _store_grad(g_row + v_full2 + offs2, _load_x(g_row + v_full2 + offs2, tmask, True) * f,
+                                    tmask, True, RNE_FIX)
                 else:
                     # sweep 2: grad = softmax * dz/dx * scale, recomputed from the logits
                     f = scale * inv_s
@@ -267,26 +340,43 @@ def _ce_scale_kernel(G, stride_g, GO, stride_go, R, V, RNE_FIX: tl.constexpr, BL
 _CE_KERNEL = LazyKernel(_ce_kernel)
 _CE_SCALE_KERNEL = LazyKernel(_ce_scale_kernel)
 
-# Rows in flight (programs x row bytes) are kept within this share of the L2, so sweep 2 finds
-# the row there (H100: 50 MB L2 -> up to 200 rows of 128 KB; 132 programs of one bf16 row each at
-# V = 65536 with the gradient in place).
+# Rows in flight (programs x bytes of the row sweep 2 re-reads) are kept within this share of the
+# L2, so sweep 2 finds the row there (H100/H200: 50 MB L2 -> up to 200 rows of 128 KB: one bf16
+# gradient row of V = 65536 per program on each of the 132 SMs).
 L2_SHARE = 0.5
-# elements per thread per block: enough bytes in flight per SM, no register spills (sm_90)
+# elements per thread per block: two 16-byte loads in bf16 (four in fp32), and with the next
+# block prefetched two more in flight during the math. The forward-only sweep has no store to
+# wait for and no sweep 2 to hide latency behind: it takes 64 bytes per thread per block.
 ELEMS_PER_THREAD = 16
+FWD_BYTES_PER_THREAD = 64
 
 
-def ce_launch_config(V, x_bytes, g_bytes, inplace, device):
+def ce_elems_per_thread(want_grad, elt_bytes):
+    """Elements per thread per block of the CE kernel (the launcher's and the cost report's)."""
+    return ELEMS_PER_THREAD if want_grad else FWD_BYTES_PER_THREAD // elt_bytes
+# warps per program: 512 threads on one SM. The sweeps need more than 64 registers per thread
+# (ptxas caps them at 128 for 512 threads, so one program always fits): one program per SM.
+CE_WARPS = 16
+
+
+def ce_launch_config(V, reread_bytes, device, elems=ELEMS_PER_THREAD, per_sm=1):
     """(BLOCK, num_warps, programs) chosen on the host: no autotuning (its reruns would clobber
-    in-place outputs and its timing runs sync the host). Programs: all resident at once (a
-    persistent kernel must not queue a second wave) and their rows fit in L2_SHARE of the L2."""
+    in-place outputs and its timing runs sync the host).
+
+    reread_bytes: bytes per element of the row that sweep 2 reads again (the stored gradient, or
+    the logits when it recomputes; 0 without a sweep 2). per_sm: programs that fit on one SM.
+    Programs: the same number on every SM (a multiple of the SM count, so no SM runs more
+    programs than another), all resident at once (a persistent kernel must not queue a second
+    wave), and only as many per SM as the L2 holds their rows (at least one per SM: with rows
+    too long for that, part of sweep 2 misses L2, which costs less than idle SMs)."""
     if interpreting() or device.type != "cuda":
         return min(4096, next_pow2(V)), 4, device_props(device)[0]
-    block = min(next_pow2(V), 8192)
-    warps = max(1, min(32, block // (32 * ELEMS_PER_THREAD)))
+    block = min(next_pow2(V), 32 * CE_WARPS * elems)
+    warps = max(1, min(CE_WARPS, block // (32 * elems)))
     sms, l2 = device_props(device)
-    resident = max(1, 1024 // (32 * warps))  # programs per SM at <= 64 registers per thread
-    row_bytes = V * (x_bytes + (0 if inplace else g_bytes))
-    return block, warps, max(1, min(sms * resident, int(L2_SHARE * l2) // max(1, row_bytes)))
+    if reread_bytes:
+        per_sm = max(1, min(per_sm, int(L2_SHARE * l2) // (V * reread_bytes) // sms))
+    return block, warps, sms * per_sm
 
 
 def ce_rows_triton(logits, targets, softcap, scale, want_grad, grad_dtype=None, ignore_index=-1, inplace=False):
@@ -319,19 +409,29 @@ def ce_rows_triton(logits, targets, softcap, scale, want_grad, grad_dtype=None, 
         return loss, (grad if want_grad else None)
     cap = float(softcap) if softcap is not None else 1.0
     fixed = softcap is not None and softcap <= 40.0
-    g_bytes = grad.element_size() if want_grad else 0
-    block, warps, progs = ce_launch_config(V, logits.element_size(), g_bytes, inplace, dev)
+    rescale = fixed and want_grad and grad.dtype != torch.float16
+    # sweep 2 re-reads the stored gradient (rescale) or the logits (recompute); none without grad
+    reread = (grad.element_size() if rescale else logits.element_size()) if want_grad else 0
+    block, warps, progs = ce_launch_config(V, reread, dev, ce_elems_per_thread(want_grad, logits.element_size()))
     _CE_KERNEL.get()[(min(R, progs),)](
         logits, logits.stride(0), targets, loss,
         grad, grad.stride(0) if want_grad else 0,
         scale, stride_scale, R, V, int(ignore_index), cap, -2.0 * 1.4426950408889634 / cap,
         HAS_CAP=softcap is not None, FIXED_MAX=fixed, WRITE_GRAD=bool(want_grad),
         # the stored unnormalised gradient can underflow fp16's range: recompute there
-        RESCALE=fixed and want_grad and grad.dtype != torch.float16,
+        RESCALE=rescale,
         FAST=not interpreting(), RNE_FIX=interpreting() and want_grad and grad.dtype == torch.bfloat16,
-        BLOCK=block, TAIL=V % block != 0, num_warps=warps,
+        BLOCK=block, TAIL=V % block != 0, TAIL2=V % (2 * block) != 0, WORDS=fixed and _words_ok(logits, grad if want_grad else None),
+        num_warps=warps,
     )
     return loss, (grad if want_grad else None)
+
+
+def _words_ok(logits, grad):
+    """The bf16 rows (and gradient rows) can be read as uint32 words 16 bytes at a time: bf16,
+    every row starting on a 16-byte boundary (checked exactly; otherwise the element path)."""
+    return all(t.dtype == torch.bfloat16 and t.stride(0) % 8 == 0 and t.data_ptr() % 16 == 0
+               for t in (logits, grad) if t is not None)
 
 
 def scale_rows_(grad, go):
@@ -340,7 +440,8 @@ def scale_rows_(grad, go):
     go = go.to(device=grad.device, dtype=torch.float32).reshape(-1).contiguous()
     if R == 0:
         return grad
-    block, warps, progs = ce_launch_config(V, grad.element_size(), 0, True, grad.device)
+    # a plain scaling pass: few registers, two programs per SM
+    block, warps, progs = ce_launch_config(V, 0, grad.device, per_sm=2)
     _CE_SCALE_KERNEL.get()[(min(R, progs),)](
         grad, grad.stride(0), go, 0 if go.numel() == 1 else 1, R, V,
         RNE_FIX=interpreting() and grad.dtype == torch.bfloat16, BLOCK=block, num_warps=warps,

@@ -84,11 +84,6 @@ def _rotary_kernel(
     t = (bt - b32 * T).to(tl.int64)
     b = b32.to(tl.int64)
     rr = rr.to(tl.int64)
-    if HAS_POS:
-        pos = tl.load(POS + b * sp_b + t * sp_t, mask=row_ok, other=0).to(tl.int64)
-    else:
-        pos = t + offset
-    pos_ok = row_ok & (pos >= 0) & (pos < max_pos)  # never read outside the tables
     in_off = tl.where(is_q, b * sq_b + t * sq_t + h * sq_h, b * sk_b + t * sk_t + h * sk_h)
     m2 = row_ok[:, None] & (d[None, :] < HALF)
     # head dim has unit stride (ensured by the wrapper) so the loads vectorise
@@ -99,9 +94,17 @@ def _rotary_kernel(
         # loads and stores vectorise
         x_row = tl.multiple_of(x_row, 16)
         o_row = tl.multiple_of(o_row, 16)
+    # x first: its loads are in flight while the table addresses wait for the positions
     x1p = x_row[:, None] + d[None, :]
-    x1 = tl.load(x1p, mask=m2, other=0.0).to(tl.float32)
-    x2 = tl.load(x1p + HALF, mask=m2, other=0.0).to(tl.float32)
+    x1 = tl.load(x1p, mask=m2, other=0.0)
+    x2 = tl.load(x1p + HALF, mask=m2, other=0.0)
+    if HAS_POS:
+        pos = tl.load(POS + b * sp_b + t * sp_t, mask=row_ok, other=0).to(tl.int64)
+    else:
+        pos = t + offset
+    pos_ok = row_ok & (pos >= 0) & (pos < max_pos)  # never read outside the tables
+    x1 = x1.to(tl.float32)
+    x2 = x2.to(tl.float32)
     tab = pos[:, None] * stride_tab + d[None, :]
     mt = pos_ok[:, None] & (d[None, :] < HALF)
     c = tl.load(COS + tab, mask=mt, other=0.0)
@@ -139,9 +142,7 @@ def _rotary_triton(q, k, cos, sin, offset, position_ids, inverse):
         return qo, ko
     if n_rows + 4096 >= 2**31:
         raise ValueError(f"too many rows for the rotary kernel ({n_rows} = B*T*(Hq+Hkv) >= 2**31)")
-    BLOCK_D = next_pow2(half)
-    # ~4K elements (x1 and x2 halves: 2x that) per program: enough bytes in flight per SM
-    BLOCK_R = max(1, min(next_pow2(n_rows), 4096 // BLOCK_D))
+    BLOCK_D, BLOCK_R, warps = rotary_launch_config(D, n_rows)
     if position_ids is not None:
         pos = position_ids
         sp_b, sp_t = (pos.stride(0), pos.stride(1)) if pos.dim() == 2 else (0, pos.stride(0))
@@ -155,9 +156,17 @@ def _rotary_triton(q, k, cos, sin, offset, position_ids, inverse):
         T, HQ, HKV, n_q, n_rows, int(offset), cos.shape[0],
         HALF=half, BLOCK_D=BLOCK_D, BLOCK_R=BLOCK_R,
         HAS_POS=position_ids is not None, INVERSE=inverse, ALIGNED=_aligned16(q, k, qo, ko),
-        RNE_FIX=interpreting() and q.dtype == torch.bfloat16, num_warps=4,
+        RNE_FIX=interpreting() and q.dtype == torch.bfloat16, num_warps=warps,
     )
     return qo, ko
+
+
+def rotary_launch_config(D, n_rows):
+    """(BLOCK_D, BLOCK_R, num_warps): ~4K half-rows elements (x1 and x2: 2x that) per program of
+    4 warps, so each thread issues all its 16-byte loads (x and the tables) before any math:
+    enough bytes in flight per SM (the cost report models it)."""
+    block_d = next_pow2(D // 2)
+    return block_d, max(1, min(next_pow2(n_rows), 4096 // block_d)), 4
 
 
 def _aligned16(q, k, qo, ko):
@@ -193,8 +202,8 @@ def apply_rotary(q, k, cos, sin, *, offset=0, position_ids=None, backend="auto")
     """Rotate q [B, T, Hq, D] and k [B, T, Hkv, D] (Hkv may differ: GQA) by positions.
 
     cos/sin: [T_max, D/2] tables (see `rotary_tables`). Positions are offset..offset+T-1 (offset =
-    KV-cache length), or `position_ids` [B, T] / [T] (ints) for packed rows whose positions restart
-    per document. Returns (q_out, k_out) in the input dtype; math in fp32 (fp64 for float64, on
+    KV-cache length; an int, or a 1-element integer tensor, read on the device only), or
+    `position_ids` [B, T] / [T] (ints) for packed rows whose positions restart per document. Returns (q_out, k_out) in the input dtype; math in fp32 (fp64 for float64, on
     the torch path).
     """
     check_float("q", q)
@@ -217,11 +226,23 @@ def apply_rotary(q, k, cos, sin, *, offset=0, position_ids=None, backend="auto")
         raise ValueError(f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} shapes differ")
     if not (q.device == k.device == cos.device == sin.device):
         raise ValueError("q, k, cos, sin must be on the same device")
-    if isinstance(offset, torch.Tensor):
-        offset = int(offset)
-    if not isinstance(offset, int) or offset < 0:
-        raise ValueError(f"offset must be a non-negative int, got {offset!r}")
     T_max = cos.shape[0]
+    offset_t = None
+    if isinstance(offset, torch.Tensor):
+        # a device-side offset (e.g. a KV cache length kept on the GPU): reading it would sync
+        # the host and break CUDA-graph capture; its positions offset..offset+T-1 become
+        # position_ids on the device, checked there
+        if offset.numel() != 1 or offset.is_floating_point() or offset.is_complex() or offset.dtype == torch.bool:
+            raise ValueError(f"offset must be a non-negative int or a 1-element integer tensor, got {offset!r}")
+        if position_ids is not None:
+            raise ValueError("pass either offset or position_ids, not both")
+        offset_t = offset.reshape(()).to(device=q.device, dtype=torch.long)
+        device_check((offset_t >= 0) & (offset_t + T <= T_max),
+                     f"offset must be >= 0 and offset + T (T = {T}) within the rotary table length {T_max}")
+        position_ids = offset_t + torch.arange(T, device=q.device)
+        offset = 0
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise ValueError(f"offset must be a non-negative int, got {offset!r}")
     if position_ids is not None:
         if not isinstance(position_ids, torch.Tensor) or position_ids.is_floating_point() or position_ids.is_complex():
             raise ValueError("position_ids must be an integer tensor")
@@ -231,7 +252,7 @@ def apply_rotary(q, k, cos, sin, *, offset=0, position_ids=None, backend="auto")
             raise ValueError("position_ids must be on the same device as q")
         if offset != 0:
             raise ValueError("pass either offset or position_ids, not both")
-        if position_ids.numel():  # on the device, no host sync; the kernel also masks table reads
+        if position_ids.numel() and offset_t is None:  # on the device, no host sync; the kernel also masks table reads
             device_check(((position_ids >= 0) & (position_ids < T_max)).all(), f"position_ids must be in [0, {T_max})")
     elif offset + T > T_max:
         raise ValueError(f"offset + T = {offset + T} exceeds the rotary table length {T_max}")
