@@ -15,7 +15,11 @@ fn main() {
             (b64(b), r.parse().unwrap())
         })
         .collect();
-    let pattern = if args.len() > 3 && args[3] == "ours" { rustchat_core::pretokenize::default_pattern() } else { CL100K_PATTERN.to_string() };
+    let pattern = if args.len() > 3 && args[3] == "ours" {
+        rustchat_core::pretokenize::default_pattern()
+    } else {
+        CL100K_PATTERN.to_string()
+    };
     let core = Core::new(ranks, &pattern, vec![]).unwrap();
     let mb = text.len() as f64 / 1e6;
     let t0 = Instant::now();
@@ -49,7 +53,8 @@ fn main() {
     let docs: Vec<&str> = text.split("\n\n").collect();
     // Pure-Rust batch scaling on this machine, the ceiling for the Python batch APIs: 1 and 2
     // threads taken in turns (the VM's speed drifts), best of 8 each.
-    let pools: Vec<rayon::ThreadPool> = [1usize, 2].iter().map(|&n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap()).collect();
+    let pools: Vec<rayon::ThreadPool> =
+        [1usize, 2].iter().map(|&n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap()).collect();
     let mut best = [f64::MAX; 2];
     let mut cpu = [f64::MAX; 2];
     for _ in 0..8 {
@@ -61,7 +66,12 @@ fn main() {
             assert!(!v.is_empty());
         }
     }
-    println!("batch 1 thread {:.1} MB/s, 2 threads {:.1} MB/s, ratio {:.2}", mb / best[0], mb / best[1], best[0] / best[1]);
+    println!(
+        "batch 1 thread {:.1} MB/s, 2 threads {:.1} MB/s, ratio {:.2}",
+        mb / best[0],
+        mb / best[1],
+        best[0] / best[1]
+    );
     // CPU seconds the same work took: more with 2 threads means they slow each other down
     // (shared caches, memory), not that a core sat idle.
     println!("cpu time 1 thread {:.3} s, 2 threads {:.3} s ({:+.1}%)", cpu[0], cpu[1], 100.0 * (cpu[1] / cpu[0] - 1.0));

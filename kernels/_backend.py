@@ -5,6 +5,7 @@ because `triton.jit` decides at decoration time whether to use the CPU interpret
 (TRITON_INTERPRET=1). Deciding at call time means the env var only has to be set before the first
 kernel call, not before the first `import rustchat.kernels` (which another module may do early).
 """
+
 from __future__ import annotations
 
 import os
@@ -35,7 +36,7 @@ def interpreting() -> bool:
 
 
 def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
-    """"auto" -> "triton" on CUDA tensors (or under the interpreter), else "torch".
+    """ "auto" -> "triton" on CUDA tensors (or under the interpreter), else "torch".
     float64 always resolves to "torch" under "auto" (the kernels compute in fp32)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
@@ -112,8 +113,11 @@ def check_target_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> 
     if targets.numel() == 0:
         return
     ok = ((targets == ignore_index) | ((targets >= 0) & (targets < vocab))).all()
-    device_check(ok, f"targets must be in [0, {vocab}) or equal to ignore_index={ignore_index} "
-                     "(e.g. HF-style -100 labels need ignore_index=-100)")
+    device_check(
+        ok,
+        f"targets must be in [0, {vocab}) or equal to ignore_index={ignore_index} "
+        "(e.g. HF-style -100 labels need ignore_index=-100)",
+    )
 
 
 # Device functions shared by several kernels (softcap, rounding, fast exp2/rcp): plain functions

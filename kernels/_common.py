@@ -5,6 +5,7 @@ interpreter's bf16 rounding fix.
 They are plain functions marked @device_fn and become `triton.jit` helpers lazily, in the mode
 (interpreter or compiled) of the kernel that calls them (see _backend.bind_device_fns).
 """
+
 from __future__ import annotations
 
 from ._backend import device_fn, tl
@@ -18,8 +19,7 @@ def fast_exp2(x, FAST: tl.constexpr):
     """2**x. FAST (compiled kernels): one MUFU.EX2 (ex2.approx.ftz, ~2 ulp). tl.exp2 compiles to
     the non-ftz form, which ptxas wraps in denormal fix-ups (3 extra instructions per element)."""
     if FAST:
-        y = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
-                                      is_pure=True, pack=1)
+        y = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
     else:
         y = tl.exp2(x)
     return y
@@ -67,8 +67,7 @@ def fast_rcp(x, FAST: tl.constexpr):
     """1/x. FAST: one MUFU.RCP (rcp.approx.ftz, ~1 ulp) instead of the IEEE divide's ~10
     instructions with a slow-path branch."""
     if FAST:
-        y = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
-                                      is_pure=True, pack=1)
+        y = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
     else:
         y = 1.0 / x
     return y
@@ -116,8 +115,9 @@ def bf16x2_pack(lo, hi, FAST: tl.constexpr):
     """uint32 words bf16(lo) | bf16(hi) << 16, rounded to nearest even: one cvt.rn.bf16x2.f32
     per pair (FAST); the interpreter rounds by hand."""
     if FAST:
-        w = tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $1, $2;", "=r,f,f", [hi, lo], dtype=tl.uint32,
-                                      is_pure=True, pack=1)
+        w = tl.inline_asm_elementwise(
+            "cvt.rn.bf16x2.f32 $0, $1, $2;", "=r,f,f", [hi, lo], dtype=tl.uint32, is_pure=True, pack=1
+        )
     else:
         w = (round_bf16_rne(lo).to(tl.uint32, bitcast=True) >> 16) | round_bf16_rne(hi).to(tl.uint32, bitcast=True)
     return w

@@ -13,6 +13,7 @@ programs, sized so the rows in flight fit in half the L2, walk over the rows; sw
 L2 and HBM sees one read of the logits and one write of the gradient. Without softcap (or with a
 large one) sweep 1 keeps an online max and sweep 2 recomputes (one exp per element per sweep).
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,7 +34,16 @@ from ._backend import (
     resolve_backend,
     tl,
 )
-from ._common import LOG2E, ROUND_MAGIC, bf16x2_pack, bf16x2_unpack, exp2_poly, fast_exp2, fast_rcp, round_bf16_rne, softcap_sigmoid  # noqa: F401 (kernel globals)
+from ._common import (
+    LOG2E,
+    ROUND_MAGIC,
+    bf16x2_pack,
+    bf16x2_unpack,
+    exp2_poly,
+    fast_exp2,
+    round_bf16_rne,
+    softcap_sigmoid,
+)
 
 # --------------------------------------------------------------------------------------------
 # Plain PyTorch reference (backend="torch"): what eager code does, autograd does the backward.
@@ -120,8 +130,19 @@ def _cap_exp(x, k_sig, c2, c2_off, FAST: tl.constexpr):
 
 
 @device_fn
-def _cap_sweep1_block(x, g_row, cols, V, k_sig, c2, c2_off, MASKED: tl.constexpr, STORE: tl.constexpr,
-                      FAST: tl.constexpr, RNE_FIX: tl.constexpr):
+def _cap_sweep1_block(
+    x,
+    g_row,
+    cols,
+    V,
+    k_sig,
+    c2,
+    c2_off,
+    MASKED: tl.constexpr,
+    STORE: tl.constexpr,
+    FAST: tl.constexpr,
+    RNE_FIX: tl.constexpr,
+):
     """_cap_exp of one loaded block x (0 where masked); STORE: the gradient part is stored."""
     mask = cols < V
     e, g = _cap_exp(x, k_sig, c2, c2_off, FAST)
@@ -142,8 +163,7 @@ def _next_block(ptr_row, offs, start, v_full, BLOCK: tl.constexpr):
 
 
 @device_fn
-def _online_block(x_row, cols, V, m, s, cap, k_sig, HAS_CAP: tl.constexpr, MASKED: tl.constexpr,
-                  FAST: tl.constexpr):
+def _online_block(x_row, cols, V, m, s, cap, k_sig, HAS_CAP: tl.constexpr, MASKED: tl.constexpr, FAST: tl.constexpr):
     """Online (max, sum of exp) update with one block (general path: no softcap or a big one)."""
     mask = cols < V
     x = _load_x(x_row + cols, mask, MASKED)
@@ -157,8 +177,20 @@ def _online_block(x_row, cols, V, m, s, cap, k_sig, HAS_CAP: tl.constexpr, MASKE
 
 
 @device_fn
-def _recompute_block(x_row, g_row, cols, V, m, f, cap, k_sig, HAS_CAP: tl.constexpr,
-                     MASKED: tl.constexpr, FAST: tl.constexpr, RNE_FIX: tl.constexpr):
+def _recompute_block(
+    x_row,
+    g_row,
+    cols,
+    V,
+    m,
+    f,
+    cap,
+    k_sig,
+    HAS_CAP: tl.constexpr,
+    MASKED: tl.constexpr,
+    FAST: tl.constexpr,
+    RNE_FIX: tl.constexpr,
+):
     """grad = exp(z - m) * f * dz/dx of one block, f = scale/sum (z - m first: exact for large
     logits, where folding m into the exponent's offset would lose the low bits)."""
     mask = cols < V
@@ -171,15 +203,28 @@ def _recompute_block(x_row, g_row, cols, V, m, f, cap, k_sig, HAS_CAP: tl.conste
 
 
 def _ce_kernel(
-    X, stride_x,  # logits [R, V] (any float dtype, upcast to fp32 right after the load)
+    X,
+    stride_x,  # logits [R, V] (any float dtype, upcast to fp32 right after the load)
     TGT,  # int targets [R]
     LOSS,  # fp32 [R] per-row loss (0 for ignored rows, NaN for out-of-range targets)
-    G, stride_g,  # gradient out [R, V]; may be X itself (in place)
-    SCALE, stride_scale,  # fp32 gradient scale per row (stride 0 for a single scalar)
-    R, V, ignore_index, cap, k_sig,  # k_sig = -2*log2(e)/cap
+    G,
+    stride_g,  # gradient out [R, V]; may be X itself (in place)
+    SCALE,
+    stride_scale,  # fp32 gradient scale per row (stride 0 for a single scalar)
+    R,
+    V,
+    ignore_index,
+    cap,
+    k_sig,  # k_sig = -2*log2(e)/cap
     # RESCALE (implies WRITE_GRAD, FIXED_MAX): sweep 1 stores the unnormalised gradient
-    HAS_CAP: tl.constexpr, FIXED_MAX: tl.constexpr, WRITE_GRAD: tl.constexpr, RESCALE: tl.constexpr,
-    FAST: tl.constexpr, RNE_FIX: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr,
+    HAS_CAP: tl.constexpr,
+    FIXED_MAX: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    RESCALE: tl.constexpr,
+    FAST: tl.constexpr,
+    RNE_FIX: tl.constexpr,
+    BLOCK: tl.constexpr,
+    TAIL: tl.constexpr,
     WORDS: tl.constexpr,  # FIXED_MAX sweeps read (and write) bf16 pairs as uint32 words
     TAIL2: tl.constexpr,  # V % (2*BLOCK): sweep 2 (double blocks) ends with a masked one
 ):
@@ -241,12 +286,24 @@ def _ce_kernel(
                     for start in range(0, v_full, BLOCK):
                         xc = xn
                         xn = _next_block(x_row, offs, start, v_full, BLOCK)
-                        acc += _cap_sweep1_block(xc.to(tl.float32), g_row, start + offs, V, k_sig, c2, c2_off,
-                                                 False, RESCALE, FAST, RNE_FIX)
+                        acc += _cap_sweep1_block(
+                            xc.to(tl.float32), g_row, start + offs, V, k_sig, c2, c2_off, False, RESCALE, FAST, RNE_FIX
+                        )
                     s = 0.0
                 if TAIL:
-                    acc += _cap_sweep1_block(_load_x(x_row + v_full + offs, v_full + offs < V, True), g_row,
-                                             v_full + offs, V, k_sig, c2, c2_off, True, RESCALE, FAST, RNE_FIX)
+                    acc += _cap_sweep1_block(
+                        _load_x(x_row + v_full + offs, v_full + offs < V, True),
+                        g_row,
+                        v_full + offs,
+                        V,
+                        k_sig,
+                        c2,
+                        c2_off,
+                        True,
+                        RESCALE,
+                        FAST,
+                        RNE_FIX,
+                    )
                 s += tl.sum(acc, 0)
                 m = cap - d / LOG2E  # sum = sum(exp(z - m)): exp(z - cap) * 2**d
             else:
@@ -293,17 +350,20 @@ def _ce_kernel(
                             _store_grad(g_row + start + offs2, gc.to(tl.float32) * f, offs2, False, RNE_FIX)
                     if TAIL2:
                         tmask = v_full2 + offs2 < V
-                        _store_grad(g_row + v_full2 + offs2, _load_x(g_row + v_full2 + offs2, tmask, True) * f,
-                                    tmask, True, RNE_FIX)
+                        _store_grad(
+                            g_row + v_full2 + offs2,
+                            _load_x(g_row + v_full2 + offs2, tmask, True) * f,
+                            tmask,
+                            True,
+                            RNE_FIX,
+                        )
                 else:
                     # sweep 2: grad = softmax * dz/dx * scale, recomputed from the logits
                     f = scale * inv_s
                     for start in range(0, v_full, BLOCK):
-                        _recompute_block(x_row, g_row, start + offs, V, m, f, cap, k_sig,
-                                         HAS_CAP, False, FAST, RNE_FIX)
+                        _recompute_block(x_row, g_row, start + offs, V, m, f, cap, k_sig, HAS_CAP, False, FAST, RNE_FIX)
                     if TAIL:
-                        _recompute_block(x_row, g_row, v_full + offs, V, m, f, cap, k_sig,
-                                         HAS_CAP, True, FAST, RNE_FIX)
+                        _recompute_block(x_row, g_row, v_full + offs, V, m, f, cap, k_sig, HAS_CAP, True, FAST, RNE_FIX)
                 # the target element: (p_t - 1) * dz/dx * scale, written once the sweep's stores
                 # (by other threads of the program) are done: no compare per element in the sweep
                 pt = tl.exp2((xt - m) * LOG2E) * inv_s
@@ -354,6 +414,8 @@ FWD_BYTES_PER_THREAD = 64
 def ce_elems_per_thread(want_grad, elt_bytes):
     """Elements per thread per block of the CE kernel (the launcher's and the cost report's)."""
     return ELEMS_PER_THREAD if want_grad else FWD_BYTES_PER_THREAD // elt_bytes
+
+
 # warps per program: 512 threads on one SM. The sweeps need more than 64 registers per thread
 # (ptxas caps them at 128 for 512 threads, so one program always fits): one program per SM.
 CE_WARPS = 16
@@ -414,14 +476,30 @@ def ce_rows_triton(logits, targets, softcap, scale, want_grad, grad_dtype=None, 
     reread = (grad.element_size() if rescale else logits.element_size()) if want_grad else 0
     block, warps, progs = ce_launch_config(V, reread, dev, ce_elems_per_thread(want_grad, logits.element_size()))
     _CE_KERNEL.get()[(min(R, progs),)](
-        logits, logits.stride(0), targets, loss,
-        grad, grad.stride(0) if want_grad else 0,
-        scale, stride_scale, R, V, int(ignore_index), cap, -2.0 * 1.4426950408889634 / cap,
-        HAS_CAP=softcap is not None, FIXED_MAX=fixed, WRITE_GRAD=bool(want_grad),
+        logits,
+        logits.stride(0),
+        targets,
+        loss,
+        grad,
+        grad.stride(0) if want_grad else 0,
+        scale,
+        stride_scale,
+        R,
+        V,
+        int(ignore_index),
+        cap,
+        -2.0 * 1.4426950408889634 / cap,
+        HAS_CAP=softcap is not None,
+        FIXED_MAX=fixed,
+        WRITE_GRAD=bool(want_grad),
         # the stored unnormalised gradient can underflow fp16's range: recompute there
         RESCALE=rescale,
-        FAST=not interpreting(), RNE_FIX=interpreting() and want_grad and grad.dtype == torch.bfloat16,
-        BLOCK=block, TAIL=V % block != 0, TAIL2=V % (2 * block) != 0, WORDS=fixed and _words_ok(logits, grad if want_grad else None),
+        FAST=not interpreting(),
+        RNE_FIX=interpreting() and want_grad and grad.dtype == torch.bfloat16,
+        BLOCK=block,
+        TAIL=V % block != 0,
+        TAIL2=V % (2 * block) != 0,
+        WORDS=fixed and _words_ok(logits, grad if want_grad else None),
         num_warps=warps,
     )
     return loss, (grad if want_grad else None)
@@ -430,8 +508,11 @@ def ce_rows_triton(logits, targets, softcap, scale, want_grad, grad_dtype=None, 
 def _words_ok(logits, grad):
     """The bf16 rows (and gradient rows) can be read as uint32 words 16 bytes at a time: bf16,
     every row starting on a 16-byte boundary (checked exactly; otherwise the element path)."""
-    return all(t.dtype == torch.bfloat16 and t.stride(0) % 8 == 0 and t.data_ptr() % 16 == 0
-               for t in (logits, grad) if t is not None)
+    return all(
+        t.dtype == torch.bfloat16 and t.stride(0) % 8 == 0 and t.data_ptr() % 16 == 0
+        for t in (logits, grad)
+        if t is not None
+    )
 
 
 def scale_rows_(grad, go):
@@ -443,8 +524,15 @@ def scale_rows_(grad, go):
     # a plain scaling pass: few registers, two programs per SM
     block, warps, progs = ce_launch_config(V, 0, grad.device, per_sm=2)
     _CE_SCALE_KERNEL.get()[(min(R, progs),)](
-        grad, grad.stride(0), go, 0 if go.numel() == 1 else 1, R, V,
-        RNE_FIX=interpreting() and grad.dtype == torch.bfloat16, BLOCK=block, num_warps=warps,
+        grad,
+        grad.stride(0),
+        go,
+        0 if go.numel() == 1 else 1,
+        R,
+        V,
+        RNE_FIX=interpreting() and grad.dtype == torch.bfloat16,
+        BLOCK=block,
+        num_warps=warps,
     )
     return grad
 
@@ -460,7 +548,13 @@ class _CrossEntropyTriton(torch.autograd.Function):
         else:
             scale = 1.0
         loss_rows, grad = ce_rows_triton(
-            logits, targets, softcap, scale, need_grad, logits.dtype, ignore_index=ignore_index,
+            logits,
+            targets,
+            softcap,
+            scale,
+            need_grad,
+            logits.dtype,
+            ignore_index=ignore_index,
             inplace=inplace and need_grad,
         )
         ctx.reduction = reduction
@@ -484,8 +578,9 @@ class _CrossEntropyTriton(torch.autograd.Function):
         return grad, None, None, None, None, None, None
 
 
-def cross_entropy(logits, targets, *, ignore_index=-1, softcap=None, reduction="mean", backend="auto",
-                  grad_in_logits=False):
+def cross_entropy(
+    logits, targets, *, ignore_index=-1, softcap=None, reduction="mean", backend="auto", grad_in_logits=False
+):
     """Cross-entropy of logits [N, V] (bf16/fp16/fp32; float64 on the torch path) against int
     targets [N], computed in fp32 (fp64 for float64).
 
@@ -504,7 +599,9 @@ def cross_entropy(logits, targets, *, ignore_index=-1, softcap=None, reduction="
     if logits.dim() < 2:
         raise ValueError(f"logits must be [N, V], got shape {tuple(logits.shape)}")
     if tuple(targets.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(f"targets shape {tuple(targets.shape)} must equal logits.shape[:-1] {tuple(logits.shape[:-1])}")
+        raise ValueError(
+            f"targets shape {tuple(targets.shape)} must equal logits.shape[:-1] {tuple(logits.shape[:-1])}"
+        )
     if targets.device != logits.device:
         raise ValueError(f"logits and targets are on different devices ({logits.device}, {targets.device})")
     out_shape = targets.shape
@@ -519,6 +616,7 @@ def cross_entropy(logits, targets, *, ignore_index=-1, softcap=None, reduction="
     if be == "torch":
         out = cross_entropy_torch(logits, targets, ignore_index, softcap, reduction)
     else:
-        out = _CrossEntropyTriton.apply(logits, targets, ignore_index, softcap, reduction, torch.is_grad_enabled(),
-                                        bool(grad_in_logits))
+        out = _CrossEntropyTriton.apply(
+            logits, targets, ignore_index, softcap, reduction, torch.is_grad_enabled(), bool(grad_in_logits)
+        )
     return out.reshape(out_shape) if reduction == "none" else out

@@ -12,6 +12,7 @@ No host sync: ignored rows are not gathered out (that needs their count on the h
 gives them zero loss and zero gradient, and the "mean" divisor stays a device tensor. The price:
 their head matmuls are computed too (nothing when few targets are ignored, as in pretraining).
 """
+
 from __future__ import annotations
 
 import torch
@@ -75,8 +76,10 @@ def _addmm_ok(dev_type, dtype, device):
             ok = False
         if ok:
             ref = 1.0 + a.float() @ b.float()
-            device_check(((acc - ref).abs() <= 1e-3 + 1e-3 * ref.abs()).all(),
-                         "torch.addmm(out_dtype=float32, out=acc) does not accumulate into acc on this PyTorch build")
+            device_check(
+                ((acc - ref).abs() <= 1e-3 + 1e-3 * ref.abs()).all(),
+                "torch.addmm(out_dtype=float32, out=acc) does not accumulate into acc on this PyTorch build",
+            )
         _ADDMM_OUT_DTYPE[dev_type] = ok
     return ok
 
@@ -235,9 +238,13 @@ def linear_cross_entropy(hidden, weight, targets, *, ignore_index=-1, softcap=No
     if hidden.dtype != weight.dtype:
         raise ValueError(f"hidden and weight dtypes differ ({hidden.dtype} vs {weight.dtype})")
     if tuple(targets.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"targets shape {tuple(targets.shape)} must equal hidden.shape[:-1] {tuple(hidden.shape[:-1])}")
+        raise ValueError(
+            f"targets shape {tuple(targets.shape)} must equal hidden.shape[:-1] {tuple(hidden.shape[:-1])}"
+        )
     if not (hidden.device == weight.device == targets.device):
-        raise ValueError(f"hidden, weight, targets on different devices ({hidden.device}, {weight.device}, {targets.device})")
+        raise ValueError(
+            f"hidden, weight, targets on different devices ({hidden.device}, {weight.device}, {targets.device})"
+        )
     out_shape = targets.shape
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1).long()
@@ -245,5 +252,7 @@ def linear_cross_entropy(hidden, weight, targets, *, ignore_index=-1, softcap=No
     check_target_range(targets, weight.shape[0], ignore_index)
     be = resolve_backend(backend, hidden, weight, targets)
     with no_autocast(hidden.device.type):
-        out = _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, softcap, reduction, be, torch.is_grad_enabled())
+        out = _LinearCrossEntropy.apply(
+            hidden, weight, targets, ignore_index, softcap, reduction, be, torch.is_grad_enabled()
+        )
     return out.reshape(out_shape) if reduction == "none" else out

@@ -2,6 +2,7 @@
 
 backend="auto" uses Triton on CUDA tensors (or under TRITON_INTERPRET=1), else the torch reference.
 """
+
 from .cross_entropy import cross_entropy
 from .linear_cross_entropy import linear_cross_entropy
 from .rotary import apply_rotary, rotary_tables

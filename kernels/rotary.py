@@ -3,6 +3,7 @@
 x1 = x[..., :D/2], x2 = x[..., D/2:];  y1 = x1*cos + x2*sin,  y2 = -x1*sin + x2*cos.
 The backward is the inverse rotation (sin -> -sin), run by the same kernel.
 """
+
 from __future__ import annotations
 
 import torch
@@ -62,13 +63,36 @@ def apply_rotary_torch(q, k, cos, sin, offset=0, position_ids=None):
 
 
 def _rotary_kernel(
-    Q, K, QO, KO, COS, SIN, POS,
-    sq_b, sq_t, sq_h,
-    sk_b, sk_t, sk_h,
-    sp_b, sp_t, stride_tab,
-    T, HQ, HKV, n_q, n_rows, offset, max_pos,
-    HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-    HAS_POS: tl.constexpr, INVERSE: tl.constexpr, ALIGNED: tl.constexpr, RNE_FIX: tl.constexpr,
+    Q,
+    K,
+    QO,
+    KO,
+    COS,
+    SIN,
+    POS,
+    sq_b,
+    sq_t,
+    sq_h,
+    sk_b,
+    sk_t,
+    sk_h,
+    sp_b,
+    sp_t,
+    stride_tab,
+    T,
+    HQ,
+    HKV,
+    n_q,
+    n_rows,
+    offset,
+    max_pos,
+    HALF: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    INVERSE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    RNE_FIX: tl.constexpr,
 ):
     # row index math in int32 (rows < 2**31, checked on the host: int64 division is slow);
     # memory offsets in int64
@@ -150,13 +174,33 @@ def _rotary_triton(q, k, cos, sin, offset, position_ids, inverse):
         pos, sp_b, sp_t = cos, 0, 0  # dummy pointer, never read (HAS_POS=False)
     grid = (triton_cdiv(n_rows, BLOCK_R),)
     _ROTARY_KERNEL.get()[grid](
-        q, k, qo, ko, cos, sin, pos,
-        *q.stride()[:3], *k.stride()[:3],
-        sp_b, sp_t, cos.stride(0),
-        T, HQ, HKV, n_q, n_rows, int(offset), cos.shape[0],
-        HALF=half, BLOCK_D=BLOCK_D, BLOCK_R=BLOCK_R,
-        HAS_POS=position_ids is not None, INVERSE=inverse, ALIGNED=_aligned16(q, k, qo, ko),
-        RNE_FIX=interpreting() and q.dtype == torch.bfloat16, num_warps=warps,
+        q,
+        k,
+        qo,
+        ko,
+        cos,
+        sin,
+        pos,
+        *q.stride()[:3],
+        *k.stride()[:3],
+        sp_b,
+        sp_t,
+        cos.stride(0),
+        T,
+        HQ,
+        HKV,
+        n_q,
+        n_rows,
+        int(offset),
+        cos.shape[0],
+        HALF=half,
+        BLOCK_D=BLOCK_D,
+        BLOCK_R=BLOCK_R,
+        HAS_POS=position_ids is not None,
+        INVERSE=inverse,
+        ALIGNED=_aligned16(q, k, qo, ko),
+        RNE_FIX=interpreting() and q.dtype == torch.bfloat16,
+        num_warps=warps,
     )
     return qo, ko
 
@@ -237,8 +281,10 @@ def apply_rotary(q, k, cos, sin, *, offset=0, position_ids=None, backend="auto")
         if position_ids is not None:
             raise ValueError("pass either offset or position_ids, not both")
         offset_t = offset.reshape(()).to(device=q.device, dtype=torch.long)
-        device_check((offset_t >= 0) & (offset_t + T <= T_max),
-                     f"offset must be >= 0 and offset + T (T = {T}) within the rotary table length {T_max}")
+        device_check(
+            (offset_t >= 0) & (offset_t + T <= T_max),
+            f"offset must be >= 0 and offset + T (T = {T}) within the rotary table length {T_max}",
+        )
         position_ids = offset_t + torch.arange(T, device=q.device)
         offset = 0
     if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:

@@ -25,6 +25,7 @@ Byte accounting ("bytes it must move"):
   rotary fwd+bwd: read q, k and write q_out, k_out (forward), read dq_out, dk_out and write dq, dk
     (backward): 8 * numel(q) * 2 bytes for q and k of equal shape.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -241,7 +242,7 @@ def copy_bandwidth(reps):
     x = torch.empty(n, dtype=torch.bfloat16, device=DEV).normal_()
     y = torch.empty_like(x)
     ms = time_cuda(lambda: y.copy_(x), reps)
-    del x, y
+    x = y = None  # free before empty_cache (the closures above are done with them)
     if DEV == "cuda":
         torch.cuda.empty_cache()
     return 2 * n * 2 / (ms * 1e-3) / 1e9, ms
@@ -350,10 +351,12 @@ def bench_cross_entropy(args, copy_gbps, log):
             _loss_of(liger_ce(lx, targets)).backward()
 
         variants.append(("liger", run_liger))
-    log(f"\n[cross_entropy fwd+bwd] logits [{N}, {V}] bf16, softcap {SOFTCAP}, {N - n_valid} of {N} targets ignored;"
-        f" bytes = read trained rows + write grad = {bytes_moved / 1e9:.2f} GB")
+    log(
+        f"\n[cross_entropy fwd+bwd] logits [{N}, {V}] bf16, softcap {SOFTCAP}, {N - n_valid} of {N} targets ignored;"
+        f" bytes = read trained rows + write grad = {bytes_moved / 1e9:.2f} GB"
+    )
     res = run_variants(variants, args.reps, clear, log, bytes_moved=bytes_moved)
-    del logits
+    logits = None  # free before the next case (the closures above are done with it)
     return {"shape": [N, V], "bytes": bytes_moved, "results": res}
 
 
@@ -387,10 +390,12 @@ def bench_linear_cross_entropy(args, log):
     _, liger_flce = liger_modules() if args.liger else (None, None)
     if liger_flce is not None:
         variants.append(("liger", step(lambda h, w, t: _loss_of(liger_flce(w, h, t)))))
-    log(f"\n[linear_cross_entropy fwd+bwd] hidden [{N}, {D}] @ weight [{V}, {D}]^T bf16, softcap {SOFTCAP},"
-        f" {N - n_valid} of {N} targets ignored; TFLOP/s counts 6*n_valid*V*D")
+    log(
+        f"\n[linear_cross_entropy fwd+bwd] hidden [{N}, {D}] @ weight [{V}, {D}]^T bf16, softcap {SOFTCAP},"
+        f" {N - n_valid} of {N} targets ignored; TFLOP/s counts 6*n_valid*V*D"
+    )
     res = run_variants(variants, args.reps, clear, log, flops=flops)
-    del hidden, weight
+    hidden = weight = None  # free before the next case
     return {"shape": [N, D, V], "flops": flops, "results": res}
 
 
@@ -440,7 +445,9 @@ def bench_rotary(args, log):
             variants.append(("liger", run_liger))
         except Exception:
             pass
-    log(f"\n[apply_rotary fwd+bwd] q, k [{B}, {T}, {H}, {D}] bf16; bytes = 8 * numel(q) * 2 = {bytes_moved / 1e9:.3f} GB")
+    log(
+        f"\n[apply_rotary fwd+bwd] q, k [{B}, {T}, {H}, {D}] bf16; bytes = 8 * numel(q) * 2 = {bytes_moved / 1e9:.3f} GB"
+    )
     res = run_variants(variants, args.reps, clear, log, bytes_moved=bytes_moved)
     return {"shape": [B, T, H, D], "bytes": bytes_moved, "results": res}
 
@@ -491,8 +498,10 @@ def main(argv=None):
         report["triton"] = None
 
     if not torch.cuda.is_available():
-        log("CUDA is not available: no GPU benchmark. Running a tiny CPU sanity check instead "
-            "(torch backend; set TRITON_INTERPRET=1 to include the Triton interpreter).")
+        log(
+            "CUDA is not available: no GPU benchmark. Running a tiny CPU sanity check instead "
+            "(torch backend; set TRITON_INTERPRET=1 to include the Triton interpreter)."
+        )
         ok = cpu_sanity(log)
         log("CPU sanity check: " + ("OK" if ok else "FAILED"))
         report["cuda"] = False
@@ -532,13 +541,17 @@ def main(argv=None):
     if r:
         frac = r["gbps"] / copy_gbps
         summary["ce_copy_fraction"] = frac
-        log(f"  cross_entropy fwd+bwd: {r['gbps']:.0f} GB/s = {100 * frac:.0f}% of copy bandwidth"
-            f" (target >= 80%): {'PASS' if frac >= 0.8 else 'MISS'}; {r['gbps'] / 3350:.0%} of H100 HBM peak 3.35 TB/s")
+        log(
+            f"  cross_entropy fwd+bwd: {r['gbps']:.0f} GB/s = {100 * frac:.0f}% of copy bandwidth"
+            f" (target >= 80%): {'PASS' if frac >= 0.8 else 'MISS'}; {r['gbps'] / 3350:.0%} of H100 HBM peak 3.35 TB/s"
+        )
         ri = ce["results"].get("ours, grad_in_logits")
         if ri:
             summary["ce_inplace_gbps"] = ri["gbps"]
-            log(f"    grad_in_logits: {ri['gbps']:.0f} GB/s, peak mem {ri['peak_mem_bytes'] / 2**30:.2f} GiB"
-                f" (default {r['peak_mem_bytes'] / 2**30:.2f} GiB)")
+            log(
+                f"    grad_in_logits: {ri['gbps']:.0f} GB/s, peak mem {ri['peak_mem_bytes'] / 2**30:.2f} GiB"
+                f" (default {r['peak_mem_bytes'] / 2**30:.2f} GiB)"
+            )
         for other in ("eager", "torch.compile", "liger"):
             if other in ce["results"]:
                 log(f"    vs {other}: {ce['results'][other]['ms'] / r['ms']:.2f}x faster")
@@ -548,19 +561,25 @@ def main(argv=None):
         time_ratio = r["ms"] / e["ms"]
         summary.update(lce_mem_ratio=mem_ratio, lce_time_ratio=time_ratio)
         good = mem_ratio <= 0.125 and time_ratio <= 1.0
-        log(f"  linear_cross_entropy: peak mem ours/eager = {mem_ratio:.3f} (target <= 1/8 = 0.125;"
+        log(
+            f"  linear_cross_entropy: peak mem ours/eager = {mem_ratio:.3f} (target <= 1/8 = 0.125;"
             f" {r['peak_mem_bytes'] / 2**30:.2f} vs {e['peak_mem_bytes'] / 2**30:.2f} GiB),"
-            f" time ours/eager = {time_ratio:.2f} (target <= 1.0): {'PASS' if good else 'MISS'}")
+            f" time ours/eager = {time_ratio:.2f} (target <= 1.0): {'PASS' if good else 'MISS'}"
+        )
         for other in ("torch.compile", "liger"):
             if other in lce["results"]:
                 o = lce["results"][other]
-                log(f"    vs {other}: time {r['ms'] / o['ms']:.2f}x, peak mem {r['peak_mem_bytes'] / max(o['peak_mem_bytes'], 1):.2f}x")
+                log(
+                    f"    vs {other}: time {r['ms'] / o['ms']:.2f}x, peak mem {r['peak_mem_bytes'] / max(o['peak_mem_bytes'], 1):.2f}x"
+                )
     r = rot["results"].get("ours")
     if r:
         frac = r["gbps"] / copy_gbps
         summary["rotary_copy_fraction"] = frac
-        log(f"  apply_rotary fwd+bwd: {r['gbps']:.0f} GB/s = {100 * frac:.0f}% of copy bandwidth"
-            f" (target >= 80%): {'PASS' if frac >= 0.8 else 'MISS'}")
+        log(
+            f"  apply_rotary fwd+bwd: {r['gbps']:.0f} GB/s = {100 * frac:.0f}% of copy bandwidth"
+            f" (target >= 80%): {'PASS' if frac >= 0.8 else 'MISS'}"
+        )
     report["summary"] = summary
     if args.json:
         with open(args.json, "w") as f:

@@ -7,6 +7,7 @@ of at most 8,000 chars): rows of 512 with the preset's byte-level tokenizer, and
 (nanochat's context) with a BPE tokenizer trained on the same text. Best-fit rows are never
 padded; the cost is the share of document tokens dropped by crops. Prints one line per setting.
 """
+
 import argparse
 import sys
 import tempfile
@@ -30,8 +31,11 @@ def measure(tok, src, batch: int, seq_len: int, batches: int) -> dict:
         next(it)
     dt = time.perf_counter() - t0
     it.close()  # stops the tokenizing thread before the interpreter exits
-    return {"crop": loader.crop_share(), "rows_per_s": (batches - 1) * batch / dt,
-            "tokens": loader.placed_tokens + loader.cropped_tokens}
+    return {
+        "crop": loader.crop_share(),
+        "rows_per_s": (batches - 1) * batch / dt,
+        "tokens": loader.placed_tokens + loader.cropped_tokens,
+    }
 
 
 def python_bestfit(docs, rows: int, cap: int, buffer_docs: int, refill: int) -> list:
@@ -41,7 +45,7 @@ def python_bestfit(docs, rows: int, cap: int, buffer_docs: int, refill: int) -> 
         row = []
         while len(row) < cap:
             while len(buf) < buffer_docs:
-                buf.extend(docs[nxt:nxt + refill])
+                buf.extend(docs[nxt : nxt + refill])
                 nxt += refill
             rem = cap - len(row)
             best, best_len = -1, 0
@@ -63,15 +67,18 @@ def packer_speed(tok, texts: list[str], rows: int, seq_len: int) -> tuple[float,
     from rustchat._core import BestFitPacker
 
     ids, offs = tok.encode_batch_numpy(texts, prepend=tok.bos_token_id)
-    docs = [ids[offs[i]:offs[i + 1]].tolist() for i in range(len(texts))]
+    docs = [ids[offs[i] : offs[i + 1]].tolist() for i in range(len(texts))]
     t0 = time.perf_counter()
     want = python_bestfit(docs, rows, seq_len + 1, BUFFER_DOCS, REFILL_DOCS)
     t_py = time.perf_counter() - t0
     p, nxt, t0 = BestFitPacker(seq_len + 1, BUFFER_DOCS), 0, time.perf_counter()
     while not p.fill(rows):
         k = min(REFILL_DOCS, len(texts) - nxt)
-        p.push(ids[offs[nxt]:offs[nxt + k]].astype("<u4").tobytes(), (offs[nxt:nxt + k + 1] - offs[nxt]).tobytes(),
-               np.arange(nxt, nxt + k, dtype="<u8").tobytes())
+        p.push(
+            ids[offs[nxt] : offs[nxt + k]].astype("<u4").tobytes(),
+            (offs[nxt : nxt + k + 1] - offs[nxt]).tobytes(),
+            np.arange(nxt, nxt + k, dtype="<u8").tobytes(),
+        )
         nxt += k
     got = np.frombuffer(p.take(rows), dtype="<u4").reshape(rows, seq_len + 1)
     t_rs = time.perf_counter() - t0
@@ -93,11 +100,15 @@ def main():
         bpe_tok = Tokenizer.train(docs, args.bpe_vocab, max_chars=20_000_000)
         for name, tok, T in (("byte-level (tiny preset)", byte_tok, 512), (f"BPE {args.bpe_vocab}", bpe_tok, 2048)):
             r = measure(tok, src, 32, T, args.batches)
-            print(f"{name:26s} T={T:5d}: cropped {100 * r['crop']:.1f}% of {r['tokens']:,} document tokens, "
-                  f"padding 0%, {r['rows_per_s']:,.0f} rows/s (tokenizing thread included)")
+            print(
+                f"{name:26s} T={T:5d}: cropped {100 * r['crop']:.1f}% of {r['tokens']:,} document tokens, "
+                f"padding 0%, {r['rows_per_s']:,.0f} rows/s (tokenizing thread included)"
+            )
         rust, py = packer_speed(bpe_tok, docs[:20_000], 1024, 2048)
-        print(f"packing alone, T=2048, 1,024 rows: Rust {rust:,.0f} rows/s, plain Python {py:,.0f} rows/s "
-              f"({rust / py:.0f}x), same rows")
+        print(
+            f"packing alone, T=2048, 1,024 rows: Rust {rust:,.0f} rows/s, plain Python {py:,.0f} rows/s "
+            f"({rust / py:.0f}x), same rows"
+        )
 
 
 if __name__ == "__main__":

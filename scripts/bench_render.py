@@ -9,6 +9,7 @@ tool parts; the text is paragraphs of the corpus file, or else English docstring
 from this Python's standard library. With --corpus a 65,536-id tokenizer is trained on it
 (or loaded with --tokenizer); otherwise a smaller one is trained on the stdlib text.
 """
+
 import argparse
 import ast
 import os
@@ -85,7 +86,7 @@ def make_conversations(n: int, prose: list[str], code: list[str], chars_per_toke
                     {"type": "text", "text": answer[: len(answer) // 2]},
                     {"type": "python", "text": expr},
                     {"type": "python_output", "text": str(a * b)},
-                    {"type": "text", "text": answer[len(answer) // 2:]},
+                    {"type": "text", "text": answer[len(answer) // 2 :]},
                 ]
                 msgs.append({"role": "assistant", "content": parts})
             else:
@@ -107,7 +108,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", help="text file: conversation text, and a 65,536-id tokenizer is trained on it")
     ap.add_argument("--tokenizer", help="load this tokenizer directory instead of training one")
-    ap.add_argument("--vocab", type=int, default=None, help="vocab size to train (default 65536 with --corpus, else 8192)")
+    ap.add_argument(
+        "--vocab", type=int, default=None, help="vocab size to train (default 65536 with --corpus, else 8192)"
+    )
     ap.add_argument("--n", type=int, default=20000, help="conversations")
     ap.add_argument("--ref-seconds", type=float, default=5.0, help="time budget for the reference renderer")
     ap.add_argument("--threads", type=int, default=None, help="rayon threads (default: all cores)")
@@ -129,9 +132,11 @@ def main():
     sample = "\n\n".join(prose[:2000])
     cpt = len(sample) / max(len(enc.encode_ordinary(sample)), 1)
     convs = make_conversations(args.n, prose, code, cpt, rng)
-    print(f"setup {time.perf_counter() - t0:.1f}s: vocab {tok.vocab_size}, {len(prose)} paragraphs, "
-          f"{cpt:.2f} chars/token, {len(convs)} conversations, cores {os.cpu_count()}, "
-          f"load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"setup {time.perf_counter() - t0:.1f}s: vocab {tok.vocab_size}, {len(prose)} paragraphs, "
+        f"{cpt:.2f} chars/token, {len(convs)} conversations, cores {os.cpu_count()}, "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
 
     # --- speed: reference (one conversation at a time, tiktoken) vs Rust batch, same conversations
     ref = RefRenderer(enc)
@@ -152,15 +157,25 @@ def main():
     ref_tps = ref_tokens / ref_time
     print("\nrendering with masks (max_tokens=2048), tokens/s:")
     print(f"  python+tiktoken reference, 1 core : {ref_tps / 1e6:7.2f} M  ({n_ref} conversations, {ref_tokens} tokens)")
-    print(f"  rust render_batch, same convs     : {ref_tokens / rust_sub / 1e6:7.2f} M  ratio {ref_tokens / rust_sub / ref_tps:5.1f}x")
-    print(f"  rust render_batch, same, 1 thread : {ref_tokens / one_thread / 1e6:7.2f} M  ratio {ref_tokens / one_thread / ref_tps:5.1f}x")
-    print(f"  rust render_batch, all {len(convs):6d}     : {len(batch.ids) / rust_all / 1e6:7.2f} M  ratio {len(batch.ids) / rust_all / ref_tps:5.1f}x")
-    print(f"  rust render_conversation, one by one: {ref_tokens / single / 1e6:5.2f} M  ratio {ref_tokens / single / ref_tps:5.1f}x")
+    print(
+        f"  rust render_batch, same convs     : {ref_tokens / rust_sub / 1e6:7.2f} M  ratio {ref_tokens / rust_sub / ref_tps:5.1f}x"
+    )
+    print(
+        f"  rust render_batch, same, 1 thread : {ref_tokens / one_thread / 1e6:7.2f} M  ratio {ref_tokens / one_thread / ref_tps:5.1f}x"
+    )
+    print(
+        f"  rust render_batch, all {len(convs):6d}     : {len(batch.ids) / rust_all / 1e6:7.2f} M  ratio {len(batch.ids) / rust_all / ref_tps:5.1f}x"
+    )
+    print(
+        f"  rust render_conversation, one by one: {ref_tokens / single / 1e6:5.2f} M  ratio {ref_tokens / single / ref_tps:5.1f}x"
+    )
 
     # --- padding: plain SFT collation at batch size B vs packing into rows of T positions
     lens = batch.lengths
-    print(f"\nlengths (tokens, after max_tokens=2048): median {int(np.median(lens))}, mean {lens.mean():.0f}, "
-          f"p90 {int(np.percentile(lens, 90))}, max {lens.max()}, at cap {np.mean(lens >= 2048):.1%}")
+    print(
+        f"\nlengths (tokens, after max_tokens=2048): median {int(np.median(lens))}, mean {lens.mean():.0f}, "
+        f"p90 {int(np.percentile(lens, 90))}, max {lens.max()}, at cap {np.mean(lens >= 2048):.1%}"
+    )
     order = np.random.default_rng(args.seed).permutation(len(convs))
     pad_id = tok.encode_special("<|assistant_end|>")
     print("\npadding fraction (share of positions that are padding) and positions computed:")
@@ -168,7 +183,7 @@ def main():
     for b in (4, 8, 16, 32):
         pad = tot = 0
         for s in range(0, len(order) - b + 1, b):
-            rows = [batch[i] for i in order[s:s + b]]
+            rows = [batch[i] for i in order[s : s + b]]
             inputs, _ = collate_sft(rows, pad_id)
             used = sum(len(r[0]) - 1 for r in rows)
             pad += inputs.size - used
@@ -180,7 +195,7 @@ def main():
                 pad = tot = 0
                 t0 = time.perf_counter()
                 for s in range(0, len(order), pool):
-                    p = pack_rows(render_slice(batch, order[s:s + pool]), t, pad_id=pad_id, policy=policy)
+                    p = pack_rows(render_slice(batch, order[s : s + pool]), t, pad_id=pad_id, policy=policy)
                     pad += p.padding_fraction * p.inputs.size
                     tot += p.inputs.size
                 dt = time.perf_counter() - t0

@@ -13,6 +13,7 @@ server stays responsive under load; tests check only that it answers, never how 
     python scripts/bench_serve.py [--base-dir DIR] [--max-tokens 32] [--requests 8] [--rounds 3] [--threads N]
                                   [--levels 1,8,64,200]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,6 @@ import json
 import os
 import platform
 import socket
-import statistics
 import subprocess
 import sys
 import sysconfig
@@ -44,7 +44,7 @@ def tiny_base_dir(root: Path) -> Path:
     """A base dir with a 4096-token tokenizer and a random depth-2 sft checkpoint."""
     files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
     text = "\n".join(p.read_text(encoding="utf-8", errors="replace") for p in files)[:3_000_000]
-    tok = Tokenizer.train([text[i:i + 10_000] for i in range(0, len(text), 10_000)], vocab_size=4096)
+    tok = Tokenizer.train([text[i : i + 10_000] for i in range(0, len(text), 10_000)], vocab_size=4096)
     tok.save(root / "tokenizer")
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_depth(2, vocab_size=tok.vocab_size, sequence_len=256))
@@ -65,8 +65,14 @@ def percentile(xs: list[float], q: float) -> float:
 
 async def one_request(http, base: str, i: int, max_tokens: int) -> tuple[float, float, int]:
     """(latency, time to first token, generated tokens) of one streamed request."""
-    body = {"model": "bench", "messages": [{"role": "user", "content": f"Tell me about request {i}."}],
-            "max_tokens": max_tokens, "temperature": 0.8, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": "bench",
+        "messages": [{"role": "user", "content": f"Tell me about request {i}."}],
+        "max_tokens": max_tokens,
+        "temperature": 0.8,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     t0 = time.perf_counter()
     first, tokens = None, 0
     async with http.stream("POST", base + "/v1/chat/completions", json=body) as r:
@@ -98,8 +104,10 @@ async def run_level(base: str, clients: int, requests: int, max_tokens: int) -> 
             health.append(time.perf_counter() - t0)
             await asyncio.sleep(0.1)
 
-    async with httpx.AsyncClient(trust_env=False, timeout=600, limits=limits) as http, \
-            httpx.AsyncClient(trust_env=False, timeout=600) as health_http:
+    async with (
+        httpx.AsyncClient(trust_env=False, timeout=600, limits=limits) as http,
+        httpx.AsyncClient(trust_env=False, timeout=600) as health_http,
+    ):
         prober = asyncio.ensure_future(probe(health_http))
         t0 = time.perf_counter()
         await asyncio.gather(*(client(http, c) for c in range(clients)))
@@ -107,10 +115,17 @@ async def run_level(base: str, clients: int, requests: int, max_tokens: int) -> 
         stop.set()
         await prober
     lat = [r[0] for r in results]
-    return {"clients": clients, "requests": len(results), "wall_s": wall, "req_per_s": len(results) / wall,
-            "tok_per_s": sum(r[2] for r in results) / wall, "p50_s": percentile(lat, 0.5),
-            "p99_s": percentile(lat, 0.99), "ttft_p50_s": percentile([r[1] for r in results], 0.5),
-            "health_max_ms": 1000 * max(health, default=0.0)}
+    return {
+        "clients": clients,
+        "requests": len(results),
+        "wall_s": wall,
+        "req_per_s": len(results) / wall,
+        "tok_per_s": sum(r[2] for r in results) / wall,
+        "p50_s": percentile(lat, 0.5),
+        "p99_s": percentile(lat, 0.99),
+        "ttft_p50_s": percentile([r[1] for r in results], 0.5),
+        "health_max_ms": 1000 * max(health, default=0.0),
+    }
 
 
 def main() -> None:
@@ -128,10 +143,25 @@ def main() -> None:
         port = free_port()
         env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
         log = open(Path(tmp) / "serve.log", "w+")  # not a pipe: a full pipe would block the server's logging
-        server = subprocess.Popen([sys.executable, "-m", "rustchat.cli", "serve", "--base-dir", str(root),
-                                   "--port", str(port), "--device", "cpu", "--max-batch", str(max(levels))],
-                                  stdout=log, stderr=subprocess.STDOUT,
-                                  env=env)
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "rustchat.cli",
+                "serve",
+                "--base-dir",
+                str(root),
+                "--port",
+                str(port),
+                "--device",
+                "cpu",
+                "--max-batch",
+                str(max(levels)),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
         base = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 120
@@ -146,9 +176,11 @@ def main() -> None:
                         sys.exit("rustchat serve did not answer within 120 s")
                     time.sleep(0.5)
             asyncio.run(run_level(base, 1, 2, args.max_tokens))  # warm-up
-            print(f"# bench_serve: {info['model']} on {info['device']}, {args.max_tokens} tokens per reply, "
-                  f"{args.requests} requests per client; {platform.processor() or platform.machine()}, "
-                  f"{os.cpu_count()} CPUs, server threads {args.threads or 'default'}, torch {torch.__version__}")
+            print(
+                f"# bench_serve: {info['model']} on {info['device']}, {args.max_tokens} tokens per reply, "
+                f"{args.requests} requests per client; {platform.processor() or platform.machine()}, "
+                f"{os.cpu_count()} CPUs, server threads {args.threads or 'default'}, torch {torch.__version__}"
+            )
             print("| clients | requests | wall s | req/s | tokens/s | p50 s | p99 s | TTFT p50 s | /health max ms |")
             print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
             # levels take turns, round after round, so a burst of load elsewhere on the machine
@@ -160,12 +192,17 @@ def main() -> None:
             rows = {}
             for n in levels:
                 r = rows[n] = sorted(runs[n], key=lambda x: x["tok_per_s"])[len(runs[n]) // 2]
-                print(f"| {n} | {r['requests']} | {r['wall_s']:.2f} | {r['req_per_s']:.2f} | {r['tok_per_s']:.1f} | "
-                      f"{r['p50_s']:.3f} | {r['p99_s']:.3f} | {r['ttft_p50_s']:.3f} | "
-                      f"{max(x['health_max_ms'] for x in runs[n]):.0f} |", flush=True)
+                print(
+                    f"| {n} | {r['requests']} | {r['wall_s']:.2f} | {r['req_per_s']:.2f} | {r['tok_per_s']:.1f} | "
+                    f"{r['p50_s']:.3f} | {r['p99_s']:.3f} | {r['ttft_p50_s']:.3f} | "
+                    f"{max(x['health_max_ms'] for x in runs[n]):.0f} |",
+                    flush=True,
+                )
             worst = max(x["health_max_ms"] for n in levels for x in runs[n])
-            print(f"/health slowest answer: {worst:.0f} ms (target < {HEALTH_TARGET_MS:.0f} ms: "
-                  f"{'met' if worst < HEALTH_TARGET_MS else 'MISSED'})")
+            print(
+                f"/health slowest answer: {worst:.0f} ms (target < {HEALTH_TARGET_MS:.0f} ms: "
+                f"{'met' if worst < HEALTH_TARGET_MS else 'MISSED'})"
+            )
             if 1 in rows:
                 for n in levels:
                     if n != 1:

@@ -10,6 +10,7 @@ peak RSS is its own; encoding runs in this process, every peer on the same text 
   encode, one thread:  ours MB/s >= 5x tiktoken's, identical ids
   encode_batch:        ours on all cores >= 1.8x ours on one thread
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,7 +68,9 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}"
+    return (
+        f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}"
+    )
 
 
 def version(pkg: str) -> str:
@@ -141,7 +144,10 @@ def hf_from_ranks(ranks: dict[bytes, int], pattern: str):
                 merges.append((s(t[:k]), s(t[k:])))
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(pattern), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
     )
     tok.decoder = decoders.ByteLevel()
     return tok
@@ -162,7 +168,10 @@ def main() -> None:
 
     from rustchat import Tokenizer
 
-    res: dict = {"machine": machine(), "versions": {p: version(p) for p in ("rustchat", "tiktoken", "rustbpe", "tokenizers")}}
+    res: dict = {
+        "machine": machine(),
+        "versions": {p: version(p) for p in ("rustchat", "tiktoken", "rustbpe", "tokenizers")},
+    }
     size_mb = os.path.getsize(args.corpus) / 1e6
     print(f"machine: {res['machine']}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()))
@@ -171,24 +180,40 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="bench_tok_")
     tok_dir = os.path.join(tmp, "tok")
     if not args.skip_train:
-        print(f"== train, vocab {args.vocab_size} (fresh process each; same paragraphs streamed from the file, no doc cap)")
+        print(
+            f"== train, vocab {args.vocab_size} (fresh process each; same paragraphs streamed from the file, no doc cap)"
+        )
         ours = run_train("rustchat", args.corpus, args.vocab_size, tok_dir)
         peer = run_train("rustbpe", args.corpus, args.vocab_size, tok_dir + "_unused")
         if ours:
-            print(f"  rustchat: {ours['seconds']:7.2f} s   peak RSS {ours['peak_rss'] / 2**30:.2f} GiB (process at start {ours['base_rss'] / 2**30:.2f})")
+            print(
+                f"  rustchat: {ours['seconds']:7.2f} s   peak RSS {ours['peak_rss'] / 2**30:.2f} GiB (process at start {ours['base_rss'] / 2**30:.2f})"
+            )
         if peer:
-            print(f"  rustbpe:  {peer['seconds']:7.2f} s   peak RSS {peer['peak_rss'] / 2**30:.2f} GiB (process at start {peer['base_rss'] / 2**30:.2f})")
+            print(
+                f"  rustbpe:  {peer['seconds']:7.2f} s   peak RSS {peer['peak_rss'] / 2**30:.2f} GiB (process at start {peer['base_rss'] / 2**30:.2f})"
+            )
         if ours and peer:
             same = sum(1 for a, b in zip(ours["merges"], peer["merges"]) if a == b)
-            prefix = next((i for i, (a, b) in enumerate(zip(ours["merges"], peer["merges"])) if a != b), min(len(ours["merges"]), len(peer["merges"])))
+            prefix = next(
+                (i for i, (a, b) in enumerate(zip(ours["merges"], peer["merges"])) if a != b),
+                min(len(ours["merges"]), len(peer["merges"])),
+            )
             t_ratio = ours["seconds"] / peer["seconds"]
             m_ratio = ours["peak_rss"] / peer["peak_rss"]
-            print(f"  time ratio ours/rustbpe {t_ratio:.3f} (target <= 0.333: {'PASS' if t_ratio <= 1 / 3 else 'FAIL'})")
+            print(
+                f"  time ratio ours/rustbpe {t_ratio:.3f} (target <= 0.333: {'PASS' if t_ratio <= 1 / 3 else 'FAIL'})"
+            )
             print(f"  peak RSS ratio ours/rustbpe {m_ratio:.3f} (target <= 1: {'PASS' if m_ratio <= 1 else 'FAIL'})")
             print(f"  merges identical to rustbpe's: first {prefix}, {same}/{len(ours['merges'])} at the same rank")
             res["train"] = {
-                "rustchat_s": ours["seconds"], "rustbpe_s": peer["seconds"], "rustchat_peak": ours["peak_rss"],
-                "rustbpe_peak": peer["peak_rss"], "time_ratio": t_ratio, "mem_ratio": m_ratio, "same_prefix": prefix,
+                "rustchat_s": ours["seconds"],
+                "rustbpe_s": peer["seconds"],
+                "rustchat_peak": ours["peak_rss"],
+                "rustbpe_peak": peer["peak_rss"],
+                "time_ratio": t_ratio,
+                "mem_ratio": m_ratio,
+                "same_prefix": prefix,
             }
         print()
     if os.path.isdir(tok_dir):
@@ -210,10 +235,20 @@ def main() -> None:
     ours_ids = tok.encode_ordinary(text)
     identical = ours_ids == ref_ids
     rows = []
-    t = best_times({"ours": lambda: tok.encode_ordinary(text), "np": lambda: tok.encode_to_numpy(text),
-                    "tk": lambda: tk.encode_ordinary(text)}, args.repeat)
+    t = best_times(
+        {
+            "ours": lambda: tok.encode_ordinary(text),
+            "np": lambda: tok.encode_to_numpy(text),
+            "tk": lambda: tk.encode_ordinary(text),
+        },
+        args.repeat,
+    )
     t_ours, t_np, t_tk = t["ours"], t["np"], t["tk"]
-    rows += [("rustchat encode_ordinary (list)", t_ours), ("rustchat encode_to_numpy", t_np), ("tiktoken encode_ordinary", t_tk)]
+    rows += [
+        ("rustchat encode_ordinary (list)", t_ours),
+        ("rustchat encode_to_numpy", t_np),
+        ("tiktoken encode_ordinary", t_tk),
+    ]
     hf = None
     try:
         hf = hf_from_ranks(ranks, tok.pattern)
@@ -228,11 +263,24 @@ def main() -> None:
     ratio = t_tk / t_ours
     print(f"  ids identical to tiktoken: {identical}")
     print(f"  ours/tiktoken speed {ratio:.2f}x (target >= 5x: {'PASS' if ratio >= 5 and identical else 'FAIL'})\n")
-    res["encode_single"] = {"mb": mb, "rustchat_mbs": mb / t_ours, "rustchat_numpy_mbs": mb / t_np, "tiktoken_mbs": mb / t_tk, "ratio": ratio, "identical": identical}
+    res["encode_single"] = {
+        "mb": mb,
+        "rustchat_mbs": mb / t_ours,
+        "rustchat_numpy_mbs": mb / t_np,
+        "tiktoken_mbs": mb / t_tk,
+        "ratio": ratio,
+        "identical": identical,
+    }
 
     print(f"== encode_batch on {len(docs)} documents ({mb:.1f} MB)")
-    runs = timed_rounds({"all": lambda: tok.encode_batch(docs), "one": lambda: tok.encode_batch(docs, num_threads=1),
-                         "np": lambda: tok.encode_batch_numpy(docs)}, args.repeat)
+    runs = timed_rounds(
+        {
+            "all": lambda: tok.encode_batch(docs),
+            "one": lambda: tok.encode_batch(docs, num_threads=1),
+            "np": lambda: tok.encode_batch_numpy(docs),
+        },
+        args.repeat,
+    )
     t_b_all, t_b_one, t_b_np = (min(w for w, _ in runs[k]) for k in ("all", "one", "np"))
     t_tk_b = best_time(lambda: tk.encode_ordinary_batch(docs), 1)
     batch_rows = [
@@ -242,7 +290,9 @@ def main() -> None:
         ("tiktoken encode_ordinary_batch", t_tk_b),
     ]
     if hf is not None:
-        batch_rows.append(("HF tokenizers encode_batch", best_time(lambda: hf.encode_batch(docs, add_special_tokens=False), 1)))
+        batch_rows.append(
+            ("HF tokenizers encode_batch", best_time(lambda: hf.encode_batch(docs, add_special_tokens=False), 1))
+        )
     for name, t in batch_rows:
         print(f"  {name:44s} {mb / t:8.1f} MB/s")
     b_ratio = t_b_one / t_b_all
@@ -253,12 +303,22 @@ def main() -> None:
     per_round = sorted(o[0] / a[0] for o, a in zip(runs["one"], runs["all"]))
     busy = [c / w for w, c in runs["all"]]
     ones = [w for w, _ in runs["one"]]
-    print(f"  per-round ratios {' '.join(f'{r:.2f}' for r in per_round)} (median {statistics.median(per_round):.2f}); "
-          f"cores busy {statistics.median(busy):.2f} of {os.cpu_count()} in all-core calls; "
-          f"one-thread times drift {max(ones) / min(ones):.2f}x")
-    print(f"  batch ids identical to tiktoken: {tok.encode_batch(docs[:2000]) == tk.encode_ordinary_batch(docs[:2000])}")
-    res["encode_batch"] = {"rustchat_all_mbs": mb / t_b_all, "rustchat_one_mbs": mb / t_b_one, "tiktoken_mbs": mb / t_tk_b, "ratio": b_ratio,
-                           "per_round_ratios": per_round, "cores_busy": statistics.median(busy)}
+    print(
+        f"  per-round ratios {' '.join(f'{r:.2f}' for r in per_round)} (median {statistics.median(per_round):.2f}); "
+        f"cores busy {statistics.median(busy):.2f} of {os.cpu_count()} in all-core calls; "
+        f"one-thread times drift {max(ones) / min(ones):.2f}x"
+    )
+    print(
+        f"  batch ids identical to tiktoken: {tok.encode_batch(docs[:2000]) == tk.encode_ordinary_batch(docs[:2000])}"
+    )
+    res["encode_batch"] = {
+        "rustchat_all_mbs": mb / t_b_all,
+        "rustchat_one_mbs": mb / t_b_one,
+        "tiktoken_mbs": mb / t_tk_b,
+        "ratio": b_ratio,
+        "per_round_ratios": per_round,
+        "cores_busy": statistics.median(busy),
+    }
     del np
     if args.json:
         with open(args.json, "w") as f:

@@ -9,6 +9,7 @@ so a noisy machine slows both alike.
   python scripts/bench_train.py                      # CPU: d4, vocab 65536, 4x512, half ignored
   python scripts/bench_train.py --device cuda        # d10 and d20, tokens/s and MFU (H100 bf16)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,8 +61,10 @@ def bench_depth(args, depth, device):
             runs[name] = build(cfg, device, use_kernels)
     n_params = next(iter(runs.values()))[0].num_params()
     flops_per_token = next(iter(runs.values()))[0].estimate_flops(T)
-    print(f"d{depth}: {n_params / 1e6:.1f}M params, n_embd {cfg.n_embd}, heads {cfg.n_head}, "
-          f"vocab {cfg.vocab_size}, batch {B}x{T}, {args.ignore_frac:.0%} targets ignored, device {device}")
+    print(
+        f"d{depth}: {n_params / 1e6:.1f}M params, n_embd {cfg.n_embd}, heads {cfg.n_head}, "
+        f"vocab {cfg.vocab_size}, batch {B}x{T}, {args.ignore_frac:.0%} targets ignored, device {device}"
+    )
     times = {name: [] for name in runs}
     first_loss = {}
     for step in range(args.warmup + args.steps):
@@ -88,8 +91,10 @@ def bench_depth(args, depth, device):
             continue
         t = statistics.median(ts)
         tps[name] = B * T / t
-        line = f"  {name:5s} {tps[name]:12,.0f} tokens/s  ({t * 1e3:8.1f} ms/step median of {len(ts)}, " \
-               f"first loss {first_loss[name]:.4f})"
+        line = (
+            f"  {name:5s} {tps[name]:12,.0f} tokens/s  ({t * 1e3:8.1f} ms/step median of {len(ts)}, "
+            f"first loss {first_loss[name]:.4f})"
+        )
         if device_type(device) == "cuda":
             line += f"  MFU {tps[name] * flops_per_token / H100_BF16_PEAK:.1%} (of H100 bf16 989 TFLOP/s)"
         print(line)
@@ -101,8 +106,9 @@ def bench_depth(args, depth, device):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
-    ap.add_argument("--depth", type=int, action="append", help="model depth (repeatable); "
-                    "default 4 on CPU, 10 and 20 on CUDA")
+    ap.add_argument(
+        "--depth", type=int, action="append", help="model depth (repeatable); default 4 on CPU, 10 and 20 on CUDA"
+    )
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 3 on CPU, 10 on CUDA)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1 CPU, 3 CUDA)")
     ap.add_argument("--batch", type=int, default=None, help="rows per step (default 4 CPU, 16 CUDA)")

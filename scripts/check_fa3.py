@@ -4,6 +4,7 @@ Attention alone (bf16, causal, with and without a sliding window, GQA) and a who
 training step (loss and gradients) must agree between the FA3 path and the SDPA-with-mask path.
 Prints "skipped" and exits 0 when FA3 cannot be loaded (no `kernels` package, no cached build,
 no internet to fetch one)."""
+
 import sys
 
 import torch
@@ -28,8 +29,11 @@ def main() -> int:
             k = torch.randn(B, T, Hkv, D, device="cuda", dtype=torch.bfloat16)
             v = torch.randn(B, T, Hkv, D, device="cuda", dtype=torch.bfloat16)
             fa3 = attention.fa3_causal(q, k, v, window).float()
-            sdpa = attention.causal(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window,
-                                    H != Hkv).transpose(1, 2).float()
+            sdpa = (
+                attention.causal(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window, H != Hkv)
+                .transpose(1, 2)
+                .float()
+            )
             err = (fa3 - sdpa).abs().max().item()
             worst = max(worst, err)
             print(f"  B{B} T{T} H{H}/{Hkv} D{D} window {window}: max |FA3 - SDPA| = {err:.2e}")

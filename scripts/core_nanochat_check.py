@@ -11,6 +11,7 @@ nanochat's evaluator sees rustchat's model through a thin adapter: logits from `
 nanochat calls its own. Prints, per task, both accuracies and the examples whose verdicts
 differ; exits 1 if any does. Not run in CI.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,14 +79,21 @@ def main() -> int:
     for task in load_bundle(bundle):
         data = subsample(load_examples(task), args.max_per_task)
         ours = task_verdicts(model, tok, task, data, 8 * model.config.sequence_len)
-        meta = {"task_type": task.task_type, "num_fewshot": task.num_fewshot,
-                "continuation_delimiter": task.continuation_delimiter}
-        theirs = [bool(nano.evaluate_example(i, NanochatModel(model), NanochatTokenizer(tok), data, "cpu", meta))
-                  for i in range(len(data))]
+        meta = {
+            "task_type": task.task_type,
+            "num_fewshot": task.num_fewshot,
+            "continuation_delimiter": task.continuation_delimiter,
+        }
+        theirs = [
+            bool(nano.evaluate_example(i, NanochatModel(model), NanochatTokenizer(tok), data, "cpu", meta))
+            for i in range(len(data))
+        ]
         bad = [i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b]
         differ += len(bad)
-        print(f"{task.label:<24} rustchat {sum(ours) / len(ours):.4f}  nanochat {sum(theirs) / len(theirs):.4f}  "
-              f"({len(data)} examples, {len(bad)} verdicts differ{': ' + str(bad[:10]) if bad else ''})")
+        print(
+            f"{task.label:<24} rustchat {sum(ours) / len(ours):.4f}  nanochat {sum(theirs) / len(theirs):.4f}  "
+            f"({len(data)} examples, {len(bad)} verdicts differ{': ' + str(bad[:10]) if bad else ''})"
+        )
     return 1 if differ else 0
 
 

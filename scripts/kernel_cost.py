@@ -30,6 +30,7 @@ flight; the share of it that fits in half the 50 MB L2 hits there, the rest is c
 
   python scripts/kernel_cost.py            # the table (markdown), ~15-40 s on 2 cores
 """
+
 from __future__ import annotations
 
 import argparse
@@ -88,11 +89,13 @@ def compile_sm90(lazy, sig, consts, num_warps, div16=()):
     with the pointers (16-byte aligned from PyTorch's allocator) they get the divisibility hint the
     JIT would give them, so loads and stores vectorise as in a real launch."""
     jf = JITFunction(lazy.get(interp=False).fn)
-    attrs = {(jf.arg_names.index(n),): [["tt.divisibility", 16]]
-             for n, t in sig.items() if t.startswith("*") or n in div16}
+    attrs = {
+        (jf.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items() if t.startswith("*") or n in div16
+    }
     sig = dict(sig, **{k: "constexpr" for k in consts})
-    k = triton.compile(ASTSource(jf, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": num_warps})
+    k = triton.compile(
+        ASTSource(jf, sig, consts, attrs), target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}
+    )
     return k.asm["cubin"]
 
 
@@ -101,8 +104,12 @@ def sass_and_resources(cubin: bytes):
         f.write(cubin)
         path = f.name
     try:
-        sass = subprocess.run([str(TOOLS / "cuobjdump"), "-sass", path], capture_output=True, text=True, check=True).stdout
-        res = subprocess.run([str(TOOLS / "cuobjdump"), "-res-usage", path], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run(
+            [str(TOOLS / "cuobjdump"), "-sass", path], capture_output=True, text=True, check=True
+        ).stdout
+        res = subprocess.run(
+            [str(TOOLS / "cuobjdump"), "-res-usage", path], capture_output=True, text=True, check=True
+        ).stdout
     finally:
         os.unlink(path)
     instrs = []  # (address, opcode, text)
@@ -182,12 +189,20 @@ def sweeps(instrs, elt_bytes):
     inner = [(s, e) for s, e in lp if not any(s < s2 and e2 < e for s2, e2 in lp if (s2, e2) != (s, e))]
     out = []
     for s, e in inner:
-        body = real[s:e + 1]
+        body = real[s : e + 1]
         ldg = sum(load_bytes(re.sub(r"^@!?U?P\w+\s+", "", t)) for _, op, t in body if op.startswith("LDG"))
         if not ldg:
             continue
-        out.append(dict(range=(s, e), instrs=len(body), mufu=sum(op.startswith("MUFU") for _, op, _ in body),
-                        load_bytes=ldg, elems=ldg / elt_bytes, in_flight=in_flight_before_use(body)))
+        out.append(
+            dict(
+                range=(s, e),
+                instrs=len(body),
+                mufu=sum(op.startswith("MUFU") for _, op, _ in body),
+                load_bytes=ldg,
+                elems=ldg / elt_bytes,
+                in_flight=in_flight_before_use(body),
+            )
+        )
     return real, out
 
 
@@ -199,8 +214,12 @@ def cost(instrs, elt_bytes, elems_per_row_thread, whole_kernel_elems=None):
     real, sw = sweeps(instrs, elt_bytes)
     if whole_kernel_elems is not None:
         body = [i for i in real if i[1] != "EXIT"]
-        return (len(body) / whole_kernel_elems, sum(op.startswith("MUFU") for _, op, _ in body) / whole_kernel_elems,
-                [], in_flight_before_use(body))
+        return (
+            len(body) / whole_kernel_elems,
+            sum(op.startswith("MUFU") for _, op, _ in body) / whole_kernel_elems,
+            [],
+            in_flight_before_use(body),
+        )
     in_sweep = set()
     ins = sfu = 0.0
     for w in sw:
@@ -226,22 +245,38 @@ def predict(hbm_bw, hbm, floor, lat_terms, ins, sfu, balance):
     (lat_terms: (bytes read per element, latency, in_flight_sm) per sweep). Divided by
     `balance` (the busiest SM's work over the average: uneven programs per SM and the last
     partial round of rows)."""
-    t = {"HBM": hbm / hbm_bw, "issue": ins / ISSUE, "MUFU": sfu / SFU,
-         "latency": sum(b * lat / (SMS * max(fly, 1)) for b, lat, fly in lat_terms)}
+    t = {
+        "HBM": hbm / hbm_bw,
+        "issue": ins / ISSUE,
+        "MUFU": sfu / SFU,
+        "latency": sum(b * lat / (SMS * max(fly, 1)) for b, lat, fly in lat_terms),
+    }
     bound = max(t, key=t.get)
     return (floor / hbm_bw) / (t[bound] * balance), bound + ("+tail" if balance > 1.005 else "")
 
 
-CE_SIG = dict(X="*bf16", stride_x="i64", TGT="*i64", LOSS="*fp32", G="*bf16", stride_g="i64", SCALE="*fp32",
-              stride_scale="i32", R="i32", V="i32", ignore_index="i32", cap="fp32", k_sig="fp32")
+CE_SIG = dict(
+    X="*bf16",
+    stride_x="i64",
+    TGT="*i64",
+    LOSS="*fp32",
+    G="*bf16",
+    stride_g="i64",
+    SCALE="*fp32",
+    stride_scale="i32",
+    R="i32",
+    V="i32",
+    ignore_index="i32",
+    cap="fp32",
+    k_sig="fp32",
+)
 TY = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float16: "*fp16"}
 
 
 def ce_rows(dtype, inplace):
     """(name, consts) for the CE variants the launchers use."""
     return [
-        ("CE fwd+bwd, softcap 15", dict(HAS_CAP=True, FIXED_MAX=True, WRITE_GRAD=True,
-                                          RESCALE=dtype != torch.float16)),
+        ("CE fwd+bwd, softcap 15", dict(HAS_CAP=True, FIXED_MAX=True, WRITE_GRAD=True, RESCALE=dtype != torch.float16)),
         ("CE fwd only (no_grad), softcap 15", dict(HAS_CAP=True, FIXED_MAX=True, WRITE_GRAD=False, RESCALE=False)),
         ("CE fwd+bwd, no softcap", dict(HAS_CAP=False, FIXED_MAX=False, WRITE_GRAD=True, RESCALE=False)),
         ("CE fwd+bwd, softcap 50 (online max)", dict(HAS_CAP=True, FIXED_MAX=False, WRITE_GRAD=True, RESCALE=False)),
@@ -279,8 +314,15 @@ def variants():
                 elems = ce_mod.ce_elems_per_thread(grad, es)
                 block, warps, progs = ce_mod.ce_launch_config(V, reread, _FakeDev(), elems)
                 # bf16 rows of even length (V = 65536): the launcher reads them as uint32 pairs
-                consts = dict(c, FAST=True, RNE_FIX=False, BLOCK=block, TAIL=V % block != 0, TAIL2=V % (2 * block) != 0,
-                              WORDS=c["FIXED_MAX"] and dtype == torch.bfloat16)
+                consts = dict(
+                    c,
+                    FAST=True,
+                    RNE_FIX=False,
+                    BLOCK=block,
+                    TAIL=V % block != 0,
+                    TAIL2=V % (2 * block) != 0,
+                    WORDS=c["FIXED_MAX"] and dtype == torch.bfloat16,
+                )
                 sig = dict(CE_SIG, X=TY[dtype], G=TY[dtype])
                 cubin = compile_sm90(ce_mod._CE_KERNEL, sig, consts, warps, div16=("stride_x", "stride_g", "V"))
                 instrs, regs, spill = sass_and_resources(cubin)
@@ -293,35 +335,100 @@ def variants():
                 floor = es * (2 if grad else 1)
                 miss = (1 - hit) * es * (2 if c["RESCALE"] else 1) if grad else 0.0
                 mode = "in place" if inplace else "separate grad"
-                out.append(dict(kernel=f"{name} [{str(dtype)[6:]}, {mode if grad else '-'}]",
-                                config=f"BLOCK={block} w={warps} P={progs}", block=block, threads=threads, elt_bytes=es,
-                                sweeps=sw, instrs=instrs, instr_per_elt=ins, sfu_per_elt=sfu, regs=regs, spill_bytes=spill,
-                                hbm_bytes_per_elt=floor + miss, floor_bytes_per_elt=floor, l2_hit=hit,
-                                in_flight_sm=fly * threads * progs // SMS, balance=ce_balance(progs, progs // SMS),
-                                lat_terms=ce_latency(sw, threads * progs // SMS, es, hit if grad else None)))
+                out.append(
+                    dict(
+                        kernel=f"{name} [{str(dtype)[6:]}, {mode if grad else '-'}]",
+                        config=f"BLOCK={block} w={warps} P={progs}",
+                        block=block,
+                        threads=threads,
+                        elt_bytes=es,
+                        sweeps=sw,
+                        instrs=instrs,
+                        instr_per_elt=ins,
+                        sfu_per_elt=sfu,
+                        regs=regs,
+                        spill_bytes=spill,
+                        hbm_bytes_per_elt=floor + miss,
+                        floor_bytes_per_elt=floor,
+                        l2_hit=hit,
+                        in_flight_sm=fly * threads * progs // SMS,
+                        balance=ce_balance(progs, progs // SMS),
+                        lat_terms=ce_latency(sw, threads * progs // SMS, es, hit if grad else None),
+                    )
+                )
     # backward scale when grad_output != 1 (e.g. reduction="none"): one more read+write of G
     es = 2
     block, warps, progs = ce_mod.ce_launch_config(V, 0, _FakeDev(), per_sm=2)
-    cubin = compile_sm90(ce_mod._CE_SCALE_KERNEL, dict(G="*bf16", stride_g="i64", GO="*fp32", stride_go="i32", R="i32", V="i32"),
-                         dict(RNE_FIX=False, BLOCK=block), warps, div16=("stride_g", "V"))
+    cubin = compile_sm90(
+        ce_mod._CE_SCALE_KERNEL,
+        dict(G="*bf16", stride_g="i64", GO="*fp32", stride_go="i32", R="i32", V="i32"),
+        dict(RNE_FIX=False, BLOCK=block),
+        warps,
+        div16=("stride_g", "V"),
+    )
     instrs, regs, spill = sass_and_resources(cubin)
     ins, sfu, sw, fly = cost(instrs, es, V / (32 * warps))
-    out.append(dict(kernel="CE bwd scale (grad_output != 1 only) [bfloat16]", config=f"BLOCK={block} w={warps} P={progs}",
-                    block=block, threads=32 * warps, elt_bytes=es, sweeps=sw, instrs=instrs, instr_per_elt=ins,
-                    sfu_per_elt=sfu, regs=regs, spill_bytes=spill, hbm_bytes_per_elt=4, floor_bytes_per_elt=4, l2_hit=1.0,
-                    in_flight_sm=fly * 32 * warps * progs // SMS, balance=ce_balance(progs, progs // SMS),
-                    lat_terms=ce_latency(sw, 32 * warps * progs // SMS, es, None)))
+    out.append(
+        dict(
+            kernel="CE bwd scale (grad_output != 1 only) [bfloat16]",
+            config=f"BLOCK={block} w={warps} P={progs}",
+            block=block,
+            threads=32 * warps,
+            elt_bytes=es,
+            sweeps=sw,
+            instrs=instrs,
+            instr_per_elt=ins,
+            sfu_per_elt=sfu,
+            regs=regs,
+            spill_bytes=spill,
+            hbm_bytes_per_elt=4,
+            floor_bytes_per_elt=4,
+            l2_hit=1.0,
+            in_flight_sm=fly * 32 * warps * progs // SMS,
+            balance=ce_balance(progs, progs // SMS),
+            lat_terms=ce_latency(sw, 32 * warps * progs // SMS, es, None),
+        )
+    )
     # rotary: D = 128 (head_dim of the d20 model), bf16, forward and the backward (inverse)
-    rot_sig = dict(Q="*bf16", K="*bf16", QO="*bf16", KO="*bf16", COS="*fp32", SIN="*fp32", POS="*i64",
-                   sq_b="i64", sq_t="i64", sq_h="i64", sk_b="i64", sk_t="i64", sk_h="i64", sp_b="i64", sp_t="i64",
-                   stride_tab="i64", T="i32", HQ="i32", HKV="i32", n_q="i32", n_rows="i32", offset="i32", max_pos="i32")
+    rot_sig = dict(
+        Q="*bf16",
+        K="*bf16",
+        QO="*bf16",
+        KO="*bf16",
+        COS="*fp32",
+        SIN="*fp32",
+        POS="*i64",
+        sq_b="i64",
+        sq_t="i64",
+        sq_h="i64",
+        sk_b="i64",
+        sk_t="i64",
+        sk_h="i64",
+        sp_b="i64",
+        sp_t="i64",
+        stride_tab="i64",
+        T="i32",
+        HQ="i32",
+        HKV="i32",
+        n_q="i32",
+        n_rows="i32",
+        offset="i32",
+        max_pos="i32",
+    )
     D = 128
     block_d, block_r, warps = rot_mod.rotary_launch_config(D, ROT_ROWS)
-    for name, pos, inv in (("rotary fwd (q+k, one launch)", False, False), ("rotary bwd (inverse rotation)", False, True),
-                           ("rotary fwd, position_ids", True, False)):
-        cubin = compile_sm90(rot_mod._ROTARY_KERNEL, rot_sig, dict(HALF=D // 2, BLOCK_D=block_d, BLOCK_R=block_r, HAS_POS=pos,
-                                                                    INVERSE=inv, ALIGNED=True, RNE_FIX=False), warps,
-                             div16=("sq_b", "sq_t", "sq_h", "sk_b", "sk_t", "sk_h", "stride_tab"))
+    for name, pos, inv in (
+        ("rotary fwd (q+k, one launch)", False, False),
+        ("rotary bwd (inverse rotation)", False, True),
+        ("rotary fwd, position_ids", True, False),
+    ):
+        cubin = compile_sm90(
+            rot_mod._ROTARY_KERNEL,
+            rot_sig,
+            dict(HALF=D // 2, BLOCK_D=block_d, BLOCK_R=block_r, HAS_POS=pos, INVERSE=inv, ALIGNED=True, RNE_FIX=False),
+            warps,
+            div16=("sq_b", "sq_t", "sq_h", "sk_b", "sk_t", "sk_h", "stride_tab"),
+        )
         instrs, regs, spill = sass_and_resources(cubin)
         threads = 32 * warps
         # no loop: a program is one pass; its elements per thread are what it stores (bf16 out)
@@ -333,12 +440,28 @@ def variants():
         resident = max(1, min(32, 2048 // threads, REGS_PER_SM // (threads * (-(-regs // 8) * 8))))
         progs = -(-ROT_ROWS // block_r)
         waves = progs / (SMS * resident)
-        out.append(dict(kernel=f"{name} [bfloat16]", config=f"D={D} BLOCK_R={block_r} w={warps} ({resident}/SM)",
-                        block=block_r * D, threads=threads, elt_bytes=2, sweeps=sw, instrs=instrs, instr_per_elt=ins,
-                        sfu_per_elt=sfu, regs=regs, spill_bytes=spill, hbm_bytes_per_elt=hbm, floor_bytes_per_elt=4,
-                        l2_hit=1.0, in_flight_sm=fly * threads * resident,
-                        lat_terms=[(2 + 4 / (32 * 20), LAT_HBM, fly * threads * resident)],
-                        balance=math.ceil(waves) / waves, elems_per_thread=per_thread))
+        out.append(
+            dict(
+                kernel=f"{name} [bfloat16]",
+                config=f"D={D} BLOCK_R={block_r} w={warps} ({resident}/SM)",
+                block=block_r * D,
+                threads=threads,
+                elt_bytes=2,
+                sweeps=sw,
+                instrs=instrs,
+                instr_per_elt=ins,
+                sfu_per_elt=sfu,
+                regs=regs,
+                spill_bytes=spill,
+                hbm_bytes_per_elt=hbm,
+                floor_bytes_per_elt=4,
+                l2_hit=1.0,
+                in_flight_sm=fly * threads * resident,
+                lat_terms=[(2 + 4 / (32 * 20), LAT_HBM, fly * threads * resident)],
+                balance=math.ceil(waves) / waves,
+                elems_per_thread=per_thread,
+            )
+        )
     return out
 
 
@@ -347,8 +470,15 @@ def report(rows):
     for r in rows:
         r["gpus"] = {}
         for gpu, bw in GPUS:
-            frac, bound = predict(bw, r["hbm_bytes_per_elt"], r["floor_bytes_per_elt"], r["lat_terms"],
-                                  r["instr_per_elt"], r["sfu_per_elt"], r["balance"])
+            frac, bound = predict(
+                bw,
+                r["hbm_bytes_per_elt"],
+                r["floor_bytes_per_elt"],
+                r["lat_terms"],
+                r["instr_per_elt"],
+                r["sfu_per_elt"],
+                r["balance"],
+            )
             # sweep 1 at full speed: its share of the HBM bandwidth per SM x HBM latency
             b1, lat1, _ = r["lat_terms"][0]
             need = bw * b1 / r["hbm_bytes_per_elt"] / SMS * lat1
@@ -356,13 +486,18 @@ def report(rows):
     return rows
 
 
-TARGETS = {"CE fwd+bwd, softcap 15 [bfloat16, in place]": 0.85, "CE fwd+bwd, softcap 15 [bfloat16, separate grad]": 0.85,
-           "CE fwd only (no_grad), softcap 15 [bfloat16, -]": 0.75, "rotary fwd (q+k, one launch) [bfloat16]": 0.85,
-           "rotary bwd (inverse rotation) [bfloat16]": 0.85}
+TARGETS = {
+    "CE fwd+bwd, softcap 15 [bfloat16, in place]": 0.85,
+    "CE fwd+bwd, softcap 15 [bfloat16, separate grad]": 0.85,
+    "CE fwd only (no_grad), softcap 15 [bfloat16, -]": 0.75,
+    "rotary fwd (q+k, one launch) [bfloat16]": 0.85,
+    "rotary bwd (inverse rotation) [bfloat16]": 0.85,
+}
 
 
 class _FakeDev:
     """The launcher's view of an H100 (ce_launch_config only reads .type and device_props)."""
+
     type = "cuda"
     index = 0
 
@@ -372,8 +507,10 @@ def linear_ce_model(N=16384, D=1280, Vv=65536):
     C = ce_mod_chunk_rows(N, Vv)
     flops = 3 * 2 * D  # logits, dh = g W, dW += g^T h
     out = []
-    for name, logit_b, bytes_ in (("bf16 chunk logits, grad in place", 2, 2 + 2 + 2 + 2 + 2),
-                                  ("fp32 chunk logits, separate bf16 grad (before)", 4, 4 + 4 + 2 + 2 + 2)):
+    for name, logit_b, bytes_ in (
+        ("bf16 chunk logits, grad in place", 2, 2 + 2 + 2 + 2 + 2),
+        ("fp32 chunk logits, separate bf16 grad (before)", 4, 4 + 4 + 2 + 2 + 2),
+    ):
         t_mm = flops / 989e12
         t_mem = bytes_ / GPUS[0][1]
         peak = C * Vv * logit_b + (0 if logit_b == 2 else C * Vv * 2) + N * D * 4 + Vv * D * 4
@@ -389,50 +526,87 @@ def ce_mod_chunk_rows(n, v):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--json", metavar="OUT", help="also write the rows as JSON (gpu_check.sh pairs them with measurements)")
+    ap.add_argument(
+        "--json", metavar="OUT", help="also write the rows as JSON (gpu_check.sh pairs them with measurements)"
+    )
     args = ap.parse_args()
     rows = report(variants())
     if args.json:
         import json
 
-        keys = ("kernel", "config", "instr_per_elt", "sfu_per_elt", "regs", "spill_bytes", "hbm_bytes_per_elt",
-                "floor_bytes_per_elt", "l2_hit", "in_flight_sm", "balance", "gpus")
+        keys = (
+            "kernel",
+            "config",
+            "instr_per_elt",
+            "sfu_per_elt",
+            "regs",
+            "spill_bytes",
+            "hbm_bytes_per_elt",
+            "floor_bytes_per_elt",
+            "l2_hit",
+            "in_flight_sm",
+            "balance",
+            "gpus",
+        )
         with open(args.json, "w") as f:
             json.dump([{k: r[k] for k in keys} for r in rows], f, indent=1)
-    print(f"Kernels: static cost on sm_90 (H100 SXM and H200 models), V = {V}. {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC, "
-          f"{platform.node() or 'host'} ({os.cpu_count()} CPUs, no GPU); python {platform.python_version()}, "
-          f"torch {torch.__version__}, triton {triton.__version__}; command: python scripts/kernel_cost.py")
-    print(f"Model: {SMS} SMs, clk {CLK / 1e9:.2f} GHz (from 67 TFLOP/s FP32), issue {ISSUE / 1e12:.1f} T instr/s, "
-          f"SFU {SFU / 1e12:.2f} T/s, L2 {L2 >> 20} MiB (half for rows in flight), loaded latency {LAT_HBM * 1e9:.0f} ns "
-          f"HBM / {LAT_L2 * 1e9:.0f} ns L2; HBM " + ", ".join(f"{g} {bw / 1e12:.2f} TB/s" for g, bw in GPUS)
-          + f"; CE over {ROWS} rows (linear CE's chunk), rotary over B*T*H = {ROT_ROWS} rows")
+    print(
+        f"Kernels: static cost on sm_90 (H100 SXM and H200 models), V = {V}. {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC, "
+        f"{platform.node() or 'host'} ({os.cpu_count()} CPUs, no GPU); python {platform.python_version()}, "
+        f"torch {torch.__version__}, triton {triton.__version__}; command: python scripts/kernel_cost.py"
+    )
+    print(
+        f"Model: {SMS} SMs, clk {CLK / 1e9:.2f} GHz (from 67 TFLOP/s FP32), issue {ISSUE / 1e12:.1f} T instr/s, "
+        f"SFU {SFU / 1e12:.2f} T/s, L2 {L2 >> 20} MiB (half for rows in flight), loaded latency {LAT_HBM * 1e9:.0f} ns "
+        f"HBM / {LAT_L2 * 1e9:.0f} ns L2; HBM "
+        + ", ".join(f"{g} {bw / 1e12:.2f} TB/s" for g, bw in GPUS)
+        + f"; CE over {ROWS} rows (linear CE's chunk), rotary over B*T*H = {ROT_ROWS} rows"
+    )
     print()
     g1, g2 = (g for g, _ in GPUS)
-    print(f"| kernel [dtype, gradient] | config | instr/elt | sfu/elt | elts/iter | regs | spill B | HBM B/elt (floor) "
-          f"| L2 hit | in flight KB/SM (needed {g1}/{g2}) | SM balance | {g1}: bound, predicted | {g2}: bound, predicted |")
+    print(
+        f"| kernel [dtype, gradient] | config | instr/elt | sfu/elt | elts/iter | regs | spill B | HBM B/elt (floor) "
+        f"| L2 hit | in flight KB/SM (needed {g1}/{g2}) | SM balance | {g1}: bound, predicted | {g2}: bound, predicted |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
     for r in rows:
         el = "/".join(f"{w['elems']:g}" for w in r["sweeps"]) or f"{r['elems_per_thread']:g} (1 pass)"
         need = "/".join(f"{r['gpus'][g]['in_flight_needed_sm'] / 1024:.1f}" for g, _ in GPUS)
-        cells = " | ".join(f"{r['gpus'][g]['bound']}, {100 * r['gpus'][g]['predicted_hbm_fraction']:.0f}%" for g, _ in GPUS)
-        print(f"| {r['kernel']} | {r['config']} | {r['instr_per_elt']:.1f} | {r['sfu_per_elt']:.2f} | {el} | {r['regs']} "
-              f"| {r['spill_bytes']} | {r['hbm_bytes_per_elt']:.2f} ({r['floor_bytes_per_elt']}) | {100 * r['l2_hit']:.0f}% "
-              f"| {r['in_flight_sm'] / 1024:.1f} ({need}) | {r['balance']:.3f} | {cells} |")
+        cells = " | ".join(
+            f"{r['gpus'][g]['bound']}, {100 * r['gpus'][g]['predicted_hbm_fraction']:.0f}%" for g, _ in GPUS
+        )
+        print(
+            f"| {r['kernel']} | {r['config']} | {r['instr_per_elt']:.1f} | {r['sfu_per_elt']:.2f} | {el} | {r['regs']} "
+            f"| {r['spill_bytes']} | {r['hbm_bytes_per_elt']:.2f} ({r['floor_bytes_per_elt']}) | {100 * r['l2_hit']:.0f}% "
+            f"| {r['in_flight_sm'] / 1024:.1f} ({need}) | {r['balance']:.3f} | {cells} |"
+        )
     print()
-    misses = [f"{r['kernel']} on {g}: {100 * r['gpus'][g]['predicted_hbm_fraction']:.0f}% < {100 * TARGETS[r['kernel']]:.0f}%"
-              for r in rows if r["kernel"] in TARGETS for g, _ in GPUS
-              if r["gpus"][g]["predicted_hbm_fraction"] < TARGETS[r["kernel"]]]
-    print("Targets (>= 85% CE fwd+bwd softcap 15 bf16 and rotary, >= 75% CE forward-only, both GPUs): "
-          + ("all met" if not misses else "MISSED: " + "; ".join(misses)))
+    misses = [
+        f"{r['kernel']} on {g}: {100 * r['gpus'][g]['predicted_hbm_fraction']:.0f}% < {100 * TARGETS[r['kernel']]:.0f}%"
+        for r in rows
+        if r["kernel"] in TARGETS
+        for g, _ in GPUS
+        if r["gpus"][g]["predicted_hbm_fraction"] < TARGETS[r["kernel"]]
+    ]
+    print(
+        "Targets (>= 85% CE fwd+bwd softcap 15 bf16 and rotary, >= 75% CE forward-only, both GPUs): "
+        + ("all met" if not misses else "MISSED: " + "; ".join(misses))
+    )
     C, lin, eager = linear_ce_model()
     print()
-    print(f"Linear CE, N=16384, D=1280, V={V}: chunk of {C} rows; matmuls 3 x 2D = {6 * 1280} FLOP per logit (H100 SXM).")
-    print("| chunk logits | HBM B/logit (mm write, CE read+write, 2 mm reads) | elementwise share of time | peak extra memory | vs eager |")
+    print(
+        f"Linear CE, N=16384, D=1280, V={V}: chunk of {C} rows; matmuls 3 x 2D = {6 * 1280} FLOP per logit (H100 SXM)."
+    )
+    print(
+        "| chunk logits | HBM B/logit (mm write, CE read+write, 2 mm reads) | elementwise share of time | peak extra memory | vs eager |"
+    )
     print("|---|---:|---:|---:|---:|")
     for name, b, share, peak in lin:
         print(f"| {name} | {b} | {100 * share:.0f}% | {peak / 2**30:.2f} GiB | 1/{eager / peak:.0f} |")
-    print(f"(eager: bf16 logits + fp32 upcast + softcapped fp32 + fp32 and bf16 gradients = {eager / 2**30:.1f} GiB; "
-          "bench_kernels.py measures both on a GPU)")
+    print(
+        f"(eager: bf16 logits + fp32 upcast + softcapped fp32 + fp32 and bf16 gradients = {eager / 2**30:.1f} GiB; "
+        "bench_kernels.py measures both on a GPU)"
+    )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ expected.pt: random ids [2, 144] (longer than the short window) and the fp32 CPU
 nanochat's own forward on them. Which nanochat it was is read from its GPTConfig: one with
 `window_pattern` is the July-2026 model, one without the January-2026 one.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,7 +50,9 @@ def main() -> None:
     else:
         model = GPT(config)
     model.init_weights()
-    embeddings = ("transformer.wte.weight",) + tuple(n for n, _ in model.named_parameters() if n.startswith("value_embeds."))
+    embeddings = ("transformer.wte.weight",) + tuple(
+        n for n, _ in model.named_parameters() if n.startswith("value_embeds.")
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.data = p.data.float()
@@ -76,8 +79,10 @@ def main() -> None:
     meta = {"step": STEP, "model_config": dataclasses.asdict(config), "user_config": {"fixture": True}}
     (out / f"meta_{STEP:06d}.json").write_text(json.dumps(meta, indent=2))
     torch.save({"ids": ids, "logits": logits}, out / "expected.pt")
-    print(f"{'July' if new else 'January'}-2026 nanochat fixture -> {out} "
-          f"({sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 1e3:.0f} kB)")
+    print(
+        f"{'July' if new else 'January'}-2026 nanochat fixture -> {out} "
+        f"({sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 1e3:.0f} kB)"
+    )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ OUT_DIR (default tests/fixtures/optim_92d63d4) receives
 torch.compile is switched off (TORCHDYNAMO_DISABLE=1): nanochat's fused steps then run eagerly,
 the same math.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,8 +70,9 @@ def unit_fixture(MuonAdamW, out: Path) -> None:
 
 def train_fixture(GPT, GPTConfig, out: Path) -> None:
     torch.manual_seed(0)
-    config = GPTConfig(sequence_len=256, vocab_size=VOCAB, n_layer=4, n_head=4, n_kv_head=2, n_embd=64,
-                       window_pattern="SSSL")
+    config = GPTConfig(
+        sequence_len=256, vocab_size=VOCAB, n_layer=4, n_head=4, n_kv_head=2, n_embd=64, window_pattern="SSSL"
+    )
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device="cpu")
@@ -97,8 +99,15 @@ def train_fixture(GPT, GPTConfig, out: Path) -> None:
         losses.append(float(loss))
         opt.step()
         model.zero_grad(set_to_none=True)
-    torch.save({"batches": torch.stack(batches), "losses": torch.tensor(losses, dtype=torch.float64),
-                "hyper": HYPER, "momentum": MOMENTUM}, out / "train.pt")
+    torch.save(
+        {
+            "batches": torch.stack(batches),
+            "losses": torch.tensor(losses, dtype=torch.float64),
+            "hyper": HYPER,
+            "momentum": MOMENTUM,
+        },
+        out / "train.pt",
+    )
     print("nanochat losses:", " ".join(f"{x:.5f}" for x in losses))
 
 

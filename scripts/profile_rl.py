@@ -13,6 +13,7 @@ Python operators (indexing, +, *), which cProfile books to the calling Python fu
 in the Python share, so the share is if anything overstated. Prints the Python share of the busy time, the rollout share
 and the sampled tokens per second.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,17 +42,20 @@ def _profiled_loop(loop):
             loop(self)
         finally:
             prof.disable()
+
     return run
 
 
 def _profiled(fn, prof: cProfile.Profile):
     """fn, profiled while it runs (the steps only: not loading, tasks or checkpoints)."""
+
     def run(*args, **kwargs):
         prof.enable()
         try:
             return fn(*args, **kwargs)
         finally:
             prof.disable()
+
     return run
 
 
@@ -81,8 +85,13 @@ def main() -> None:
         base.mkdir()
         shutil.copytree(args.base_dir / "tokenizer", base / "tokenizer")
         shutil.copytree(args.base_dir / "sft_checkpoints", base / "sft_checkpoints")
-        cfg = RLConfig(**{**tiny["rl"], "max_steps": args.steps, "eval_every": 0}, depth=tiny["common"]["depth"],
-                       device="cpu", quiet=True, base_dir=str(base))
+        cfg = RLConfig(
+            **{**tiny["rl"], "max_steps": args.steps, "eval_every": 0},
+            depth=tiny["common"]["depth"],
+            device="cpu",
+            quiet=True,
+            base_dir=str(base),
+        )
         main_prof = cProfile.Profile()
         PROFILES.append(main_prof)
         rl.RolloutSteps.next_step = _profiled(rl.RolloutSteps.next_step, main_prof)
@@ -98,12 +107,16 @@ def main() -> None:
     steps = res["history"]
     step_s = sum(h["rollout_s"] + h["train_s"] for h in steps)
     print(f"{len(steps)} steps: {step_s:.2f} s in the steps, {wall:.2f} s with loading and the checkpoint")
-    print(f"busy {busy:.2f} s: torch {totals['torch']:.2f} s, Python {totals['python']:.2f} s = "
-          f"{100 * totals['python'] / busy:.0f}% (waiting on locks {totals['wait']:.2f} s, not counted)")
+    print(
+        f"busy {busy:.2f} s: torch {totals['torch']:.2f} s, Python {totals['python']:.2f} s = "
+        f"{100 * totals['python'] / busy:.0f}% (waiting on locks {totals['wait']:.2f} s, not counted)"
+    )
     share = sum(h["rollout_s"] for h in steps) / step_s
     tps = sum(h["sampled_tokens"] for h in steps) / sum(h["sample_s"] for h in steps)
-    print(f"rollouts: {100 * share:.0f}% of the step time, {tps:,.0f} sampled tokens/s (under the profiler); "
-          f"reward {', '.join(format(h['reward'], '.2f') for h in steps)}")
+    print(
+        f"rollouts: {100 * share:.0f}% of the step time, {tps:,.0f} sampled tokens/s (under the profiler); "
+        f"reward {', '.join(format(h['reward'], '.2f') for h in steps)}"
+    )
     for prof in PROFILES:
         pstats.Stats(prof).sort_stats("tottime").print_stats(8)
 

@@ -9,6 +9,7 @@ Each seed gets its own base dir (ROOT/seed-N); a run's numbers are read back fro
 `speedrun` section of its report.md, so --reuse prints the same tables without training again.
 Runs are sequential on purpose: their times are the ones a user gets on this machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,7 @@ def read_run(base: Path) -> dict:
     header = [c.strip() for c in lines[header_at].strip("|").split("|")]
     tasks = header[3:-1]
     rows = {}
-    for line in lines[header_at + 2:]:
+    for line in lines[header_at + 2 :]:
         cells = [c.strip() for c in line.strip("|").split("|")]
         val = re.match(r"val loss ([\d.]+) -> ([\d.]+)", cells[2])
         rows[cells[0]] = {
@@ -50,8 +51,19 @@ def main() -> int:
     for seed in args.seeds:
         base = args.root / f"seed-{seed}"
         if not (args.reuse and (base / "report.md").exists()):
-            cmd = ["rustchat", "speedrun", "--preset", "tiny", "--device", "cpu", "--quiet",
-                   "--seed", str(seed), "--base-dir", str(base)]
+            cmd = [
+                "rustchat",
+                "speedrun",
+                "--preset",
+                "tiny",
+                "--device",
+                "cpu",
+                "--quiet",
+                "--seed",
+                str(seed),
+                "--base-dir",
+                str(base),
+            ]
             print("$", " ".join(cmd), flush=True)
             if subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode != 0:
                 print(f"seed {seed}: the speedrun failed", file=sys.stderr)
@@ -61,8 +73,10 @@ def main() -> int:
 
     tasks = runs[args.seeds[0]]["tasks"]
     print("\nSFT vs mid, same 200 held-out problems per task (percent), and the held-out SFT val loss:\n")
-    print("| measure | mid per seed | SFT per seed | SFT - mid per seed | smallest margin | spread of SFT (max-min) "
-          "| spread of mid (max-min) |")
+    print(
+        "| measure | mid per seed | SFT per seed | SFT - mid per seed | smallest margin | spread of SFT (max-min) "
+        "| spread of mid (max-min) |"
+    )
     print("| --- | --- | --- | --- | ---: | ---: | ---: |")
     for t in tasks + ["val loss"]:
         if t == "val loss":  # the mid model and the SFT model on the SFT val split: lower is better
@@ -76,9 +90,11 @@ def main() -> int:
             gain = [f - m for m, f in zip(mid, sft)]
             fmt = "{:.1f}"
         spread_sft, spread_mid = max(sft) - min(sft), max(mid) - min(mid)
-        print(f"| {t} | {' / '.join(map(fmt.format, mid))} | {' / '.join(map(fmt.format, sft))} | "
-              f"{' / '.join(map(fmt.format, gain))} | {fmt.format(min(gain))} | {fmt.format(spread_sft)} | "
-              f"{fmt.format(spread_mid)} |")
+        print(
+            f"| {t} | {' / '.join(map(fmt.format, mid))} | {' / '.join(map(fmt.format, sft))} | "
+            f"{' / '.join(map(fmt.format, gain))} | {fmt.format(min(gain))} | {fmt.format(spread_sft)} | "
+            f"{fmt.format(spread_mid)} |"
+        )
     if all("rl" in runs[s]["rows"] for s in args.seeds):
         print("\nRL vs SFT, the same problems (percent):\n")
         print("| task | SFT per seed | RL per seed | RL - SFT per seed | smallest margin | spread of RL (max-min) |")
@@ -87,8 +103,10 @@ def main() -> int:
             sft = [runs[s]["rows"]["sft"]["tasks"][t] for s in args.seeds]
             rl = [runs[s]["rows"]["rl"]["tasks"][t] for s in args.seeds]
             gain = [r - f for f, r in zip(sft, rl)]
-            print(f"| {t} | {' / '.join(f'{x:.1f}' for x in sft)} | {' / '.join(f'{x:.1f}' for x in rl)} | "
-                  f"{' / '.join(f'{x:+.1f}' for x in gain)} | {min(gain):+.1f} | {max(rl) - min(rl):.1f} |")
+            print(
+                f"| {t} | {' / '.join(f'{x:.1f}' for x in sft)} | {' / '.join(f'{x:.1f}' for x in rl)} | "
+                f"{' / '.join(f'{x:+.1f}' for x in gain)} | {min(gain):+.1f} | {max(rl) - min(rl):.1f} |"
+            )
     times = [runs[s]["seconds"] for s in args.seeds]
     print(f"\ntotal time per seed: {' / '.join(f'{x:.0f} s' for x in times)} (max {max(times):.0f} s)")
     return 0

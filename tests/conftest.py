@@ -4,6 +4,7 @@ If RUSTCHAT_TEST_CORPUS names a directory of en/zh/code text files (CI builds on
 en/zh/code files are used; otherwise real text is gathered from this Python's own standard
 library (source code and docstrings), which every machine has.
 """
+
 import os
 import sysconfig
 from pathlib import Path
@@ -36,7 +37,3 @@ def corpus() -> dict[str, str]:
     if "code" not in out:
         out["code"] = _stdlib_text(400_000)
     return out
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: starts several processes (deselect with -m 'not slow')")

@@ -1,5 +1,6 @@
 """Helpers shared by several test files: random task rows, local dataset files, a fake
 nanochat checkpoint. (Fixtures live in conftest.py.)"""
+
 import json
 import string
 
@@ -29,26 +30,37 @@ def arc_rows(rng, n):
     for i in range(n):
         k = rng.choice((3, 4, 4, 5))
         labels = list("ABCDE"[:k]) if rng.random() < 0.7 else [str(j + 1) for j in range(k)]
-        rows.append({
-            "id": f"q{i}",
-            "question": f"{i} {words(rng, 6)}?",
-            "choices": {"text": [words(rng, 3) for _ in range(k)], "label": labels},
-            "answerKey": rng.choice(labels),
-        })
+        rows.append(
+            {
+                "id": f"q{i}",
+                "question": f"{i} {words(rng, 6)}?",
+                "choices": {"text": [words(rng, 3) for _ in range(k)], "label": labels},
+                "answerKey": rng.choice(labels),
+            }
+        )
     return rows
 
 
 def mmlu_rows(rng, n):
-    return [{"question": f"{i} {words(rng, 5)}", "subject": "x", "choices": [words(rng, 2) for _ in range(4)],
-             "answer": rng.randrange(4)} for i in range(n)]
+    return [
+        {
+            "question": f"{i} {words(rng, 5)}",
+            "subject": "x",
+            "choices": [words(rng, 2) for _ in range(4)],
+            "answer": rng.randrange(4),
+        }
+        for i in range(n)
+    ]
 
 
 def fake_nanochat_dir(tmp_path, padded_rows, prefix, wte_dtype=torch.float32):
     cfg = {"sequence_len": 32, "vocab_size": 300, "n_layer": 2, "n_head": 4, "n_kv_head": 2, "n_embd": 64}
     g = torch.Generator().manual_seed(4)
     C, D, L = 64, 16, 2
-    sd = {"transformer.wte.weight": torch.randn(padded_rows, C, generator=g).to(wte_dtype),
-          "lm_head.weight": torch.randn(padded_rows, C, generator=g) * 0.2}
+    sd = {
+        "transformer.wte.weight": torch.randn(padded_rows, C, generator=g).to(wte_dtype),
+        "lm_head.weight": torch.randn(padded_rows, C, generator=g) * 0.2,
+    }
     for i in range(L):
         p = f"transformer.h.{i}."
         sd[p + "attn.c_q.weight"] = torch.randn(4 * D, C, generator=g) * 0.25

@@ -5,6 +5,7 @@ frequent adjacent pair (ties: the smaller pair of ids), recounting from scratch 
 Like rustchat, a pair whose bytes already exist as a token is skipped. Slow by design: clarity
 is the point.
 """
+
 from collections import Counter
 
 import regex

@@ -16,6 +16,7 @@ Description followed:
 - multiple choice / schema: correct when the lowest mean cross-entropy over the scored tokens
   is the gold option's (first one on a tie); LM: correct when every scored token is the argmax.
 """
+
 import random
 
 import torch

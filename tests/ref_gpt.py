@@ -10,6 +10,7 @@ Only the first vocab_size rows of wte/lm_head are meaningful (padding is ignored
 The 2026 model adds value_embeds.{i}.weight, transformer.h.{i}.attn.ve_gate.weight,
 resid_lambdas, x0_lambdas, smear_gate.weight, smear_lambda, backout_lambda.
 """
+
 import math
 
 import torch

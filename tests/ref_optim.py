@@ -1,6 +1,7 @@
 """A float64 reference of the optimizer's update rules, one matrix at a time, written from the
 formulas (no stacking, no sharding, no in-place tricks): the independent check of
 rustchat.optim."""
+
 import math
 
 import torch
@@ -29,6 +30,7 @@ def polar_express(G, steps=5):
             A = X @ X.T
             X = a * X + (b * A + c * A @ A) @ X
         return X
+
     return _wide(G.double(), it)
 
 
@@ -40,6 +42,7 @@ def newton_schulz(G, steps=5):
             A = X @ X.T
             X = a * X + (b * A + c * A @ A) @ X
         return X
+
     return _wide(G.double(), it)
 
 
@@ -50,8 +53,8 @@ def adamw(p, g, st, *, lr, betas, eps, wd):
     st["m"] = b1 * st.get("m", 0) + (1 - b1) * g
     st["v"] = b2 * st.get("v", 0) + (1 - b2) * g * g
     p = p * (1 - lr * wd)
-    mhat = st["m"] / (1 - b1 ** t)
-    vhat = st["v"] / (1 - b2 ** t)
+    mhat = st["m"] / (1 - b1**t)
+    vhat = st["v"] / (1 - b2**t)
     return p - lr * mhat / (vhat.sqrt() + eps)
 
 

@@ -1,11 +1,19 @@
 """Plain-Python reference for conversation rendering and training rows, written from docs/design.md
 ("Conversation rendering") on tiktoken, one conversation at a time. Tests compare the Rust
 core against it; scripts/bench_render.py times it."""
+
 import tiktoken
 
 CHAT_SPECIALS = [
-    "<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
-    "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>",
+    "<|bos|>",
+    "<|user_start|>",
+    "<|user_end|>",
+    "<|assistant_start|>",
+    "<|assistant_end|>",
+    "<|python_start|>",
+    "<|python_end|>",
+    "<|output_start|>",
+    "<|output_end|>",
 ]
 
 
@@ -101,7 +109,7 @@ def ref_midtrain(renderer, conversations, batch_size, seq_len, n_batches, max_to
     out = []
     per = batch_size * (seq_len + 1)
     for b in range(n_batches):
-        chunk = stream[b * per:(b + 1) * per]
-        rows = [chunk[r * (seq_len + 1):(r + 1) * (seq_len + 1)] for r in range(batch_size)]
+        chunk = stream[b * per : (b + 1) * per]
+        rows = [chunk[r * (seq_len + 1) : (r + 1) * (seq_len + 1)] for r in range(batch_size)]
         out.append(([r[:-1] for r in rows], [r[1:] for r in rows]))
     return out

@@ -1,4 +1,5 @@
 """A stand-in for GPT whose logits follow a script, shared by the engine and eval tests."""
+
 import torch
 
 from rustchat.model import GPTConfig

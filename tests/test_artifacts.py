@@ -1,6 +1,7 @@
 """Broken or hostile artifact files give one-line errors naming the file, through the CLI
 (`rustchat chat`, `eval`, `sft`, `import-nanochat`: exit code 2, one stderr line), never a
 traceback, a hang or a NaN; and imports never replace a tokenizer or checkpoint unasked."""
+
 import json
 import os
 import pickle
@@ -94,13 +95,15 @@ def test_meta_is_a_list(base, capsys):
 
 def test_meta_without_model_config(base, capsys):
     _edit_meta(base / MID_META, lambda m: {k: v for k, v in m.items() if k != "model_config"})
-    err = _one_line_error(capsys, ["sft", "--depth", "1", "--device", "cpu", "--tasks", "tiny", "--max-steps", "1",
-                                   "--quiet", "--force"])  # (the base dir also holds an SFT run)
+    err = _one_line_error(
+        capsys, ["sft", "--depth", "1", "--device", "cpu", "--tasks", "tiny", "--max-steps", "1", "--quiet", "--force"]
+    )  # (the base dir also holds an SFT run)
     assert "meta_000000.json: no 'model_config' object" in err
 
 
-@pytest.mark.parametrize("key,value", [("n_head", 0), ("n_embd", -64), ("n_layer", 10**9), ("vocab_size", "300"),
-                                       ("n_kv_head", 3)])
+@pytest.mark.parametrize(
+    "key,value", [("n_head", 0), ("n_embd", -64), ("n_layer", 10**9), ("vocab_size", "300"), ("n_kv_head", 3)]
+)
 def test_meta_with_bad_model_config(base, capsys, key, value):
     _edit_meta(base / SFT_META, lambda m: {**m, "model_config": {**m["model_config"], key: value}})
     err = _chat(capsys)
@@ -137,8 +140,13 @@ def test_tokenizer_json_not_an_object(base, capsys):
 
 
 def _cli_subprocess(args, base, timeout=120):
-    return subprocess.run([sys.executable, "-m", "rustchat.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, "RUSTCHAT_BASE_DIR": str(base)}, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "rustchat.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "RUSTCHAT_BASE_DIR": str(base)},
+        timeout=timeout,
+    )
 
 
 def _main_with_timeout(argv, fifo, seconds=60):
@@ -193,8 +201,9 @@ def _tokenizer_pkl(path, seed=0):
     """A pickled tiktoken Encoding of a freshly trained 300-id tokenizer (what nanochat saves)."""
     rng = random.Random(seed)
     tok = Tokenizer.train([words(rng, 30) for _ in range(100)], vocab_size=300)
-    enc = tiktoken.Encoding("rustbpe", pat_str=tok.pattern, mergeable_ranks=tok.mergeable_ranks(),
-                            special_tokens=tok.special_tokens)
+    enc = tiktoken.Encoding(
+        "rustbpe", pat_str=tok.pattern, mergeable_ranks=tok.mergeable_ranks(), special_tokens=tok.special_tokens
+    )
     path.write_bytes(pickle.dumps(enc))
     return tok
 
@@ -208,13 +217,20 @@ def nanochat_dir(tmp_path):
     return ck
 
 
-@pytest.mark.parametrize("corrupt,message", [
-    (lambda ck: (ck / "meta_000650.json").write_text("[]"), "meta_000650.json: nanochat meta is a JSON list"),
-    (lambda ck: _edit_meta(ck / "meta_000650.json", lambda m: {**m, "model_config": {**m["model_config"], "n_head": 0}}),
-     "meta_000650.json: model_config n_head=0"),
-    (lambda ck: (ck / "model_000650.pt").write_bytes(b"PK\x03\x04 truncated"), "model_000650.pt: cannot read"),
-    (lambda ck: (ck / "tokenizer.pkl").write_bytes(b"\x80\x04\x95garbage"), "tokenizer.pkl: not a pickled"),
-])
+@pytest.mark.parametrize(
+    "corrupt,message",
+    [
+        (lambda ck: (ck / "meta_000650.json").write_text("[]"), "meta_000650.json: nanochat meta is a JSON list"),
+        (
+            lambda ck: _edit_meta(
+                ck / "meta_000650.json", lambda m: {**m, "model_config": {**m["model_config"], "n_head": 0}}
+            ),
+            "meta_000650.json: model_config n_head=0",
+        ),
+        (lambda ck: (ck / "model_000650.pt").write_bytes(b"PK\x03\x04 truncated"), "model_000650.pt: cannot read"),
+        (lambda ck: (ck / "tokenizer.pkl").write_bytes(b"\x80\x04\x95garbage"), "tokenizer.pkl: not a pickled"),
+    ],
+)
 def test_corrupt_nanochat_files(nanochat_dir, tmp_path, capsys, corrupt, message):
     corrupt(nanochat_dir)
     err = _one_line_error(capsys, ["import-nanochat", str(nanochat_dir), "--base-dir", str(tmp_path / "rc")])

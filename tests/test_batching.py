@@ -1,13 +1,14 @@
 """Continuous batching (rustchat.batching): every request gives exactly the tokens Engine.generate
 gives for it alone, whatever else shares its forward passes; slots free when requests end or
 are cancelled; calculator tokens are forced per row; top_p sampling keeps the nucleus only."""
+
 import queue
 import random
 
 import pytest
 import torch
 
-from rustchat.batching import BatchScheduler, GenRequest, SlotKVCache
+from rustchat.batching import BatchScheduler, GenRequest
 from rustchat.common import RustchatError
 from rustchat.engine import Engine
 from rustchat.sampling import sample_next
@@ -80,11 +81,16 @@ def test_batched_requests_equal_engine_alone(engine):
     rng.seed(seed)
     requests = []
     for i in range(14):  # more requests than slots: some wait, slots are reused and rows move
-        settings = ([dict(temperature=0.0, top_k=None), dict(temperature=1.0, top_k=20),
-                               dict(temperature=0.7, top_k=None),
-                               # unseeded: the scheduler's shared draw; a top_p this small keeps
-                               # only the top token, so the reply is the greedy one
-                               dict(temperature=1.0, top_k=None, top_p=1e-6, seed=None)])[i % 4]
+        settings = (
+            [
+                dict(temperature=0.0, top_k=None),
+                dict(temperature=1.0, top_k=20),
+                dict(temperature=0.7, top_k=None),
+                # unseeded: the scheduler's shared draw; a top_p this small keeps
+                # only the top token, so the reply is the greedy one
+                dict(temperature=1.0, top_k=None, top_p=1e-6, seed=None),
+            ]
+        )[i % 4]
         prompt = [rng.randrange(256) for _ in range(rng.randint(1, 50))]
         requests.append((prompt, {"max_tokens": rng.randint(1, 30), "seed": rng.randrange(1000), **settings}))
     scheduler = BatchScheduler(engine, max_batch=4)
@@ -224,8 +230,13 @@ def test_a_failing_row_fails_alone(engine):
     # the others never reach position 80 (prompt <= 40 + 30 tokens); the poisoned row's prompt of
     # 77 (positions 0..76) does when its fourth token is fed: it fails on drawing its fifth
     settings = [dict(temperature=0.0, top_k=None), dict(temperature=1.0, top_k=20), dict(temperature=0.7, top_k=None)]
-    requests = [([rng.randrange(256) for _ in range(rng.randint(1, 40))],
-                 {"max_tokens": rng.randint(5, 30), "seed": rng.randrange(1000), **settings[i % 3]}) for i in range(7)]
+    requests = [
+        (
+            [rng.randrange(256) for _ in range(rng.randint(1, 40))],
+            {"max_tokens": rng.randint(5, 30), "seed": rng.randrange(1000), **settings[i % 3]},
+        )
+        for i in range(7)
+    ]
     # a poisoned prompt whose greedy reply alone runs past 4 tokens (a drawn stop token would end it first)
     for _ in range(100):
         poisoned_prompt = [rng.randrange(256) for _ in range(77)]
@@ -261,15 +272,22 @@ def denormals_kept():
 
 
 @pytest.mark.usefixtures("denormals_kept")
-@pytest.mark.parametrize("settings", [dict(temperature=1e-300), dict(temperature=1.0, top_p=1e-300),
-                                      dict(temperature=1.0, top_p=1e-46), dict(temperature=5e-324, top_p=5e-324)])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(temperature=1e-300),
+        dict(temperature=1.0, top_p=1e-300),
+        dict(temperature=1.0, top_p=1e-46),
+        dict(temperature=5e-324, top_p=5e-324),
+    ],
+)
 def test_degenerate_settings_sample_greedily(engine, settings):
     """Values that underflow float32 give the greedy reply instead of inf/NaN probabilities."""
     prompt = list(range(10, 30))
     greedy, _ = engine_tokens(engine, prompt, 12, 0.0, None, 0)
     scheduler = BatchScheduler(engine, max_batch=2)
     try:
-        (toks, _, end), = run_all(scheduler, [(prompt, dict(max_tokens=12, seed=5, **settings))])
+        ((toks, _, end),) = run_all(scheduler, [(prompt, dict(max_tokens=12, seed=5, **settings))])
     finally:
         scheduler.close()
     assert toks == greedy and end[0] == "end"

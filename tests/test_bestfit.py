@@ -1,5 +1,6 @@
 """BOS-aligned best-fit packing: the Rust packer and the loader against a plain-Python
 reference of nanochat's algorithm on random documents, exact resume, and the rank split."""
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,11 @@ def _push(packer, docs, first_tag=0):
     offs = [0]
     for d in docs:
         offs.append(offs[-1] + len(d))
-    packer.push(np.array(ids, dtype="<u4").tobytes(), np.array(offs, dtype="<i8").tobytes(),
-                np.arange(first_tag, first_tag + len(docs), dtype="<u8").tobytes())
+    packer.push(
+        np.array(ids, dtype="<u4").tobytes(),
+        np.array(offs, dtype="<i8").tobytes(),
+        np.arange(first_tag, first_tag + len(docs), dtype="<u8").tobytes(),
+    )
 
 
 def test_packer_matches_the_reference_on_random_lengths():
@@ -68,7 +72,7 @@ def test_packer_matches_the_reference_on_random_lengths():
         for _ in range(n_docs):
             start = rng.randrange(1 << 20)  # distinct ids, so a misplaced document shows
             docs.append(list(range(start, start + rng.choice([rng.randint(1, cap), rng.randint(1, 3 * cap)]))))
-        chunks = [docs[i:i + chunk] for i in range(0, n_docs, chunk)]
+        chunks = [docs[i : i + chunk] for i in range(0, n_docs, chunk)]
         n_rows = rng.randint(1, 30)
         want, cropped = reference_rows(chunks, n_rows, cap, buffer_size)
         p = BestFitPacker(cap, buffer_size)
@@ -97,11 +101,13 @@ def shards(tmp_path):
     rnd = random.Random()
     groups = []  # documents per row group, in file order
     for i in range(3):
-        docs = [" ".join(rnd.choice(WORDS) for _ in range(rnd.choice([rnd.randint(0, 12), rnd.randint(1, 90)])))
-                for _ in range(rnd.randint(20, 50))]
+        docs = [
+            " ".join(rnd.choice(WORDS) for _ in range(rnd.choice([rnd.randint(0, 12), rnd.randint(1, 90)])))
+            for _ in range(rnd.randint(20, 50))
+        ]
         size = rnd.randint(5, 12)
         pq.write_table(pa.table({"text": docs}), tmp_path / f"shard_{i:05d}.parquet", row_group_size=size)
-        groups += [docs[k:k + size] for k in range(0, len(docs), size)]
+        groups += [docs[k : k + size] for k in range(0, len(docs), size)]
     return tmp_path, groups
 
 
@@ -123,7 +129,7 @@ def _chunks(tok, groups, refill, rank=0, world=1, epochs=4):
                 continue
             ids = [[tok.bos_token_id] + tok.encode_ordinary(d) for d in docs]
             for k in range(0, len(ids), refill):
-                yield ids[k:k + refill]
+                yield ids[k : k + refill]
 
 
 @pytest.mark.parametrize("world", [1, 2])
@@ -133,13 +139,21 @@ def test_loader_matches_the_reference_and_rows_start_at_bos(tok, shards, world):
     B, T = rng.randint(1, 4), rng.randint(8, 40)
     buffer_docs, refill = rng.randint(1, 30), rng.randint(1, 9)
     rank = rng.randrange(world)
-    loader = BestFitLoader(tok, DocumentSource.from_paths([d]), B, T, buffer_docs=buffer_docs,
-                           refill_docs=refill, rank=rank, world_size=world)
+    loader = BestFitLoader(
+        tok,
+        DocumentSource.from_paths([d]),
+        B,
+        T,
+        buffer_docs=buffer_docs,
+        refill_docs=refill,
+        rank=rank,
+        world_size=world,
+    )
     n = 12
     got = _take(loader, n)
     want, cropped = reference_rows(_chunks(tok, groups, refill, rank, world), n * B, T + 1, buffer_docs)
     for j, (x, y, _) in enumerate(got):
-        rows = want[j * B:(j + 1) * B]
+        rows = want[j * B : (j + 1) * B]
         assert x.tolist() == [r[:-1] for r in rows] and y.tolist() == [r[1:] for r in rows]
         assert (x[:, 0] == tok.bos_token_id).all()  # every row starts at a document
     assert loader.cropped_tokens == cropped and 0 <= loader.crop_share() < 1
@@ -156,7 +170,7 @@ def test_resume_gives_the_same_batches(tok, shards):
         state = json.loads(json.dumps(full[j][2]))  # as a checkpoint stores it
         assert state["packing"] == "bos_bestfit" and state["buffer"]
         resumed = _take(BestFitLoader(tok, src, B, T, state=state, **kw), 15 - j)
-        for (x1, y1, s1), (x2, y2, s2) in zip(full[j + 1:], resumed):
+        for (x1, y1, s1), (x2, y2, s2) in zip(full[j + 1 :], resumed):
             assert (x1 == x2).all() and (y1 == y2).all() and s1 == s2
 
 

@@ -1,5 +1,5 @@
 """Checkpoint round trip, atomic writes, safe loading, nanochat import."""
-import json
+
 import os
 import random
 import sys
@@ -147,8 +147,9 @@ def test_meta_rejects_non_json(tmp_path):
 # nanochat import
 
 
-@pytest.mark.parametrize("padded_rows,prefix,wte_dtype", [(300, "", torch.float32),
-                                                          (320, "_orig_mod.", torch.bfloat16)])
+@pytest.mark.parametrize(
+    "padded_rows,prefix,wte_dtype", [(300, "", torch.float32), (320, "_orig_mod.", torch.bfloat16)]
+)
 def test_nanochat_import_matches_reference(tmp_path, padded_rows, prefix, wte_dtype):
     sd, cfg = fake_nanochat_dir(tmp_path, padded_rows, prefix, wte_dtype)
     model, meta = import_nanochat_model(tmp_path)

@@ -3,6 +3,7 @@
 few-shot, prompts longer than the context), CORE by hand, `rustchat eval -i base --core`
 end to end (table, CSV, report, 1 process == 2 gloo processes), malformed bundles, and the
 bundle download (checksum, zip check, lock, offline message)."""
+
 import copy
 import csv
 import hashlib
@@ -26,8 +27,7 @@ from rustchat.checkpoint import save_checkpoint, stage_dir
 from rustchat.cli import main
 from rustchat.common import RustchatError
 from rustchat.core_bundle import ensure_bundle, load_bundle, load_examples
-from rustchat.core_eval import (CoreResult, TaskScore, core_csv, core_metric, encode_example, evaluate_core,
-                                subsample, task_verdicts)
+from rustchat.core_eval import CoreResult, TaskScore, core_csv, core_metric, encode_example, subsample, task_verdicts
 from rustchat.model import GPT, GPTConfig
 
 SUBJECTS = ["the cat", "a dog", "my bird", "his fish", "our cow", "that fox"]
@@ -66,8 +66,13 @@ def schema_rows(rng, n):
     for _ in range(n):
         s, v = _pairs(rng)
         subjects = rng.sample(range(len(SUBJECTS)), 3)
-        rows.append({"context_options": [f"{SUBJECTS[k]} {VERBS[v]}" for k in subjects],
-                     "continuation": f"the {obj_of(s, v)}.", "gold": rng.randrange(3)})
+        rows.append(
+            {
+                "context_options": [f"{SUBJECTS[k]} {VERBS[v]}" for k in subjects],
+                "continuation": f"the {obj_of(s, v)}.",
+                "gold": rng.randrange(3),
+            }
+        )
     return rows
 
 
@@ -102,8 +107,10 @@ def make_bundle(root: Path, seed: int, n: int = 30) -> Path:
         with open(root / "eval_data" / uri, "w", encoding="utf-8") as f:
             for row in maker(rng, n):
                 f.write(json.dumps(row) + "\n")
-        icl.append(f"- label: {label}\n  dataset_uri: {uri}\n  num_fewshot: [{shots}]\n"
-                   f"  icl_task_type: {kind}\n  continuation_delimiter: {json.dumps(delim)}\n")
+        icl.append(
+            f"- label: {label}\n  dataset_uri: {uri}\n  num_fewshot: [{shots}]\n"
+            f"  icl_task_type: {kind}\n  continuation_delimiter: {json.dumps(delim)}\n"
+        )
         meta.append([label, "test", base])
     (root / "core.yaml").write_text("icl_tasks:\n" + "".join(icl))
     with open(root / "eval_meta_data.csv", "w", newline="") as f:
@@ -129,8 +136,7 @@ def tiny(tmp_path_factory):
     tok = Tokenizer.train(text, vocab_size=300)
     tok.save(base / "tokenizer")
     torch.manual_seed(random.randrange(1 << 30))
-    model = GPT(GPTConfig.from_depth(2, vocab_size=tok.vocab_size, sequence_len=CONTEXT, aspect_ratio=32,
-                                     head_dim=16))
+    model = GPT(GPTConfig.from_depth(2, vocab_size=tok.vocab_size, sequence_len=CONTEXT, aspect_ratio=32, head_dim=16))
     with torch.no_grad():
         for p in model.transformer.h.parameters():
             p.normal_(0, 0.05)
@@ -138,8 +144,8 @@ def tiny(tmp_path_factory):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for step in range(40):
         starts = [rng.randrange(len(stream) - CONTEXT - 1) for _ in range(8)]
-        x = torch.tensor([stream[s: s + CONTEXT] for s in starts])
-        y = torch.tensor([stream[s + 1: s + CONTEXT + 1] for s in starts])
+        x = torch.tensor([stream[s : s + CONTEXT] for s in starts])
+        y = torch.tensor([stream[s + 1 : s + CONTEXT + 1] for s in starts])
         loss = model(x, y)
         loss.backward()
         opt.step()
@@ -155,8 +161,12 @@ def bundle(tiny, tmp_path_factory):
     tok, model, _ = tiny
     root = make_bundle(tmp_path_factory.mktemp("core_bundle") / "b", seed=random.randrange(1 << 30), n=20)
     model64 = copy.deepcopy(model).double()
-    ref = {t.label: ref_core.verdicts(model64, tok, t.task_type, load_examples(t), t.num_fewshot,
-                                      t.continuation_delimiter, CONTEXT) for t in load_bundle(root)}
+    ref = {
+        t.label: ref_core.verdicts(
+            model64, tok, t.task_type, load_examples(t), t.num_fewshot, t.continuation_delimiter, CONTEXT
+        )
+        for t in load_bundle(root)
+    }
     return root, ref
 
 
@@ -179,8 +189,9 @@ def test_max_per_task_takes_the_seeded_shuffle_and_batching_does_not_matter(tiny
     for task in load_bundle(bundle[0]):
         data = subsample(load_examples(task), 9)
         ours = task_verdicts(model, tok, task, data, 1)  # one example per forward
-        ref, _ = ref_core.verdicts(model64, tok, task.task_type, load_examples(task), task.num_fewshot,
-                                   task.continuation_delimiter, CONTEXT, 9)
+        ref, _ = ref_core.verdicts(
+            model64, tok, task.task_type, load_examples(task), task.num_fewshot, task.continuation_delimiter, CONTEXT, 9
+        )
         assert ours == ref, task.label
 
 
@@ -200,17 +211,20 @@ def test_core_by_hand():
     # (acc - b) / (1 - b): 0.5 at 25% -> 1/3, 0.8 at 0% -> 0.8, 0.3 at 50% -> -0.4; mean 0.24444
     from rustchat.scoring import centered
 
-    scores = [TaskScore("a", "multiple_choice", 0, 4, 0.5, centered(0.5, 0.25), 1.0),
-              TaskScore("b", "language_modeling", 0, 5, 0.8, centered(0.8, 0.0), 1.0),
-              TaskScore("c", "schema", 0, 10, 0.3, centered(0.3, 0.5), 1.0)]
+    scores = [
+        TaskScore("a", "multiple_choice", 0, 4, 0.5, centered(0.5, 0.25), 1.0),
+        TaskScore("b", "language_modeling", 0, 5, 0.8, centered(0.8, 0.0), 1.0),
+        TaskScore("c", "schema", 0, 10, 0.3, centered(0.3, 0.5), 1.0),
+    ]
     res = CoreResult(scores, seconds=2.0)
     assert res.core == pytest.approx((1 / 3 + 0.8 - 0.4) / 3, abs=1e-12)
     assert core_metric([1.0, 0.0]) == 0.5
     lines = core_csv(res).splitlines()
     assert lines[0].split(",")[0].strip() == "Task" and len(lines) == 5
     assert lines[1].split(", ")[0].strip() == "a" and float(lines[1].split(",")[2]) == pytest.approx(1 / 3, abs=1e-6)
-    assert lines[-1].split(",")[0].strip() == "CORE" and float(lines[-1].split(",")[2]) == pytest.approx(0.244444,
-                                                                                                           abs=1e-6)
+    assert lines[-1].split(",")[0].strip() == "CORE" and float(lines[-1].split(",")[2]) == pytest.approx(
+        0.244444, abs=1e-6
+    )
     assert res.examples == 19 and res.examples_per_s == pytest.approx(9.5)
 
 
@@ -225,12 +239,29 @@ def _read_csv(path):
 def test_rustchat_eval_core_end_to_end(tiny, bundle, capsys):
     tok, model, base = tiny
     root, ref = bundle
-    rc = main(["eval", "-i", "base", "--core", "--bundle", str(root), "--max-per-task", "20", "--base-dir",
-               str(base), "--device", "cpu", "--quiet"])
+    rc = main(
+        [
+            "eval",
+            "-i",
+            "base",
+            "--core",
+            "--bundle",
+            str(root),
+            "--max-per-task",
+            "20",
+            "--base-dir",
+            str(base),
+            "--device",
+            "cpu",
+            "--quiet",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "| Task | Type | Shots | Problems | Accuracy | Centered |" in out
-    assert "| mc_long_prompts | multiple_choice | 5 | 20 |" in out and "| lm_objects | language_modeling | 2 | 20 |" in out
+    assert (
+        "| mc_long_prompts | multiple_choice | 5 | 20 |" in out and "| lm_objects | language_modeling | 2 | 20 |" in out
+    )
     assert "examples/s" in out
     got = _read_csv(base / "base_eval" / "base_model_d2_000040.csv")
     # by hand, from the reference's verdicts and the bundle's baselines (20 examples: all of them)
@@ -256,9 +287,30 @@ def test_two_gloo_processes_give_the_same_core(tiny, tmp_path):
         for name in ("tokenizer", "base_checkpoints"):
             os.symlink(base / name, d / name)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-        r = subprocess.run([sys.executable, "-m", "rustchat.cli", "eval", "-i", "base", "--core", "--bundle",
-                            str(bundle), "--base-dir", str(d), "--device", "cpu", "--quiet", "--nproc", str(nproc)],
-                           capture_output=True, text=True, env=env, timeout=600)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "rustchat.cli",
+                "eval",
+                "-i",
+                "base",
+                "--core",
+                "--bundle",
+                str(bundle),
+                "--base-dir",
+                str(d),
+                "--device",
+                "cpu",
+                "--quiet",
+                "--nproc",
+                str(nproc),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         results.append((d / "base_eval" / "base_model_d2_000040.csv").read_text())
     assert results[0] == results[1]
@@ -303,8 +355,18 @@ def _break(bundle: Path, how: str) -> str:
     raise AssertionError(how)
 
 
-BREAKS = ["no core.yaml", "bad type", "no label", "missing data", "no baseline", "bad baseline", "bad json",
-          "gold out of range", "missing field", "too few examples"]
+BREAKS = [
+    "no core.yaml",
+    "bad type",
+    "no label",
+    "missing data",
+    "no baseline",
+    "bad baseline",
+    "bad json",
+    "gold out of range",
+    "missing field",
+    "too few examples",
+]
 
 
 @pytest.mark.parametrize("how", BREAKS)
@@ -312,8 +374,9 @@ def test_malformed_bundles_get_one_line_errors(tiny, tmp_path, capsys, how):
     _, _, base = tiny
     bundle = make_bundle(tmp_path / "b", seed=1, n=30)
     needle = _break(bundle, how)
-    rc = main(["eval", "-i", "base", "--core", "--bundle", str(bundle), "--base-dir", str(base), "--device", "cpu",
-               "--quiet"])
+    rc = main(
+        ["eval", "-i", "base", "--core", "--bundle", str(bundle), "--base-dir", str(base), "--device", "cpu", "--quiet"]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("rustchat: error: ") and err.count("\n") == 1, err
     assert needle in err, err
@@ -373,4 +436,3 @@ def test_download_refuses_a_corrupt_zip_and_explains_offline(tmp_path, monkeypat
     msg = str(e.value)
     assert "could not download" in msg and "--bundle" in msg and str(tmp_path / "base" / "eval_bundle") in msg
     assert "\n" not in msg
-

@@ -2,6 +2,7 @@
 one process, each rank holds about 1/world of the state, and a checkpoint written by one
 world size resumes on another (the multi-process test is marked slow: start-up of 6 processes);
 data cursors across a change of world size."""
+
 import contextlib
 import os
 import socket
@@ -46,8 +47,13 @@ def _train(model, opts, start, stop, rank, world, save_dir=None):
     per = ROWS // world
     for step in range(start, stop):
         x, y = _batch(step)
-        train_step(model, opts, [(x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per])],
-                   torch.device("cpu"), contextlib.nullcontext)
+        train_step(
+            model,
+            opts,
+            [(x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per])],
+            torch.device("cpu"),
+            contextlib.nullcontext,
+        )
         if save_dir is not None and step + 1 == SAVE_AT:
             save_checkpoint(save_dir, SAVE_AT, model, opts, {}, rank=rank)
             if torch.distributed.is_initialized():
@@ -65,8 +71,9 @@ def _resume(ckpt_dir, recipe, rank, world):
 
 
 def _state_tensor_bytes(opts):
-    return sum(t.numel() * t.element_size() for o in opts for st in o.state.values() for t in st.values()
-               if torch.is_tensor(t))
+    return sum(
+        t.numel() * t.element_size() for o in opts for st in o.state.values() for t in st.values() if torch.is_tensor(t)
+    )
 
 
 def _worker(rank, world, port, out_dir, resume_from):
@@ -81,8 +88,11 @@ def _worker(rank, world, port, out_dir, resume_from):
             model = _fresh_model()
             opts = model.setup_optimizers(recipe=recipe, weight_decay=0.1)
             _train(model, opts, 0, STEPS, rank, world, save_dir=os.path.join(out_dir, f"ckpt{world}_{recipe}"))
-            out[recipe] = {"params": [p.detach().clone() for p in model.parameters()],
-                           "bytes": _state_tensor_bytes(opts), "predicted": optimizer_state_bytes(opts)}
+            out[recipe] = {
+                "params": [p.detach().clone() for p in model.parameters()],
+                "bytes": _state_tensor_bytes(opts),
+                "predicted": optimizer_state_bytes(opts),
+            }
             if resume_from:
                 resumed = _resume(os.path.join(out_dir, f"ckpt{resume_from}_{recipe}"), recipe, rank, world)
                 out[recipe]["resumed"] = [p.detach().clone() for p in resumed.parameters()]
@@ -116,15 +126,19 @@ def test_two_and_four_ranks_match_one_and_resume_across_world_sizes():
             model = _fresh_model()
             opts = model.setup_optimizers(recipe=recipe, weight_decay=0.1)
             _train(model, opts, 0, STEPS, 0, 1, save_dir=os.path.join(d, f"ckpt1_{recipe}"))
-            single[recipe] = {"params": [p.detach().clone() for p in model.parameters()],
-                              "bytes": _state_tensor_bytes(opts)}
+            single[recipe] = {
+                "params": [p.detach().clone() for p in model.parameters()],
+                "bytes": _state_tensor_bytes(opts),
+            }
             assert optimizer_state_bytes(opts) == single[recipe]["bytes"]
         # 2 ranks resume the 1-rank checkpoint, 4 ranks the 2-rank one, 1 rank the 4-rank one
         for world, resume_from in ((2, 1), (4, 2)):
-            mp.start_processes(_worker, args=(world, _free_port(), d, resume_from), nprocs=world, join=True,
-                               start_method="spawn")
-        runs = {w: [torch.load(os.path.join(d, f"w{w}_rank{r}.pt"), weights_only=True) for r in range(w)]
-                for w in (2, 4)}
+            mp.start_processes(
+                _worker, args=(world, _free_port(), d, resume_from), nprocs=world, join=True, start_method="spawn"
+            )
+        runs = {
+            w: [torch.load(os.path.join(d, f"w{w}_rank{r}.pt"), weights_only=True) for r in range(w)] for w in (2, 4)
+        }
         for recipe in RECIPES:
             want = single[recipe]["params"]
             for w, ranks in runs.items():
@@ -152,8 +166,16 @@ def test_data_cursors_move_to_another_world_size(old_world, new_world):
     from rustchat.trainer import data_state_for_rank
 
     g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
-    old = [dict(file=int(torch.randint(0, 3, (), generator=g)), group=int(torch.randint(0, 50, (), generator=g)),
-                doc=3, skip=7, epoch=1) for _ in range(old_world)]
+    old = [
+        dict(
+            file=int(torch.randint(0, 3, (), generator=g)),
+            group=int(torch.randint(0, 50, (), generator=g)),
+            doc=3,
+            skip=7,
+            epoch=1,
+        )
+        for _ in range(old_world)
+    ]
     meta = {"data_states": old}
     new = [data_state_for_rank(meta, r, new_world, PretrainLoader.reshard) for r in range(new_world)]
     last = max((s["epoch"], s["file"], s["group"]) for s in old)

@@ -1,5 +1,6 @@
 """Inference engine: KV-cache generation equals full recomputation (also after fan-out), seeded
 sampling, top-k, stop tokens, max_tokens, the calculator tool and the completion parser."""
+
 import pytest
 import torch
 
@@ -16,7 +17,7 @@ from rustchat.model import GPT, GPTConfig
 @pytest.fixture(scope="module")
 def tok(corpus):
     text = corpus["code"][:200_000]
-    return rustchat.Tokenizer.train([text[i:i + 5000] for i in range(0, len(text), 5000)], vocab_size=512)
+    return rustchat.Tokenizer.train([text[i : i + 5000] for i in range(0, len(text), 5000)], vocab_size=512)
 
 
 def random_gpt(tok, seed=0, dtype=torch.float64):
@@ -146,8 +147,11 @@ def test_calculator_output_is_forced(tok):
     for t in toks[0]:
         parser.feed(t)
     parser.flush()
-    assert parser.content() == [{"type": "python", "text": "2+3"}, {"type": "python_output", "text": "5"},
-                                {"type": "text", "text": "#"}]
+    assert parser.content() == [
+        {"type": "python", "text": "2+3"},
+        {"type": "python_output", "text": "5"},
+        {"type": "text", "text": "#"},
+    ]
     events = list(stream_reply(engine, prompt, max_tokens=40, temperature=0.0))
     assert events == [("tool", format_tool_call("2+3", "5")), ("text", "#")]
     assert format_tool_call("2+3", "5") == "[calculator: 2+3 -> 5]"

@@ -1,5 +1,6 @@
 """Evaluation: letter scoring at the answer position, ChatCORE, HumanEval through the sampling
 path, and `rustchat eval` / `rustchat chat` end to end on a tiny checkpoint."""
+
 import math
 import random
 
@@ -22,7 +23,7 @@ from rustchat.tasks.base import Task, render_mc
 @pytest.fixture(scope="module")
 def tok(corpus):
     text = corpus["code"][:200_000]
-    return rustchat.Tokenizer.train([text[i:i + 5000] for i in range(0, len(text), 5000)], vocab_size=512)
+    return rustchat.Tokenizer.train([text[i : i + 5000] for i in range(0, len(text), 5000)], vocab_size=512)
 
 
 class ListTask(Task):
@@ -65,15 +66,24 @@ class AnswerPositionModel(torch.nn.Module):
 
 def mc_conv(question, answer, n_choices=4):
     letters = list("ABCD")[:n_choices]
-    return {"messages": [{"role": "user", "content": render_mc(question, letters, [f"choice {l}" for l in letters])},
-                         {"role": "assistant", "content": answer}], "letters": letters}
+    return {
+        "messages": [
+            {"role": "user", "content": render_mc(question, letters, [f"choice {l}" for l in letters])},
+            {"role": "assistant", "content": answer},
+        ],
+        "letters": letters,
+    }
 
 
 def test_categorical_picks_argmax_letter_at_answer_position(tok):
     model = AnswerPositionModel(tok)
     # different prompt lengths in one padded batch: the answer position differs per row
-    convs = [mc_conv("Short?", "C"), mc_conv("A much longer question " * 6 + "?", "A"),
-             mc_conv("Which one?", "C", n_choices=3), mc_conv("Two only?", "A", n_choices=2)]
+    convs = [
+        mc_conv("Short?", "C"),
+        mc_conv("A much longer question " * 6 + "?", "A"),
+        mc_conv("Which one?", "C", n_choices=3),
+        mc_conv("Two only?", "A", n_choices=2),
+    ]
     task = ListTask(convs, "categorical", "MC")
     # rows 0, 2: C wins among the letters (Z is not one); row 1: answer A is wrong;
     # row 3: letters A, B only -> A (4.0 > 1.0) is right
@@ -100,13 +110,16 @@ def test_humaneval_through_the_sampling_path(tok):
     conv = task[0]
     prompt_len = len(render_for_completion(tok, conv))
     correct = conv["messages"][1]["content"]  # prompt + canonical solution
-    body = "\n".join(l for l in correct[len(conv["prompt"]):].splitlines())
+    body = "\n".join(l for l in correct[len(conv["prompt"]) :].splitlines())
     wrong = conv["prompt"] + "    return " + ("None" if "return None" not in body else "0") + "\n"
     looping = conv["prompt"] + "    while True:\n        pass\n"
     results = {}
     for name, reply in (("correct", correct), ("wrong", wrong), ("loop", looping)):
         script = tok.encode_ordinary(reply)
-        engine = Engine(ScriptedModel(tok.vocab_size, prompt_len, script, tok.encode_special("<|assistant_end|>"), seq_len=1024), tok)
+        engine = Engine(
+            ScriptedModel(tok.vocab_size, prompt_len, script, tok.encode_special("<|assistant_end|>"), seq_len=1024),
+            tok,
+        )
         results[name] = generative_accuracy(engine, task, max_new_tokens=len(script) + 4, temperature=0.0)
     assert results == {"correct": (1, 1), "wrong": (0, 1), "loop": (0, 1)}
 
@@ -123,7 +136,9 @@ def test_generative_pass_at_n_and_calculator_in_the_loop(tok):
         seen.append(completion)
         return completion.endswith("5")
 
-    engine = Engine(ScriptedModel(tok.vocab_size, prompt_len, script, tok.encode_special("<|assistant_end|>"), seq_len=1024), tok)
+    engine = Engine(
+        ScriptedModel(tok.vocab_size, prompt_len, script, tok.encode_special("<|assistant_end|>"), seq_len=1024), tok
+    )
     task = ListTask([conv], evaluate=evaluate)
     assert generative_accuracy(engine, task, num_samples=3, batch_size=2, max_new_tokens=20, temperature=0.0) == (1, 1)
     assert seen == ["2+35"]  # python part + forced output, joined like assistant_text; stops at the first pass
@@ -139,8 +154,9 @@ def test_greedy_eval_batches_prompts_of_any_length_without_changing_replies(tok)
     engine = Engine(GPT(cfg).eval(), tok)
     rng = random.Random(seed)
     words = ["".join(rng.choice("abcdefghij klmnop") for _ in range(rng.randint(1, 30))) for _ in range(11)]
-    convs = [{"messages": [{"role": "user", "content": f"spell {w}"}, {"role": "assistant", "content": w}]}
-             for w in words]
+    convs = [
+        {"messages": [{"role": "user", "content": f"spell {w}"}, {"role": "assistant", "content": w}]} for w in words
+    ]
     seen: dict[int, list[str]] = {}
 
     def record(conv, completion):
@@ -148,8 +164,7 @@ def test_greedy_eval_batches_prompts_of_any_length_without_changing_replies(tok)
         return len(completion) % 2 == 0
 
     task = ListTask(convs, evaluate=record)
-    runs = [generative_accuracy(engine, task, batch_size=b, max_new_tokens=30)
-            for b in (1, 4, 64)]
+    runs = [generative_accuracy(engine, task, batch_size=b, max_new_tokens=30) for b in (1, 4, 64)]
     # num_samples=2 takes the per-problem path (Engine.generate alone); its first reply is greedy
     per_problem = generative_accuracy(engine, task, num_samples=2, batch_size=1, max_new_tokens=30)
     lengths = {len(render_for_completion(tok, c)) for c in convs}
@@ -179,8 +194,22 @@ def test_rustchat_eval_end_to_end(base_dir, monkeypatch, capsys):
     from rustchat.cli import main
 
     monkeypatch.setenv("RUSTCHAT_BASE_DIR", str(base_dir))
-    rc = main(["eval", "-i", "sft", "--tasks", "tiny", "--max-problems", "3", "--max-new-tokens", "8",
-               "--device", "cpu", "--quiet"])
+    rc = main(
+        [
+            "eval",
+            "-i",
+            "sft",
+            "--tasks",
+            "tiny",
+            "--max-problems",
+            "3",
+            "--max-new-tokens",
+            "8",
+            "--device",
+            "cpu",
+            "--quiet",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "| Task | Type | Problems | Accuracy | Centered |" in out
@@ -190,8 +219,16 @@ def test_rustchat_eval_end_to_end(base_dir, monkeypatch, capsys):
     assert "## eval" in report and "Arithmetic" in report and "ChatCORE" in report
 
     # the contract speedrun relies on
-    cfg = EvalConfig(source="sft", depth=2, device="cpu", base_dir=str(base_dir), tasks="tiny", max_problems=2,
-                     max_new_tokens=4, quiet=True)
+    cfg = EvalConfig(
+        source="sft",
+        depth=2,
+        device="cpu",
+        base_dir=str(base_dir),
+        tasks="tiny",
+        max_problems=2,
+        max_new_tokens=4,
+        quiet=True,
+    )
     res = run_eval(cfg)
     assert set(res) == {"Arithmetic", "SpellingBee", "SimpleSpelling", "Identity", "ChatCORE"}
     assert all(0.0 <= res[k] <= 1.0 for k in ("Arithmetic", "SpellingBee", "SimpleSpelling", "Identity"))
@@ -200,8 +237,21 @@ def test_rustchat_eval_end_to_end(base_dir, monkeypatch, capsys):
 def test_rustchat_eval_base_bits_per_byte(base_dir, capsys):
     from rustchat.cli import main
 
-    rc = main(["eval", "-i", "base", "--base-dir", str(base_dir), "--data-dir", str(base_dir / "val"),
-               "--device", "cpu", "--bpb-tokens", "2000"])
+    rc = main(
+        [
+            "eval",
+            "-i",
+            "base",
+            "--base-dir",
+            str(base_dir),
+            "--data-dir",
+            str(base_dir / "val"),
+            "--device",
+            "cpu",
+            "--bpb-tokens",
+            "2000",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "val bits/byte" in out
     bpb = float(out.split("val bits/byte ")[1].split()[0])
@@ -223,8 +273,9 @@ def test_rustchat_eval_errors_are_one_line(base_dir, capsys):
 def test_rustchat_chat_one_prompt(base_dir, capsys):
     from rustchat.cli import main
 
-    rc = main(["chat", "--base-dir", str(base_dir), "--device", "cpu", "-p", "hello", "--max-tokens", "6",
-               "--seed", "1"])
+    rc = main(
+        ["chat", "--base-dir", str(base_dir), "--device", "cpu", "-p", "hello", "--max-tokens", "6", "--seed", "1"]
+    )
     assert rc == 0
     assert capsys.readouterr().out.endswith("\n")
 
@@ -235,15 +286,28 @@ def test_chat_session_history_and_tool_display(tok):
     sp = tok.encode_special
     first = [{"role": "user", "content": "what is 6*7?"}, {"role": "assistant", "content": ""}]
     prompt_len = len(render_for_completion(tok, {"messages": first}))
-    script = [*tok.encode_ordinary("ok "), sp("<|python_start|>"), *tok.encode_ordinary("6*7"), sp("<|python_end|>"),
-              0, 0, 0, 0]
-    engine = Engine(ScriptedModel(tok.vocab_size, prompt_len, script, tok.encode_special("<|assistant_end|>"), seq_len=1024), tok)
+    script = [
+        *tok.encode_ordinary("ok "),
+        sp("<|python_start|>"),
+        *tok.encode_ordinary("6*7"),
+        sp("<|python_end|>"),
+        0,
+        0,
+        0,
+        0,
+    ]
+    engine = Engine(
+        ScriptedModel(tok.vocab_size, prompt_len, script, tok.encode_special("<|assistant_end|>"), seq_len=1024), tok
+    )
     session = ChatSession(engine, temperature=0.0, max_tokens=30)
     shown = []
     text = session.reply("what is 6*7?", shown.append)
     assert "[calculator: 6*7 -> 42]" in text and text.startswith("ok ")
-    assert session.history[1]["content"] == [{"type": "text", "text": "ok "}, {"type": "python", "text": "6*7"},
-                                             {"type": "python_output", "text": "42"}]
+    assert session.history[1]["content"] == [
+        {"type": "text", "text": "ok "},
+        {"type": "python", "text": "6*7"},
+        {"type": "python_output", "text": "42"},
+    ]
     # the next turn renders the whole history, tool call included
     conv = {"messages": session.history + [{"role": "user", "content": "thanks"}, {"role": "assistant", "content": ""}]}
     ids = render_for_completion(tok, conv).tolist()

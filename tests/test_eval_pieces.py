@@ -1,4 +1,5 @@
 """Model-free evaluation pieces: the calculator tool, the sandboxed HumanEval runner, scoring."""
+
 import random
 import re
 import string
@@ -65,14 +66,56 @@ def test_calculator_count(rng):
     assert calculate("'strawberry'.count('r')") == "3"
 
 
-@pytest.mark.parametrize("expr", [
-    "x + 1", "__import__('os').system('echo hi')", "open('/etc/passwd').read()", "abs(-1)", "'a'.upper()",
-    "'a'.__class__", "(1).real", "'ab'.count('a', 1)", "'ab'.count(x)", "s.count('a')", "'a' * 3", "'a' + 'b'",
-    "lambda: 1", "[x for x in range(3)]", "{1: 2}", "[1, 2]", "(1, 2)", "1 if 1 else 2", "1 < 2", "not 1",
-    "True + 1", "None", "1j * 2", "~1", "1 << 3", "1 & 3", "import os", "x = 1", "9**9**9", "2**100000",
-    "10**5000", "(2**4000) * (2**4000)", "1/0", "5 % 0", "1e308 * 10", "(-8) ** 0.5", "", "1 +", "a" * 2000,
-    "f'{1}'", "b'x'.count(b'x')", "...", "(lambda: 1)()", "__builtins__", "(" * 400 + "1" + ")" * 400,
-])
+@pytest.mark.parametrize(
+    "expr",
+    [
+        "x + 1",
+        "__import__('os').system('echo hi')",
+        "open('/etc/passwd').read()",
+        "abs(-1)",
+        "'a'.upper()",
+        "'a'.__class__",
+        "(1).real",
+        "'ab'.count('a', 1)",
+        "'ab'.count(x)",
+        "s.count('a')",
+        "'a' * 3",
+        "'a' + 'b'",
+        "lambda: 1",
+        "[x for x in range(3)]",
+        "{1: 2}",
+        "[1, 2]",
+        "(1, 2)",
+        "1 if 1 else 2",
+        "1 < 2",
+        "not 1",
+        "True + 1",
+        "None",
+        "1j * 2",
+        "~1",
+        "1 << 3",
+        "1 & 3",
+        "import os",
+        "x = 1",
+        "9**9**9",
+        "2**100000",
+        "10**5000",
+        "(2**4000) * (2**4000)",
+        "1/0",
+        "5 % 0",
+        "1e308 * 10",
+        "(-8) ** 0.5",
+        "",
+        "1 +",
+        "a" * 2000,
+        "f'{1}'",
+        "b'x'.count(b'x')",
+        "...",
+        "(lambda: 1)()",
+        "__builtins__",
+        "(" * 400 + "1" + ")" * 400,
+    ],
+)
 def test_calculator_refuses(expr):
     # Refused by its limits up front, not after computing for a while (CPU time: a busy
     # machine stalling this process must not fail the test).
@@ -82,6 +125,7 @@ def test_calculator_refuses(expr):
 
 
 # ------------------------------------------------------------------------ HumanEval sandbox
+
 
 def test_sandbox_limits():
     # sys.exit before the tests must not count as a pass
@@ -102,8 +146,13 @@ def test_sandbox_limits():
 
 def test_chatcore(rng):
     accs = {t: rng.random() for t in BASELINES}
-    want = np.mean([(a - (0.25 if t in ("ARC-Easy", "ARC-Challenge", "MMLU") else 0.0))
-                    / (1 - (0.25 if t in ("ARC-Easy", "ARC-Challenge", "MMLU") else 0.0)) for t, a in accs.items()])
+    want = np.mean(
+        [
+            (a - (0.25 if t in ("ARC-Easy", "ARC-Challenge", "MMLU") else 0.0))
+            / (1 - (0.25 if t in ("ARC-Easy", "ARC-Challenge", "MMLU") else 0.0))
+            for t, a in accs.items()
+        ]
+    )
     assert chatcore(accs) == pytest.approx(want)
     assert chatcore({"ARC-Easy": 0.25, "GSM8K": 0.0}) == 0.0
     assert chatcore({"MMLU": 1.0, "HumanEval": 1.0}) == pytest.approx(1.0)
@@ -129,8 +178,9 @@ def test_categorical_pick(rng):
     letters = [5, 17, 3, 99]
     want = [max(range(4), key=lambda i: row[letters[i]]) for row in batch]
     assert categorical_pick(batch, letters) == want
-    assert categorical_pick(torch.from_numpy(batch).to(torch.bfloat16).float(), letters) == \
-        [max(range(4), key=lambda i: float(torch.tensor(row).bfloat16().float()[letters[i]])) for row in batch]
+    assert categorical_pick(torch.from_numpy(batch).to(torch.bfloat16).float(), letters) == [
+        max(range(4), key=lambda i: float(torch.tensor(row).bfloat16().float()[letters[i]])) for row in batch
+    ]
     # the best token overall is not a letter: it must be ignored
     x = np.zeros(10)
     x[0], x[4] = 100.0, 1.0
@@ -146,7 +196,7 @@ def nanochat_answer(text):
 
 def test_answer_extraction_is_nanochats(rng):
     for _ in range(50):
-        n = rng.randint(-10**7, 10**7)
+        n = rng.randint(-(10**7), 10**7)
         text = "".join(rng.choices(string.ascii_letters + " \n", k=20))
         assert extract_answer(f"{text}\n#### {n:,}") == str(n)
         assert gsm8k_correct(f"#### {n}", f"{text} #### {n:,}")
@@ -191,8 +241,18 @@ def nanochat_program(prompt, completion, test, entry_point):
 
 def test_humaneval_program_is_nanochats(rng):
     prompt = "import math\n# helper\nfrom typing import List\n\ndef f(xs: List[int]) -> int:\n    import os\n"
-    pieces = ["```python\n", "```\n", "```Python\n", "```", "\n", "def f(xs):\n", "    return sum(xs)\n",
-              "text ", "```python \n", "    return 1\n"]
+    pieces = [
+        "```python\n",
+        "```\n",
+        "```Python\n",
+        "```",
+        "\n",
+        "def f(xs):\n",
+        "    return sum(xs)\n",
+        "text ",
+        "```python \n",
+        "    return 1\n",
+    ]
     for _ in range(300):
         completion = "".join(rng.choices(pieces, k=rng.randint(0, 8)))
         # our candidate is nanochat's program without the tests (those run in the harness)

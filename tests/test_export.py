@@ -2,6 +2,7 @@
 NanoChat architecture, and `rustchat import-hf` reads it back. Checked against transformers
 itself: logits, tokenizer ids and decoding, the chat template, greedy generation; then the
 round trip into a fresh base dir and an SFT step from it."""
+
 import json
 import random
 
@@ -34,7 +35,17 @@ STEP = 7
 
 
 def _random_text(rng: random.Random, n: int) -> str:
-    alphabet = list("abcdefgh XYZ 0123456789 \n\t.,;'\"-_()[]{}") + ["的", "是", "🎉", "é", "ß", "  ", "\r\n", "'s", "'LL"]
+    alphabet = list("abcdefgh XYZ 0123456789 \n\t.,;'\"-_()[]{}") + [
+        "的",
+        "是",
+        "🎉",
+        "é",
+        "ß",
+        "  ",
+        "\r\n",
+        "'s",
+        "'LL",
+    ]
     return "".join(rng.choice(alphabet) for _ in range(n))
 
 
@@ -49,8 +60,9 @@ def exported(tmp_path_factory, corpus, request):
     tok = Tokenizer.train(texts, vocab_size=900)
     tok.save(base / "tokenizer")
     seq = 64 if request.param == "classic" else 192
-    cfg = GPTConfig(sequence_len=seq, vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
-                    **ARCHS[request.param])
+    cfg = GPTConfig(
+        sequence_len=seq, vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, **ARCHS[request.param]
+    )
     model = GPT(cfg)
     g = torch.Generator().manual_seed(random.randrange(1 << 30))
     with torch.no_grad():
@@ -87,7 +99,9 @@ def test_load_model_returns_fp32_logits(exported):
                 out = m(ids.to(dev))
             assert out.dtype == torch.float32
             # (the 2026 model's value embeddings and lambdas carry more bf16 rounding)
-            torch.testing.assert_close(out.cpu(), logits, atol=0.3 if model.config.arch == "classic" else 0.6, rtol=0.05)
+            torch.testing.assert_close(
+                out.cpu(), logits, atol=0.3 if model.config.arch == "classic" else 0.6, rtol=0.05
+            )
         model.to("cpu")
 
 
@@ -98,8 +112,14 @@ def _load(out, **kw):
 def test_config_is_transformers_builtin_nanochat_or_our_remote_code(exported):
     _, out, ref, _ = exported
     cfg = json.loads((out / "config.json").read_text())
-    assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json",
-                                               "tokenizer_config.json", "chat_template.jinja", "generation_config.json"}
+    assert {p.name for p in out.iterdir()} >= {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "generation_config.json",
+    }
     if ref.config.arch == "classic":
         assert cfg["model_type"] == "nanochat" and "auto_map" not in cfg
         hf = AutoModelForCausalLM.from_pretrained(out)
@@ -138,7 +158,7 @@ def test_tokenizer_ids_and_decoding_match(exported, corpus):
     for text in corpus.values():  # real text, cut at random places
         for _ in range(20):
             a = rng.randrange(len(text))
-            texts.append(text[a:a + rng.randint(1, 2000)])
+            texts.append(text[a : a + rng.randint(1, 2000)])
     texts += ["".join(chr(rng.randint(32, 0x2FFFF)) for _ in range(rng.randint(1, 40))) for _ in range(100)]
     texts = [t.encode("utf-8", "replace").decode("utf-8") for t in texts]  # no lone surrogates
     for text in texts:
@@ -153,14 +173,25 @@ def test_tokenizer_ids_and_decoding_match(exported, corpus):
 CONVERSATIONS = [
     [{"role": "user", "content": "Hi there"}],
     [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is 2+2?"}],
-    [{"role": "system", "content": "Be kind  "}, {"role": "user", "content": " 你好 🎉"},
-     {"role": "assistant", "content": "Hello!\n\n"}, {"role": "user", "content": "again  123456"}],
-    [{"role": "user", "content": "3*7?"},
-     {"role": "assistant", "content": [{"type": "text", "text": "Let me compute. "},
-                                       {"type": "python", "text": "3*7"},
-                                       {"type": "python_output", "text": "21"},
-                                       {"type": "text", "text": " It is 21."}]},
-     {"role": "user", "content": "thanks"}],
+    [
+        {"role": "system", "content": "Be kind  "},
+        {"role": "user", "content": " 你好 🎉"},
+        {"role": "assistant", "content": "Hello!\n\n"},
+        {"role": "user", "content": "again  123456"},
+    ],
+    [
+        {"role": "user", "content": "3*7?"},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "text", "text": "Let me compute. "},
+                {"type": "python", "text": "3*7"},
+                {"type": "python_output", "text": "21"},
+                {"type": "text", "text": " It is 21."},
+            ],
+        },
+        {"role": "user", "content": "thanks"},
+    ],
 ]
 
 
@@ -173,7 +204,10 @@ def test_chat_template_matches_rendering(exported, messages):
     _, out, _, tok = exported
     hf_tok = AutoTokenizer.from_pretrained(out)
     prompt = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    assert _ids(prompt) == render_for_completion(tok, {"messages": messages + [{"role": "assistant", "content": ""}]}).tolist()
+    assert (
+        _ids(prompt)
+        == render_for_completion(tok, {"messages": messages + [{"role": "assistant", "content": ""}]}).tolist()
+    )
     full = messages + [{"role": "assistant", "content": "Sure, 42."}]
     rendered = hf_tok.apply_chat_template(full, tokenize=True)
     assert _ids(rendered) == render_conversation(tok, {"messages": full}, max_tokens=None)[0].tolist()
@@ -200,7 +234,9 @@ def test_greedy_generation_matches_engine(exported):
         ours = engine.generate_batch(prompt, max_tokens=20, temperature=0.0)[0]
         x = torch.tensor([prompt])
         with torch.no_grad():
-            theirs = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=20, do_sample=False)[0, len(prompt):]
+            theirs = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=20, do_sample=False)[
+                0, len(prompt) :
+            ]
         theirs = theirs.tolist()
         cut = next((i for i, t in enumerate(theirs) if t in stops), len(theirs))
         assert theirs[:cut] == ours, messages
@@ -221,9 +257,21 @@ def test_import_hf_round_trip_then_sft(exported, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(ids), ref(ids), atol=0, rtol=0)
     # SFT continues from the imported mid checkpoint
-    res = train_sft(STAGE_CONFIGS["sft"](
-        depth=2, seq_len=64, device="cpu", quiet=True, eval_every=0, eval_batches=1, max_steps=1, tasks="tiny",
-        device_batch_size=2, total_batch_conversations=2, base_dir=str(fresh)))
+    res = train_sft(
+        STAGE_CONFIGS["sft"](
+            depth=2,
+            seq_len=64,
+            device="cpu",
+            quiet=True,
+            eval_every=0,
+            eval_batches=1,
+            max_steps=1,
+            tasks="tiny",
+            device_batch_size=2,
+            total_batch_conversations=2,
+            base_dir=str(fresh),
+        )
+    )
     assert res["steps"] == 1 and res["history"][0]["loss"] > 0
     assert load_stage_model("sft", 2, base_dir=fresh)[2]["step"] == 1
 

@@ -1,5 +1,6 @@
 """FP8 training's scaling math on the CPU, against a float64 reference of tensorwise scaling
 (the FP8 product itself needs FP8 tensor cores: scripts/gpu_check.sh measures it)."""
+
 import pytest
 import torch
 import torch.nn as nn
@@ -20,7 +21,7 @@ def ref_quantize(x: torch.Tensor, fmt) -> tuple[torch.Tensor, float]:
     y = (x * s).clamp(-fmax, fmax)
     # the grid spacing at |y|: 2^(floor(log2|y|) - mbits), never below the subnormal step
     min_exp = -6 if fmt == torch.float8_e4m3fn else -14
-    e = torch.floor(torch.log2(y.abs().clamp_min(2.0 ** min_exp))).clamp_min(min_exp)
+    e = torch.floor(torch.log2(y.abs().clamp_min(2.0**min_exp))).clamp_min(min_exp)
     step = torch.pow(2.0, e - mbits)
     return torch.round(y / step) * step, 1.0 / s
 
@@ -38,8 +39,8 @@ def test_quantize_matches_float64_tensorwise_scaling(fmt):
         torch.testing.assert_close(q.double(), want, rtol=0, atol=0)
         # the amax lands exactly on the format's max; dequantized values are within half an ulp
         assert float(q.double().abs().max()) == FORMATS[fmt][0]
-        rel = ((dequantize(q, inv).double() - x.double()).abs() / x.double().abs().clamp_min(1e-30))
-        big = x.abs() > x.abs().max() * 2.0 ** -6  # normal range of the scaled values
+        rel = (dequantize(q, inv).double() - x.double()).abs() / x.double().abs().clamp_min(1e-30)
+        big = x.abs() > x.abs().max() * 2.0**-6  # normal range of the scaled values
         assert float(rel[big].max()) <= 2.0 ** -(FORMATS[fmt][1] + 1) * 1.0001
 
 

@@ -2,6 +2,7 @@
 batching (BatchScheduler) equals the full-sequence forward token for token, on random prompts
 whose replies cross the short window (sliding windows in the cache, the smear state through
 prefill and decode, value embeddings per position)."""
+
 import queue
 import random
 
@@ -27,13 +28,15 @@ def full_forward_greedy(model, prompt, n):
     with torch.no_grad():
         for _ in range(n):
             seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 def _prompts(rng, k):
     # lengths below, at and past the short window, so decoding crosses it or starts beyond it
-    return [[rng.randrange(256) for _ in range(rng.choice([SHORT - 20, SHORT - 3, SHORT + 1, SHORT + 30]))]
-            for _ in range(k)]
+    return [
+        [rng.randrange(256) for _ in range(rng.choice([SHORT - 20, SHORT - 3, SHORT + 1, SHORT + 30]))]
+        for _ in range(k)
+    ]
 
 
 def test_engine_greedy_equals_full_forward_alone_and_fanned_out():
@@ -48,7 +51,8 @@ def test_engine_greedy_equals_full_forward_alone_and_fanned_out():
     # prompts of one length, prefilled together
     same = [[rng.randrange(256) for _ in range(SHORT + 5)] for _ in range(2)]
     assert engine.complete_prompts(same, max_tokens=8, temperature=0.0) == [
-        full_forward_greedy(model, p, 8) for p in same], seed
+        full_forward_greedy(model, p, 8) for p in same
+    ], seed
 
 
 def test_continuous_batching_greedy_equals_full_forward():

@@ -11,6 +11,7 @@ of the session), the interpreter tests are re-run in a subprocess instead
 Inputs are fresh random every run; every test prints its seed (shown by pytest on failure);
 rerun with KERNEL_TEST_SEED=<seed> to reproduce.
 """
+
 import json
 import math
 import os
@@ -315,8 +316,14 @@ def test_exp2_poly_accuracy(seed):
     Horner steps' multiply-adds, the GPU does), at integers, half-integers (the range
     reduction's edges) and random points."""
     dev = device_for("triton")
-    x = torch.cat([torch.arange(-125, 1, dtype=torch.float64), torch.arange(-124.5, 0, 1, dtype=torch.float64),
-                   torch.arange(-124.5, 0, 1, dtype=torch.float64) + 1e-6, -125 * torch.rand(20000, dtype=torch.float64)])
+    x = torch.cat(
+        [
+            torch.arange(-125, 1, dtype=torch.float64),
+            torch.arange(-124.5, 0, 1, dtype=torch.float64),
+            torch.arange(-124.5, 0, 1, dtype=torch.float64) + 1e-6,
+            -125 * torch.rand(20000, dtype=torch.float64),
+        ]
+    )
     xf = x.float().to(dev)
     y = torch.empty_like(xf)
     kernel = _backend.LazyKernel(_exp2_poly_kernel).get()
@@ -408,8 +415,9 @@ def eager_linear(hidden, weight, targets, softcap, reduction, go):
 
 def linear_vs_ref(hidden, weight, targets, softcap, reduction, rtol, seed, backend="auto", ignore_index=-1):
     """linear_cross_entropy's loss and gradients (random grad_output) vs float64, within rtol."""
-    loss = linear_cross_entropy(hidden, weight, targets, softcap=softcap, reduction=reduction, backend=backend,
-                                ignore_index=ignore_index)
+    loss = linear_cross_entropy(
+        hidden, weight, targets, softcap=softcap, reduction=reduction, backend=backend, ignore_index=ignore_index
+    )
     go = grad_output_for(loss)
     gh, gw = torch.autograd.grad(loss, (hidden, weight), go)
     r_loss, r_gh, r_gw = ref_linear(hidden, weight, targets, softcap, reduction, go, ignore_index)
@@ -449,7 +457,9 @@ def check_linear(backend, dtype, softcap, reduction, N, D, V, n_ignored, seed, d
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_linear_cross_entropy_matches_fp64(backend, dtype, softcap, reduction, seed):
-    check_linear(backend, dtype, softcap, reduction, N=40, D=32, V=1000, n_ignored=12, seed=seed, dev=device_for(backend))
+    check_linear(
+        backend, dtype, softcap, reduction, N=40, D=32, V=1000, n_ignored=12, seed=seed, dev=device_for(backend)
+    )
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -457,12 +467,16 @@ def test_linear_cross_entropy_matches_fp64(backend, dtype, softcap, reduction, s
 def test_linear_cross_entropy_many_chunks(backend, reduction, seed, monkeypatch):
     # force chunks of 7 rows: several chunks, the last one partial
     monkeypatch.setattr(lce_module, "CHUNK_ELEMS", 7 * 1000)
-    check_linear(backend, torch.float32, 15.0, reduction, N=40, D=16, V=1000, n_ignored=5, seed=seed, dev=device_for(backend))
+    check_linear(
+        backend, torch.float32, 15.0, reduction, N=40, D=16, V=1000, n_ignored=5, seed=seed, dev=device_for(backend)
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_linear_cross_entropy_large_vocab(backend, seed):
-    check_linear(backend, torch.float32, 15.0, "mean", N=6, D=16, V=32768 + 17, n_ignored=2, seed=seed, dev=device_for(backend))
+    check_linear(
+        backend, torch.float32, 15.0, "mean", N=6, D=16, V=32768 + 17, n_ignored=2, seed=seed, dev=device_for(backend)
+    )
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -721,7 +735,9 @@ def test_out_of_range_target_raises(backend, seed):
     loss = cross_entropy(x, t, ignore_index=-100, reduction="none", backend=backend)
     assert loss[2] == 0
     close(loss, ref_ce(x.cpu().double(), t.cpu(), None, "none", ignore_index=-100), 1e-5, "loss", seed)
-    linear_vs_ref(h.requires_grad_(), w.requires_grad_(), t, 15.0, "mean", 1e-5, seed, backend=backend, ignore_index=-100)
+    linear_vs_ref(
+        h.requires_grad_(), w.requires_grad_(), t, 15.0, "mean", 1e-5, seed, backend=backend, ignore_index=-100
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -742,8 +758,19 @@ def test_cross_entropy_grad_in_logits(dtype, seed):
     assert torch.equal(loss, loss2) and torch.equal(g_ref, g2)
 
 
-_SYNC_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy",
-                 "allclose", "equal")
+_SYNC_METHODS = (
+    "item",
+    "tolist",
+    "__bool__",
+    "__int__",
+    "__float__",
+    "__index__",
+    "nonzero",
+    "cpu",
+    "numpy",
+    "allclose",
+    "equal",
+)
 _SYNC_FUNCTIONS = ("nonzero", "allclose", "equal", "is_nonzero")
 
 
@@ -765,6 +792,7 @@ def test_no_host_sync_in_kernel_calls(monkeypatch, seed):
             if os.path.realpath(f.f_code.co_filename).startswith(src):
                 calls.append(f"Tensor.{name} at {os.path.basename(f.f_code.co_filename)}:{f.f_lineno}")
             return orig(self, *a, **kw)
+
         return wrapped
 
     backends = ["torch"] + (["triton"] if TRITON_DEV == "cpu" else [])
@@ -795,6 +823,7 @@ def test_no_host_sync_in_kernel_calls(monkeypatch, seed):
             if os.path.realpath(f.f_code.co_filename).startswith(src):
                 calls.append(f"torch.{name} at {os.path.basename(f.f_code.co_filename)}:{f.f_lineno}")
             return orig(*a, **kw)
+
         return wrapped
 
     # the first call of the process: one-time probes (addmm out_dtype, ...) run again
@@ -824,6 +853,7 @@ def test_instrumentation_sees_syncs(monkeypatch):
             if os.path.realpath(sys._getframe(1).f_code.co_filename).startswith(src):
                 seen.append(name)
             return orig(*a, **kw)
+
         return wrapped
 
     for name in ("__int__", "__float__", "__bool__"):
@@ -961,7 +991,9 @@ def test_kernel_cost_counts_elements_from_sass():
         pytest.skip("triton not installed")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _COST_SCRIPT], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-c", _COST_SCRIPT], env=env, cwd=root, capture_output=True, text=True, timeout=600
+    )
     out = r.stdout.strip()
     if r.returncode == 0 and out.startswith("SKIP"):
         pytest.skip(out)
@@ -987,7 +1019,21 @@ def test_triton_interpreter_in_subprocess():
         pytest.skip("triton not installed")
     env = dict(os.environ, TRITON_INTERPRET="1", RUSTCHAT_KERNELS_INTERP_CHILD="1")
     r = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "triton and not subprocess"],
-        env=env, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            "-p",
+            "no:cacheprovider",
+            __file__,
+            "-k",
+            "triton and not subprocess",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-2000:]

@@ -1,4 +1,5 @@
 """GPT vs the independent reference (tests/ref_gpt.py), KV cache, packed rows, padded vocab."""
+
 import math
 import os
 import sys
@@ -14,8 +15,9 @@ from rustchat.model import GPT, GPTConfig, KVCache, positions_from_doc_ids  # no
 
 
 def tiny(n_head=4, n_kv_head=4, vocab=300, n_embd=64, n_layer=2, seq=64):
-    return GPTConfig(sequence_len=seq, vocab_size=vocab, n_layer=n_layer, n_head=n_head,
-                     n_kv_head=n_kv_head, n_embd=n_embd)
+    return GPTConfig(
+        sequence_len=seq, vocab_size=vocab, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd
+    )
 
 
 def random_model(cfg, seed, dtype=torch.float64, use_kernels=True):
@@ -107,8 +109,9 @@ def test_kernel_path_matches_plain_path_fp32():
     with torch.no_grad():
         torch.testing.assert_close(fast(idx), plain(idx), rtol=1e-5, atol=1e-5)
         for red in ("mean", "sum", "none"):
-            torch.testing.assert_close(fast(idx, targets, loss_reduction=red),
-                                       plain(idx, targets, loss_reduction=red), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(
+                fast(idx, targets, loss_reduction=red), plain(idx, targets, loss_reduction=red), rtol=1e-5, atol=1e-5
+            )
         doc_ids = torch.tensor([[0] * 7 + [1] * 13, [0] * 20])  # kernel rotary with position_ids
         torch.testing.assert_close(fast(idx, doc_ids=doc_ids), plain(idx, doc_ids=doc_ids), rtol=1e-5, atol=1e-5)
     fast(idx, targets).backward()
@@ -150,7 +153,7 @@ def test_kv_cache_decoding_matches_full_forward(n_kv_head):
         parts = [model(idx[:, :7], kv_cache=cache)]  # prefill (empty cache, causal)
         assert cache.pos == 7
         for t in range(7, 12):  # token by token
-            parts.append(model(idx[:, t:t + 1], kv_cache=cache))
+            parts.append(model(idx[:, t : t + 1], kv_cache=cache))
         parts.append(model(idx[:, 12:], kv_cache=cache))  # a chunk on top of a non-empty cache
         assert cache.pos == T
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-9, atol=1e-9)
@@ -171,7 +174,7 @@ def test_kv_cache_prefill_fans_out():
         many = KVCache.for_model(model, batch_size=N, max_len=16)
         many.prefill(one)
         assert many.pos == 9
-        out = torch.cat([model(nxt[:, i:i + 1], kv_cache=many) for i in range(4)], dim=1)
+        out = torch.cat([model(nxt[:, i : i + 1], kv_cache=many) for i in range(4)], dim=1)
         full = model(torch.cat([prompt.expand(N, -1), nxt], dim=1))[:, 9:]
     torch.testing.assert_close(out, full, rtol=1e-9, atol=1e-9)
 
@@ -202,8 +205,8 @@ def test_packed_rows_match_separate_documents(n_kv_head):
         for b, row in enumerate(lengths):
             start = 0
             for n in row:
-                alone = model(idx[b:b + 1, start:start + n])
-                torch.testing.assert_close(packed[b, start:start + n], alone[0], rtol=1e-9, atol=1e-9)
+                alone = model(idx[b : b + 1, start : start + n])
+                torch.testing.assert_close(packed[b, start : start + n], alone[0], rtol=1e-9, atol=1e-9)
                 start += n
     torch.testing.assert_close(packed_default_pos, packed, rtol=1e-12, atol=1e-12)
     # and the reference agrees with the packed run
@@ -230,7 +233,7 @@ def test_init_statistics():
     for block in model.transformer.h:
         assert block.attn.c_proj.weight.abs().max() == 0
         assert block.mlp.c_proj.weight.abs().max() == 0
-        assert abs(block.attn.c_q.weight.std().item() - 128 ** -0.5) < 0.01
+        assert abs(block.attn.c_q.weight.std().item() - 128**-0.5) < 0.01
     wte, head = model.transformer.wte.weight, model.lm_head.weight
     assert abs(wte[:1000].std().item() - 1.0) < 0.02
     assert abs(head[:1000].std().item() - 0.001) < 0.0001
@@ -258,8 +261,11 @@ def test_from_depth_and_param_count():
         d, ar, hd = int(rng.integers(1, 9)), 2 * int(rng.integers(1, 65)), int(rng.integers(2, 257))
         c = GPTConfig.from_depth(d, aspect_ratio=ar, head_dim=hd)
         # the fewest heads that are at most hd wide (when an even width divides), all of one even width
-        want = next(n for n in range(1, d * ar + 1)
-                    if (d * ar) % n == 0 and (d * ar // n) % 2 == 0 and n >= math.ceil(d * ar / hd))
+        want = next(
+            n
+            for n in range(1, d * ar + 1)
+            if (d * ar) % n == 0 and (d * ar // n) % 2 == 0 and n >= math.ceil(d * ar / hd)
+        )
         assert (c.n_embd, c.n_head, c.head_dim % 2) == (d * ar, want, 0), (d, ar, hd)
     from rustchat.common import RustchatError
 
@@ -268,7 +274,7 @@ def test_from_depth_and_param_count():
     with torch.device("meta"):
         m = GPT(c20, init=False)
     assert abs(m.num_params() - 561e6) < 1e6  # docs/design.md: d20 ~561M params
-    blocks = 20 * 12 * 1280 ** 2
+    blocks = 20 * 12 * 1280**2
     assert m.estimate_flops() == 6 * (blocks + 65536 * 1280) + 12 * 20 * 10 * 128 * 2048
 
 

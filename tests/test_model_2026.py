@@ -1,6 +1,7 @@
 """The 2026 architecture (sliding windows, value embeddings, per-layer lambdas, smear, backout,
 rotary base 100k, q/k scale) vs the independent float64 reference (tests/ref_gpt.py), on
 sequences longer than the short window: full forward, loss, gradients, packed rows, KV cache."""
+
 import os
 import sys
 
@@ -19,8 +20,15 @@ SHORT = 128  # the short window of a 512-token context
 
 
 def cfg2026(n_head=4, n_kv_head=2, n_layer=3, n_embd=64, vocab=300, seq=512, **kw):
-    return GPTConfig(sequence_len=seq, vocab_size=vocab, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
-                     n_embd=n_embd, **{**ARCHS["2026"], **kw})
+    return GPTConfig(
+        sequence_len=seq,
+        vocab_size=vocab,
+        n_layer=n_layer,
+        n_head=n_head,
+        n_kv_head=n_kv_head,
+        n_embd=n_embd,
+        **{**ARCHS["2026"], **kw},
+    )
 
 
 def test_window_sizes_follow_the_pattern_and_rounding():
@@ -51,14 +59,15 @@ def test_logits_and_loss_match_reference_across_the_window(n_kv_head, n_layer):
         logits = model(idx)
         torch.testing.assert_close(logits, ref, rtol=1e-9, atol=1e-9)
         for red in ("mean", "none"):
-            torch.testing.assert_close(model(idx, targets, loss_reduction=red), ref_loss(ref, targets, red),
-                                       rtol=1e-9, atol=1e-9)
+            torch.testing.assert_close(
+                model(idx, targets, loss_reduction=red), ref_loss(ref, targets, red), rtol=1e-9, atol=1e-9
+            )
     # the window matters: the same weights with every layer full give other logits late in the row
     full = random_model(cfg2026(n_kv_head=n_kv_head, n_layer=n_layer, window_pattern="L"), seed=10 + n_kv_head)
     with torch.no_grad():
         other = full(idx)
-    assert torch.allclose(other[:, :SHORT + 1], logits[:, :SHORT + 1], rtol=1e-9, atol=1e-9)
-    assert not torch.allclose(other[:, SHORT + 1:], logits[:, SHORT + 1:], atol=1e-6)
+    assert torch.allclose(other[:, : SHORT + 1], logits[:, : SHORT + 1], rtol=1e-9, atol=1e-9)
+    assert not torch.allclose(other[:, SHORT + 1 :], logits[:, SHORT + 1 :], atol=1e-6)
 
 
 def test_gradients_match_reference():
@@ -108,7 +117,7 @@ def test_kv_cache_matches_full_forward_across_the_window():
         cache = KVCache.for_model(model, 2, T)
         pieces, t = [], 0
         for n in (100, 1, 1, 40, 1) + (1,) * (T - 143):
-            pieces.append(model(idx[:, t:t + n], kv_cache=cache))
+            pieces.append(model(idx[:, t : t + n], kv_cache=cache))
             t += n
         assert t == T and cache.pos == T
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-9, atol=1e-9)
@@ -137,8 +146,14 @@ def test_meta_round_trip_and_classic_default():
     classic = {k: v for k, v in cfg.to_dict().items() if k not in ARCHS["classic"]}
     assert check_model_config(classic, "m").arch == "classic"
     assert GPTConfig.from_dict(classic).arch == "classic"
-    for key, bad in (("window_pattern", "SXL"), ("window_pattern", 3), ("smear", 1), ("rope_base", True),
-                     ("qk_scale", "1.2"), ("window_pattern", "")):
+    for key, bad in (
+        ("window_pattern", "SXL"),
+        ("window_pattern", 3),
+        ("smear", 1),
+        ("rope_base", True),
+        ("qk_scale", "1.2"),
+        ("window_pattern", ""),
+    ):
         with pytest.raises(RustchatError, match=key):
             check_model_config({**cfg.to_dict(), key: bad}, "m")
 
@@ -146,9 +161,9 @@ def test_meta_round_trip_and_classic_default():
 def test_init_is_nanochat_2026():
     cfg = cfg2026(n_layer=4, n_embd=256, n_head=4, n_kv_head=4, vocab=4096)
     model = GPT(cfg)
-    s = 3 ** 0.5 * 256 ** -0.5
+    s = 3**0.5 * 256**-0.5
     h = model.transformer.h
-    assert h[0].attn.c_q.weight.abs().max() <= s and abs(h[0].attn.c_q.weight.std() - s / 3 ** 0.5) < 2e-3
+    assert h[0].attn.c_q.weight.abs().max() <= s and abs(h[0].attn.c_q.weight.std() - s / 3**0.5) < 2e-3
     assert h[0].mlp.c_fc.weight.abs().max() <= 0.4 * s
     assert h[0].attn.c_proj.weight.abs().max() == 0 and h[0].mlp.c_proj.weight.abs().max() == 0
     assert abs(model.transformer.wte.weight[:4096].std() - 0.8) < 0.01

@@ -2,6 +2,7 @@
 127.0.0.1, started as a user starts them on two machines (`rustchat sft --nnodes 2 --node-rank R
 --master-addr HOST --nproc 2`). The run equals one process, and its checkpoint, written by
 rank 0 with every rank's optimizer shard, resumes on another layout (one process)."""
+
 import os
 import socket
 import subprocess
@@ -15,8 +16,24 @@ from rustchat.cli import build_parser, torchrun_command
 from rustchat.common import RustchatError
 from rustchat.config import from_args
 
-COMMON = ["sft", "--depth", "1", "--seq-len", "64", "--device", "cpu", "--tasks", "tiny", "--max-steps", "2",
-          "--total-batch-size", "4", "--eval-every", "0", "--quiet"]
+COMMON = [
+    "sft",
+    "--depth",
+    "1",
+    "--seq-len",
+    "64",
+    "--device",
+    "cpu",
+    "--tasks",
+    "tiny",
+    "--max-steps",
+    "2",
+    "--total-batch-conversations",
+    "4",
+    "--eval-every",
+    "0",
+    "--quiet",
+]
 
 
 def _free_port():
@@ -31,18 +48,47 @@ def _cfg(argv):
 
 
 def test_torchrun_command_of_the_launch_flags():
-    argv = ["sft", "--nnodes", "2", "--node-rank=1", "--master-addr", "10.0.0.7", "--master-port", "29400",
-            "--nproc", "8", "--depth", "4"]
+    argv = [
+        "sft",
+        "--nnodes",
+        "2",
+        "--node-rank=1",
+        "--master-addr",
+        "10.0.0.7",
+        "--master-port",
+        "29400",
+        "--nproc",
+        "8",
+        "--depth",
+        "4",
+    ]
     cmd = torchrun_command(_cfg(argv), argv)
     i = cmd.index("torch.distributed.run")
-    assert cmd[i + 1:] == ["--nnodes=2", "--node-rank=1", "--master-addr=10.0.0.7", "--master-port=29400",
-                           "--nproc-per-node=8", "-m", "rustchat.cli", "sft", "--depth", "4"]
+    assert cmd[i + 1 :] == [
+        "--nnodes=2",
+        "--node-rank=1",
+        "--master-addr=10.0.0.7",
+        "--master-port=29400",
+        "--nproc-per-node=8",
+        "-m",
+        "rustchat.cli",
+        "sft",
+        "--depth",
+        "4",
+    ]
     one = torchrun_command(_cfg(["base", "--nproc", "2"]), ["base", "--nproc", "2"])
-    assert one[one.index("torch.distributed.run") + 1:] == ["--standalone", "--nproc-per-node=2", "-m", "rustchat.cli",
-                                                             "base"]
-    for bad, msg in ((["sft", "--nnodes", "2"], "needs --master-addr"),
-                     (["sft", "--nnodes", "2", "--node-rank", "2", "--master-addr", "h"], "--node-rank 2 must be below"),
-                     (["sft", "--master-port", "70000"], "--master-port must be in")):
+    assert one[one.index("torch.distributed.run") + 1 :] == [
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "rustchat.cli",
+        "base",
+    ]
+    for bad, msg in (
+        (["sft", "--nnodes", "2"], "needs --master-addr"),
+        (["sft", "--nnodes", "2", "--node-rank", "2", "--master-addr", "h"], "--node-rank 2 must be below"),
+        (["sft", "--master-port", "70000"], "--master-port must be in"),
+    ):
         with pytest.raises(RustchatError, match=msg):
             torchrun_command(_cfg(bad), bad)
 
@@ -56,10 +102,30 @@ def test_two_nodes_of_two_processes_match_one_and_resume_on_one(base_dir, tmp_pa
 
     env = {**os.environ, "RUSTCHAT_BASE_DIR": str(nodes), "OMP_NUM_THREADS": "1"}
     port = str(_free_port())
-    launch = [sys.executable, "-m", "rustchat.cli", *COMMON, "--device-batch-size", "1", "--stop-at-step", "1",
-              "--nnodes", "2", "--nproc", "2", "--master-addr", "127.0.0.1", "--master-port", port]
-    procs = [subprocess.Popen(launch + ["--node-rank", str(r)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for r in (1, 0)]
+    launch = [
+        sys.executable,
+        "-m",
+        "rustchat.cli",
+        *COMMON,
+        "--device-batch-size",
+        "1",
+        "--stop-at-step",
+        "1",
+        "--nnodes",
+        "2",
+        "--nproc",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        port,
+    ]
+    procs = [
+        subprocess.Popen(
+            launch + ["--node-rank", str(r)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for r in (1, 0)
+    ]
     outs = []
     try:
         for p in procs:

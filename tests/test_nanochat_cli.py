@@ -1,5 +1,6 @@
 """`rustchat import-nanochat`: a nanochat checkpoint dir + tokenizer.pkl (a pickled tiktoken
 Encoding) become a rustchat checkpoint and tokenizer; the pickle is read without running code."""
+
 import json
 import os
 import shutil
@@ -64,8 +65,12 @@ def test_import_nanochat_cli_then_logits_match_reference(tmp_path):
     (tmp_path / "tokenizer").mkdir()
     _nanochat_tokenizer_pickle(tmp_path / "tokenizer" / "tokenizer.pkl")
     base = tmp_path / "rc"
-    r = subprocess.run([sys.executable, "-m", "rustchat.cli", "import-nanochat", str(ck), "--stage", "mid"],
-                       capture_output=True, text=True, env={**os.environ, "RUSTCHAT_BASE_DIR": str(base)})
+    r = subprocess.run(
+        [sys.executable, "-m", "rustchat.cli", "import-nanochat", str(ck), "--stage", "mid"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "RUSTCHAT_BASE_DIR": str(base)},
+    )
     assert r.returncode == 0, r.stderr
     model, _, meta = load_stage_model("mid", 2, base_dir=base)
     assert meta["step"] == 650 and "imported_from" in meta
@@ -91,8 +96,12 @@ def _fixture_dir(tmp_path, version):
 
 
 def _import(ck, base):
-    return subprocess.run([sys.executable, "-m", "rustchat.cli", "import-nanochat", str(ck)],
-                          capture_output=True, text=True, env={**os.environ, "RUSTCHAT_BASE_DIR": str(base)})
+    return subprocess.run(
+        [sys.executable, "-m", "rustchat.cli", "import-nanochat", str(ck)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "RUSTCHAT_BASE_DIR": str(base)},
+    )
 
 
 @pytest.mark.parametrize("version,arch", [("92d63d4", "2026"), ("48abd7d", "classic")])

@@ -2,6 +2,7 @@
 so training's own evaluation (report.md's base section), `rustchat eval -i base` (its
 base-eval section) and the speedrun's table agree, and match a plain float64 reference; and
 `rustchat eval --tasks tiny` scores the very problems the speedrun scores."""
+
 import math
 import random
 import re
@@ -33,8 +34,8 @@ def _reference_bpb(model, tok, files, max_tokens):
     nbytes_of = tok.token_bytes()
     nats = nbytes = 0.0
     for r in range((len(ids) - 1) // T):
-        x = torch.tensor(ids[r * T: (r + 1) * T])[None]
-        y = ids[r * T + 1: (r + 1) * T + 1]
+        x = torch.tensor(ids[r * T : (r + 1) * T])[None]
+        y = ids[r * T + 1 : (r + 1) * T + 1]
         with torch.no_grad():
             logp = torch.log_softmax(model(x)[0].double(), -1)
         for t, target in enumerate(y):
@@ -46,7 +47,11 @@ def _reference_bpb(model, tok, files, max_tokens):
 
 def _section_rows(text, section):
     body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
-    return {c[1].strip(): c[2].strip() for line in body.splitlines() if line.startswith("| ") and len(c := line.split("|")) >= 4}
+    return {
+        c[1].strip(): c[2].strip()
+        for line in body.splitlines()
+        if line.startswith("| ") and len(c := line.split("|")) >= 4
+    }
 
 
 def test_base_val_bpb_is_one_number(tmp_path, capsys):
@@ -58,17 +63,49 @@ def test_base_val_bpb_is_one_number(tmp_path, capsys):
     (text / "a_train.txt").write_text("\n\n".join(docs[:250]))
     (text / "b_val.txt").write_text("\n\n".join(docs[250:]))
     n_tokens = rnd.randint(300, 1500)
-    cfg = STAGE_CONFIGS["base"](depth=1, seq_len=64, device="cpu", quiet=True, eval_every=2, max_steps=2,
-                                device_batch_size=2, total_batch_size=2 * 64, data_dir=str(text),
-                                base_dir=str(tmp_path), bpb_tokens=n_tokens)
+    cfg = STAGE_CONFIGS["base"](
+        depth=1,
+        seq_len=64,
+        device="cpu",
+        quiet=True,
+        eval_every=2,
+        max_steps=2,
+        device_batch_size=2,
+        total_batch_size=2 * 64,
+        data_dir=str(text),
+        base_dir=str(tmp_path),
+        bpb_tokens=n_tokens,
+    )
     trained = train_base(cfg)["last_eval"]["val_bpb"]
     capsys.readouterr()
-    assert main(["eval", "-i", "base", "--base-dir", str(tmp_path), "--data-dir", str(text), "--device", "cpu",
-                 "--bpb-tokens", str(n_tokens), "--batch-size", str(rnd.choice([1, 3, 16]))]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "-i",
+                "base",
+                "--base-dir",
+                str(tmp_path),
+                "--data-dir",
+                str(text),
+                "--device",
+                "cpu",
+                "--bpb-tokens",
+                str(n_tokens),
+                "--batch-size",
+                str(rnd.choice([1, 3, 16])),
+            ]
+        )
+        == 0
+    )
     printed = float(re.search(r"val bits/byte ([0-9.]+)", capsys.readouterr().out).group(1))
     report = (tmp_path / "report.md").read_text()
-    assert _section_rows(report, "base")["val_bpb"] == _section_rows(report, "base-eval")["val bpb"] \
-        == f"{printed:.4f}" == f"{trained:.4f}"
+    assert (
+        _section_rows(report, "base")["val_bpb"]
+        == _section_rows(report, "base-eval")["val bpb"]
+        == f"{printed:.4f}"
+        == f"{trained:.4f}"
+    )
     model = load_stage_model("base", 1, base_dir=tmp_path)[0].eval()
     tok = Tokenizer.load(tmp_path / "tokenizer")
     ref = _reference_bpb(model, tok, [text / "b_val.txt"], n_tokens)

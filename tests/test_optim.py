@@ -1,6 +1,7 @@
 """The optimizer against a float64 reference of its formulas (tests/ref_optim.py) and against
 nanochat 92d63d4's own MuonAdamW (tests/fixtures/optim_92d63d4, scripts/make_optim_fixture.py);
 its recipes' groups; old classic checkpoints; the schedules."""
+
 import math
 from pathlib import Path
 
@@ -103,13 +104,31 @@ def _random_groups(recipe, seed):
     def par(*shape):
         return torch.nn.Parameter(torch.randn(*shape, generator=g, dtype=torch.float64).float() * 0.3)
 
-    adam = [dict(kind="adamw", params=[par(40, 24)], lr=0.01, betas=(0.8, 0.995), eps=1e-10, weight_decay=0.01),
-            dict(kind="adamw", params=[par(5)], lr=0.3, betas=(0.96, 0.95), eps=1e-10, weight_decay=0.05)]
+    adam = [
+        dict(kind="adamw", params=[par(40, 24)], lr=0.01, betas=(0.8, 0.995), eps=1e-10, weight_decay=0.01),
+        dict(kind="adamw", params=[par(5)], lr=0.3, betas=(0.96, 0.95), eps=1e-10, weight_decay=0.05),
+    ]
     extra = dict(beta2=0.9, weight_decay=0.2) if recipe == "2026" else dict(nesterov=True, weight_decay=0.0)
-    muon = [dict(kind="muon", recipe=recipe, params=[par(16, 40) for _ in range(3)], lr=0.02, momentum=0.9,
-                 ns_steps=5, **extra),
-            dict(kind="muon", recipe=recipe, params=[par(36, 12) for _ in range(2)], lr=0.03, momentum=0.95,
-                 ns_steps=5, **extra)]
+    muon = [
+        dict(
+            kind="muon",
+            recipe=recipe,
+            params=[par(16, 40) for _ in range(3)],
+            lr=0.02,
+            momentum=0.9,
+            ns_steps=5,
+            **extra,
+        ),
+        dict(
+            kind="muon",
+            recipe=recipe,
+            params=[par(36, 12) for _ in range(2)],
+            lr=0.03,
+            momentum=0.95,
+            ns_steps=5,
+            **extra,
+        ),
+    ]
     return adam + muon, g
 
 
@@ -142,11 +161,13 @@ def test_steps_match_float64_reference(recipe):
             for p in grp["params"]:
                 gr, st, q = p.grad.double(), state[id(p)], ref[id(p)]
                 if grp["kind"] == "adamw":
-                    ref[id(p)] = ref_optim.adamw(q, gr, st, lr=grp["lr"], betas=grp["betas"], eps=grp["eps"],
-                                                 wd=grp["weight_decay"])
+                    ref[id(p)] = ref_optim.adamw(
+                        q, gr, st, lr=grp["lr"], betas=grp["betas"], eps=grp["eps"], wd=grp["weight_decay"]
+                    )
                 elif recipe == "2026":
-                    ref[id(p)] = ref_optim.muon_2026(q, gr, st, lr=grp["lr"], momentum=grp["momentum"],
-                                                     beta2=grp["beta2"], wd=grp["weight_decay"])
+                    ref[id(p)] = ref_optim.muon_2026(
+                        q, gr, st, lr=grp["lr"], momentum=grp["momentum"], beta2=grp["beta2"], wd=grp["weight_decay"]
+                    )
                 else:
                     ref[id(p)] = ref_optim.muon_classic(q, gr, st, lr=grp["lr"], momentum=grp["momentum"])
         opt.step()
@@ -161,9 +182,15 @@ def test_bf16_parameters_update_in_fp32():
     g = torch.Generator().manual_seed(3)
     p = torch.nn.Parameter(torch.randn(64, 32, generator=g).to(torch.bfloat16))
     q = torch.nn.Parameter(torch.randn(4, 32, 32, generator=g)[0].to(torch.bfloat16))
-    opt = MuonAdamW([dict(kind="adamw", params=[p], lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1),
-                     dict(kind="muon", recipe="2026", params=[q], lr=0.02, momentum=0.95, ns_steps=5, beta2=0.9,
-                          weight_decay=0.2)], ortho_dtype=torch.float32)
+    opt = MuonAdamW(
+        [
+            dict(kind="adamw", params=[p], lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1),
+            dict(
+                kind="muon", recipe="2026", params=[q], lr=0.02, momentum=0.95, ns_steps=5, beta2=0.9, weight_decay=0.2
+            ),
+        ],
+        ortho_dtype=torch.float32,
+    )
     ref_p, ref_q, st_p, st_q = p.detach().double(), q.detach().double(), {}, {}
     for _ in range(3):
         p.grad = torch.randn(p.shape, generator=g).to(torch.bfloat16)
@@ -174,7 +201,7 @@ def test_bf16_parameters_update_in_fp32():
         ref_p, ref_q = ref_p.to(torch.bfloat16).double(), ref_q.to(torch.bfloat16).double()
         assert p.dtype == q.dtype == torch.bfloat16
         for got, want in ((p, ref_p), (q, ref_q)):
-            ulp = want.abs().clamp_min(1e-3) * 2 ** -7  # one bf16 step: a rounding tie may go either way
+            ulp = want.abs().clamp_min(1e-3) * 2**-7  # one bf16 step: a rounding tie may go either way
             assert bool(((got.detach().double() - want).abs() <= ulp).all())
     assert all(t.dtype == torch.float32 for st in opt.state.values() for t in st.values() if torch.is_tensor(t))
 
@@ -186,7 +213,7 @@ def test_nanochat_muon_adamw_unit_fixture():
     groups, i = [], 0
     for h in fx["groups"]:
         n = h.pop("num_params")
-        groups.append({**h, "params": params[i:i + n], **({"recipe": "2026"} if h["kind"] == "muon" else {})})
+        groups.append({**h, "params": params[i : i + n], **({"recipe": "2026"} if h["kind"] == "muon" else {})})
         i += n
     opt = MuonAdamW(groups)
     for step, (grads, after) in enumerate(zip(fx["grads"], fx["after"])):
@@ -194,7 +221,9 @@ def test_nanochat_muon_adamw_unit_fixture():
             p.grad = gr.clone()
         opt.step()
         for k, (p, want) in enumerate(zip(params, after)):
-            torch.testing.assert_close(p.detach(), want, rtol=1e-5, atol=1e-6, msg=lambda m: f"param {k} step {step}: {m}")
+            torch.testing.assert_close(
+                p.detach(), want, rtol=1e-5, atol=1e-6, msg=lambda m: f"param {k} step {step}: {m}"
+            )
 
 
 def test_classic_recipe_groups_and_two_steps_match_written_out_steps():
@@ -215,12 +244,15 @@ def test_classic_recipe_groups_and_two_steps_match_written_out_steps():
             p.grad = grads[id(p)].clone()
         opt.step()
         for p in groups["head"] + groups["embedding"]:
-            ref[id(p)] = ref_optim.adamw(ref[id(p)], grads[id(p)].double(), state[id(p)], lr=lr_of[id(p)],
-                                         betas=(0.8, 0.95), eps=1e-10, wd=0.0)
+            ref[id(p)] = ref_optim.adamw(
+                ref[id(p)], grads[id(p)].double(), state[id(p)], lr=lr_of[id(p)], betas=(0.8, 0.95), eps=1e-10, wd=0.0
+            )
         for p in groups["matrix"]:
             ref[id(p)] = ref_optim.muon_classic(ref[id(p)], grads[id(p)].double(), state[id(p)], lr=0.02, momentum=0.95)
         for name, p in model.named_parameters():
-            torch.testing.assert_close(p.detach().double(), ref[id(p)], rtol=1e-5, atol=2e-6, msg=lambda m: f"{name} step {step}: {m}")
+            torch.testing.assert_close(
+                p.detach().double(), ref[id(p)], rtol=1e-5, atol=2e-6, msg=lambda m: f"{name} step {step}: {m}"
+            )
 
 
 def test_classic_checkpoint_of_the_old_optimizers_resumes():
@@ -232,12 +264,20 @@ def test_classic_checkpoint_of_the_old_optimizers_resumes():
     old_adamw, old_muon = groups["head"] + groups["embedding"], groups["matrix"]
     g = torch.Generator().manual_seed(2)
     rnd = {id(p): (torch.randn(p.shape, generator=g), torch.rand(p.shape, generator=g)) for p in model.parameters()}
-    adamw_sd = {"state": {i: {"step": torch.tensor(7.0), "exp_avg": rnd[id(p)][0] * 1e-2, "exp_avg_sq": rnd[id(p)][1] * 1e-4}
-                          for i, p in enumerate(old_adamw)},
-                "param_groups": [{"params": [0], "lr": 0.001, "initial_lr": 0.002, "betas": (0.8, 0.95)},
-                                 {"params": [1], "lr": 0.05, "initial_lr": 0.06, "betas": (0.8, 0.95)}]}
-    muon_sd = {"state": {i: {"momentum_buffer": rnd[id(p)][0] * 1e-2} for i, p in enumerate(old_muon)},
-               "param_groups": [{"params": list(range(len(old_muon))), "lr": 0.01, "initial_lr": 0.03, "momentum": 0.9}]}
+    adamw_sd = {
+        "state": {
+            i: {"step": torch.tensor(7.0), "exp_avg": rnd[id(p)][0] * 1e-2, "exp_avg_sq": rnd[id(p)][1] * 1e-4}
+            for i, p in enumerate(old_adamw)
+        },
+        "param_groups": [
+            {"params": [0], "lr": 0.001, "initial_lr": 0.002, "betas": (0.8, 0.95)},
+            {"params": [1], "lr": 0.05, "initial_lr": 0.06, "betas": (0.8, 0.95)},
+        ],
+    }
+    muon_sd = {
+        "state": {i: {"momentum_buffer": rnd[id(p)][0] * 1e-2} for i, p in enumerate(old_muon)},
+        "param_groups": [{"params": list(range(len(old_muon))), "lr": 0.01, "initial_lr": 0.03, "momentum": 0.9}],
+    }
     (opt,) = model.setup_optimizers(recipe="classic")
     assert saved_recipe([adamw_sd, muon_sd]) == "classic"
     from rustchat.checkpoint import load_optimizer_states
@@ -350,8 +390,14 @@ def test_eight_steps_follow_nanochats_own_losses():
     assert model.config.arch == "2026"
     fx = torch.load(FIXTURES / "train.pt", weights_only=True)
     h = fx["hyper"]
-    (opt,) = build_optimizers(model, unembedding_lr=h["unembedding_lr"], embedding_lr=h["embedding_lr"],
-                              matrix_lr=h["matrix_lr"], scalar_lr=h["scalar_lr"], weight_decay=h["weight_decay"])
+    (opt,) = build_optimizers(
+        model,
+        unembedding_lr=h["unembedding_lr"],
+        embedding_lr=h["embedding_lr"],
+        matrix_lr=h["matrix_lr"],
+        scalar_lr=h["scalar_lr"],
+        weight_decay=h["weight_decay"],
+    )
     assert len([g for g in opt.param_groups if g["kind"] == "adamw"]) == 6  # head, wte, value embeds, resid, x0, smear
     set_muon_momentum([opt], fx["momentum"])
     model.train()
@@ -377,8 +423,14 @@ def test_eight_steps_2026_model_match_float64_reference():
     _perturbed(model, seed=int(torch.randint(0, 10**6, ())))
     fx = torch.load(FIXTURES / "train.pt", weights_only=True)
     h = fx["hyper"]
-    (opt,) = build_optimizers(model, unembedding_lr=h["unembedding_lr"], embedding_lr=h["embedding_lr"],
-                              matrix_lr=h["matrix_lr"], scalar_lr=h["scalar_lr"], weight_decay=h["weight_decay"])
+    (opt,) = build_optimizers(
+        model,
+        unembedding_lr=h["unembedding_lr"],
+        embedding_lr=h["embedding_lr"],
+        matrix_lr=h["matrix_lr"],
+        scalar_lr=h["scalar_lr"],
+        weight_decay=h["weight_decay"],
+    )
     set_muon_momentum([opt], fx["momentum"])
     ref = {id(p): p.detach().double().clone() for p in model.parameters()}
     state = {id(p): {} for p in model.parameters()}
@@ -388,11 +440,13 @@ def test_eight_steps_2026_model_match_float64_reference():
             for p in g["params"]:
                 kw = dict(lr=g["lr"], wd=g["weight_decay"])
                 if g["kind"] == "adamw":
-                    ref[id(p)] = ref_optim.adamw(ref[id(p)], p.grad.double(), state[id(p)], betas=g["betas"],
-                                                 eps=g["eps"], **kw)
+                    ref[id(p)] = ref_optim.adamw(
+                        ref[id(p)], p.grad.double(), state[id(p)], betas=g["betas"], eps=g["eps"], **kw
+                    )
                 else:
-                    ref[id(p)] = ref_optim.muon_2026(ref[id(p)], p.grad.double(), state[id(p)], momentum=g["momentum"],
-                                                     beta2=g["beta2"], **kw)
+                    ref[id(p)] = ref_optim.muon_2026(
+                        ref[id(p)], p.grad.double(), state[id(p)], momentum=g["momentum"], beta2=g["beta2"], **kw
+                    )
         opt.step()
         model.zero_grad(set_to_none=True)
         for g in opt.param_groups:

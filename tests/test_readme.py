@@ -2,6 +2,7 @@
 directory holding the files it obviously expects (corpus.txt, a trained-looking SFT checkpoint
 under RUSTCHAT_BASE_DIR), with nothing on stderr (no warnings); every `rustchat ...` command it
 shows, in blocks or inline, parses with the real command line into a valid config."""
+
 import os
 import re
 import shlex
@@ -23,8 +24,15 @@ TEXT = README.read_text(encoding="utf-8")
 BLOCKS = re.findall(r"^```(\w+)\n(.*?)^```", TEXT, flags=re.S | re.M)
 PYTHON = [code for lang, code in BLOCKS if lang == "python"]
 # what a placeholder in a shown command stands for
-PLACEHOLDERS = {"DATA...": "corpus.txt", "DIR": "some_dir", "PROMPT": "hi", "NAME": "run1", "LIST": "arc-easy,gsm8k",
-                "FILES": "corpus.txt", "N": "3"}
+PLACEHOLDERS = {
+    "DATA...": "corpus.txt",
+    "DIR": "some_dir",
+    "PROMPT": "hi",
+    "NAME": "run1",
+    "LIST": "arc-easy,gsm8k",
+    "FILES": "corpus.txt",
+    "N": "3",
+}
 
 
 def _commands() -> list[str]:
@@ -73,7 +81,7 @@ def workdir(tmp_path_factory, corpus):
     d = tmp_path_factory.mktemp("readme")
     (d / "corpus.txt").write_text(corpus["code"], encoding="utf-8")
     base = d / "base"
-    tok = Tokenizer.train([corpus["code"][i:i + 4000] for i in range(0, 200_000, 4000)], vocab_size=400)
+    tok = Tokenizer.train([corpus["code"][i : i + 4000] for i in range(0, 200_000, 4000)], vocab_size=400)
     tok.save(base / "tokenizer")
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_depth(1, vocab_size=tok.vocab_size, sequence_len=128))
@@ -84,11 +92,19 @@ def workdir(tmp_path_factory, corpus):
 @pytest.mark.parametrize("i", range(len(PYTHON)))
 def test_python_block_runs_offline_without_warnings(workdir, tmp_path, i):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TIKTOKEN"))}
-    env.update({"RUSTCHAT_BASE_DIR": str(workdir / "base"), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
-                "TIKTOKEN_CACHE_DIR": str(tmp_path / "tiktoken_cache"),  # empty: nothing downloaded before
-                "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"})  # no network
-    r = subprocess.run([sys.executable, "-c", PYTHON[i]], cwd=workdir, capture_output=True, text=True, env=env,
-                       timeout=600)
+    env.update(
+        {
+            "RUSTCHAT_BASE_DIR": str(workdir / "base"),
+            "HF_HUB_OFFLINE": "1",
+            "HF_HOME": str(tmp_path / "hf"),
+            "TIKTOKEN_CACHE_DIR": str(tmp_path / "tiktoken_cache"),  # empty: nothing downloaded before
+            "HTTPS_PROXY": "http://127.0.0.1:9",
+            "HTTP_PROXY": "http://127.0.0.1:9",
+        }
+    )  # no network
+    r = subprocess.run(
+        [sys.executable, "-c", PYTHON[i]], cwd=workdir, capture_output=True, text=True, env=env, timeout=600
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr == "", r.stderr[-3000:]
 
@@ -104,5 +120,8 @@ def test_every_flag_the_readme_names_exists():
             known.update(a.option_strings)
             if isinstance(a, argparse._SubParsersAction):
                 stack.extend(a.choices.values())
-    named = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]+)", TEXT)) - {"--index-url", "--nproc-per-node"}  # pip's and torchrun's, not ours
+    named = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]+)", TEXT)) - {
+        "--index-url",
+        "--nproc-per-node",
+    }  # pip's and torchrun's, not ours
     assert named and named <= known, sorted(named - known)

@@ -1,5 +1,6 @@
 """Conversation rendering, SFT collation, packing and the mid-train stream (Rust core) against
 the plain-Python reference in ref_render.py (tiktoken on the same vocabulary)."""
+
 import json
 import threading
 
@@ -15,7 +16,9 @@ from rustchat.data.midtrain import MidTrainStream
 from ref_render import RefRenderer, make_encoding, ref_collate, ref_midtrain
 from helpers import with_states
 
-HYP = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+HYP = settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 
 
 @pytest.fixture(scope="session")
@@ -32,12 +35,15 @@ def ref(tok):
 @pytest.fixture(scope="session")
 def snippets(corpus):
     text = corpus["code"]
-    return [text[i:i + 300] for i in range(0, min(len(text), 200_000), 300)]
+    return [text[i : i + 300] for i in range(0, min(len(text), 200_000), 300)]
 
 
 # ------------------------------------------------------------------ strategies
 tricky = st.lists(
-    st.sampled_from(list("aAbz sS'\t\r\n09٣½.,!?-_\"()中文é😀🎉\u00a0\u2028") + ["'s", "  ", "\r\n", "<|bos|>", "<|assistant_end|>", "\n\n"]),
+    st.sampled_from(
+        list("aAbz sS'\t\r\n09٣½.,!?-_\"()中文é😀🎉\u00a0\u2028")
+        + ["'s", "  ", "\r\n", "<|bos|>", "<|assistant_end|>", "\n\n"]
+    ),
     max_size=40,
 ).map("".join)
 
@@ -54,13 +60,20 @@ def texts(draw):
     return draw(st.sampled_from(SNIPPETS))
 
 
-SNIPPETS = ["def f(x):\n    return x + 1\n", "The quick brown fox jumps over the lazy dog.", "  indented\n\n\ttabs", "1234567 + 89"]
+SNIPPETS = [
+    "def f(x):\n    return x + 1\n",
+    "The quick brown fox jumps over the lazy dog.",
+    "  indented\n\n\ttabs",
+    "1234567 + 89",
+]
 
 
 @st.composite
 def parts(draw):
     n = draw(st.integers(0, 4))
-    return [{"type": draw(st.sampled_from(["text", "python", "python_output"])), "text": draw(texts())} for _ in range(n)]
+    return [
+        {"type": draw(st.sampled_from(["text", "python", "python_output"])), "text": draw(texts())} for _ in range(n)
+    ]
 
 
 @st.composite
@@ -134,13 +147,26 @@ def test_long_conversation_is_not_truncated_for_completion(tok, ref, snippets):
 def test_real_text_and_surrogates(tok, ref, snippets):
     convs = []
     for i in range(0, len(snippets) - 4, 4):
-        a, b, c, d = snippets[i:i + 4]
-        convs.append({"messages": [
-            {"role": "system", "content": a[:50]}, {"role": "user", "content": b},
-            {"role": "assistant", "content": [{"type": "python", "text": c}, {"type": "python_output", "text": "4"},
-                                              {"type": "text", "text": d}]},
-        ]})
-    convs.append([{"role": "user", "content": "lone \ud800 surrogate \udfff"}, {"role": "assistant", "content": "\ud83d!"}])
+        a, b, c, d = snippets[i : i + 4]
+        convs.append(
+            {
+                "messages": [
+                    {"role": "system", "content": a[:50]},
+                    {"role": "user", "content": b},
+                    {
+                        "role": "assistant",
+                        "content": [
+                            {"type": "python", "text": c},
+                            {"type": "python_output", "text": "4"},
+                            {"type": "text", "text": d},
+                        ],
+                    },
+                ]
+            }
+        )
+    convs.append(
+        [{"role": "user", "content": "lone \ud800 surrogate \udfff"}, {"role": "assistant", "content": "\ud83d!"}]
+    )
     got = tok.render_conversations(convs, max_tokens=None)
     for g, c in zip(got, convs):
         _assert_same(g, ref.render(c, None))
@@ -198,11 +224,23 @@ BAD = [
     ([{"role": "user", "content": ["x"]}], "message 0: user content must be a str, got list"),
     ([{"role": "user", "content": None}], "message 0: user content must be a str, got NoneType"),
     ([{"role": "system", "content": 1}, U], "message 0: system content must be a str, got int"),
-    ([U, {"role": "assistant", "content": 7}], "message 1: assistant content must be a str or a list of parts, got int"),
-    ([U, {"role": "assistant", "content": [{"type": "image", "text": "x"}]}], "message 1, part 0: unknown part type 'image'"),
-    ([U, {"role": "assistant", "content": [{"type": "text", "text": "a"}, {"text": "x"}]}], "message 1, part 1: missing key 'type'"),
+    (
+        [U, {"role": "assistant", "content": 7}],
+        "message 1: assistant content must be a str or a list of parts, got int",
+    ),
+    (
+        [U, {"role": "assistant", "content": [{"type": "image", "text": "x"}]}],
+        "message 1, part 0: unknown part type 'image'",
+    ),
+    (
+        [U, {"role": "assistant", "content": [{"type": "text", "text": "a"}, {"text": "x"}]}],
+        "message 1, part 1: missing key 'type'",
+    ),
     ([U, {"role": "assistant", "content": [{"type": "text"}]}], "message 1, part 0: missing key 'text'"),
-    ([U, {"role": "assistant", "content": [{"type": "text", "text": b"x"}]}], "message 1, part 0: text must be a str, got bytes"),
+    (
+        [U, {"role": "assistant", "content": [{"type": "text", "text": b"x"}]}],
+        "message 1, part 0: text must be a str, got bytes",
+    ),
     ([U, {"role": "assistant", "content": ["x"]}], "message 1, part 0 is str, expected a dict"),
 ]
 
@@ -249,9 +287,13 @@ def test_missing_special_token_is_named(tok):
 
 # ------------------------------------------------------------------ collation
 rows_strategy = st.lists(
-    st.integers(0, 40).flatmap(lambda n: st.tuples(st.lists(st.integers(0, 999), min_size=n, max_size=n),
-                                                   st.lists(st.integers(0, 1), min_size=n, max_size=n))),
-    min_size=1, max_size=12,
+    st.integers(0, 40).flatmap(
+        lambda n: st.tuples(
+            st.lists(st.integers(0, 999), min_size=n, max_size=n), st.lists(st.integers(0, 1), min_size=n, max_size=n)
+        )
+    ),
+    min_size=1,
+    max_size=12,
 )
 
 
@@ -311,8 +353,8 @@ def check_packed(p, rows, row_len, long, pad_id):
             continue
         ids, mask = np.asarray(rows[c][0]), np.asarray(rows[c][1])
         j0 = int(p.seg_start[s])
-        assert inputs[a:b].tolist() == ids[j0:j0 + b - a].tolist()
-        want = np.where(mask[j0 + 1:j0 + 1 + b - a] != 0, ids[j0 + 1:j0 + 1 + b - a], -1)
+        assert inputs[a:b].tolist() == ids[j0 : j0 + b - a].tolist()
+        want = np.where(mask[j0 + 1 : j0 + 1 + b - a] != 0, ids[j0 + 1 : j0 + 1 + b - a], -1)
         assert targets[a:b].tolist() == want.tolist()
         for k in range(b - a):
             if want[k] >= 0:
@@ -336,11 +378,20 @@ def check_packed(p, rows, row_len, long, pad_id):
 
 @HYP
 @given(
-    st.lists(st.integers(0, 70).flatmap(lambda n: st.tuples(st.lists(st.integers(0, 999), min_size=n, max_size=n),
-                                                            st.lists(st.integers(0, 1), min_size=n, max_size=n))),
-             max_size=25),
-    st.integers(1, 48), st.sampled_from(["best_fit", "next_fit"]), st.sampled_from(["truncate", "split"]),
-    st.one_of(st.none(), st.integers(0, 6)), st.integers(0, 999),
+    st.lists(
+        st.integers(0, 70).flatmap(
+            lambda n: st.tuples(
+                st.lists(st.integers(0, 999), min_size=n, max_size=n),
+                st.lists(st.integers(0, 1), min_size=n, max_size=n),
+            )
+        ),
+        max_size=25,
+    ),
+    st.integers(1, 48),
+    st.sampled_from(["best_fit", "next_fit"]),
+    st.sampled_from(["truncate", "split"]),
+    st.one_of(st.none(), st.integers(0, 6)),
+    st.integers(0, 999),
 )
 def test_packing_keeps_conversations_apart(rows, row_len, policy, long, max_rows, pad_id):
     p = pack_rows(rows, row_len, pad_id=pad_id, policy=policy, long=long, max_rows=max_rows)

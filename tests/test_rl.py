@@ -2,6 +2,7 @@
 against a float64 reference, the token masks of on-policy rows (only the model's own sampled
 tokens; calculator outputs are not trained), reward rising on a toy task with a known optimum,
 resume == uninterrupted, 2 gloo processes == 1, and the custom JSON task's answer check."""
+
 import json
 import os
 import random
@@ -41,8 +42,7 @@ class ToyTask(Task):
         return self.size
 
     def get_example(self, i):
-        return {"messages": [{"role": "user", "content": f"pick {i % 97}"},
-                             {"role": "assistant", "content": "x"}]}
+        return {"messages": [{"role": "user", "content": f"pick {i % 97}"}, {"role": "assistant", "content": "x"}]}
 
     def evaluate(self, conversation, completion):
         return completion[:1] in GOOD
@@ -68,8 +68,20 @@ def base_dir(tmp_path_factory):
     return d
 
 
-TOY = dict(depth=1, device="cpu", quiet=True, eval_every=0, save_every=None, max_new_tokens=1, temperature=1.0,
-           top_k=0, examples_per_step=4, num_samples=8, device_batch_size=8, init_lr_frac=1.0)
+TOY = dict(
+    depth=1,
+    device="cpu",
+    quiet=True,
+    eval_every=0,
+    save_every=None,
+    max_new_tokens=1,
+    temperature=1.0,
+    top_k=0,
+    examples_per_step=4,
+    num_samples=8,
+    device_batch_size=8,
+    init_lr_frac=1.0,
+)
 
 
 def _copy(base_dir, tmp_path, name):
@@ -105,11 +117,23 @@ def test_advantages_and_loss_match_a_float64_reference(base_dir):
         def step(self):
             grads.update({k: p.grad.double().clone() for k, p in model.named_parameters() if p.grad is not None})
 
-    batch = rl.RolloutBatch(micro, sampled, {"reward_sum": 0, "replies": 1, "groups": 1, "all_right": 0,
-                                             "all_wrong": 0, "sampled": 1, "rollout_seconds": 0.0,
-                                             "sample_seconds": 1.0})
-    loss, ntok, _ = rl.rl_train_step(model, [Capture()], batch, torch.device("cpu"),
-                                     lambda: torch.autocast("cpu", enabled=False))
+    batch = rl.RolloutBatch(
+        micro,
+        sampled,
+        {
+            "reward_sum": 0,
+            "replies": 1,
+            "groups": 1,
+            "all_right": 0,
+            "all_wrong": 0,
+            "sampled": 1,
+            "rollout_seconds": 0.0,
+            "sample_seconds": 1.0,
+        },
+    )
+    loss, ntok, _ = rl.rl_train_step(
+        model, [Capture()], batch, torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False)
+    )
     # reference: plain Python advantages, float64 log-softmax of the logits
     ref = model.double()
     total = torch.zeros((), dtype=torch.float64)
@@ -140,6 +164,7 @@ def test_group_advantages_and_pass_at_k_against_counting():
     assert rl.group_advantages(rewards) == pytest.approx([r - mu for r in rewards])
     # pass@k == the share of k-subsets of the n samples that hold a right one
     import itertools
+
     n, c = 6, rng.randint(0, 6)
     outcomes = [True] * c + [False] * (n - c)
     for k in range(1, n + 1):
@@ -175,6 +200,7 @@ def test_rows_train_only_the_models_own_sampled_tokens(base_dir):
     """A reply with a calculator call: the forced <|output_start|> 42 <|output_end|> and the
     prompt are masked; every token the model sampled, the stop token included, is a target."""
     from rustchat.tokenizer import load_tokenizer
+
     tok = load_tokenizer(base_dir)
     sp, enc = tok.encode_special, tok.encode_ordinary
     conv = {"messages": [{"role": "user", "content": "6 times 7?"}, {"role": "assistant", "content": "42"}]}
@@ -205,7 +231,7 @@ def test_rows_train_only_the_models_own_sampled_tokens(base_dir):
             assert x == (prompt + reply)[:-1] and len(y) == len(x)
             trained = [t for t in y if t >= 0]
             assert trained == own
-            assert y[:len(prompt) - 1] == [-1] * (len(prompt) - 1)
+            assert y[: len(prompt) - 1] == [-1] * (len(prompt) - 1)
             assert all(y[len(prompt) - 1 + k] == -1 for k, f in enumerate(forced) if f)
 
 
@@ -217,8 +243,7 @@ def _rewards(res):
 def test_reward_rises_on_a_toy_task(base_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(stages, "rl_tasks", toy_tasks)
     d = _copy(base_dir, tmp_path, "toy")
-    res = stages.train_rl(RLConfig(**{**TOY, "max_steps": 24, "eval_every": 24, "eval_examples": 32},
-                                   base_dir=str(d)))
+    res = stages.train_rl(RLConfig(**{**TOY, "max_steps": 24, "eval_every": 24, "eval_examples": 32}, base_dir=str(d)))
     r = _rewards(res)
     first, last = sum(r[:4]) / 4, sum(r[-4:]) / 4
     assert last > first + 0.25, r
@@ -236,8 +261,9 @@ def test_resume_matches_uninterrupted(base_dir, tmp_path, monkeypatch):
     assert find_last_step(stage_dir("rl", 1, part)) == 2
     r2 = stages.train_rl(RLConfig(**kw, base_dir=str(part), resume=True))
     assert _rewards(r1) + _rewards(r2) == _rewards(r_full)
-    assert [h["loss"] for h in r1["history"] + r2["history"]] == pytest.approx([h["loss"] for h in r_full["history"]],
-                                                                               rel=1e-5, abs=1e-7)
+    assert [h["loss"] for h in r1["history"] + r2["history"]] == pytest.approx(
+        [h["loss"] for h in r_full["history"]], rel=1e-5, abs=1e-7
+    )
     a = load_checkpoint(stage_dir("rl", 1, full), load_optimizer=False)[0]
     b = load_checkpoint(stage_dir("rl", 1, part), load_optimizer=False)[0]
     for k in a:
@@ -269,8 +295,11 @@ def _run_ranks(d, nproc, dbs):
     out = d / "hist.json"
     script.write_text(RANKS_SCRIPT.format(tests=os.path.dirname(__file__), dbs=dbs, base=str(d), out=str(out)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(script)] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script)]
+    cmd = (
+        [sys.executable, str(script)]
+        if nproc == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script)]
+    )
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(out.read_text())
@@ -286,16 +315,25 @@ def test_two_gloo_processes_match_one(base_dir, tmp_path):
     # tokens get gradients that are 0 but for rounding, which AdamW (eps 1e-10) turns into
     # full-size steps of either sign, so no two summation orders would agree.
     assert [l for l, _ in h1] == pytest.approx([l for l, _ in h2], rel=1e-4, abs=1e-6)
-    _assert_same_weights(load_checkpoint(stage_dir("rl", 1, one), load_optimizer=False)[0],
-                         load_checkpoint(stage_dir("rl", 1, two), load_optimizer=False)[0], 2e-4)
+    _assert_same_weights(
+        load_checkpoint(stage_dir("rl", 1, one), load_optimizer=False)[0],
+        load_checkpoint(stage_dir("rl", 1, two), load_optimizer=False)[0],
+        2e-4,
+    )
     assert any(l != 0.0 for l, _ in h1)  # some groups carried a signal
 
 
 # ----------------------------------------------------------------------------- tasks and errors
 def test_custom_json_task_checks_reference_answers(tmp_path):
-    rows = [{"messages": [{"role": "user", "content": f"q{i}"},
-                          {"role": "assistant", "content": f"work\n#### {i * 7}" if i % 2 else f"word{i}"}]}
-            for i in range(20)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"q{i}"},
+                {"role": "assistant", "content": f"work\n#### {i * 7}" if i % 2 else f"word{i}"},
+            ]
+        }
+        for i in range(20)
+    ]
     p = tmp_path / "custom.jsonl"
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
     task = CustomJSON(p)
@@ -313,15 +351,34 @@ def test_custom_json_task_checks_reference_answers(tmp_path):
 
 def test_bad_input_is_one_line(base_dir, tmp_path, capsys):
     from rustchat.cli import main
+
     d = _copy(base_dir, tmp_path, "bad")
-    common = ["rl", "--depth", "1", "--device", "cpu", "--base-dir", str(d), "--quiet", "--tasks", "arithmetic",
-              "--train-size", "10", "--eval-examples", "2"]
+    common = [
+        "rl",
+        "--depth",
+        "1",
+        "--device",
+        "cpu",
+        "--base-dir",
+        str(d),
+        "--quiet",
+        "--tasks",
+        "arithmetic",
+        "--train-size",
+        "10",
+        "--eval-examples",
+        "2",
+    ]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "q"}]}\n')
-    for argv, what in [(["--tasks", "smoltalk"], "checkable answer"), (["--tasks", str(bad)], "bad.jsonl:1"),
-                       (["--from", str(tmp_path / "none")], "no checkpoint directory"),
-                       (["--depth", "3"], "sft"), (["--resume"], "no rl checkpoint"),
-                       (["--examples-per-step", "0"], "--examples-per-step must be >= 1")]:
+    for argv, what in [
+        (["--tasks", "smoltalk"], "checkable answer"),
+        (["--tasks", str(bad)], "bad.jsonl:1"),
+        (["--from", str(tmp_path / "none")], "no checkpoint directory"),
+        (["--depth", "3"], "sft"),
+        (["--resume"], "no rl checkpoint"),
+        (["--examples-per-step", "0"], "--examples-per-step must be >= 1"),
+    ]:
         assert main(common + argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and err.startswith("rustchat: error:") and what in err, (argv, err)
@@ -331,6 +388,7 @@ def test_tiny_preset_never_trains_on_the_problems_it_is_scored_on():
     from test_speedrun import _words_and_numbers
     from rustchat.evaluate import load_task
     from rustchat.speedrun import PRESETS
+
     cfg = RLConfig(**{**PRESETS["tiny"]["rl"], "train_size": 3000})
     train, held_out = stages.rl_tasks(cfg)
     for task, probe in zip(train, held_out):

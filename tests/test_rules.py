@@ -28,6 +28,7 @@ depth 20: D/D_ref = 3.952376, log2 = 1.9828, *0.383 = 0.7594 -> 19.759 -> 2^20 =
 depth 26: D/D_ref = 8.341652, log2 = 3.0603, *0.383 = 1.1721 -> 20.172 -> 2^20 = 1,048,576;
           steps 10510; scale 1.414214; wd 0.28*1.414214/8.341652 = 0.047470
 """
+
 from __future__ import annotations
 
 import math
@@ -63,11 +64,20 @@ def test_2026_rules_match_the_hand_table(depth):
     assert p.weight_decay == pytest.approx(wd, rel=1e-5)
     # the base learning rates (matrix 0.02, embedding 0.3, unembedding 0.008, scalars 0.5) times the scale
     assert (p.matrix_lr, p.embedding_lr, p.unembedding_lr, p.scalar_lr) == pytest.approx(
-        (0.02 * scale, 0.3 * scale, 0.008 * scale, 0.5 * scale), rel=1e-6)
+        (0.02 * scale, 0.3 * scale, 0.008 * scale, 0.5 * scale), rel=1e-6
+    )
     assert (p.warmup_steps, p.warmdown_ratio, p.final_lr_frac, p.packing) == (40, 0.65, 0.05, "bos_bestfit")
     line = p.describe()
-    for shown in (f"{tokens:,}", f"{batch:,}", f"{steps:,}", f"{p.lr_scale:.4f}", f"{p.weight_decay:.6g}",
-                  "warmup 40", "warmdown 0.65", "0.05"):
+    for shown in (
+        f"{tokens:,}",
+        f"{batch:,}",
+        f"{steps:,}",
+        f"{p.lr_scale:.4f}",
+        f"{p.weight_decay:.6g}",
+        "warmup 40",
+        "warmdown 0.65",
+        "0.05",
+    ):
         assert shown in line
 
 
@@ -112,8 +122,9 @@ def test_2026_schedules():
     assert base_lr_multiplier(0, n, warmup_steps=40, warmdown_ratio=0.65, final_lr_frac=0.05) == 1 / 40
     assert base_lr_multiplier(39, n, warmup_steps=40, warmdown_ratio=0.65, final_lr_frac=0.05) == 1.0
     assert base_lr_multiplier(350, n, warmup_steps=40, warmdown_ratio=0.65, final_lr_frac=0.05) == 1.0
-    assert base_lr_multiplier(675, n, warmup_steps=40, warmdown_ratio=0.65,
-                              final_lr_frac=0.05) == pytest.approx(0.5 + 0.5 * 0.05)
+    assert base_lr_multiplier(675, n, warmup_steps=40, warmdown_ratio=0.65, final_lr_frac=0.05) == pytest.approx(
+        0.5 + 0.5 * 0.05
+    )
     assert base_lr_multiplier(n, n, warmup_steps=40, warmdown_ratio=0.65, final_lr_frac=0.05) == pytest.approx(0.05)
     # momentum: 0.85 -> 0.97 over 400 steps, then 0.97 -> 0.90 across the warmdown (from step 350 here)
     assert muon_momentum_2026(0, 2000) == 0.85 and muon_momentum_2026(200, 2000) == pytest.approx(0.91)
@@ -138,7 +149,12 @@ def test_base_derives_the_table_from_depth_alone(depth):
     params, tokens, batch, steps, scale, wd = TABLE[depth]
     p = base_plan(cfg, model)
     assert (p.params, p.ref_params, p.target_tokens, p.total_batch_size, p.num_steps) == (
-        params, REF_PARAMS, tokens, batch, steps)
+        params,
+        REF_PARAMS,
+        tokens,
+        batch,
+        steps,
+    )
     assert p.weight_decay == pytest.approx(wd, rel=1e-5)
 
 
@@ -152,21 +168,39 @@ def test_the_base_banner_prints_the_plan(tmp_path, capsys):
     (tmp_path / "text").mkdir()
     (tmp_path / "text" / "a.txt").write_text("\n\n".join(docs[:50]))
     (tmp_path / "text" / "b.txt").write_text("\n\n".join(docs[50:]))
-    res = train_base(BaseConfig(depth=1, seq_len=32, device_batch_size=2, total_batch_size=64, max_steps=2,
-                                device="cpu", quiet=True, eval_every=0, data_dir=str(tmp_path / "text"),
-                                base_dir=str(tmp_path)))
+    res = train_base(
+        BaseConfig(
+            depth=1,
+            seq_len=32,
+            device_batch_size=2,
+            total_batch_size=64,
+            max_steps=2,
+            device="cpu",
+            quiet=True,
+            eval_every=0,
+            data_dir=str(tmp_path / "text"),
+            base_dir=str(tmp_path),
+        )
+    )
     out = capsys.readouterr().out
     p = res["plan"]
     assert "rules 2026" in out and "rows: bos_bestfit" in out
-    for shown in (f"{p['target_tokens']:,} tokens", f"lr scale {p['lr_scale']:.4f}", f"weight decay {p['weight_decay']:.6g}",
-                  "warmup 40 steps", "warmdown 0.65 to 0.05"):
+    for shown in (
+        f"{p['target_tokens']:,} tokens",
+        f"lr scale {p['lr_scale']:.4f}",
+        f"weight decay {p['weight_decay']:.6g}",
+        "warmup 40 steps",
+        "warmdown 0.65 to 0.05",
+    ):
         assert shown in out
     # the matrices' weight decay follows its half cosine: at step 1 of 2, half the peak
     from rustchat.checkpoint import load_checkpoint, stage_dir
+
     _, states, _ = load_checkpoint(stage_dir("base", 1, tmp_path), load_optimizer=True)
     per_rank = states if isinstance(states[0], list) else [states]  # sharded: one list of states per rank
-    decays = [g.get("weight_decay") for rank in per_rank for st in rank for g in st["param_groups"]
-              if g.get("kind") == "muon"]
+    decays = [
+        g.get("weight_decay") for rank in per_rank for st in rank for g in st["param_groups"] if g.get("kind") == "muon"
+    ]
     assert any(d == pytest.approx(p["weight_decay"] / 2, rel=1e-9) for d in decays), (decays, p["weight_decay"])
 
 

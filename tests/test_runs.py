@@ -2,6 +2,7 @@
 a new run never hides behind an old one's checkpoints (refused, or archived with --force),
 one writer at a time (an advisory lock, tested with two processes), and every command
 without --depth picks the depth the same way."""
+
 import json
 import os
 import random
@@ -26,12 +27,20 @@ from rustchat.checkpoint import (
 )
 from rustchat.cli import main
 from rustchat.common import RustchatError
-from rustchat.config import STAGE_CONFIGS, SpeedrunConfig
+from rustchat.config import STAGE_CONFIGS
 from rustchat.model import GPT, GPTConfig
 from rustchat.stages import resolve_run, train_sft
 
-TINY = dict(seq_len=64, device="cpu", quiet=True, eval_every=0, eval_batches=1, device_batch_size=2,
-            total_batch_conversations=4, tasks="tiny")
+TINY = dict(
+    seq_len=64,
+    device="cpu",
+    quiet=True,
+    eval_every=0,
+    eval_batches=1,
+    device_batch_size=2,
+    total_batch_conversations=4,
+    tasks="tiny",
+)
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +72,28 @@ def _one_line_error(argv, capsys):
 def test_resume_restores_the_run_from_its_checkpoint(base_dir, tmp_path, capsys):
     d = _copy(base_dir, tmp_path, "resume")
     seq = random.choice([48, 64])
-    argv = ["sft", "--depth", "1", "--device", "cpu", "--seq-len", str(seq), "--device-batch-size", "2",
-            "--total-batch-conversations", "4", "--tasks", "tiny", "--max-steps", "4", "--eval-every", "0",
-            "--quiet", "--base-dir", str(d)]
+    argv = [
+        "sft",
+        "--depth",
+        "1",
+        "--device",
+        "cpu",
+        "--seq-len",
+        str(seq),
+        "--device-batch-size",
+        "2",
+        "--total-batch-conversations",
+        "4",
+        "--tasks",
+        "tiny",
+        "--max-steps",
+        "4",
+        "--eval-every",
+        "0",
+        "--quiet",
+        "--base-dir",
+        str(d),
+    ]
     assert main(argv + ["--stop-at-step", "2"]) == 0
     out = capsys.readouterr().out
     cont = f"rustchat sft --resume --depth 1 --base-dir {d}"
@@ -100,22 +128,41 @@ def test_every_stage_resumes_its_own_run(base_dir, tmp_path, stage, capsys):
     with the stage's checkpoint, and a finished run says so."""
     d = _copy(base_dir, tmp_path, stage)
     seq = random.choice([32, 64])
-    argv = [stage, "--device", "cpu", "--seq-len", str(seq), "--device-batch-size", "2", "--total-batch-size",
-            str(2 * seq), "--max-steps", "3", "--eval-every", "0", "--quiet", "--base-dir", str(d)]
+    argv = [
+        stage,
+        "--device",
+        "cpu",
+        "--seq-len",
+        str(seq),
+        "--device-batch-size",
+        "2",
+        "--total-batch-size",
+        str(2 * seq),
+        "--max-steps",
+        "3",
+        "--eval-every",
+        "0",
+        "--quiet",
+        "--base-dir",
+        str(d),
+    ]
     if stage == "base":
         rnd = random.Random()
         text = d / "text"
         text.mkdir()
         for name in ("a.txt", "b.txt"):
-            (text / name).write_text("\n\n".join(" ".join(rnd.choice("the cat sat on a mat".split()) for _ in range(30))
-                                                  for _ in range(60)))
+            (text / name).write_text(
+                "\n\n".join(" ".join(rnd.choice("the cat sat on a mat".split()) for _ in range(30)) for _ in range(60))
+            )
         argv += ["--depth", "1", "--data-dir", str(text), "--bpb-tokens", "256"]
     else:
         shutil.move(d / "mid_checkpoints", d / "base_checkpoints")  # what mid starts from
         argv += ["--tasks", "tiny"]
     assert main(argv + ["--stop-at-step", "1"]) == 0
-    assert f"stopped at step 1 of 3; continue with: rustchat {stage} --resume --depth 1 --base-dir {d}" in \
-        capsys.readouterr().out
+    assert (
+        f"stopped at step 1 of 3; continue with: rustchat {stage} --resume --depth 1 --base-dir {d}"
+        in capsys.readouterr().out
+    )
     assert main([stage, "--resume", "--base-dir", str(d)]) == 0
     meta = latest_meta(stage_dir(stage, 1, d))
     assert meta["step"] == 3 and meta["config"]["seq_len"] == seq and meta["config"]["device"] == "cpu"
@@ -152,11 +199,31 @@ def test_a_fresh_run_over_an_old_one_is_refused_or_archived(base_dir, tmp_path, 
     old_steps = random.randint(3, 5)
     train_sft(STAGE_CONFIGS["sft"](depth=1, max_steps=old_steps, save_every=1, base_dir=str(d), **TINY))
     old = latest_meta(ck)
-    assert old["run_id"] and all(json.loads((ck / f"meta_{s:06d}.json").read_text())["run_id"] == old["run_id"]
-                                 for s in range(1, old_steps + 1))
-    argv = ["sft", "--depth", "1", "--device", "cpu", "--seq-len", "64", "--device-batch-size", "2",
-            "--total-batch-conversations", "4", "--tasks", "tiny", "--max-steps", "2", "--eval-every", "0",
-            "--quiet", "--base-dir", str(d)]
+    assert old["run_id"] and all(
+        json.loads((ck / f"meta_{s:06d}.json").read_text())["run_id"] == old["run_id"] for s in range(1, old_steps + 1)
+    )
+    argv = [
+        "sft",
+        "--depth",
+        "1",
+        "--device",
+        "cpu",
+        "--seq-len",
+        "64",
+        "--device-batch-size",
+        "2",
+        "--total-batch-conversations",
+        "4",
+        "--tasks",
+        "tiny",
+        "--max-steps",
+        "2",
+        "--eval-every",
+        "0",
+        "--quiet",
+        "--base-dir",
+        str(d),
+    ]
     err = _one_line_error(argv, capsys)
     assert f"holds run {old['run_id']} (up to step {old_steps})" in err and "--resume" in err and "--force" in err
     assert find_last_step(ck) == old_steps  # nothing touched
@@ -179,8 +246,9 @@ def test_speedrun_refuses_before_any_work_over_an_earlier_run(tmp_path, capsys):
     from rustchat.speedrun import PRESETS
 
     depth = PRESETS["tiny"]["common"]["depth"]
-    save_checkpoint(stage_dir("mid", depth, tmp_path), 7, GPT(GPTConfig.from_depth(1, vocab_size=300,
-                                                                                    sequence_len=32)), None, {})
+    save_checkpoint(
+        stage_dir("mid", depth, tmp_path), 7, GPT(GPTConfig.from_depth(1, vocab_size=300, sequence_len=32)), None, {}
+    )
     err = _one_line_error(["speedrun", "--device", "cpu", "--quiet", "--base-dir", str(tmp_path)], capsys)
     assert "--force" in err and "step 7" in err
     assert not (tmp_path / "tokenizer").exists()  # refused before the tokenizer was trained
@@ -190,10 +258,31 @@ def test_speedrun_refuses_before_any_work_over_an_earlier_run(tmp_path, capsys):
 def test_a_second_concurrent_run_fails_naming_the_first(base_dir, tmp_path):
     d = _copy(base_dir, tmp_path, "locked")
     env = {**os.environ, "RUSTCHAT_BASE_DIR": str(d), "OMP_NUM_THREADS": "1"}
-    args = ["sft", "--depth", "1", "--device", "cpu", "--seq-len", "64", "--device-batch-size", "2",
-            "--total-batch-conversations", "4", "--tasks", "tiny", "--eval-every", "0", "--quiet"]
-    first = subprocess.Popen([sys.executable, "-m", "rustchat.cli", *args, "--max-steps", "100000"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    args = [
+        "sft",
+        "--depth",
+        "1",
+        "--device",
+        "cpu",
+        "--seq-len",
+        "64",
+        "--device-batch-size",
+        "2",
+        "--total-batch-conversations",
+        "4",
+        "--tasks",
+        "tiny",
+        "--eval-every",
+        "0",
+        "--quiet",
+    ]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "rustchat.cli", *args, "--max-steps", "100000"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     lock = stage_dir("sft", 1, d) / StageLock.NAME
     try:
         for _ in range(3000):  # until the first run holds the lock (bounded, not timed)
@@ -201,8 +290,13 @@ def test_a_second_concurrent_run_fails_naming_the_first(base_dir, tmp_path):
                 break
             time.sleep(0.1)
         assert first.poll() is None, first.stderr.read()
-        second = subprocess.run([sys.executable, "-m", "rustchat.cli", *args, "--max-steps", "2"],
-                                capture_output=True, text=True, env=env, timeout=600)
+        second = subprocess.run(
+            [sys.executable, "-m", "rustchat.cli", *args, "--max-steps", "2"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
         err = second.stderr.strip()
         assert second.returncode == 2 and err.startswith("rustchat: error: ") and "\n" not in err, err
         assert f"is in use by another run (pid {first.pid} " in err and "rustchat sft" in err
@@ -223,8 +317,9 @@ def test_every_command_picks_the_depth_the_same_way(base_dir, tmp_path, capsys):
     assert resolve_run(STAGE_CONFIGS["sft"](base_dir=str(d), **TINY)).depth == 1
     assert resolve_run(STAGE_CONFIGS["base"](base_dir=str(d))).depth == 10  # a new model: nothing to pick from
     extra = random.choice([2, 3])
-    save_checkpoint(stage_dir("mid", extra, d), 0, GPT(GPTConfig.from_depth(extra, vocab_size=300, sequence_len=64)),
-                    None, {})
+    save_checkpoint(
+        stage_dir("mid", extra, d), 0, GPT(GPTConfig.from_depth(extra, vocab_size=300, sequence_len=64)), None, {}
+    )
     with pytest.raises(RustchatError, match=rf"mid checkpoints at depths 1, {extra}: choose one with --depth"):
         resolve_run(STAGE_CONFIGS["sft"](base_dir=str(d), **TINY))
     err = _one_line_error(["export", "-i", "mid", "--base-dir", str(d), "--out", str(tmp_path / "x")], capsys)
@@ -245,16 +340,22 @@ def test_version_names_package_and_core():
     assert r.stdout.strip() == f"rustchat {version('rustchat')} (core {rustchat._core.__version__})"
 
 
-@pytest.mark.parametrize("argv,command", [(["sft", "--dept", "2"], "rustchat sft"),
-                                          (["chat", "--temp", "1"], "rustchat chat"),
-                                          (["tok", "train", "--input", "x", "--vocab", "300"], "rustchat tok train")])
+@pytest.mark.parametrize(
+    "argv,command",
+    [
+        (["sft", "--dept", "2"], "rustchat sft"),
+        (["chat", "--temp", "1"], "rustchat chat"),
+        (["tok", "train", "--input", "x", "--vocab", "300"], "rustchat tok train"),
+    ],
+)
 def test_flag_errors_name_the_subcommand_help_and_refuse_abbreviations(argv, command, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "\n" not in err
     assert err.startswith(f"{command}: error: unrecognized arguments: {argv[-2]}") and err.endswith(
-        f"(see {command} --help)")
+        f"(see {command} --help)"
+    )
 
 
 def test_chat_and_serve_sample_at_one_default_temperature():

@@ -2,6 +2,7 @@
 process), files outside the sandbox and the process table are left as they were.
 
 Attacks that only namespaces stop are skipped, saying why, where bubblewrap cannot run."""
+
 import os
 import random
 import shutil
@@ -135,14 +136,17 @@ def test_raw_sockets_reach_nothing():
 @needs_namespaces
 def test_setsid_child_does_not_outlive_the_timeout():
     marker = f"{random.randrange(10**6, 10**7)}.{random.randrange(10**6)}"
-    result = _attack(f"""
+    result = _attack(
+        f"""
         import posix
         if posix.fork() == 0:
             posix.setsid()
             posix.execv("/bin/sleep", ["sleep", "{marker}"])
         while True:
             pass
-    """, timeout=2)
+    """,
+        timeout=2,
+    )
     assert result.status == "timeout"
     assert _processes_with(marker) == []
 
@@ -185,13 +189,16 @@ def test_fork_bomb_is_bounded_by_the_process_limit():
     assert _processes_with(marker) == []
 
 
-@pytest.mark.parametrize("forgery", [
-    "import __main__, os\nprint('\\n' + str(getattr(__main__, '_nonce', '')))\nos._exit(0)",
-    "import sys, os\nprint('harness: all checks passed')\nsys.stdout.flush()\nos._exit(0)",
-    "import os\nos.write(3, b'harness: all checks passed\\n')\nos._exit(0)",
-    "raise SystemExit(0)",
-    "class Anything:\n    def __eq__(self, other):\n        return True\nreturn Anything()",
-])
+@pytest.mark.parametrize(
+    "forgery",
+    [
+        "import __main__, os\nprint('\\n' + str(getattr(__main__, '_nonce', '')))\nos._exit(0)",
+        "import sys, os\nprint('harness: all checks passed')\nsys.stdout.flush()\nos._exit(0)",
+        "import os\nos.write(3, b'harness: all checks passed\\n')\nos._exit(0)",
+        "raise SystemExit(0)",
+        "class Anything:\n    def __eq__(self, other):\n        return True\nreturn Anything()",
+    ],
+)
 def test_a_pass_cannot_be_forged(forgery):
     result = _attack(forgery)
     assert result.status == "failed", (result.stdout, result.stderr)

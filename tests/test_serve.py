@@ -1,6 +1,7 @@
 """The web server: request limits (4xx naming the problem), the SSE stream, the OpenAI API driven
 by the official `openai` client, 200 concurrent streams, Host/Origin checks, and the real page
 driven in headless Chromium over the DevTools protocol, all against loopback servers."""
+
 import asyncio
 import contextlib
 import json
@@ -30,7 +31,7 @@ from rustchat.serve import create_app  # noqa: E402
 @pytest.fixture(scope="module")
 def tok(corpus):
     text = corpus["code"][:200_000]
-    return rustchat.Tokenizer.train([text[i:i + 5000] for i in range(0, len(text), 5000)], vocab_size=512)
+    return rustchat.Tokenizer.train([text[i : i + 5000] for i in range(0, len(text), 5000)], vocab_size=512)
 
 
 class TalkativeGPT(GPT):
@@ -46,8 +47,9 @@ class TalkativeGPT(GPT):
 @pytest.fixture(scope="module")
 def engine(tok):
     torch.manual_seed(0)
-    model = TalkativeGPT(GPTConfig(sequence_len=256, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_kv_head=2,
-                                   n_embd=64)).eval()
+    model = TalkativeGPT(
+        GPTConfig(sequence_len=256, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+    ).eval()
     return Engine(model, tok)
 
 
@@ -68,32 +70,38 @@ def sse_events(text):
     for block in text.split("\n\n"):
         if block.strip():
             assert block.startswith("data: "), block
-            events.append(json.loads(block[len("data: "):]))
+            events.append(json.loads(block[len("data: ") :]))
     return events
 
 
-@pytest.mark.parametrize("body, status, words", [
-    ({"messages": [user()] * 501}, 413, "too many messages"),
-    ({"messages": [user("x" * 8001)]}, 413, "message 0 is too long"),
-    ({"messages": [user("x" * 7000), {"role": "assistant", "content": "y" * 7000}] * 2 + [user("z" * 7000)]}, 413,
-     "conversation is too long"),
-    ({"messages": [user()], "temperature": 2.5}, 400, "temperature"),
-    ({"messages": [user()], "temperature": -0.1}, 400, "temperature"),
-    ({"messages": [user()], "top_k": 0}, 400, "top_k"),
-    ({"messages": [user()], "top_k": 201}, 400, "top_k"),
-    ({"messages": [user()], "top_k": 2.5}, 400, "top_k"),
-    ({"messages": [user()], "max_tokens": 0}, 400, "max_tokens"),
-    ({"messages": [user()], "max_tokens": 4097}, 400, "max_tokens"),
-    ({"messages": [user()], "temperature": "hot"}, 400, "temperature"),
-    ({"messages": []}, 400, "messages"),
-    ({"messages": "hello"}, 400, "messages"),
-    ({}, 400, "messages"),
-    ({"messages": [user(), user()]}, 400, "message 1: expected role 'assistant'"),
-    ({"messages": [user(), {"role": "assistant", "content": "hi"}]}, 400, "last message must be from the user"),
-    ({"messages": [{"role": "robot", "content": "x"}]}, 400, "role"),
-    ({"messages": [{"role": "user", "content": 5}]}, 400, "content"),
-    ([1, 2], 400, "JSON object"),
-])
+@pytest.mark.parametrize(
+    "body, status, words",
+    [
+        ({"messages": [user()] * 501}, 413, "too many messages"),
+        ({"messages": [user("x" * 8001)]}, 413, "message 0 is too long"),
+        (
+            {"messages": [user("x" * 7000), {"role": "assistant", "content": "y" * 7000}] * 2 + [user("z" * 7000)]},
+            413,
+            "conversation is too long",
+        ),
+        ({"messages": [user()], "temperature": 2.5}, 400, "temperature"),
+        ({"messages": [user()], "temperature": -0.1}, 400, "temperature"),
+        ({"messages": [user()], "top_k": 0}, 400, "top_k"),
+        ({"messages": [user()], "top_k": 201}, 400, "top_k"),
+        ({"messages": [user()], "top_k": 2.5}, 400, "top_k"),
+        ({"messages": [user()], "max_tokens": 0}, 400, "max_tokens"),
+        ({"messages": [user()], "max_tokens": 4097}, 400, "max_tokens"),
+        ({"messages": [user()], "temperature": "hot"}, 400, "temperature"),
+        ({"messages": []}, 400, "messages"),
+        ({"messages": "hello"}, 400, "messages"),
+        ({}, 400, "messages"),
+        ({"messages": [user(), user()]}, 400, "message 1: expected role 'assistant'"),
+        ({"messages": [user(), {"role": "assistant", "content": "hi"}]}, 400, "last message must be from the user"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, 400, "role"),
+        ({"messages": [{"role": "user", "content": 5}]}, 400, "content"),
+        ([1, 2], 400, "JSON object"),
+    ],
+)
 def test_limits_are_enforced(client, body, status, words):
     r = client.post("/chat/completions", json=body)
     assert r.status_code == status, r.text
@@ -111,15 +119,19 @@ def test_limits_at_the_edges_are_accepted(client):
     from rustchat.serve_request import parse_request
 
     edge = [user("x" * 8000), {"role": "assistant", "content": "y" * 8000}] * 2 + [user("")]  # 32,000 chars
-    for extra in ({"temperature": 0, "top_k": 1, "max_tokens": 1}, {"temperature": 2, "top_k": 200, "max_tokens": 4096}):
+    for extra in (
+        {"temperature": 0, "top_k": 1, "max_tokens": 1},
+        {"temperature": 2, "top_k": 200, "max_tokens": 4096},
+    ):
         req = parse_request({"messages": edge, **extra})
         assert (req["temperature"], req["top_k"], req["max_tokens"]) == tuple(extra.values())
     many = [user("x" * 10), {"role": "assistant", "content": "y"}] * 249 + [user("what now?")]
     req = parse_request({"messages": [{"role": "system", "content": "be brief"}] + many})  # 500 messages
     assert len(req["messages"]) == 500 and req["max_tokens"] == 512
     # over HTTP: a history longer than the model's context is trimmed from the oldest turns
-    r = client.post("/chat/completions", json={"messages": [{"role": "system", "content": "be brief"}] + many,
-                                               "max_tokens": 2})
+    r = client.post(
+        "/chat/completions", json={"messages": [{"role": "system", "content": "be brief"}] + many, "max_tokens": 2}
+    )
     assert r.status_code == 200, r.text
     events = sse_events(r.text)
     assert events[-1] == {"done": True} and len(events) >= 2
@@ -129,8 +141,10 @@ def test_limits_at_the_edges_are_accepted(client):
 
 
 def test_sse_stream_format(client):
-    r = client.post("/chat/completions", json={"messages": [user("tell me a story")], "temperature": 0.9,
-                                               "top_k": 40, "max_tokens": 16, "seed": 3})
+    r = client.post(
+        "/chat/completions",
+        json={"messages": [user("tell me a story")], "temperature": 0.9, "top_k": 40, "max_tokens": 16, "seed": 3},
+    )
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/event-stream")
     assert r.text.endswith("\n\n")
@@ -140,8 +154,10 @@ def test_sse_stream_format(client):
     assert tokens and all(isinstance(t, str) for t in tokens)
     assert "".join(tokens)
     # seeded requests repeat
-    again = client.post("/chat/completions", json={"messages": [user("tell me a story")], "temperature": 0.9,
-                                                   "top_k": 40, "max_tokens": 16, "seed": 3})
+    again = client.post(
+        "/chat/completions",
+        json={"messages": [user("tell me a story")], "temperature": 0.9, "top_k": 40, "max_tokens": 16, "seed": 3},
+    )
     assert again.text == r.text
 
 
@@ -162,8 +178,15 @@ def test_tool_call_is_streamed(tok):
     sp = tok.encode_special
     msgs = [user("2+3?")]
     prompt_len = len(render_for_completion(tok, {"messages": msgs + [{"role": "assistant", "content": ""}]}))
-    script = [sp("<|python_start|>"), *tok.encode_ordinary("2+3"), sp("<|python_end|>"), 0, 0, 0,
-              *tok.encode_ordinary("ok")]
+    script = [
+        sp("<|python_start|>"),
+        *tok.encode_ordinary("2+3"),
+        sp("<|python_end|>"),
+        0,
+        0,
+        0,
+        *tok.encode_ordinary("ok"),
+    ]
 
     class Scripted(torch.nn.Module):
         config = GPTConfig(sequence_len=128, vocab_size=tok.vocab_size, n_layer=1, n_head=1, n_kv_head=1, n_embd=8)
@@ -228,8 +251,9 @@ class _DevTools:
     def __init__(self, ws_url):
         import websocket
 
-        self.ws = websocket.create_connection(ws_url, timeout=10, suppress_origin=True,
-                                              http_no_proxy=["127.0.0.1", "localhost"])
+        self.ws = websocket.create_connection(
+            ws_url, timeout=10, suppress_origin=True, http_no_proxy=["127.0.0.1", "localhost"]
+        )
         self.next_id = 0
 
     def call(self, method, **params):
@@ -267,8 +291,9 @@ def test_web_page_in_headless_chromium(engine):
     if browser is None:
         pytest.skip("no chromium binary on PATH (Debian: apt-get install chromium)")
     pytest.importorskip("websocket", reason="needs websocket-client for the DevTools protocol")
-    app = create_app(engine, max_tokens=24, model_info={"model": "sft d2 step 7", "stage": "sft", "depth": 2,
-                                                          "step": 7})
+    app = create_app(
+        engine, max_tokens=24, model_info={"model": "sft d2 step 7", "stage": "sft", "depth": 2, "step": 7}
+    )
     profile = tempfile.mkdtemp(prefix="rustchat_chromium_")
     proc = None
     devtools = None
@@ -278,11 +303,29 @@ def test_web_page_in_headless_chromium(engine):
         stack.callback(lambda: devtools is not None and devtools.close())
         stack.callback(lambda: proc is not None and _kill_group(proc))
         proc = subprocess.Popen(
-            [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-             "--no-first-run", "--no-default-browser-check", "--disable-extensions", "--disable-sync",
-             "--disable-background-networking", "--no-proxy-server", "--remote-debugging-address=127.0.0.1",
-             "--remote-debugging-port=0", "--remote-allow-origins=*", f"--user-data-dir={profile}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+            [
+                browser,
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--no-first-run",
+                "--no-default-browser-check",
+                "--disable-extensions",
+                "--disable-sync",
+                "--disable-background-networking",
+                "--no-proxy-server",
+                "--remote-debugging-address=127.0.0.1",
+                "--remote-debugging-port=0",
+                "--remote-allow-origins=*",
+                f"--user-data-dir={profile}",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         # the browser prints its DevTools endpoint; wait for it without blocking forever
         found = {}
 
@@ -303,25 +346,36 @@ def test_web_page_in_headless_chromium(engine):
         devtools = _DevTools(page["webSocketDebuggerUrl"])
         devtools.call("Page.enable")
         devtools.call("Page.navigate", url=f"http://127.0.0.1:{port}/")
-        _wait(lambda: devtools.js("document.readyState === 'complete' && !!document.getElementById('send')"),
-              20, "the page to load")
+        _wait(
+            lambda: devtools.js("document.readyState === 'complete' && !!document.getElementById('send')"),
+            20,
+            "the page to load",
+        )
 
         # type into the box with real input events, then click Send with the mouse
         devtools.js("document.getElementById('input').focus()")
         devtools.call("Input.insertText", text="Hello from the browser test")
         assert devtools.js("document.getElementById('input').value") == "Hello from the browser test"
-        rect = devtools.js("(() => { const r = document.getElementById('send').getBoundingClientRect();"
-                           " return [r.x + r.width / 2, r.y + r.height / 2]; })()")
+        rect = devtools.js(
+            "(() => { const r = document.getElementById('send').getBoundingClientRect();"
+            " return [r.x + r.width / 2, r.y + r.height / 2]; })()"
+        )
         for kind in ("mousePressed", "mouseReleased"):
             devtools.call("Input.dispatchMouseEvent", type=kind, x=rect[0], y=rect[1], button="left", clickCount=1)
 
-        state = _wait(lambda: (lambda s: s if s["replies"] >= 1 and s["state"] == "idle" else None)(devtools.js(
-            "({state: document.body.dataset.state, replies: Number(document.body.dataset.replies),"
-            " chunks: Number(document.body.dataset.chunks),"
-            " user: [...document.querySelectorAll('.msg.user')].map(e => e.textContent),"
-            " answer: [...document.querySelectorAll('.msg.assistant')].map(e => e.textContent),"
-            " errors: [...document.querySelectorAll('.msg.error')].map(e => e.textContent)})")),
-            60, "the streamed answer")
+        state = _wait(
+            lambda: (lambda s: s if s["replies"] >= 1 and s["state"] == "idle" else None)(
+                devtools.js(
+                    "({state: document.body.dataset.state, replies: Number(document.body.dataset.replies),"
+                    " chunks: Number(document.body.dataset.chunks),"
+                    " user: [...document.querySelectorAll('.msg.user')].map(e => e.textContent),"
+                    " answer: [...document.querySelectorAll('.msg.assistant')].map(e => e.textContent),"
+                    " errors: [...document.querySelectorAll('.msg.error')].map(e => e.textContent)})"
+                )
+            ),
+            60,
+            "the streamed answer",
+        )
         assert state["errors"] == []
         assert state["user"] == ["Hello from the browser test"]
         assert len(state["answer"]) == 1 and state["answer"][0].strip()
@@ -356,8 +410,9 @@ def serving(app):
     from rustchat.serve_connections import protocol_class
 
     # the protocol `rustchat serve` runs (deadlines, connection cap, JSON 400s)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5,
-                                           http=protocol_class(256)))
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5, http=protocol_class(256))
+    )
     th = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     th.start()
     try:
@@ -383,8 +438,9 @@ def openai_client(port, cls=None):
     import openai
 
     http = (httpx.AsyncClient if cls is openai.AsyncOpenAI else httpx.Client)(trust_env=False, timeout=120)
-    return (cls or openai.OpenAI)(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
-                                  http_client=http)
+    return (cls or openai.OpenAI)(
+        base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, http_client=http
+    )
 
 
 def engine_text(engine, messages, max_tokens):
@@ -410,8 +466,16 @@ def test_openai_client_round_trip(server, engine):
     assert r.choices[0].finish_reason == "length"  # TalkativeGPT never ends a reply by itself
     assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (prompt_len, 10, prompt_len + 10)
     # streamed: the same text in chat.completion.chunk events, then [DONE] (the client stops there)
-    chunks = list(client.chat.completions.create(model=MODEL_ID, messages=msgs, max_tokens=10, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL_ID,
+            messages=msgs,
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
@@ -422,15 +486,20 @@ def test_openai_client_round_trip(server, engine):
     assert r.usage.completion_tokens == 3 and expected.startswith(r.choices[0].message.content)
     # stop strings cut the text before them, streamed or not
     stop = expected[4:7]
-    cut = expected[:expected.find(stop)]
+    cut = expected[: expected.find(stop)]
     r = client.chat.completions.create(model=MODEL_ID, messages=msgs, max_tokens=10, temperature=0, stop=[stop])
     assert (r.choices[0].message.content, r.choices[0].finish_reason) == (cut, "stop")
-    streamed = client.chat.completions.create(model=MODEL_ID, messages=msgs, max_tokens=10, temperature=0,
-                                              stop=stop, stream=True)
+    streamed = client.chat.completions.create(
+        model=MODEL_ID, messages=msgs, max_tokens=10, temperature=0, stop=stop, stream=True
+    )
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == cut
     # seeded sampling (top_p) repeats
-    a, b = (client.chat.completions.create(model=MODEL_ID, messages=msgs, max_tokens=8, temperature=1.0, top_p=0.9,
-                                           seed=11).choices[0].message.content for _ in range(2))
+    a, b = (
+        client.chat.completions.create(model=MODEL_ID, messages=msgs, max_tokens=8, temperature=1.0, top_p=0.9, seed=11)
+        .choices[0]
+        .message.content
+        for _ in range(2)
+    )
     assert a == b
 
 
@@ -448,8 +517,10 @@ def test_openai_errors(server):
 
     e = refused(openai.BadRequestError, messages=[user("x" * 8001)])
     assert e.code == "string_above_max_length" and "too long" in e.message
-    e = refused(openai.BadRequestError, messages=[user("x" * 7000), {"role": "assistant", "content": "y" * 7000}] * 2
-                + [user("z" * 7000)])
+    e = refused(
+        openai.BadRequestError,
+        messages=[user("x" * 7000), {"role": "assistant", "content": "y" * 7000}] * 2 + [user("z" * 7000)],
+    )
     assert e.code == "context_length_exceeded"
     assert refused(openai.BadRequestError, temperature=2.5).param == "temperature"
     assert refused(openai.BadRequestError, top_p=0).param == "top_p"
@@ -479,8 +550,9 @@ def test_16_concurrent_openai_requests_each_get_their_own_answer(server, engine)
 
     async def ask(client, i):
         if i % 2:
-            stream = await client.chat.completions.create(model=MODEL_ID, messages=prompts[i], max_tokens=8,
-                                                          temperature=0, stream=True)
+            stream = await client.chat.completions.create(
+                model=MODEL_ID, messages=prompts[i], max_tokens=8, temperature=0, stream=True
+            )
             return "".join([c.choices[0].delta.content or "" async for c in stream])
         r = await client.chat.completions.create(model=MODEL_ID, messages=prompts[i], max_tokens=8, temperature=0)
         return r.choices[0].message.content
@@ -519,10 +591,26 @@ def cli_serving(base, *flags, preexec_fn=None, log_name="serve.log"):
         port = s.getsockname()[1]
     log_path = base / log_name
     log = open(log_path, "w+")  # a file, not a pipe: a full pipe would block the server's logging
-    proc = subprocess.Popen([sys.executable, "-m", "rustchat.cli", "serve", "--base-dir", str(base), "--port",
-                             str(port), "--device", "cpu", *flags],
-                            stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rustchat.cli",
+            "serve",
+            "--base-dir",
+            str(base),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            *flags,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        preexec_fn=preexec_fn,
+    )
     try:
+
         def up():
             if proc.poll() is not None:
                 raise AssertionError(f"rustchat serve exited: {log_path.read_text()[-2000:]}")
@@ -598,8 +686,12 @@ def test_200_streaming_clients_all_finish_and_health_answers(cli_server):
             return await asyncio.wait_for(asyncio.gather(*(client(http, i) for i in range(200))), 300)
 
     # /health is polled from its own process, so it competes with the server, not these clients
-    poller = subprocess.Popen([sys.executable, "-c", HEALTH_POLLER, base + "/health"], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+    poller = subprocess.Popen(
+        [sys.executable, "-c", HEALTH_POLLER, base + "/health"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         results = asyncio.run(main())
     finally:
@@ -608,8 +700,11 @@ def test_200_streaming_clients_all_finish_and_health_answers(cli_server):
     assert len(results) == 200
     assert all(done and finish in ("stop", "length") for done, finish in results)
     assert len(answers) >= 2 and all(a is not None and a["status"] == "ok" for a in answers)
-    after = _wait(lambda: (lambda h: h if not h["busy"] else None)(httpx.get(base + "/health", trust_env=False).json()),
-                  30, "the slots to come back")
+    after = _wait(
+        lambda: (lambda h: h if not h["busy"] else None)(httpx.get(base + "/health", trust_env=False).json()),
+        30,
+        "the slots to come back",
+    )
     assert (after["running"], after["queued"]) == (0, 0)
 
 
@@ -629,8 +724,11 @@ def test_disconnected_client_frees_its_slot(engine):
     app = create_app(Engine(slow, engine.tok), max_tokens=4096)
     scheduler = app.app.state.scheduler
     with serving(app) as port, httpx.Client(trust_env=False, timeout=60) as http:
-        with http.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions",
-                         json={"model": "rustchat", "messages": [user()], "stream": True}) as r:
+        with http.stream(
+            "POST",
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            json={"model": "rustchat", "messages": [user()], "stream": True},
+        ) as r:
             assert r.status_code == 200
             for line in r.iter_lines():
                 if '"content": "' in line and '"content": ""' not in line:
@@ -661,8 +759,9 @@ def test_host_and_origin_are_checked(engine):
     allowed = TestClient(create_app(engine, allow_origins=["http://app.example"]), base_url="http://localhost")
     r = allowed.get("/v1/models", headers={"Origin": "http://app.example"})
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example"
-    r = allowed.options("/v1/chat/completions", headers={"Origin": "http://app.example",
-                                                          "Access-Control-Request-Method": "POST"})
+    r = allowed.options(
+        "/v1/chat/completions", headers={"Origin": "http://app.example", "Access-Control-Request-Method": "POST"}
+    )
     assert r.status_code == 204 and "POST" in r.headers["access-control-allow-methods"]
     assert allowed.get("/v1/models", headers={"Origin": "http://evil.example"}).status_code == 403
     anyone = TestClient(create_app(engine, allow_origins=["*"]), base_url="http://localhost")
@@ -680,8 +779,9 @@ def test_serve_flags():
     from rustchat.cli import build_parser
     from rustchat.config import from_args
 
-    args = build_parser().parse_args(["serve", "--allow-origin", "http://a.example,http://b.example",
-                                      "--max-batch", "8"])
+    args = build_parser().parse_args(
+        ["serve", "--allow-origin", "http://a.example,http://b.example", "--max-batch", "8"]
+    )
     cfg = from_args(args.config_class, args)
     assert cfg.allow_origin == "http://a.example,http://b.example" and cfg.max_batch == 8
 
@@ -696,34 +796,39 @@ def test_bad_allow_origin_is_refused_before_loading(tmp_path):
 
 
 # ----------------------------------------------------------------------------- every parameter honoured or refused
-@pytest.mark.parametrize("extra, param", [
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}], "tool_choice": "required"},
-     "tools"),
-    ({"tool_choice": "required"}, "tool_choice"),
-    ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
-    ({"function_call": "auto"}, "function_call"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
-    ({"frequency_penalty": 0.5}, "frequency_penalty"),
-    ({"logit_bias": {"5": 10}}, "logit_bias"),
-    ({"n": True}, "n"),
-    ({"n": 2}, "n"),
-    ({"stream": "yes"}, "stream"),
-    ({"stream": 1}, "stream"),
-    ({"logprobs": 1}, "logprobs"),
-    ({"top_logprobs": 3}, "top_logprobs"),  # without logprobs: true
-    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-    ({"logprobs": True, "top_logprobs": True}, "top_logprobs"),
-    ({"max_tokens": True}, "max_tokens"),
-    ({"max_tokens": 10**400}, "max_tokens"),
-    ({"temperature": 10**400}, "temperature"),
-    ({"top_logprobs": -10**400, "logprobs": True}, "top_logprobs"),
-    ({"top_k": False}, "top_k"),
-    ({"seed": True}, "seed"),
-    ({"stream_options": {"include_usage": "yes"}}, "include_usage"),
-    ({"temperature_typo": 0.5}, "temperature_typo"),
-    ({"user": 5}, "user"),
-])
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}], "tool_choice": "required"},
+            "tools",
+        ),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
+        ({"function_call": "auto"}, "function_call"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
+        ({"frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"logit_bias": {"5": 10}}, "logit_bias"),
+        ({"n": True}, "n"),
+        ({"n": 2}, "n"),
+        ({"stream": "yes"}, "stream"),
+        ({"stream": 1}, "stream"),
+        ({"logprobs": 1}, "logprobs"),
+        ({"top_logprobs": 3}, "top_logprobs"),  # without logprobs: true
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": True}, "top_logprobs"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"max_tokens": 10**400}, "max_tokens"),
+        ({"temperature": 10**400}, "temperature"),
+        ({"top_logprobs": -(10**400), "logprobs": True}, "top_logprobs"),
+        ({"top_k": False}, "top_k"),
+        ({"seed": True}, "seed"),
+        ({"stream_options": {"include_usage": "yes"}}, "include_usage"),
+        ({"temperature_typo": 0.5}, "temperature_typo"),
+        ({"user": 5}, "user"),
+    ],
+)
 def test_unsupported_or_mistyped_parameters_are_refused_by_name(client, extra, param):
     r = client.post("/v1/chat/completions", json={"model": "rustchat", "messages": [user()], **extra})
     assert r.status_code == 400, r.text
@@ -733,9 +838,22 @@ def test_unsupported_or_mistyped_parameters_are_refused_by_name(client, extra, p
 
 
 def test_neutral_values_of_unsupported_parameters_are_accepted(client):
-    body = {"model": "rustchat", "messages": [user()], "max_tokens": 2, "tools": [], "tool_choice": "none",
-            "response_format": {"type": "text"}, "frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {},
-            "user": "me", "metadata": {"k": "v"}, "store": False, "n": 1, "logprobs": False}
+    body = {
+        "model": "rustchat",
+        "messages": [user()],
+        "max_tokens": 2,
+        "tools": [],
+        "tool_choice": "none",
+        "response_format": {"type": "text"},
+        "frequency_penalty": 0,
+        "presence_penalty": 0.0,
+        "logit_bias": {},
+        "user": "me",
+        "metadata": {"k": "v"},
+        "store": False,
+        "n": 1,
+        "logprobs": False,
+    }
     r = client.post("/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["logprobs"] is None
@@ -744,7 +862,7 @@ def test_neutral_values_of_unsupported_parameters_are_accepted(client):
 def _reference_logprobs(model, ids: list[int], prompt_len: int):
     """log-softmax of the model's logits at each generated position, float64, no cache."""
     with torch.no_grad():
-        logits = model(torch.tensor([ids[:-1]]))[0, prompt_len - 1:].double()
+        logits = model(torch.tensor([ids[:-1]]))[0, prompt_len - 1 :].double()
     return torch.log_softmax(logits, dim=-1)
 
 
@@ -776,31 +894,52 @@ def test_logprobs_are_the_models_own(server, engine):
     msgs = [user(f"say something about {seed % 1000}")]
     kw = dict(max_tokens=8, temperature=0.9, top_k=40, seed=seed)
     top = 5
-    r = client.chat.completions.create(model=MODEL_ID, messages=msgs, max_tokens=8, temperature=0.9, seed=seed,
-                                       logprobs=True, top_logprobs=top, extra_body={"top_k": 40})
+    r = client.chat.completions.create(
+        model=MODEL_ID,
+        messages=msgs,
+        max_tokens=8,
+        temperature=0.9,
+        seed=seed,
+        logprobs=True,
+        top_logprobs=top,
+        extra_body={"top_k": 40},
+    )
     entries = [e.model_dump() for e in r.choices[0].logprobs.content]
     _check_logprobs(engine, entries, r.usage.prompt_tokens, msgs, kw, top)
     assert "".join(e["token"] for e in entries) == r.choices[0].message.content  # ASCII-safe with this tokenizer
-    stream = client.chat.completions.create(model=MODEL_ID, messages=msgs, max_tokens=8, temperature=0.9, seed=seed,
-                                            logprobs=True, top_logprobs=top, extra_body={"top_k": 40}, stream=True)
-    streamed = [e.model_dump() for c in stream if c.choices and c.choices[0].logprobs
-                for e in c.choices[0].logprobs.content]
+    stream = client.chat.completions.create(
+        model=MODEL_ID,
+        messages=msgs,
+        max_tokens=8,
+        temperature=0.9,
+        seed=seed,
+        logprobs=True,
+        top_logprobs=top,
+        extra_body={"top_k": 40},
+        stream=True,
+    )
+    streamed = [
+        e.model_dump() for c in stream if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content
+    ]
     assert streamed == entries
     # logprobs without top_logprobs: the chosen token's only
     r = client.chat.completions.create(model=MODEL_ID, messages=msgs, max_tokens=3, temperature=0, logprobs=True)
     assert [e.top_logprobs for e in r.choices[0].logprobs.content] == [[], [], []]
 
 
-@pytest.mark.parametrize("poison", [{"temperature": 1e-300}, {"temperature": 1.0, "top_p": 1e-300},
-                                    {"temperature": 1.0, "top_p": 1e-46}])
+@pytest.mark.parametrize(
+    "poison", [{"temperature": 1e-300}, {"temperature": 1.0, "top_p": 1e-300}, {"temperature": 1.0, "top_p": 1e-46}]
+)
 def test_a_degenerate_request_among_8_streams_changes_no_other_reply(server, poison):
     """The attack: one request with a value that underflows float32 among 8 streaming ones.
     The other 7 replies equal their solo replies; the poisoned one is the greedy reply."""
     import openai
 
     port, _ = server
-    reqs = [dict(messages=[user(f"stream {i}: " + "go " * i)], max_tokens=10, temperature=0.9, seed=100 + i)
-            for i in range(8)]
+    reqs = [
+        dict(messages=[user(f"stream {i}: " + "go " * i)], max_tokens=10, temperature=0.9, seed=100 + i)
+        for i in range(8)
+    ]
     reqs[4] = dict(messages=[user("poison")], max_tokens=10, seed=1, **poison)
 
     async def ask(client, kw):
@@ -847,13 +986,15 @@ def test_tokenizer_refusal_is_a_400_and_any_failure_is_json(tmp_path):
     from rustchat.tokenizer import SPECIAL_TOKENS
 
     ranks = {bytes([i]): i for i in range(256)}
-    tok = rustchat.Tokenizer.from_ranks(ranks, r"(?:a|aa)+(?=b)|\w+|\s+|.",
-                                        {s: 256 + i for i, s in enumerate(SPECIAL_TOKENS)})
+    tok = rustchat.Tokenizer.from_ranks(
+        ranks, r"(?:a|aa)+(?=b)|\w+|\s+|.", {s: 256 + i for i, s in enumerate(SPECIAL_TOKENS)}
+    )
     with pytest.raises(ValueError, match="backtrack"):
         tok.encode("a" * 40 + "c")
     torch.manual_seed(0)
-    model = GPT(GPTConfig(sequence_len=128, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=2,
-                          n_embd=32)).eval()
+    model = GPT(
+        GPTConfig(sequence_len=128, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
+    ).eval()
     app = create_app(Engine(model, tok), max_tokens=3)
     with serving(app) as port, httpx.Client(trust_env=False, timeout=60) as http:
         url = f"http://127.0.0.1:{port}"
@@ -901,16 +1042,19 @@ def test_idle_connections_cannot_take_the_server_down(serve_base):
 
     idle = []
     try:
-        with cli_serving(serve_base, "--max-tokens", "4", "--request-timeout", "3", preexec_fn=lower_limit,
-                         log_name="idle.log") as (port, _, log_path):
+        with cli_serving(
+            serve_base, "--max-tokens", "4", "--request-timeout", "3", preexec_fn=lower_limit, log_name="idle.log"
+        ) as (port, _, log_path):
             for _ in range(sockets):
                 s = socket.create_connection(("127.0.0.1", port), timeout=10)
                 idle.append(s)
             half_headers = socket.create_connection(("127.0.0.1", port), timeout=10)
             half_headers.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # no blank line: never ends
             half_body = socket.create_connection(("127.0.0.1", port), timeout=10)
-            half_body.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
-                              b"application/json\r\nContent-Length: 1000\r\n\r\n{\"messages\": ")
+            half_body.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                b'application/json\r\nContent-Length: 1000\r\n\r\n{"messages": '
+            )
             with httpx.Client(trust_env=False, timeout=60) as http:
                 base = f"http://127.0.0.1:{port}"
                 health = http.get(base + "/health")
@@ -936,9 +1080,11 @@ def test_idle_connections_cannot_take_the_server_down(serve_base):
             all_closed()
             made_room = len(idle) + 2 - len(still_open)
             _wait(all_closed, 120, "the server to close every idle connection")
-            print(f"descriptor limit {limit}: {sockets} idle sockets + 2 half-sent requests; /health and a completion "
-                  f"answered; {made_room} of them closed by the server by then (to make room or at their deadline), "
-                  "the rest after")
+            print(
+                f"descriptor limit {limit}: {sockets} idle sockets + 2 half-sent requests; /health and a completion "
+                f"answered; {made_room} of them closed by the server by then (to make room or at their deadline), "
+                "the rest after"
+            )
             with httpx.Client(trust_env=False, timeout=60) as http:  # and it still serves
                 assert http.get(f"http://127.0.0.1:{port}/health").status_code == 200
             log = log_path.read_text()
@@ -957,8 +1103,9 @@ def test_accept_errors_are_logged_once_per_interval():
     f = ThrottledLog(interval=3600)
 
     def record(msg, exc=None):
-        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, msg, None,
-                                 (type(exc), exc, None) if exc else None)
+        return logging.LogRecord(
+            "asyncio", logging.ERROR, __file__, 1, msg, None, (type(exc), exc, None) if exc else None
+        )
 
     emfile = OSError(errno.EMFILE, "Too many open files")
     assert f.filter(record("socket.accept() out of system resource", emfile))
@@ -998,9 +1145,38 @@ def test_random_bodies_are_answered_or_refused_never_crash():
     rng = random.Random()
     seed = rng.randrange(1 << 30)
     rng.seed(seed)
-    scalars = [None, True, False, 0, 1, -1, 2, 20, 21, 0.5, 1e-300, -0.0, 1e308, 10**400, float("nan"), float("inf"),
-               "", "x", "text", "none", "auto", "required", [], {}, [1], ["text"], {"type": "text"},
-               {"type": "json_object"}, {"include_usage": True}, {"include_usage": 1}]
+    scalars = [
+        None,
+        True,
+        False,
+        0,
+        1,
+        -1,
+        2,
+        20,
+        21,
+        0.5,
+        1e-300,
+        -0.0,
+        1e308,
+        10**400,
+        float("nan"),
+        float("inf"),
+        "",
+        "x",
+        "text",
+        "none",
+        "auto",
+        "required",
+        [],
+        {},
+        [1],
+        ["text"],
+        {"type": "text"},
+        {"type": "json_object"},
+        {"include_usage": True},
+        {"include_usage": 1},
+    ]
 
     def value(depth=0):
         r = rng.random()

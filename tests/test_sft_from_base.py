@@ -1,5 +1,6 @@
 """SFT straight from base (nanochat's 2026 path): the mixture's composition and ratios against
 nanochat's numbers, its schedule, and a tiny run that starts from a base checkpoint alone."""
+
 from __future__ import annotations
 
 import random
@@ -24,22 +25,31 @@ def test_default_mixture_from_base_is_nanochats():
     validation SmolTalk test, MMLU test[:5200], GSM8K test[:420]."""
     spec = MIXTURES["default"]["sft-from-base"]
     counts = Counter((name, tuple(sorted(kw.items()))) for name, kw in spec["train"])
-    assert counts == {("smoltalk", (("split", "train"),)): 1,
-                      ("mmlu", (("split", "train"), ("subset", "auxiliary_train"))): 3,
-                      ("gsm8k", (("split", "train"),)): 4}
-    assert spec["val"] == [("smoltalk", {"split": "test"}), ("mmlu", {"subset": "all", "split": "test", "stop": 5200}),
-                           ("gsm8k", {"split": "test", "stop": 420})]
+    assert counts == {
+        ("smoltalk", (("split", "train"),)): 1,
+        ("mmlu", (("split", "train"), ("subset", "auxiliary_train"))): 3,
+        ("gsm8k", (("split", "train"),)): 4,
+    }
+    assert spec["val"] == [
+        ("smoltalk", {"split": "test"}),
+        ("mmlu", {"subset": "all", "split": "test", "stop": 5200}),
+        ("gsm8k", {"split": "test", "stop": 420}),
+    ]
 
 
 def test_mixture_from_local_files_has_nanochats_ratios(tmp_path):
     rng = random.Random()
     n_smol, n_mmlu, n_gsm = rng.randint(3, 9), rng.randint(3, 9), rng.randint(3, 9)
-    chats = [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "hello"}]}
-             for i in range(n_smol)]
+    chats = [
+        {"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "hello"}]}
+        for i in range(n_smol)
+    ]
     write_jsonl(tmp_path / "smoltalk-train.jsonl", chats)
     write_jsonl(tmp_path / "mmlu-auxiliary_train-train.jsonl", [{"train": r} for r in mmlu_rows(rng, n_mmlu)])
-    write_jsonl(tmp_path / "gsm8k-train.jsonl",
-                [{"question": f"What is {i}+1?", "answer": f"<<{i}+1={i + 1}>>{i + 1}\n#### {i + 1}"} for i in range(n_gsm)])
+    write_jsonl(
+        tmp_path / "gsm8k-train.jsonl",
+        [{"question": f"What is {i}+1?", "answer": f"<<{i}+1={i + 1}>>{i + 1}\n#### {i + 1}"} for i in range(n_gsm)],
+    )
     mix = build_mixture("sft-from-base", "default", "train", str(tmp_path))
     assert len(mix) == n_smol + 3 * n_mmlu + 4 * n_gsm
     assert Counter(type(t).__name__ for t in mix.tasks) == {"SmolTalk": 1, "MMLU": 3, "GSM8K": 4}
@@ -71,18 +81,38 @@ def base_only(tmp_path):
     (tmp_path / "text").mkdir()
     (tmp_path / "text" / "a_train.txt").write_text("\n\n".join(docs[:180]))
     (tmp_path / "text" / "b_val.txt").write_text("\n\n".join(docs[180:]))
-    train_base(STAGE_CONFIGS["base"](max_steps=1, device_batch_size=2, total_batch_size=2 * 64,
-                                     data_dir=str(tmp_path / "text"), base_dir=str(tmp_path), **TINY))
+    train_base(
+        STAGE_CONFIGS["base"](
+            max_steps=1,
+            device_batch_size=2,
+            total_batch_size=2 * 64,
+            data_dir=str(tmp_path / "text"),
+            base_dir=str(tmp_path),
+            **TINY,
+        )
+    )
     return tmp_path
 
 
 def test_tiny_sft_from_base_runs(base_only):
     d = base_only
     with pytest.raises(RustchatError, match="mid"):  # the default path still needs mid
-        train_sft(STAGE_CONFIGS["sft"](max_steps=2, device_batch_size=2, total_batch_conversations=4, tasks="tiny",
-                                       base_dir=str(d), **TINY))
-    res = train_sft(STAGE_CONFIGS["sft"](from_stage="base", max_steps=2, device_batch_size=2, total_batch_conversations=4,
-                                         tasks="tiny", base_dir=str(d), **TINY))
+        train_sft(
+            STAGE_CONFIGS["sft"](
+                max_steps=2, device_batch_size=2, total_batch_conversations=4, tasks="tiny", base_dir=str(d), **TINY
+            )
+        )
+    res = train_sft(
+        STAGE_CONFIGS["sft"](
+            from_stage="base",
+            max_steps=2,
+            device_batch_size=2,
+            total_batch_conversations=4,
+            tasks="tiny",
+            base_dir=str(d),
+            **TINY,
+        )
+    )
     assert len(res["history"]) == 2 and all(h["trained_tokens"] > 0 for h in res["history"])
     assert res["history"][0]["lr_mult"] == 0.8  # nanochat's starting fraction from base
     assert find_last_step(stage_dir("sft", 1, d)) == 2

@@ -1,5 +1,6 @@
 """The speedrun's evaluation: the same as `rustchat eval` on one checkpoint, and every task the
 tiny preset trains on is scored on held-out problems."""
+
 import re
 
 import pytest
@@ -25,7 +26,7 @@ EVAL_CLASSES = (Arithmetic, SpellingBee, SimpleSpelling, IdentityQuestions)
 def base_dir(tmp_path_factory, corpus):
     base = tmp_path_factory.mktemp("speedrun_eval")
     text = corpus["code"][:200_000]
-    tok = rustchat.Tokenizer.train([text[i:i + 5000] for i in range(0, len(text), 5000)], vocab_size=512)
+    tok = rustchat.Tokenizer.train([text[i : i + 5000] for i in range(0, len(text), 5000)], vocab_size=512)
     tok.save(base / "tokenizer")
     torch.manual_seed(0)
     # a small random model filed under the preset's depth: its replies run long (it rarely
@@ -40,9 +41,11 @@ def _record_replies(monkeypatch):
     """Every (task, problem prompt, reply) that the tasks' evaluate() is asked to score."""
     seen = []
     for cls in EVAL_CLASSES:
+
         def evaluate(self, conv, completion, _orig=cls.evaluate):
             seen.append((type(self).__name__, conv["messages"][0]["content"], completion))
             return _orig(self, conv, completion)
+
         monkeypatch.setattr(cls, "evaluate", evaluate)
     return seen
 
@@ -51,14 +54,32 @@ def test_speedrun_evaluates_exactly_as_rustchat_eval(base_dir, monkeypatch):
     n = 2
     monkeypatch.setitem(PRESETS["tiny"], "eval", {**PRESETS["tiny"]["eval"], "max_problems": n})
     seen = _record_replies(monkeypatch)
-    configs = stage_configs(SpeedrunConfig(preset="tiny", device="cpu", base_dir=str(base_dir), quiet=True, seed=5),
-                            base_dir)
+    configs = stage_configs(
+        SpeedrunConfig(preset="tiny", device="cpu", base_dir=str(base_dir), quiet=True, seed=5), base_dir
+    )
     speedrun_scores = evaluate_stage(configs, "sft")
     speedrun_replies = list(seen)
     seen.clear()
-    rc = main(["eval", "-i", "sft", "--tasks", PRESETS["tiny"]["eval"]["tasks"], "--max-problems", str(n),
-               "--batch-size", str(PRESETS["tiny"]["eval"]["batch_size"]), "--depth", str(DEPTH),
-               "--base-dir", str(base_dir), "--device", "cpu", "--quiet"])
+    rc = main(
+        [
+            "eval",
+            "-i",
+            "sft",
+            "--tasks",
+            PRESETS["tiny"]["eval"]["tasks"],
+            "--max-problems",
+            str(n),
+            "--batch-size",
+            str(PRESETS["tiny"]["eval"]["batch_size"]),
+            "--depth",
+            str(DEPTH),
+            "--base-dir",
+            str(base_dir),
+            "--device",
+            "cpu",
+            "--quiet",
+        ]
+    )
     assert rc == 0
     # the same problems got the very same replies, so the same scores
     assert speedrun_replies == seen and len(seen) == n * len(EVAL_CLASSES)
@@ -69,17 +90,23 @@ def test_speedrun_evaluates_exactly_as_rustchat_eval(base_dir, monkeypatch):
             assert re.search(rf"\| {task} \| generative \| {n} \| {100 * acc:.2f}% \|", table), (task, table)
     # the config is the one the eval command builds from those flags: its generation limits
     # (512 new tokens, capped by the context) and sampling defaults included
-    assert configs["sft-eval"] == EvalConfig(source="sft", depth=DEPTH, device="cpu", base_dir=str(base_dir),
-                                             quiet=True, tasks="tiny", max_problems=n,
-                                             batch_size=PRESETS["tiny"]["eval"]["batch_size"])
+    assert configs["sft-eval"] == EvalConfig(
+        source="sft",
+        depth=DEPTH,
+        device="cpu",
+        base_dir=str(base_dir),
+        quiet=True,
+        tasks="tiny",
+        max_problems=n,
+        batch_size=PRESETS["tiny"]["eval"]["batch_size"],
+    )
     tok = load_tokenizer(base_dir)
     longest = max(len(tok.encode_ordinary(reply)) for _, _, reply in seen)
     assert longest > 64  # no short cap on the replies (the speedrun used to stop at 64)
 
 
 def test_mid_and_sft_tables_both_stay_in_the_report(base_dir):
-    configs = stage_configs(SpeedrunConfig(preset="tiny", device="cpu", base_dir=str(base_dir), quiet=True),
-                            base_dir)
+    configs = stage_configs(SpeedrunConfig(preset="tiny", device="cpu", base_dir=str(base_dir), quiet=True), base_dir)
     for stage in ("mid", "sft"):
         configs[f"{stage}-eval"].max_problems = 1
         configs[f"{stage}-eval"].max_new_tokens = 4
@@ -93,11 +120,23 @@ def test_mid_and_sft_tables_both_stay_in_the_report(base_dir):
 
 
 def test_summary_table_has_a_row_per_stage():
-    rows = [{"stage": "base", "loss": "8.1 -> 4.2", "val": "val bpb 1.9", "seconds": 30.2},
-            {"stage": "mid", "loss": "3.0 -> 1.0", "val": "val loss 2.0 -> 0.9", "seconds": 50,
-             "tasks": {"Arithmetic": 0.25, "SpellingBee": 0.5}},
-            {"stage": "sft", "loss": "0.9 -> 0.8", "val": "val loss 0.9 -> 0.7", "seconds": 40,
-             "tasks": {"Arithmetic": 0.5, "SpellingBee": 0.875}}]
+    rows = [
+        {"stage": "base", "loss": "8.1 -> 4.2", "val": "val bpb 1.9", "seconds": 30.2},
+        {
+            "stage": "mid",
+            "loss": "3.0 -> 1.0",
+            "val": "val loss 2.0 -> 0.9",
+            "seconds": 50,
+            "tasks": {"Arithmetic": 0.25, "SpellingBee": 0.5},
+        },
+        {
+            "stage": "sft",
+            "loss": "0.9 -> 0.8",
+            "val": "val loss 0.9 -> 0.7",
+            "seconds": 40,
+            "tasks": {"Arithmetic": 0.5, "SpellingBee": 0.875},
+        },
+    ]
     lines = summary_table(rows, ["Arithmetic", "SpellingBee"]).splitlines()
     assert lines[0] == "| Stage | Loss first -> last | Val metric | Arithmetic | SpellingBee | Time |"
     assert lines[2] == "| base | 8.1 -> 4.2 | val bpb 1.9 | - | - | 30 s |"

@@ -1,7 +1,7 @@
 """Training stages on the CPU with tiny models: per-token SFT normalisation (invariant to the
 device batch size), resume == uninterrupted, 2 gloo processes == 1 process, losses fall, and
 one-line errors for bad input."""
-import json
+
 import os
 import random
 import shutil
@@ -21,8 +21,10 @@ from rustchat.stages import train_base, train_mid, train_sft
 from rustchat.config import STAGE_CONFIGS
 from rustchat.data.textsource import iter_documents
 
-WORDS = ("the cat sat on a mat while dogs ran far away from home and birds sang songs of spring "
-         "rain water fire light dark night day sun moon star river stone tree leaf").split()
+WORDS = (
+    "the cat sat on a mat while dogs ran far away from home and birds sang songs of spring "
+    "rain water fire light dark night day sun moon star river stone tree leaf"
+).split()
 TINY = dict(depth=1, seq_len=64, device="cpu", quiet=True, eval_every=0, eval_batches=1)
 
 
@@ -80,8 +82,9 @@ def test_sft_update_does_not_depend_on_device_batch_size(base_dir, tmp_path):
     results = []
     for dbs in (1, 2, 4):
         d = _copy(base_dir, tmp_path, f"dbs{dbs}")
-        cfg = STAGE_CONFIGS["sft"](device_batch_size=dbs, total_batch_conversations=8, max_steps=2, tasks="tiny",
-                          base_dir=str(d), **TINY)
+        cfg = STAGE_CONFIGS["sft"](
+            device_batch_size=dbs, total_batch_conversations=8, max_steps=2, tasks="tiny", base_dir=str(d), **TINY
+        )
         res = train_sft(cfg)
         results.append((_weights(d, "sft")[0], [h["loss"] for h in res["history"]]))
     for w, losses in results[1:]:
@@ -133,29 +136,64 @@ def test_mid_loss_falls(base_dir, tmp_path):
     state, _, meta = load_checkpoint(stage_dir("mid", 1, d), load_optimizer=False)
     shutil.copytree(stage_dir("mid", 1, d), stage_dir("base", 1, d))
     shutil.rmtree(stage_dir("mid", 1, d))
-    res = train_mid(STAGE_CONFIGS["mid"](device_batch_size=4, total_batch_size=4 * 64, max_steps=30, tasks="tiny",
-                                base_dir=str(d), **TINY))
+    res = train_mid(
+        STAGE_CONFIGS["mid"](
+            device_batch_size=4, total_batch_size=4 * 64, max_steps=30, tasks="tiny", base_dir=str(d), **TINY
+        )
+    )
     losses = [h["loss"] for h in res["history"]]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
 
 
 def _run_cli(args, env_extra, timeout=600):
     env = {**os.environ, **env_extra}
-    return subprocess.run([sys.executable, "-m", "rustchat.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "rustchat.cli", *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
 
 
 def test_two_gloo_processes_match_one(base_dir, tmp_path):
     one = _copy(base_dir, tmp_path, "one")
     two = _copy(base_dir, tmp_path, "two")
-    common = ["sft", "--depth", "1", "--seq-len", "64", "--device", "cpu", "--tasks", "tiny", "--max-steps", "2",
-              "--total-batch-conversations", "4", "--eval-every", "0", "--quiet"]
+    common = [
+        "sft",
+        "--depth",
+        "1",
+        "--seq-len",
+        "64",
+        "--device",
+        "cpu",
+        "--tasks",
+        "tiny",
+        "--max-steps",
+        "2",
+        "--total-batch-conversations",
+        "4",
+        "--eval-every",
+        "0",
+        "--quiet",
+    ]
     r1 = _run_cli(common + ["--device-batch-size", "2"], {"RUSTCHAT_BASE_DIR": str(one)})
     assert r1.returncode == 0, r1.stderr[-2000:]
     env = {"RUSTCHAT_BASE_DIR": str(two), "OMP_NUM_THREADS": "1"}
-    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                         "-m", "rustchat.cli", *common, "--device-batch-size", "1"],
-                        capture_output=True, text=True, env={**os.environ, **env}, timeout=600)
+    r2 = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "rustchat.cli",
+            *common,
+            "--device-batch-size",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=600,
+    )
     assert r2.returncode == 0, r2.stderr[-3000:]
     w1, m1 = _weights(one, "sft")
     w2, m2 = _weights(two, "sft")
@@ -177,9 +215,26 @@ def test_cli_errors_are_one_line(base_dir, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{not json}\n')
     (tmp_path / "v.txt").write_text("val text")
-    r = _run_cli(["base", "--depth", "1", "--device", "cpu", "--seq-len", "64", "--device-batch-size", "1",
-                  "--total-batch-size", "64", "--max-steps", "50", "--data-dir", str(tmp_path / "bd")],
-                 {"RUSTCHAT_BASE_DIR": str(base_dir)})
+    r = _run_cli(
+        [
+            "base",
+            "--depth",
+            "1",
+            "--device",
+            "cpu",
+            "--seq-len",
+            "64",
+            "--device-batch-size",
+            "1",
+            "--total-batch-size",
+            "64",
+            "--max-steps",
+            "50",
+            "--data-dir",
+            str(tmp_path / "bd"),
+        ],
+        {"RUSTCHAT_BASE_DIR": str(base_dir)},
+    )
     assert r.returncode == 2 and "no such file" in r.stderr
     bd = tmp_path / "bd"
     bd.mkdir()
@@ -209,8 +264,17 @@ def test_default_recipe_runs_from_local_task_files(base_dir, tmp_path):
     assert len(mix) == 6 + 5 + 4 + 7 + len(get_task("identity")) + 300 + 300
     assert kinds == {"ARC", "GSM8K", "SmolTalk", "CustomJSON", "SimpleSpelling", "SpellingBee"}
     d = _copy(base_dir, tmp_path, "dflt")
-    res = train_sft(STAGE_CONFIGS["sft"](device_batch_size=4, total_batch_conversations=8, max_steps=2, tasks="default",
-                                task_dir=str(td), base_dir=str(d), **TINY))
+    res = train_sft(
+        STAGE_CONFIGS["sft"](
+            device_batch_size=4,
+            total_batch_conversations=8,
+            max_steps=2,
+            tasks="default",
+            task_dir=str(td),
+            base_dir=str(d),
+            **TINY,
+        )
+    )
     assert len(res["history"]) == 2 and all(h["trained_tokens"] > 0 for h in res["history"])
     write_jsonl(td / "mmlu-auxiliary_train-train.jsonl", [{"train": r} for r in mmlu_rows(rng, 5)])
     write_jsonl(td / "mmlu-all-test.jsonl", mmlu_rows(rng, 5))
@@ -252,8 +316,14 @@ def test_step_gradient_is_per_token_over_the_whole_step(base_dir):
 
 def test_base_reports_validation_bits_per_byte(base_dir, tmp_path):
     d = _copy(base_dir, tmp_path, "bpb")
-    cfg = STAGE_CONFIGS["base"](**{**TINY, "eval_every": 2}, max_steps=2, device_batch_size=2,
-                                total_batch_size=2 * 64, data_dir=str(d / "text"), base_dir=str(d))
+    cfg = STAGE_CONFIGS["base"](
+        **{**TINY, "eval_every": 2},
+        max_steps=2,
+        device_batch_size=2,
+        total_batch_size=2 * 64,
+        data_dir=str(d / "text"),
+        base_dir=str(d),
+    )
     ev = train_base(cfg)["last_eval"]
     # an almost untrained model over a 400-id vocabulary: a few bits per byte, finite
     assert ev["step"] == 2 and 0.5 < ev["val_bpb"] < 20
@@ -265,8 +335,11 @@ SFT_TINY = dict(device_batch_size=2, total_batch_conversations=4, tasks="tiny", 
 
 def _report_rows(d, section):
     text = (Path(d) / "report.md").read_text().split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
-    return {cells[1].strip(): cells[2].strip() for line in text.splitlines()
-            if line.startswith("| ") and len(cells := line.split("|")) >= 4}
+    return {
+        cells[1].strip(): cells[2].strip()
+        for line in text.splitlines()
+        if line.startswith("| ") and len(cells := line.split("|")) >= 4
+    }
 
 
 def test_report_after_resume_covers_the_whole_run(base_dir, tmp_path):
@@ -291,14 +364,24 @@ def test_keep_last_and_stale_temp_files(base_dir, tmp_path):
     ck = stage_dir("sft", 1, d)
     ck.mkdir(parents=True)
     # what a save killed mid-write leaves behind (names as _atomic_write makes them), and a user's file
-    stale = [".model_000009.safetensors.k1x2.tmp", ".optim_000009_rank0.pt.ab12.tmp", ".meta_000009.json.zz.tmp",
-             ".write_test_q1.tmp"]
+    stale = [
+        ".model_000009.safetensors.k1x2.tmp",
+        ".optim_000009_rank0.pt.ab12.tmp",
+        ".meta_000009.json.zz.tmp",
+        ".write_test_q1.tmp",
+    ]
     for name in stale + ["notes.txt"]:
         (ck / name).write_bytes(os.urandom(64))
     train_sft(STAGE_CONFIGS["sft"](max_steps=5, save_every=1, keep_last=2, base_dir=str(d), **SFT_TINY))
     assert sorted(p.name for p in ck.iterdir()) == [
-        "meta_000004.json", "meta_000005.json", "model_000004.safetensors", "model_000005.safetensors", "notes.txt",
-        "optim_000004_rank0.pt", "optim_000005_rank0.pt"]
+        "meta_000004.json",
+        "meta_000005.json",
+        "model_000004.safetensors",
+        "model_000005.safetensors",
+        "notes.txt",
+        "optim_000004_rank0.pt",
+        "optim_000005_rank0.pt",
+    ]
 
 
 def _cli_error(argv, capsys):
@@ -310,8 +393,26 @@ def _cli_error(argv, capsys):
     return err
 
 
-SFT_ARGS = ["sft", "--depth", "1", "--device", "cpu", "--seq-len", "64", "--device-batch-size", "2",
-            "--total-batch-conversations", "4", "--tasks", "tiny", "--max-steps", "2", "--eval-every", "0", "--quiet"]
+SFT_ARGS = [
+    "sft",
+    "--depth",
+    "1",
+    "--device",
+    "cpu",
+    "--seq-len",
+    "64",
+    "--device-batch-size",
+    "2",
+    "--total-batch-conversations",
+    "4",
+    "--tasks",
+    "tiny",
+    "--max-steps",
+    "2",
+    "--eval-every",
+    "0",
+    "--quiet",
+]
 
 
 def test_no_space_is_found_before_step_one(base_dir, tmp_path, capsys, monkeypatch):
@@ -342,13 +443,20 @@ def test_enospc_at_save_is_named(base_dir, tmp_path, capsys, monkeypatch, failur
 
     d = _copy(base_dir, tmp_path, "enospc")
     if failure == "oserror":
+
         def save_file(sd, path):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     else:  # torch.save's wording, which never says why; the device is then asked
+
         def save_file(sd, path):
-            monkeypatch.setattr(os, "statvfs", lambda p: os.statvfs_result((4096, 4096, 10**6, 0, 0, 10**5, 0, 0, 0, 255)))
-            raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file "
-                               "data/0: file write failed")
+            monkeypatch.setattr(
+                os, "statvfs", lambda p: os.statvfs_result((4096, 4096, 10**6, 0, 0, 10**5, 0, 0, 0, 255))
+            )
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file "
+                "data/0: file write failed"
+            )
+
     monkeypatch.setattr(checkpoint, "save_file", save_file)
     err = _cli_error(SFT_ARGS + ["--base-dir", str(d)], capsys)
     assert "model_000002.safetensors: no space left on device while saving the checkpoint" in err

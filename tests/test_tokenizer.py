@@ -1,5 +1,6 @@
 """Tokenizer behaviour against independent references: a plain-Python trainer (ref_bpe.py) and
 tiktoken built from the same ranks and pattern."""
+
 import gc
 import random
 import sys
@@ -20,7 +21,8 @@ HYP = settings(max_examples=150, deadline=None, suppress_health_check=[HealthChe
 
 # Text that stresses the split pattern: contractions, CRLF, runs of spaces and digits, CJK, emoji.
 tricky_chars = st.sampled_from(
-    list("aAbzZ sS'ſ\t\r\n0123456789٣½.,!?-_\"()[]{}#@中文字é😀🎉\u3000\u00a0\u2028") + ["'s", "'LL", "'ve", "  ", "\r\n"]
+    list("aAbzZ sS'ſ\t\r\n0123456789٣½.,!?-_\"()[]{}#@中文字é😀🎉\u3000\u00a0\u2028")
+    + ["'s", "'LL", "'ve", "  ", "\r\n"]
 )
 tricky_text = st.lists(tricky_chars, max_size=60).map("".join)
 # Code points assigned in this Python's Unicode database (hypothesis reads categories from it).
@@ -74,7 +76,9 @@ def test_training_matches_reference_trainer(name):
 
 @pytest.mark.filterwarnings("ignore:the corpus supports only")
 @settings(max_examples=25, deadline=None)
-@given(st.lists(st.lists(st.sampled_from(list("aab b cd中😀 1 2\n'")), max_size=40).map("".join), min_size=1, max_size=8))
+@given(
+    st.lists(st.lists(st.sampled_from(list("aab b cd中😀 1 2\n'")), max_size=40).map("".join), min_size=1, max_size=8)
+)
 def test_training_matches_reference_on_random_corpora(texts):
     expected = train_reference(texts, 40, SPLIT_PATTERN)
     tok = Tokenizer.train(texts, vocab_size=256 + 40, special_tokens=[])
@@ -188,7 +192,13 @@ def test_fast_split_matches_regex_engine(text):
 def test_long_chunks_use_heap_merge_correctly(openai_encodings, trained):
     rnd = random.Random()
     for tok, ref in [*openai_encodings.values(), (trained, _ref_trained(trained))]:
-        for text in [" " * 5000, "a" * 3000, "中文字" * 400, "!?" * 700, "".join(rnd.choice("ab") for _ in range(2000))]:
+        for text in [
+            " " * 5000,
+            "a" * 3000,
+            "中文字" * 400,
+            "!?" * 700,
+            "".join(rnd.choice("ab") for _ in range(2000)),
+        ]:
             assert tok.encode_ordinary(text) == ref.encode_ordinary(text)
 
 
@@ -263,6 +273,7 @@ def test_batch_lists_hold_exact_references(trained, corpus):
     objs = {i: trained.encode_batch([trained.decode([i])])[0] for i in probe}
     objs = {i: l[0] for i, l in objs.items() if l == [i]}
     assert len(objs) > 10
+
     # Counts are kept in lists: a dict keyed by these ints would hold references of its own.
     def counts():
         return [sys.getrefcount(o) for o in objs.values()]
@@ -414,7 +425,7 @@ def test_encode_batch_splits_huge_documents_identically(trained, openai_encoding
     big = "\n".join(corpus.values())
     while len(big.encode()) < 400_000:
         big += "\n" + big
-    docs = [big, "small one", "", big[: 200_001]]
+    docs = [big, "small one", "", big[:200_001]]
     cl100k = openai_encodings["cl100k_base"][0]
     for tok, ref in [(trained, _ref_trained(trained)), (cl100k, _tiktoken(cl100k))]:
         expected = [ref.encode_ordinary(d) for d in docs]

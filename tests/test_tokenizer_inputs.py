@@ -1,6 +1,7 @@
 """Every input the tokenizer can be given: split patterns (empty matches, o200k's lookahead),
 text (lone surrogates, long runs of one character) and sizes (vocab_size, ranks), checked
 against tiktoken on fresh random inputs."""
+
 import base64
 import json
 import random
@@ -47,9 +48,22 @@ def encodings(corpus):
 # ------------------------------------------------------------------ split patterns
 # (pattern piece, whether it can match the empty string)
 PIECES = [
-    ("a", False), ("a*", True), ("a+", False), (r"\b", True), ("(?:ab)?", True), (r"\s+(?!\S)", False),
-    ("(?=x)", True), ("[0-9]{0,2}", True), ("[0-9]{1,2}", False), (r"\p{L}+", False), ("", True),
-    ("x?y", False), (r"(?:\s|z)*?", True), ("(?>q|qq)", False), (r"\s*[\r\n]", False), ("(?<=a)", True),
+    ("a", False),
+    ("a*", True),
+    ("a+", False),
+    (r"\b", True),
+    ("(?:ab)?", True),
+    (r"\s+(?!\S)", False),
+    ("(?=x)", True),
+    ("[0-9]{0,2}", True),
+    ("[0-9]{1,2}", False),
+    (r"\p{L}+", False),
+    ("", True),
+    ("x?y", False),
+    (r"(?:\s|z)*?", True),
+    ("(?>q|qq)", False),
+    (r"\s*[\r\n]", False),
+    ("(?<=a)", True),
 ]
 
 
@@ -86,8 +100,35 @@ def test_reported_empty_patterns_are_a_value_error(pattern):
 # combining marks, contractions, digits of several scripts, punctuation with o200k's "/" and
 # newline tails, every kind of whitespace.
 UNITS = [
-    "a", "A", "é", "É", "ǅ", "ʰ", "中", "ж", "Ж", "\u0301", "'s", "'LL", "'Ve", "'", "7", "٣", "½",
-    "!", "/", "?!", "😀", " ", "\t", "\n", "\r\n", "\u3000", "\u00a0", " /", "!\n/",
+    "a",
+    "A",
+    "é",
+    "É",
+    "ǅ",
+    "ʰ",
+    "中",
+    "ж",
+    "Ж",
+    "\u0301",
+    "'s",
+    "'LL",
+    "'Ve",
+    "'",
+    "7",
+    "٣",
+    "½",
+    "!",
+    "/",
+    "?!",
+    "😀",
+    " ",
+    "\t",
+    "\n",
+    "\r\n",
+    "\u3000",
+    "\u00a0",
+    " /",
+    "!\n/",
 ]
 runs = st.lists(st.tuples(st.sampled_from(UNITS), st.integers(1, 400)), max_size=8).map(
     lambda rs: "".join(u * n for u, n in rs)
@@ -245,7 +286,9 @@ def test_num_threads_is_capped_at_the_cores_and_must_be_positive():
     rng = random.Random()
     tok = Tokenizer.train(["".join(rng.choice("abc de\n") for _ in range(2000))], 300)
     texts = ["".join(rng.choice("abcde fg") for _ in range(rng.randrange(1, 80))) for _ in range(64)]
-    conv = [{"messages": [{"role": "user", "content": t}, {"role": "assistant", "content": t[::-1]}]} for t in texts[:8]]
+    conv = [
+        {"messages": [{"role": "user", "content": t}, {"role": "assistant", "content": t[::-1]}]} for t in texts[:8]
+    ]
     want = tok.encode_batch(texts, num_threads=1)
     before = _process_threads()
     cores = os.cpu_count()
@@ -256,7 +299,9 @@ def test_num_threads_is_capped_at_the_cores_and_must_be_positive():
         assert [ids[a:b].tolist() for a, b in zip(offs[:-1], offs[1:])] == want
         list(render_batch(tok, conv, num_threads=n))
         # At most one pool per thread count up to the cores: never more threads than that.
-        assert _process_threads() - before <= cores * (cores + 1) // 2, f"num_threads={n} started more threads than cores"
+        assert _process_threads() - before <= cores * (cores + 1) // 2, (
+            f"num_threads={n} started more threads than cores"
+        )
     for n in (0, -1, -(10**9)):
         with pytest.raises(ValueError, match="num_threads must be a positive int"):
             tok.encode_batch(texts, num_threads=n)

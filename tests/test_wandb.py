@@ -1,6 +1,7 @@
 """`--run NAME` logs training to Weights & Biases with the real `wandb` package in offline mode
 (no network): the run's .wandb file holds every step's loss, lr and tokens/s and the
 evaluation results, equal to what the checkpoint records."""
+
 import json
 import os
 import random
@@ -32,10 +33,10 @@ def wandb_records(path):
         if left < 7:  # a block's tail too short for a header is zero padding
             pos += left
             continue
-        _crc, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _crc, n, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if kind == 0 and n == 0:
             break
-        chunks += data[pos + 7:pos + 7 + n]
+        chunks += data[pos + 7 : pos + 7 + n]
         pos += 7 + n
         if kind in (1, 4):
             rec = wandb_internal_pb2.Record()
@@ -53,14 +54,46 @@ def test_run_logs_losses_lr_throughput_and_evals_offline(tmp_path):
     save_checkpoint(stage_dir("mid", 1, base), 0, GPT(GPTConfig.from_depth(1, tok.vocab_size, 256)), None, {})
     wandb_dir = tmp_path / "wandb_root"
     wandb_dir.mkdir()
-    env = {**os.environ, "RUSTCHAT_BASE_DIR": str(base), "WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir),
-           "WANDB_CONFIG_DIR": str(tmp_path / "wandb_config"), "WANDB_CACHE_DIR": str(tmp_path / "wandb_cache"),
-           "WANDB_DATA_DIR": str(tmp_path / "wandb_data"), "WANDB_SILENT": "true",
-           # nothing listens here: any attempt to reach a server would fail, not hang
-           "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_API_KEY": ""}
-    cmd = [sys.executable, "-m", "rustchat.cli", "sft", "--depth", "1", "--seq-len", "256", "--device", "cpu",
-           "--device-batch-size", "2", "--total-batch-conversations", "2", "--max-steps", "4", "--eval-every", "2",
-           "--eval-batches", "1", "--tasks", "tiny", "--run", "offline-test", "--quiet"]
+    env = {
+        **os.environ,
+        "RUSTCHAT_BASE_DIR": str(base),
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(wandb_dir),
+        "WANDB_CONFIG_DIR": str(tmp_path / "wandb_config"),
+        "WANDB_CACHE_DIR": str(tmp_path / "wandb_cache"),
+        "WANDB_DATA_DIR": str(tmp_path / "wandb_data"),
+        "WANDB_SILENT": "true",
+        # nothing listens here: any attempt to reach a server would fail, not hang
+        "WANDB_BASE_URL": "http://127.0.0.1:9",
+        "WANDB_API_KEY": "",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "rustchat.cli",
+        "sft",
+        "--depth",
+        "1",
+        "--seq-len",
+        "256",
+        "--device",
+        "cpu",
+        "--device-batch-size",
+        "2",
+        "--total-batch-conversations",
+        "2",
+        "--max-steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--eval-batches",
+        "1",
+        "--tasks",
+        "tiny",
+        "--run",
+        "offline-test",
+        "--quiet",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
 

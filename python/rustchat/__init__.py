@@ -4,16 +4,25 @@
 `rustchat.load_model(...)` and the training stack (`rustchat.model`, `rustchat.kernels`, ...)
 load torch when first used, so the tokenizer stays usable and fast to import without it.
 """
+
 from importlib import import_module
 
-from . import _core
+from . import _core as _core  # the extension, importable as rustchat._core
 from .conversation import collate_sft, pack_rows
 from .tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
 
 __version__ = "0.1.0"
 
-__all__ = ["Tokenizer", "SPLIT_PATTERN", "SPECIAL_TOKENS", "collate_sft", "pack_rows", "load_model", "kernels",
-           "__version__"]
+__all__ = [
+    "Tokenizer",
+    "SPLIT_PATTERN",
+    "SPECIAL_TOKENS",
+    "collate_sft",
+    "pack_rows",
+    "load_model",
+    "kernels",
+    "__version__",
+]
 
 
 def __getattr__(name):

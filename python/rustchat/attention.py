@@ -7,6 +7,7 @@ so a run never switches mid-way and the stage banner can say which it uses.
 A window w lets the query at position i see keys at positions i-w..i (w+1 keys); None: all of
 0..i. Tensors are [B, H, T, D] (SDPA's layout) unless a function says otherwise.
 """
+
 from __future__ import annotations
 
 import os
@@ -86,8 +87,9 @@ def causal(q, k, v, window: int | None, gqa: bool):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(pos, pos, window), enable_gqa=gqa)
 
 
-def cached(q, k, v, window: int | None, gqa: bool, q_pos: torch.Tensor | None = None,
-           attn_mask: torch.Tensor | None = None):
+def cached(
+    q, k, v, window: int | None, gqa: bool, q_pos: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None
+):
     """New queries over a KV cache's keys 0..Tk-1. Without q_pos the queries are the last T
     positions (every row holds Tk keys); with q_pos [B, T] (rows of different lengths) each row's
     attn_mask [B, 1, T, Tk] says which keys it holds, and the window is cut from its positions."""
@@ -99,12 +101,12 @@ def cached(q, k, v, window: int | None, gqa: bool, q_pos: torch.Tensor | None = 
     full = window is None or window >= Tk - 1
     if T == 1:  # one new token: its window is the last window+1 keys
         if not full:
-            k, v = k[:, :, Tk - window - 1:], v[:, :, Tk - window - 1:]
+            k, v = k[:, :, Tk - window - 1 :], v[:, :, Tk - window - 1 :]
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     if Tk == T and full:  # empty cache: plain causal
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     pos = torch.arange(Tk, device=q.device)
-    mask = window_mask(pos[Tk - T:], pos, window)
+    mask = window_mask(pos[Tk - T :], pos, window)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 

@@ -16,6 +16,7 @@ batched matmuls), and the same as `Engine.generate`. A row whose sampling fails 
 error alone; the others go on. Between two decode steps at most PREFILL_TOKENS prompt tokens
 are prefilled.
 """
+
 from __future__ import annotations
 
 import threading
@@ -55,7 +56,7 @@ class SlotKVCache:
 
     @property
     def pos(self) -> int:
-        return max(self.lengths[:self.n], default=0)
+        return max(self.lengths[: self.n], default=0)
 
     def add(self, cache: KVCache) -> int:
         """Copy a batch-1 prefilled cache into the next free slot; returns the slot."""
@@ -78,12 +79,12 @@ class SlotKVCache:
     @property
     def prev_embedding(self):
         """The running rows' smear state [n, 1, C] (the model reads it, then stores the new one)."""
-        return None if self._prev is None else self._prev[:self.n]
+        return None if self._prev is None else self._prev[: self.n]
 
     @prev_embedding.setter
     def prev_embedding(self, value) -> None:
         if self._prev is not None:
-            self._prev[:self.n] = value
+            self._prev[: self.n] = value
 
     def remove(self, i: int) -> int | None:
         """Free slot i; the last running row moves into it. Returns the moved row's old slot."""
@@ -102,9 +103,9 @@ class SlotKVCache:
     def position_ids(self) -> torch.Tensor:
         """Rotary positions of one new token per running row, [n, 1]; also readies this forward's
         attention mask (row b sees its own keys 0..lengths[b])."""
-        if any(n + 1 > self.max_len for n in self.lengths[:self.n]):
+        if any(n + 1 > self.max_len for n in self.lengths[: self.n]):
             raise RustchatError(f"KV cache is full: a row would exceed capacity {self.max_len}")
-        pos = torch.tensor(self.lengths[:self.n], dtype=torch.long, device=self.k.device)
+        pos = torch.tensor(self.lengths[: self.n], dtype=torch.long, device=self.k.device)
         keys = torch.arange(self.pos + 1, device=self.k.device)
         self.attn_mask = (keys[None, :] <= pos[:, None])[:, None, None, :]  # [n, 1, 1, Tk]
         self._pos_t = pos
@@ -118,7 +119,7 @@ class SlotKVCache:
         self.k[layer, rows, :, self._pos_t] = k[:, :, 0]
         self.v[layer, rows, :, self._pos_t] = v[:, :, 0]
         tk = self.attn_mask.size(-1)
-        return self.k[layer, :self.n, :, :tk], self.v[layer, :self.n, :, :tk]
+        return self.k[layer, : self.n, :, :tk], self.v[layer, : self.n, :, :tk]
 
     def advance(self, n: int) -> None:
         for b in range(self.n):
@@ -136,9 +137,18 @@ class GenRequest:
     `Engine.generate` gives for that seed); with seed None, from the scheduler's, in one draw
     with the other unseeded rows. Bad settings raise RustchatError here, before it is queued."""
 
-    def __init__(self, prompt: Sequence[int], emit: Callable[[tuple], None], *, max_tokens: int,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 seed: int | None = 42, logprobs: int | None = None):
+    def __init__(
+        self,
+        prompt: Sequence[int],
+        emit: Callable[[tuple], None],
+        *,
+        max_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = 42,
+        logprobs: int | None = None,
+    ):
         self.prompt = [int(t) for t in prompt]
         if not self.prompt:
             raise RustchatError("a request needs a non-empty prompt")
@@ -189,8 +199,9 @@ class BatchScheduler:
     def submit(self, req: GenRequest) -> None:
         """Queue a request; RustchatError when the queue is full or it cannot fit the context."""
         if len(req.prompt) + req.max_tokens > self.context:
-            raise RustchatError(f"prompt {len(req.prompt)} + max_tokens {req.max_tokens} tokens exceed the "
-                                f"context of {self.context}")
+            raise RustchatError(
+                f"prompt {len(req.prompt)} + max_tokens {req.max_tokens} tokens exceed the context of {self.context}"
+            )
         with self.cond:
             if self.closed:
                 raise RustchatError("the scheduler is closed")
@@ -219,8 +230,11 @@ class BatchScheduler:
                 # prefill at most PREFILL_TOKENS prompt tokens (at least one request) between two
                 # decode steps, so running replies keep streaming while a crowd arrives
                 admitted, budget = [], PREFILL_TOKENS
-                while self.queue and len(self.running) + len(admitted) < self.max_batch and (
-                        not admitted or len(self.queue[0].prompt) <= budget):
+                while (
+                    self.queue
+                    and len(self.running) + len(admitted) < self.max_batch
+                    and (not admitted or len(self.queue[0].prompt) <= budget)
+                ):
                     budget -= len(self.queue[0].prompt)
                     admitted.append(self.queue.popleft())
             try:
@@ -283,8 +297,17 @@ class BatchScheduler:
         i = 0
         while i < len(self.running):
             req = self.running[i]
-            reason = ("error" if req.row.error else "stop" if req.row.done
-                      else "length" if req.generated >= req.max_tokens else "cancelled" if req.cancelled else None)
+            reason = (
+                "error"
+                if req.row.error
+                else "stop"
+                if req.row.done
+                else "length"
+                if req.generated >= req.max_tokens
+                else "cancelled"
+                if req.cancelled
+                else None
+            )
             if reason is None:
                 i += 1
                 continue

@@ -10,6 +10,7 @@ Training's in-loop evaluation of `rustchat base`, `rustchat eval -i base`, repor
 speedrun's table all call `bits_per_byte` here, so for the same checkpoint, files and token
 count they print the same value.
 """
+
 from __future__ import annotations
 
 import math
@@ -56,9 +57,9 @@ def bits_per_byte(model, tok, stream: np.ndarray) -> tuple[float, int]:
     batches = list(range(0, n_rows, BPB_BATCH_ROWS))
     for r0 in batches[rank::world]:
         r1 = min(r0 + BPB_BATCH_ROWS, n_rows)
-        chunk = torch.as_tensor(stream[r0 * T: r1 * T + 1].astype(np.int64))
-        x = torch.stack([chunk[r * T: (r + 1) * T] for r in range(r1 - r0)]).to(device)
-        y = torch.stack([chunk[r * T + 1: (r + 1) * T + 1] for r in range(r1 - r0)]).to(device)
+        chunk = torch.as_tensor(stream[r0 * T : r1 * T + 1].astype(np.int64))
+        x = torch.stack([chunk[r * T : (r + 1) * T] for r in range(r1 - r0)]).to(device)
+        y = torch.stack([chunk[r * T + 1 : (r + 1) * T + 1] for r in range(r1 - r0)]).to(device)
         with torch.inference_mode(), autocast_ctx(device):
             loss = model(x, y, loss_reduction="none").float()
         b = token_bytes[y]

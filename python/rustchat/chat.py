@@ -5,6 +5,7 @@ including their calculator calls, are what the model sees again. Tool calls are 
 e.g. `[calculator: 3*7 -> 21]`. Oldest turns are dropped when the conversation outgrows the
 model's context.
 """
+
 from __future__ import annotations
 
 import random
@@ -23,8 +24,15 @@ HELP = "commands: 'clear' starts over, 'quit' (or Ctrl-D) exits"
 class ChatSession:
     """A conversation with a model: `reply(text, write)` streams the answer and keeps history."""
 
-    def __init__(self, engine, *, temperature: float = DEFAULT_TEMPERATURE, top_k: int | None = 50, max_tokens: int = 512,
-                 seed: int | None = None):
+    def __init__(
+        self,
+        engine,
+        *,
+        temperature: float = DEFAULT_TEMPERATURE,
+        top_k: int | None = 50,
+        max_tokens: int = 512,
+        seed: int | None = None,
+    ):
         if temperature < 0:
             raise RustchatError(f"--temperature must be >= 0, got {temperature}")
         self.engine, self.temperature, self.top_k, self.max_tokens = engine, temperature, top_k, max_tokens
@@ -51,13 +59,20 @@ class ChatSession:
         write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
         prompt, dropped = self._prompt(user)
         if dropped:
-            self.history = self.history[2 * dropped:]
+            self.history = self.history[2 * dropped :]
             write(f"(dropped the {dropped} oldest turn(s) to fit the model's context)\n")
         seed = self.seed if self.seed is not None else random.randrange(1 << 31)
         parser = CompletionParser(self.engine.tok)
         shown = []
-        for kind, s in stream_reply(self.engine, prompt, max_tokens=self.max_tokens, temperature=self.temperature,
-                                    top_k=self.top_k, seed=seed, parser=parser):
+        for kind, s in stream_reply(
+            self.engine,
+            prompt,
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            seed=seed,
+            parser=parser,
+        ):
             s = s if kind == "text" else f" {s} "
             shown.append(s)
             write(s)
@@ -68,8 +83,9 @@ class ChatSession:
 
 def run_chat(cfg: ChatConfig, input_fn=input, write=None) -> None:
     model, tok, meta = load_model(cfg.source, depth=cfg.depth, step=cfg.step, device=cfg.device, base_dir=cfg.base_dir)
-    session = ChatSession(Engine(model, tok), temperature=cfg.temperature, top_k=cfg.top_k,
-                          max_tokens=cfg.max_tokens, seed=cfg.seed)
+    session = ChatSession(
+        Engine(model, tok), temperature=cfg.temperature, top_k=cfg.top_k, max_tokens=cfg.max_tokens, seed=cfg.seed
+    )
     write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     if cfg.prompt is not None:
         session.reply(cfg.prompt, write)

@@ -11,6 +11,7 @@ before it is opened (a regular file, not a FIFO or a link to a device, of a sane
 after (well-formed, a model config that makes sense, finite weights); any problem is one
 RustchatError "<file>: <problem>".
 """
+
 from __future__ import annotations
 
 import base64
@@ -45,15 +46,35 @@ _PREVIOUS = {"base": None, "mid": "base", "sft": "mid", "rl": "sft"}
 # would exhaust memory before a shape check could fail.
 MAX_META_BYTES = 64 << 20
 _MAX_SAFETENSORS_HEADER = 100 << 20  # the limit safetensors itself applies
-_CONFIG_LIMITS = {"sequence_len": 1 << 20, "vocab_size": 1 << 24, "n_layer": 1024, "n_head": 1024,
-                  "n_kv_head": 1024, "n_embd": 1 << 16}
+_CONFIG_LIMITS = {
+    "sequence_len": 1 << 20,
+    "vocab_size": 1 << 24,
+    "n_layer": 1024,
+    "n_head": 1024,
+    "n_kv_head": 1024,
+    "n_embd": 1 << 16,
+}
 # the architecture's feature fields (GPTConfig), optional in a meta: the accepted JSON types
-_FEATURE_TYPES = {"window_pattern": (str,), "rope_base": (int, float), "qk_scale": (int, float),
-                  "value_embeds": (bool,), "layer_lambdas": (bool,), "smear": (bool,), "backout": (bool,),
-                  "rope_bf16": (bool,)}
-_FEATURE_NAMES = {"window_pattern": "null or a string of S and L", "rope_base": "a number",
-                  "qk_scale": "a number", "value_embeds": "true or false", "layer_lambdas": "true or false",
-                  "smear": "true or false", "backout": "true or false", "rope_bf16": "true or false"}
+_FEATURE_TYPES = {
+    "window_pattern": (str,),
+    "rope_base": (int, float),
+    "qk_scale": (int, float),
+    "value_embeds": (bool,),
+    "layer_lambdas": (bool,),
+    "smear": (bool,),
+    "backout": (bool,),
+    "rope_bf16": (bool,),
+}
+_FEATURE_NAMES = {
+    "window_pattern": "null or a string of S and L",
+    "rope_base": "a number",
+    "qk_scale": "a number",
+    "value_embeds": "true or false",
+    "layer_lambdas": "true or false",
+    "smear": "true or false",
+    "backout": "true or false",
+    "rope_bf16": "true or false",
+}
 _META_RE = re.compile(r"^meta_(\d{6,})\.json$")
 _DEPTH_RE = re.compile(r"^d(\d+)$")
 
@@ -83,8 +104,9 @@ def pick_depth(stage: str, base_dir=None) -> int:
     if not depths:
         raise _missing(root, f"no {stage} checkpoints")
     if len(depths) > 1:
-        raise RustchatError(f"{root} has {stage} checkpoints at depths {', '.join(map(str, depths))}: "
-                            "choose one with --depth")
+        raise RustchatError(
+            f"{root} has {stage} checkpoints at depths {', '.join(map(str, depths))}: choose one with --depth"
+        )
     return depths[0]
 
 
@@ -95,13 +117,21 @@ def latest_meta(ckpt_dir) -> dict | None:
 
 
 def _paths(ckpt_dir: Path, step: int, rank: int = 0):
-    return (ckpt_dir / f"model_{step:06d}.safetensors", ckpt_dir / f"optim_{step:06d}_rank{rank}.pt",
-            ckpt_dir / f"meta_{step:06d}.json")
+    return (
+        ckpt_dir / f"model_{step:06d}.safetensors",
+        ckpt_dir / f"optim_{step:06d}_rank{rank}.pt",
+        ckpt_dir / f"meta_{step:06d}.json",
+    )
 
 
 def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
         if test(mode):
             return name
     return "not a regular file"
@@ -158,8 +188,9 @@ def check_model_config(mc, where) -> GPTConfig:
         if key not in mc:
             continue
         v = mc[key]
-        if (v is None and key != "window_pattern") or (v is not None and (not isinstance(v, kinds) or (
-                isinstance(v, bool) and bool not in kinds))):
+        if (v is None and key != "window_pattern") or (
+            v is not None and (not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds))
+        ):
             raise RustchatError(f"{where}: model_config {key}={v!r} must be {_FEATURE_NAMES[key]}")
         values[key] = v
     try:
@@ -187,9 +218,13 @@ def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         for name, info in header.items():
             if name == "__metadata__":
                 continue
-            if not (isinstance(info, dict) and isinstance(info.get("shape"), list)
-                    and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
-                    and all(isinstance(x, int) and x >= 0 for x in info["shape"] + info["data_offsets"])):
+            if not (
+                isinstance(info, dict)
+                and isinstance(info.get("shape"), list)
+                and isinstance(info.get("data_offsets"), list)
+                and len(info["data_offsets"]) == 2
+                and all(isinstance(x, int) and x >= 0 for x in info["shape"] + info["data_offsets"])
+            ):
                 raise ValueError(f"malformed header entry for {name!r}")
             shapes[name] = tuple(info["shape"])
             end = max(end, info["data_offsets"][1])
@@ -214,8 +249,10 @@ def _atomic_write(path: Path, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         if full:
-            raise RustchatError(f"{path}: no space left on device while saving the checkpoint "
-                                f"({type(e).__name__}: {e}); free space or use another --base-dir") from None
+            raise RustchatError(
+                f"{path}: no space left on device while saving the checkpoint "
+                f"({type(e).__name__}: {e}); free space or use another --base-dir"
+            ) from None
         if isinstance(e, OSError):
             raise RustchatError(f"{path}: cannot save the checkpoint ({e.strerror or e})") from None
         raise
@@ -256,15 +293,19 @@ def check_checkpoint_dir(ckpt_dir, need_bytes: int) -> None:
     st = os.statvfs(ckpt_dir)
     free = st.f_bavail * st.f_frsize
     if free < need_bytes:
-        raise RustchatError(f"{ckpt_dir}: not enough space for a checkpoint: {free / 2**20:.0f} MiB free on the "
-                            f"device, about {need_bytes / 2**20:.0f} MiB needed (saving would fail with "
-                            "'no space left on device'); free space or use another --base-dir")
+        raise RustchatError(
+            f"{ckpt_dir}: not enough space for a checkpoint: {free / 2**20:.0f} MiB free on the "
+            f"device, about {need_bytes / 2**20:.0f} MiB needed (saving would fail with "
+            "'no space left on device'); free space or use another --base-dir"
+        )
 
 
 def _unwritable(ckpt_dir, e: OSError) -> RustchatError:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return RustchatError(f"{ckpt_dir}: no space left on device; free space or use another --base-dir")
-    return RustchatError(f"{ckpt_dir}: checkpoint directory is not writable ({e.strerror or e}); use another --base-dir")
+    return RustchatError(
+        f"{ckpt_dir}: checkpoint directory is not writable ({e.strerror or e}); use another --base-dir"
+    )
 
 
 def _remove_stale_temps(ckpt_dir: Path, rank: int) -> None:
@@ -392,8 +433,9 @@ def load_checkpoint(ckpt_dir, step: int | None = None, device="cpu", load_optimi
         want = {k: tuple(v.shape) for k, v in GPT(config, init=False).state_dict().items()}
     if shapes != want:
         diff = sorted(set(shapes.items()) ^ set(want.items()))[:3]
-        raise RustchatError(f"{model_path}: tensors do not match the model_config in {meta_path.name} "
-                            f"(first differences: {diff})")
+        raise RustchatError(
+            f"{model_path}: tensors do not match the model_config in {meta_path.name} (first differences: {diff})"
+        )
     try:
         model_state = load_file(str(model_path), device=str(device))
     except Exception as e:  # safetensors raises its own error types for malformed files
@@ -421,8 +463,9 @@ def _load_optimizer_shards(ckpt_dir: Path, step: int, meta: dict) -> list:
     for rank in range(n):
         path = _paths(ckpt_dir, step, rank)[1]
         if not path.exists():
-            raise RustchatError(f"optimizer state {path.name} missing in {ckpt_dir} (the run that saved it had "
-                                f"{n} ranks)")
+            raise RustchatError(
+                f"optimizer state {path.name} missing in {ckpt_dir} (the run that saved it had {n} ranks)"
+            )
         regular_file(path, "optimizer state")
         try:
             shards.append(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
@@ -459,8 +502,15 @@ def build_model_from_meta(meta: dict, device="cpu", model_state: dict | None = N
     return model
 
 
-def load_stage_model(stage: str, depth: int | None = None, step: int | None = None, device="cpu", *,
-                     base_dir=None, load_optimizer: bool = False):
+def load_stage_model(
+    stage: str,
+    depth: int | None = None,
+    step: int | None = None,
+    device="cpu",
+    *,
+    base_dir=None,
+    load_optimizer: bool = False,
+):
     """Model of a stage's checkpoint -> (model, optim_states or None, meta).
     depth None picks the one depth that has a complete checkpoint (`pick_depth`)."""
     if depth is None:
@@ -476,8 +526,9 @@ def previous_stage(stage: str) -> str | None:
     return _PREVIOUS[stage]
 
 
-def load_model(source: str = "sft", *, depth: int | None = None, step: int | None = None, device: str = "cpu",
-               base_dir=None) -> tuple[GPT, Tokenizer, dict]:
+def load_model(
+    source: str = "sft", *, depth: int | None = None, step: int | None = None, device: str = "cpu", base_dir=None
+) -> tuple[GPT, Tokenizer, dict]:
     """A trained model, ready to use: (model in eval mode, the base dir's tokenizer, meta).
 
     `source` is the stage (base, mid, sft); depth None picks the largest depth with a
@@ -493,8 +544,10 @@ def load_model(source: str = "sft", *, depth: int | None = None, step: int | Non
     model, _, meta = load_stage_model(source, depth, step, device=device, base_dir=base)
     model.eval()
     if model.config.vocab_size != tok.vocab_size:
-        raise RustchatError(f"the {source} checkpoint has vocab {model.config.vocab_size} but the tokenizer in "
-                            f"{base / 'tokenizer'} has {tok.vocab_size}")
+        raise RustchatError(
+            f"the {source} checkpoint has vocab {model.config.vocab_size} but the tokenizer in "
+            f"{base / 'tokenizer'} has {tok.vocab_size}"
+        )
     return model, tok, meta
 
 
@@ -576,8 +629,12 @@ class RunLedger:
         run_history = self.prior_history + history
         if self.run_first and (not run_history or run_history[0]["step"] != self.run_first["step"]):
             run_history.insert(0, self.run_first)
-        return {"run_id": self.run_id, "run_history": run_history, "run_seconds": self.prior_seconds + seconds,
-                "resumed_at": self.resumed_at}
+        return {
+            "run_id": self.run_id,
+            "run_history": run_history,
+            "run_seconds": self.prior_seconds + seconds,
+            "resumed_at": self.resumed_at,
+        }
 
 
 def _run_of(ckpt_dir: Path, step: int) -> str:
@@ -595,8 +652,10 @@ def check_fresh_run(ckpt_dir, *, force: bool, resume_hint: str = "--resume") -> 
     ckpt_dir = Path(ckpt_dir)
     last = find_last_step(ckpt_dir)
     if last is not None and not force:
-        raise RustchatError(f"{ckpt_dir} holds run {_run_of(ckpt_dir, last)} (up to step {last}): continue it with "
-                            f"{resume_hint}, or start a new run with --force (the old one is archived)")
+        raise RustchatError(
+            f"{ckpt_dir} holds run {_run_of(ckpt_dir, last)} (up to step {last}): continue it with "
+            f"{resume_hint}, or start a new run with --force (the old one is archived)"
+        )
 
 
 def archive_run(ckpt_dir) -> str | None:
@@ -644,8 +703,10 @@ class StageLock:
             except BlockingIOError:
                 holder = self._holder(fd)
                 os.close(fd)
-                raise RustchatError(f"{self.path.parent} is in use by another run ({holder}); wait for it to end, "
-                                    "or use another --depth or --base-dir") from None
+                raise RustchatError(
+                    f"{self.path.parent} is in use by another run ({holder}); wait for it to end, "
+                    "or use another --depth or --base-dir"
+                ) from None
             # the file may have been removed by a holder releasing just now: lock the live one
             try:
                 same = os.path.samestat(os.fstat(fd), os.stat(self.path))
@@ -654,8 +715,12 @@ class StageLock:
             if not same:
                 os.close(fd)
                 continue
-            record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                      "command": " ".join(["rustchat", *sys.argv[1:]])[:300]}
+            record = {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "command": " ".join(["rustchat", *sys.argv[1:]])[:300],
+            }
             os.ftruncate(fd, 0)
             os.write(fd, json.dumps(record).encode())
             self.fd = fd
@@ -679,7 +744,9 @@ class StageLock:
                 alive = ", which has exited: a child process of it still holds the lock"
             except OSError:
                 pass
-        return f"pid {pid} on {rec.get('host', '?')}, started {rec.get('started', '?')}: {rec.get('command', '?')}{alive}"
+        return (
+            f"pid {pid} on {rec.get('host', '?')}, started {rec.get('started', '?')}: {rec.get('command', '?')}{alive}"
+        )
 
     def release(self) -> None:
         if self.fd is None:

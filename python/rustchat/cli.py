@@ -4,6 +4,7 @@ handed to the one function that does its work.
 Commands that need torch import their module when run, so `rustchat tok ...` and `--help`
 start fast. User-facing errors (bad files, missing checkpoints) print as one line, exit status 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -156,10 +157,22 @@ def torchrun_command(cfg, argv: list[str]) -> list[str]:
     else:
         if not master_addr:
             raise RustchatError("--nnodes > 1 needs --master-addr (the address of node 0, reachable from every node)")
-        launch = [f"--nnodes={nnodes}", f"--node-rank={node_rank}", f"--master-addr={master_addr}",
-                  f"--master-port={master_port}"]
-    return [sys.executable, "-m", "torch.distributed.run", *launch, f"--nproc-per-node={cfg.nproc}",
-            "-m", "rustchat.cli", *out]
+        launch = [
+            f"--nnodes={nnodes}",
+            f"--node-rank={node_rank}",
+            f"--master-addr={master_addr}",
+            f"--master-port={master_port}",
+        ]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *launch,
+        f"--nproc-per-node={cfg.nproc}",
+        "-m",
+        "rustchat.cli",
+        *out,
+    ]
 
 
 def _relaunch_with_torchrun(cfg) -> None:
@@ -179,15 +192,32 @@ STAGE_COMMANDS = (
 COMMANDS = (
     *((name, help_, STAGE_CONFIGS[name], handler) for name, help_, handler in STAGE_COMMANDS),
     ("speedrun", "tokenizer -> base -> mid -> SFT (-> RL) -> eval in one go", SpeedrunConfig, cmd_speedrun),
-    ("eval", "evaluate a checkpoint: chat tasks + ChatCORE, or bits/byte (and --core: CORE) for base models", EvalConfig, cmd_eval),
+    (
+        "eval",
+        "evaluate a checkpoint: chat tasks + ChatCORE, or bits/byte (and --core: CORE) for base models",
+        EvalConfig,
+        cmd_eval,
+    ),
     ("chat", "chat with a model in the terminal", ChatConfig, cmd_chat),
     ("serve", "web chat UI and an OpenAI-compatible /v1/chat/completions API", ServeConfig, cmd_serve),
-    ("export", "write a checkpoint as a Hugging Face transformers directory (NanoChat architecture)",
-     ExportConfig, cmd_export),
-    ("import-hf", "import a transformers NanoChat directory as a checkpoint to continue mid/SFT",
-     ImportHFConfig, cmd_import_hf),
-    ("import-nanochat", "import a nanochat checkpoint dir (+ tokenizer.pkl) to continue mid/SFT",
-     ImportNanochatConfig, cmd_import_nanochat),
+    (
+        "export",
+        "write a checkpoint as a Hugging Face transformers directory (NanoChat architecture)",
+        ExportConfig,
+        cmd_export,
+    ),
+    (
+        "import-hf",
+        "import a transformers NanoChat directory as a checkpoint to continue mid/SFT",
+        ImportHFConfig,
+        cmd_import_hf,
+    ),
+    (
+        "import-nanochat",
+        "import a nanochat checkpoint dir (+ tokenizer.pkl) to continue mid/SFT",
+        ImportNanochatConfig,
+        cmd_import_nanochat,
+    ),
 )
 TOK_COMMANDS = (
     ("train", "train a BPE tokenizer on text files, directories or parquet shards", TokTrainConfig, cmd_tok_train),

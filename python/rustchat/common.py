@@ -1,4 +1,5 @@
 """What every layer shares and that needs no torch: the user-facing error, the base dir, rank-0 printing."""
+
 from __future__ import annotations
 
 import os
@@ -32,7 +33,9 @@ def print0(*args, **kwargs) -> None:
 
 # ----------------------------------------------------------------------------- the network, asked once
 # What every "no data" error offers: the tasks and the pipeline that need no network.
-OFFLINE_ROUTE = "offline, use the generated tasks (--tasks tiny) or run the whole pipeline with rustchat speedrun --preset tiny"
+OFFLINE_ROUTE = (
+    "offline, use the generated tasks (--tasks tiny) or run the whole pipeline with rustchat speedrun --preset tiny"
+)
 _TRUE = ("1", "true", "yes", "on")
 _HUB_REACH: dict[str, str | None] = {}  # endpoint -> why it cannot be reached (None: it can)
 
@@ -61,8 +64,10 @@ def hub_unreachable() -> str | None:
     endpoint = hub_endpoint()
     if endpoint not in _HUB_REACH:
         parts = urllib.parse.urlsplit(endpoint)
-        proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
-                                                  "ALL_PROXY", "all_proxy"))
+        proxied = any(
+            os.environ.get(v)
+            for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+        )
         port = parts.port or (443 if parts.scheme == "https" else 80)
         _HUB_REACH[endpoint] = None
         if not proxied and parts.hostname:

@@ -5,6 +5,7 @@ drift from its field; the speedrun and Python callers build the same dataclasses
 A field's metadata holds its help text and checks; `__post_init__` enforces the checks, so a
 config built in code is refused exactly as the command line would refuse it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,12 +27,32 @@ ARCHS = ("2026", "classic")  # the keys of rustchat.model.ARCHS
 DEFAULT_TEMPERATURE = 0.6  # chat and serve sample alike unless told otherwise
 
 
-def opt(default, help: str, *, short: str | None = None, choices=None, minimum=None, required: bool = False,
-        positional: bool = False, append: bool = False, metavar: str | None = None):
+def opt(
+    default,
+    help: str,
+    *,
+    short: str | None = None,
+    choices=None,
+    minimum=None,
+    required: bool = False,
+    positional: bool = False,
+    append: bool = False,
+    metavar: str | None = None,
+):
     """A config field: its default, its help text and what values it accepts."""
-    return field(default=default, metadata={"help": help, "short": short, "choices": choices, "minimum": minimum,
-                                            "required": required, "positional": positional, "append": append,
-                                            "metavar": metavar})
+    return field(
+        default=default,
+        metadata={
+            "help": help,
+            "short": short,
+            "choices": choices,
+            "minimum": minimum,
+            "required": required,
+            "positional": positional,
+            "append": append,
+            "metavar": metavar,
+        },
+    )
 
 
 def retired(hint: str):
@@ -58,7 +79,9 @@ class Config:
                     raise RustchatError(f"{flag_name(f.name)} is required")
                 continue
             if m.get("choices") and v not in m["choices"]:
-                raise RustchatError(f"{flag_name(f.name)} must be one of {', '.join(map(str, m['choices']))}, got {v!r}")
+                raise RustchatError(
+                    f"{flag_name(f.name)} must be one of {', '.join(map(str, m['choices']))}, got {v!r}"
+                )
             if m.get("minimum") is not None and not v >= m["minimum"]:  # NaN too
                 raise RustchatError(f"{flag_name(f.name)} must be >= {m['minimum']}, got {v}")
 
@@ -83,8 +106,7 @@ class TokTrainConfig(Config):
 @dataclass
 class TokEvalConfig(Config):
     tokenizer: str | None = opt(None, "tokenizer directory (default: the trained one under the base dir)")
-    text: list[str] | None = opt(None, "extra rows, e.g. train=train.txt val=val.txt", append=True,
-                                 metavar="KIND=PATH")
+    text: list[str] | None = opt(None, "extra rows, e.g. train=train.txt val=val.txt", append=True, metavar="KIND=PATH")
     max_bytes: int = opt(2_000_000, "chars read from each --text file", minimum=1)
 
 
@@ -95,47 +117,81 @@ class TrainConfig(Config):
     defaults below."""
 
     stage: ClassVar[str]
-    depth: int | None = opt(None, "model depth (default: the one depth with the checkpoint this run starts from; "
-                                  "a new base model: 10, i.e. 640 dim, 5 heads)", minimum=1)
+    depth: int | None = opt(
+        None,
+        "model depth (default: the one depth with the checkpoint this run starts from; "
+        "a new base model: 10, i.e. 640 dim, 5 heads)",
+        minimum=1,
+    )
     device: str = opt("auto", "where to train", choices=DEVICES)
     device_batch_size: int = opt(32, "rows per micro-batch", minimum=1)
     max_steps: int | None = opt(None, "stop after this many steps (default: the stage's horizon)", minimum=1)
     num_epochs: int = opt(1, "passes over the data (mid, SFT, RL)", minimum=1)
     eval_every: int = opt(250, "steps between validation evaluations (0: only at the end)", minimum=0)
     save_every: int | None = opt(None, "steps between intermediate checkpoints", minimum=1)
-    keep_last: int | None = opt(None, "keep only the newest N checkpoints of this stage and depth (default: all)",
-                                minimum=1)
+    keep_last: int | None = opt(
+        None, "keep only the newest N checkpoints of this stage and depth (default: all)", minimum=1
+    )
     run: str | None = opt(None, "wandb run name (off by default; honours WANDB_MODE)")
-    resume: bool = opt(False, "continue the run in this stage's directory from its latest checkpoint, with its "
-                              "settings")
+    resume: bool = opt(
+        False, "continue the run in this stage's directory from its latest checkpoint, with its settings"
+    )
     force: bool = opt(False, "start a new run where an old one has checkpoints (the old run is archived)")
-    stop_at_step: int | None = opt(None, "stop at this step with a checkpoint, schedule unchanged; "
-                                         "continue later with --resume", minimum=1)
+    stop_at_step: int | None = opt(
+        None, "stop at this step with a checkpoint, schedule unchanged; continue later with --resume", minimum=1
+    )
     seed: int = opt(42, "seed of weights, data order and sampling")
     matrix_lr: float = opt(0.02, "Muon learning rate of the transformer matrices", minimum=0.0)
     embedding_lr: float = opt(0.2, "AdamW learning rate of the token embedding", minimum=0.0)
     unembedding_lr: float = opt(0.004, "AdamW learning rate of the output head", minimum=0.0)
-    optimizer: str = opt("auto", "optimizer recipe: 2026 (Polar Express, NorMuon, cautious weight decay), classic "
-                                 "(Newton-Schulz Muon), auto (the model's architecture's; a resume keeps the "
-                                 "checkpoint's)", choices=OPTIMIZERS)
+    optimizer: str = opt(
+        "auto",
+        "optimizer recipe: 2026 (Polar Express, NorMuon, cautious weight decay), classic "
+        "(Newton-Schulz Muon), auto (the model's architecture's; a resume keeps the "
+        "checkpoint's)",
+        choices=OPTIMIZERS,
+    )
     base_dir: str | None = opt(None, "artifacts root (default $RUSTCHAT_BASE_DIR or ~/.cache/rustchat)")
     nproc: int = opt(1, "processes on this node (re-launches under torchrun)", minimum=1)
-    nnodes: int = opt(1, "machines training together; run the same command on each with its --node-rank",
-                      minimum=1)
+    nnodes: int = opt(1, "machines training together; run the same command on each with its --node-rank", minimum=1)
     node_rank: int = opt(0, "this machine's index among --nnodes (0 hosts the rendezvous)", minimum=0)
     master_addr: str | None = opt(None, "address of node 0, reachable from every node (needed with --nnodes > 1)")
     master_port: int = opt(29500, "port of the rendezvous on node 0", minimum=1)
     quiet: bool = opt(False, "no progress bar")
 
-
     # --resume restores the run's settings from its checkpoint: these may differ (how far and how
     # the run goes on), the others define what it trains on and are refused; the ones in
     # RESUME_OWN belong to this invocation and are never taken from the checkpoint
-    RESUME_MAY_CHANGE: ClassVar[frozenset] = frozenset({
-        "max_steps", "eval_every", "eval_batches", "save_every", "keep_last", "run", "device", "quiet",
-        "matrix_lr", "embedding_lr", "unembedding_lr", "init_lr_frac"})
-    RESUME_OWN: ClassVar[frozenset] = frozenset({"resume", "force", "base_dir", "depth", "stop_at_step", "nproc",
-                                                  "nnodes", "node_rank", "master_addr", "master_port"})
+    RESUME_MAY_CHANGE: ClassVar[frozenset] = frozenset(
+        {
+            "max_steps",
+            "eval_every",
+            "eval_batches",
+            "save_every",
+            "keep_last",
+            "run",
+            "device",
+            "quiet",
+            "matrix_lr",
+            "embedding_lr",
+            "unembedding_lr",
+            "init_lr_frac",
+        }
+    )
+    RESUME_OWN: ClassVar[frozenset] = frozenset(
+        {
+            "resume",
+            "force",
+            "base_dir",
+            "depth",
+            "stop_at_step",
+            "nproc",
+            "nnodes",
+            "node_rank",
+            "master_addr",
+            "master_port",
+        }
+    )
     RENAMED: ClassVar[dict] = {}  # old field name in a checkpoint's config -> its name now
 
     def resumed(self, saved: dict) -> tuple["StageConfig", list[str]]:
@@ -160,8 +216,10 @@ class TrainConfig(Config):
             elif f.name in self.RESUME_MAY_CHANGE:
                 notes.append(f"{flag_name(f.name)} {mine} applied (the run had {theirs})")
             else:
-                raise RustchatError(f"--resume: {flag_name(f.name)} {mine} differs from the run's {theirs}; a resumed "
-                                    f"run keeps it (drop the flag, or start a new run with --force)")
+                raise RustchatError(
+                    f"--resume: {flag_name(f.name)} {mine} differs from the run's {theirs}; a resumed "
+                    f"run keeps it (drop the flag, or start a new run with --force)"
+                )
         return self.replace(**changes), notes
 
 
@@ -169,8 +227,9 @@ class TrainConfig(Config):
 class StageConfig(TrainConfig):
     """What base, mid and SFT share: rows of a fixed length, a batch counted in tokens."""
 
-    total_batch_size: int = opt(524_288, "tokens per optimizer step; gradient accumulation makes up the rest",
-                                minimum=1)
+    total_batch_size: int = opt(
+        524_288, "tokens per optimizer step; gradient accumulation makes up the rest", minimum=1
+    )
     seq_len: int = opt(2048, "tokens per row (the model's context)", minimum=1)
     eval_batches: int = opt(8, "batches per validation evaluation", minimum=1)
 
@@ -181,42 +240,76 @@ class BaseConfig(StageConfig):
     data_dir: str | None = opt(None, "local parquet/text files instead of downloading FineWeb-Edu")
     num_shards: int = opt(8, "FineWeb-Edu shards to download", minimum=1)
     # the training rules (rustchat.rules): every None below means "the rules' value"
-    rules: str = opt("2026", "how horizon, batch size, learning rates and schedule follow from the model: 2026 "
-                             "(nanochat's July 2026 rules) or classic (January 2026)", choices=RULES)
-    target_param_data_ratio: float | None = opt(None, "training horizon in tokens per parameter (default: 12 per "
-                                                      "scaling parameter under 2026, 20 per parameter under classic)",
-                                                minimum=0.0)
-    total_batch_size: int | None = opt(None, "tokens per optimizer step; gradient accumulation makes up the rest "
-                                             "(default: 2026 derives it from the horizon, classic 524,288)", minimum=1)
-    matrix_lr: float | None = opt(None, "Muon learning rate of the transformer matrices at the reference batch "
-                                        "(default: the rules', 0.02)", minimum=0.0)
-    embedding_lr: float | None = opt(None, "AdamW learning rate of the token embedding at the reference batch "
-                                           "(default: 2026 0.3, classic 0.2)", minimum=0.0)
-    unembedding_lr: float | None = opt(None, "AdamW learning rate of the output head at the reference batch "
-                                             "(default: 2026 0.008, classic 0.004)", minimum=0.0)
-    scalar_lr: float | None = opt(None, "learning rate of the per-layer scalars at the reference batch "
-                                        "(default: 0.5)", minimum=0.0)
-    weight_decay: float | None = opt(None, "weight decay of the matrices at the reference batch and horizon "
-                                           "(default: 2026 0.28, classic 0)", minimum=0.0)
+    rules: str = opt(
+        "2026",
+        "how horizon, batch size, learning rates and schedule follow from the model: 2026 "
+        "(nanochat's July 2026 rules) or classic (January 2026)",
+        choices=RULES,
+    )
+    target_param_data_ratio: float | None = opt(
+        None,
+        "training horizon in tokens per parameter (default: 12 per "
+        "scaling parameter under 2026, 20 per parameter under classic)",
+        minimum=0.0,
+    )
+    total_batch_size: int | None = opt(
+        None,
+        "tokens per optimizer step; gradient accumulation makes up the rest "
+        "(default: 2026 derives it from the horizon, classic 524,288)",
+        minimum=1,
+    )
+    matrix_lr: float | None = opt(
+        None,
+        "Muon learning rate of the transformer matrices at the reference batch (default: the rules', 0.02)",
+        minimum=0.0,
+    )
+    embedding_lr: float | None = opt(
+        None,
+        "AdamW learning rate of the token embedding at the reference batch (default: 2026 0.3, classic 0.2)",
+        minimum=0.0,
+    )
+    unembedding_lr: float | None = opt(
+        None,
+        "AdamW learning rate of the output head at the reference batch (default: 2026 0.008, classic 0.004)",
+        minimum=0.0,
+    )
+    scalar_lr: float | None = opt(
+        None, "learning rate of the per-layer scalars at the reference batch (default: 0.5)", minimum=0.0
+    )
+    weight_decay: float | None = opt(
+        None,
+        "weight decay of the matrices at the reference batch and horizon (default: 2026 0.28, classic 0)",
+        minimum=0.0,
+    )
     warmup_steps: int | None = opt(None, "steps of linear lr warmup (default: 2026 40, classic 0)", minimum=0)
-    warmdown_ratio: float | None = opt(None, "share of the run over which the lr falls linearly "
-                                             "(default: 2026 0.65, classic 0.2)", minimum=0.0)
-    final_lr_frac: float | None = opt(None, "lr at the end, as a share of the peak (default: 2026 0.05, classic 0)",
-                                      minimum=0.0)
-    bpb_tokens: int = opt(1 << 20, "validation tokens scored for val bpb (the set `eval -i base --bpb-tokens` "
-                                   "scores)", minimum=1)
+    warmdown_ratio: float | None = opt(
+        None, "share of the run over which the lr falls linearly (default: 2026 0.65, classic 0.2)", minimum=0.0
+    )
+    final_lr_frac: float | None = opt(
+        None, "lr at the end, as a share of the peak (default: 2026 0.05, classic 0)", minimum=0.0
+    )
+    bpb_tokens: int = opt(
+        1 << 20, "validation tokens scored for val bpb (the set `eval -i base --bpb-tokens` scores)", minimum=1
+    )
     # the shape of a new model (a resumed one keeps its checkpoint's): nanochat's knobs
     aspect_ratio: int = opt(64, "model width per layer: model_dim = depth * aspect_ratio", minimum=2)
-    head_dim: int = opt(128, "attention head width (heads = model_dim / head_dim, rounded to divide it)",
-                        minimum=2)
-    fp8: bool = opt(False, "train the transformer's matmuls in FP8, tensorwise scaling (GPUs with FP8 tensor "
-                           "cores: compute capability 8.9+)")
-    arch: str = opt("2026", "architecture of a new model: 2026 (nanochat's July-2026 model: sliding windows, "
-                            "value embeddings, smear, backout) or classic (January 2026)", choices=ARCHS)
+    head_dim: int = opt(128, "attention head width (heads = model_dim / head_dim, rounded to divide it)", minimum=2)
+    fp8: bool = opt(
+        False,
+        "train the transformer's matmuls in FP8, tensorwise scaling (GPUs with FP8 tensor "
+        "cores: compute capability 8.9+)",
+    )
+    arch: str = opt(
+        "2026",
+        "architecture of a new model: 2026 (nanochat's July-2026 model: sliding windows, "
+        "value embeddings, smear, backout) or classic (January 2026)",
+        choices=ARCHS,
+    )
     core_every: int = opt(0, "steps between CORE evaluations, and one at the end (0: none)", minimum=0)
     core_max_per_task: int = opt(500, "examples per CORE task during training", minimum=1)
-    bundle: str | None = opt(None, "CORE eval bundle directory (default: <base dir>/eval_bundle, downloaded "
-                                   "on first use)")
+    bundle: str | None = opt(
+        None, "CORE eval bundle directory (default: <base dir>/eval_bundle, downloaded on first use)"
+    )
 
 
 @dataclass
@@ -234,21 +327,32 @@ class SFTConfig(StageConfig):
     # base and mid count tokens per step; SFT counts conversations, under its own name
     total_batch_size: int | None = retired("SFT counts conversations per step: use --total-batch-conversations")
     RENAMED: ClassVar[dict] = {"total_batch_size": "total_batch_conversations"}
-    total_batch_conversations: int = opt(32, "conversations per optimizer step; gradient accumulation makes up "
-                                             "the rest", minimum=1)
+    total_batch_conversations: int = opt(
+        32, "conversations per optimizer step; gradient accumulation makes up the rest", minimum=1
+    )
     eval_every: int = opt(100, "steps between validation evaluations (0: only at the end)", minimum=0)
     tasks: str = opt("default", "task mixture: default (hub datasets) or tiny (offline)", choices=TASK_PRESETS)
     task_dir: str | None = opt(None, "directory with local copies of the hub datasets")
-    init_lr_frac: float | None = opt(None, "starting fraction of the base learning rates (default: 0.02 from mid, "
-                                           "0.8 from base)", minimum=0.0)
+    init_lr_frac: float | None = opt(
+        None, "starting fraction of the base learning rates (default: 0.02 from mid, 0.8 from base)", minimum=0.0
+    )
     pack: bool = opt(False, "pack conversations into rows instead of padding")
-    from_stage: str = opt("mid", "the checkpoint to start from: mid, or base (nanochat's 2026 path: mid-training's "
-                                 "data folded into the SFT mixture)", short="--from", choices=SFT_SOURCES)
+    from_stage: str = opt(
+        "mid",
+        "the checkpoint to start from: mid, or base (nanochat's 2026 path: mid-training's "
+        "data folded into the SFT mixture)",
+        short="--from",
+        choices=SFT_SOURCES,
+    )
     matrix_lr: float | None = opt(None, "Muon learning rate of the transformer matrices (default: 0.02)", minimum=0.0)
-    embedding_lr: float | None = opt(None, "AdamW learning rate of the token embedding (default: 0.2 from mid, "
-                                           "the base run's from base)", minimum=0.0)
-    unembedding_lr: float | None = opt(None, "AdamW learning rate of the output head (default: 0.004 from mid, "
-                                             "the base run's from base)", minimum=0.0)
+    embedding_lr: float | None = opt(
+        None,
+        "AdamW learning rate of the token embedding (default: 0.2 from mid, the base run's from base)",
+        minimum=0.0,
+    )
+    unembedding_lr: float | None = opt(
+        None, "AdamW learning rate of the output head (default: 0.004 from mid, the base run's from base)", minimum=0.0
+    )
 
 
 @dataclass
@@ -257,29 +361,32 @@ class RLConfig(TrainConfig):
 
     stage: ClassVar[str] = "rl"
     device_batch_size: int = opt(8, "rows (sampled replies) per training micro-batch", minimum=1)
-    eval_every: int = opt(60, "steps between pass@k evaluations on held-out problems (0: none)",
-                          minimum=0)
+    eval_every: int = opt(60, "steps between pass@k evaluations on held-out problems (0: none)", minimum=0)
     save_every: int | None = opt(60, "steps between intermediate checkpoints", minimum=1)
-    tasks: str = opt("gsm8k", "comma list of tasks with checkable answers: gsm8k, arithmetic, spellingbee, or a "
-                              "custom JSONL file of conversations whose last assistant message is the reference")
+    tasks: str = opt(
+        "gsm8k",
+        "comma list of tasks with checkable answers: gsm8k, arithmetic, spellingbee, or a "
+        "custom JSONL file of conversations whose last assistant message is the reference",
+    )
     task_dir: str | None = opt(None, "directory with a local copy of GSM8K (gsm8k-main-train.jsonl, ...)")
-    from_path: str | None = opt(None, "start from this checkpoint directory instead of the SFT one", short="--from",
-                                metavar="PATH")
+    from_path: str | None = opt(
+        None, "start from this checkpoint directory instead of the SFT one", short="--from", metavar="PATH"
+    )
     examples_per_step: int = opt(16, "questions per optimizer step, over all ranks", minimum=1)
     num_samples: int = opt(16, "replies sampled per question (the group of its advantage)", minimum=1)
     max_new_tokens: int = opt(256, "tokens per sampled reply at most", minimum=1)
     temperature: float = opt(1.0, "sampling temperature of the rollouts and the pass@k evaluation", minimum=0.0)
-    top_k: int | None = opt(50, "sample from the k most likely tokens (default 50; 0: the whole vocabulary)",
-                            minimum=0)
-    train_size: int = opt(10_000, "problems generated for a synthetic task's training split (arithmetic, "
-                                  "spellingbee)", minimum=1)
+    top_k: int | None = opt(50, "sample from the k most likely tokens (default 50; 0: the whole vocabulary)", minimum=0)
+    train_size: int = opt(
+        10_000, "problems generated for a synthetic task's training split (arithmetic, spellingbee)", minimum=1
+    )
     eval_examples: int = opt(400, "held-out problems per pass@k evaluation (split over ranks)", minimum=1)
-    init_lr_frac: float = opt(0.05, "starting fraction of the base learning rates (decays linearly to zero)",
-                              minimum=0.0)
+    init_lr_frac: float = opt(
+        0.05, "starting fraction of the base learning rates (decays linearly to zero)", minimum=0.0
+    )
 
 
-STAGE_CONFIGS: dict[str, type[TrainConfig]] = {"base": BaseConfig, "mid": MidConfig, "sft": SFTConfig,
-                                              "rl": RLConfig}
+STAGE_CONFIGS: dict[str, type[TrainConfig]] = {"base": BaseConfig, "mid": MidConfig, "sft": SFTConfig, "rl": RLConfig}
 
 
 # ----------------------------------------------------------------------------- using a model
@@ -296,8 +403,11 @@ class ModelSourceConfig(Config):
 
 @dataclass
 class EvalConfig(ModelSourceConfig):
-    tasks: str = opt("default", "tiny (the offline tasks), default (ARC-Easy, ARC-Challenge, MMLU, GSM8K, "
-                                "HumanEval, SpellingBee) or a comma list, e.g. arc-easy,gsm8k")
+    tasks: str = opt(
+        "default",
+        "tiny (the offline tasks), default (ARC-Easy, ARC-Challenge, MMLU, GSM8K, "
+        "HumanEval, SpellingBee) or a comma list, e.g. arc-easy,gsm8k",
+    )
     max_problems: int | None = opt(None, "first N problems of each task", minimum=1)
     task_dir: str | None = opt(None, "directory with local copies of the hub datasets (e.g. arc-ARC-Easy-test.jsonl)")
     batch_size: int = opt(8, "rows per forward / samples per batch", minimum=1)
@@ -309,12 +419,17 @@ class EvalConfig(ModelSourceConfig):
     data_dir: str | None = opt(None, "-i base: validation text files (default: the base dir's)")
     bpb_tokens: int = opt(1 << 20, "-i base: tokens scored at most", minimum=1)
     core: bool = opt(False, "-i base: also score the CORE suite (DCLM's ICL tasks, as nanochat does)")
-    bundle: str | None = opt(None, "-i base --core: eval bundle directory (core.yaml, eval_data/, "
-                                   "eval_meta_data.csv; default: <base dir>/eval_bundle, downloaded on first use)")
-    max_per_task: int | None = opt(None, "-i base --core: first N examples of each task after the seeded shuffle "
-                                         "(default: all)", minimum=1)
-    nproc: int = opt(1, "-i base --core: processes on this node splitting the examples (re-launches under "
-                        "torchrun)", minimum=1)
+    bundle: str | None = opt(
+        None,
+        "-i base --core: eval bundle directory (core.yaml, eval_data/, "
+        "eval_meta_data.csv; default: <base dir>/eval_bundle, downloaded on first use)",
+    )
+    max_per_task: int | None = opt(
+        None, "-i base --core: first N examples of each task after the seeded shuffle (default: all)", minimum=1
+    )
+    nproc: int = opt(
+        1, "-i base --core: processes on this node splitting the examples (re-launches under torchrun)", minimum=1
+    )
     quiet: bool = opt(False, "no progress bars or per-task lines")
 
     def __post_init__(self):
@@ -340,37 +455,54 @@ class ServeConfig(ModelSourceConfig):
     top_k: int = opt(50, "default when a request gives none", minimum=1)
     max_tokens: int = opt(512, "default when a request gives none", minimum=1)
     max_batch: int = opt(32, "requests decoded together (KV cache rows); more wait in a queue", minimum=1)
-    max_connections: int = opt(2048, "open connections at most (lowered to fit the open-file limit); over it "
-                                     "the longest-idle one is closed", minimum=1)
-    request_timeout: float = opt(15.0, "seconds a client has to send a request's headers, and then its body, "
-                                       "before its connection is closed", minimum=0.1)
-    allow_origin: str | None = opt(None, "comma-separated web origins (scheme://host[:port]) whose pages may call "
-                                         "the server, or * for any (default: same origin only)")
-
+    max_connections: int = opt(
+        2048,
+        "open connections at most (lowered to fit the open-file limit); over it the longest-idle one is closed",
+        minimum=1,
+    )
+    request_timeout: float = opt(
+        15.0,
+        "seconds a client has to send a request's headers, and then its body, before its connection is closed",
+        minimum=0.1,
+    )
+    allow_origin: str | None = opt(
+        None,
+        "comma-separated web origins (scheme://host[:port]) whose pages may call "
+        "the server, or * for any (default: same origin only)",
+    )
 
 
 @dataclass
 class ExportConfig(ModelSourceConfig):
     device: str = opt("cpu", "where to load the model while exporting", choices=DEVICES)
-    out: str | None = opt(None, "directory to write (config.json, model.safetensors, tokenizer.json, ...)",
-                          required=True)
+    out: str | None = opt(
+        None, "directory to write (config.json, model.safetensors, tokenizer.json, ...)", required=True
+    )
     force: bool = opt(False, "write into a directory that already holds files")
 
 
 @dataclass
 class ImportHFConfig(Config):
-    hf_dir: str | None = opt(None, "a transformers NanoChat directory (config.json, model.safetensors, tokenizer.json)",
-                             positional=True, required=True)
+    hf_dir: str | None = opt(
+        None,
+        "a transformers NanoChat directory (config.json, model.safetensors, tokenizer.json)",
+        positional=True,
+        required=True,
+    )
     stage: str = opt("base", "stage to file the import under (mid continues from base, SFT from mid)", choices=STAGES)
     step: int | None = opt(None, "step to record (default: the exported one, else 0)", minimum=0)
     base_dir: str | None = opt(None, "artifacts root (default $RUSTCHAT_BASE_DIR or ~/.cache/rustchat)")
     force: bool = opt(False, "replace a different tokenizer and the stage's checkpoints at that depth")
 
+
 # ----------------------------------------------------------------------------- whole pipeline, imports
 @dataclass
 class SpeedrunConfig(Config):
-    preset: str = opt("tiny", "tiny: offline, CPU, minutes; d10/d20: the real recipes on the hub datasets",
-                      choices=("tiny", "d10", "d20"))
+    preset: str = opt(
+        "tiny",
+        "tiny: offline, CPU, minutes; d10/d20: the real recipes on the hub datasets",
+        choices=("tiny", "d10", "d20"),
+    )
     device: str = opt("auto", "where to train", choices=DEVICES)
     seed: int = opt(42, "seed of every stage")
     base_dir: str | None = opt(None, "artifacts root (default $RUSTCHAT_BASE_DIR or ~/.cache/rustchat)")
@@ -380,8 +512,9 @@ class SpeedrunConfig(Config):
 
 @dataclass
 class ImportNanochatConfig(Config):
-    checkpoint_dir: str | None = opt(None, "directory with model_<step>.pt and meta_<step>.json", positional=True,
-                                     required=True)
+    checkpoint_dir: str | None = opt(
+        None, "directory with model_<step>.pt and meta_<step>.json", positional=True, required=True
+    )
     tokenizer: str | None = opt(None, "nanochat tokenizer.pkl (default: look beside the checkpoint)")
     stage: str = opt("base", "stage to file the import under", choices=STAGES)
     step: int | None = opt(None, "checkpoint step (default: the last)", minimum=0)

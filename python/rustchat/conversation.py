@@ -7,6 +7,7 @@ list of messages; `mask` is 1 where the token is a trained target.
 Training rows (collation and packing): a conversation of n ids gives n-1 positions, with
 inputs ids[:-1] and targets ids[1:], a target being -1 where mask[1:] is 0 and at padding.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -24,7 +25,9 @@ def _core_of(tok):
 
 
 def _check_max_tokens(max_tokens):
-    if max_tokens is not None and (not isinstance(max_tokens, (int, np.integer)) or isinstance(max_tokens, bool) or max_tokens < 0):
+    if max_tokens is not None and (
+        not isinstance(max_tokens, (int, np.integer)) or isinstance(max_tokens, bool) or max_tokens < 0
+    ):
         raise ValueError(f"max_tokens must be a non-negative int or None, got {max_tokens!r}")
     return None if max_tokens is None else int(max_tokens)
 
@@ -56,8 +59,15 @@ class RenderedBatch:
         return np.diff(self.offsets)
 
 
-def render_batch(tok, conversations, max_tokens: int | None = DEFAULT_MAX_TOKENS, num_threads: int | None = None,
-                 *, completion: bool = False, names: Sequence[int] | None = None) -> RenderedBatch:
+def render_batch(
+    tok,
+    conversations,
+    max_tokens: int | None = DEFAULT_MAX_TOKENS,
+    num_threads: int | None = None,
+    *,
+    completion: bool = False,
+    names: Sequence[int] | None = None,
+) -> RenderedBatch:
     """Renders many conversations in parallel (GIL released) into one flat `RenderedBatch`.
 
     With `completion`, each is rendered as `render_for_completion` does (the final
@@ -74,15 +84,20 @@ def render_batch(tok, conversations, max_tokens: int | None = DEFAULT_MAX_TOKENS
     return RenderedBatch(np.frombuffer(ids, "<i4"), np.frombuffer(mask, np.uint8), np.frombuffer(offs, "<i8"))
 
 
-def render_conversation(tok, conversation, max_tokens: int | None = DEFAULT_MAX_TOKENS) -> tuple[np.ndarray, np.ndarray]:
+def render_conversation(
+    tok, conversation, max_tokens: int | None = DEFAULT_MAX_TOKENS
+) -> tuple[np.ndarray, np.ndarray]:
     """One conversation -> (ids int32, mask uint8), truncated to `max_tokens` (None: never)."""
-    ids, mask, _ = _core.render_conversations(_core_of(tok), [conversation], _check_max_tokens(max_tokens), None, False, None, True)
+    ids, mask, _ = _core.render_conversations(
+        _core_of(tok), [conversation], _check_max_tokens(max_tokens), None, False, None, True
+    )
     # one conversation: writable copies (torch.as_tensor warns on a read-only array)
     return np.frombuffer(bytearray(ids), "<i4"), np.frombuffer(bytearray(mask), np.uint8)
 
 
-def render_conversations(tok, conversations, max_tokens: int | None = DEFAULT_MAX_TOKENS,
-                         num_threads: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+def render_conversations(
+    tok, conversations, max_tokens: int | None = DEFAULT_MAX_TOKENS, num_threads: int | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Many conversations -> list of (ids, mask) pairs, read-only views into one flat
     buffer (use `render_batch` for the flat arrays themselves)."""
     return list(render_batch(tok, conversations, max_tokens, num_threads))
@@ -91,7 +106,9 @@ def render_conversations(tok, conversations, max_tokens: int | None = DEFAULT_MA
 def render_for_completion(tok, conversation, max_tokens: int | None = None) -> np.ndarray:
     """The prompt for generating the last (assistant) message: the conversation without it,
     then `<|assistant_start|>`. int32 ids; no truncation unless `max_tokens` is given."""
-    ids, _, _ = _core.render_conversations(_core_of(tok), [conversation], _check_max_tokens(max_tokens), None, True, None, True)
+    ids, _, _ = _core.render_conversations(
+        _core_of(tok), [conversation], _check_max_tokens(max_tokens), None, True, None, True
+    )
     return np.frombuffer(bytearray(ids), "<i4")  # writable, so torch.as_tensor(prompt) does not warn
 
 
@@ -99,7 +116,11 @@ def render_for_completion(tok, conversation, max_tokens: int | None = None) -> n
 def _flatten(rows) -> tuple[bytes, bytes, bytes]:
     """(ids, mask) pairs or a RenderedBatch -> (u32 ids, u8 mask, i64 offsets) buffers."""
     if isinstance(rows, RenderedBatch):
-        return rows.ids.astype("<u4", copy=False).tobytes(), rows.mask.tobytes(), rows.offsets.astype("<i8", copy=False).tobytes()
+        return (
+            rows.ids.astype("<u4", copy=False).tobytes(),
+            rows.mask.tobytes(),
+            rows.offsets.astype("<i8", copy=False).tobytes(),
+        )
     ids_list, mask_list, lens = [], [], [0]
     for i, row in enumerate(rows):
         try:
@@ -108,7 +129,9 @@ def _flatten(rows) -> tuple[bytes, bytes, bytes]:
             raise ValueError(f"rows[{i}] must be an (ids, mask) pair") from None
         ids, mask = np.asarray(ids), np.asarray(mask)
         if ids.ndim != 1 or mask.ndim != 1 or len(ids) != len(mask):
-            raise ValueError(f"rows[{i}]: ids and mask must be 1-D of equal length, got shapes {ids.shape} and {mask.shape}")
+            raise ValueError(
+                f"rows[{i}]: ids and mask must be 1-D of equal length, got shapes {ids.shape} and {mask.shape}"
+            )
         if ids.size and ids.dtype.kind not in "iu":
             raise ValueError(f"rows[{i}]: ids must be integers, got dtype {ids.dtype}")
         ids_list.append(ids)
@@ -120,7 +143,9 @@ def _flatten(rows) -> tuple[bytes, bytes, bytes]:
     if ids.size and (ids.min() < 0 or ids.max() > 0x7FFFFFFF):
         offs = np.cumsum(lens)
         bad = int(np.argmax((ids < 0) | (ids > 0x7FFFFFFF)))
-        raise ValueError(f"rows[{int(np.searchsorted(offs, bad, side='right')) - 1}]: ids must be integers in [0, 2**31)")
+        raise ValueError(
+            f"rows[{int(np.searchsorted(offs, bad, side='right')) - 1}]: ids must be integers in [0, 2**31)"
+        )
     mask = np.concatenate(mask_list) != 0
     return ids.astype("<u4").tobytes(), mask.astype(np.uint8).tobytes(), np.cumsum(lens, dtype="<i8").tobytes()
 
@@ -188,8 +213,15 @@ class PackedBatch:
         return float(np.diff(self.cu_seqlens)[pad].sum() / n) if n else 0.0
 
 
-def pack_rows(rows, row_len: int, *, pad_id: int = 0, policy: str = "best_fit", long: str = "truncate",
-              max_rows: int | None = None) -> PackedBatch:
+def pack_rows(
+    rows,
+    row_len: int,
+    *,
+    pad_id: int = 0,
+    policy: str = "best_fit",
+    long: str = "truncate",
+    max_rows: int | None = None,
+) -> PackedBatch:
     """Packs whole conversations ((ids, mask) pairs or a RenderedBatch) into rows of
     `row_len` positions, so attention and positions never cross conversations.
 

@@ -7,6 +7,7 @@ A bundle directory holds
   eval_meta_data.csv   `Eval Task` (a label) and `Random baseline` (percent) per task
 Every problem with it is a one-line error naming the file and the field.
 """
+
 from __future__ import annotations
 
 import csv
@@ -41,9 +42,16 @@ MAX_SHOTS = 64  # few-shot examples per prompt at most (the bundle uses up to 10
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 # JSON fields each task type reads: name -> (type, what the error says it must be)
 _FIELDS = {
-    "multiple_choice": {"query": (str, "a string"), "choices": (list, "a list of strings"), "gold": (int, "an integer")},
-    "schema": {"context_options": (list, "a list of strings"), "continuation": (str, "a string"),
-               "gold": (int, "an integer")},
+    "multiple_choice": {
+        "query": (str, "a string"),
+        "choices": (list, "a list of strings"),
+        "gold": (int, "an integer"),
+    },
+    "schema": {
+        "context_options": (list, "a list of strings"),
+        "continuation": (str, "a string"),
+        "gold": (int, "an integer"),
+    },
     "language_modeling": {"context": (str, "a string"), "continuation": (str, "a string")},
 }
 
@@ -77,8 +85,9 @@ def _shots(value, where: str) -> int:
     # the bundle lists the shot counts to run ([0], [10], ...); nanochat runs the first
     shots = value[0] if isinstance(value, list) and value else value
     if isinstance(shots, bool) or not isinstance(shots, int) or not 0 <= shots <= MAX_SHOTS:
-        raise RustchatError(f"{where} field num_fewshot must be an integer 0..{MAX_SHOTS} or a list starting "
-                            f"with one, got {value!r}")
+        raise RustchatError(
+            f"{where} field num_fewshot must be an integer 0..{MAX_SHOTS} or a list starting with one, got {value!r}"
+        )
     return shots
 
 
@@ -98,8 +107,9 @@ def _baselines(path: Path) -> dict[str, float]:
         try:
             b = float(row["Random baseline"])
         except (TypeError, ValueError):
-            raise RustchatError(f"{path} line {n}: field 'Random baseline' must be a number, "
-                                f"got {row['Random baseline']!r}") from None
+            raise RustchatError(
+                f"{path} line {n}: field 'Random baseline' must be a number, got {row['Random baseline']!r}"
+            ) from None
         if not 0.0 <= b < 100.0:
             raise RustchatError(f"{path} line {n}: field 'Random baseline' must be a percentage in [0, 100), got {b}")
         out[row["Eval Task"]] = b / 100.0
@@ -130,12 +140,13 @@ def load_bundle(bundle_dir: str | os.PathLike) -> list[CoreTask]:
             raise RustchatError(f"{where}: field label is used by two tasks")
         seen.add(label)
         if t["icl_task_type"] not in TASK_TYPES:
-            raise RustchatError(f"{where} field icl_task_type must be one of {', '.join(TASK_TYPES)}, "
-                                f"got {t['icl_task_type']!r}")
+            raise RustchatError(
+                f"{where} field icl_task_type must be one of {', '.join(TASK_TYPES)}, got {t['icl_task_type']!r}"
+            )
         uri = t["dataset_uri"]
         if not isinstance(uri, str) or not uri:
             raise RustchatError(f"{where} field dataset_uri must be a file name under eval_data/, got {uri!r}")
-        data = (root / "eval_data" / uri)
+        data = root / "eval_data" / uri
         if not data.resolve().is_relative_to((root / "eval_data").resolve()):
             raise RustchatError(f"{where} field dataset_uri {uri!r} points outside eval_data/")
         if not data.is_file():
@@ -144,10 +155,12 @@ def load_bundle(bundle_dir: str | os.PathLike) -> list[CoreTask]:
         if not isinstance(delim, str):
             raise RustchatError(f"{where} field continuation_delimiter must be a string, got {delim!r}")
         if label not in baselines:
-            raise RustchatError(f"{root / 'eval_meta_data.csv'}: no 'Random baseline' row for task {label!r} "
-                                f"(field 'Eval Task')")
-        tasks.append(CoreTask(label, t["icl_task_type"], data, _shots(t["num_fewshot"], where), delim,
-                              baselines[label]))
+            raise RustchatError(
+                f"{root / 'eval_meta_data.csv'}: no 'Random baseline' row for task {label!r} (field 'Eval Task')"
+            )
+        tasks.append(
+            CoreTask(label, t["icl_task_type"], data, _shots(t["num_fewshot"], where), delim, baselines[label])
+        )
     return tasks
 
 
@@ -202,8 +215,9 @@ def _download(url: str, dest: Path, quiet: bool) -> str:
         size = r.headers.get("Content-Length") if hasattr(r, "headers") else None
         total = int(size) if size and size.isdigit() else None
         got = 0
-        with tqdm(total=total, unit="B", unit_scale=True, desc="eval_bundle.zip", disable=quiet,
-                  mininterval=1.0) as bar:
+        with tqdm(
+            total=total, unit="B", unit_scale=True, desc="eval_bundle.zip", disable=quiet, mininterval=1.0
+        ) as bar:
             while chunk := r.read(1 << 20):
                 got += len(chunk)
                 if got > MAX_DOWNLOAD_BYTES:
@@ -260,11 +274,14 @@ def ensure_bundle(base_dir: str | os.PathLike, *, quiet: bool = False) -> Path:
                 raise RustchatError(
                     f"could not download the CORE eval bundle from {url} ({reason}); offline? fetch "
                     f"eval_bundle.zip on another machine, unzip it and move its eval_bundle/ folder to {target} "
-                    f"(or pass --bundle DIR, or set {URL_ENV} to a reachable copy)") from None
+                    f"(or pass --bundle DIR, or set {URL_ENV} to a reachable copy)"
+                ) from None
             want = _expected_sha256()
             if want and digest != want:
-                raise RustchatError(f"eval_bundle.zip from {url} has SHA-256 {digest}, expected {want} "
-                                    f"(set {SHA_ENV} to accept another bundle)")
+                raise RustchatError(
+                    f"eval_bundle.zip from {url} has SHA-256 {digest}, expected {want} "
+                    f"(set {SHA_ENV} to accept another bundle)"
+                )
             unpacked = _unpack(zip_path, work / "unpacked")
             load_bundle(unpacked)  # a bundle that cannot be read never takes the name
             if target.exists():  # a stale, incomplete directory (no core.yaml)

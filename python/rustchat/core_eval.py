@@ -17,6 +17,7 @@ chunk, examples (all of an example's rows together) are sorted by length and pac
 forwards under a token budget. The forwards therefore do not depend on the number of ranks, so
 1 and N processes give the same verdicts.
 """
+
 from __future__ import annotations
 
 import math
@@ -122,8 +123,9 @@ def crop_left(row: list[int], start: int, end: int, max_len: int) -> tuple[list[
 
 def encode_example(tok, task: CoreTask, data: list[dict], idx: int, max_len: int) -> EncodedExample:
     item = data[idx]
-    prompts = render_prompts(task.task_type, item, task.continuation_delimiter,
-                             fewshot_examples(data, idx, task.num_fewshot))
+    prompts = render_prompts(
+        task.task_type, item, task.continuation_delimiter, fewshot_examples(data, idx, task.num_fewshot)
+    )
     rows = tok.encode_batch(prompts, prepend=tok.bos_token_id)
     if task.task_type == "multiple_choice":  # the choices follow one shared context
         start = common_length(rows)
@@ -138,12 +140,18 @@ def encode_example(tok, task: CoreTask, data: list[dict], idx: int, max_len: int
         # where a merge crosses the boundary, the span starts where the two first differ
         start = len(without) if with_[: len(without)] == without else common_length(rows)
         if start >= len(with_):
-            raise RustchatError(f"{task.data_path}: task {task.label!r}: an example's continuation "
-                                f"{item['continuation']!r} adds no token to its context")
+            raise RustchatError(
+                f"{task.data_path}: task {task.label!r}: an example's continuation "
+                f"{item['continuation']!r} adds no token to its context"
+            )
         rows, starts, ends = [with_], [start], [len(with_)]
     cropped = [crop_left(r, s, e, max_len) for r, s, e in zip(rows, starts, ends)]
-    return EncodedExample([c[0] for c in cropped], [c[1] for c in cropped], [c[2] for c in cropped],
-                          item.get("gold") if task.task_type != "language_modeling" else None)
+    return EncodedExample(
+        [c[0] for c in cropped],
+        [c[1] for c in cropped],
+        [c[2] for c in cropped],
+        item.get("gold") if task.task_type != "language_modeling" else None,
+    )
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -206,8 +214,8 @@ def score_examples(model, examples: list[EncodedExample], pad_id: int, token_bud
             row_losses, row_hits = [], []
             for r in range(len(ex.rows)):
                 n = ex.ends[r] - ex.starts[r]
-                row_losses.append(losses[at: at + n])
-                row_hits.append(bool(hits[at: at + n].all()))
+                row_losses.append(losses[at : at + n])
+                row_hits.append(bool(hits[at : at + n].all()))
                 at += n
             out[bi] = _verdict(ex, row_losses, row_hits)
     return out
@@ -215,8 +223,10 @@ def score_examples(model, examples: list[EncodedExample], pad_id: int, token_bud
 
 def _check_shots(task: CoreTask, data: list[dict]) -> None:
     if task.num_fewshot >= len(data):
-        raise RustchatError(f"task {task.label!r} ({task.data_path}) draws {task.num_fewshot} few-shot examples "
-                            f"from the others but has {len(data)} examples (raise --max-per-task)")
+        raise RustchatError(
+            f"task {task.label!r} ({task.data_path}) draws {task.num_fewshot} few-shot examples "
+            f"from the others but has {len(data)} examples (raise --max-per-task)"
+        )
 
 
 def task_verdicts(model, tok, task: CoreTask, data: list[dict], token_budget: int) -> list[bool]:
@@ -273,8 +283,9 @@ def core_metric(centered_accuracies: list[float]) -> float:
     return sum(centered_accuracies) / len(centered_accuracies)
 
 
-def evaluate_core(model, tok, tasks: list[CoreTask], *, max_per_task: int | None = None,
-                  token_budget: int | None = None, log=None) -> CoreResult:
+def evaluate_core(
+    model, tok, tasks: list[CoreTask], *, max_per_task: int | None = None, token_budget: int | None = None, log=None
+) -> CoreResult:
     """Score every task of the bundle; `log(line)` hears one line per task. `token_budget`:
     padded tokens per forward (default 8 rows of the model's context)."""
     budget = token_budget or 8 * int(model.config.sequence_len)
@@ -291,13 +302,22 @@ def evaluate_core(model, tok, tasks: list[CoreTask], *, max_per_task: int | None
             t0 = time.time()
             verdicts = task_verdicts(model, tok, task, data, budget)
             acc = sum(verdicts) / len(verdicts)
-            score = TaskScore(task.label, task.task_type, task.num_fewshot, len(data), acc,
-                              centered(acc, task.baseline), time.time() - t0)
+            score = TaskScore(
+                task.label,
+                task.task_type,
+                task.num_fewshot,
+                len(data),
+                acc,
+                centered(acc, task.baseline),
+                time.time() - t0,
+            )
             result.tasks.append(score)
             if log is not None:
-                log(f"{task.label} ({task.num_fewshot}-shot, {task.task_type}): accuracy {acc:.4f} | "
+                log(
+                    f"{task.label} ({task.num_fewshot}-shot, {task.task_type}): accuracy {acc:.4f} | "
                     f"centered {score.centered:.4f} | {len(data)} examples, "
-                    f"{len(data) / max(score.seconds, 1e-9):.1f} examples/s")
+                    f"{len(data) / max(score.seconds, 1e-9):.1f} examples/s"
+                )
     finally:
         model.train(was_training)
     result.seconds = time.time() - t_all
@@ -305,8 +325,7 @@ def evaluate_core(model, tok, tasks: list[CoreTask], *, max_per_task: int | None
 
 
 def format_core_table(result: CoreResult) -> str:
-    lines = ["| Task | Type | Shots | Problems | Accuracy | Centered |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    lines = ["| Task | Type | Shots | Problems | Accuracy | Centered |", "| --- | --- | ---: | ---: | ---: | ---: |"]
     for t in result.tasks:
         lines.append(f"| {t.label} | {t.task_type} | {t.shots} | {t.problems} | {t.accuracy:.4f} | {t.centered:+.4f} |")
     lines.append(f"| CORE | | | {result.examples} | | {result.core:+.4f} |")
@@ -321,6 +340,18 @@ def core_csv(result: CoreResult) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["render_prompts", "fewshot_examples", "subsample", "encode_example", "crop_left", "score_examples",
-           "task_verdicts", "evaluate_core", "core_metric", "format_core_table", "core_csv", "CoreResult",
-           "TaskScore"]
+__all__ = [
+    "render_prompts",
+    "fewshot_examples",
+    "subsample",
+    "encode_example",
+    "crop_left",
+    "score_examples",
+    "task_verdicts",
+    "evaluate_core",
+    "core_metric",
+    "format_core_table",
+    "core_csv",
+    "CoreResult",
+    "TaskScore",
+]

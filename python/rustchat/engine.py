@@ -14,6 +14,7 @@ streams (token column, forced flags) per step; the server's scheduler (rustchat.
 runs it over its slot cache. `generate_batch` collects the completions; `stream_reply` turns
 one reply into display events (rustchat.replies).
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -63,8 +64,7 @@ class Engine:
     """Generation for one model + tokenizer. `tools=False` turns the calculator off;
     `calculator(expr) -> str | None` replaces it (None: refused, nothing is forced)."""
 
-    def __init__(self, model, tokenizer, *, tools: bool = True,
-                 calculator: Callable[[str], str | None] | None = None):
+    def __init__(self, model, tokenizer, *, tools: bool = True, calculator: Callable[[str], str | None] | None = None):
         self.model, self.tok, self.tools = model, tokenizer, tools
         self.calculator = calculator or _default_calculator
         sp = {name: tokenizer.encode_special(name) for name in SPECIAL_TOKENS}
@@ -112,8 +112,7 @@ class Engine:
         if not live:
             sampled = []
         else:  # (no copy of the logits while every row runs)
-            sampled = sample_rows(logits if len(live) == len(rows) else logits[live],
-                                  [rows[i].sampling for i in live])
+            sampled = sample_rows(logits if len(live) == len(rows) else logits[live], [rows[i].sampling for i in live])
         out: list[Step | None] = [Step(self.assistant_end, False) for _ in rows]
         want = []  # rows that report log-probabilities
         for i, t in zip(live, sampled):
@@ -125,16 +124,23 @@ class Engine:
             if row.sampling.logprobs is not None:
                 want.append(i)
         if want:
-            reports = token_logprobs(logits[want], [out[i].token for i in want],
-                                     max(rows[i].sampling.logprobs for i in want))
+            reports = token_logprobs(
+                logits[want], [out[i].token for i in want], max(rows[i].sampling.logprobs for i in want)
+            )
             for i, (lp, top) in zip(want, reports):
-                out[i].logprobs = (lp, top[:rows[i].sampling.logprobs])
+                out[i].logprobs = (lp, top[: rows[i].sampling.logprobs])
         return out
 
     @torch.inference_mode()
-    def generate(self, tokens: Sequence[int], num_samples: int = 1, max_tokens: int | None = None,
-                 temperature: float = 1.0, top_k: int | None = None, seed: int = 42
-                 ) -> Iterator[tuple[list[int], list[bool]]]:
+    def generate(
+        self,
+        tokens: Sequence[int],
+        num_samples: int = 1,
+        max_tokens: int | None = None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        seed: int = 42,
+    ) -> Iterator[tuple[list[int], list[bool]]]:
         """Yields, per step, (token per row, forced per row). A row's stop token is yielded
         once; afterwards its entries repeat `<|assistant_end|>` (ignore them). Ends when every
         row has stopped or after `max_tokens` steps (default: the rest of the model's context)."""
@@ -164,9 +170,14 @@ class Engine:
         yield from self._decode(logits, cache, num_samples, max_tokens, Sampling(temperature, top_k, generator=gen))
 
     @torch.inference_mode()
-    def generate_prompts(self, prompts: Sequence[Sequence[int]], max_tokens: int | None = None,
-                         temperature: float = 1.0, top_k: int | None = None, seed: int = 42
-                         ) -> Iterator[tuple[list[int], list[bool]]]:
+    def generate_prompts(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_tokens: int | None = None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        seed: int = 42,
+    ) -> Iterator[tuple[list[int], list[bool]]]:
         """As `generate`, with one row per prompt. The prompts must have one length: the rows
         share the cache's position, so they are prefilled together without padding."""
         rows = [[int(t) for t in p] for p in prompts]
@@ -219,16 +230,30 @@ class Engine:
         with autocast_ctx(device):
             return self.model(x, kv_cache=cache, **kw)[:, -1, :]
 
-    def generate_batch(self, tokens: Sequence[int], num_samples: int = 1, max_tokens: int | None = None,
-                       temperature: float = 1.0, top_k: int | None = None, seed: int = 42, *,
-                       return_forced: bool = False):
+    def generate_batch(
+        self,
+        tokens: Sequence[int],
+        num_samples: int = 1,
+        max_tokens: int | None = None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        seed: int = 42,
+        *,
+        return_forced: bool = False,
+    ):
         """Completions (generated ids, without the prompt and the stop token), one list per
         sample; with `return_forced`, also per-token forced flags: (completions, forced)."""
         stream = self.generate(tokens, num_samples, max_tokens, temperature, top_k, seed)
         return self._collect(stream, num_samples, return_forced)
 
-    def complete_prompts(self, prompts: Sequence[Sequence[int]], max_tokens: int | None = None,
-                         temperature: float = 1.0, top_k: int | None = None, seed: int = 42) -> list[list[int]]:
+    def complete_prompts(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_tokens: int | None = None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        seed: int = 42,
+    ) -> list[list[int]]:
         """One completion per prompt (prompts of one length, see `generate_prompts`)."""
         return self._collect(self.generate_prompts(prompts, max_tokens, temperature, top_k, seed), len(prompts), False)
 
@@ -248,9 +273,16 @@ class Engine:
         return (out, flags) if return_forced else out
 
 
-def stream_reply(engine: Engine, prompt: Sequence[int], *, max_tokens: int | None = None,
-                 temperature: float = 0.6, top_k: int | None = 50, seed: int = 42,
-                 parser: CompletionParser | None = None) -> Iterator[tuple[str, str]]:
+def stream_reply(
+    engine: Engine,
+    prompt: Sequence[int],
+    *,
+    max_tokens: int | None = None,
+    temperature: float = 0.6,
+    top_k: int | None = 50,
+    seed: int = 42,
+    parser: CompletionParser | None = None,
+) -> Iterator[tuple[str, str]]:
     """One sampled reply as display events (see ReplyEvents). Pass `parser` to read the reply's
     parts (for history) afterwards."""
     events = ReplyEvents(engine.tok, parser)

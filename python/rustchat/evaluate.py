@@ -9,6 +9,7 @@ Arithmetic, SimpleSpelling, Identity): replies are sampled with the engine (calc
 ChatCORE is the mean centered accuracy over the tasks run. Results go to stdout and to
 report.md: the "eval" section for an SFT model, "mid-eval" for a mid one ("base-eval" for a base one).
 """
+
 from __future__ import annotations
 
 import queue
@@ -70,8 +71,13 @@ def parse_tasks(spec: str) -> list[str]:
 
 
 # eval task -> (its name in a --task-dir file, what else names the file): arc-ARC-Easy-test.jsonl, ...
-TASK_FILES = {"arceasy": ("arc", {"subset": "ARC-Easy"}), "arcchallenge": ("arc", {"subset": "ARC-Challenge"}),
-              "mmlu": ("mmlu", {"subset": "all"}), "gsm8k": ("gsm8k", {}), "humaneval": ("humaneval", {})}
+TASK_FILES = {
+    "arceasy": ("arc", {"subset": "ARC-Easy"}),
+    "arcchallenge": ("arc", {"subset": "ARC-Challenge"}),
+    "mmlu": ("mmlu", {"subset": "all"}),
+    "gsm8k": ("gsm8k", {}),
+    "humaneval": ("humaneval", {}),
+}
 
 
 def load_task(name: str, max_problems: int | None = None, task_dir: str | None = None):
@@ -99,7 +105,6 @@ def _letter_ids(tok, letters) -> list[int]:
 
 def categorical_accuracy(model, tok, task, batch_size: int = 8, *, progress=None) -> tuple[int, int]:
     """(correct, total): argmax over the letter tokens' logits at the answer position."""
-
 
     device = model.get_device()
     pad = tok.encode_special("<|assistant_end|>")
@@ -142,9 +147,18 @@ def completion_text(tok, tokens) -> str:
     return "".join(p["text"] for p in parser.parts)
 
 
-def generative_accuracy(engine, task, *, num_samples: int = 1, batch_size: int = 8, max_new_tokens: int = 512,
-                        temperature: float = 0.0, top_k: int | None = None, seed: int = 42,
-                        progress=None) -> tuple[int, int]:
+def generative_accuracy(
+    engine,
+    task,
+    *,
+    num_samples: int = 1,
+    batch_size: int = 8,
+    max_new_tokens: int = 512,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    seed: int = 42,
+    progress=None,
+) -> tuple[int, int]:
     """(solved, total): sample `num_samples` replies per problem (in chunks of `batch_size`
     rows) and check them with `task.evaluate`; a problem is solved when any reply passes.
 
@@ -164,8 +178,7 @@ def generative_accuracy(engine, task, *, num_samples: int = 1, batch_size: int =
         while done < num_samples and not ok:
             n = min(batch_size, num_samples - done)
             # per problem (and chunk) seed: reruns are reproducible, problems differ
-            outs = engine.generate_batch(prompt, n, max_new_tokens, temperature,
-                                         top_k, seed + 1000 * i + done)
+            outs = engine.generate_batch(prompt, n, max_new_tokens, temperature, top_k, seed + 1000 * i + done)
             ok = any(task.evaluate(conv, completion_text(tok, o)) for o in outs)
             done += n
         solved += int(ok)
@@ -179,8 +192,9 @@ def is_greedy(num_samples: int, temperature: float, top_k: int | None) -> bool:
     return num_samples == 1 and (temperature == 0.0 or top_k == 1)
 
 
-def greedy_accuracies(engine, tasks, batch_size: int = 8, max_new_tokens: int = 512,
-                      progress=None) -> list[tuple[int, int]]:
+def greedy_accuracies(
+    engine, tasks, batch_size: int = 8, max_new_tokens: int = 512, progress=None
+) -> list[tuple[int, int]]:
     """(solved, total) per task, from greedy replies decoded by continuous batching (the
     server's scheduler): up to `batch_size` rows decode together whatever their task or prompt
     length, and a finished row's slot goes to the next problem at once, so a task of long
@@ -218,14 +232,14 @@ def greedy_accuracies(engine, tasks, batch_size: int = 8, max_new_tokens: int = 
                     replies[j].append(event[1])
             else:  # ("end", reason) or ("error", message)
                 ended.put((j, event))
+
         return emit
 
     if fits:
         scheduler = BatchScheduler(engine, max_batch=batch_size, max_queue=len(fits))
         try:
             for j in fits:
-                scheduler.submit(GenRequest(jobs[j][2], emitter(j), max_tokens=jobs[j][3], temperature=0.0,
-                                            seed=None))
+                scheduler.submit(GenRequest(jobs[j][2], emitter(j), max_tokens=jobs[j][3], temperature=0.0, seed=None))
             for _ in fits:
                 j, event = ended.get()
                 if event[0] == "error":
@@ -261,12 +275,16 @@ def default_val_files(base: Path, data_dir: str | None) -> list[Path]:
     if data_dir:
         files = list_files([data_dir])
         return files[-1:]
-    for p in (base / "tiny_data" / "val.txt", base / "tiny_data" / "val.jsonl",
-              base / "base_data" / f"shard_{FINEWEB_SHARDS - 1:05d}.parquet"):
+    for p in (
+        base / "tiny_data" / "val.txt",
+        base / "tiny_data" / "val.jsonl",
+        base / "base_data" / f"shard_{FINEWEB_SHARDS - 1:05d}.parquet",
+    ):
         if p.is_file():
             return [p]
-    raise RustchatError(f"no validation text under {base}: pass --data-dir with text/JSONL/parquet files, or "
-                        f"{OFFLINE_ROUTE}")
+    raise RustchatError(
+        f"no validation text under {base}: pass --data-dir with text/JSONL/parquet files, or {OFFLINE_ROUTE}"
+    )
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -293,27 +311,44 @@ def eval_base(cfg: EvalConfig) -> dict:
         t0 = time.time()
         bpb, n = bits_per_byte(model, tok, val_token_stream(tok, files, cfg.bpb_tokens))
         if not cfg.quiet:
-            print0(f"{label}: val bits/byte {bpb:.4f} over {n:,} tokens of {', '.join(map(str, files))} "
-                   f"({time.time() - t0:.1f} s)")
+            print0(
+                f"{label}: val bits/byte {bpb:.4f} over {n:,} tokens of {', '.join(map(str, files))} "
+                f"({time.time() - t0:.1f} s)"
+            )
         rows.update({"val files": ", ".join(map(str, files)), "tokens": f"{n:,}", "val bpb": f"{bpb:.4f}"})
         out["val_bpb"] = bpb
     if cfg.core:
         tasks = resolve_bundle(cfg.bundle, base, quiet=cfg.quiet)
-        print0(f"CORE: {len(tasks)} tasks, {get_world_size()} process(es), "
-               f"{'all examples' if not cfg.max_per_task else f'{cfg.max_per_task} examples per task at most'}")
-        res = evaluate_core(model, tok, tasks, max_per_task=cfg.max_per_task,
-                            token_budget=cfg.batch_size * model.config.sequence_len,
-                            log=None if cfg.quiet else print0)
+        print0(
+            f"CORE: {len(tasks)} tasks, {get_world_size()} process(es), "
+            f"{'all examples' if not cfg.max_per_task else f'{cfg.max_per_task} examples per task at most'}"
+        )
+        res = evaluate_core(
+            model,
+            tok,
+            tasks,
+            max_per_task=cfg.max_per_task,
+            token_budget=cfg.batch_size * model.config.sequence_len,
+            log=None if cfg.quiet else print0,
+        )
         table = format_core_table(res)
         csv_path = core_csv_path(base, model.config.n_layer, meta.get("step"))
         if get_rank() == 0:
             csv_path.parent.mkdir(parents=True, exist_ok=True)
             csv_path.write_text(core_csv(res))
-        print0(f"\n{label}\n{table}\n{res.examples} examples in {res.seconds:.1f} s: "
-               f"{res.examples_per_s:.1f} examples/s\nresults: {csv_path}")
-        rows.update({"CORE": f"{res.core:.4f}", "CORE examples": f"{res.examples:,}"
-                     + (f" (at most {cfg.max_per_task} per task)" if cfg.max_per_task else ""),
-                     "CORE examples/s": f"{res.examples_per_s:.1f}", "CORE results": str(csv_path)})
+        print0(
+            f"\n{label}\n{table}\n{res.examples} examples in {res.seconds:.1f} s: "
+            f"{res.examples_per_s:.1f} examples/s\nresults: {csv_path}"
+        )
+        rows.update(
+            {
+                "CORE": f"{res.core:.4f}",
+                "CORE examples": f"{res.examples:,}"
+                + (f" (at most {cfg.max_per_task} per task)" if cfg.max_per_task else ""),
+                "CORE examples/s": f"{res.examples_per_s:.1f}",
+                "CORE results": str(csv_path),
+            }
+        )
         out["CORE"] = res.core
         out["core_tasks"] = {t.label: t.accuracy for t in res.tasks}
     if get_rank() == 0:
@@ -328,8 +363,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     if cfg.source == "base":
         return eval_base(cfg)
     tasks = [load_task(n, cfg.max_problems, cfg.task_dir) for n in parse_tasks(cfg.tasks)]  # fail early
-    model, tok, meta = load_model(cfg.source, depth=cfg.depth, step=cfg.step, device=cfg.device,
-                                  base_dir=cfg.base_dir)
+    model, tok, meta = load_model(cfg.source, depth=cfg.depth, step=cfg.step, device=cfg.device, base_dir=cfg.base_dir)
     base = Path(cfg.base_dir) if cfg.base_dir else get_base_dir(create=False)
     engine = Engine(model, tok)
     label = f"{cfg.source} d{model.config.n_layer} step {meta.get('step')}"
@@ -351,8 +385,10 @@ def run_eval(cfg: EvalConfig) -> dict:
     together = [t for t in tasks if greedy and t.eval_type != "categorical"]
     done = {}  # id(task) -> (solved, total) of the tasks decoded together
     if together:  # greedy generative tasks share one continuous batch
-        bars = [tqdm(total=len(t), desc=t.name, disable=cfg.quiet, leave=False, mininterval=1.0, position=i)
-                for i, t in enumerate(together)]
+        bars = [
+            tqdm(total=len(t), desc=t.name, disable=cfg.quiet, leave=False, mininterval=1.0, position=i)
+            for i, t in enumerate(together)
+        ]
 
         def progress_all(ti, k, good, seen):
             bars[ti].update(k)
@@ -379,9 +415,17 @@ def run_eval(cfg: EvalConfig) -> dict:
         if task.eval_type == "categorical":
             good, n = categorical_accuracy(model, tok, task, cfg.batch_size, progress=progress)
         else:
-            good, n = generative_accuracy(engine, task, num_samples=cfg.num_samples, batch_size=cfg.batch_size,
-                                          max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                          top_k=cfg.top_k, seed=cfg.seed, progress=progress)
+            good, n = generative_accuracy(
+                engine,
+                task,
+                num_samples=cfg.num_samples,
+                batch_size=cfg.batch_size,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                top_k=cfg.top_k,
+                seed=cfg.seed,
+                progress=progress,
+            )
         bar.close()
         record(task, good, n, time.time() - t0)
     core = chatcore_of(results, types) if results else None
@@ -390,8 +434,11 @@ def run_eval(cfg: EvalConfig) -> dict:
         rows.append((name, types[name], counts[name], acc, (acc - b) / (1 - b)))
     table = format_table(rows, core)
     print(f"\n{label}\n{table}\n({time.time() - t_all:.1f} s)")
-    report_rows = {"model": label, "sampling": f"temperature {cfg.temperature}, top-k {cfg.top_k}, "
-                                               f"samples {cfg.num_samples}, max new tokens {cfg.max_new_tokens}"}
+    report_rows = {
+        "model": label,
+        "sampling": f"temperature {cfg.temperature}, top-k {cfg.top_k}, "
+        f"samples {cfg.num_samples}, max new tokens {cfg.max_new_tokens}",
+    }
     if sandbox_line:
         report_rows["HumanEval sandbox"] = sandbox_line
     if core is not None:

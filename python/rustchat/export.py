@@ -19,6 +19,7 @@ since, like tiktoken, we take a chunk that is itself a token whole. The chat tem
 conversations exactly as `rustchat.conversation` does (docs/design.md, "Conversation
 rendering").
 """
+
 from __future__ import annotations
 
 import json
@@ -31,7 +32,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .checkpoint import build_model_from_meta, check_model_config, find_last_step, load_model, save_checkpoint, stage_dir
+from .checkpoint import (
+    build_model_from_meta,
+    check_model_config,
+    find_last_step,
+    load_model,
+    save_checkpoint,
+    stage_dir,
+)
 from .common import RustchatError, get_base_dir
 from .config import ExportConfig, ImportHFConfig
 from .model import ROPE_BASE, SOFTCAP, GPTConfig
@@ -102,8 +110,9 @@ def to_hf_state_dict(state: dict, config: GPTConfig) -> dict:
         if name in _VOCAB_ROWS:
             out[_VOCAB_ROWS[name]] = t[: config.vocab_size]
             continue
-        m = re.fullmatch(r"transformer\.h\.(\d+)\.(attn\.c_q|attn\.c_k|attn\.c_v|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight",
-                         name)
+        m = re.fullmatch(
+            r"transformer\.h\.(\d+)\.(attn\.c_q|attn\.c_k|attn\.c_v|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight", name
+        )
         if m is None:
             raise RustchatError(f"cannot export weight {name!r}: no transformers NanoChat counterpart")
         out[f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.weight"] = t
@@ -164,7 +173,11 @@ def gpt_config_from_hf(cfg: dict, where: Path) -> GPTConfig:
         ("intermediate_size", int(cfg.get("intermediate_size", 4 * C)), 4 * C),
         ("head_dim", int(cfg.get("head_dim") or C // max(H, 1)), C // max(H, 1)),
         ("final_logit_softcapping", cfg.get("final_logit_softcapping", SOFTCAP), SOFTCAP),
-        ("rope_parameters.rope_theta", float(rope.get("rope_theta", cfg.get("rope_theta", ROPE_BASE))), float(ROPE_BASE)),
+        (
+            "rope_parameters.rope_theta",
+            float(rope.get("rope_theta", cfg.get("rope_theta", ROPE_BASE))),
+            float(ROPE_BASE),
+        ),
         ("rope_parameters.rope_type", rope.get("rope_type", "default"), "default"),
         ("attention_bias", bool(cfg.get("attention_bias", False)), False),
         ("tie_word_embeddings", bool(cfg.get("tie_word_embeddings", False)), False),
@@ -172,8 +185,14 @@ def gpt_config_from_hf(cfg: dict, where: Path) -> GPTConfig:
     for name, got, want in checks:
         if got != want:
             raise RustchatError(f"{where}: {name} is {got!r}; rustchat's GPT needs {want!r}")
-    return GPTConfig(sequence_len=int(cfg.get("max_position_embeddings", 2048)), vocab_size=vocab, n_layer=L,
-                     n_head=H, n_kv_head=H_kv, n_embd=C)
+    return GPTConfig(
+        sequence_len=int(cfg.get("max_position_embeddings", 2048)),
+        vocab_size=vocab,
+        n_layer=L,
+        n_head=H,
+        n_kv_head=H_kv,
+        n_embd=C,
+    )
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -217,13 +236,16 @@ def hf_tokenizer(tok: Tokenizer):
         raise RustchatError(f"special token names {clash[:3]} are also spelled as ordinary tokens")
     vocab.update(specials)  # specials keep their ids: the added tokens below find them in the vocab
     hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True, fuse_unk=False, byte_fallback=False))
-    hf.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(tok.pattern), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-    ])
+    hf.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(tok.pattern), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
+    )
     hf.decoder = decoders.ByteLevel()
-    hf.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in
-                           sorted(specials, key=specials.get)])
+    hf.add_special_tokens(
+        [AddedToken(name, special=True, normalized=False) for name in sorted(specials, key=specials.get)]
+    )
     for name, i in specials.items():
         if hf.token_to_id(name) != i:
             raise RustchatError(f"special token {name!r} got id {hf.token_to_id(name)} in tokenizer.json, not {i}")
@@ -285,9 +307,11 @@ def tokenizer_files(tok: Tokenizer, context: int) -> dict[str, str]:
         "clean_up_tokenization_spaces": False,
         "model_max_length": context,
     }
-    return {"tokenizer.json": hf_tokenizer(tok).to_str(pretty=False),
-            "tokenizer_config.json": json.dumps(config, indent=2),
-            "chat_template.jinja": CHAT_TEMPLATE}
+    return {
+        "tokenizer.json": hf_tokenizer(tok).to_str(pretty=False),
+        "tokenizer_config.json": json.dumps(config, indent=2),
+        "chat_template.jinja": CHAT_TEMPLATE,
+    }
 
 
 # ----------------------------------------------------------------------------- the commands
@@ -305,11 +329,22 @@ def remote_state_dict(state: dict, config: GPTConfig) -> dict:
 def remote_config(config: GPTConfig, tok: Tokenizer) -> dict:
     """config.json of the remote-code model: our GPTConfig's fields, and where its code is."""
     eos = tok.encode_special("<|assistant_end|>")
-    return {"architectures": ["RustchatForCausalLM"], "model_type": _REMOTE_TYPE,
-            "auto_map": {"AutoConfig": "configuration_rustchat.RustchatConfig",
-                         "AutoModelForCausalLM": "modeling_rustchat.RustchatForCausalLM"},
-            **config.to_dict(), "softcap": SOFTCAP, "bos_token_id": tok.bos_token_id, "eos_token_id": eos,
-            "pad_token_id": eos, "use_cache": True, "tie_word_embeddings": False, "dtype": "float32"}
+    return {
+        "architectures": ["RustchatForCausalLM"],
+        "model_type": _REMOTE_TYPE,
+        "auto_map": {
+            "AutoConfig": "configuration_rustchat.RustchatConfig",
+            "AutoModelForCausalLM": "modeling_rustchat.RustchatForCausalLM",
+        },
+        **config.to_dict(),
+        "softcap": SOFTCAP,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": eos,
+        "pad_token_id": eos,
+        "use_cache": True,
+        "tie_word_embeddings": False,
+        "dtype": "float32",
+    }
 
 
 def export_model(model, tok: Tokenizer, out, *, source: str = "", step: int | None = None) -> Path:
@@ -330,8 +365,9 @@ def export_model(model, tok: Tokenizer, out, *, source: str = "", step: int | No
     files = {} if builtin else {f.name: f.read_text(encoding="utf-8") for f in sorted(_REMOTE_CODE.glob("*.py"))}
     files |= {
         "config.json": json.dumps(hf_config(cfg, tok) if builtin else remote_config(cfg, tok), indent=2),
-        "generation_config.json": json.dumps({"bos_token_id": tok.bos_token_id, "eos_token_id": eos,
-                                              "pad_token_id": eos[0]}, indent=2),
+        "generation_config.json": json.dumps(
+            {"bos_token_id": tok.bos_token_id, "eos_token_id": eos, "pad_token_id": eos[0]}, indent=2
+        ),
         **tokenizer_files(tok, cfg.sequence_len),
     }
     for name, text in files.items():
@@ -350,8 +386,10 @@ def run_export(cfg: ExportConfig) -> Path:
     model, tok, meta = load_model(cfg.source, depth=cfg.depth, step=cfg.step, device=cfg.device, base_dir=cfg.base_dir)
     export_model(model, tok, out, source=cfg.source, step=meta.get("step"))
     c = model.config
-    print(f"exported {cfg.source} d{c.n_layer} step {meta.get('step')} ({model.num_params() / 1e6:.1f}M params) -> "
-          f"{out}; load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    print(
+        f"exported {cfg.source} d{c.n_layer} step {meta.get('step')} ({model.num_params() / 1e6:.1f}M params) -> "
+        f"{out}; load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})"
+    )
     return out
 
 
@@ -381,8 +419,11 @@ def load_hf_dir(hf_dir) -> tuple[object, Tokenizer, dict]:
     config = GPTConfig(**{**config.to_dict(), "vocab_size": tok.vocab_size})
     hf_state, provenance = _read_safetensors(d)
     # the remote-code model's weights have our names: they go in as a nanochat state dict does
-    state = (convert_state_dict(hf_state, config) if hf_cfg.get("model_type") == _REMOTE_TYPE
-             else from_hf_state_dict(hf_state, config))
+    state = (
+        convert_state_dict(hf_state, config)
+        if hf_cfg.get("model_type") == _REMOTE_TYPE
+        else from_hf_state_dict(hf_state, config)
+    )
     model = build_model_from_meta({"model_config": config.to_dict()}, "cpu", state)
     return model, tok, provenance
 
@@ -429,10 +470,17 @@ def import_hf(cfg: ImportHFConfig) -> Path:
             if re.fullmatch(r"(model|meta|optim)_\d+.*\.(safetensors|json|pt)", f.name):
                 f.unlink()
     tok.save(tok_dir)
-    save_checkpoint(out, step, model, None, {"imported_from": str(Path(cfg.hf_dir).resolve()), "stage": cfg.stage,
-                                             "hf_provenance": provenance})
-    print(f"imported {cfg.hf_dir} (depth {depth}, {model.num_params() / 1e6:.1f}M params) as {cfg.stage} step {step} "
-          f"-> {out}; tokenizer -> {tok_dir}")
+    save_checkpoint(
+        out,
+        step,
+        model,
+        None,
+        {"imported_from": str(Path(cfg.hf_dir).resolve()), "stage": cfg.stage, "hf_provenance": provenance},
+    )
+    print(
+        f"imported {cfg.hf_dir} (depth {depth}, {model.num_params() / 1e6:.1f}M params) as {cfg.stage} step {step} "
+        f"-> {out}; tokenizer -> {tok_dir}"
+    )
     return out
 
 
@@ -441,9 +489,22 @@ def _same_tokenizer(tok_dir: Path, tok: Tokenizer) -> bool:
         old = Tokenizer.load(tok_dir)
     except (OSError, ValueError):
         return False
-    return (old.pattern == tok.pattern and old.special_tokens == tok.special_tokens
-            and old.mergeable_ranks() == tok.mergeable_ranks())
+    return (
+        old.pattern == tok.pattern
+        and old.special_tokens == tok.special_tokens
+        and old.mergeable_ranks() == tok.mergeable_ranks()
+    )
 
 
-__all__ = ["export_model", "run_export", "import_hf", "load_hf_dir", "hf_tokenizer", "hf_config", "CHAT_TEMPLATE",
-           "to_hf_state_dict", "from_hf_state_dict", "tokenizer_from_hf_json"]
+__all__ = [
+    "export_model",
+    "run_export",
+    "import_hf",
+    "load_hf_dir",
+    "hf_tokenizer",
+    "hf_config",
+    "CHAT_TEMPLATE",
+    "to_hf_state_dict",
+    "from_hf_state_dict",
+    "tokenizer_from_hf_json",
+]

@@ -12,6 +12,7 @@ Only matrices the hardware takes are converted: both sides multiples of 16, and 
 validation and sampling are unaffected. Off CUDA, `scaled_mm` emulates the FP8 product
 (dequantize, then matmul), which is what the CPU tests check the scaling math with.
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,12 +28,16 @@ def fp8_refusal(device) -> str | None:
     """Why --fp8 cannot run on `device` (one line), or None when it can."""
     device = torch.device(device)
     if device.type != "cuda":
-        return (f"--fp8 needs a CUDA GPU with FP8 tensor cores (compute capability 8.9+: Ada, Hopper, "
-                f"Blackwell); this run is on {device.type}")
+        return (
+            f"--fp8 needs a CUDA GPU with FP8 tensor cores (compute capability 8.9+: Ada, Hopper, "
+            f"Blackwell); this run is on {device.type}"
+        )
     cap = torch.cuda.get_device_capability(device)
     if cap < MIN_CAPABILITY:
-        return (f"--fp8 needs FP8 tensor cores (compute capability 8.9+: Ada, Hopper, Blackwell); "
-                f"{torch.cuda.get_device_name(device)} is sm_{cap[0]}{cap[1]}")
+        return (
+            f"--fp8 needs FP8 tensor cores (compute capability 8.9+: Ada, Hopper, Blackwell); "
+            f"{torch.cuda.get_device_name(device)} is sm_{cap[0]}{cap[1]}"
+        )
     if not hasattr(torch, "_scaled_mm"):
         return f"--fp8 needs torch._scaled_mm, which torch {torch.__version__} lacks"
     return None
@@ -111,8 +116,12 @@ class FP8Linear(nn.Linear):
 
 
 def fp8_eligible(mod: nn.Module) -> bool:
-    return (isinstance(mod, nn.Linear) and mod.in_features % 16 == 0 and mod.out_features % 16 == 0
-            and min(mod.in_features, mod.out_features) >= 128)
+    return (
+        isinstance(mod, nn.Linear)
+        and mod.in_features % 16 == 0
+        and mod.out_features % 16 == 0
+        and min(mod.in_features, mod.out_features) >= 128
+    )
 
 
 def convert_to_fp8(module: nn.Module) -> tuple[int, int]:

@@ -8,6 +8,7 @@ a nanochat state dict of either version maps onto ours by name. Rotary and the f
 come from rustchat.kernels, which picks Triton or plain-torch paths itself; attention from
 rustchat.attention.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,10 +31,24 @@ VOCAB_PAD = 64  # pad the head/embedding rows to a multiple of this for matmul e
 # "classic" is nanochat's model of January 2026; "2026" its model of July 2026 (docs/design.md,
 # "Model"). A saved config without the feature fields is classic.
 ARCHS = {
-    "classic": dict(window_pattern=None, rope_base=ROPE_BASE, qk_scale=1.0, value_embeds=False,
-                    layer_lambdas=False, smear=False, backout=False),
-    "2026": dict(window_pattern="SSSL", rope_base=100000, qk_scale=1.2, value_embeds=True,
-                 layer_lambdas=True, smear=True, backout=True),
+    "classic": dict(
+        window_pattern=None,
+        rope_base=ROPE_BASE,
+        qk_scale=1.0,
+        value_embeds=False,
+        layer_lambdas=False,
+        smear=False,
+        backout=False,
+    ),
+    "2026": dict(
+        window_pattern="SSSL",
+        rope_base=100000,
+        qk_scale=1.2,
+        value_embeds=True,
+        layer_lambdas=True,
+        smear=True,
+        backout=True,
+    ),
 }
 VE_GATE_CHANNELS = 12  # value-embedding gates read this many leading channels of the block input
 SMEAR_CHANNELS = 24  # the smear gate reads this many leading channels of the token embedding
@@ -65,9 +80,17 @@ class GPTConfig:
     rope_bf16: bool = False
 
     @classmethod
-    def from_depth(cls, depth: int, vocab_size: int = 65536, sequence_len: int = 2048,
-                   n_kv_head: int | None = None, *, aspect_ratio: int = 64, head_dim: int = 128,
-                   arch: str = "classic") -> "GPTConfig":
+    def from_depth(
+        cls,
+        depth: int,
+        vocab_size: int = 65536,
+        sequence_len: int = 2048,
+        n_kv_head: int | None = None,
+        *,
+        aspect_ratio: int = 64,
+        head_dim: int = 128,
+        arch: str = "classic",
+    ) -> "GPTConfig":
         """model_dim = aspect_ratio*depth (64 by default), heads of about head_dim (128) dims:
         n_head = ceil(model_dim/head_dim); n_kv_head defaults to n_head (GQA: a divisor of n_head).
 
@@ -77,16 +100,24 @@ class GPTConfig:
         if arch not in ARCHS:
             raise RustchatError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHS)}")
         if depth < 1 or aspect_ratio < 1 or head_dim < 2:
-            raise RustchatError(f"depth, aspect_ratio and head_dim must be >= 1, 1 and 2, got {depth}, "
-                                f"{aspect_ratio}, {head_dim}")
+            raise RustchatError(
+                f"depth, aspect_ratio and head_dim must be >= 1, 1 and 2, got {depth}, {aspect_ratio}, {head_dim}"
+            )
         dim = aspect_ratio * depth
         if dim % 2:
             raise RustchatError(f"model_dim = depth x aspect_ratio = {dim} must be even (rotary turns pairs of dims)")
         n_head = max(1, math.ceil(dim / head_dim))
         while dim % n_head or (dim // n_head) % 2:
             n_head += 1
-        return cls(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth,
-                   n_head=n_head, n_kv_head=n_kv_head or n_head, n_embd=dim, **ARCHS[arch])
+        return cls(
+            sequence_len=sequence_len,
+            vocab_size=vocab_size,
+            n_layer=depth,
+            n_head=n_head,
+            n_kv_head=n_kv_head or n_head,
+            n_embd=dim,
+            **ARCHS[arch],
+        )
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -96,8 +127,9 @@ class GPTConfig:
         if self.head_dim % 2:
             raise RustchatError(f"head_dim {self.head_dim} must be even for rotary embeddings")
         p = self.window_pattern
-        if p is not None and (not isinstance(p, str) or not 1 <= len(p) <= MAX_WINDOW_PATTERN
-                              or set(p.upper()) - set("SL")):
+        if p is not None and (
+            not isinstance(p, str) or not 1 <= len(p) <= MAX_WINDOW_PATTERN or set(p.upper()) - set("SL")
+        ):
             raise RustchatError(f"window_pattern {p!r} must be 1..{MAX_WINDOW_PATTERN} letters S and L")
         if not (isinstance(self.rope_base, (int, float)) and 1 < self.rope_base <= 1e9):
             raise RustchatError(f"rope_base {self.rope_base!r} must be a number in (1, 1e9]")
@@ -186,8 +218,17 @@ class KVCache:
     # the smear gate's state: the last fed token's embedding [B, 1, C] (None until a forward)
     prev_embedding = None
 
-    def __init__(self, batch_size: int, num_kv_heads: int, max_len: int, head_dim: int,
-                 num_layers: int, *, device="cpu", dtype=torch.float32):
+    def __init__(
+        self,
+        batch_size: int,
+        num_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        num_layers: int,
+        *,
+        device="cpu",
+        dtype=torch.float32,
+    ):
         shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
@@ -200,8 +241,15 @@ class KVCache:
         device = model.get_device()
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else model.lm_head.weight.dtype
-        return cls(batch_size, cfg.n_kv_head, max_len or cfg.sequence_len, cfg.head_dim, cfg.n_layer,
-                   device=device, dtype=dtype)
+        return cls(
+            batch_size,
+            cfg.n_kv_head,
+            max_len or cfg.sequence_len,
+            cfg.head_dim,
+            cfg.n_layer,
+            device=device,
+            dtype=dtype,
+        )
 
     @property
     def batch_size(self) -> int:
@@ -281,8 +329,9 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(C, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(self.n_head * self.head_dim, C, bias=False)
         # per kv head, how much of the token's value embedding joins its values (0..3)
-        self.ve_gate = (nn.Linear(VE_GATE_CHANNELS, self.n_kv_head, bias=False)
-                        if config.has_value_embed(layer_idx) else None)
+        self.ve_gate = (
+            nn.Linear(VE_GATE_CHANNELS, self.n_kv_head, bias=False) if config.has_value_embed(layer_idx) else None
+        )
 
     def forward(self, x, rope, kv_cache=None, doc_attn=None, ve=None):
         B, T, _ = x.shape
@@ -293,8 +342,9 @@ class CausalSelfAttention(nn.Module):
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # [B, T, H_kv]
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim).to(v.dtype)
         cos, sin, offset, position_ids, plain = rope
-        q, k = kernels.apply_rotary(q, k, cos, sin, offset=offset, position_ids=position_ids,
-                                   backend="torch" if plain else "auto")
+        q, k = kernels.apply_rotary(
+            q, k, cos, sin, offset=offset, position_ids=position_ids, backend="torch" if plain else "auto"
+        )
         # QK-norm after rotary; autocast may run rms_norm in fp32, keep q, k, v in one dtype
         q, k = norm(q).to(v.dtype), norm(k).to(v.dtype)
         if self.qk_scale != 1.0:  # sharper attention, the scale split between q and k
@@ -350,10 +400,12 @@ class GPT(nn.Module):
         # weights take the kernels' torch path (the Triton kernels stop at fp32).
         self.use_kernels = use_kernels
         V = config.padded_vocab_size
-        self.transformer = nn.ModuleDict({
-            "wte": nn.Embedding(V, config.n_embd),
-            "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-        })
+        self.transformer = nn.ModuleDict(
+            {
+                "wte": nn.Embedding(V, config.n_embd),
+                "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            }
+        )
         self.lm_head = nn.Linear(config.n_embd, V, bias=False)
         # the 2026 features' parameters, named as nanochat names them (a checkpoint maps 1:1)
         if config.layer_lambdas:  # before block i: x = resid_lambdas[i] * x + x0_lambdas[i] * x0
@@ -366,8 +418,9 @@ class GPT(nn.Module):
             self.backout_lambda = nn.Parameter(torch.full((1,), 0.2))
         if config.value_embeds:
             kv_dim = config.n_kv_head * config.head_dim
-            self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, kv_dim) for i in range(config.n_layer)
-                                               if config.has_value_embed(i)})
+            self.value_embeds = nn.ModuleDict(
+                {str(i): nn.Embedding(V, kv_dim) for i in range(config.n_layer) if config.has_value_embed(i)}
+            )
         self._rope_cache: dict = {}  # (device, plain, dtype) -> (cos, sin, length); rebuilt on demand
         if init and self.lm_head.weight.device.type != "meta":
             self.init_weights()
@@ -391,15 +444,15 @@ class GPT(nn.Module):
         if cfg.backout:
             self.backout_lambda.fill_(0.2)
         # padded rows are never read by the loss or logits; keep them at zero
-        self.transformer.wte.weight[cfg.vocab_size:].zero_()
-        self.lm_head.weight[cfg.vocab_size:].zero_()
+        self.transformer.wte.weight[cfg.vocab_size :].zero_()
+        self.lm_head.weight[cfg.vocab_size :].zero_()
 
     def _init_trunk_classic(self, generator) -> None:
         for block in self.transformer.h:
             for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
                 fan_out, fan_in = lin.weight.shape
                 # 1/sqrt(fan_in), shrunk for wide-in/narrow-out maps (arXiv:2310.17813, as nanochat)
-                std = fan_in ** -0.5 * min(1.0, math.sqrt(fan_out / fan_in))
+                std = fan_in**-0.5 * min(1.0, math.sqrt(fan_out / fan_in))
                 lin.weight.normal_(0.0, std, generator=generator)
             # residual-branch outputs start at zero so every block starts as identity
             block.attn.c_proj.weight.zero_()
@@ -410,7 +463,7 @@ class GPT(nn.Module):
     def _init_trunk_2026(self, generator) -> None:
         """nanochat's July-2026 init: uniform (no outliers) with std 1/sqrt(n_embd), c_fc at 0.4x,
         gates slightly open, value embeddings like c_v."""
-        s = 3 ** 0.5 * self.config.n_embd ** -0.5  # uniform(-s, s) has std 1/sqrt(n_embd)
+        s = 3**0.5 * self.config.n_embd**-0.5  # uniform(-s, s) has std 1/sqrt(n_embd)
         for block in self.transformer.h:
             for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
                 lin.weight.uniform_(-s, s, generator=generator)
@@ -443,7 +496,7 @@ class GPT(nn.Module):
             "resid": [self.resid_lambdas] if cfg.layer_lambdas else [],
             "x0": [self.x0_lambdas] if cfg.layer_lambdas else [],
             "smear": ([self.smear_gate.weight, self.smear_lambda] if cfg.smear else [])
-                     + ([self.backout_lambda] if cfg.backout else []),
+            + ([self.backout_lambda] if cfg.backout else []),
         }
         assert sum(len(g) for g in groups.values()) == len(list(self.parameters()))
         return groups
@@ -470,11 +523,27 @@ class GPT(nn.Module):
         keys = sum(T if w is None else min(w, T) for w in cfg.window_sizes())
         return 6 * n_matmul + 12 * cfg.n_head * cfg.head_dim * keys
 
-    def setup_optimizers(self, *, recipe="2026", matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004,
-                         scalar_lr=0.5, weight_decay=0.0, lr_scale=1.0):
-        return build_optimizers(self, recipe=recipe, matrix_lr=matrix_lr, embedding_lr=embedding_lr,
-                                unembedding_lr=unembedding_lr, scalar_lr=scalar_lr, weight_decay=weight_decay,
-                                lr_scale=lr_scale)
+    def setup_optimizers(
+        self,
+        *,
+        recipe="2026",
+        matrix_lr=0.02,
+        embedding_lr=0.2,
+        unembedding_lr=0.004,
+        scalar_lr=0.5,
+        weight_decay=0.0,
+        lr_scale=1.0,
+    ):
+        return build_optimizers(
+            self,
+            recipe=recipe,
+            matrix_lr=matrix_lr,
+            embedding_lr=embedding_lr,
+            unembedding_lr=unembedding_lr,
+            scalar_lr=scalar_lr,
+            weight_decay=weight_decay,
+            lr_scale=lr_scale,
+        )
 
     def _rotary(self, length: int, device: torch.device, plain: bool, dtype: torch.dtype):
         """cos/sin tables covering at least `length` positions (grown on demand, never per step)."""
@@ -485,8 +554,9 @@ class GPT(nn.Module):
             # plain tensors even when first asked for under inference_mode (the RL rollouts):
             # training reuses them, and autograd refuses inference tensors
             with torch.inference_mode(False):
-                cos, sin = kernels.rotary_tables(n, self.config.head_dim, base=self.config.rope_base, device=device,
-                                                 dtype=dtype)
+                cos, sin = kernels.rotary_tables(
+                    n, self.config.head_dim, base=self.config.rope_base, device=device, dtype=dtype
+                )
                 if self.config.rope_bf16:
                     cos, sin = _bf16_rotary_tables(n, self.config.head_dim, self.config.rope_base, device, dtype)
             hit = (cos, sin, n)
@@ -517,9 +587,16 @@ class GPT(nn.Module):
             kv_cache.prev_embedding = x[:, -1:]
         return x + gate * before
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, loss_reduction: str = "mean",
-                kv_cache: KVCache | None = None, position_ids: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None):
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        loss_reduction: str = "mean",
+        kv_cache: KVCache | None = None,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+    ):
         """Loss (with targets; -1 = ignored) or fp32 softcapped logits [B, T, vocab_size].
 
         doc_ids [B, T]: packed rows, attention stays inside each document; position_ids [B, T]
@@ -568,16 +645,29 @@ class GPT(nn.Module):
             head = head[: cfg.vocab_size]
         if targets is not None:
             if not self.use_kernels:  # eager baseline: materialised logits, plain-torch loss
-                return kernels.cross_entropy(F.linear(x, head), targets, ignore_index=-1, softcap=SOFTCAP,
-                                            reduction=loss_reduction, backend="torch")
+                return kernels.cross_entropy(
+                    F.linear(x, head),
+                    targets,
+                    ignore_index=-1,
+                    softcap=SOFTCAP,
+                    reduction=loss_reduction,
+                    backend="torch",
+                )
             dev = idx.device.type
             if torch.is_autocast_enabled(dev):  # a custom autograd op is not autocast: cast here
                 dt = torch.get_autocast_dtype(dev)
                 x, head = x.to(dt), head.to(dt)
             elif x.dtype != head.dtype:
                 x = x.to(head.dtype)
-            return kernels.linear_cross_entropy(x, head, targets, ignore_index=-1, softcap=SOFTCAP,
-                                               reduction=loss_reduction, backend="torch" if f64 else "auto")
+            return kernels.linear_cross_entropy(
+                x,
+                head,
+                targets,
+                ignore_index=-1,
+                softcap=SOFTCAP,
+                reduction=loss_reduction,
+                backend="torch" if f64 else "auto",
+            )
         logits = F.linear(x, head)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 (fp64 stays fp64)
         return SOFTCAP * torch.tanh(logits / SOFTCAP)

@@ -9,6 +9,7 @@ executing code (torch.load(weights_only=True), json), after checking each is a r
 (checkpoint.regular_file); weights must be finite. An import never replaces a different
 tokenizer or an existing checkpoint of the same step unless asked to (--force).
 """
+
 from __future__ import annotations
 
 import io
@@ -52,8 +53,10 @@ def nanochat_config(mc, where) -> GPTConfig:
     if isinstance(mc, dict):
         unknown = sorted(set(mc) - _NANOCHAT_SIZES - {"window_pattern"})
         if unknown:
-            raise RustchatError(f"{where}: unsupported nanochat model_config field(s) {', '.join(map(repr, unknown))} "
-                                f"(known: {', '.join(sorted(_NANOCHAT_SIZES))}, window_pattern)")
+            raise RustchatError(
+                f"{where}: unsupported nanochat model_config field(s) {', '.join(map(repr, unknown))} "
+                f"(known: {', '.join(sorted(_NANOCHAT_SIZES))}, window_pattern)"
+            )
     config = check_model_config(mc, where)  # refuses missing, ill-typed and absurd sizes
     # January's model keeps its rotary tables in bf16, July's in the compute dtype (fp32 on a CPU)
     feats = dict(ARCHS["2026"], window_pattern=mc["window_pattern"]) if "window_pattern" in mc else {"rope_bf16": True}
@@ -71,20 +74,24 @@ def convert_state_dict(sd: dict, config: GPTConfig) -> dict:
     missing = sorted(set(expected) - set(sd))
     extra = sorted(set(sd) - set(expected))
     if missing or extra:
-        raise RustchatError(f"unsupported nanochat model ({config.arch} architecture by its model_config): "
-                            f"missing tensors {missing[:4]}, unexpected tensors {extra[:4]} "
-                            f"({len(missing)} missing, {len(extra)} unexpected)")
+        raise RustchatError(
+            f"unsupported nanochat model ({config.arch} architecture by its model_config): "
+            f"missing tensors {missing[:4]}, unexpected tensors {extra[:4]} "
+            f"({len(missing)} missing, {len(extra)} unexpected)"
+        )
     out = {}
     for name, ref in expected.items():
         t = sd[name].to(torch.float32)
         if name in _VOCAB_ROWS or name.startswith("value_embeds."):
             rows = min(t.size(0), ref.size(0))
             if t.size(0) < config.vocab_size or t.size(1) != ref.size(1):
-                raise RustchatError(f"nanochat {name} has shape {tuple(t.shape)}, expected at least "
-                                    f"({config.vocab_size}, {ref.size(1)})")
+                raise RustchatError(
+                    f"nanochat {name} has shape {tuple(t.shape)}, expected at least "
+                    f"({config.vocab_size}, {ref.size(1)})"
+                )
             padded = torch.zeros(ref.shape, dtype=torch.float32)
             padded[:rows] = t[:rows]
-            padded[config.vocab_size:] = 0  # rows past the real vocab are never used
+            padded[config.vocab_size :] = 0  # rows past the real vocab are never used
             t = padded
         elif t.shape != ref.shape:
             raise RustchatError(f"nanochat {name} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
@@ -148,8 +155,10 @@ def load_nanochat_tokenizer(path: str | Path) -> Tokenizer:
         raise RustchatError(f"{p}: not a pickled tiktoken Encoding ({type(e).__name__}: {e})") from None
     state = getattr(obj, "state", None)
     if isinstance(state, str):
-        raise RustchatError(f"{p}: pickles the registered tiktoken encoding {state!r} by name; "
-                            "load it with Tokenizer.from_tiktoken(tiktoken.get_encoding(name))")
+        raise RustchatError(
+            f"{p}: pickles the registered tiktoken encoding {state!r} by name; "
+            "load it with Tokenizer.from_tiktoken(tiktoken.get_encoding(name))"
+        )
     if not isinstance(state, dict) or not {"pat_str", "mergeable_ranks", "special_tokens"} <= set(state):
         raise RustchatError(f"{p}: unexpected tokenizer pickle contents")
     try:
@@ -159,8 +168,9 @@ def load_nanochat_tokenizer(path: str | Path) -> Tokenizer:
 
 
 def _same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
-    return (a.pattern == b.pattern and a.special_tokens == b.special_tokens
-            and a.mergeable_ranks() == b.mergeable_ranks())
+    return (
+        a.pattern == b.pattern and a.special_tokens == b.special_tokens and a.mergeable_ranks() == b.mergeable_ranks()
+    )
 
 
 def _would_replace(tok: Tokenizer, tok_dir: Path, out: Path, step: int) -> list[str]:
@@ -172,8 +182,9 @@ def _would_replace(tok: Tokenizer, tok_dir: Path, out: Path, step: int) -> list[
         except (ValueError, OSError):
             same = False  # an unreadable tokenizer is still one the user may want to keep
         if not same:
-            replaced.append(f"the tokenizer in {tok_dir} (a different vocabulary: its checkpoints would no longer "
-                            "match it)")
+            replaced.append(
+                f"the tokenizer in {tok_dir} (a different vocabulary: its checkpoints would no longer match it)"
+            )
     existing = [p.name for p in (out / f"meta_{step:06d}.json", out / f"model_{step:06d}.safetensors") if p.exists()]
     if existing:
         replaced.append(f"checkpoint step {step} in {out} ({', '.join(existing)})")
@@ -189,24 +200,34 @@ def import_nanochat(cfg: ImportNanochatConfig) -> Path:
     if cfg.tokenizer:
         tok_path = Path(cfg.tokenizer)
     else:
-        near = [src / "tokenizer.pkl", src.parent / "tokenizer" / "tokenizer.pkl",
-                src.parent.parent / "tokenizer" / "tokenizer.pkl"]
+        near = [
+            src / "tokenizer.pkl",
+            src.parent / "tokenizer" / "tokenizer.pkl",
+            src.parent.parent / "tokenizer" / "tokenizer.pkl",
+        ]
         tok_path = next((p for p in near if p.is_file()), None)
         if tok_path is None:
             raise RustchatError(f"no tokenizer.pkl near {src}; pass --tokenizer PATH")
     tok = load_nanochat_tokenizer(tok_path)
     if tok.vocab_size != model.config.vocab_size:
-        raise RustchatError(f"tokenizer {tok_path} has {tok.vocab_size} ids but the model expects {model.config.vocab_size}")
+        raise RustchatError(
+            f"tokenizer {tok_path} has {tok.vocab_size} ids but the model expects {model.config.vocab_size}"
+        )
     base = Path(cfg.base_dir) if cfg.base_dir else get_base_dir()
     depth = model.config.n_layer
     out = stage_dir(cfg.stage, depth, base)
     replaced = _would_replace(tok, base / "tokenizer", out, step)
     if replaced and not cfg.force:
-        raise RustchatError(f"import-nanochat would replace {' and '.join(replaced)}; pass --force to replace, "
-                            "or import into another --base-dir")
+        raise RustchatError(
+            f"import-nanochat would replace {' and '.join(replaced)}; pass --force to replace, "
+            "or import into another --base-dir"
+        )
     tok.save(base / "tokenizer")
-    save_checkpoint(out, step, model, None, {"imported_from": str(src.resolve()), "nanochat_meta": meta,
-                                              "stage": cfg.stage})
-    print(f"imported nanochat step {step} (depth {depth}, {model.num_params() / 1e6:.1f}M params) -> {out}; "
-          f"tokenizer -> {base / 'tokenizer'}")
+    save_checkpoint(
+        out, step, model, None, {"imported_from": str(src.resolve()), "nanochat_meta": meta, "stage": cfg.stage}
+    )
+    print(
+        f"imported nanochat step {step} (depth {depth}, {model.num_params() / 1e6:.1f}M params) -> {out}; "
+        f"tokenizer -> {base / 'tokenizer'}"
+    )
     return out

@@ -26,9 +26,9 @@ Checkpoints: `state_dict()` holds this rank's shard plus where it sits in the fu
 so a run can resume on a different number of processes. It also reads the two state dicts
 (torch AdamW, Muon) that classic checkpoints written before this optimizer hold.
 """
+
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.distributed as dist
@@ -90,8 +90,17 @@ def polar_express(X: torch.Tensor, steps: int = 5) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- the update rules
-def adamw_update(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int,
-                 lr: float, betas, eps: float, weight_decay: float) -> None:
+def adamw_update(
+    p: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: int,
+    lr: float,
+    betas,
+    eps: float,
+    weight_decay: float,
+) -> None:
     """One AdamW step in place: decoupled weight decay, then the bias-corrected update. The
     moments are fp32; p may be any float dtype (math in fp32, written back once)."""
     beta1, beta2 = betas
@@ -99,14 +108,21 @@ def adamw_update(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp
     p32.mul_(1 - lr * weight_decay)
     exp_avg.lerp_(g, 1 - beta1)
     exp_avg_sq.lerp_(g.square(), 1 - beta2)
-    denom = (exp_avg_sq / (1 - beta2 ** step)).sqrt_().add_(eps)
-    p32.add_(exp_avg / denom, alpha=-lr / (1 - beta1 ** step))
+    denom = (exp_avg_sq / (1 - beta2**step)).sqrt_().add_(eps)
+    p32.add_(exp_avg / denom, alpha=-lr / (1 - beta1**step))
     if p32 is not p:
         p.copy_(p32)
 
 
-def muon_direction_2026(grads: torch.Tensor, momentum_buffer: torch.Tensor, second_moment: torch.Tensor,
-                        momentum: float, beta2: float, ns_steps: int, ortho_dtype=None) -> torch.Tensor:
+def muon_direction_2026(
+    grads: torch.Tensor,
+    momentum_buffer: torch.Tensor,
+    second_moment: torch.Tensor,
+    momentum: float,
+    beta2: float,
+    ns_steps: int,
+    ortho_dtype=None,
+) -> torch.Tensor:
     """The 2026 Muon update direction of a stack of same-shape matrices [K, m, n] (fp32 in and
     out; the buffers are updated in place): Nesterov momentum -> MuonEq -> Polar Express ->
     Muon+ -> NorMuon."""
@@ -131,8 +147,9 @@ def muon_direction_2026(grads: torch.Tensor, momentum_buffer: torch.Tensor, seco
     return g * (step_size * (v_norm / v_norm_new.clamp_min(1e-10)))
 
 
-def muon_direction_classic(grads: torch.Tensor, momentum_buffer: torch.Tensor, momentum: float, nesterov: bool,
-                           ns_steps: int, ortho_dtype=None) -> torch.Tensor:
+def muon_direction_classic(
+    grads: torch.Tensor, momentum_buffer: torch.Tensor, momentum: float, nesterov: bool, ns_steps: int, ortho_dtype=None
+) -> torch.Tensor:
     """The classic Muon update direction [K, m, n]: momentum (Nesterov) -> Newton-Schulz."""
     momentum_buffer.lerp_(grads, 1 - momentum)
     u = grads.lerp(momentum_buffer, momentum) if nesterov else momentum_buffer
@@ -171,8 +188,10 @@ def _own_rows(p: torch.Tensor, rank: int, world: int) -> slice:
 def _own_adamw_state(p: torch.Tensor, full: dict, rank: int, world: int) -> dict:
     """This rank's slice of an AdamW parameter's full state, fp32 on p's device."""
     keep = _own_rows(p, rank, world)
-    return {"step": int(full["step"]),
-            **{k: full[k][keep].to(p.device, torch.float32).clone() for k in ("exp_avg", "exp_avg_sq")}}
+    return {
+        "step": int(full["step"]),
+        **{k: full[k][keep].to(p.device, torch.float32).clone() for k in ("exp_avg", "exp_avg_sq")},
+    }
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -240,8 +259,9 @@ class MuonAdamW(torch.optim.Optimizer):
                     out.append((dist.all_reduce(g, op=dist.ReduceOp.SUM, async_op=True), g))
                 else:
                     shard = torch.empty_like(g[: g.shape[0] // world])
-                    out.append((dist.reduce_scatter_tensor(shard, g.contiguous(), op=dist.ReduceOp.SUM,
-                                                           async_op=True), shard))
+                    out.append(
+                        (dist.reduce_scatter_tensor(shard, g.contiguous(), op=dist.ReduceOp.SUM, async_op=True), shard)
+                    )
             return out
         params = group["params"]
         if world == 1:
@@ -263,8 +283,17 @@ class MuonAdamW(torch.optim.Optimizer):
                 state["exp_avg"] = torch.zeros_like(p_slice, dtype=torch.float32)
                 state["exp_avg_sq"] = torch.zeros_like(p_slice, dtype=torch.float32)
             state["step"] += 1
-            adamw_update(p_slice, g, state["exp_avg"], state["exp_avg_sq"], state["step"], group["lr"],
-                         group["betas"], group["eps"], group["weight_decay"])
+            adamw_update(
+                p_slice,
+                g,
+                state["exp_avg"],
+                state["exp_avg_sq"],
+                state["step"],
+                group["lr"],
+                group["betas"],
+                group["eps"],
+                group["weight_decay"],
+            )
             if p_slice is not p:
                 gathers.append((dist.all_gather_into_tensor(p, p_slice.clone(), async_op=True), None))
 
@@ -286,16 +315,29 @@ class MuonAdamW(torch.optim.Optimizer):
         params = group["params"]
         chunk = -(-len(params) // world)
         start = rank * chunk
-        owned = params[start:start + chunk]
+        owned = params[start : start + chunk]
         state = self._muon_state(group, len(owned))
         if owned:
             g = grads[: len(owned)].float()
             if group["recipe"] == "2026":
-                u = muon_direction_2026(g, state["momentum_buffer"], state["second_momentum_buffer"],
-                                        group["momentum"], group["beta2"], group["ns_steps"], self.ortho_dtype)
+                u = muon_direction_2026(
+                    g,
+                    state["momentum_buffer"],
+                    state["second_momentum_buffer"],
+                    group["momentum"],
+                    group["beta2"],
+                    group["ns_steps"],
+                    self.ortho_dtype,
+                )
             else:
-                u = muon_direction_classic(g, state["momentum_buffer"], group["momentum"],
-                                           group.get("nesterov", True), group["ns_steps"], self.ortho_dtype)
+                u = muon_direction_classic(
+                    g,
+                    state["momentum_buffer"],
+                    group["momentum"],
+                    group.get("nesterov", True),
+                    group["ns_steps"],
+                    self.ortho_dtype,
+                )
             lr = group["lr"] * muon_lr_scale(params[0].shape)
             P = torch.stack(owned).float()
             wd = group["weight_decay"]  # cautious: decay only where update and weight agree in sign
@@ -329,7 +371,7 @@ class MuonAdamW(torch.optim.Optimizer):
             else:
                 params = group["params"]
                 chunk = -(-len(params) // world)
-                owned = len(params[rank * chunk:(rank + 1) * chunk])
+                owned = len(params[rank * chunk : (rank + 1) * chunk])
                 m, n = params[0].shape
                 total += 4 * owned * (m * n + (max(m, n) if group["recipe"] == "2026" else 0))
         return total
@@ -349,8 +391,12 @@ class MuonAdamW(torch.optim.Optimizer):
                     if st:
                         own = _own_rows(p, rank, world)
                         span = [own.start, own.stop] if _adamw_sharded(p, world) else None
-                        state[f"{gi}.{pi}"] = {"step": st["step"], "exp_avg": st["exp_avg"],
-                                               "exp_avg_sq": st["exp_avg_sq"], "rows": span}
+                        state[f"{gi}.{pi}"] = {
+                            "step": st["step"],
+                            "exp_avg": st["exp_avg"],
+                            "exp_avg_sq": st["exp_avg_sq"],
+                            "rows": span,
+                        }
             else:
                 st = self.state.get(group["params"][0])
                 if st:
@@ -364,8 +410,9 @@ class MuonAdamW(torch.optim.Optimizer):
         shards = sorted(shards, key=lambda s: s["rank"])
         world = shards[0]["world_size"]
         if [s["rank"] for s in shards] != list(range(world)) or any(s["world_size"] != world for s in shards):
-            raise RustchatError(f"optimizer state: need the shards of all {world} ranks, got ranks "
-                                f"{[s['rank'] for s in shards]}")
+            raise RustchatError(
+                f"optimizer state: need the shards of all {world} ranks, got ranks {[s['rank'] for s in shards]}"
+            )
         merged = {}
         for key in shards[0]["state"]:
             parts = [s["state"][key] for s in shards]
@@ -373,14 +420,22 @@ class MuonAdamW(torch.optim.Optimizer):
                 if parts[0]["rows"] is None:
                     merged[key] = {**parts[0]}
                 else:
-                    merged[key] = {"step": parts[0]["step"], "rows": None,
-                                   **{k: torch.cat([q[k] for q in parts]) for k in ("exp_avg", "exp_avg_sq")}}
+                    merged[key] = {
+                        "step": parts[0]["step"],
+                        "rows": None,
+                        **{k: torch.cat([q[k] for q in parts]) for k in ("exp_avg", "exp_avg_sq")},
+                    }
             else:  # Muon: consecutive runs of whole matrices
                 parts = sorted(parts, key=lambda q: q["first"])
                 merged[key] = {k: torch.cat([q[k] for q in parts]) for k in parts[0] if k != "first"}
                 merged[key]["first"] = 0
-        return {"format": STATE_FORMAT, "world_size": 1, "rank": 0, "param_groups": shards[0]["param_groups"],
-                "state": merged}
+        return {
+            "format": STATE_FORMAT,
+            "world_size": 1,
+            "rank": 0,
+            "param_groups": shards[0]["param_groups"],
+            "state": merged,
+        }
 
     def load_state_dict(self, state_dict) -> None:
         """Load the state of a run: one rank's state_dict of a 1-rank run, the list of every
@@ -393,10 +448,13 @@ class MuonAdamW(torch.optim.Optimizer):
         full = self.merge_shards(shards) if len(shards) > 1 or shards[0]["world_size"] > 1 else shards[0]
         saved = full["param_groups"]
         if len(saved) != len(self.param_groups) or any(
-                (s["kind"], s.get("recipe"), s["num_params"]) != (g["kind"], g.get("recipe"), len(g["params"]))
-                for s, g in zip(saved, self.param_groups)):
-            raise RustchatError("optimizer state: its parameter groups do not match this model's "
-                                "(another optimizer recipe or model shape?)")
+            (s["kind"], s.get("recipe"), s["num_params"]) != (g["kind"], g.get("recipe"), len(g["params"]))
+            for s, g in zip(saved, self.param_groups)
+        ):
+            raise RustchatError(
+                "optimizer state: its parameter groups do not match this model's "
+                "(another optimizer recipe or model shape?)"
+            )
         rank, world = _rank_world()
         self.state.clear()
         for gi, (s, group) in enumerate(zip(saved, self.param_groups)):
@@ -414,8 +472,9 @@ class MuonAdamW(torch.optim.Optimizer):
                 chunk = -(-len(group["params"]) // world)
                 keep = slice(rank * chunk, (rank + 1) * chunk)
                 p0 = group["params"][0]
-                self.state[p0] = {k: v[keep].to(p0.device, torch.float32).clone()
-                                  for k, v in st.items() if k != "first"}
+                self.state[p0] = {
+                    k: v[keep].to(p0.device, torch.float32).clone() for k, v in st.items() if k != "first"
+                }
         self._world = world
 
     def _load_classic_pair(self, pair) -> None:
@@ -430,12 +489,18 @@ class MuonAdamW(torch.optim.Optimizer):
         if len(adamw_sd["state"]) > len(old_adamw) or len(muon_sd["state"]) > len(old_muon):
             raise RustchatError("optimizer state: the classic checkpoint's parameters do not match this model")
         full_adamw = {id(p): st for i, p in enumerate(old_adamw) if (st := adamw_sd["state"].get(i))}
-        full_muon = {id(p): st["momentum_buffer"] for i, p in enumerate(old_muon)
-                     if (st := muon_sd["state"].get(i)) is not None and "momentum_buffer" in st}
+        full_muon = {
+            id(p): st["momentum_buffer"]
+            for i, p in enumerate(old_muon)
+            if (st := muon_sd["state"].get(i)) is not None and "momentum_buffer" in st
+        }
         rank, world = _rank_world()
         self.state.clear()
-        old_groups = {"head": adamw_sd["param_groups"][0], "embedding": adamw_sd["param_groups"][1],
-                      "matrix": muon_sd["param_groups"][0]}
+        old_groups = {
+            "head": adamw_sd["param_groups"][0],
+            "embedding": adamw_sd["param_groups"][1],
+            "matrix": muon_sd["param_groups"][0],
+        }
         for group in self.param_groups:
             old = old_groups.get(group.get("role"))
             if old is not None:
@@ -448,19 +513,29 @@ class MuonAdamW(torch.optim.Optimizer):
                     self.state[p] = _own_adamw_state(p, st, rank, world)
             elif all(id(p) in full_muon for p in group["params"]):
                 chunk = -(-len(group["params"]) // world)
-                owned = group["params"][rank * chunk:(rank + 1) * chunk]
+                owned = group["params"][rank * chunk : (rank + 1) * chunk]
                 p0 = group["params"][0]
                 bufs = [full_muon[id(p)].to(p0.device, torch.float32) for p in owned]
-                self.state[p0] = {"momentum_buffer": torch.stack(bufs) if bufs else
-                                  torch.zeros(0, *p0.shape, device=p0.device)}
+                self.state[p0] = {
+                    "momentum_buffer": torch.stack(bufs) if bufs else torch.zeros(0, *p0.shape, device=p0.device)
+                }
         self._world = world
 
 
 # ----------------------------------------------------------------------------- the recipes
 # AdamW groups per role: (lr key, lr multiplier, scaled by model width, betas, weight decay key or value)
-def build_optimizers(model, *, recipe: str = "2026", matrix_lr: float = 0.02, embedding_lr: float = 0.2,
-                     unembedding_lr: float = 0.004, scalar_lr: float = 0.5, weight_decay: float = 0.0,
-                     lr_scale: float = 1.0, ortho_dtype: torch.dtype | None = None) -> list[torch.optim.Optimizer]:
+def build_optimizers(
+    model,
+    *,
+    recipe: str = "2026",
+    matrix_lr: float = 0.02,
+    embedding_lr: float = 0.2,
+    unembedding_lr: float = 0.004,
+    scalar_lr: float = 0.5,
+    weight_decay: float = 0.0,
+    lr_scale: float = 1.0,
+    ortho_dtype: torch.dtype | None = None,
+) -> list[torch.optim.Optimizer]:
     """[MuonAdamW] for `model` (its `param_groups()` roles) with the recipe's groups.
 
     AdamW lrs of the head and embeddings scale with model width as (n_embd/768)^-0.5 (tuned at
@@ -481,23 +556,44 @@ def build_optimizers(model, *, recipe: str = "2026", matrix_lr: float = 0.02, em
             ("x0", scalar_lr, (0.96, 0.95), 0.0),  # higher beta1 for x0
             ("smear", 0.2, (0.8, 0.95), 0.0),
         ]
-        muon = dict(kind="muon", role="matrix", recipe="2026", lr=matrix_lr, momentum=0.95, ns_steps=5, beta2=0.9,
-                    weight_decay=weight_decay)
+        muon = dict(
+            kind="muon",
+            role="matrix",
+            recipe="2026",
+            lr=matrix_lr,
+            momentum=0.95,
+            ns_steps=5,
+            beta2=0.9,
+            weight_decay=weight_decay,
+        )
     else:
-        adamw = [("head", unembedding_lr * width, (0.8, 0.95), weight_decay),
-                 ("embedding", embedding_lr * width, (0.8, 0.95), weight_decay),
-                 # a 2026 model's other parameters under the classic optimizer: the 2026 rates
-                 ("value_embeds", embedding_lr * width * 0.5, (0.8, 0.95), weight_decay),
-                 ("resid", scalar_lr * 0.01, (0.8, 0.95), weight_decay),
-                 ("x0", scalar_lr, (0.96, 0.95), weight_decay),
-                 ("smear", 0.2, (0.8, 0.95), weight_decay)]
-        muon = dict(kind="muon", role="matrix", recipe="classic", lr=matrix_lr, momentum=0.95, ns_steps=5,
-                    nesterov=True, weight_decay=0.0)
+        adamw = [
+            ("head", unembedding_lr * width, (0.8, 0.95), weight_decay),
+            ("embedding", embedding_lr * width, (0.8, 0.95), weight_decay),
+            # a 2026 model's other parameters under the classic optimizer: the 2026 rates
+            ("value_embeds", embedding_lr * width * 0.5, (0.8, 0.95), weight_decay),
+            ("resid", scalar_lr * 0.01, (0.8, 0.95), weight_decay),
+            ("x0", scalar_lr, (0.96, 0.95), weight_decay),
+            ("smear", 0.2, (0.8, 0.95), weight_decay),
+        ]
+        muon = dict(
+            kind="muon",
+            role="matrix",
+            recipe="classic",
+            lr=matrix_lr,
+            momentum=0.95,
+            ns_steps=5,
+            nesterov=True,
+            weight_decay=0.0,
+        )
     known = {role for role, *_ in adamw} | {"matrix"}
     if set(r for r, ps in roles.items() if ps) - known:
         raise RustchatError(f"the {recipe} optimizer recipe has no group for {sorted(set(roles) - known)}")
-    groups = [dict(kind="adamw", role=role, params=roles[role], lr=lr * lr_scale, betas=betas, eps=1e-10,
-                   weight_decay=wd) for role, lr, betas, wd in adamw if roles.get(role)]
+    groups = [
+        dict(kind="adamw", role=role, params=roles[role], lr=lr * lr_scale, betas=betas, eps=1e-10, weight_decay=wd)
+        for role, lr, betas, wd in adamw
+        if roles.get(role)
+    ]
     matrices = roles["matrix"]
     for shape in sorted({tuple(p.shape) for p in matrices}):  # one stack per shape
         groups.append({**muon, "params": [p for p in matrices if tuple(p.shape) == shape], "lr": muon["lr"] * lr_scale})

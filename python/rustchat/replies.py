@@ -6,6 +6,7 @@ python_output) for display and chat history; `ReplyEvents` turns them into displ
 ("text", s) and ("tool", "[calculator: e -> r]"); `StopText` cuts streamed text at the first
 stop string a request named.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -143,11 +144,13 @@ class StopText:
         self.buf += s
         hits = [i for i in (self.buf.find(x) for x in self.stops) if i >= 0]
         if hits:
-            out, self.buf = self.buf[:min(hits)], ""
+            out, self.buf = self.buf[: min(hits)], ""
             return out, True
-        keep = max((n for x in self.stops for n in range(min(len(x) - 1, len(self.buf)), 0, -1)
-                    if self.buf.endswith(x[:n])), default=0)
-        out, self.buf = self.buf[:len(self.buf) - keep], self.buf[len(self.buf) - keep:]
+        keep = max(
+            (n for x in self.stops for n in range(min(len(x) - 1, len(self.buf)), 0, -1) if self.buf.endswith(x[:n])),
+            default=0,
+        )
+        out, self.buf = self.buf[: len(self.buf) - keep], self.buf[len(self.buf) - keep :]
         return out, False
 
     def flush(self) -> str:

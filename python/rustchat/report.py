@@ -1,5 +1,6 @@
 """report.md under the base dir: one section per stage (base, mid, sft, eval, ...), each
 rewritten in place when its stage runs again, in pipeline order."""
+
 from __future__ import annotations
 
 import os

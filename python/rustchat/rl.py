@@ -15,6 +15,7 @@ Every sample draws from its own generator, seeded by (run seed, position of the 
 the training stream, sample index): the replies do not depend on which rank samples them, on
 the other rows of the batch, or on a resume in between.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -88,8 +89,7 @@ class Sampler:
     """Samples groups of replies with one BatchScheduler over the run: every reply of a call
     decodes in one continuous batch of up to `max_batch` rows."""
 
-    def __init__(self, engine: Engine, *, max_batch: int, max_new_tokens: int, temperature: float,
-                 top_k: int | None):
+    def __init__(self, engine: Engine, *, max_batch: int, max_new_tokens: int, temperature: float, top_k: int | None):
         self.engine, self.max_batch = engine, max_batch
         self.max_new_tokens, self.temperature, self.top_k = max_new_tokens, temperature, top_k
         self.scheduler: BatchScheduler | None = None
@@ -105,13 +105,22 @@ class Sampler:
         jobs = []
         for g, group_seeds in zip(groups, seeds):
             if len(g.prompt) >= context:
-                raise RustchatError(f"a prompt of {len(g.prompt)} tokens leaves no room for a reply in the "
-                                    f"model's context of {context}")
+                raise RustchatError(
+                    f"a prompt of {len(g.prompt)} tokens leaves no room for a reply in the model's context of {context}"
+                )
             limit = eng.reply_limit(len(g.prompt), self.max_new_tokens)
             g.replies, g.forced = [[] for _ in group_seeds], [[] for _ in group_seeds]
             for j, s in enumerate(group_seeds):
-                jobs.append(GenRequest(g.prompt, _collector(g, j, ended), max_tokens=limit,
-                                       temperature=self.temperature, top_k=self.top_k, seed=s))
+                jobs.append(
+                    GenRequest(
+                        g.prompt,
+                        _collector(g, j, ended),
+                        max_tokens=limit,
+                        temperature=self.temperature,
+                        top_k=self.top_k,
+                        seed=s,
+                    )
+                )
         for req in jobs:
             self.scheduler.submit(req)
         for _ in jobs:
@@ -133,6 +142,7 @@ def _collector(group: Group, j: int, ended: queue.Queue):
             group.forced[j].append(bool(event[2]))
         else:  # ("end", reason) or ("error", message)
             ended.put(event)
+
     return emit
 
 
@@ -170,13 +180,13 @@ def build_batch(groups: list[Group], pad: int, device_batch_size: int) -> tuple[
                 rows.append((x, y, adv))
     micro = []
     for s in range(0, len(rows), device_batch_size):
-        chunk = rows[s:s + device_batch_size]
+        chunk = rows[s : s + device_batch_size]
         width = max(len(x) for x, _, _ in chunk)
         x = torch.full((len(chunk), width), pad, dtype=torch.long)
         y = torch.full((len(chunk), width), -1, dtype=torch.long)
         for r, (xi, yi, _) in enumerate(chunk):
-            x[r, :len(xi)] = torch.tensor(xi)
-            y[r, :len(yi)] = torch.tensor(yi)
+            x[r, : len(xi)] = torch.tensor(xi)
+            y[r, : len(yi)] = torch.tensor(yi)
         micro.append((x, y, torch.tensor([a for _, _, a in chunk], dtype=torch.float32)))
     return micro, sampled
 
@@ -197,8 +207,20 @@ class RolloutSteps:
     of the next `examples_per_step` questions of the training stream and returns a
     RolloutBatch; `state()` is the stream cursor (the position of the next question)."""
 
-    def __init__(self, tok, sampler: Sampler, stream, *, examples_per_step: int, num_samples: int,
-                 device_batch_size: int, seed: int, rank: int = 0, world_size: int = 1, state: dict | None = None):
+    def __init__(
+        self,
+        tok,
+        sampler: Sampler,
+        stream,
+        *,
+        examples_per_step: int,
+        num_samples: int,
+        device_batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        state: dict | None = None,
+    ):
         if examples_per_step % world_size:
             raise RustchatError(f"--examples-per-step {examples_per_step} is not a multiple of the {world_size} ranks")
         self.tok, self.sampler, self.stream = tok, sampler, stream
@@ -274,17 +296,26 @@ def rl_train_step(model, optimizers, batch: RolloutBatch, device, autocast_ctx) 
 
 
 # ----------------------------------------------------------------------------- pass@k
-def pass_at_k_evaluator(tok, sampler: Sampler, problems: list[tuple[object, dict]], *, num_samples: int, seed: int,
-                        rank: int = 0, world_size: int = 1):
+def pass_at_k_evaluator(
+    tok,
+    sampler: Sampler,
+    problems: list[tuple[object, dict]],
+    *,
+    num_samples: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+):
     """evaluate(model) -> {"pass@1": ..., "pass@k": ...} on held-out problems (task, conversation),
     `num_samples` replies each at the rollout temperature; the problems are split over ranks.
     The same seeds at every evaluation, so steps compare on the same random draws."""
-    ks = sorted({1, *(2 ** i for i in range(1, 12) if 2 ** i < num_samples), num_samples})
+    ks = sorted({1, *(2**i for i in range(1, 12) if 2**i < num_samples), num_samples})
     mine = list(range(rank, len(problems), world_size))
 
     def evaluate(model) -> dict:
-        groups = [Group(problems[i][0], problems[i][1], render_for_completion(tok, problems[i][1]).tolist())
-                  for i in mine]
+        groups = [
+            Group(problems[i][0], problems[i][1], render_for_completion(tok, problems[i][1]).tolist()) for i in mine
+        ]
         seeds = [[sample_seed("eval", seed, i, j) for j in range(num_samples)] for i in mine]
         if groups:
             sampler.sample(groups, seeds)

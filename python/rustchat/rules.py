@@ -18,6 +18,7 @@ ones cut a plain stream of documents (`data.pretrain`).
 Everything here is a pure function of parameter counts, so the rules can be checked by hand
 without building a model (tests/test_rules.py holds such a table).
 """
+
 from __future__ import annotations
 
 import math
@@ -49,12 +50,32 @@ class RuleDefaults:
 
 
 DEFAULTS = {
-    "2026": RuleDefaults(tokens_per_param=12.0, total_batch_size=None, matrix_lr=0.02, embedding_lr=0.3,
-                         unembedding_lr=0.008, scalar_lr=0.5, weight_decay=0.28, warmup_steps=40,
-                         warmdown_ratio=0.65, final_lr_frac=0.05, packing="bos_bestfit"),
-    "classic": RuleDefaults(tokens_per_param=20.0, total_batch_size=524_288, matrix_lr=0.02, embedding_lr=0.2,
-                            unembedding_lr=0.004, scalar_lr=0.5, weight_decay=0.0, warmup_steps=0,
-                            warmdown_ratio=0.2, final_lr_frac=0.0, packing="stream"),
+    "2026": RuleDefaults(
+        tokens_per_param=12.0,
+        total_batch_size=None,
+        matrix_lr=0.02,
+        embedding_lr=0.3,
+        unembedding_lr=0.008,
+        scalar_lr=0.5,
+        weight_decay=0.28,
+        warmup_steps=40,
+        warmdown_ratio=0.65,
+        final_lr_frac=0.05,
+        packing="bos_bestfit",
+    ),
+    "classic": RuleDefaults(
+        tokens_per_param=20.0,
+        total_batch_size=524_288,
+        matrix_lr=0.02,
+        embedding_lr=0.2,
+        unembedding_lr=0.004,
+        scalar_lr=0.5,
+        weight_decay=0.0,
+        warmup_steps=0,
+        warmdown_ratio=0.2,
+        final_lr_frac=0.0,
+        packing="stream",
+    ),
 }
 
 
@@ -84,16 +105,21 @@ class Plan:
 
     def describe(self) -> str:
         """One banner line with every derived value."""
-        ref = (f", d{REFERENCE_DEPTH} reference {self.ref_params:,} params -> D_ref {self.ref_tokens:,.0f}"
-               if self.ref_params is not None else "")
+        ref = (
+            f", d{REFERENCE_DEPTH} reference {self.ref_params:,} params -> D_ref {self.ref_tokens:,.0f}"
+            if self.ref_params is not None
+            else ""
+        )
         batch = "auto: B_ref*(D/D_ref)^0.383, power of 2" if self.batch_auto else "given"
-        return (f"rules {self.rules}: horizon {self.tokens_per_param:g} x {self.params:,} params = "
-                f"{self.target_tokens:,} tokens{ref} | batch {self.total_batch_size:,} tokens ({batch}) | "
-                f"{self.num_steps:,} steps | lr scale {self.lr_scale:.4f}: matrix {self.matrix_lr:.6g}, "
-                f"embedding {self.embedding_lr:.6g}, unembedding {self.unembedding_lr:.6g}, "
-                f"scalar {self.scalar_lr:.6g} | weight decay {self.weight_decay:.6g} | warmup "
-                f"{self.warmup_steps} steps, warmdown {self.warmdown_ratio:g} to {self.final_lr_frac:g} of peak | "
-                f"rows: {self.packing}")
+        return (
+            f"rules {self.rules}: horizon {self.tokens_per_param:g} x {self.params:,} params = "
+            f"{self.target_tokens:,} tokens{ref} | batch {self.total_batch_size:,} tokens ({batch}) | "
+            f"{self.num_steps:,} steps | lr scale {self.lr_scale:.4f}: matrix {self.matrix_lr:.6g}, "
+            f"embedding {self.embedding_lr:.6g}, unembedding {self.unembedding_lr:.6g}, "
+            f"scalar {self.scalar_lr:.6g} | weight decay {self.weight_decay:.6g} | warmup "
+            f"{self.warmup_steps} steps, warmdown {self.warmdown_ratio:g} to {self.final_lr_frac:g} of peak | "
+            f"rows: {self.packing}"
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,7 +133,9 @@ def scaling_params(transformer_matrices: int, lm_head: int) -> int:
 def auto_batch_size(target_tokens: float, ref_tokens: float, b_ref: int = B_REF) -> int:
     """B_ref * (D/D_ref)^0.383, rounded to the nearest power of two (in log2)."""
     if target_tokens <= 0 or ref_tokens <= 0:
-        raise RustchatError(f"the horizon must be positive to derive a batch size, got {target_tokens} and {ref_tokens}")
+        raise RustchatError(
+            f"the horizon must be positive to derive a batch size, got {target_tokens} and {ref_tokens}"
+        )
     predicted = b_ref * (target_tokens / ref_tokens) ** BATCH_EXPONENT
     return 2 ** round(math.log2(predicted))
 
@@ -117,14 +145,22 @@ def batch_lr_scale(total_batch_size: int, b_ref: int = B_REF) -> float:
     return (total_batch_size / b_ref) ** 0.5
 
 
-def scaled_weight_decay(weight_decay: float, total_batch_size: int, target_tokens: float, ref_tokens: float,
-                        b_ref: int = B_REF) -> float:
+def scaled_weight_decay(
+    weight_decay: float, total_batch_size: int, target_tokens: float, ref_tokens: float, b_ref: int = B_REF
+) -> float:
     """λ = λ_ref · √(B/B_ref) · (D_ref/D): B/(η·λ·D) stays the reference's when η ∝ √B."""
     return weight_decay * math.sqrt(total_batch_size / b_ref) * (ref_tokens / target_tokens)
 
 
-def plan_2026(params: int, ref_params: int, *, tokens_per_param: float | None = None,
-              total_batch_size: int | None = None, num_steps: int | None = None, **overrides) -> Plan:
+def plan_2026(
+    params: int,
+    ref_params: int,
+    *,
+    tokens_per_param: float | None = None,
+    total_batch_size: int | None = None,
+    num_steps: int | None = None,
+    **overrides,
+) -> Plan:
     """The 2026 rules for a model with `params` scaling parameters whose d12 sibling (same
     width rule, vocabulary and context) has `ref_params`. A given `total_batch_size` or
     `num_steps` replaces the derived one; the lr and weight-decay scaling still follow the batch
@@ -139,19 +175,42 @@ def plan_2026(params: int, ref_params: int, *, tokens_per_param: float | None = 
     B = auto_batch_size(target, ref_tokens) if auto else total_batch_size
     steps = num_steps if num_steps is not None else target // B
     if steps < 1:
-        raise RustchatError(f"the horizon ({target:,} tokens) is less than one batch of {B:,} tokens: "
-                            "raise --target-param-data-ratio or lower --total-batch-size")
+        raise RustchatError(
+            f"the horizon ({target:,} tokens) is less than one batch of {B:,} tokens: "
+            "raise --target-param-data-ratio or lower --total-batch-size"
+        )
     s = batch_lr_scale(B)
-    return Plan(rules="2026", params=params, ref_params=ref_params, tokens_per_param=ratio, target_tokens=target,
-                ref_tokens=ref_tokens, total_batch_size=B, batch_auto=auto, num_steps=steps, lr_scale=s,
-                matrix_lr=d.matrix_lr * s, embedding_lr=d.embedding_lr * s, unembedding_lr=d.unembedding_lr * s,
-                scalar_lr=d.scalar_lr * s, weight_decay=scaled_weight_decay(d.weight_decay, B, target, ref_tokens),
-                warmup_steps=d.warmup_steps, warmdown_ratio=d.warmdown_ratio, final_lr_frac=d.final_lr_frac,
-                packing=d.packing)
+    return Plan(
+        rules="2026",
+        params=params,
+        ref_params=ref_params,
+        tokens_per_param=ratio,
+        target_tokens=target,
+        ref_tokens=ref_tokens,
+        total_batch_size=B,
+        batch_auto=auto,
+        num_steps=steps,
+        lr_scale=s,
+        matrix_lr=d.matrix_lr * s,
+        embedding_lr=d.embedding_lr * s,
+        unembedding_lr=d.unembedding_lr * s,
+        scalar_lr=d.scalar_lr * s,
+        weight_decay=scaled_weight_decay(d.weight_decay, B, target, ref_tokens),
+        warmup_steps=d.warmup_steps,
+        warmdown_ratio=d.warmdown_ratio,
+        final_lr_frac=d.final_lr_frac,
+        packing=d.packing,
+    )
 
 
-def plan_classic(params: int, *, tokens_per_param: float | None = None, total_batch_size: int | None = None,
-                 num_steps: int | None = None, **overrides) -> Plan:
+def plan_classic(
+    params: int,
+    *,
+    tokens_per_param: float | None = None,
+    total_batch_size: int | None = None,
+    num_steps: int | None = None,
+    **overrides,
+) -> Plan:
     """The classic rules: `tokens_per_param` (20) times ALL parameters, rounded up to whole
     steps of a fixed batch, learning rates as given."""
     d = _defaults("classic", overrides)
@@ -159,11 +218,27 @@ def plan_classic(params: int, *, tokens_per_param: float | None = None, total_ba
     B = d.total_batch_size if total_batch_size is None else total_batch_size
     target = int(ratio * params)
     steps = num_steps if num_steps is not None else max(1, math.ceil(ratio * params / B))
-    return Plan(rules="classic", params=params, ref_params=None, tokens_per_param=ratio, target_tokens=target,
-                ref_tokens=None, total_batch_size=B, batch_auto=False, num_steps=steps, lr_scale=1.0,
-                matrix_lr=d.matrix_lr, embedding_lr=d.embedding_lr, unembedding_lr=d.unembedding_lr,
-                scalar_lr=d.scalar_lr, weight_decay=d.weight_decay, warmup_steps=d.warmup_steps,
-                warmdown_ratio=d.warmdown_ratio, final_lr_frac=d.final_lr_frac, packing=d.packing)
+    return Plan(
+        rules="classic",
+        params=params,
+        ref_params=None,
+        tokens_per_param=ratio,
+        target_tokens=target,
+        ref_tokens=None,
+        total_batch_size=B,
+        batch_auto=False,
+        num_steps=steps,
+        lr_scale=1.0,
+        matrix_lr=d.matrix_lr,
+        embedding_lr=d.embedding_lr,
+        unembedding_lr=d.unembedding_lr,
+        scalar_lr=d.scalar_lr,
+        weight_decay=d.weight_decay,
+        warmup_steps=d.warmup_steps,
+        warmdown_ratio=d.warmdown_ratio,
+        final_lr_frac=d.final_lr_frac,
+        packing=d.packing,
+    )
 
 
 def _defaults(rules: str, overrides: dict) -> RuleDefaults:
@@ -175,5 +250,17 @@ def _defaults(rules: str, overrides: dict) -> RuleDefaults:
     return RuleDefaults(**{**asdict(d), **given})
 
 
-__all__ = ["RULES", "DEFAULTS", "Plan", "RuleDefaults", "plan_2026", "plan_classic", "scaling_params",
-           "auto_batch_size", "batch_lr_scale", "scaled_weight_decay", "B_REF", "REFERENCE_DEPTH"]
+__all__ = [
+    "RULES",
+    "DEFAULTS",
+    "Plan",
+    "RuleDefaults",
+    "plan_2026",
+    "plan_classic",
+    "scaling_params",
+    "auto_batch_size",
+    "batch_lr_scale",
+    "scaled_weight_decay",
+    "B_REF",
+    "REFERENCE_DEPTH",
+]

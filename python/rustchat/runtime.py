@@ -1,4 +1,5 @@
 """The torch runtime: device and dtype choice, autocast, torchrun process groups."""
+
 from __future__ import annotations
 
 import contextlib

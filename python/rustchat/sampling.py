@@ -8,6 +8,7 @@ always keeps the most likely token (a top_p that rounds to 0 in float32 would dr
 A row whose logits are still not a distribution (a model that returned NaN) fails alone:
 `sample_rows` gives None for it and the other rows their tokens.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -37,8 +38,9 @@ def is_greedy(temperature: float, top_k: int | None) -> bool:
     return temperature < MIN_TEMPERATURE or top_k == 1
 
 
-def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int | None = None,
-                   top_p: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def sampling_probs(
+    logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """What a row draws from when not greedy: (probs [B, K], ids [B, K]) over the top tokens,
     or (probs [B, V], None) over the whole vocabulary."""
     logits = logits.float() / max(temperature, MIN_TEMPERATURE)
@@ -62,8 +64,13 @@ def draw(probs: torch.Tensor, ids: torch.Tensor | None, generator: torch.Generat
     return (ids.gather(-1, choice) if ids is not None else choice).squeeze(-1)
 
 
-def sample_next(logits: torch.Tensor, generator: torch.Generator | None, temperature: float = 1.0,
-                top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    generator: torch.Generator | None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> torch.Tensor:
     """Next token per row from logits [B, V] -> int64 [B], every row with the same settings.
     Greedy below MIN_TEMPERATURE (and at top_k 1). `top_p` < 1 keeps the smallest set of top
     tokens whose probability reaches top_p (after top_k)."""
@@ -133,8 +140,9 @@ def sample_rows(logits: torch.Tensor, rows: Sequence[Sampling]) -> list[int | No
     return out
 
 
-def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int
-                   ) -> list[tuple[float, list[tuple[int, float]]]]:
+def token_logprobs(
+    logits: torch.Tensor, tokens: Sequence[int], top: int
+) -> list[tuple[float, list[tuple[int, float]]]]:
     """Per row of logits [B, V]: the log-probability of `tokens[b]` under the model's own
     distribution (log-softmax of the logits, before temperature, top-k or top-p) and the `top`
     most likely tokens with theirs, most likely first."""

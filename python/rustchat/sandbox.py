@@ -18,6 +18,7 @@ over a pipe and receives plain data back (None, bool, int, float, str, bytes, li
 dict, set). Nothing the candidate prints, exits with or returns can say "passed"; only the
 harness reaching the end of `check(...)` does.
 """
+
 from __future__ import annotations
 
 import functools
@@ -44,7 +45,7 @@ TMPFS_BYTES = 64 << 20  # the private temp dir under bubblewrap
 
 # Python source shared by the child programs: set limits, then disable the obvious escape
 # hatches (a second line of defence; the namespaces are the first). Limits come from argv.
-_LIMITS = r'''
+_LIMITS = r"""
 import sys
 _timeout, _mem_bytes, _nproc, _fsize = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 _uid, _gid, _preload = int(sys.argv[5]), int(sys.argv[6]), sys.argv[7] == "1"
@@ -77,9 +78,9 @@ if _uid >= 0:
     _os_for_drop.setgroups([])
     _os_for_drop.setgid(_gid)
     _os_for_drop.setuid(_uid)
-'''
+"""
 
-_GUARDS = r'''
+_GUARDS = r"""
 import socket as _socket
 class _NoSocket(_socket.socket):
     def __init__(self, *a, **k):
@@ -101,13 +102,17 @@ for _name in ("system", "kill", "killpg", "fork", "forkpty", "remove", "unlink",
 shutil.rmtree = shutil.move = shutil.chown = _disabled
 subprocess.Popen = _disabled
 builtins.help = _disabled
-'''
+"""
 
 # A program that must merely run to its end (run_program). The nonce says it did; a hostile
 # program can print it too, so this is no verdict on untrusted code (run_tests is).
-_PROGRAM_RUNNER = _LIMITS + r'''
+_PROGRAM_RUNNER = (
+    _LIMITS
+    + r"""
 _nonce = _extra[0]
-''' + _GUARDS + r'''
+"""
+    + _GUARDS
+    + r"""
 _src = open(_extra[1], encoding="utf-8").read()
 try:
     exec(compile(_src, "program.py", "exec"), {"__name__": "__main__", "__builtins__": builtins})
@@ -119,11 +124,12 @@ except SystemExit as e:
 sys.stdout.flush()
 sys.__stdout__.write("\n" + _nonce + "\n")
 sys.__stdout__.flush()
-'''
+"""
+)
 
 # Plain-data wire format between harness and candidate: length-prefixed JSON with tagged
 # containers, so tuples stay tuples and nothing but data crosses (no pickle, no objects).
-_CODEC = r'''
+_CODEC = r"""
 import json as _json, struct as _struct
 _MAX_FRAME = 64 << 20
 def _enc(v):
@@ -194,14 +200,19 @@ def _recv(fd):
     if n > _MAX_FRAME:
         raise ValueError(f"a message of {n} bytes from the other side of the sandbox is too large")
     return _json.loads(_read_exact(fd, n))
-'''
+"""
 
 # The candidate: define its code, then answer calls of `entry_point` from the harness.
-_CANDIDATE_RUNNER = _LIMITS + r'''
+_CANDIDATE_RUNNER = (
+    _LIMITS
+    + r"""
 import os as _os
 _entry, _req_fd, _resp_fd, _code_path = _extra[0], int(_extra[1]), int(_extra[2]), _extra[3]
 _kept_read, _kept_write = _os.read, _os.write
-''' + _CODEC + _GUARDS + r'''
+"""
+    + _CODEC
+    + _GUARDS
+    + r"""
 _ns = {"__name__": "__main__", "__builtins__": builtins}
 try:
     exec(compile(open(_code_path, encoding="utf-8").read(), "program.py", "exec"), _ns)
@@ -223,11 +234,14 @@ while True:
     sys.stderr.flush()
     _send(_resp_fd, _reply)
 _kept["_exit"](0)
-'''
+"""
+)
 
 # The harness: trusted setup (the problem's prompt) and tests, calling the candidate remotely.
 # Its exit status is the verdict; the candidate never runs code in this process.
-_HARNESS_RUNNER = _LIMITS + r'''
+_HARNESS_RUNNER = (
+    _LIMITS
+    + r"""
 import os as _os
 _entry, _req_fd, _resp_fd, _setup_path, _test_path, _check = _extra
 _kept_read, _kept_write = _os.read, _os.write
@@ -236,7 +250,9 @@ try:  # not dumpable: a candidate running as the same user cannot ptrace this pr
     ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 4
 except (OSError, AttributeError):
     pass
-''' + _CODEC + r'''
+"""
+    + _CODEC
+    + r"""
 def _candidate(*args):
     _send(int(_req_fd), _enc(list(args)))
     reply = _recv(int(_resp_fd))
@@ -251,7 +267,8 @@ exec(compile(open(_test_path, encoding="utf-8").read(), "test.py", "exec"), _ns)
 _ns[_entry] = _candidate
 _ns[_check](_candidate)
 sys.stdout.write("harness: all checks passed\n")
-'''
+"""
+)
 
 
 @dataclass(frozen=True)
@@ -328,8 +345,13 @@ def _bwrap_status() -> tuple[str | None, str]:
     ids = _unprivileged_ids() or (-1, -1)
     probe = f"import os\nif {ids[0]} >= 0: os.setgroups([]); os.setgid({ids[1]}); os.setuid({ids[0]})\nimport json"
     try:
-        proc = subprocess.run(_bwrap_args(bwrap, "/tmp", [], drop=True) + [_python(), "-I", "-c", probe],
-                              stdin=subprocess.DEVNULL, capture_output=True, timeout=30, env={"PATH": "/usr/bin:/bin"})
+        proc = subprocess.run(
+            _bwrap_args(bwrap, "/tmp", [], drop=True) + [_python(), "-I", "-c", probe],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=30,
+            env={"PATH": "/usr/bin:/bin"},
+        )
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"bwrap failed: {e}"
     if proc.returncode != 0:
@@ -345,8 +367,10 @@ def protection() -> str:
     user = ", as nobody" if _unprivileged_ids() else ""
     if bwrap:
         namespaces = "mount, pid, net, ipc, uts, cgroup" + ("" if _unprivileged_ids() else ", user")
-        return (f"bubblewrap (namespaces: {namespaces}; read-only Python, private {TMPFS_BYTES >> 20} MiB "
-                f"temp dir, no network) + {rlimits}{user}")
+        return (
+            f"bubblewrap (namespaces: {namespaces}; read-only Python, private {TMPFS_BYTES >> 20} MiB "
+            f"temp dir, no network) + {rlimits}{user}"
+        )
     return f"rlimits only: {rlimits}, own process group{user}; no namespaces ({why})"
 
 
@@ -356,9 +380,13 @@ _ENV = {
     "PYTHONHASHSEED": "0",
     "PYTHONDONTWRITEBYTECODE": "1",
     # anything that honours proxies goes nowhere (the only guard when there is no net namespace)
-    "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
-    "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
-    "ALL_PROXY": "http://127.0.0.1:9", "no_proxy": "", "NO_PROXY": "",
+    "http_proxy": "http://127.0.0.1:9",
+    "https_proxy": "http://127.0.0.1:9",
+    "HTTP_PROXY": "http://127.0.0.1:9",
+    "HTTPS_PROXY": "http://127.0.0.1:9",
+    "ALL_PROXY": "http://127.0.0.1:9",
+    "no_proxy": "",
+    "NO_PROXY": "",
 }
 
 
@@ -391,25 +419,52 @@ class _Sandbox:
     def path(self, fname: str) -> str:
         return f"{self.code}/{fname}"
 
-    def start(self, runner: str, timeout: float, memory_mb: int, extra: list[str], stdin=subprocess.DEVNULL,
-              pass_fds: tuple[int, ...] = ()) -> None:
+    def start(
+        self,
+        runner: str,
+        timeout: float,
+        memory_mb: int,
+        extra: list[str],
+        stdin=subprocess.DEVNULL,
+        pass_fds: tuple[int, ...] = (),
+    ) -> None:
         uid, gid = self.ids or (-1, -1)
         preload = "0" if self.bwrap else "1"  # under bwrap the prefix's parents are made enterable
-        argv = [_python(), "-I", self.path(runner), str(timeout), str(memory_mb << 20), str(MAX_PROCESSES),
-                str(MAX_FILE_BYTES), str(uid), str(gid), preload, *extra]
+        argv = [
+            _python(),
+            "-I",
+            self.path(runner),
+            str(timeout),
+            str(memory_mb << 20),
+            str(MAX_PROCESSES),
+            str(MAX_FILE_BYTES),
+            str(uid),
+            str(gid),
+            preload,
+            *extra,
+        ]
         info_w = -1
         if self.bwrap:
             # bwrap reports the host pid of the sandbox's init there; killing that one ends the
             # pid namespace, and bwrap exits only once every process in it is gone
             self.info_r, info_w = os.pipe()
-            argv = (_bwrap_args(self.bwrap, self.work, [(str(self.code_dir), self.code)], drop=self.ids is not None)
-                    + ["--info-fd", str(info_w)] + argv)
+            argv = (
+                _bwrap_args(self.bwrap, self.work, [(str(self.code_dir), self.code)], drop=self.ids is not None)
+                + ["--info-fd", str(info_w)]
+                + argv
+            )
             pass_fds = (*pass_fds, info_w)
         env = dict(_ENV, HOME=self.work, TMPDIR=self.work)
         try:
             with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
                 self.proc = subprocess.Popen(
-                    argv, cwd=self.work, env=env, stdin=stdin, stdout=out, stderr=err, pass_fds=pass_fds,
+                    argv,
+                    cwd=self.work,
+                    env=env,
+                    stdin=stdin,
+                    stdout=out,
+                    stderr=err,
+                    pass_fds=pass_fds,
                     start_new_session=True,  # own process group: a timeout kills its children too
                 )
         finally:
@@ -459,8 +514,10 @@ class _Sandbox:
         return rc
 
     def tails(self) -> tuple[str, str]:
-        return (self.out_path.read_bytes()[-4000:].decode("utf-8", "replace"),
-                self.err_path.read_bytes()[-4000:].decode("utf-8", "replace"))
+        return (
+            self.out_path.read_bytes()[-4000:].decode("utf-8", "replace"),
+            self.err_path.read_bytes()[-4000:].decode("utf-8", "replace"),
+        )
 
 
 def _group_running(pgid: int) -> bool:
@@ -519,8 +576,15 @@ def run_program(program: str, timeout: float = 3.0, memory_mb: int = 1024) -> Ex
     return ExecResult(status, rc, stdout.replace(nonce, "").rstrip(), stderr, time.monotonic() - t0)
 
 
-def run_tests(candidate: str, entry_point: str, setup: str, tests: str, check: str = "check",
-              timeout: float = 3.0, memory_mb: int = 1024) -> ExecResult:
+def run_tests(
+    candidate: str,
+    entry_point: str,
+    setup: str,
+    tests: str,
+    check: str = "check",
+    timeout: float = 3.0,
+    memory_mb: int = 1024,
+) -> ExecResult:
     """Judge `candidate` (untrusted source defining `entry_point`) by `tests`.
 
     The harness process runs `setup` (trusted code the tests need, e.g. the problem's prompt),
@@ -533,18 +597,28 @@ def run_tests(candidate: str, entry_point: str, setup: str, tests: str, check: s
     root = Path(tempfile.mkdtemp(prefix="rustchat_exec_"))
     req_r = req_w = resp_r = resp_w = -1
     try:
-        cand = _Sandbox(root, "candidate", {"runner.py": _CANDIDATE_RUNNER, "program.py": candidate},
-                        unprivileged=True)
-        harness = _Sandbox(root, "harness", {"runner.py": _HARNESS_RUNNER, "setup.py": setup, "test.py": tests},
-                           unprivileged=False)  # a uid of its own: the candidate cannot signal or trace it
+        cand = _Sandbox(root, "candidate", {"runner.py": _CANDIDATE_RUNNER, "program.py": candidate}, unprivileged=True)
+        harness = _Sandbox(
+            root, "harness", {"runner.py": _HARNESS_RUNNER, "setup.py": setup, "test.py": tests}, unprivileged=False
+        )  # a uid of its own: the candidate cannot signal or trace it
         req_r, req_w = os.pipe()
         resp_r, resp_w = os.pipe()
         try:
-            cand.start("runner.py", timeout, memory_mb, [entry_point, "0", str(resp_w), cand.path("program.py")],
-                       stdin=req_r, pass_fds=(resp_w,))
-            harness.start("runner.py", timeout, memory_mb,
-                          [entry_point, str(req_w), str(resp_r), harness.path("setup.py"), harness.path("test.py"),
-                           check], pass_fds=(req_w, resp_r))
+            cand.start(
+                "runner.py",
+                timeout,
+                memory_mb,
+                [entry_point, "0", str(resp_w), cand.path("program.py")],
+                stdin=req_r,
+                pass_fds=(resp_w,),
+            )
+            harness.start(
+                "runner.py",
+                timeout,
+                memory_mb,
+                [entry_point, str(req_w), str(resp_r), harness.path("setup.py"), harness.path("test.py"), check],
+                pass_fds=(req_w, resp_r),
+            )
             for fd in (req_r, req_w, resp_r, resp_w):
                 os.close(fd)
             req_r = req_w = resp_r = resp_w = -1

@@ -2,14 +2,21 @@
 
 Steps count from 0; `num_steps` is the number of optimizer steps in the run.
 """
+
 from __future__ import annotations
 
 import math
 
 
-def base_lr_multiplier(step: int, num_steps: int, *, warmup_ratio: float = 0.0,
-                       warmdown_ratio: float = 0.2, final_lr_frac: float = 0.0,
-                       warmup_steps: int | None = None) -> float:
+def base_lr_multiplier(
+    step: int,
+    num_steps: int,
+    *,
+    warmup_ratio: float = 0.0,
+    warmdown_ratio: float = 0.2,
+    final_lr_frac: float = 0.0,
+    warmup_steps: int | None = None,
+) -> float:
     """Base pretraining: optional linear warmup (`warmup_steps`, else `warmup_ratio` of the
     run), flat at 1, then linear warmdown over the last `warmdown_ratio` of the run to
     `final_lr_frac` (reached at step == num_steps)."""

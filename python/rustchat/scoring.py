@@ -1,4 +1,5 @@
 """Scoring without a model: ChatCORE, the categorical (letter) pick, GSM8K-style answer checks."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -18,6 +18,7 @@ rustchat.serve_connections closes idle and slow connections and caps how many ar
 module holds the routes: module-level handlers over one AppState. Any failure inside a request
 is answered as JSON in OpenAI's error shape, never as a plain-text 500.
 """
+
 # no `from __future__ import annotations`: FastAPI reads the handlers' annotations (Request)
 # at runtime
 import asyncio
@@ -40,11 +41,24 @@ from .common import RustchatError
 from .config import DEFAULT_TEMPERATURE, ServeConfig
 from .engine import Engine
 from .serve_bridge import Mailbox, Reply
-from .serve_connections import (KEEP_ALIVE_S, MAX_REQUEST_TIMEOUT_S, connection_cap, protocol_class,
-                                throttle_accept_errors)
+from .serve_connections import (
+    KEEP_ALIVE_S,
+    MAX_REQUEST_TIMEOUT_S,
+    connection_cap,
+    protocol_class,
+    throttle_accept_errors,
+)
 from .serve_guard import LOOPBACK_HOSTS, HostOriginGuard
-from .serve_request import (MAX_BODY_BYTES, MAX_TOKENS_RANGE, TEMPERATURE_RANGE, TOP_K_RANGE, RequestError,
-                            error_body, fit_prompt, parse_request)
+from .serve_request import (
+    MAX_BODY_BYTES,
+    MAX_TOKENS_RANGE,
+    TEMPERATURE_RANGE,
+    TOP_K_RANGE,
+    RequestError,
+    error_body,
+    fit_prompt,
+    parse_request,
+)
 
 WEB_DIR = Path(__file__).parent / "web"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -98,8 +112,9 @@ async def not_found(request: Request, exc):
 
 
 async def bad_method(request: Request, exc):
-    return openai_error(RequestError(405, f"{request.method} is not allowed on {request.url.path[:100]}", None,
-                                     "method_not_allowed"))
+    return openai_error(
+        RequestError(405, f"{request.method} is not allowed on {request.url.path[:100]}", None, "method_not_allowed")
+    )
 
 
 async def internal_error(request: Request, exc: Exception):
@@ -115,8 +130,13 @@ async def index(request: Request):
 async def health(request: Request):
     state = _state(request)
     stats = state.scheduler.stats()
-    return {"status": "ok", "busy": stats["running"] + stats["queued"] > 0, "context": state.context, **stats,
-            **state.info}
+    return {
+        "status": "ok",
+        "busy": stats["running"] + stats["queued"] > 0,
+        "context": state.context,
+        **stats,
+        **state.info,
+    }
 
 
 async def models(request: Request):
@@ -129,14 +149,16 @@ async def read_body(request: Request):
     """The body as JSON, at most MAX_BODY_BYTES read."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise RequestError(413, f"request body too large: {declared[:20]} > {MAX_BODY_BYTES} bytes", None,
-                           "request_too_large")
+        raise RequestError(
+            413, f"request body too large: {declared[:20]} > {MAX_BODY_BYTES} bytes", None, "request_too_large"
+        )
     raw = bytearray()
     async for chunk in request.stream():
         raw += chunk
         if len(raw) > MAX_BODY_BYTES:
-            raise RequestError(413, f"request body too large: more than {MAX_BODY_BYTES} bytes", None,
-                               "request_too_large")
+            raise RequestError(
+                413, f"request body too large: more than {MAX_BODY_BYTES} bytes", None, "request_too_large"
+            )
     try:
         return json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as e:  # bad UTF-8 / JSON, or absurdly deep nesting
@@ -206,29 +228,58 @@ class _Completion:
 
     def usage(self) -> dict:
         r = self.reply
-        return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
-                "total_tokens": r.prompt_tokens + r.completion_tokens}
+        return {
+            "prompt_tokens": r.prompt_tokens,
+            "completion_tokens": r.completion_tokens,
+            "total_tokens": r.prompt_tokens + r.completion_tokens,
+        }
 
     def logprobs(self):
         """The entries not sent yet, as OpenAI's `logprobs` (None when not asked for)."""
         if self.req["logprobs"] is None:
             return None
-        new, self.sent = self.reply.logprobs[self.sent:], len(self.reply.logprobs)
+        new, self.sent = self.reply.logprobs[self.sent :], len(self.reply.logprobs)
         return {"content": new, "refusal": None}
 
     def whole(self, text: str) -> dict:
-        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "logprobs": self.logprobs(), "finish_reason": self.reply.finish_reason}],
-                "usage": self.usage()}
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": self.logprobs(),
+                    "finish_reason": self.reply.finish_reason,
+                }
+            ],
+            "usage": self.usage(),
+        }
 
     def chunk(self, delta: dict, finish=None, logprobs=None) -> bytes:
-        return _sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                     "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
+        return _sse(
+            {
+                "id": self.id,
+                "object": "chat.completion.chunk",
+                "created": self.created,
+                "model": self.model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+            }
+        )
 
     def usage_chunk(self) -> bytes:
-        return _sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                     "choices": [], "usage": self.usage()})
+        return _sse(
+            {
+                "id": self.id,
+                "object": "chat.completion.chunk",
+                "created": self.created,
+                "model": self.model,
+                "choices": [],
+                "usage": self.usage(),
+            }
+        )
 
 
 async def chat_completions(request: Request):
@@ -263,18 +314,37 @@ async def chat_completions(request: Request):
     return event_stream(request, reply, stream())
 
 
-def create_app(engine, *, temperature: float = DEFAULT_TEMPERATURE, top_k: int = 50, max_tokens: int = 512,
-               model_info: dict | None = None, max_batch: int = 32, max_queue: int = 1024,
-               host: str = "127.0.0.1", allow_origins: list[str] | None = None):
+def create_app(
+    engine,
+    *,
+    temperature: float = DEFAULT_TEMPERATURE,
+    top_k: int = 50,
+    max_tokens: int = 512,
+    model_info: dict | None = None,
+    max_batch: int = 32,
+    max_queue: int = 1024,
+    host: str = "127.0.0.1",
+    allow_origins: list[str] | None = None,
+):
     """The ASGI app around one Engine (FastAPI inside the Host/Origin guard). Its scheduler
     thread starts now; `app.state.scheduler` / the app's shutdown closes it."""
     scheduler = BatchScheduler(engine, max_batch=max_batch, max_queue=max_queue)
-    app = FastAPI(title="rustchat", docs_url=None, redoc_url=None, openapi_url=None, on_shutdown=[scheduler.close],
-                  exception_handlers={404: not_found, 405: bad_method, Exception: internal_error})
+    app = FastAPI(
+        title="rustchat",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        on_shutdown=[scheduler.close],
+        exception_handlers={404: not_found, 405: bad_method, Exception: internal_error},
+    )
     app.state.scheduler = scheduler
     app.state.rustchat = AppState(
-        engine, scheduler, {"temperature": temperature, "top_k": top_k, "max_tokens": max_tokens},
-        {"id": "rustchat", "model": "rustchat", **(model_info or {})}, (WEB_DIR / "index.html").read_text("utf-8"))
+        engine,
+        scheduler,
+        {"temperature": temperature, "top_k": top_k, "max_tokens": max_tokens},
+        {"id": "rustchat", "model": "rustchat", **(model_info or {})},
+        (WEB_DIR / "index.html").read_text("utf-8"),
+    )
     app.add_api_route("/", index, methods=["GET"], response_class=HTMLResponse)
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/v1/models", models, methods=["GET"])
@@ -285,8 +355,11 @@ def create_app(engine, *, temperature: float = DEFAULT_TEMPERATURE, top_k: int =
 
 def run_server(cfg: ServeConfig) -> None:
     max_connections = connection_cap(cfg.max_connections)  # before loading: a bad ulimit fails fast
-    for name, v, (lo, hi) in (("--temperature", cfg.temperature, TEMPERATURE_RANGE), ("--top-k", cfg.top_k, TOP_K_RANGE),
-                              ("--max-tokens", cfg.max_tokens, MAX_TOKENS_RANGE)):
+    for name, v, (lo, hi) in (
+        ("--temperature", cfg.temperature, TEMPERATURE_RANGE),
+        ("--top-k", cfg.top_k, TOP_K_RANGE),
+        ("--max-tokens", cfg.max_tokens, MAX_TOKENS_RANGE),
+    ):
         if not lo <= v <= hi:
             raise RustchatError(f"{name} must be in [{lo}, {hi}], got {v}")
     if not cfg.request_timeout <= MAX_REQUEST_TIMEOUT_S:
@@ -300,19 +373,34 @@ def run_server(cfg: ServeConfig) -> None:
     model, tok, meta = load_model(cfg.source, depth=cfg.depth, step=cfg.step, device=cfg.device, base_dir=cfg.base_dir)
     device = model.get_device()
     depth, step = model.config.n_layer, meta.get("step")
-    info = {"id": f"rustchat-{cfg.source}-d{depth}" + (f"-step{step}" if step is not None else ""),
-            "model": f"{cfg.source} d{depth} step {step}", "stage": cfg.source, "depth": depth, "step": step,
-            "device": str(device)}
-    app = create_app(Engine(model, tok), temperature=cfg.temperature, top_k=cfg.top_k, max_tokens=cfg.max_tokens,
-                     model_info=info, max_batch=cfg.max_batch, host=cfg.host, allow_origins=origins)
+    info = {
+        "id": f"rustchat-{cfg.source}-d{depth}" + (f"-step{step}" if step is not None else ""),
+        "model": f"{cfg.source} d{depth} step {step}",
+        "stage": cfg.source,
+        "depth": depth,
+        "step": step,
+        "device": str(device),
+    }
+    app = create_app(
+        Engine(model, tok),
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        max_tokens=cfg.max_tokens,
+        model_info=info,
+        max_batch=cfg.max_batch,
+        host=cfg.host,
+        allow_origins=origins,
+    )
     # the event loop gives up the GIL at every socket write; with the default 5 ms switch
     # interval each write can then wait 5 ms behind the scheduler thread (a convoy that made
     # /health take seconds under 200 streams)
     sys.setswitchinterval(0.0005)
     if cfg.host not in LOOPBACK_HOSTS:
         print(f"warning: listening on {cfg.host}: anyone who can reach it can use the model (no authentication)")
-    print(f"rustchat serve: {info['model']} on {device} -> http://{cfg.host}:{cfg.port}/ "
-          f"(OpenAI API at /v1, model id {info['id']})")
+    print(
+        f"rustchat serve: {info['model']} on {device} -> http://{cfg.host}:{cfg.port}/ "
+        f"(OpenAI API at /v1, model id {info['id']})"
+    )
     throttle_accept_errors()
     protocol = protocol_class(max_connections, headers_s=cfg.request_timeout, body_s=cfg.request_timeout)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info", http=protocol, timeout_keep_alive=KEEP_ALIVE_S)

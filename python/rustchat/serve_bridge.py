@@ -6,6 +6,7 @@ loop sees it: it queues the generation, turns tokens into display text (rustchat
 cuts stop strings, keeps the log-probabilities the request asked for, and cancels the
 generation when its reader leaves.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -64,13 +65,19 @@ class Reply:
     entry per generated token (the stop token excepted) as tokens arrive. Leaving `pieces()`
     early cancels the generation, which frees its batch slot at the next step."""
 
-    def __init__(self, scheduler: BatchScheduler, mailbox: Mailbox, tok, prompt: list[int], req: dict,
-                 max_tokens: int):
+    def __init__(self, scheduler: BatchScheduler, mailbox: Mailbox, tok, prompt: list[int], req: dict, max_tokens: int):
         self.events: asyncio.Queue = asyncio.Queue()
         self.mailbox = mailbox
-        self.gen = GenRequest(prompt, self._post,
-                              max_tokens=max_tokens, temperature=req["temperature"], top_k=req["top_k"],
-                              top_p=req["top_p"], seed=req["seed"], logprobs=req.get("logprobs"))
+        self.gen = GenRequest(
+            prompt,
+            self._post,
+            max_tokens=max_tokens,
+            temperature=req["temperature"],
+            top_k=req["top_k"],
+            top_p=req["top_p"],
+            seed=req["seed"],
+            logprobs=req.get("logprobs"),
+        )
         self.tok, self.stops = tok, StopText(req["stop"])
         self.prompt_tokens = len(prompt)
         self.completion_tokens = 0

@@ -14,6 +14,7 @@ nothing is served, /health included. So:
   LOG_INTERVAL_S with a count instead of once per attempt (`ThrottledLog`).
 A response being streamed has no deadline: a long reply is not an idle client.
 """
+
 from __future__ import annotations
 
 import errno
@@ -42,8 +43,9 @@ def connection_cap(requested: int) -> int:
         return requested
     room = soft - FD_RESERVE
     if room < 8:
-        raise RustchatError(f"the process may open only {soft} files (ulimit -n); the server needs at least "
-                            f"{FD_RESERVE + 8}")
+        raise RustchatError(
+            f"the process may open only {soft} files (ulimit -n); the server needs at least {FD_RESERVE + 8}"
+        )
     return min(requested, room)
 
 

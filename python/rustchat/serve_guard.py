@@ -3,6 +3,7 @@ made by pages allowed to. A `Host` header that does not name this server (DNS re
 foreign name resolving to 127.0.0.1) and an `Origin` of another site get 403, unless
 `--allow-origin` names that origin; allowed origins get CORS headers and preflights.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,7 @@ def host_name(host_header: str) -> str:
     """'127.0.0.1:8000' -> '127.0.0.1', '[::1]:8000' -> '::1'."""
     h = host_header.strip().lower()
     if h.startswith("["):
-        return h[1:h.find("]")] if "]" in h else h
+        return h[1 : h.find("]")] if "]" in h else h
     return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
 
 
@@ -33,8 +34,13 @@ class HostOriginGuard:
 
     async def _refuse(self, send, message: str):
         body = json.dumps(error_body(message, "permission_error", None, "forbidden")).encode()
-        await send({"type": "http.response.start", "status": 403,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 403,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     async def __call__(self, scope, receive, send):
@@ -51,10 +57,18 @@ class HostOriginGuard:
             return await self._refuse(send, f"Origin {origin[:100]!r} is not allowed (see --allow-origin)")
         cors = [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin")]
         if scope["method"] == "OPTIONS":  # a preflight
-            await send({"type": "http.response.start", "status": 204, "headers": cors + [
-                (b"access-control-allow-methods", b"GET, POST, OPTIONS"),
-                (b"access-control-allow-headers", b"authorization, content-type"),
-                (b"access-control-max-age", b"600")]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 204,
+                    "headers": cors
+                    + [
+                        (b"access-control-allow-methods", b"GET, POST, OPTIONS"),
+                        (b"access-control-allow-headers", b"authorization, content-type"),
+                        (b"access-control-max-age", b"600"),
+                    ],
+                }
+            )
             return await send({"type": "http.response.body", "body": b""})
 
         async def send_with_cors(message):

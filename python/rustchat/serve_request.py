@@ -7,6 +7,7 @@ are honoured; NEUTRAL ones are accepted only at the value that asks for nothing 
 that is empty, a `response_format` of text, penalties of 0); anything else, including a field
 this server does not know, is refused rather than silently ignored.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,23 @@ MAX_STOPS, MAX_STOP_CHARS = 4, 100
 MAX_BODY_BYTES = 512 * 1024  # 32,000 chars of JSON-escaped text and 500 envelopes fit easily
 
 # honoured (see parse_request); `model` and `user` are accepted and not used
-ACCEPTED = ("messages", "model", "temperature", "top_k", "top_p", "max_tokens", "max_completion_tokens", "seed", "n",
-            "stop", "stream", "stream_options", "logprobs", "top_logprobs", "user")
+ACCEPTED = (
+    "messages",
+    "model",
+    "temperature",
+    "top_k",
+    "top_p",
+    "max_tokens",
+    "max_completion_tokens",
+    "seed",
+    "n",
+    "stop",
+    "stream",
+    "stream_options",
+    "logprobs",
+    "top_logprobs",
+    "user",
+)
 STREAM_OPTIONS = ("include_usage", "include_obfuscation")  # the second only pads chunks: nothing to do
 # field -> is this value a request for nothing? (then it is accepted; otherwise refused by name)
 NEUTRAL = {
@@ -63,13 +79,16 @@ def _number(body: dict, key: str, default, lo, hi, integer: bool, lo_open: bool 
     if v is None:
         return default
     # (no float() of an int: 10**400 is valid JSON and would overflow)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and isinstance(v, float)
-                                                                     and not v.is_integer()):
-        raise RequestError(400, f"{key} must be {'an integer' if integer else 'a number'}, got {_shown(v)}",
-                           key, "invalid_type")
+    if (
+        isinstance(v, bool)
+        or not isinstance(v, (int, float))
+        or (integer and isinstance(v, float) and not v.is_integer())
+    ):
+        raise RequestError(
+            400, f"{key} must be {'an integer' if integer else 'a number'}, got {_shown(v)}", key, "invalid_type"
+        )
     if not (lo < v if lo_open else lo <= v) or not v <= hi:
-        raise RequestError(400, f"{key} must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}", key,
-                           "invalid_value")
+        raise RequestError(400, f"{key} must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}", key, "invalid_value")
     return int(v) if integer else float(v)
 
 
@@ -87,21 +106,31 @@ def _check_fields(body: dict) -> None:
         if key in ACCEPTED:
             continue
         if key not in NEUTRAL:
-            raise RequestError(400, f"unknown field {key[:60]!r}; this server accepts {', '.join(ACCEPTED)}",
-                               key[:60], "unknown_parameter")
+            raise RequestError(
+                400,
+                f"unknown field {key[:60]!r}; this server accepts {', '.join(ACCEPTED)}",
+                key[:60],
+                "unknown_parameter",
+            )
         if not NEUTRAL[key](v):
-            raise RequestError(400, f"{key} is not supported by this server (got {_shown(v)})", key,
-                               "unsupported_parameter")
+            raise RequestError(
+                400, f"{key} is not supported by this server (got {_shown(v)})", key, "unsupported_parameter"
+            )
 
 
 def _content_text(content, i: int):
     """A message's text: a string, or OpenAI's list of {"type": "text", "text": ...} parts."""
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                         and isinstance(p.get("text"), str) for p in content):
+    if isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+    ):
         return "".join(p["text"] for p in content)
     if not isinstance(content, str):
-        raise RequestError(400, f"message {i} must be an object with a string 'content' (or text parts)",
-                           f"messages.[{i}].content", "invalid_type")
+        raise RequestError(
+            400,
+            f"message {i} must be an object with a string 'content' (or text parts)",
+            f"messages.[{i}].content",
+            "invalid_type",
+        )
     return content
 
 
@@ -109,8 +138,9 @@ def _messages(msgs) -> list[dict]:
     if not isinstance(msgs, list) or not msgs:
         raise RequestError(400, "messages must be a non-empty list", "messages")
     if len(msgs) > MAX_MESSAGES:
-        raise RequestError(413, f"too many messages: {len(msgs)} > {MAX_MESSAGES}", "messages",
-                           "array_above_max_length")
+        raise RequestError(
+            413, f"too many messages: {len(msgs)} > {MAX_MESSAGES}", "messages", "array_above_max_length"
+        )
     total = 0
     clean = []
     for i, m in enumerate(msgs):
@@ -119,32 +149,53 @@ def _messages(msgs) -> list[dict]:
         content = _content_text(m.get("content"), i)
         role = "system" if m.get("role") == "developer" else m.get("role")  # OpenAI's newer name
         if role not in ("system", "user", "assistant") or (role == "system" and i != 0):
-            raise RequestError(400, f"message {i}: role must be user or assistant (system only first), got "
-                                    f"{str(role)[:40]!r}", f"messages.[{i}].role")
+            raise RequestError(
+                400,
+                f"message {i}: role must be user or assistant (system only first), got {str(role)[:40]!r}",
+                f"messages.[{i}].role",
+            )
         n = len(content)
         if n > MAX_MESSAGE_CHARS:
-            raise RequestError(413, f"message {i} is too long: {n} > {MAX_MESSAGE_CHARS} characters",
-                               f"messages.[{i}].content", "string_above_max_length")
+            raise RequestError(
+                413,
+                f"message {i} is too long: {n} > {MAX_MESSAGE_CHARS} characters",
+                f"messages.[{i}].content",
+                "string_above_max_length",
+            )
         total += n
         clean.append({"role": role, "content": content})
     if total > MAX_TOTAL_CHARS:
-        raise RequestError(413, f"the conversation is too long: {total} > {MAX_TOTAL_CHARS} characters", "messages",
-                           "context_length_exceeded")
+        raise RequestError(
+            413,
+            f"the conversation is too long: {total} > {MAX_TOTAL_CHARS} characters",
+            "messages",
+            "context_length_exceeded",
+        )
     expect = "user"
     for i, m in enumerate(clean):
         if m["role"] == "system":
             continue
         if m["role"] != expect:
-            raise RequestError(400, f"message {i}: expected role {expect!r}, got {m['role']!r} (roles alternate "
-                                    "user, assistant, ... and end with user)", f"messages.[{i}].role")
+            raise RequestError(
+                400,
+                f"message {i}: expected role {expect!r}, got {m['role']!r} (roles alternate "
+                "user, assistant, ... and end with user)",
+                f"messages.[{i}].role",
+            )
         expect = "assistant" if expect == "user" else "user"
     if clean[-1]["role"] != "user":
         raise RequestError(400, "the last message must be from the user", "messages")
     return clean
 
 
-def parse_request(body, *, temperature: float = DEFAULT_TEMPERATURE, top_k: int = 50, max_tokens: int = 512,
-                  model_id: str | None = None) -> dict:
+def parse_request(
+    body,
+    *,
+    temperature: float = DEFAULT_TEMPERATURE,
+    top_k: int = 50,
+    max_tokens: int = 512,
+    model_id: str | None = None,
+) -> dict:
     """Check a chat completions body (the page's or OpenAI's) against the limits; defaults fill
     missing settings. Returns {"messages", "temperature", "top_k", "top_p", "max_tokens", "seed",
     "stop", "stream", "include_usage", "logprobs"} (logprobs: None, or how many alternatives to
@@ -153,8 +204,12 @@ def parse_request(body, *, temperature: float = DEFAULT_TEMPERATURE, top_k: int 
     if not isinstance(body, dict):
         raise RequestError(400, "the body must be a JSON object")
     if model_id is not None and body.get("model") not in (None, model_id):
-        raise RequestError(404, f"The model {_shown(body['model'])} does not exist; this server has "
-                                f"{model_id!r} (GET /v1/models)", "model", "model_not_found")
+        raise RequestError(
+            404,
+            f"The model {_shown(body['model'])} does not exist; this server has {model_id!r} (GET /v1/models)",
+            "model",
+            "model_not_found",
+        )
     _check_fields(body)
     clean = _messages(body.get("messages"))
     seed = body.get("seed")
@@ -165,15 +220,23 @@ def parse_request(body, *, temperature: float = DEFAULT_TEMPERATURE, top_k: int 
         raise RequestError(400, f"only n=1 is supported, got {_shown(n)}", "n", "invalid_value")
     stop = body.get("stop")
     stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
-    if (not isinstance(stops, list) or len(stops) > MAX_STOPS
-            or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops)):
-        raise RequestError(400, f"stop must be a string or a list of at most {MAX_STOPS} non-empty strings of at "
-                                f"most {MAX_STOP_CHARS} characters", "stop")
+    if (
+        not isinstance(stops, list)
+        or len(stops) > MAX_STOPS
+        or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops)
+    ):
+        raise RequestError(
+            400,
+            f"stop must be a string or a list of at most {MAX_STOPS} non-empty strings of at "
+            f"most {MAX_STOP_CHARS} characters",
+            "stop",
+        )
     stream = _flag(body, "stream")
     options = body.get("stream_options")
     if options is not None and (not isinstance(options, dict) or set(options) - set(STREAM_OPTIONS)):
-        raise RequestError(400, f"stream_options must be an object with at most {', '.join(STREAM_OPTIONS)}",
-                           "stream_options")
+        raise RequestError(
+            400, f"stream_options must be an object with at most {', '.join(STREAM_OPTIONS)}", "stream_options"
+        )
     include_usage = _flag(options or {}, "include_usage")
     logprobs = _flag(body, "logprobs")
     top_logprobs = _number(body, "top_logprobs", None, *TOP_LOGPROBS_RANGE, integer=True)
@@ -209,16 +272,21 @@ def fit_prompt(tok, messages: list[dict], context: int, max_tokens: int = 1) -> 
         try:
             prompt = render_for_completion(tok, {"messages": msgs + [{"role": "assistant", "content": ""}]})
         except ValueError as e:
-            raise RequestError(400, f"the model's tokenizer cannot encode this text: {str(e)[:200]}", "messages",
-                               "invalid_value") from None
+            raise RequestError(
+                400, f"the model's tokenizer cannot encode this text: {str(e)[:200]}", "messages", "invalid_value"
+            ) from None
         if len(prompt) + room <= context:
             return [int(t) for t in prompt]
         if len(msgs) - head <= 1:
             if len(prompt) < context:
                 return [int(t) for t in prompt]  # a shorter reply, but an answer
-            raise RequestError(413, f"the message is {len(prompt)} tokens; the model's context is {context}",
-                               "messages", "context_length_exceeded")
-        del msgs[head:head + 2]
+            raise RequestError(
+                413,
+                f"the message is {len(prompt)} tokens; the model's context is {context}",
+                "messages",
+                "context_length_exceeded",
+            )
+        del msgs[head : head + 2]
 
 
 def error_body(message: str, kind: str, param: str | None, code: str | None) -> dict:

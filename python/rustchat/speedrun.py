@@ -9,6 +9,7 @@ data, so it is the embedded default job.
 --preset d10 / d20: nanochat's recipes on FineWeb-Edu and the hub task datasets, with CORE during
 and after base training.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,9 +31,18 @@ from .tokenizer import SPECIAL_TOKENS, Tokenizer
 # the GPU presets then score the whole suite on the final base model (base_eval "core")
 CORE_DURING_BASE = {"core_every": 2000, "core_max_per_task": 500}
 
-TINY_RL = {"tasks": "arithmetic,spellingbee", "examples_per_step": 8, "num_samples": 8, "device_batch_size": 16,
-           "max_new_tokens": 160, "max_steps": 30, "eval_every": 30, "eval_examples": 64, "save_every": None,
-           "init_lr_frac": 0.1}
+TINY_RL = {
+    "tasks": "arithmetic,spellingbee",
+    "examples_per_step": 8,
+    "num_samples": 8,
+    "device_batch_size": 16,
+    "max_new_tokens": 160,
+    "max_steps": 30,
+    "eval_every": 30,
+    "eval_examples": 64,
+    "save_every": None,
+    "init_lr_frac": 0.1,
+}
 
 PRESETS = {
     # stage -> overrides of the stage defaults
@@ -47,16 +57,37 @@ PRESETS = {
         # the architecture is a choice here (docs/benchmarks.md says which meets the targets); the
         # classic rules (fixed lrs, no warmup) were measured with it: the 2026 rules would scale
         # this 4k-token batch's lrs by sqrt(4096/2^19) = 0.09
-        "base": {"device_batch_size": 8, "total_batch_size": 8 * 512, "max_steps": 20, "eval_every": 10,
-                 "head_dim": 32, "arch": "classic", "rules": "classic", "bpb_tokens": 1 << 16},
+        "base": {
+            "device_batch_size": 8,
+            "total_batch_size": 8 * 512,
+            "max_steps": 20,
+            "eval_every": 10,
+            "head_dim": 32,
+            "arch": "classic",
+            "rules": "classic",
+            "bpb_tokens": 1 << 16,
+        },
         # mid-training is where the tasks are learned: most of the budget goes here, in many
         # small steps (the copying skills appear after several hundred)
-        "mid": {"device_batch_size": 4, "total_batch_size": 4 * 512, "max_steps": 1100, "eval_every": 275,
-                "tasks": "tiny"},
+        "mid": {
+            "device_batch_size": 4,
+            "total_batch_size": 4 * 512,
+            "max_steps": 1100,
+            "eval_every": 275,
+            "tasks": "tiny",
+        },
         # SFT starts at a quarter of the base learning rates (nanochat's 2% barely moves a model
         # this small); packed rows, so no step is spent on padding
-        "sft": {"device_batch_size": 8, "total_batch_conversations": 16, "max_steps": 230, "eval_every": 115,
-                "tasks": "tiny", "init_lr_frac": 0.25, "pack": True, "from_stage": "mid"},
+        "sft": {
+            "device_batch_size": 8,
+            "total_batch_conversations": 16,
+            "max_steps": 230,
+            "eval_every": 115,
+            "tasks": "tiny",
+            "init_lr_frac": 0.25,
+            "pack": True,
+            "from_stage": "mid",
+        },
         # RL on the SFT model's own replies: 8 samples per arithmetic or spelling question,
         # the calculator active; a higher learning rate than nanochat's 5%, as for SFT
         "rl": TINY_RL,
@@ -110,8 +141,14 @@ def stage_configs(cfg: SpeedrunConfig, base: Path) -> dict:
     so both stages are scored on the same problems with `rustchat eval`'s own defaults."""
     preset = PRESETS[cfg.preset]
     depth = preset["common"]["depth"]
-    common = {"device": cfg.device, "base_dir": str(base), "quiet": cfg.quiet, "seed": cfg.seed, "force": cfg.force,
-              **preset["common"]}
+    common = {
+        "device": cfg.device,
+        "base_dir": str(base),
+        "quiet": cfg.quiet,
+        "seed": cfg.seed,
+        "force": cfg.force,
+        **preset["common"],
+    }
     base_kw = dict(preset["base"])
     if cfg.preset == "tiny":
         base_kw["data_dir"] = str(base / "tiny_data")
@@ -120,7 +157,9 @@ def stage_configs(cfg: SpeedrunConfig, base: Path) -> dict:
     configs = {
         "base": base_cfg,
         # bits per byte on the very tokens training's own evaluation scored: one number
-        "base-eval": EvalConfig(source="base", **eval_kw, bpb_tokens=base_cfg.bpb_tokens, **preset.get("base_eval", {})),
+        "base-eval": EvalConfig(
+            source="base", **eval_kw, bpb_tokens=base_cfg.bpb_tokens, **preset.get("base_eval", {})
+        ),
         "mid": MidConfig(**common, **preset["mid"]),
         "mid-eval": EvalConfig(source="mid", **eval_kw, **preset["eval"]),
         "sft": SFTConfig(**common, **preset["sft"]),
@@ -143,11 +182,15 @@ def _mean_ends(history: list[dict], key: str = "loss") -> tuple[float, float, in
 
 def summary_table(rows: list[dict], tasks: list[str]) -> str:
     """The closing table: one row per stage with its loss, validation metric, task scores and time."""
-    lines = ["| Stage | Loss first -> last | Val metric | " + " | ".join(tasks) + " | Time |",
-             "| --- | --- | --- | " + " | ".join("---:" for _ in tasks) + " | ---: |"]
+    lines = [
+        "| Stage | Loss first -> last | Val metric | " + " | ".join(tasks) + " | Time |",
+        "| --- | --- | --- | " + " | ".join("---:" for _ in tasks) + " | ---: |",
+    ]
     for r in rows:
         scores = [f"{100 * r['tasks'][t]:.1f}%" if t in r.get("tasks", {}) else "-" for t in tasks]
-        lines.append(f"| {r['stage']} | {r['loss']} | {r['val']} | " + " | ".join(scores) + f" | {r['seconds']:.0f} s |")
+        lines.append(
+            f"| {r['stage']} | {r['loss']} | {r['val']} | " + " | ".join(scores) + f" | {r['seconds']:.0f} s |"
+        )
     return "\n".join(lines)
 
 
@@ -175,8 +218,10 @@ def _check_no_earlier_run(configs: dict, force: bool) -> None:
         d = stage_dir(stage, c.depth, c.base_dir)
         step = find_last_step(d)
         if step is not None and not force:
-            raise RustchatError(f"{d} holds an earlier run (up to step {step}): run the speedrun with --force "
-                                "to archive it and start again, or use another --base-dir")
+            raise RustchatError(
+                f"{d} holds an earlier run (up to step {step}): run the speedrun with --force "
+                "to archive it and start again, or use another --base-dir"
+            )
 
 
 def run_speedrun(cfg: SpeedrunConfig) -> dict:
@@ -197,27 +242,41 @@ def run_speedrun(cfg: SpeedrunConfig) -> dict:
         res = train(configs[stage])
         key = "reward" if stage == "rl" else "loss"
         first, last, k = _mean_ends(res["history"], key)
-        print0(f"{stage}: mean {key} of first/last {k} steps {first:.3f} -> {last:.3f} over {len(res['history'])} "
-               f"steps ({res['seconds']:.0f} s)")
+        print0(
+            f"{stage}: mean {key} of first/last {k} steps {first:.3f} -> {last:.3f} over {len(res['history'])} "
+            f"steps ({res['seconds']:.0f} s)"
+        )
         # bits per byte for base, the task table for mid, SFT and RL
         scores = evaluate_stage(configs, stage)
-        row = {"stage": stage, "loss": f"{first:.3f} -> {last:.3f}", "seconds": time.time() - t0,
-               "val": _val_text(res.get("start_eval"), res.get("last_eval"))}
+        row = {
+            "stage": stage,
+            "loss": f"{first:.3f} -> {last:.3f}",
+            "seconds": time.time() - t0,
+            "val": _val_text(res.get("start_eval"), res.get("last_eval")),
+        }
         if stage == "rl":  # the policy-gradient loss says little: the reward and pass@k do
             row["loss"] = f"reward {first:.3f} -> {last:.3f}"
             ev = res.get("last_eval") or {}
             row["val"] = ", ".join(f"{k} {v:.3f}" for k, v in ev.items() if k.startswith("pass@")) or "-"
         if stage == "base":
-            row["val"] = ", ".join([f"val bpb {scores['val_bpb']:.4f}"] * ("val_bpb" in scores)
-                                   + [f"CORE {scores['CORE']:.4f}"] * ("CORE" in scores))
+            row["val"] = ", ".join(
+                [f"val bpb {scores['val_bpb']:.4f}"] * ("val_bpb" in scores)
+                + [f"CORE {scores['CORE']:.4f}"] * ("CORE" in scores)
+            )
         else:
             row["tasks"] = {t: v for t, v in scores.items() if t != "ChatCORE"}
             tasks += [t for t in row["tasks"] if t not in tasks]
         rows.append(row)
     total = time.time() - t_all
     table = summary_table(rows, tasks)
-    write_section("speedrun", {"preset": cfg.preset, "seed": cfg.seed, "path": pipeline_path(configs),
-                               "total time": f"{total:.0f} s"}, base_dir=base, table=table)
-    print0(f"\nspeedrun {cfg.preset} (seed {cfg.seed}) done in {total:.0f} s; {pipeline_path(configs)}; "
-           f"report: {base / 'report.md'}\n{table}")
+    write_section(
+        "speedrun",
+        {"preset": cfg.preset, "seed": cfg.seed, "path": pipeline_path(configs), "total time": f"{total:.0f} s"},
+        base_dir=base,
+        table=table,
+    )
+    print0(
+        f"\nspeedrun {cfg.preset} (seed {cfg.seed}) done in {total:.0f} s; {pipeline_path(configs)}; "
+        f"report: {base / 'report.md'}\n{table}"
+    )
     return {"rows": rows, "seconds": total, "table": table}

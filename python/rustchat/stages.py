@@ -6,6 +6,7 @@ Each stage reads the previous stage's latest checkpoint (base starts from scratc
 with --resume, and writes step-numbered checkpoints under
 <base dir>/<stage>_checkpoints/d<depth>/ plus its section of <base dir>/report.md.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,8 +51,14 @@ from .optim import optimizer_state_bytes, saved_recipe
 from .rl import RolloutSteps, Sampler, pass_at_k_evaluator, rl_train_step
 from .rules import DEFAULTS, REFERENCE_DEPTH, Plan, plan_2026, plan_classic, scaling_params
 from .runtime import autocast_ctx, barrier, compute_dtype, get_rank, get_world_size, init_distributed
-from .schedules import (base_lr_multiplier, mid_lr_multiplier, muon_momentum, muon_momentum_2026, muon_weight_decay,
-                        sft_lr_multiplier)
+from .schedules import (
+    base_lr_multiplier,
+    mid_lr_multiplier,
+    muon_momentum,
+    muon_momentum_2026,
+    muon_weight_decay,
+    sft_lr_multiplier,
+)
 from .tasks import CustomJSON, Task, TaskMixture, get_task, task_from
 from .tokenizer import load_tokenizer
 from .trainer import all_reduce_sum, data_state_for_rank, run_stage
@@ -62,45 +69,75 @@ from .trainer import all_reduce_sum, data_state_for_rank, run_stage
 MIXTURES = {
     "default": {
         "mid": {
-            "train": [("smoltalk", {"split": "train"}), ("mmlu", {"subset": "auxiliary_train", "split": "train"}),
-                      ("gsm8k", {"split": "train"}), ("identity", {}), ("identity", {}),
-                      ("simplespelling", {"size": 200_000, "split": "train"}), ("spellingbee", {"size": 80_000, "split": "train"})],
-            "val": [("smoltalk", {"split": "test"}), ("mmlu", {"subset": "all", "split": "test", "stop": 5200}),
-                    ("gsm8k", {"split": "test", "stop": 420})],
+            "train": [
+                ("smoltalk", {"split": "train"}),
+                ("mmlu", {"subset": "auxiliary_train", "split": "train"}),
+                ("gsm8k", {"split": "train"}),
+                ("identity", {}),
+                ("identity", {}),
+                ("simplespelling", {"size": 200_000, "split": "train"}),
+                ("spellingbee", {"size": 80_000, "split": "train"}),
+            ],
+            "val": [
+                ("smoltalk", {"split": "test"}),
+                ("mmlu", {"subset": "all", "split": "test", "stop": 5200}),
+                ("gsm8k", {"split": "test", "stop": 420}),
+            ],
         },
         "sft": {
-            "train": [("arc", {"subset": "ARC-Easy", "split": "train"}), ("arc", {"subset": "ARC-Challenge", "split": "train"}),
-                      ("gsm8k", {"split": "train"}), ("smoltalk", {"split": "train", "stop": 10_000}), ("identity", {}),
-                      ("simplespelling", {"size": 300, "split": "train"}), ("spellingbee", {"size": 300, "split": "train"})],
+            "train": [
+                ("arc", {"subset": "ARC-Easy", "split": "train"}),
+                ("arc", {"subset": "ARC-Challenge", "split": "train"}),
+                ("gsm8k", {"split": "train"}),
+                ("smoltalk", {"split": "train", "stop": 10_000}),
+                ("identity", {}),
+                ("simplespelling", {"size": 300, "split": "train"}),
+                ("spellingbee", {"size": 300, "split": "train"}),
+            ],
             "val": [("smoltalk", {"split": "test"})],
         },
         # SFT straight from base (nanochat's 2026 recipe): mid-training's conversations folded in,
         # MMLU 3 epochs (multiple choice), GSM8K 4 epochs (math and tool use); validation as mid's
         "sft-from-base": {
-            "train": [("smoltalk", {"split": "train"}),
-                      *[("mmlu", {"subset": "auxiliary_train", "split": "train"})] * 3,
-                      *[("gsm8k", {"split": "train"})] * 4],
-            "val": [("smoltalk", {"split": "test"}), ("mmlu", {"subset": "all", "split": "test", "stop": 5200}),
-                    ("gsm8k", {"split": "test", "stop": 420})],
+            "train": [
+                ("smoltalk", {"split": "train"}),
+                *[("mmlu", {"subset": "auxiliary_train", "split": "train"})] * 3,
+                *[("gsm8k", {"split": "train"})] * 4,
+            ],
+            "val": [
+                ("smoltalk", {"split": "test"}),
+                ("mmlu", {"subset": "all", "split": "test", "stop": 5200}),
+                ("gsm8k", {"split": "test", "stop": 420}),
+            ],
         },
     },
     "tiny": {
         # identity is sliced: its 1,000 conversations would crowd out the measured tasks
         "mid": {
-            "train": [("arithmetic", {"size": 3000, "split": "train"}), ("identity", {"stop": 200}),
-                      ("simplespelling", {"size": 1000, "split": "train"}), ("spellingbee", {"size": 2000, "split": "train"})],
+            "train": [
+                ("arithmetic", {"size": 3000, "split": "train"}),
+                ("identity", {"stop": 200}),
+                ("simplespelling", {"size": 1000, "split": "train"}),
+                ("spellingbee", {"size": 2000, "split": "train"}),
+            ],
             "val": [("arithmetic", {"size": 100, "split": "test"}), ("spellingbee", {"size": 100, "split": "test"})],
         },
         "sft": {
-            "train": [("arithmetic", {"size": 800, "split": "train"}), ("identity", {"stop": 150}),
-                      ("simplespelling", {"size": 300, "split": "train"}), ("spellingbee", {"size": 1200, "split": "train"})],
+            "train": [
+                ("arithmetic", {"size": 800, "split": "train"}),
+                ("identity", {"stop": 150}),
+                ("simplespelling", {"size": 300, "split": "train"}),
+                ("spellingbee", {"size": 1200, "split": "train"}),
+            ],
             "val": [("arithmetic", {"size": 64, "split": "test"}), ("spellingbee", {"size": 64, "split": "test"})],
         },
     },
 }
 # the offline recipe from base: the tiny mid and SFT training sets together, SFT's validation
-MIXTURES["tiny"]["sft-from-base"] = {"train": MIXTURES["tiny"]["mid"]["train"] + MIXTURES["tiny"]["sft"]["train"],
-                                     "val": MIXTURES["tiny"]["sft"]["val"]}
+MIXTURES["tiny"]["sft-from-base"] = {
+    "train": MIXTURES["tiny"]["mid"]["train"] + MIXTURES["tiny"]["sft"]["train"],
+    "val": MIXTURES["tiny"]["sft"]["val"],
+}
 SFT_FROM_BASE = dict(init_lr_frac=0.8, warmdown_ratio=0.5)  # nanochat's 2026 SFT schedule
 SFT_FROM_MID = dict(init_lr_frac=0.02, warmdown_ratio=1.0)
 SFT_LR_KEYS = ("matrix_lr", "embedding_lr", "unembedding_lr")  # SFT's lr flags, inherited from base
@@ -111,8 +148,9 @@ def build_mixture(stage: str, preset: str, split: str, task_dir: str | None = No
     them (`tasks.task_from`)."""
     if preset not in MIXTURES:
         raise RustchatError(f"unknown task preset {preset!r}; known: {', '.join(MIXTURES)}")
-    return TaskMixture([task_from(name, kwargs, task_dir) for name, kwargs in MIXTURES[preset][stage][split]],
-                       seed=seed)
+    return TaskMixture(
+        [task_from(name, kwargs, task_dir) for name, kwargs in MIXTURES[preset][stage][split]], seed=seed
+    )
 
 
 # ----------------------------------------------------------------------------- the run
@@ -225,8 +263,9 @@ def _conversation_start(cfg: MidConfig | SFTConfig) -> ConversationStart:
     s = _start(cfg)
     train = build_mixture(_mixture(cfg), cfg.tasks, "train", cfg.task_dir, cfg.seed)
     val = build_mixture(_mixture(cfg), cfg.tasks, "val", cfg.task_dir, cfg.seed)
-    return ConversationStart(**vars(s), train=train, val=val,
-                             evaluate=_conv_loss_evaluator(s.tok, val, cfg, s.info.rank, s.info.world_size))
+    return ConversationStart(
+        **vars(s), train=train, val=val, evaluate=_conv_loss_evaluator(s.tok, val, cfg, s.info.rank, s.info.world_size)
+    )
 
 
 def _ckpt_dir(stage: str, cfg: TrainConfig) -> Path:
@@ -242,30 +281,41 @@ def _load_start(cfg: TrainConfig, device, tok):
     if cfg.resume:
         if find_last_step(own) is None:
             raise RustchatError(f"--resume: no {cfg.stage} checkpoint in {own}; run without --resume to start")
-        model, optim_states, meta = load_stage_model(cfg.stage, cfg.depth, device=device, base_dir=cfg.base_dir,
-                                               load_optimizer=True)
+        model, optim_states, meta = load_stage_model(
+            cfg.stage, cfg.depth, device=device, base_dir=cfg.base_dir, load_optimizer=True
+        )
         restore_rng_state(meta.get("rng", {}))
         return model, optim_states, meta, int(meta["step"]), None
     if getattr(cfg, "from_path", None):  # RL's --from PATH: any checkpoint directory
         state, _, meta = load_checkpoint(cfg.from_path, device=device, load_optimizer=False)
         model = build_model_from_meta(meta, device, state)
         if model.config.vocab_size != tok.vocab_size:
-            raise RustchatError(f"--from {cfg.from_path}: the checkpoint has vocab {model.config.vocab_size} but the "
-                                f"tokenizer has {tok.vocab_size}")
+            raise RustchatError(
+                f"--from {cfg.from_path}: the checkpoint has vocab {model.config.vocab_size} but the "
+                f"tokenizer has {tok.vocab_size}"
+            )
         if model.config.n_layer != cfg.depth:
-            raise RustchatError(f"--from {cfg.from_path}: the checkpoint has depth {model.config.n_layer}, not "
-                                f"--depth {cfg.depth}")
+            raise RustchatError(
+                f"--from {cfg.from_path}: the checkpoint has depth {model.config.n_layer}, not --depth {cfg.depth}"
+            )
         return model, None, None, 0, meta
     prev = getattr(cfg, "from_stage", None) or previous_stage(cfg.stage)
     if prev is None:
-        mcfg = GPTConfig.from_depth(cfg.depth, vocab_size=tok.vocab_size, sequence_len=cfg.seq_len,
-                                    aspect_ratio=cfg.aspect_ratio, head_dim=cfg.head_dim, arch=cfg.arch)
+        mcfg = GPTConfig.from_depth(
+            cfg.depth,
+            vocab_size=tok.vocab_size,
+            sequence_len=cfg.seq_len,
+            aspect_ratio=cfg.aspect_ratio,
+            head_dim=cfg.head_dim,
+            arch=cfg.arch,
+        )
         return GPT(mcfg).to(device), None, None, 0, None
     model, _, meta = load_stage_model(prev, cfg.depth, device=device, base_dir=cfg.base_dir, load_optimizer=False)
     if model.config.vocab_size != tok.vocab_size:
         raise RustchatError(
             f"the {prev} checkpoint has vocab {model.config.vocab_size} but the tokenizer has {tok.vocab_size}: "
-            "use the tokenizer the model was trained with")
+            "use the tokenizer the model was trained with"
+        )
     return model, None, None, 0, meta
 
 
@@ -288,8 +338,12 @@ def _optimizers(model, cfg: TrainConfig, optim_states, plan: Plan | None = None)
         lrs = dict(matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr)
         weight_decay = 0.0
     else:
-        lrs = dict(matrix_lr=plan.matrix_lr, embedding_lr=plan.embedding_lr, unembedding_lr=plan.unembedding_lr,
-                   scalar_lr=plan.scalar_lr)
+        lrs = dict(
+            matrix_lr=plan.matrix_lr,
+            embedding_lr=plan.embedding_lr,
+            unembedding_lr=plan.unembedding_lr,
+            scalar_lr=plan.scalar_lr,
+        )
         # The 2026 rules' decay is the matrices' (Muon's, cautious), set each step by its
         # schedule; the classic optimizer's Muon has none, and the classic rules' decay is
         # AdamW's, as in January. A 2026 decay never lands on AdamW.
@@ -299,8 +353,10 @@ def _optimizers(model, cfg: TrainConfig, optim_states, plan: Plan | None = None)
         load_optimizer_states(opts, optim_states)
     world = get_world_size()
     mine, whole = optimizer_state_bytes(opts, world, get_rank()), optimizer_state_bytes(opts, 1, 0)
-    print0(f"== optimizer: MuonAdamW, {recipe} recipe | state {mine / 2**20:.2f} MiB on rank 0 of {world} "
-           f"({whole / 2**20:.2f} MiB unsharded; ZeRO-2: gradients reduce-scattered, parameters all-gathered)")
+    print0(
+        f"== optimizer: MuonAdamW, {recipe} recipe | state {mine / 2**20:.2f} MiB on rank 0 of {world} "
+        f"({whole / 2**20:.2f} MiB unsharded; ZeRO-2: gradients reduce-scattered, parameters all-gathered)"
+    )
     return opts
 
 
@@ -323,17 +379,23 @@ def _banner(cfg: TrainConfig, model, device, tok, tokens_per_step: str, num_step
         f"{model.num_params() / 1e6:.2f}M params | device {device} "
         f"({compute_dtype(device)}) | kernels: {kernels} | vocab {tok.vocab_size} | "
         f"{f'seq {cfg.seq_len} | ' if hasattr(cfg, 'seq_len') else ''}"
-        f"{tokens_per_step} per step | {num_steps} steps{extra}")
+        f"{tokens_per_step} per step | {num_steps} steps{extra}"
+    )
 
 
 def _grad_accum(cfg: StageConfig, world: int, plan: Plan | None = None) -> int:
     total = cfg.total_batch_size if plan is None else plan.total_batch_size
     per = cfg.device_batch_size * cfg.seq_len * world
     if total % per:
-        what = (f"the batch the {plan.rules} rules derive ({total:,} tokens)" if plan is not None and plan.batch_auto
-                else f"--total-batch-size {total}")
-        raise RustchatError(f"{what} is not a multiple of device batch x seq len x ranks = {per}"
-                            + ("; set --total-batch-size or a smaller --device-batch-size" if "derive" in what else ""))
+        what = (
+            f"the batch the {plan.rules} rules derive ({total:,} tokens)"
+            if plan is not None and plan.batch_auto
+            else f"--total-batch-size {total}"
+        )
+        raise RustchatError(
+            f"{what} is not a multiple of device batch x seq len x ranks = {per}"
+            + ("; set --total-batch-size or a smaller --device-batch-size" if "derive" in what else "")
+        )
     return total // per
 
 
@@ -344,20 +406,37 @@ def scaling_param_counts(model) -> int:
 
 def base_plan(cfg: BaseConfig, model) -> Plan:
     """What the rules derive for this base run from the model's size and the flags given."""
-    given = dict(matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr,
-                 scalar_lr=cfg.scalar_lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
-                 warmdown_ratio=cfg.warmdown_ratio, final_lr_frac=cfg.final_lr_frac)
-    common = dict(tokens_per_param=cfg.target_param_data_ratio, total_batch_size=cfg.total_batch_size,
-                  num_steps=cfg.max_steps, **given)
+    given = dict(
+        matrix_lr=cfg.matrix_lr,
+        embedding_lr=cfg.embedding_lr,
+        unembedding_lr=cfg.unembedding_lr,
+        scalar_lr=cfg.scalar_lr,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_steps,
+        warmdown_ratio=cfg.warmdown_ratio,
+        final_lr_frac=cfg.final_lr_frac,
+    )
+    common = dict(
+        tokens_per_param=cfg.target_param_data_ratio,
+        total_batch_size=cfg.total_batch_size,
+        num_steps=cfg.max_steps,
+        **given,
+    )
     if cfg.rules == "classic":
         return plan_classic(model.num_params(), **common)
     # the d12 sibling the 2026 hyperparameters were tuned on: same width rule, vocab, context and
     # features; built on the meta device (shapes only, no memory)
     c = model.config
     ref_cfg = dataclasses.replace(
-        GPTConfig.from_depth(REFERENCE_DEPTH, vocab_size=c.vocab_size, sequence_len=c.sequence_len,
-                             aspect_ratio=cfg.aspect_ratio, head_dim=cfg.head_dim),
-        **{k: getattr(c, k) for k in ARCHS["classic"]})  # the model's architecture features
+        GPTConfig.from_depth(
+            REFERENCE_DEPTH,
+            vocab_size=c.vocab_size,
+            sequence_len=c.sequence_len,
+            aspect_ratio=cfg.aspect_ratio,
+            head_dim=cfg.head_dim,
+        ),
+        **{k: getattr(c, k) for k in ARCHS["classic"]},
+    )  # the model's architecture features
     with torch.device("meta"):
         ref = GPT(ref_cfg)
     return plan_2026(scaling_param_counts(model), scaling_param_counts(ref), **common)
@@ -366,7 +445,6 @@ def base_plan(cfg: BaseConfig, model) -> Plan:
 # ----------------------------------------------------------------------------- evaluation
 def _conv_loss_evaluator(tok, conversations, cfg: StageConfig, rank: int, world: int):
     """Validation loss per trained token on held-out conversations (mask applied)."""
-
 
     pad = tok.encode_special("<|assistant_end|>")
     n = min(len(conversations), cfg.eval_batches * cfg.device_batch_size * world)
@@ -377,8 +455,9 @@ def _conv_loss_evaluator(tok, conversations, cfg: StageConfig, rank: int, world:
         total, count = 0.0, 0
         rows = render_batch(tok, [conversations[i] for i in idx], max_tokens=cfg.seq_len + 1)
         for s in range(0, len(rows), cfg.device_batch_size):
-            x, y = collate_sft([rows[j] for j in range(s, min(s + cfg.device_batch_size, len(rows)))], pad,
-                               max_len=cfg.seq_len + 1)
+            x, y = collate_sft(
+                [rows[j] for j in range(s, min(s + cfg.device_batch_size, len(rows)))], pad, max_len=cfg.seq_len + 1
+            )
             x, y = torch.tensor(x, device=dev).long(), torch.tensor(y, device=dev).long()
 
             with autocast_ctx(dev):
@@ -395,8 +474,9 @@ def _core_evaluator(cfg: BaseConfig, tok):
     tasks = resolve_bundle(cfg.bundle, cfg.base_dir or get_base_dir(), quiet=cfg.quiet)
 
     def evaluate(model):
-        res = evaluate_core(model, tok, tasks, max_per_task=cfg.core_max_per_task,
-                            token_budget=cfg.device_batch_size * cfg.seq_len)
+        res = evaluate_core(
+            model, tok, tasks, max_per_task=cfg.core_max_per_task, token_budget=cfg.device_batch_size * cfg.seq_len
+        )
         return {"core_metric": res.core, **{f"centered/{t.label}": t.centered for t in res.tasks}}
 
     return evaluate
@@ -420,7 +500,9 @@ def train_base(cfg: BaseConfig) -> dict:
     if cfg.data_dir:
         files = DocumentSource.from_paths([cfg.data_dir]).files
         if len(files) < 2:
-            raise RustchatError(f"--data-dir {cfg.data_dir} needs at least 2 files: the last one is used for validation")
+            raise RustchatError(
+                f"--data-dir {cfg.data_dir} needs at least 2 files: the last one is used for validation"
+            )
         train_files, val_files = files[:-1], files[-1:]
     else:
         train_files, val_files = None, None
@@ -439,27 +521,61 @@ def train_base(cfg: BaseConfig) -> dict:
     # validation stays on the plain stream (every token scored, nothing cropped): one bpb for
     # training, `rustchat eval -i base` and the speedrun
     loader_cls = BestFitLoader if plan.packing == PACKING else PretrainLoader
-    loader = loader_cls(s.tok, train_src, cfg.device_batch_size, cfg.seq_len, device=s.device, rank=s.info.rank,
-                        world_size=s.info.world_size, state=s.data_state(loader_cls.reshard))
+    loader = loader_cls(
+        s.tok,
+        train_src,
+        cfg.device_batch_size,
+        cfg.seq_len,
+        device=s.device,
+        rank=s.info.rank,
+        world_size=s.info.world_size,
+        state=s.data_state(loader_cls.reshard),
+    )
     data = StreamSteps(loader, accum)
     val = val_token_stream(s.tok, val_files, cfg.bpb_tokens)  # the tokens `eval -i base` scores
     evaluate = lambda model: {"val_bpb": bits_per_byte(model, s.tok, val)[0]}  # noqa: E731
 
     core = (cfg.core_every, _core_evaluator(cfg, s.tok)) if cfg.core_every else None  # the bundle fails fast
-    _banner(cfg, s.model, s.device, s.tok, f"{plan.total_batch_size:,} tokens (grad accum {accum})", num_steps,
-            f"\n   {plan.describe()}")
+    _banner(
+        cfg,
+        s.model,
+        s.device,
+        s.tok,
+        f"{plan.total_batch_size:,} tokens (grad accum {accum})",
+        num_steps,
+        f"\n   {plan.describe()}",
+    )
     if plan.rules == "2026":
         momentum = lambda step: muon_momentum_2026(step, num_steps, warmdown_ratio=plan.warmdown_ratio)  # noqa: E731
         weight_decay = lambda step: muon_weight_decay(step, num_steps, plan.weight_decay)  # noqa: E731
     else:
         momentum, weight_decay = muon_momentum, None
-    lr_multiplier = lambda step: base_lr_multiplier(step, num_steps, warmup_steps=plan.warmup_steps,  # noqa: E731
-                                                    warmdown_ratio=plan.warmdown_ratio,
-                                                    final_lr_frac=plan.final_lr_frac)
-    result = run_stage(cfg, tok=s.tok, model=s.model, optimizers=s.optimizers, data=data,
-                       num_steps=num_steps, lr_multiplier=lr_multiplier,
-                       start_step=s.start_step, evaluate=evaluate, ckpt_dir=_ckpt_dir("base", cfg),
-                       momentum_fn=momentum, weight_decay_fn=weight_decay, resumed_meta=s.meta, core_eval=core)
+
+    def lr_multiplier(step):
+        return base_lr_multiplier(
+            step,
+            num_steps,
+            warmup_steps=plan.warmup_steps,
+            warmdown_ratio=plan.warmdown_ratio,
+            final_lr_frac=plan.final_lr_frac,
+        )
+
+    result = run_stage(
+        cfg,
+        tok=s.tok,
+        model=s.model,
+        optimizers=s.optimizers,
+        data=data,
+        num_steps=num_steps,
+        lr_multiplier=lr_multiplier,
+        start_step=s.start_step,
+        evaluate=evaluate,
+        ckpt_dir=_ckpt_dir("base", cfg),
+        momentum_fn=momentum,
+        weight_decay_fn=weight_decay,
+        resumed_meta=s.meta,
+        core_eval=core,
+    )
     result["plan"] = plan.to_dict()
     _report(cfg, s.model, result)
     return result
@@ -475,15 +591,40 @@ def train_mid(cfg: MidConfig) -> dict:
         rows = render_batch(s.tok, [s.train[j] for j in range(i, min(i + 4096, len(s.train)))], cfg.seq_len)
         n_tokens += int(rows.lengths.sum())
     num_steps = _num_steps(cfg, s, max(1, (n_tokens * cfg.num_epochs) // cfg.total_batch_size))
-    stream = MidTrainStream(s.tok, s.train, cfg.device_batch_size, cfg.seq_len, state=s.data_state(),
-                            max_tokens=cfg.seq_len, rank=s.info.rank, world_size=s.info.world_size)
+    stream = MidTrainStream(
+        s.tok,
+        s.train,
+        cfg.device_batch_size,
+        cfg.seq_len,
+        state=s.data_state(),
+        max_tokens=cfg.seq_len,
+        rank=s.info.rank,
+        world_size=s.info.world_size,
+    )
     data = StreamSteps(stream, accum)
-    _banner(cfg, s.model, s.device, s.tok, f"{cfg.total_batch_size:,} tokens (grad accum {accum})", num_steps,
-            f" | {len(s.train):,} conversations, {n_tokens:,} tokens")
+    _banner(
+        cfg,
+        s.model,
+        s.device,
+        s.tok,
+        f"{cfg.total_batch_size:,} tokens (grad accum {accum})",
+        num_steps,
+        f" | {len(s.train):,} conversations, {n_tokens:,} tokens",
+    )
     start_eval = _start_eval(cfg, s.model, s.evaluate, s.start_step)
-    result = run_stage(cfg, tok=s.tok, model=s.model, optimizers=s.optimizers, data=data, num_steps=num_steps,
-                       lr_multiplier=lambda step: mid_lr_multiplier(step / num_steps), start_step=s.start_step,
-                       evaluate=s.evaluate, ckpt_dir=_ckpt_dir("mid", cfg), resumed_meta=s.meta)
+    result = run_stage(
+        cfg,
+        tok=s.tok,
+        model=s.model,
+        optimizers=s.optimizers,
+        data=data,
+        num_steps=num_steps,
+        lr_multiplier=lambda step: mid_lr_multiplier(step / num_steps),
+        start_step=s.start_step,
+        evaluate=s.evaluate,
+        ckpt_dir=_ckpt_dir("mid", cfg),
+        resumed_meta=s.meta,
+    )
     result["start_eval"] = start_eval
     _report(cfg, s.model, result)
     return result
@@ -498,8 +639,9 @@ def _sft_lrs(cfg: SFTConfig, start_meta: dict | None) -> dict:
         base_cfg = start_meta.get("config") or {}
         source = DEFAULTS.get(base_cfg.get("rules"), DEFAULTS["classic"])
         inherited = {k: base_cfg[k] for k in SFT_LR_KEYS if base_cfg.get(k) is not None}
-    return {k: getattr(cfg, k) if getattr(cfg, k) is not None else inherited.get(k, getattr(source, k))
-            for k in SFT_LR_KEYS}
+    return {
+        k: getattr(cfg, k) if getattr(cfg, k) is not None else inherited.get(k, getattr(source, k)) for k in SFT_LR_KEYS
+    }
 
 
 @one_run
@@ -512,20 +654,48 @@ def train_sft(cfg: SFTConfig) -> dict:
     if E % per:
         raise RustchatError(f"--total-batch-conversations {E} is not a multiple of device batch x ranks = {per}")
     num_steps = _num_steps(cfg, s, max(1, (len(s.train) * cfg.num_epochs) // E))
-    data = SFTSteps(s.tok, s.train, E, cfg.device_batch_size, cfg.seq_len, s.info.rank, s.info.world_size, cfg.seed,
-                    state=s.data_state(), pack=cfg.pack)
-    _banner(cfg, s.model, s.device, s.tok, f"{E} conversations (grad accum {E // per})", num_steps,
-            f" | from {cfg.from_stage} | {len(s.train):,} conversations ({_mixture(cfg)} mixture) | lr from "
-            f"{init_lr_frac:g} of the base lrs, warmdown over the last {path['warmdown_ratio']:g}")
+    data = SFTSteps(
+        s.tok,
+        s.train,
+        E,
+        cfg.device_batch_size,
+        cfg.seq_len,
+        s.info.rank,
+        s.info.world_size,
+        cfg.seed,
+        state=s.data_state(),
+        pack=cfg.pack,
+    )
+    _banner(
+        cfg,
+        s.model,
+        s.device,
+        s.tok,
+        f"{E} conversations (grad accum {E // per})",
+        num_steps,
+        f" | from {cfg.from_stage} | {len(s.train):,} conversations ({_mixture(cfg)} mixture) | lr from "
+        f"{init_lr_frac:g} of the base lrs, warmdown over the last {path['warmdown_ratio']:g}",
+    )
     start_eval = _start_eval(cfg, s.model, s.evaluate, s.start_step)
-    lr_multiplier = lambda step: sft_lr_multiplier(step, num_steps, init_lr_frac=init_lr_frac,  # noqa: E731
-                                                   warmdown_ratio=path["warmdown_ratio"])
-    result = run_stage(cfg, tok=s.tok, model=s.model, optimizers=s.optimizers, data=data, num_steps=num_steps,
-                       lr_multiplier=lr_multiplier, start_step=s.start_step, evaluate=s.evaluate,
-                       ckpt_dir=_ckpt_dir("sft", cfg),
-                       # from base, momentum warms up 0.85 -> 0.95 as in pretraining (nanochat's 2026 SFT)
-                       momentum_fn=muon_momentum if cfg.from_stage == "base" else None,
-                       resumed_meta=s.meta)
+
+    def lr_multiplier(step):
+        return sft_lr_multiplier(step, num_steps, init_lr_frac=init_lr_frac, warmdown_ratio=path["warmdown_ratio"])
+
+    result = run_stage(
+        cfg,
+        tok=s.tok,
+        model=s.model,
+        optimizers=s.optimizers,
+        data=data,
+        num_steps=num_steps,
+        lr_multiplier=lr_multiplier,
+        start_step=s.start_step,
+        evaluate=s.evaluate,
+        ckpt_dir=_ckpt_dir("sft", cfg),
+        # from base, momentum warms up 0.85 -> 0.95 as in pretraining (nanochat's 2026 SFT)
+        momentum_fn=muon_momentum if cfg.from_stage == "base" else None,
+        resumed_meta=s.meta,
+    )
     result["start_eval"] = start_eval
     _report(cfg, s.model, result)
     return result
@@ -540,8 +710,12 @@ def _rl_task(name: str, split: str, cfg: RLConfig) -> Task:
     """One split of a named RL task (GSM8K's from its local copy in --task-dir when there)."""
     key = "".join(c for c in name.lower() if c.isalnum())
     if key in SYNTHETIC_RL_TASKS:
-        return get_task(key, split=split, size=cfg.train_size if split == "train" else cfg.eval_examples,
-                        seed=cfg.seed if split == "train" else 0)
+        return get_task(
+            key,
+            split=split,
+            size=cfg.train_size if split == "train" else cfg.eval_examples,
+            seed=cfg.seed if split == "train" else 0,
+        )
     return task_from(key, {"split": split}, cfg.task_dir)
 
 
@@ -564,8 +738,10 @@ def rl_tasks(cfg: RLConfig) -> tuple[list[Task], list[Task]]:
             train.append(CustomJSON(part, stop=n - n_out))
             held_out.append(CustomJSON(part, start=n - n_out))
         else:
-            raise RustchatError(f"--tasks {part!r}: not a task with a checkable answer; use "
-                                f"{', '.join(RL_TASKS)} or a JSONL file of conversations")
+            raise RustchatError(
+                f"--tasks {part!r}: not a task with a checkable answer; use "
+                f"{', '.join(RL_TASKS)} or a JSONL file of conversations"
+            )
     if not train:
         raise RustchatError(f"--tasks {cfg.tasks!r} names no task")
     return train, held_out
@@ -594,20 +770,58 @@ def train_rl(cfg: RLConfig) -> dict:
     per_rank = cfg.examples_per_step // world
     engine = Engine(s.model, s.tok)  # the calculator tool is active in the rollouts
     # every reply of a step (this rank's share) decodes in one continuous batch
-    sampler = Sampler(engine, max_batch=max(1, per_rank * cfg.num_samples), max_new_tokens=cfg.max_new_tokens,
-                      temperature=cfg.temperature, top_k=cfg.top_k or None)
-    data = RolloutSteps(s.tok, sampler, stream, examples_per_step=cfg.examples_per_step, num_samples=cfg.num_samples,
-                        device_batch_size=cfg.device_batch_size, seed=cfg.seed, rank=s.info.rank, world_size=world,
-                        state=s.data_state())
-    evaluate = pass_at_k_evaluator(s.tok, sampler, _held_out_problems(held_out, cfg.eval_examples),
-                                   num_samples=cfg.num_samples, seed=cfg.seed, rank=s.info.rank, world_size=world)
-    _banner(cfg, s.model, s.device, s.tok, f"{cfg.examples_per_step} questions x {cfg.num_samples} replies",
-            num_steps, f" | tasks {', '.join(t.name for t in train_tasks)} ({len(order):,} problems)")
+    sampler = Sampler(
+        engine,
+        max_batch=max(1, per_rank * cfg.num_samples),
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k or None,
+    )
+    data = RolloutSteps(
+        s.tok,
+        sampler,
+        stream,
+        examples_per_step=cfg.examples_per_step,
+        num_samples=cfg.num_samples,
+        device_batch_size=cfg.device_batch_size,
+        seed=cfg.seed,
+        rank=s.info.rank,
+        world_size=world,
+        state=s.data_state(),
+    )
+    evaluate = pass_at_k_evaluator(
+        s.tok,
+        sampler,
+        _held_out_problems(held_out, cfg.eval_examples),
+        num_samples=cfg.num_samples,
+        seed=cfg.seed,
+        rank=s.info.rank,
+        world_size=world,
+    )
+    _banner(
+        cfg,
+        s.model,
+        s.device,
+        s.tok,
+        f"{cfg.examples_per_step} questions x {cfg.num_samples} replies",
+        num_steps,
+        f" | tasks {', '.join(t.name for t in train_tasks)} ({len(order):,} problems)",
+    )
     try:
-        result = run_stage(cfg, tok=s.tok, model=s.model, optimizers=s.optimizers, data=data, num_steps=num_steps,
-                           lr_multiplier=lambda step: sft_lr_multiplier(step, num_steps, init_lr_frac=cfg.init_lr_frac),
-                           start_step=s.start_step, evaluate=evaluate, ckpt_dir=_ckpt_dir("rl", cfg),
-                           resumed_meta=s.meta, step_fn=rl_train_step)
+        result = run_stage(
+            cfg,
+            tok=s.tok,
+            model=s.model,
+            optimizers=s.optimizers,
+            data=data,
+            num_steps=num_steps,
+            lr_multiplier=lambda step: sft_lr_multiplier(step, num_steps, init_lr_frac=cfg.init_lr_frac),
+            start_step=s.start_step,
+            evaluate=evaluate,
+            ckpt_dir=_ckpt_dir("rl", cfg),
+            resumed_meta=s.meta,
+            step_fn=rl_train_step,
+        )
     finally:
         sampler.close()
     hist = result["history"]
@@ -615,15 +829,19 @@ def train_rl(cfg: RLConfig) -> dict:
     if hist:
         share = float(np.mean([h["rollout_share"] for h in hist]))
         tps = float(np.median([h["sample_tok_per_s"] for h in hist]))
-        print0(f"rl: reward {hist[0]['reward']:.3f} -> {hist[-1]['reward']:.3f}; rollouts {100 * share:.0f}% of step "
-               f"time, {tps:,.0f} sampled tokens/s (median)")
+        print0(
+            f"rl: reward {hist[0]['reward']:.3f} -> {hist[-1]['reward']:.3f}; rollouts {100 * share:.0f}% of step "
+            f"time, {tps:,.0f} sampled tokens/s (median)"
+        )
         k = max(1, len(hist) // 10)
-        extra = {"reward first -> last": f"{np.mean([h['reward'] for h in hist[:k]]):.3f} -> "
-                                         f"{np.mean([h['reward'] for h in hist[-k:]]):.3f} (means of {k} steps)",
-                 "groups all right / all wrong (last)": f"{100 * hist[-1]['all_right']:.0f}% / "
-                                                        f"{100 * hist[-1]['all_wrong']:.0f}%",
-                 "rollout share of step time": f"{100 * share:.0f}%",
-                 "sampled tokens/s (median)": f"{tps:,.0f}"}
+        extra = {
+            "reward first -> last": f"{np.mean([h['reward'] for h in hist[:k]]):.3f} -> "
+            f"{np.mean([h['reward'] for h in hist[-k:]]):.3f} (means of {k} steps)",
+            "groups all right / all wrong (last)": f"{100 * hist[-1]['all_right']:.0f}% / "
+            f"{100 * hist[-1]['all_wrong']:.0f}%",
+            "rollout share of step time": f"{100 * share:.0f}%",
+            "sampled tokens/s (median)": f"{tps:,.0f}",
+        }
     _report(cfg, s.model, result, extra)
     return result
 

@@ -10,6 +10,7 @@ On-disk format (`save` / `load`, no pickle): a directory with
   tokenizer.json   {"format": "rustchat-bpe", "version": 1, "pattern": ..., "special_tokens": {name: id}}
   ranks.tiktoken   one token per line, "<base64 bytes> <rank>" (tiktoken's own format)
 """
+
 from __future__ import annotations
 
 import base64
@@ -209,7 +210,9 @@ class Tokenizer:
         ids, offs = self._core.encode_batch(texts, pre, post, num_threads)
         return np.frombuffer(ids, dtype="<i4"), np.frombuffer(offs, dtype="<i8")
 
-    def encode_batch(self, texts: list[str], *, prepend=None, append=None, num_threads: int | None = None) -> list[list[int]]:
+    def encode_batch(
+        self, texts: list[str], *, prepend=None, append=None, num_threads: int | None = None
+    ) -> list[list[int]]:
         """Encode many texts in parallel with all cores (or `num_threads`), GIL released."""
         if isinstance(texts, str):
             raise TypeError("texts must be a list of str, not a single str")
@@ -303,7 +306,9 @@ class Tokenizer:
         # far above real tokenizers (o200k's ranks are 3.6 MB), far below exhausting memory
         for p, max_bytes in ((meta_path, 1 << 20), (ranks_path, 256 << 20)):
             if not p.exists():
-                raise FileNotFoundError(f"{p}: not found (a tokenizer directory holds tokenizer.json and ranks.tiktoken)")
+                raise FileNotFoundError(
+                    f"{p}: not found (a tokenizer directory holds tokenizer.json and ranks.tiktoken)"
+                )
             # is_file() follows links and is true only for regular files: a FIFO would hang
             # reading, a link to /dev/zero never end, so neither is opened
             if not p.is_file():
@@ -411,11 +416,16 @@ def _feed_stream(trainer, texts: Iterable[str], progress) -> None:
 def load_tokenizer(base_dir=None, *, directory=None) -> Tokenizer:
     """The tokenizer trained into <base dir>/tokenizer (the one every stage of a run shares), or
     the one saved in `directory`; any problem with its files is a one-line RustchatError."""
-    d = Path(directory) if directory is not None else \
-        Path(base_dir if base_dir is not None else get_base_dir(create=False)) / "tokenizer"
+    d = (
+        Path(directory)
+        if directory is not None
+        else Path(base_dir if base_dir is not None else get_base_dir(create=False)) / "tokenizer"
+    )
     if not (d / "tokenizer.json").exists():
-        raise RustchatError(f"no tokenizer at {d}: run `rustchat tok train --input FILES --out {d}` first "
-                            "(offline, rustchat speedrun --preset tiny trains one on bundled text)")
+        raise RustchatError(
+            f"no tokenizer at {d}: run `rustchat tok train --input FILES --out {d}` first "
+            "(offline, rustchat speedrun --preset tiny trains one on bundled text)"
+        )
     try:
         return Tokenizer.load(d)
     except (ValueError, FileNotFoundError) as e:  # their messages start with the file

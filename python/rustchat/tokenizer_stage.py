@@ -5,6 +5,7 @@ GPT-2 when available; higher bytes/token = better compression).
 The built-in samples are short passages written for this table plus real source code from
 the Python standard library; `train` / `val` rows come from files the caller names.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -114,8 +115,14 @@ def train_tokenizer(cfg: TokTrainConfig) -> Tokenizer:
         last[0] = read[0]
 
     t0 = time.time()
-    tok = Tokenizer.train(iter_documents(cfg.input, progress=read), cfg.vocab_size, doc_cap=cfg.doc_cap or None,
-                          max_chars=cfg.max_chars, progress=progress, verbose=not cfg.quiet)
+    tok = Tokenizer.train(
+        iter_documents(cfg.input, progress=read),
+        cfg.vocab_size,
+        doc_cap=cfg.doc_cap or None,
+        max_chars=cfg.max_chars,
+        progress=progress,
+        verbose=not cfg.quiet,
+    )
     bar.close()
     out = Path(cfg.out) if cfg.out else get_base_dir() / "tokenizer"
     tok.save(out)

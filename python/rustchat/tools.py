@@ -7,6 +7,7 @@ small interpreter over a whitelist of node types; nothing is ever passed to `eva
 keep every step cheap (so `9**9**9` is refused, not computed) and a deadline bounds the walk.
 Anything else, and any error, gives None.
 """
+
 from __future__ import annotations
 
 import ast
@@ -97,7 +98,7 @@ def _power(a, b):
     if isinstance(b, float) or isinstance(a, float):
         if abs(b) > MAX_ABS_EXPONENT:
             raise _Refused("exponent too large")
-        r = a ** b
+        r = a**b
         if isinstance(r, complex):
             raise _Refused("complex result")
         return r
@@ -106,7 +107,7 @@ def _power(a, b):
     # estimate the result's size before computing it
     if b > 0 and abs(a) > 1 and b * abs(a).bit_length() > MAX_INT_BITS + b:
         raise _Refused("result too large")
-    return a ** b
+    return a**b
 
 
 def _count(node: ast.Call) -> int:

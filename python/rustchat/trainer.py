@@ -12,6 +12,7 @@ trained token adds exactly zero (never NaN).
 A stage = a model source (new, or the previous stage's checkpoint), step data that yields each
 step's micro-batches and saves/restores its cursor (`rustchat.data`), and an lr schedule.
 """
+
 from __future__ import annotations
 
 import math
@@ -105,14 +106,15 @@ def all_reduce_sum(value: float, device) -> float:
 
 def _oom_error(cfg: TrainConfig) -> RustchatError:
     half = max(1, cfg.device_batch_size // 2)
-    return RustchatError(f"CUDA out of memory at --device-batch-size {cfg.device_batch_size}; try --device-batch-size {half}")
+    return RustchatError(
+        f"CUDA out of memory at --device-batch-size {cfg.device_batch_size}; try --device-batch-size {half}"
+    )
 
 
 # ----------------------------------------------------------------------------- the loop
 def train_step(model, optimizers, micro_batches, device, autocast_ctx) -> tuple[float, int]:
     """One optimizer step over this rank's micro-batches with per-token normalisation across
     all micro-batches and ranks. Returns (mean loss per trained token, trained tokens)."""
-
 
     local = sum(int((mb[1] != -1).sum()) for mb in micro_batches)
     total = all_reduce_sum(local, device)
@@ -134,9 +136,24 @@ def train_step(model, optimizers, micro_batches, device, autocast_ctx) -> tuple[
     return loss_sum / max(total, 1.0), int(total)
 
 
-def run_stage(cfg: TrainConfig, *, tok, model, optimizers, data, num_steps: int, lr_multiplier,
-              start_step: int, evaluate=None, ckpt_dir, momentum_fn=None, weight_decay_fn=None,
-              resumed_meta: dict | None = None, core_eval=None, step_fn=None) -> dict:
+def run_stage(
+    cfg: TrainConfig,
+    *,
+    tok,
+    model,
+    optimizers,
+    data,
+    num_steps: int,
+    lr_multiplier,
+    start_step: int,
+    evaluate=None,
+    ckpt_dir,
+    momentum_fn=None,
+    weight_decay_fn=None,
+    resumed_meta: dict | None = None,
+    core_eval=None,
+    step_fn=None,
+) -> dict:
     """The shared loop: schedule, step, eval, checkpoint, progress, report numbers.
 
     `resumed_meta` (the checkpoint a --resume starts from) carries the run so far
@@ -147,10 +164,21 @@ def run_stage(cfg: TrainConfig, *, tok, model, optimizers, data, num_steps: int,
     runs on every rank every `every` steps and at the last step (nanochat's --core-metric-every)."""
     ledger = RunLedger(resumed_meta)
     if start_step >= num_steps:  # nothing left to train: say so instead of silently re-saving
-        print0(f"{cfg.stage}: run {ledger.run_id} is already at step {start_step} of {num_steps}; nothing to do "
-               "(--max-steps N continues it to step N)")
-        return {"steps": start_step, "history": [], "evals": [], "last_eval": None, "cores": [], "seconds": 0.0,
-                "tokens": 0, "finished": True, **ledger.summary([], 0.0)}
+        print0(
+            f"{cfg.stage}: run {ledger.run_id} is already at step {start_step} of {num_steps}; nothing to do "
+            "(--max-steps N continues it to step N)"
+        )
+        return {
+            "steps": start_step,
+            "history": [],
+            "evals": [],
+            "last_eval": None,
+            "cores": [],
+            "seconds": 0.0,
+            "tokens": 0,
+            "finished": True,
+            **ledger.summary([], 0.0),
+        }
     check_checkpoint_dir(ckpt_dir, checkpoint_bytes(model))  # fail now, not at the first save
     if resumed_meta is None and getattr(cfg, "force", False) and get_rank() == 0:
         archive_run(ckpt_dir)  # --force: the old run steps aside only now that this one starts
@@ -163,8 +191,14 @@ def run_stage(cfg: TrainConfig, *, tok, model, optimizers, data, num_steps: int,
     ac = lambda: autocast_ctx(device)  # noqa: E731
     history = []
     evals = []
-    bar = tqdm(total=num_steps, initial=start_step, desc=cfg.stage, disable=cfg.quiet or rank != 0,
-               dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(
+        total=num_steps,
+        initial=start_step,
+        desc=cfg.stage,
+        disable=cfg.quiet or rank != 0,
+        dynamic_ncols=True,
+        mininterval=1.0,
+    )
     t_start = time.time()
     tokens_seen = 0
     last_eval = None
@@ -255,9 +289,17 @@ def run_stage(cfg: TrainConfig, *, tok, model, optimizers, data, num_steps: int,
     elapsed = time.time() - t_start
     if step < num_steps:
         print0(f"{cfg.stage}: stopped at step {step} of {num_steps}; continue with: {continue_command(cfg)}")
-    return {"steps": step, "history": history, "evals": evals, "last_eval": last_eval, "cores": cores,
-            "seconds": elapsed,
-            "tokens": tokens_seen, "finished": step >= num_steps, **ledger.summary(history, elapsed)}
+    return {
+        "steps": step,
+        "history": history,
+        "evals": evals,
+        "last_eval": last_eval,
+        "cores": cores,
+        "seconds": elapsed,
+        "tokens": tokens_seen,
+        "finished": step >= num_steps,
+        **ledger.summary(history, elapsed),
+    }
 
 
 def continue_command(cfg: TrainConfig) -> str:
@@ -282,6 +324,8 @@ def data_state_for_rank(meta: dict | None, rank: int, world: int = 1, reshard=No
     if all(s == states[0] for s in states):
         return states[0]
     if reshard is None:
-        raise RustchatError(f"the checkpoint was written by {len(states)} ranks and this stage's data cannot move "
-                            f"to {world}; resume with {len(states)} processes")
+        raise RustchatError(
+            f"the checkpoint was written by {len(states)} ranks and this stage's data cannot move "
+            f"to {world}; resume with {len(states)} processes"
+        )
     return reshard(states, world)[rank]

@@ -41,10 +41,19 @@ pub enum Fill {
 impl BestFit {
     pub fn new(row_capacity: usize, min_buffer: usize) -> Result<BestFit, String> {
         if row_capacity == 0 || min_buffer == 0 {
-            return Err(format!("row capacity and buffer size must be at least 1, got {row_capacity} and {min_buffer}"));
+            return Err(format!(
+                "row capacity and buffer size must be at least 1, got {row_capacity} and {min_buffer}"
+            ));
         }
-        Ok(BestFit { row_capacity, min_buffer, docs: Vec::new(), row: Vec::new(), done: Vec::new(),
-                     placed_tokens: 0, cropped_tokens: 0 })
+        Ok(BestFit {
+            row_capacity,
+            min_buffer,
+            docs: Vec::new(),
+            row: Vec::new(),
+            done: Vec::new(),
+            placed_tokens: 0,
+            cropped_tokens: 0,
+        })
     }
 
     /// Buffers one document; empty documents have nothing to place and are skipped.
@@ -82,7 +91,8 @@ impl BestFit {
             }
             None => {
                 // nothing fits: crop the shortest (least waste) to fill the row exactly
-                let (i, _) = self.docs.iter().enumerate().min_by_key(|(_, d)| d.ids.len()).expect("buffer is not empty");
+                let (i, _) =
+                    self.docs.iter().enumerate().min_by_key(|(_, d)| d.ids.len()).expect("buffer is not empty");
                 let d = self.docs.remove(i);
                 self.row.extend_from_slice(&d.ids[..remaining]);
                 self.placed_tokens += remaining as u64;

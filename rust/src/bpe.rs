@@ -159,12 +159,17 @@ impl Bpe {
                 }
             }
         }
-        let short_rank = ranks
-            .iter()
-            .filter(|(b, _)| b.len() <= PACK_MAX)
-            .map(|(b, r)| (pack(b), *r))
-            .collect();
-        Ok(Bpe { uid: NEXT_VOCAB_ID.fetch_add(1, Ordering::Relaxed), rank_of, short_rank, byte_id, pair_rank, data, offsets, present })
+        let short_rank = ranks.iter().filter(|(b, _)| b.len() <= PACK_MAX).map(|(b, r)| (pack(b), *r)).collect();
+        Ok(Bpe {
+            uid: NEXT_VOCAB_ID.fetch_add(1, Ordering::Relaxed),
+            rank_of,
+            short_rank,
+            byte_id,
+            pair_rank,
+            data,
+            offsets,
+            present,
+        })
     }
 
     /// One past the largest rank.

@@ -16,7 +16,8 @@ impl<'a> Rows<'a> {
         if ids.len() != mask.len() {
             return Err(format!("ids has {} tokens but mask has {}", ids.len(), mask.len()));
         }
-        if offsets.first() != Some(&0) || offsets.last() != Some(&ids.len()) || offsets.windows(2).any(|w| w[0] > w[1]) {
+        if offsets.first() != Some(&0) || offsets.last() != Some(&ids.len()) || offsets.windows(2).any(|w| w[0] > w[1])
+        {
             return Err("offsets must rise from 0 to the number of tokens".into());
         }
         Ok(Rows { ids, mask, offsets })

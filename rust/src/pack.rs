@@ -113,7 +113,14 @@ impl Bins {
 /// fewer than 2 ids have no position and are skipped. With `max_rows`, exactly that many rows
 /// come back and conversations that do not fit are listed in `leftover` (all pieces of a
 /// split conversation are placed, or none).
-pub fn pack(rows: &Rows, t: usize, pad_id: u32, policy: Policy, long: Long, max_rows: Option<usize>) -> Result<Packed, String> {
+pub fn pack(
+    rows: &Rows,
+    t: usize,
+    pad_id: u32,
+    policy: Policy,
+    long: Long,
+    max_rows: Option<usize>,
+) -> Result<Packed, String> {
     if t == 0 {
         return Err("row_len must be at least 1".into());
     }

@@ -183,7 +183,10 @@ impl Planner<'_> {
             return if i == 0 {
                 Ok(())
             } else {
-                Err(format!("message {i}: expected role '{}', got 'system' (a system message may only come first)", self.expected().name()))
+                Err(format!(
+                    "message {i}: expected role '{}', got 'system' (a system message may only come first)",
+                    self.expected().name()
+                ))
             };
         }
         let want = self.expected();
@@ -438,7 +441,11 @@ pub fn plan_messages<'a>(
 }
 
 /// Renders one conversation of Rust messages (`max_tokens` None: no truncation).
-pub fn render_messages(core: &Core, msgs: &[Message<'_>], max_tokens: Option<usize>) -> Result<(Vec<u32>, Vec<u8>), String> {
+pub fn render_messages(
+    core: &Core,
+    msgs: &[Message<'_>],
+    max_tokens: Option<usize>,
+) -> Result<(Vec<u32>, Vec<u8>), String> {
     let chat = ChatIds::from_core(core)?;
     let mut plans = Plans::default();
     let mut texts = Vec::new();
@@ -542,7 +549,10 @@ mod tests {
             .map(|i| {
                 let mut v = vec![];
                 for k in 0..(i % 4 + 1) {
-                    v.push(Message { role: if k % 2 == 0 { "user" } else { "assistant" }, content: Content::Text("ab c") });
+                    v.push(Message {
+                        role: if k % 2 == 0 { "user" } else { "assistant" },
+                        content: Content::Text("ab c"),
+                    });
                 }
                 v
             })
@@ -582,7 +592,9 @@ mod tests {
         let r = join(render_batch(&core, &chat, &plans, &texts, usize::MAX).unwrap());
         let want = vec![sp(Sp::Bos), sp(Sp::UserStart), b'q' as u32, sp(Sp::UserEnd), sp(Sp::AssistantStart)];
         assert_eq!(r.ids, want);
-        assert!(plan_messages(&mut plans, &mut texts, &msgs[..1], true).unwrap_err().contains("must be from the assistant"));
+        assert!(plan_messages(&mut plans, &mut texts, &msgs[..1], true)
+            .unwrap_err()
+            .contains("must be from the assistant"));
     }
 
     #[test]

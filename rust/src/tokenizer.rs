@@ -29,7 +29,9 @@ impl Core {
                 return Err("special token name is empty".into());
             }
             if *id as usize >= MAX_VOCAB {
-                return Err(format!("special token {name:?} has id {id}, which is too large: ids must be below {MAX_VOCAB}"));
+                return Err(format!(
+                    "special token {name:?} has id {id}, which is too large: ids must be below {MAX_VOCAB}"
+                ));
             }
             if bpe.has_id(*id) {
                 return Err(format!("special token {name:?} has id {id}, which a mergeable token already uses"));
@@ -48,9 +50,8 @@ impl Core {
     /// Ordinary text to ids: special-looking text is encoded as plain text.
     #[inline]
     pub fn encode_into(&self, text: &str, out: &mut Vec<u32>) -> Result<(), String> {
-        self.bpe.with_cache(|cache| {
-            self.splitter.for_each_chunk(text, |c| self.bpe.encode_chunk(cache, c.as_bytes(), out))
-        })
+        self.bpe
+            .with_cache(|cache| self.splitter.for_each_chunk(text, |c| self.bpe.encode_chunk(cache, c.as_bytes(), out)))
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
@@ -67,7 +68,12 @@ impl Core {
     }
 
     /// `encode_run` into buffers the caller may reuse (they are cleared first).
-    pub fn encode_run_into(&self, pieces: &[(usize, &str)], ids: &mut Vec<u32>, lens: &mut Vec<u32>) -> Result<(), String> {
+    pub fn encode_run_into(
+        &self,
+        pieces: &[(usize, &str)],
+        ids: &mut Vec<u32>,
+        lens: &mut Vec<u32>,
+    ) -> Result<(), String> {
         let bytes: usize = pieces.iter().map(|(_, p)| p.len()).sum();
         ids.clear();
         lens.clear();
@@ -101,7 +107,12 @@ impl Core {
     /// Long texts are cut into pieces at chunk boundaries the split pattern guarantees, so one
     /// huge document does not leave the other cores idle; pieces are encoded in runs into
     /// shared buffers, so a batch makes a few allocations, not one per text.
-    pub fn encode_flat(&self, texts: &[&str], prepend: Option<u32>, append: Option<u32>) -> Result<(Vec<u32>, Vec<u64>), String> {
+    pub fn encode_flat(
+        &self,
+        texts: &[&str],
+        prepend: Option<u32>,
+        append: Option<u32>,
+    ) -> Result<(Vec<u32>, Vec<u64>), String> {
         if rayon::current_num_threads() == 1 {
             // One thread: straight into the result, no pieces, runs or copies.
             let bytes: usize = texts.iter().map(|t| t.len()).sum();
@@ -118,10 +129,8 @@ impl Core {
         }
         let pieces = self.pieces(texts);
         let run = (pieces.len() / (rayon::current_num_threads().max(1) * 16)).clamp(1, 512);
-        let runs: Vec<Result<(Vec<u32>, Vec<u32>), String>> = pieces
-            .par_chunks(run)
-            .map(|ps| self.encode_run(ps))
-            .collect();
+        let runs: Vec<Result<(Vec<u32>, Vec<u32>), String>> =
+            pieces.par_chunks(run).map(|ps| self.encode_run(ps)).collect();
         let mut runs_ok = Vec::with_capacity(runs.len());
         for r in runs {
             runs_ok.push(r?);
@@ -180,7 +189,9 @@ impl Core {
 
     /// UTF-8 byte length of each id's token (0 for specials and unused ids).
     pub fn token_lengths(&self) -> Vec<i32> {
-        (0..self.n_vocab as u32).map(|id| if self.bpe.has_id(id) { self.bpe.token(id).len() as i32 } else { 0 }).collect()
+        (0..self.n_vocab as u32)
+            .map(|id| if self.bpe.has_id(id) { self.bpe.token(id).len() as i32 } else { 0 })
+            .collect()
     }
 }
 
@@ -252,7 +263,8 @@ mod tests {
         let texts: Vec<&str> = CORPUS.iter().copied().chain(["", big.as_str(), "x"]).collect();
         let bos = core.special_by_name["<|bos|>"];
         for threads in [1, 2, 3] {
-            let (ids, offsets) = with_threads(Some(threads), || core.encode_flat(&texts, Some(bos), None)).unwrap().unwrap();
+            let (ids, offsets) =
+                with_threads(Some(threads), || core.encode_flat(&texts, Some(bos), None)).unwrap().unwrap();
             assert_eq!(offsets.len(), texts.len() + 1);
             for (i, t) in texts.iter().enumerate() {
                 let mut want = vec![bos];

@@ -14,6 +14,7 @@ the next document to feed plus the positions (file, group, document) of the buff
 `state=` re-reads and re-encodes those documents in their buffer order, and the rows that
 follow are the same as without the interruption.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -34,14 +35,26 @@ class BestFitLoader(PretrainLoader):
     """(inputs int64 [B, T], targets int64 [B, T]) forever, every row starting at a BOS;
     `state()` / `state=` as every loader of the package."""
 
-    def __init__(self, tok, source, batch_size: int, seq_len: int, *, state: dict | None = None,
-                 buffer_docs: int = BUFFER_DOCS, refill_docs: int = REFILL_DOCS, **kw):
+    def __init__(
+        self,
+        tok,
+        source,
+        batch_size: int,
+        seq_len: int,
+        *,
+        state: dict | None = None,
+        buffer_docs: int = BUFFER_DOCS,
+        refill_docs: int = REFILL_DOCS,
+        **kw,
+    ):
         if not 1 <= buffer_docs <= 1_000_000 or not 1 <= refill_docs <= 1_000_000:
             raise ValueError(f"buffer_docs and refill_docs must be in 1..1e6, got {buffer_docs}, {refill_docs}")
         st = dict(state or {})
         if st and st.pop("packing", None) != PACKING:
-            raise RustchatError("the checkpoint's data cursor is a plain token stream's, not a best-fit packer's: "
-                                "resume it with the rules it was started with (--rules classic)")
+            raise RustchatError(
+                "the checkpoint's data cursor is a plain token stream's, not a best-fit packer's: "
+                "resume it with the rules it was started with (--rules classic)"
+            )
         self._resume_buffer = [(f, g, d) for f, g, docs in st.pop("buffer", []) for d in docs]
         super().__init__(tok, source, batch_size, seq_len, state=st or None, **kw)
         self.buffer_docs, self.refill_docs = buffer_docs, refill_docs
@@ -64,9 +77,13 @@ class BestFitLoader(PretrainLoader):
         another number of processes). Ranks own row groups by index, so every new rank starts
         after the furthest group any old rank had begun, with an empty buffer: no document is
         trained twice; the old buffers and the rest of the groups in flight are skipped."""
-        last = max((Cursor(**{k: v for k, v in s.items() if k not in ("packing", "buffer")}) for s in states),
-                   key=lambda c: (c.epoch, c.file, c.group))
-        return [BestFitLoader._pack_state(Cursor(last.file, last.group + 1, 0, 0, last.epoch), []) for _ in range(world)]
+        last = max(
+            (Cursor(**{k: v for k, v in s.items() if k not in ("packing", "buffer")}) for s in states),
+            key=lambda c: (c.epoch, c.file, c.group),
+        )
+        return [
+            BestFitLoader._pack_state(Cursor(last.file, last.group + 1, 0, 0, last.epoch), []) for _ in range(world)
+        ]
 
     def crop_share(self) -> float:
         """Share of the documents' tokens taken from the buffer that crops dropped so far."""
@@ -82,17 +99,21 @@ class BestFitLoader(PretrainLoader):
             first = next_tag[0]
             next_tag[0] += len(docs)
             where.update(zip(range(first, first + len(docs)), docs))
-            packer.push(np.ascontiguousarray(ids, dtype="<u4").tobytes(),
-                        np.ascontiguousarray(offs - offs[0], dtype="<i8").tobytes(),
-                        np.arange(first, first + len(docs), dtype="<u8").tobytes())
+            packer.push(
+                np.ascontiguousarray(ids, dtype="<u4").tobytes(),
+                np.ascontiguousarray(offs - offs[0], dtype="<i8").tobytes(),
+                np.arange(first, first + len(docs), dtype="<u8").tobytes(),
+            )
 
         # a resumed run first rebuilds the buffer, in its order
         for (f, g), run in itertools.groupby(self._resume_buffer, key=lambda r: r[:2]):
             run = list(run)
             texts = self.source.read_group(f, g)
             if max(d for _, _, d in run) >= len(texts):
-                raise RustchatError(f"{self.source.files[f]}: row group {g} has {len(texts)} documents, the checkpoint "
-                                    "names more: the pretraining files changed since it was written")
+                raise RustchatError(
+                    f"{self.source.files[f]}: row group {g} has {len(texts)} documents, the checkpoint "
+                    "names more: the pretraining files changed since it was written"
+                )
             ids, offs = self.tok.encode_batch_numpy([texts[d] for _, _, d in run], prepend=self.bos)
             push(ids, offs, run)
 
@@ -114,7 +135,11 @@ class BestFitLoader(PretrainLoader):
                         continue
                     epoch, f, g, d0, ids, offs = group
                     n = min(self.refill_docs, len(offs) - 1 - fed)
-                    push(ids[offs[fed]:offs[fed + n]], offs[fed:fed + n + 1], [(f, g, d0 + fed + k) for k in range(n)])
+                    push(
+                        ids[offs[fed] : offs[fed + n]],
+                        offs[fed : fed + n + 1],
+                        [(f, g, d0 + fed + k) for k in range(n)],
+                    )
                     fed += n
                     cursor = Cursor(f, g, d0 + fed, 0, epoch)
                 rows = np.frombuffer(packer.take(self.B), dtype="<u4").reshape(self.B, self.T + 1).astype(np.int64)

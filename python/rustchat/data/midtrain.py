@@ -1,4 +1,5 @@
 """Mid-training data: rendered conversations back to back, cut into fixed rows."""
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -31,12 +32,29 @@ class MidTrainStream:
     partial batch is dropped); by default it never ends.
     """
 
-    def __init__(self, tok, conversations, batch_size: int, seq_len: int, *, state: dict | None = None,
-                 max_tokens: int = DEFAULT_MAX_TOKENS, num_epochs: int | None = None, rank: int = 0,
-                 world_size: int = 1, render_chunk: int = 256, num_threads: int | None = None):
-        for name, v in (("batch_size", batch_size), ("seq_len", seq_len), ("world_size", world_size),
-                        ("render_chunk", render_chunk), ("max_tokens", max_tokens),
-                        *((("num_epochs", num_epochs),) if num_epochs is not None else ())):
+    def __init__(
+        self,
+        tok,
+        conversations,
+        batch_size: int,
+        seq_len: int,
+        *,
+        state: dict | None = None,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        num_epochs: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        render_chunk: int = 256,
+        num_threads: int | None = None,
+    ):
+        for name, v in (
+            ("batch_size", batch_size),
+            ("seq_len", seq_len),
+            ("world_size", world_size),
+            ("render_chunk", render_chunk),
+            ("max_tokens", max_tokens),
+            *((("num_epochs", num_epochs),) if num_epochs is not None else ()),
+        ):
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if not 0 <= rank < world_size:
@@ -86,15 +104,17 @@ class MidTrainStream:
         if not picks:
             return False
         self._next = (idx, epoch)
-        batch = render_batch(self._tok, [self._convs[i] for i, _ in picks], self._max_tokens, self._threads,
-                             names=[i for i, _ in picks])
+        batch = render_batch(
+            self._tok, [self._convs[i] for i, _ in picks], self._max_tokens, self._threads, names=[i for i, _ in picks]
+        )
         ids, starts = batch.ids, batch.offsets[:-1] + len(self._buf)
         if self._skip:
             first = int(batch.lengths[0])
             if self._skip >= first:
-                raise ValueError(f"cursor offset {self._skip} is beyond conversation {picks[0][0]}, "
-                                 f"which renders to {first} tokens")
-            ids, starts = ids[self._skip:], starts - self._skip
+                raise ValueError(
+                    f"cursor offset {self._skip} is beyond conversation {picks[0][0]}, which renders to {first} tokens"
+                )
+            ids, starts = ids[self._skip :], starts - self._skip
             self._skip = 0
         self._buf = np.concatenate([self._buf, ids])
         self._starts = np.concatenate([self._starts, starts])

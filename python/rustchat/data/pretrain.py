@@ -7,6 +7,7 @@ the cursor of the NEXT batch (file, row group, document, tokens to skip), from w
 can be rebuilt exactly (`state=`), so a resumed run sees the same tokens as an uninterrupted one. With several ranks,
 row group g belongs to rank g % world_size.
 """
+
 from __future__ import annotations
 
 import http.client
@@ -111,11 +112,15 @@ def download_shards(indices, data_dir: str | os.PathLike, *, repo: str = FINEWEB
             except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
                 tmp.unlink(missing_ok=True)
                 # only a transfer cut short or a server error is worth another try
-                lasting = isinstance(e, urllib.error.HTTPError) and e.code < 500 or (
-                    isinstance(e, urllib.error.URLError) and not isinstance(e, urllib.error.HTTPError))
+                lasting = (
+                    isinstance(e, urllib.error.HTTPError)
+                    and e.code < 500
+                    or (isinstance(e, urllib.error.URLError) and not isinstance(e, urllib.error.HTTPError))
+                )
                 if attempt == retries or lasting:
-                    raise RustchatError(f"could not download {url} ({e}); check the network or HF_ENDPOINT, or "
-                                        f"{no_data}") from None
+                    raise RustchatError(
+                        f"could not download {url} ({e}); check the network or HF_ENDPOINT, or {no_data}"
+                    ) from None
                 time.sleep(min(30, 2**attempt))
     return out
 
@@ -137,8 +142,9 @@ class DocumentSource:
 
     def __init__(self, files: list[Path], text_column: str = "text"):
         if not files:
-            raise RustchatError(f"no pretraining files: pass --data-dir with parquet/text files, allow downloads, or "
-                                f"{OFFLINE_ROUTE}")
+            raise RustchatError(
+                f"no pretraining files: pass --data-dir with parquet/text files, allow downloads, or {OFFLINE_ROUTE}"
+            )
         self.files = files
         self.text_column = text_column
         for f in files:
@@ -159,8 +165,10 @@ class DocumentSource:
         for i, docs in enumerate(self.groups(self.files[file])):
             if i == group:
                 return docs
-        raise RustchatError(f"{self.files[file]} has no row group {group}: the pretraining files changed since "
-                            "the checkpoint was written")
+        raise RustchatError(
+            f"{self.files[file]} has no row group {group}: the pretraining files changed since "
+            "the checkpoint was written"
+        )
 
     def groups(self, path: Path) -> Iterator[list[str]]:
         if path.suffix == ".parquet":
@@ -185,8 +193,19 @@ class PretrainLoader:
     groups ahead of the consumer. `device` moves batches there (pinned, non-blocking on CUDA).
     """
 
-    def __init__(self, tok, source: DocumentSource, batch_size: int, seq_len: int, *, device="cpu",
-                 rank: int = 0, world_size: int = 1, state: dict | None = None, prefetch_groups: int = 4):
+    def __init__(
+        self,
+        tok,
+        source: DocumentSource,
+        batch_size: int,
+        seq_len: int,
+        *,
+        device="cpu",
+        rank: int = 0,
+        world_size: int = 1,
+        state: dict | None = None,
+        prefetch_groups: int = 4,
+    ):
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch_size and seq_len must be positive, got {batch_size}, {seq_len}")
         self.tok, self.source = tok, source

@@ -2,6 +2,7 @@
 
 Both classes follow the package's cursor protocol (`state()`, `state=`); see `rustchat.data`.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,8 +32,19 @@ class SFTSteps:
     every world-th one, rendered by the Rust core and collated (or packed) per micro-batch.
     The order is a fresh permutation per epoch, seeded by `seed + epoch`."""
 
-    def __init__(self, tok, conversations, examples_per_step: int, device_batch_size: int, seq_len: int,
-                 rank: int, world: int, seed: int, state: dict | None = None, pack: bool = False):
+    def __init__(
+        self,
+        tok,
+        conversations,
+        examples_per_step: int,
+        device_batch_size: int,
+        seq_len: int,
+        rank: int,
+        world: int,
+        seed: int,
+        state: dict | None = None,
+        pack: bool = False,
+    ):
         self.tok, self.convs = tok, conversations
         self.E, self.B, self.T = examples_per_step, device_batch_size, seq_len
         self.rank, self.world = rank, world

@@ -5,6 +5,7 @@ directory (searched recursively, sorted, for .txt .md .rst .py .jsonl .parquet).
 files are split into documents at blank lines; JSONL and parquet rows are documents (their
 `text` field / column). Errors name the file (and line) at fault.
 """
+
 from __future__ import annotations
 
 import json
@@ -94,7 +95,9 @@ def parquet_texts(path: Path, text_column: str = "text") -> Iterator[list[str]]:
         yield [t for t in pf.read_row_group(i, columns=[text_column]).column(0).to_pylist() if t is not None]
 
 
-def iter_documents(paths: list[str | os.PathLike], *, text_field: str = "text", progress: list[int] | None = None) -> Iterator[str]:
+def iter_documents(
+    paths: list[str | os.PathLike], *, text_field: str = "text", progress: list[int] | None = None
+) -> Iterator[str]:
     """Yield documents from files/directories. If given, `progress[0]` counts chars read."""
     sizes = progress if progress is not None else [0]
     for path in list_files(paths):

@@ -10,6 +10,7 @@ ReLU^2 MLP; the optional backout of the middle layer's residual; a final RMSNorm
 a tanh softcap. Weight names are rustchat's. Generation keeps every key and value in
 transformers' DynamicCache (windows are masks) and the smear state on the cache object; rows
 must not be padded (one prompt, or prompts of one length)."""
+
 import math
 
 import torch
@@ -50,8 +51,9 @@ def _rotary(positions, head_dim, base, bf16, dtype):
         inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
         ang = positions.float()[:, None] * inv
         return ang.cos().to(torch.bfloat16).to(dtype), ang.sin().to(torch.bfloat16).to(dtype)
-    inv = 1.0 / (float(base) ** (torch.arange(0, head_dim // 2, dtype=torch.float64, device=positions.device)
-                                 * 2.0 / head_dim))
+    inv = 1.0 / (
+        float(base) ** (torch.arange(0, head_dim // 2, dtype=torch.float64, device=positions.device) * 2.0 / head_dim)
+    )
     ang = positions.double()[:, None] * inv
     return ang.cos().to(dtype), ang.sin().to(dtype)
 
@@ -128,8 +130,9 @@ class RustchatForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config):
         super().__init__(config)
         cfg, C, V = config, config.n_embd, config.vocab_size
-        self.transformer = nn.ModuleDict({"wte": nn.Embedding(V, C),
-                                          "h": nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])})
+        self.transformer = nn.ModuleDict(
+            {"wte": nn.Embedding(V, C), "h": nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])}
+        )
         self.lm_head = nn.Linear(C, V, bias=False)
         if cfg.layer_lambdas:
             self.resid_lambdas = nn.Parameter(torch.ones(cfg.n_layer))
@@ -141,8 +144,9 @@ class RustchatForCausalLM(PreTrainedModel, GenerationMixin):
             self.backout_lambda = nn.Parameter(torch.zeros(1))
         if cfg.value_embeds:
             kv = cfg.n_kv_head * (C // cfg.n_head)
-            self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, kv) for i in range(cfg.n_layer)
-                                               if has_value_embed(cfg, i)})
+            self.value_embeds = nn.ModuleDict(
+                {str(i): nn.Embedding(V, kv) for i in range(cfg.n_layer) if has_value_embed(cfg, i)}
+            )
         self.post_init()
 
     def _init_weights(self, module):  # every weight comes from the checkpoint
@@ -154,8 +158,19 @@ class RustchatForCausalLM(PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.lm_head
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        **kwargs,
+    ):
         cfg = self.config
         if input_ids is None:
             raise ValueError("rustchat models take input_ids (inputs_embeds are not supported)")
@@ -194,8 +209,9 @@ class RustchatForCausalLM(PreTrainedModel, GenerationMixin):
         logits = cfg.softcap * torch.tanh(logits / cfg.softcap)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
-                                   ignore_index=-100)
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
         # the cache's field is `cache` in newer transformers, `past_key_values` in older ones
         field = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{field: cache})

@@ -4,6 +4,7 @@
 them. Every hub task also takes `path=` (a local JSONL/parquet copy with the hub's fields); `task_from`
 finds that copy in a --task-dir by its file name.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -87,8 +88,9 @@ def local_task_file(task_dir, name: str, kwargs: dict) -> Path | None:
     return None
 
 
-def task_from(name: str, kwargs: dict, task_dir=None, *, file_name: str | None = None,
-              file_kwargs: dict | None = None) -> Task:
+def task_from(
+    name: str, kwargs: dict, task_dir=None, *, file_name: str | None = None, file_kwargs: dict | None = None
+) -> Task:
     """get_task, reading the task's local copy from task_dir when it has one (a hub task, its
     file named by `local_task_stem` of `file_name` or `name` and kwargs + `file_kwargs`); when the
     hub is needed but cannot be used, the error names the exact file --task-dir would need."""
@@ -107,8 +109,31 @@ def task_from(name: str, kwargs: dict, task_dir=None, *, file_name: str | None =
 
 
 __all__ = [
-    "ARC", "MMLU", "GSM8K", "HumanEval", "SmolTalk", "CustomJSON", "SpellingBee", "SimpleSpelling", "Arithmetic",
-    "IdentityQuestions", "Task", "CategoricalTask", "TaskMixture", "TaskSequence", "get_task", "task_names", "identity_path",
-    "task_from", "local_task_file", "local_task_stem", "LOCAL_SUFFIXES",
-    "render_mc", "calculator_parts", "extract_answer", "answers_match", "assistant_text", "conversation_problem",
+    "ARC",
+    "MMLU",
+    "GSM8K",
+    "HumanEval",
+    "SmolTalk",
+    "CustomJSON",
+    "SpellingBee",
+    "SimpleSpelling",
+    "Arithmetic",
+    "IdentityQuestions",
+    "Task",
+    "CategoricalTask",
+    "TaskMixture",
+    "TaskSequence",
+    "get_task",
+    "task_names",
+    "identity_path",
+    "task_from",
+    "local_task_file",
+    "local_task_stem",
+    "LOCAL_SUFFIXES",
+    "render_mc",
+    "calculator_parts",
+    "extract_answer",
+    "answers_match",
+    "assistant_text",
+    "conversation_problem",
 ]

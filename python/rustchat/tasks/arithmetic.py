@@ -7,6 +7,7 @@ model practises the tool-call format; the final answer follows `#### `. All resu
 Held out: a problem belongs to the test split when a CRC32 of its numbers falls in one tenth
 of the range, so no test problem's numbers (whatever the names) are trained on.
 """
+
 from __future__ import annotations
 
 import random
@@ -16,10 +17,46 @@ from ..common import RustchatError
 from .base import Task, answers_match, assistant_text, extract_answer
 from .gsm8k import calculator_parts
 
-NAMES = ("Ana", "Ben", "Chloe", "David", "Emma", "Farid", "Grace", "Hiro", "Ines", "Jack", "Kemi", "Liam",
-         "Maya", "Noah", "Olga", "Priya", "Quinn", "Rosa", "Sam", "Tara", "Umar", "Vera", "Wei", "Zoe")
-ITEMS = ("apples", "marbles", "stickers", "books", "pencils", "cookies", "shells", "cards", "stamps", "eggs",
-         "balloons", "coins")
+NAMES = (
+    "Ana",
+    "Ben",
+    "Chloe",
+    "David",
+    "Emma",
+    "Farid",
+    "Grace",
+    "Hiro",
+    "Ines",
+    "Jack",
+    "Kemi",
+    "Liam",
+    "Maya",
+    "Noah",
+    "Olga",
+    "Priya",
+    "Quinn",
+    "Rosa",
+    "Sam",
+    "Tara",
+    "Umar",
+    "Vera",
+    "Wei",
+    "Zoe",
+)
+ITEMS = (
+    "apples",
+    "marbles",
+    "stickers",
+    "books",
+    "pencils",
+    "cookies",
+    "shells",
+    "cards",
+    "stamps",
+    "eggs",
+    "balloons",
+    "coins",
+)
 THINGS = ("notebook", "sandwich", "toy car", "ticket", "plant", "mug", "kite", "puzzle")
 
 
@@ -38,38 +75,50 @@ def _problem(rng: random.Random) -> tuple[str, str]:
     kind = rng.randrange(7)
     if kind == 0:
         a, b = r(2, 99), r(2, 99)
-        return (f"{name} has {a} {item}. {name} gets {b} more. How many {item} does {name} have now?",
-                f"{name} has {a}+{b} = <<{a}+{b}={a + b}>>{a + b} {item} now.\n#### {a + b}")
+        return (
+            f"{name} has {a} {item}. {name} gets {b} more. How many {item} does {name} have now?",
+            f"{name} has {a}+{b} = <<{a}+{b}={a + b}>>{a + b} {item} now.\n#### {a + b}",
+        )
     if kind == 1:
         a = r(10, 200)
         b = r(1, a - 1)
-        return (f"{name} has {a} {item} and gives {b} of them to {friend}. How many {item} does {name} have left?",
-                f"{name} has {a}-{b} = <<{a}-{b}={a - b}>>{a - b} {item} left.\n#### {a - b}")
+        return (
+            f"{name} has {a} {item} and gives {b} of them to {friend}. How many {item} does {name} have left?",
+            f"{name} has {a}-{b} = <<{a}-{b}={a - b}>>{a - b} {item} left.\n#### {a - b}",
+        )
     if kind == 2:
         a, b, c = r(0, 50), r(2, 12), r(2, 24)
         p = b * c
-        return (f"{name} has {a} {item} and buys {b} packs with {c} {item} in each pack. "
-                f"How many {item} does {name} have now?",
-                f"The packs hold {b}*{c} = <<{b}*{c}={p}>>{p} {item}. "
-                f"So {name} has {a}+{p} = <<{a}+{p}={a + p}>>{a + p} {item} now.\n#### {a + p}")
+        return (
+            f"{name} has {a} {item} and buys {b} packs with {c} {item} in each pack. "
+            f"How many {item} does {name} have now?",
+            f"The packs hold {b}*{c} = <<{b}*{c}={p}>>{p} {item}. "
+            f"So {name} has {a}+{p} = <<{a}+{p}={a + p}>>{a + p} {item} now.\n#### {a + p}",
+        )
     if kind == 3:
         n, k = r(2, 12), r(2, 99)
         total = n * k
-        return (f"{name} shares {total} {item} equally among {n} friends. How many {item} does each friend get?",
-                f"Each friend gets {total}/{n} = <<{total}/{n}={k}>>{k} {item}.\n#### {k}")
+        return (
+            f"{name} shares {total} {item} equally among {n} friends. How many {item} does each friend get?",
+            f"Each friend gets {total}/{n} = <<{total}/{n}={k}>>{k} {item}.\n#### {k}",
+        )
     if kind == 4:
         thing, p, q = rng.choice(THINGS), r(2, 40), r(2, 9)
         cost = p * q
         paid = (cost // 10 + r(1, 10)) * 10
-        return (f"A {thing} costs ${p}. {name} buys {q} of them and pays with ${paid}. How much change does {name} get?",
-                f"The {q} items cost {q}*{p} = <<{q}*{p}={cost}>>{cost} dollars. "
-                f"The change is {paid}-{cost} = <<{paid}-{cost}={paid - cost}>>{paid - cost} dollars.\n#### {paid - cost}")
+        return (
+            f"A {thing} costs ${p}. {name} buys {q} of them and pays with ${paid}. How much change does {name} get?",
+            f"The {q} items cost {q}*{p} = <<{q}*{p}={cost}>>{cost} dollars. "
+            f"The change is {paid}-{cost} = <<{paid}-{cost}={paid - cost}>>{paid - cost} dollars.\n#### {paid - cost}",
+        )
     if kind == 5:
         rate, h, d = r(8, 40), r(2, 10), r(2, 7)
         day = rate * h
-        return (f"{name} earns ${rate} per hour and works {h} hours a day for {d} days. How many dollars does {name} earn?",
-                f"In one day {name} earns {rate}*{h} = <<{rate}*{h}={day}>>{day} dollars. "
-                f"Over {d} days that is {day}*{d} = <<{day}*{d}={day * d}>>{day * d} dollars.\n#### {day * d}")
+        return (
+            f"{name} earns ${rate} per hour and works {h} hours a day for {d} days. How many dollars does {name} earn?",
+            f"In one day {name} earns {rate}*{h} = <<{rate}*{h}={day}>>{day} dollars. "
+            f"Over {d} days that is {day}*{d} = <<{day}*{d}={day * d}>>{day * d} dollars.\n#### {day * d}",
+        )
     a, b, c = r(2, 999), r(2, 99), r(2, 99)
     op1, op2 = rng.choice("+-*"), rng.choice("+-*")
     expr = f"{a} {op1} {b} {op2} {c}"

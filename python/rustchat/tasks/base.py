@@ -6,6 +6,7 @@ adds `start/stop/step` slicing, so `SmolTalk(split="train", stop=10_000)` is its
 examples. `eval_type` is "categorical" (scored by letter logits; conversations carry a
 `letters` list) or "generative" (sampled, then checked by `evaluate`).
 """
+
 from __future__ import annotations
 
 import re
@@ -36,7 +37,9 @@ class Task:
         if stop is not None and (not isinstance(stop, int) or isinstance(stop, bool)):
             raise RustchatError(f"{type(self).__name__}: stop must be an int or None, got {stop!r}")
         if start < 0 or (stop is not None and stop < 0) or step < 1:
-            raise RustchatError(f"{type(self).__name__}: need start >= 0, stop >= 0 and step >= 1 (got {start}, {stop}, {step})")
+            raise RustchatError(
+                f"{type(self).__name__}: need start >= 0, stop >= 0 and step >= 1 (got {start}, {stop}, {step})"
+            )
         self.start, self.stop, self.step = start, stop, step
         self._range: range | None = None
 
@@ -62,7 +65,7 @@ class Task:
     def indices(self) -> range:
         # Computed on first use so subclasses may load their data after calling super().__init__.
         if self._range is None:
-            self._range = range(self.num_examples())[self.start:self.stop:self.step]
+            self._range = range(self.num_examples())[self.start : self.stop : self.step]
         return self._range
 
     def __len__(self) -> int:
@@ -204,7 +207,9 @@ def conversation_problem(conv) -> str | None:
             if isinstance(content, list):
                 for j, p in enumerate(content):
                     if not isinstance(p, dict) or p.get("type") not in PART_TYPES or not isinstance(p.get("text"), str):
-                        return f"message {i}, part {j}: a part must be {{'type': text|python|python_output, 'text': str}}"
+                        return (
+                            f"message {i}, part {j}: a part must be {{'type': text|python|python_output, 'text': str}}"
+                        )
             elif not isinstance(content, str):
                 return f"message {i}: assistant content must be a string or a list of parts"
         expect = "assistant" if role == "user" else "user"

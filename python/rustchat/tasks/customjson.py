@@ -1,4 +1,5 @@
 """CustomJSON: your own conversations, one per line of a JSONL file; and the bundled identity set."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,7 +34,9 @@ class CustomJSON(Task):
         self.conversations: list[dict] = []
         for lineno, obj in jsonl_rows(lines, self.path):
             if not isinstance(obj, (dict, list)):
-                raise RustchatError(f"{self.path}:{lineno}: expected an object with 'messages' or a list of messages, got {type(obj).__name__}")
+                raise RustchatError(
+                    f"{self.path}:{lineno}: expected an object with 'messages' or a list of messages, got {type(obj).__name__}"
+                )
             problem = conversation_problem(obj)
             if problem:
                 raise RustchatError(f"{self.path}:{lineno}: {problem}")

@@ -4,6 +4,7 @@ The reference answers mark each calculation as `<<expr=result>>`; these become a
 call (`expr`) and its output (`result`) in the assistant message, so the model learns to call
 the calculator (docs/design.md, "Inference engine"). The final answer follows `#### `.
 """
+
 from __future__ import annotations
 
 import re
@@ -24,7 +25,7 @@ def calculator_parts(answer: str) -> list[dict]:
     pos = 0
     for m in _CALC_RE.finditer(answer):
         if m.start() > pos:
-            parts.append({"type": "text", "text": answer[pos:m.start()]})
+            parts.append({"type": "text", "text": answer[pos : m.start()]})
         expr, eq, result = m.group(1).rpartition("=")
         if not eq:
             expr, result = result, ""
@@ -46,7 +47,9 @@ class GSM8K(Task):
         if split not in ("train", "test"):
             raise RustchatError(f"GSM8K split must be train or test, got {split!r}")
         self.subset, self.split, self.name = subset, split, "GSM8K"
-        self.rows = load_rows("openai/gsm8k", subset, split, path, fields=("question", "answer"), shuffle_seed=shuffle_seed)
+        self.rows = load_rows(
+            "openai/gsm8k", subset, split, path, fields=("question", "answer"), shuffle_seed=shuffle_seed
+        )
 
     def num_examples(self) -> int:
         return len(self.rows)

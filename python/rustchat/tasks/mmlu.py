@@ -1,4 +1,5 @@
 """MMLU (cais/mmlu): 57 subjects, 4-choice questions; `auxiliary_train` is the big training set."""
+
 from __future__ import annotations
 
 from ..common import RustchatError

@@ -1,4 +1,5 @@
 """SmolTalk (HuggingFaceTB/smol-smoltalk): general chat conversations for SFT (train / test)."""
+
 from __future__ import annotations
 
 from ..common import RustchatError
@@ -14,7 +15,9 @@ class SmolTalk(Task):
         if split not in ("train", "test"):
             raise RustchatError(f"SmolTalk split must be train or test, got {split!r}")
         self.split, self.name = split, "SmolTalk"
-        self.rows = load_rows("HuggingFaceTB/smol-smoltalk", None, split, path, fields=("messages",), shuffle_seed=shuffle_seed)
+        self.rows = load_rows(
+            "HuggingFaceTB/smol-smoltalk", None, split, path, fields=("messages",), shuffle_seed=shuffle_seed
+        )
 
     def num_examples(self) -> int:
         return len(self.rows)

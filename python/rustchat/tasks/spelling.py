@@ -11,6 +11,7 @@ cannot). Unlike nanochat, whose test problems are drawn from the same words with
 words are split between train and test by a CRC32 of the word, so test words are never
 trained on. Example i of a (split, seed) is the same on every machine.
 """
+
 from __future__ import annotations
 
 import functools
@@ -70,8 +71,9 @@ def word_lists() -> dict[str, tuple[str, ...]]:
         from english_words import get_english_words_set  # loads its word lists on import
     except ImportError:
         raise RustchatError("the spelling tasks need the english-words package (pip install english-words)") from None
-    words = sorted(w for w in get_english_words_set(["web2", "gcide"], lower=True, alpha=True)
-                   if w.isascii() and w.isalpha())
+    words = sorted(
+        w for w in get_english_words_set(["web2", "gcide"], lower=True, alpha=True) if w.isascii() and w.isalpha()
+    )
     test = tuple(w for w in words if zlib.crc32(w.encode()) % 10 == 0)
     train = tuple(w for w in words if zlib.crc32(w.encode()) % 10 != 0)
     return {"train": train, "test": test}

@@ -5,6 +5,7 @@ For the tiny offline recipe, in place of FineWeb-Edu. Each file is cut into docu
 `max_chars` at blank lines. A file goes wholly to train or to val by a hash of its name
 relative to its root, so the split is deterministic and the same for the same files anywhere.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -46,7 +47,7 @@ def source_files(include_doc: bool = True) -> list[tuple[str, Path]]:
 
 
 def split_of(key: str, val_fraction: float = 0.05) -> str:
-    """"train" or "val" for a file key, by its SHA-256."""
+    """ "train" or "val" for a file key, by its SHA-256."""
     h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
     return "val" if h < val_fraction else "train"
 
@@ -83,8 +84,9 @@ def chunk(text: str, max_chars: int) -> Iterator[str]:
         yield "\n\n".join(buf)
 
 
-def stdlib_documents(split: str = "train", val_fraction: float = 0.05, max_chars: int = 8000,
-                     include_doc: bool = True) -> Iterator[str]:
+def stdlib_documents(
+    split: str = "train", val_fraction: float = 0.05, max_chars: int = 8000, include_doc: bool = True
+) -> Iterator[str]:
     """Documents of one split ("train" or "val"), in a fixed order."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be train or val, got {split!r}")
@@ -98,7 +100,9 @@ def stdlib_documents(split: str = "train", val_fraction: float = 0.05, max_chars
                     yield doc
 
 
-def write_corpus(out_dir, val_fraction: float = 0.05, max_chars: int = 8000, include_doc: bool = True) -> dict[str, Path]:
+def write_corpus(
+    out_dir, val_fraction: float = 0.05, max_chars: int = 8000, include_doc: bool = True
+) -> dict[str, Path]:
     """Write train.jsonl and val.jsonl ({"text": doc} per line) under out_dir; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -213,7 +213,8 @@ mod tests {
             "!\n/x //\n\n/ a/b !?/\r\n/ \t\u{301}x 😀ABC 😀abc",
             "x'sY'T  'Ve\u{3000}'re\n\n\t1234567 ١٢٣٤",
         ];
-        let pats = [("ours", default_pattern()), ("cl100k", CL100K_PATTERN.to_string()), ("o200k", O200K_PATTERN.to_string())];
+        let pats =
+            [("ours", default_pattern()), ("cl100k", CL100K_PATTERN.to_string()), ("o200k", O200K_PATTERN.to_string())];
         for (name, pat) in pats {
             let fast = Splitter::new(&pat).unwrap();
             assert!(fast.is_fast(), "{name} should use the fast scanner");

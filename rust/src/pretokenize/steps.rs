@@ -136,4 +136,3 @@ pub(super) fn whitespace_end(t: &[u8], b: &[u8], i: usize, l0: usize, ws_to_end:
     // \s+ (or \s): a single whitespace char before a non-space
     i + l0
 }
-

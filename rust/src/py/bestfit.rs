@@ -1,9 +1,9 @@
 //! `BestFitPacker`: the BOS-aligned best-fit packer (`crate::bestfit`) as a Python class. Token
 //! ids cross as little-endian buffers (numpy arrays), rows come back as one bytearray.
 
+use super::collate::le_offsets;
 use super::guard::{guarded, value_error};
 use crate::bestfit::{BestFit, Fill};
-use super::collate::le_offsets;
 use crate::le::{bytes_to_u32s, write_u32s};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -30,7 +30,11 @@ impl PyBestFit {
         }
         let tags: Vec<u64> = tags.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect();
         if offs.len() != tags.len() + 1 {
-            return Err(PyValueError::new_err(format!("{} offsets for {} documents (need n+1)", offs.len(), tags.len())));
+            return Err(PyValueError::new_err(format!(
+                "{} offsets for {} documents (need n+1)",
+                offs.len(),
+                tags.len()
+            )));
         }
         if offs.windows(2).any(|w| w[1] < w[0]) || offs.last().is_some_and(|&e| e > ids.len()) {
             return Err(PyValueError::new_err("offsets must rise to at most the number of ids"));

@@ -26,7 +26,11 @@ pub(super) fn le_offsets(b: &[u8]) -> PyResult<Vec<usize>> {
 }
 
 /// A bytearray (so the numpy arrays wrapping it are writable, e.g. for `torch.from_numpy`).
-fn to_pybytes<'py, T: Copy, const N: usize>(py: Python<'py>, v: &[T], f: impl Fn(T) -> [u8; N]) -> PyResult<Bound<'py, PyByteArray>> {
+fn to_pybytes<'py, T: Copy, const N: usize>(
+    py: Python<'py>,
+    v: &[T],
+    f: impl Fn(T) -> [u8; N],
+) -> PyResult<Bound<'py, PyByteArray>> {
     PyByteArray::new_with(py, v.len() * N, |buf| {
         for (dst, &x) in buf.chunks_exact_mut(N).zip(v) {
             dst.copy_from_slice(&f(x));
@@ -87,4 +91,3 @@ pub fn py_pack_rows<'py>(
     d.set_item("dropped_targets", p.dropped_targets)?;
     Ok(d)
 }
-

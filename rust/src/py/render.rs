@@ -33,7 +33,11 @@ impl<'py> Arena<'py> {
     }
 }
 
-fn get<'py>(d: &Bound<'py, PyDict>, key: &Bound<'py, PyString>, at: &dyn Fn() -> String) -> Result<Bound<'py, PyAny>, String> {
+fn get<'py>(
+    d: &Bound<'py, PyDict>,
+    key: &Bound<'py, PyString>,
+    at: &dyn Fn() -> String,
+) -> Result<Bound<'py, PyAny>, String> {
     match d.get_item(key) {
         Ok(Some(v)) => Ok(v),
         Ok(None) => Err(format!("{}: missing key '{}'", at(), key.to_string_lossy())),
@@ -78,7 +82,10 @@ fn plan_py<'py>(
     };
     let mut msgs = items(msgs_src).ok_or_else(|| {
         if msgs_src.is(conv) {
-            format!("a conversation must be a dict with a 'messages' list or a list of messages, got {}", type_name(conv))
+            format!(
+                "a conversation must be a dict with a 'messages' list or a list of messages, got {}",
+                type_name(conv)
+            )
         } else {
             format!("'messages' must be a list, got {}", type_name(msgs_src))
         }
@@ -86,7 +93,9 @@ fn plan_py<'py>(
 
     // Roles as parsed; checked here, before any content, for the completion rule.
     let role_of = |i: usize, m: &Bound<'py, PyAny>| -> Result<(Bound<'py, PyDict>, Role), String> {
-        let d = m.cast::<PyDict>().map_err(|_| format!("message {i} is {}, expected a dict with 'role' and 'content'", type_name(m)))?;
+        let d = m
+            .cast::<PyDict>()
+            .map_err(|_| format!("message {i} is {}, expected a dict with 'role' and 'content'", type_name(m)))?;
         let at = || format!("message {i}");
         let r = get(d, k_role, &at)?;
         let rs = r.cast::<PyString>().map_err(|_| format!("message {i}: role must be a str, got {}", type_name(&r)))?;
@@ -129,7 +138,10 @@ fn plan_py<'py>(
                 } else if let Some(parts) = items(&content) {
                     for (j, part) in parts.iter().enumerate() {
                         let pd = part.cast::<PyDict>().map_err(|_| {
-                            format!("message {i}, part {j} is {}, expected a dict with 'type' and 'text'", type_name(part))
+                            format!(
+                                "message {i}, part {j} is {}, expected a dict with 'type' and 'text'",
+                                type_name(part)
+                            )
                         })?;
                         let at = || format!("message {i}, part {j}");
                         let ty = get(pd, k_type, &at)?;
@@ -180,7 +192,11 @@ pub fn render_conversations<'py>(
     let chat = ChatIds::from_core(core).map_err(value_error)?;
     if let Some(n) = &names {
         if n.len() != convs.len() {
-            return Err(PyValueError::new_err(format!("names has {} entries for {} conversations", n.len(), convs.len())));
+            return Err(PyValueError::new_err(format!(
+                "names has {} entries for {} conversations",
+                n.len(),
+                convs.len()
+            )));
         }
     }
     let where_ = |i: usize, e: String| {
@@ -241,4 +257,3 @@ pub fn render_conversations<'py>(
     }
     Ok((ids, mask, PyBytes::new(py, &offsets)))
 }
-

@@ -55,7 +55,9 @@ pub fn list_items<'py>(texts: &Bound<'py, PyList>) -> Vec<Bound<'py, PyAny>> {
     for i in 0..n {
         if i + PREFETCH_AHEAD < n {
             // SAFETY: in range; PyList_GetItem returns a borrowed pointer, only used as a hint.
-            prefetch(unsafe { pyo3::ffi::PyList_GetItem(texts.as_ptr(), (i + PREFETCH_AHEAD) as pyo3::ffi::Py_ssize_t) });
+            prefetch(unsafe {
+                pyo3::ffi::PyList_GetItem(texts.as_ptr(), (i + PREFETCH_AHEAD) as pyo3::ffi::Py_ssize_t)
+            });
         }
         match texts.get_item(i) {
             Ok(it) => items.push(it),
@@ -90,5 +92,8 @@ pub fn borrow_strs<'a>(items: &'a mut [Bound<'_, PyAny>], what: &str) -> PyResul
     }
     // SAFETY: each span is the UTF-8 buffer of a str in `items` (the cached form CPython keeps
     // unchanged for the str's life); `items` holds every such str and stays borrowed for 'a.
-    Ok(spans.into_iter().map(|(p, n)| unsafe { std::str::from_utf8_unchecked(std::slice::from_raw_parts(p, n)) }).collect())
+    Ok(spans
+        .into_iter()
+        .map(|(p, n)| unsafe { std::str::from_utf8_unchecked(std::slice::from_raw_parts(p, n)) })
+        .collect())
 }

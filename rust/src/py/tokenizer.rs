@@ -72,7 +72,8 @@ impl ListBuilder<'_> {
             let idx = first + k;
             let doc = pieces[idx].0;
             self.remaining[doc] -= 1;
-            let only_piece = (idx == 0 || pieces[idx - 1].0 != doc) && (idx + 1 == pieces.len() || pieces[idx + 1].0 != doc);
+            let only_piece =
+                (idx == 0 || pieces[idx - 1].0 != doc) && (idx + 1 == pieces.len() || pieces[idx + 1].0 != doc);
             let list = if only_piece && self.prepend.is_none() && self.append.is_none() {
                 self.refs.list(py, ids)?
             } else {
@@ -107,7 +108,12 @@ impl PyCore {
     /// them in again every batch (measured: lists cost about 2.4x more to build there). This
     /// thread encoding too (rather than `threads` workers plus a builder) keeps exactly one
     /// busy thread per core: measured in turns on 2 cores, about 8% faster.
-    fn encode_lists<'py>(&self, py: Python<'py>, texts: &Bound<'py, PyList>, batch: Batch) -> PyResult<Bound<'py, PyList>> {
+    fn encode_lists<'py>(
+        &self,
+        py: Python<'py>,
+        texts: &Bound<'py, PyList>,
+        batch: Batch,
+    ) -> PyResult<Bound<'py, PyList>> {
         let Batch { prepend, append, num_threads } = batch;
         use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
         use std::sync::mpsc::channel;
@@ -225,7 +231,9 @@ impl PyCore {
             return Err(e);
         }
         if b.remaining.iter().any(|&n| n != 0) {
-            return Err(pyo3::exceptions::PyRuntimeError::new_err("internal error in rustchat core: a text was not encoded"));
+            return Err(pyo3::exceptions::PyRuntimeError::new_err(
+                "internal error in rustchat core: a text was not encoded",
+            ));
         }
         Ok(out)
     }
@@ -256,7 +264,12 @@ impl PyCore {
         Ok(batch)
     }
 
-    fn encode_many<'py>(&self, py: Python<'py>, texts: &Bound<'py, PyList>, batch: Batch) -> PyResult<(Vec<u32>, Vec<u64>)> {
+    fn encode_many<'py>(
+        &self,
+        py: Python<'py>,
+        texts: &Bound<'py, PyList>,
+        batch: Batch,
+    ) -> PyResult<(Vec<u32>, Vec<u64>)> {
         let Batch { prepend, append, num_threads } = batch;
         let mut items: Vec<Bound<'py, PyAny>> = list_items(texts);
         let strs = borrow_strs(&mut items, "texts")?;
@@ -384,4 +397,3 @@ impl PyCore {
         Ok(PyBytes::new(py, &out))
     }
 }
-

@@ -55,7 +55,8 @@ impl PyTrainer {
         if n_merges > MAX_VOCAB - 256 {
             return Err(PyValueError::new_err(format!("{n_merges} merges is too many: ids must be below {MAX_VOCAB}")));
         }
-        let counter = self.counter.take().ok_or_else(|| PyValueError::new_err("this trainer has already learned its merges"))?;
+        let counter =
+            self.counter.take().ok_or_else(|| PyValueError::new_err("this trainer has already learned its merges"))?;
         let merges = py.detach(|| {
             guarded(|| {
                 let t0 = std::time::Instant::now();
