@@ -141,8 +141,9 @@ def test_two_nodes_of_two_processes_match_one_and_resume_on_one(base_dir, tmp_pa
     assert find_last_step(ckpt) == 1
     assert sorted(f.name for f in ckpt.glob("optim_000001_rank*.pt")) == [f"optim_000001_rank{r}.pt" for r in range(4)]
 
-    # the 4-rank checkpoint continues on one process
-    r2 = _run_cli(COMMON + ["--device-batch-size", "2", "--resume"], {"RUSTCHAT_BASE_DIR": str(nodes)})
+    # the 4-rank checkpoint continues on one process (keeping the run's device batch of 1:
+    # one process accumulates the four rows the four ranks took)
+    r2 = _run_cli(COMMON + ["--resume"], {"RUSTCHAT_BASE_DIR": str(nodes)})
     assert r2.returncode == 0, r2.stderr[-2000:]
     w1, m1 = _weights(one, "sft")
     w2, m2 = _weights(nodes, "sft")
