@@ -60,7 +60,6 @@ LAYERS = {
         "serve_guard",
         "serve_connections",
         "export",
-        "hf_import",
         "nanochat_import",
         "tokenizer_stage",
     },
