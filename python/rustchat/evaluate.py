@@ -1,5 +1,5 @@
-"""`rustchat eval`: chat models on the eval tasks (docs/design.md, "Evaluation"), base models by bits per
-byte and (--core) the CORE suite (core_eval.py).
+"""`rustchat eval`: chat models on the eval tasks (docs/design.md, "Chat evaluation"), base models by
+bits per byte ("Base evaluation") and (--core) the CORE suite (core_eval.py).
 
 Categorical tasks (ARC, MMLU): each prompt is rendered for completion, a padded batch goes
 through one forward, and the answer is the letter whose token has the highest logit at the

@@ -1,4 +1,4 @@
-"""The optimizer (docs/design.md, "Optimizer"): one MuonAdamW that updates the transformer's
+"""The optimizer (docs/design.md, "Optimizers"): one MuonAdamW that updates the transformer's
 matrices with Muon and every other parameter with AdamW, in one of two recipes.
 
 - "2026" (nanochat's July-2026 recipe, the default): Muon orthogonalises with Polar Express,
