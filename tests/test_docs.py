@@ -333,10 +333,10 @@ def sections(doc: str) -> tuple[set[str], set[int]]:
 
 
 def _cites_section(name: str, found: set[str]) -> bool:
-    return any(h == name or h.startswith(name + " (") for h in found)
+    return any(h == name or h.startswith((name + " (", name + ":")) for h in found)
 
 
-CITES = re.compile(r'docs/(\w+\.md)[,(\s#/!*]*"([^"\n]+)"')
+CITES = re.compile(r'docs/(\w+\.md)[,(\s#/!*]*"([^"]{1,80})"')
 
 
 def test_cited_sections_exist():
@@ -344,7 +344,7 @@ def test_cited_sections_exist():
     for path in [*DOCS, *COMMENTED]:
         text = path.read_text(encoding="utf-8", errors="replace")
         for m in CITES.finditer(text):
-            doc, name = m.groups()
+            doc, name = m.group(1), re.sub(r"\s*\n\s*(?:#|//[!/]?)?\s*", " ", m.group(2))  # over lines
             if not (ROOT / "docs" / doc).is_file():
                 bad.append(f"{path.relative_to(ROOT)}: docs/{doc} does not exist")
             elif not _cites_section(name, sections(doc)[0]):
@@ -380,3 +380,54 @@ def test_the_checker_finds_drift():
         assert check("python", ok) is None, ok
     assert not _cites_section("Inference", sections("design.md")[0])
     assert _cites_section("Inference engine", sections("design.md")[0])
+    assert _cites_section("Pretraining rows", sections("benchmarks.md")[0])
+
+
+# ----------------------------------------------------------------------------- nanochat's commits
+# What "nanochat" means in the docs: one of two commits (docs/design.md, "Which nanochat").
+COMMITS = ("48abd7d", "92d63d4")
+
+
+def blocks(text: str) -> list[tuple[list[str], str]]:
+    """(enclosing headings, block) for every paragraph, list item and table row of a markdown
+    page; code blocks are left out."""
+    out, headings, current, fenced = [], [], [], False
+
+    def flush():
+        if current:
+            out.append(([h for _, h in headings], " ".join(current)))
+            current.clear()
+
+    for line in text.splitlines():
+        if line.startswith("```"):
+            flush()
+            fenced = not fenced
+            continue
+        if fenced:
+            continue
+        if m := re.match(r"(#+) (.*)", line):
+            flush()
+            level = len(m.group(1))
+            headings[:] = [(lv, h) for lv, h in headings if lv < level] + [(level, m.group(2))]
+        elif not line.strip():
+            flush()
+        elif re.match(r"\s*(- |\d+\. |\|)", line) and not line.startswith("  "):
+            flush()
+            current.append(line)
+        else:
+            current.append(line)
+    flush()
+    return out
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[str(d.relative_to(ROOT)) for d in DOCS])
+def test_what_nanochat_does_names_the_commit(doc):
+    """A paragraph, list item or table row that says what nanochat does names the commit it holds
+    for (48abd7d, 92d63d4), itself or in a heading above it; names in backticks (commands,
+    files) do not count as saying anything."""
+    bad = []
+    for headings, block in blocks(doc.read_text(encoding="utf-8")):
+        prose = re.sub(r"`[^`]*`|\]\([^)]*\)", "", block)
+        if re.search(r"\bnanochat\b", prose) and not any(c in " ".join([*headings, block]) for c in COMMITS):
+            bad.append(block[:160])
+    assert not bad, f"{doc.relative_to(ROOT)}: nanochat without its commit ({' or '.join(COMMITS)}):\n" + "\n".join(bad)
