@@ -24,7 +24,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PKG_SRC = ROOT / "python" / "rustchat"
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+FIXTURES = ROOT / "tests" / "fixtures"
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), FIXTURES / "README.md"]
 # where code comments and docstrings cite doc sections
 COMMENTED = [
     *PKG_SRC.rglob("*.py"),
@@ -431,3 +432,13 @@ def test_what_nanochat_does_names_the_commit(doc):
         if re.search(r"\bnanochat\b", prose) and not any(c in " ".join([*headings, block]) for c in COMMITS):
             bad.append(block[:160])
     assert not bad, f"{doc.relative_to(ROOT)}: nanochat without its commit ({' or '.join(COMMITS)}):\n" + "\n".join(bad)
+
+
+def test_every_fixture_names_its_nanochat_commit():
+    """tests/fixtures/<name>_<commit>/: a commit of COMMITS, each directory in the fixtures' README."""
+    readme = (FIXTURES / "README.md").read_text(encoding="utf-8")
+    dirs = sorted(p.name for p in FIXTURES.iterdir() if p.is_dir())
+    assert dirs
+    for name in dirs:
+        assert name.rsplit("_", 1)[-1] in COMMITS, f"tests/fixtures/{name}: not named after 48abd7d or 92d63d4"
+        assert f"`{name}/`" in readme, f"tests/fixtures/README.md does not describe {name}/"
