@@ -442,3 +442,18 @@ def test_every_fixture_names_its_nanochat_commit():
     for name in dirs:
         assert name.rsplit("_", 1)[-1] in COMMITS, f"tests/fixtures/{name}: not named after 48abd7d or 92d63d4"
         assert f"`{name}/`" in readme, f"tests/fixtures/README.md does not describe {name}/"
+
+
+def test_nothing_points_outside_the_repository():
+    """Docs, code and scripts name no path outside the checkout (a sibling directory, the machine
+    the project was written on); .ci/run's optional corpus step is the one exception."""
+    outside = re.compile("|".join([r"\.\./" + "shared", r"(?<![\w.])/" + r"work/", r"\.\./\.\./"]))
+    files = [*DOCS, *COMMENTED, ROOT / "pyproject.toml", ROOT / "Cargo.toml", *(ROOT / "examples").glob("*")]
+    bad = [
+        f"{p.relative_to(ROOT)}:{n}: {line.strip()}"
+        for p in files
+        if p.is_file()
+        for n, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
+        if outside.search(line)
+    ]
+    assert not bad, "\n".join(bad)

@@ -484,7 +484,7 @@ mod tests {
     }
 
     #[test]
-    fn layout_and_mask_follow_spec() {
+    fn layout_and_mask_follow_render_conversation() {
         let core = byte_core();
         let msgs = [
             Message { role: "system", content: Content::Text("S") },
