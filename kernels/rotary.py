@@ -1,4 +1,5 @@
-"""Rotary position embedding (SPEC's half-split convention) for q and k in one Triton launch.
+"""Rotary position embedding for q and k in one Triton launch, in the half-split convention of
+nanochat's `apply_rotary_emb` (identical at 48abd7d and 92d63d4; docs/design.md, "Model"):
 
 x1 = x[..., :D/2], x2 = x[..., D/2:];  y1 = x1*cos + x2*sin,  y2 = -x1*sin + x2*cos.
 The backward is the inverse rotation (sin -> -sin), run by the same kernel.

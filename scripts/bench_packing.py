@@ -4,7 +4,7 @@
 
 On the tiny preset's corpus (docstrings and code of this Python's standard library, documents
 of at most 8,000 chars): rows of 512 with the preset's byte-level tokenizer, and rows of 2048
-(nanochat's context) with a BPE tokenizer trained on the same text. Best-fit rows are never
+(nanochat's context, 48abd7d and 92d63d4) with a BPE tokenizer trained on the same text. Best-fit rows are never
 padded; the cost is the share of document tokens dropped by crops. Prints one line per setting.
 """
 
@@ -39,7 +39,7 @@ def measure(tok, src, batch: int, seq_len: int, batches: int) -> dict:
 
 
 def python_bestfit(docs, rows: int, cap: int, buffer_docs: int, refill: int) -> list:
-    """nanochat's algorithm in plain Python (its loader's inner loop), for the speed comparison."""
+    """nanochat's algorithm in plain Python (92d63d4's loader's inner loop), for the speed comparison."""
     buf, out, nxt = [], [], 0
     for _ in range(rows):
         row = []

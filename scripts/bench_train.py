@@ -3,7 +3,7 @@
 
 One step = forward + backward + all optimizer steps. "plain" is the eager reference: full fp32
 logits + softcap + F.cross_entropy, rotary by torch ops, Muon Newton-Schulz in bf16 (as
-nanochat). Both run in the same process with the same weights and batches, steps alternating
+nanochat 48abd7d). Both run in the same process with the same weights and batches, steps alternating
 so a noisy machine slows both alike.
 
   python scripts/bench_train.py                      # CPU: d4, vocab 65536, 4x512, half ignored

@@ -10,7 +10,9 @@ model_000100.pt (token and value embeddings in bf16, as nanochat keeps them on a
 meta_000100.json (its `model_config`, as nanochat's base_train writes it), plus
 expected.pt: random ids [2, 144] (longer than the short window) and the fp32 CPU logits of
 nanochat's own forward on them. Which nanochat it was is read from its GPTConfig: one with
-`window_pattern` is the July-2026 model, one without the January-2026 one.
+`window_pattern` is the July-2026 model, one without the January-2026 one. The fixtures in
+tests/fixtures/ were written from the trees of commits 92d63d4 (nanochat_92d63d4/) and 48abd7d
+(nanochat_48abd7d/).
 """
 
 from __future__ import annotations

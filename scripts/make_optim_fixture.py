@@ -9,7 +9,7 @@ OUT_DIR (default tests/fixtures/optim_92d63d4) receives
   groups (a stack of 3 wide matrices, a stack of 2 tall ones) and three AdamW groups (a large
   tensor, a small one, a vector) with the recipe's betas, eps and weight decays; the
   parameters before and after each of 3 steps, and every group's hyperparameters.
-- model_000000.pt + meta_000000.json: a tiny July-2026 nanochat model (4 layers, 64 dims,
+- model_000000.pt + meta_000000.json: a tiny July-2026 nanochat model (92d63d4's) (4 layers, 64 dims,
   vocab 300, context 256) as nanochat initialises it, in nanochat's checkpoint layout;
 - train.pt: 8 batches (arithmetic progressions mod the vocab: learnable) and the loss before each of 8 steps of nanochat's own
   `setup_optimizer` + `MuonAdamW.step()` on them (fp32 on the CPU), with the learning rates,

@@ -1,6 +1,7 @@
 """A plain-Python CORE scorer written from the metric's description (the DCLM paper as nanochat
-implements it), for checking rustchat.core_eval: one example at a time, one forward per
-prompt, losses from a float64 log-softmax, no batching and no shared code with the package.
+implements it in core_eval.py, the same at 48abd7d and 92d63d4), for checking rustchat.core_eval:
+one example at a time, one forward per prompt, losses from a float64 log-softmax, no batching and
+no shared code with the package.
 
 Description followed:
 - shuffle the task's examples with random.Random(1337), keep the first max_per_task;

@@ -33,7 +33,7 @@ def rotate_half_split(x, positions, base=10000.0, bf16_tables=False):
     inv_freq = base ** (-2.0 * i / D)
     ang = positions.to(torch.float64)[..., None] * inv_freq  # [B, T, half]
     cos, sin = ang.cos(), ang.sin()
-    if bf16_tables:  # as nanochat's January model: fp32 angles, then bf16
+    if bf16_tables:  # as nanochat's January model (48abd7d): fp32 angles, then bf16
         inv32 = 1.0 / (base ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
         ang32 = positions.to(torch.float32)[..., None] * inv32
         cos, sin = ang32.cos().to(torch.bfloat16), ang32.sin().to(torch.bfloat16)

@@ -155,7 +155,7 @@ def test_nanochat_import_matches_reference(tmp_path, padded_rows, prefix, wte_dt
     model, meta = import_nanochat_model(tmp_path)
     assert meta["step"] == 650 and model.config.n_kv_head == 2
     idx = torch.randint(0, 300, (2, 12))
-    # a January-2026 nanochat model: its rotary tables are bf16
+    # a January-2026 nanochat model (48abd7d): its rotary tables are bf16
     ref = ref_forward({k: v.double() for k, v in sd.items()}, {**cfg, "rope_bf16": True}, idx)
     with torch.no_grad():
         ours = model.double()(idx)

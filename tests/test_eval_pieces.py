@@ -188,8 +188,8 @@ def test_categorical_pick(rng):
 
 
 def nanochat_answer(text):
-    """nanochat's reader (GSM8K and SpellingBee), transcribed: the first match of
-    `#### (-?[0-9.,]+)`, stripped, commas removed; None without a match."""
+    """nanochat's reader (GSM8K's at 48abd7d and 92d63d4, SpellingBee's at 48abd7d), transcribed:
+    the first match of `#### (-?[0-9.,]+)`, stripped, commas removed; None without a match."""
     m = re.search(r"#### (\-?[0-9\.\,]+)", text)
     return None if m is None else m.group(1).strip().replace(",", "")
 
@@ -219,7 +219,7 @@ def test_answer_extraction_is_nanochats(rng):
     assert extract_answer("#### 3 and #### 4") == "3"  # the first match counts
 
 
-# the HumanEval program as nanochat builds it, transcribed: prompt imports (up to the first line
+# the HumanEval program as nanochat builds it (48abd7d and 92d63d4), transcribed: prompt imports (up to the first line
 # that is neither import, comment nor blank), the first closed ```python / ``` block (else the
 # whole reply), both stripped, then the tests and check(entry_point)
 def nanochat_imports(prompt):
@@ -278,7 +278,7 @@ def test_humaneval_pass_fail_timeout():
     assert loop.status == "timeout"  # killed at its limit: the status says so, whatever the machine's load
     syntax = check_humaneval(PROMPT, "def add(a, b):\n    return a +\n", TEST, "add", timeout=3)
     assert syntax.status == "failed"
-    # nanochat's limits: 5 s and 256 MiB
+    # nanochat's limits (48abd7d, 92d63d4): 5 s and 256 MiB
     assert (TIMEOUT_S, MEMORY_MB) == (5.0, 256)
     hog = check_humaneval(PROMPT, "def add(a, b):\n    x = bytearray(400 << 20)\n    return a + b\n", TEST, "add")
     assert hog.status == "failed"

@@ -253,7 +253,7 @@ def test_from_depth_and_param_count():
     for d in range(1, 13):  # odd depths still give equal, even head widths
         c = GPTConfig.from_depth(d)
         assert c.n_embd == 64 * d and c.n_embd % c.n_head == 0 and c.head_dim % 2 == 0
-    # nanochat's shape knobs: width per layer and head width (the tiny preset: d2, 4 heads of 32)
+    # nanochat 92d63d4's shape knobs: width per layer and head width (the tiny preset: d2, 4 heads of 32)
     tiny = GPTConfig.from_depth(2, aspect_ratio=64, head_dim=32)
     assert (tiny.n_embd, tiny.n_head, tiny.head_dim) == (128, 4, 32)
     rng = np.random.default_rng()

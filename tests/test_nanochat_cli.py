@@ -76,14 +76,16 @@ def test_import_nanochat_cli_then_logits_match_reference(tmp_path):
     assert meta["step"] == 650 and "imported_from" in meta
     assert Tokenizer.load(base / "tokenizer").vocab_size == 300
     idx = torch.randint(0, 300, (2, 10))
-    assert model.config.rope_bf16  # January's nanochat keeps its rotary tables in bf16
+    assert model.config.rope_bf16  # January's nanochat (48abd7d) keeps its rotary tables in bf16
     ref = ref_forward({k: v.double() for k, v in sd.items()}, {**cfg, "rope_bf16": True}, idx)
     with torch.no_grad():
         torch.testing.assert_close(model.double()(idx), ref, rtol=1e-9, atol=1e-9)
 
 
 # ----------------------------------------------------------------------------- fixtures
-# checkpoints and logits written by nanochat's own code (scripts/make_nanochat_fixtures.py)
+# checkpoints and logits written by nanochat's own code (scripts/make_nanochat_fixtures.py), one
+# directory per commit: nanochat_48abd7d (January 2026, classic) and nanochat_92d63d4 (July 2026);
+# tests/fixtures/README.md says how each was made
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
 
@@ -106,8 +108,9 @@ def _import(ck, base):
 
 @pytest.mark.parametrize("version,arch", [("92d63d4", "2026"), ("48abd7d", "classic")])
 def test_nanochat_checkpoints_import_with_nanochats_logits(tmp_path, version, arch):
-    """Both nanochat versions: the CLI import, then fp32 CPU logits within 1e-3 of nanochat's own
-    forward on ids longer than the short window, and equal to our float64 reference."""
+    """Both nanochat commits (92d63d4: the 2026 model, 48abd7d: classic): the CLI import, then fp32
+    CPU logits within 1e-3 of nanochat's own forward on ids longer than the short window, and equal
+    to our float64 reference."""
     ck = _fixture_dir(tmp_path, version)
     r = _import(ck, tmp_path / "rc")
     assert r.returncode == 0, r.stderr

@@ -207,7 +207,7 @@ def test_bf16_parameters_update_in_fp32():
 
 
 def test_nanochat_muon_adamw_unit_fixture():
-    """nanochat's own MuonAdamW on given parameters and gradients (3 steps, 5 groups)."""
+    """nanochat 92d63d4's own MuonAdamW on given parameters and gradients (3 steps, 5 groups)."""
     fx = torch.load(FIXTURES / "unit.pt", weights_only=True)
     params = [torch.nn.Parameter(t.clone()) for t in fx["initial"]]
     groups, i = [], 0
@@ -381,7 +381,7 @@ def test_bad_recipe_and_groups_are_refused():
 
 
 def test_eight_steps_follow_nanochats_own_losses():
-    """A tiny July-2026 nanochat model, as nanochat initialises it, trained 8 steps by nanochat's
+    """A tiny July-2026 nanochat model (92d63d4), as nanochat initialises it, trained 8 steps by nanochat's
     own setup_optimizer + MuonAdamW (fixture): rustchat's model and optimizer on the same
     weights and batches follow its losses within 5e-3."""
     from rustchat.nanochat_import import import_nanochat_model

@@ -1,7 +1,7 @@
-"""The 2026 training rules against a table worked out by hand from nanochat's formulas, and the
-classic rules against the January recipe.
+"""The 2026 training rules against a table worked out by hand from nanochat's formulas (base_train
+at 92d63d4), and the classic rules against the January recipe (48abd7d).
 
-The table (vocab 32,768 = nanochat's tokenizer, aspect ratio 64, head dim 128):
+The table (vocab 32,768 = nanochat 92d63d4's tokenizer, aspect ratio 64, head dim 128):
   width d = depth*64 rounded up to a multiple of 128, heads h = d/128;
   scaling params = block params + head
                  = depth*12*d^2 (q, k, v, o: 4 d^2; MLP: 8 d^2)
@@ -83,7 +83,7 @@ def test_2026_rules_match_the_hand_table(depth):
 
 def test_given_batch_and_steps_still_scale_lr_and_decay():
     """A given --total-batch-size / --max-steps replaces the derived value; the lr scale and
-    the weight decay follow the batch given and the ratio's horizon (as nanochat's do)."""
+    the weight decay follow the batch given and the ratio's horizon (as nanochat 92d63d4's do)."""
     params, tokens = TABLE[20][:2]
     p = rules.plan_2026(params, REF_PARAMS, total_batch_size=2**17, num_steps=7)
     assert (p.total_batch_size, p.batch_auto, p.num_steps) == (2**17, False, 7)
@@ -142,7 +142,7 @@ def _meta_model(depth: int, vocab: int, **kw) -> GPT:
 
 @pytest.mark.parametrize("depth", sorted(TABLE))
 def test_base_derives_the_table_from_depth_alone(depth):
-    """`rustchat base --depth N` on the 2026 model (nanochat's vocabulary) counts the table's
+    """`rustchat base --depth N` on the 2026 model (nanochat 92d63d4's vocabulary) counts the table's
     scaling parameters and derives the table's plan."""
     cfg = BaseConfig(depth=depth, arch="2026")
     model = _meta_model(depth, 32768, aspect_ratio=cfg.aspect_ratio, head_dim=cfg.head_dim, arch=cfg.arch)

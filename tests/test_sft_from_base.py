@@ -1,5 +1,5 @@
-"""SFT straight from base (nanochat's 2026 path): the mixture's composition and ratios against
-nanochat's numbers, its schedule, and a tiny run that starts from a base checkpoint alone."""
+"""SFT straight from base (nanochat's 2026 path, chat_sft at 92d63d4): the mixture's composition
+and ratios against nanochat's numbers, its schedule, and a tiny run that starts from a base checkpoint alone."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ TINY = dict(depth=1, seq_len=64, device="cpu", quiet=True, eval_every=0, eval_ba
 
 
 def test_default_mixture_from_base_is_nanochats():
-    """nanochat's 2026 SFT: SmolTalk once, MMLU's auxiliary train 3 times, GSM8K's train 4 times;
+    """nanochat's 2026 SFT (92d63d4): SmolTalk once, MMLU's auxiliary train 3 times, GSM8K's train 4 times;
     validation SmolTalk test, MMLU test[:5200], GSM8K test[:420]."""
     spec = MIXTURES["default"]["sft-from-base"]
     counts = Counter((name, tuple(sorted(kw.items()))) for name, kw in spec["train"])

@@ -245,7 +245,7 @@ def test_cli_errors_are_one_line(base_dir, tmp_path):
 
 
 def test_default_recipe_runs_from_local_task_files(base_dir, tmp_path):
-    """nanochat's SFT mixture (hub datasets) from local copies in --task-dir: every task wired."""
+    """nanochat 48abd7d's SFT mixture (hub datasets) from local copies in --task-dir: every task wired."""
     from rustchat.stages import build_mixture
 
     rng = random.Random()

@@ -1,12 +1,14 @@
-"""The package's shape, checked statically: dependencies point one way (CLI -> commands ->
-engine/trainer -> model, data, tasks, tokenizer -> Rust core) with no import cycle (imports
-inside functions included), imports sit at the top except lazy heavy dependencies that say why,
-a command reaches its work in at most 3 plain calls, and every flag is a config field."""
+"""The package's shape as docs/architecture.md states it, checked statically: its layers (LAYERS
+below, which must list the same modules in the same layers as the page), dependencies that point
+one way, no import cycle, imports at the top except lazy heavy ones that say why, a command that
+reaches its work in at most 3 plain calls, and every flag a config field."""
 
 import ast
 import dataclasses
 import random
+import re
 import typing
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -15,11 +17,15 @@ import rustchat
 from rustchat import cli, config
 
 PKG = Path(rustchat.__file__).parent
+ROOT = Path(__file__).resolve().parent.parent
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
 # modeling code that `rustchat export` copies into transformers directories: transformers runs
 # it (trust_remote_code), rustchat never imports it
 REMOTE_CODE = PKG / "hf_remote"
 
-# Lower layers never import higher ones. Within a layer, imports are allowed but must not cycle.
+# The layers of docs/architecture.md, by top-level module or package (a package's modules share
+# its layer). Lower layers never import higher ones. Within a layer, imports are allowed but must
+# not cycle.
 LAYERS = {
     0: {"_core", "common"},
     1: {
@@ -60,7 +66,6 @@ LAYERS = {
         "serve_guard",
         "serve_connections",
         "export",
-        "hf_import",
         "nanochat_import",
         "tokenizer_stage",
     },
@@ -182,6 +187,64 @@ def _layer(mod: str) -> int:
 def test_every_module_has_a_layer():
     for mod in MODULES:
         _layer(mod)
+
+
+def test_every_layer_name_is_a_module():
+    tops = {m.split(".")[0] for m in MODULES}
+    stale = sorted(LAYER_OF.keys() - tops)
+    assert not stale, f"LAYERS names modules that do not exist: {stale}"
+
+
+# ----------------------------------------------------------------------------- the page
+def _source_modules() -> dict[str, str]:
+    """Every module of the checkout's sources, rustchat-relative and dotted ("" for the package
+    itself) -> its path: python/rustchat/ (not the build's copy of kernels/), kernels/ (shipped
+    as rustchat.kernels, kernels/package_init.py as its __init__) and the Rust extension."""
+    src = ROOT / "python" / "rustchat"
+    out = {"_core": "rust/src/"}
+    for p in sorted(src.rglob("*.py")):
+        rel = p.relative_to(src).with_suffix("")
+        if rel.parts[0] == "kernels" or "__pycache__" in rel.parts:
+            continue
+        parts = list(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        out[".".join(parts)] = str(p.relative_to(ROOT))
+    for p in sorted((ROOT / "kernels").glob("*.py")):
+        out["kernels" if p.stem == "package_init" else f"kernels.{p.stem}"] = str(p.relative_to(ROOT))
+    return out
+
+
+def _page_modules() -> list[tuple[str, str]]:
+    """(section, module) for every module line of docs/architecture.md, in page order: a line
+    "- `rustchat.x.y`: what it does" under a heading "## Layer N: ..." or "## Outside the layers"."""
+    rows, section = [], None
+    for line in ARCHITECTURE.read_text(encoding="utf-8").splitlines():
+        if line.startswith("## "):
+            m = re.match(r"## Layer (\d+): \S", line)
+            section = m.group(1) if m else ("outside" if line == "## Outside the layers" else line)
+        elif line.startswith("- "):
+            m = re.match(r"- `rustchat((?:\.\w+)*)`: \S", line)
+            assert m, f'docs/architecture.md: a module line reads "- `rustchat.name`: what it does": {line!r}'
+            assert section is not None, f"docs/architecture.md: module line before any layer: {line!r}"
+            rows.append((section, m.group(1).lstrip(".")))
+    return rows
+
+
+def test_the_architecture_page_lists_every_module_once_in_its_layer():
+    code = _source_modules()
+    page = _page_modules()
+    counts = Counter(mod for _, mod in page)
+    problems = [f"rustchat.{m} ({code[m]}) is not on the page" for m in code if m not in counts]
+    problems += [f"rustchat.{m} is listed {n} times" for m, n in counts.items() if n > 1]
+    problems += [f"rustchat.{m} is on the page but not in the code" for m in counts if m not in code]
+    for section, mod in page:
+        top = mod.split(".")[0] or "__init__"
+        want = "outside" if top == "hf_remote" else str(LAYER_OF.get(top, "no layer in LAYERS"))
+        if section != want:
+            problems.append(f"rustchat.{mod} is under {section!r} on the page, LAYERS says {want!r}")
+    headings = sorted({s for s, _ in page} - {"outside"}, key=int)
+    if headings != [str(n) for n in sorted(LAYERS)]:
+        problems.append(f"the page's layers {headings} are not LAYERS' {sorted(LAYERS)}")
+    assert not problems, "docs/architecture.md and the code disagree:\n" + "\n".join(problems)
 
 
 def test_dependencies_point_one_way():
@@ -310,7 +373,8 @@ def _value_for(field, hint, rng):
     if t is int:
         return rng.randint(max(1, m.get("minimum") or 1), 10_000)
     if t is float:
-        return round(rng.uniform(0.001, 5.0), 4)
+        low = max(m.get("minimum") or 0.0, 0.001)  # e.g. --request-timeout >= 0.1
+        return max(low, round(rng.uniform(low, low + 5.0), 4))
     if typing.get_origin(t) is list:
         return [f"x{rng.randrange(100)}=y"]
     return f"v{rng.randrange(10**6)}"

@@ -57,7 +57,8 @@ def check_valid(conv):
 
 def check_mc(conv, question, choices, answer_index, labels=None):
     """The multiple-choice layout (docs/design.md): question, `- choice=letter` lines, instruction;
-    answer letter. `labels`: the dataset's own labels, which the letters must be (nanochat's ARC)."""
+    answer letter. `labels`: the dataset's own labels, which the letters must be (nanochat's ARC,
+    48abd7d and 92d63d4)."""
     check_valid(conv)
     letters = conv["letters"]
     assert letters == (list(labels) if labels is not None else list("ABCDE"[: len(choices)]))
@@ -90,7 +91,7 @@ def test_arc_local(tmp_path, rng, fmt):
             row["choices"]["label"].index(row["answerKey"]),
             labels=row["choices"]["label"],
         )
-        # nanochat keeps the dataset's answerKey unchanged, "1".."4" included
+        # nanochat (48abd7d, 92d63d4) keeps the dataset's answerKey unchanged, "1".."4" included
         assert conv["messages"][1]["content"] == row["answerKey"]
         assert task.evaluate(conv, conv["messages"][1]["content"])
     assert seen == set(range(30))  # shuffled, but every row once
@@ -213,12 +214,12 @@ def test_humaneval_local_and_bundled(tmp_path):
     task = HumanEval(path=write_jsonl(tmp_path / "he.jsonl", rows))
     conv = task[0]
     check_valid(conv)
-    # nanochat's reference answer: prompt, a newline, canonical solution
+    # nanochat's reference answer (48abd7d, 92d63d4): prompt, a newline, canonical solution
     assert conv["messages"][1]["content"] == rows[0]["prompt"] + "\n" + rows[0]["canonical_solution"]
     assert task.evaluate(conv, conv["messages"][1]["content"])
     assert task.evaluate(conv, "Here:\n```python\ndef add(a, b):\n    return b + a\n```\nDone.")
     assert task.evaluate(conv, "```\ndef add(a, b):\n    return b + a\n```")  # an untagged fence
-    # nanochat fails these: the prompt is never prepended, an unclosed fence is no block
+    # nanochat (48abd7d, 92d63d4) fails these: the prompt is never prepended, an unclosed fence is no block
     assert not task.evaluate(conv, "    return a + b\n")
     assert not task.evaluate(conv, "```python\ndef add(a, b):\n    return a + b\n")
     assert not task.evaluate(conv, "def add(a, b):\n    return a - b\n")
@@ -312,7 +313,7 @@ def test_identity_bundle_is_generated_by_rustchat():
     # the bundled file is exactly what the generator writes (python -m rustchat.tasks.identity_gen)
     assert to_jsonl(generate()) == lines
     t = CustomJSON(identity_path())
-    assert 950 <= len(t) <= 1100  # nanochat mixes in about 1,000
+    assert 950 <= len(t) <= 1100  # nanochat (48abd7d) mixes in about 1,000
     users = []
     for c in t:
         check_valid(c)
@@ -349,7 +350,7 @@ def test_spelling_bee(rng):
     for conv in task:
         check_valid(conv)
         parts = conv["messages"][1]["content"]
-        # nanochat's five parts: manual count, lead-in, python call, its output, final answer
+        # nanochat 48abd7d's five parts: manual count, lead-in, python call, its output, final answer
         assert [p["type"] for p in parts] == ["text", "text", "python", "python_output", "text"]
         assert parts[1]["text"] == "\n\nLet me double check this using Python:\n\n"
         call = [p["text"] for p in parts if p["type"] == "python"]
@@ -374,12 +375,12 @@ def test_spelling_bee(rng):
 def test_spelling_words_and_templates_like_nanochat():
     lists = word_lists()
     words = lists["train"] + lists["test"]
-    # nanochat's words_alpha.txt has ~370K words; ours must be of comparable size, all lengths
+    # nanochat 48abd7d's words_alpha.txt has ~370K words; ours must be of comparable size, all lengths
     assert len(words) >= 250_000 and len(set(words)) == len(words)
     assert 0.08 < len(lists["test"]) / len(words) < 0.12
     assert min(map(len, words)) <= 2 and max(map(len, words)) >= 20
     assert all(w.isascii() and w.isalpha() and w.islower() for w in words[::997])
-    # many phrasings, in English and other languages (nanochat: es, zh, ko, fr, de, ja)
+    # many phrasings, in English and other languages (nanochat 48abd7d: es, zh, ko, fr, de, ja)
     assert len(BEE_TEMPLATES) >= 30
     for marker in ("¿", "单词", "에", "Combien", "Wie", "の"):
         assert any(marker in t for t in BEE_TEMPLATES), marker
@@ -394,7 +395,7 @@ def test_simple_spelling(rng):
     for conv in task:
         check_valid(conv)
         word = conv["word"]
-        assert conv["messages"][0]["content"] == f"Spell the word: {word}"  # nanochat's prompt
+        assert conv["messages"][0]["content"] == f"Spell the word: {word}"  # nanochat 48abd7d's prompt
         assert conv["messages"][1]["content"] == word + ":" + ",".join(word)
         assert task.evaluate(conv, conv["messages"][1]["content"] + "\n")
         assert not task.evaluate(conv, word)

@@ -182,7 +182,9 @@ def _relaunch_with_torchrun(cfg) -> None:
 
 
 # ----------------------------------------------------------------------------- the parser
-# (name, help, config class, handler); the flags come from the config's fields
+# The training stages as (name, help, handler); COMMANDS adds each one's config class from
+# STAGE_CONFIGS. COMMANDS and TOK_COMMANDS hold (name, help, config class, handler); every
+# command's flags come from its config class's fields.
 STAGE_COMMANDS = (
     ("base", "pretrain on web text (FineWeb-Edu or --data-dir)", cmd_base),
     ("mid", "mid-train on conversations (every token trained)", cmd_mid),

@@ -243,7 +243,7 @@ class BaseConfig(StageConfig):
     rules: str = opt(
         "2026",
         "how horizon, batch size, learning rates and schedule follow from the model: 2026 "
-        "(nanochat's July 2026 rules) or classic (January 2026)",
+        "(nanochat's July-2026 rules, commit 92d63d4) or classic (January 2026, commit 48abd7d)",
         choices=RULES,
     )
     target_param_data_ratio: float | None = opt(
@@ -291,7 +291,7 @@ class BaseConfig(StageConfig):
     bpb_tokens: int = opt(
         1 << 20, "validation tokens scored for val bpb (the set `eval -i base --bpb-tokens` scores)", minimum=1
     )
-    # the shape of a new model (a resumed one keeps its checkpoint's): nanochat's knobs
+    # the shape of a new model (a resumed one keeps its checkpoint's): nanochat's knobs (92d63d4)
     aspect_ratio: int = opt(64, "model width per layer: model_dim = depth * aspect_ratio", minimum=2)
     head_dim: int = opt(128, "attention head width (heads = model_dim / head_dim, rounded to divide it)", minimum=2)
     fp8: bool = opt(
@@ -301,8 +301,8 @@ class BaseConfig(StageConfig):
     )
     arch: str = opt(
         "2026",
-        "architecture of a new model: 2026 (nanochat's July-2026 model: sliding windows, "
-        "value embeddings, smear, backout) or classic (January 2026)",
+        "architecture of a new model: 2026 (nanochat's July-2026 model, commit 92d63d4: sliding windows, "
+        "value embeddings, smear, backout) or classic (January 2026, commit 48abd7d)",
         choices=ARCHS,
     )
     core_every: int = opt(0, "steps between CORE evaluations, and one at the end (0: none)", minimum=0)
@@ -339,7 +339,7 @@ class SFTConfig(StageConfig):
     pack: bool = opt(False, "pack conversations into rows instead of padding")
     from_stage: str = opt(
         "mid",
-        "the checkpoint to start from: mid, or base (nanochat's 2026 path: mid-training's "
+        "the checkpoint to start from: mid, or base (nanochat 92d63d4's path: mid-training's "
         "data folded into the SFT mixture)",
         short="--from",
         choices=SFT_SOURCES,
@@ -418,7 +418,7 @@ class EvalConfig(ModelSourceConfig):
     seed: int = opt(42, "sampling seed")
     data_dir: str | None = opt(None, "-i base: validation text files (default: the base dir's)")
     bpb_tokens: int = opt(1 << 20, "-i base: tokens scored at most", minimum=1)
-    core: bool = opt(False, "-i base: also score the CORE suite (DCLM's ICL tasks, as nanochat does)")
+    core: bool = opt(False, "-i base: also score the CORE suite (DCLM's ICL tasks, as nanochat 48abd7d/92d63d4 do)")
     bundle: str | None = opt(
         None,
         "-i base --core: eval bundle directory (core.yaml, eval_data/, "

@@ -1,5 +1,6 @@
-"""The CORE eval bundle (DCLM's ICL tasks as nanochat packs them): reading a bundle directory,
-checking it, and fetching nanochat's eval_bundle.zip into <base dir>/eval_bundle on first use.
+"""The CORE eval bundle (DCLM's ICL tasks as nanochat packs them, at 48abd7d and 92d63d4 alike):
+reading a bundle directory, checking it, and fetching nanochat's eval_bundle.zip into
+<base dir>/eval_bundle on first use.
 
 A bundle directory holds
   core.yaml            `icl_tasks`: label, icl_task_type, dataset_uri, num_fewshot, continuation_delimiter
@@ -28,7 +29,7 @@ from tqdm import tqdm
 
 from .common import RustchatError
 
-# where nanochat downloads the bundle from; RUSTCHAT_EVAL_BUNDLE_URL points elsewhere (a mirror)
+# where nanochat (48abd7d, 92d63d4) downloads the bundle from; RUSTCHAT_EVAL_BUNDLE_URL points elsewhere
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 URL_ENV = "RUSTCHAT_EVAL_BUNDLE_URL"
 # SHA-256 of that zip as several public projects pin it (22 tasks); RUSTCHAT_EVAL_BUNDLE_SHA256
@@ -82,7 +83,7 @@ def _read_yaml(path: Path) -> dict:
 
 
 def _shots(value, where: str) -> int:
-    # the bundle lists the shot counts to run ([0], [10], ...); nanochat runs the first
+    # the bundle lists the shot counts to run ([0], [10], ...); nanochat runs the first (48abd7d, 92d63d4)
     shots = value[0] if isinstance(value, list) and value else value
     if isinstance(shots, bool) or not isinstance(shots, int) or not 0 <= shots <= MAX_SHOTS:
         raise RustchatError(

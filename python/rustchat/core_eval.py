@@ -1,5 +1,5 @@
-"""The CORE metric of a base model (DCLM's ICL suite, scored as nanochat scores it; docs/design.md,
-"CORE").
+"""The CORE metric of a base model (DCLM's ICL suite, scored as nanochat's core_eval.py scores it,
+the same code at 48abd7d and 92d63d4; docs/design.md, "CORE").
 
 Per example: few-shot examples are drawn with `random.Random(1234 + index)` from the other
 examples, the prompts are rendered (one per choice; two for language modelling), each encoded
@@ -34,8 +34,8 @@ from .core_bundle import CoreTask, load_examples
 from .runtime import autocast_ctx, get_rank, get_world_size, is_dist
 from .scoring import centered
 
-SHUFFLE_SEED = 1337  # the task's order before --max-per-task (nanochat's)
-FEWSHOT_SEED = 1234  # few-shot draw of example i: random.Random(FEWSHOT_SEED + i) (nanochat's)
+SHUFFLE_SEED = 1337  # the task's order before --max-per-task (nanochat's, 48abd7d and 92d63d4)
+FEWSHOT_SEED = 1234  # few-shot draw of example i: random.Random(FEWSHOT_SEED + i) (nanochat's, both commits)
 CHUNK = 64  # examples per unit of work dealt to a rank
 MAX_LOGIT_ELEMS = 1 << 28  # rows x positions x vocab floats materialised per forward at most
 
@@ -158,7 +158,7 @@ def encode_example(tok, task: CoreTask, data: list[dict], idx: int, max_len: int
 def _verdict(ex: EncodedExample, losses: list[torch.Tensor], hits: list[bool]) -> bool:
     if ex.gold is None:
         return hits[0]
-    means = [float(l.mean()) for l in losses]  # an empty span's mean is NaN, as in nanochat
+    means = [float(l.mean()) for l in losses]  # an empty span's mean is NaN, as in nanochat (48abd7d, 92d63d4)
     return means.index(min(means)) == ex.gold  # min keeps the first of equal values
 
 
@@ -333,7 +333,8 @@ def format_core_table(result: CoreResult) -> str:
 
 
 def core_csv(result: CoreResult) -> str:
-    """nanochat's results file: label, accuracy, centred accuracy; then the CORE row."""
+    """nanochat's results file (base_eval at 48abd7d and 92d63d4): label, accuracy, centred accuracy;
+    then the CORE row."""
     lines = [f"{'Task':<35}, {'Accuracy':<10}, {'Centered':<10}"]
     lines += [f"{t.label:<35}, {t.accuracy:<10.6f}, {t.centered:<10.6f}" for t in result.tasks]
     lines.append(f"{'CORE':<35}, {'':<10}, {result.core:<10.6f}")

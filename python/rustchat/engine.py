@@ -1,4 +1,4 @@
-"""Inference engine: KV-cached batched sampling with the calculator tool (docs/design.md, "Inference").
+"""Inference engine: KV-cached batched sampling with the calculator tool (docs/design.md, "Inference engine").
 
 The prompt is prefilled once with batch 1 and its cache fanned out to N rows
 (`KVCache.prefill`); each step then feeds one token per row. A row ends at `<|assistant_end|>`

@@ -1,5 +1,5 @@
-"""`rustchat eval`: chat models on the eval tasks (docs/design.md, "Evaluation"), base models by bits per
-byte and (--core) the CORE suite (core_eval.py).
+"""`rustchat eval`: chat models on the eval tasks (docs/design.md, "Chat evaluation"), base models by
+bits per byte ("Base evaluation") and (--core) the CORE suite (core_eval.py).
 
 Categorical tasks (ARC, MMLU): each prompt is rendered for completion, a padded batch goes
 through one forward, and the answer is the letter whose token has the highest logit at the
@@ -289,7 +289,8 @@ def default_val_files(base: Path, data_dir: str | None) -> list[Path]:
 
 # ----------------------------------------------------------------------------- entry point
 def core_csv_path(base: Path, depth: int, step) -> Path:
-    """nanochat's per-model results file, in base_eval/ beside report.md."""
+    """nanochat's per-model results file (base_eval at 48abd7d and 92d63d4), in base_eval/ beside
+    report.md."""
     return base / "base_eval" / f"base_model_d{depth}_{int(step or 0):06d}.csv"
 
 

@@ -5,7 +5,7 @@ trust_remote_code=True) for the 2026 one; and either kind back into a checkpoint
 (docs/design.md, "Export to transformers").
 
 transformers' NanoChat is the same network as ours: embedding, RMSNorm without weights
-before the blocks, pre-norm blocks with rotary (nanochat's sign convention) then QK RMSNorm,
+before the blocks, pre-norm blocks with rotary (nanochat's sign convention, 48abd7d and 92d63d4) then QK RMSNorm,
 ReLU^2 MLP, a final RMSNorm, an untied head and a tanh softcap of 15 on the logits. So the
 export renames weights (`transformer.h.{i}.attn.c_q` -> `model.layers.{i}.self_attn.q_proj`,
 ...), cuts the embedding and head to the real vocabulary (our padded rows are never used, and

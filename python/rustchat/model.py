@@ -4,7 +4,7 @@ Two architectures, one model: the classic one and the 2026 one (sliding windows,
 embeddings, per-layer lambdas, smear, backout, rotary base 100k, q/k scale), whose features are
 GPTConfig fields ("The 2026 architecture" in docs/design.md). Module names follow nanochat
 (transformer.wte, transformer.h.{i}.attn.c_q, ..., value_embeds.{i}, resid_lambdas, lm_head) so
-a nanochat state dict of either version maps onto ours by name. Rotary and the fused head+loss
+a nanochat state dict of either commit (48abd7d, 92d63d4) maps onto ours by name. Rotary and the fused head+loss
 come from rustchat.kernels, which picks Triton or plain-torch paths itself; attention from
 rustchat.attention.
 """
@@ -28,8 +28,8 @@ VOCAB_PAD = 64  # pad the head/embedding rows to a multiple of this for matmul e
 
 
 # The two architectures rustchat trains and loads, as values of GPTConfig's feature fields.
-# "classic" is nanochat's model of January 2026; "2026" its model of July 2026 (docs/design.md,
-# "Model"). A saved config without the feature fields is classic.
+# "classic" is nanochat's model of January 2026 (commit 48abd7d); "2026" its model of July 2026
+# (commit 92d63d4) (docs/design.md, "Model"). A saved config without the feature fields is classic.
 ARCHS = {
     "classic": dict(
         window_pattern=None,
@@ -75,8 +75,8 @@ class GPTConfig:
     layer_lambdas: bool = False  # per-layer resid_lambdas / x0_lambdas mixing in the first embedding
     smear: bool = False  # the previous token's embedding gated into each token's
     backout: bool = False  # the middle layer's residual, scaled, subtracted before the head
-    # rotary cos/sin rounded to bf16, as nanochat's January-2026 model keeps them (set on its
-    # imports so they compute what nanochat computes); not an architecture feature
+    # rotary cos/sin rounded to bf16, as nanochat's January-2026 model (48abd7d) keeps them (set on
+    # its imports so they compute what nanochat computes); not an architecture feature
     rope_bf16: bool = False
 
     @classmethod
@@ -194,7 +194,7 @@ class GPTConfig:
 
 
 def _bf16_rotary_tables(n: int, head_dim: int, base, device, dtype):
-    """cos/sin as nanochat's January-2026 model makes them: angles in fp32, rounded to bf16."""
+    """cos/sin as nanochat's January-2026 model (48abd7d) makes them: angles in fp32, rounded to bf16."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
     ang = torch.outer(torch.arange(n, dtype=torch.float32, device=device), inv_freq)
     return ang.cos().to(torch.bfloat16).to(dtype), ang.sin().to(torch.bfloat16).to(dtype)
@@ -407,7 +407,7 @@ class GPT(nn.Module):
             }
         )
         self.lm_head = nn.Linear(config.n_embd, V, bias=False)
-        # the 2026 features' parameters, named as nanochat names them (a checkpoint maps 1:1)
+        # the 2026 features' parameters, named as nanochat 92d63d4 names them (a checkpoint maps 1:1)
         if config.layer_lambdas:  # before block i: x = resid_lambdas[i] * x + x0_lambdas[i] * x0
             self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
             self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
@@ -451,7 +451,7 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
                 fan_out, fan_in = lin.weight.shape
-                # 1/sqrt(fan_in), shrunk for wide-in/narrow-out maps (arXiv:2310.17813, as nanochat)
+                # 1/sqrt(fan_in), shrunk for wide-in/narrow-out maps (arXiv:2310.17813, as nanochat 48abd7d)
                 std = fan_in**-0.5 * min(1.0, math.sqrt(fan_out / fan_in))
                 lin.weight.normal_(0.0, std, generator=generator)
             # residual-branch outputs start at zero so every block starts as identity
@@ -461,7 +461,7 @@ class GPT(nn.Module):
         self.lm_head.weight.normal_(0.0, 0.001, generator=generator)
 
     def _init_trunk_2026(self, generator) -> None:
-        """nanochat's July-2026 init: uniform (no outliers) with std 1/sqrt(n_embd), c_fc at 0.4x,
+        """nanochat's July-2026 init (92d63d4): uniform (no outliers) with std 1/sqrt(n_embd), c_fc at 0.4x,
         gates slightly open, value embeddings like c_v."""
         s = 3**0.5 * self.config.n_embd**-0.5  # uniform(-s, s) has std 1/sqrt(n_embd)
         for block in self.transformer.h:
@@ -514,7 +514,7 @@ class GPT(nn.Module):
 
         Matmul params are the block matrices, the smear gate and the unpadded head (the loss only
         multiplies vocab_size rows); embeddings are lookups. Attention is counted un-masked, as
-        nanochat, over min(window, T) keys."""
+        nanochat 92d63d4 counts it, over min(window, T) keys."""
         cfg = self.config
         T = seq_len or cfg.sequence_len
         n_matmul = sum(p.numel() for p in self.transformer.h.parameters()) + cfg.vocab_size * cfg.n_embd

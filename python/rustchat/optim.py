@@ -1,15 +1,16 @@
-"""The optimizer (docs/design.md, "Optimizer"): one MuonAdamW that updates the transformer's
+"""The optimizer (docs/design.md, "Optimizers"): one MuonAdamW that updates the transformer's
 matrices with Muon and every other parameter with AdamW, in one of two recipes.
 
-- "2026" (nanochat's July-2026 recipe, the default): Muon orthogonalises with Polar Express,
+- "2026" (nanochat's July-2026 recipe, commit 92d63d4; the default): Muon orthogonalises with Polar Express,
   equilibrates rows before (MuonEq), snaps the Frobenius norm after (Muon+), rescales per
   neuron by a second moment (NorMuon, beta2) and decays weights only where the update and the
   weight agree in sign (cautious weight decay). Six AdamW groups with their own betas and
   weight decays: head, token embedding, value embeddings, resid lambdas, x0 lambdas, smear.
-- "classic" (January 2026): Muon with quintic Newton-Schulz, AdamW on head and embedding.
+- "classic" (January 2026, commit 48abd7d): Muon with quintic Newton-Schulz, AdamW on head and embedding.
 
 All update math is fp32 whatever the parameters' dtype (bf16 parameters are read as fp32 and
-written back), except the orthogonalisation, which runs in bf16 on CUDA as nanochat runs it.
+written back), except the orthogonalisation, which runs in bf16 on CUDA as nanochat runs it
+(48abd7d and 92d63d4; on the CPU 92d63d4 keeps fp32, as rustchat does, and 48abd7d bf16).
 
 Distributed (ZeRO-2): the optimizer owns gradient communication; nothing all-reduces the
 gradients before `step()`. A step (1) launches every reduce-scatter at once, asynchronously,

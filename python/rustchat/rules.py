@@ -2,7 +2,7 @@
 rates, weight decay and schedule (docs/design.md, "Training rules").
 
 Two rule sets:
-- "2026" (nanochat's of July 2026): the horizon is `ratio` (12) tokens per *scaling* parameter
+- "2026" (nanochat's of July 2026, commit 92d63d4): the horizon is `ratio` (12) tokens per *scaling* parameter
   (block matrices + output head: the count that gives the cleanest scaling laws; embeddings and
   scalars are left out). Hyperparameters are tuned on a d12 reference model trained to its own
   horizon D_ref with B_ref = 2^19 tokens per step, and carried to other sizes: the batch size
@@ -164,7 +164,7 @@ def plan_2026(
     """The 2026 rules for a model with `params` scaling parameters whose d12 sibling (same
     width rule, vocabulary and context) has `ref_params`. A given `total_batch_size` or
     `num_steps` replaces the derived one; the lr and weight-decay scaling still follow the batch
-    and the ratio's horizon, as nanochat's do. `overrides`: fields of RuleDefaults."""
+    and the ratio's horizon, as nanochat 92d63d4's do. `overrides`: fields of RuleDefaults."""
     d = _defaults("2026", overrides)
     ratio = d.tokens_per_param if tokens_per_param is None else tokens_per_param
     if ratio <= 0:

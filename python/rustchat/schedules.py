@@ -41,7 +41,7 @@ def mid_lr_multiplier(progress: float, *, warmdown_frac: float = 0.2) -> float:
 def sft_lr_multiplier(step: int, num_steps: int, *, init_lr_frac: float = 0.02, warmdown_ratio: float = 1.0) -> float:
     """SFT: starts at init_lr_frac of the base lrs, flat, then linear decay to 0 at num_steps
     over the last `warmdown_ratio` of the run (from mid: 0.02 and all of it; from base, as
-    nanochat's 2026 SFT: 0.8 and the last half).
+    nanochat's 2026 SFT at 92d63d4: 0.8 and the last half).
 
     Use either this init_lr_frac or build_optimizers(lr_scale=...), not both."""
     progress = step / num_steps

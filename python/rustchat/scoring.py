@@ -7,7 +7,7 @@ import numpy as np
 from .common import RustchatError
 from .tasks.base import answers_match, extract_answer
 
-# Chance accuracy per task (docs/design.md, "Evaluation"): 4-choice tasks 0.25, generative ones 0.
+# Chance accuracy per task (docs/design.md, "Chat evaluation"): 4-choice tasks 0.25, generative ones 0.
 BASELINES = {
     "ARC-Easy": 0.25,
     "ARC-Challenge": 0.25,

@@ -6,8 +6,8 @@ mid-trained and fine-tuned on generated arithmetic-with-calculator, spelling tas
 bundled identity chats, then reinforced (RL) on arithmetic and spelling questions, each stage
 then scored by `rustchat eval`. Every machine has this
 data, so it is the embedded default job.
---preset d10 / d20: nanochat's recipes on FineWeb-Edu and the hub task datasets, with CORE during
-and after base training.
+--preset d10 / d20: nanochat's recipes (48abd7d's stages and data, the 2026 model and rules of
+92d63d4) on FineWeb-Edu and the hub task datasets, with CORE during and after base training.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from .stages import train_base, train_mid, train_rl, train_sft
 from .tasks.stdlib_text import write_corpus
 from .tokenizer import SPECIAL_TOKENS, Tokenizer
 
-# nanochat's base training scores CORE (500 examples per task) every 2000 steps and at the end;
+# nanochat's base training (48abd7d, 92d63d4) scores CORE (500 examples per task) every 2000 steps and at the end;
 # the GPU presets then score the whole suite on the final base model (base_eval "core")
 CORE_DURING_BASE = {"core_every": 2000, "core_max_per_task": 500}
 
@@ -76,7 +76,7 @@ PRESETS = {
             "eval_every": 275,
             "tasks": "tiny",
         },
-        # SFT starts at a quarter of the base learning rates (nanochat's 2% barely moves a model
+        # SFT starts at a quarter of the base learning rates (nanochat 48abd7d's 2% barely moves a model
         # this small); packed rows, so no step is spent on padding
         "sft": {
             "device_batch_size": 8,
@@ -89,7 +89,7 @@ PRESETS = {
             "from_stage": "mid",
         },
         # RL on the SFT model's own replies: 8 samples per arithmetic or spelling question,
-        # the calculator active; a higher learning rate than nanochat's 5%, as for SFT
+        # the calculator active; a higher learning rate than nanochat's 5% (48abd7d, 92d63d4), as for SFT
         "rl": TINY_RL,
         # `rustchat eval --tasks tiny`'s own problems (200 per task): the 800 decode 256 at a time
         # in one continuous batch (greedy replies do not depend on the batch)

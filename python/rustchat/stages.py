@@ -65,7 +65,8 @@ from .trainer import all_reduce_sum, data_state_for_rank, run_stage
 
 # ----------------------------------------------------------------------------- task mixtures
 # name -> (task name, kwargs) lists, per stage and split. "default" is nanochat's recipe on the hub
-# datasets; "tiny" is the offline recipe (synthetic tasks and bundled identity chats).
+# datasets (48abd7d's mid and SFT mixtures; 92d63d4's SFT from base); "tiny" is the offline
+# recipe (synthetic tasks and bundled identity chats).
 MIXTURES = {
     "default": {
         "mid": {
@@ -96,7 +97,7 @@ MIXTURES = {
             ],
             "val": [("smoltalk", {"split": "test"})],
         },
-        # SFT straight from base (nanochat's 2026 recipe): mid-training's conversations folded in,
+        # SFT straight from base (nanochat's 2026 recipe, 92d63d4): mid-training's conversations folded in,
         # MMLU 3 epochs (multiple choice), GSM8K 4 epochs (math and tool use); validation as mid's
         "sft-from-base": {
             "train": [
@@ -138,8 +139,8 @@ MIXTURES["tiny"]["sft-from-base"] = {
     "train": MIXTURES["tiny"]["mid"]["train"] + MIXTURES["tiny"]["sft"]["train"],
     "val": MIXTURES["tiny"]["sft"]["val"],
 }
-SFT_FROM_BASE = dict(init_lr_frac=0.8, warmdown_ratio=0.5)  # nanochat's 2026 SFT schedule
-SFT_FROM_MID = dict(init_lr_frac=0.02, warmdown_ratio=1.0)
+SFT_FROM_BASE = dict(init_lr_frac=0.8, warmdown_ratio=0.5)  # nanochat's 2026 SFT schedule (92d63d4)
+SFT_FROM_MID = dict(init_lr_frac=0.02, warmdown_ratio=1.0)  # nanochat's SFT after mid-training (48abd7d)
 SFT_LR_KEYS = ("matrix_lr", "embedding_lr", "unembedding_lr")  # SFT's lr flags, inherited from base
 
 
@@ -202,7 +203,7 @@ def one_run(train):
 
 
 # ----------------------------------------------------------------------------- shared setup
-NEW_MODEL_DEPTH = 10  # a base run without --depth and nothing to continue: nanochat's d10
+NEW_MODEL_DEPTH = 10  # a base run without --depth and nothing to continue: the d10 preset's depth
 
 
 @dataclass
@@ -469,7 +470,7 @@ def _conv_loss_evaluator(tok, conversations, cfg: StageConfig, rank: int, world:
 
 
 def _core_evaluator(cfg: BaseConfig, tok):
-    """CORE during base training, as nanochat's --core-metric-every: the first
+    """CORE during base training, as nanochat's --core-metric-every (48abd7d, 92d63d4): the first
     --core-max-per-task examples of each task, every rank scoring its share."""
     tasks = resolve_bundle(cfg.bundle, cfg.base_dir or get_base_dir(), quiet=cfg.quiet)
 
@@ -692,7 +693,7 @@ def train_sft(cfg: SFTConfig) -> dict:
         start_step=s.start_step,
         evaluate=s.evaluate,
         ckpt_dir=_ckpt_dir("sft", cfg),
-        # from base, momentum warms up 0.85 -> 0.95 as in pretraining (nanochat's 2026 SFT)
+        # from base, momentum warms up 0.85 -> 0.95 as in pretraining (nanochat's 2026 SFT, 92d63d4)
         momentum_fn=muon_momentum if cfg.from_stage == "base" else None,
         resumed_meta=s.meta,
     )

@@ -5,7 +5,7 @@ micro-batches. The loss is normalised per trained token over the WHOLE step: eve
 micro-batch contributes sum(token losses) / (trained tokens in the step, summed over all
 micro-batches and ranks), and gradients are summed across ranks (by the optimizer, which
 shards its state: rustchat.optim). This departs on purpose
-from nanochat's mean of micro-batch means (docs/design.md): the update no longer depends on
+from nanochat's mean of micro-batch means (48abd7d and 92d63d4; docs/design.md): the update no longer depends on
 --device-batch-size or on how masked tokens fall into micro-batches, and a micro-batch with no
 trained token adds exactly zero (never NaN).
 
@@ -161,7 +161,8 @@ def run_stage(
     here and in `run_history` / `run_seconds` of the result, while `history` / `seconds`
     cover this invocation only. `step_fn(model, optimizers, step_data, device, autocast)` ->
     (loss, trained tokens, numbers to log) replaces `train_step` (RL's policy-gradient step). `core_eval` = (every, fn): fn(model) -> {"core_metric": x, ...}
-    runs on every rank every `every` steps and at the last step (nanochat's --core-metric-every)."""
+    runs on every rank every `every` steps and at the last step (nanochat's --core-metric-every,
+    48abd7d and 92d63d4)."""
     ledger = RunLedger(resumed_meta)
     if start_step >= num_steps:  # nothing left to train: say so instead of silently re-saving
         print0(

@@ -1,4 +1,4 @@
-//! BOS-aligned best-fit packing of pretraining documents into rows (nanochat's 2026 loader).
+//! BOS-aligned best-fit packing of pretraining documents into rows (nanochat's 2026 loader, 92d63d4).
 //!
 //! Every row starts at the start of a document (documents arrive with BOS in front), so every
 //! token can attend back to its document's BOS. Documents wait in a buffer; each row is filled

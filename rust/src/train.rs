@@ -1,10 +1,11 @@
 //! BPE training: count unique pre-split chunks, then merge the most frequent adjacent pair
 //! until the vocabulary is full.
 //!
-//! Rules (SPEC): merge i gets id 256+i; the most frequent pair wins and ties go to the
-//! smaller pair (lexicographic on the two ids), so training is deterministic. One rule of ours
-//! on top: a pair whose concatenated bytes already exist as a token is skipped, so every token
-//! has unique bytes and the ranks export losslessly to tiktoken.
+//! Rules, as nanochat's rustbpe trains (rustbpe/src/lib.rs at 48abd7d): merge i gets id 256+i;
+//! the most frequent pair wins and ties go to the smaller pair (lexicographic on the two ids),
+//! so training is deterministic. One rule of ours on top: a pair whose concatenated bytes
+//! already exist as a token is skipped, so every token has unique bytes and the ranks export
+//! losslessly to tiktoken.
 //!
 //! The merge loop keeps, per pair, its count and a list of words it may occur in (stale entries
 //! are allowed and skipped), plus a max-queue with lazy re-checking (`PairQueue`). Existing

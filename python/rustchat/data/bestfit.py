@@ -1,4 +1,4 @@
-"""BOS-aligned best-fit pretraining batches (the 2026 rules' loader).
+"""BOS-aligned best-fit pretraining batches (the 2026 rules' loader: nanochat's at 92d63d4).
 
 Every row of a batch starts at a document's `<|bos|>`, so no token sees the tail of an
 unrelated document before its own start. Documents wait in a buffer of about BUFFER_DOCS;
@@ -27,8 +27,8 @@ from ..common import RustchatError
 from .pretrain import Cursor, PretrainLoader
 
 PACKING = "bos_bestfit"
-BUFFER_DOCS = 1000  # documents buffered before each placement (nanochat's)
-REFILL_DOCS = 128  # documents fed at a time (nanochat's tokenizer batch)
+BUFFER_DOCS = 1000  # documents buffered before each placement (nanochat 92d63d4's)
+REFILL_DOCS = 128  # documents fed at a time (nanochat 92d63d4's tokenizer batch)
 
 
 class BestFitLoader(PretrainLoader):

@@ -4,7 +4,7 @@ with `trust_remote_code=True`; it needs only torch and transformers, not rustcha
 It computes what rustchat's GPT computes (docs/design.md, "Model"), written again here because
 remote code cannot import rustchat: token embedding and RMSNorm (no weights); the optional
 smear (the previous token's embedding, gated, added to each token's); per block the optional
-resid/x0 lambdas, attention (rotary in nanochat's sign convention, QK RMSNorm, q and k times
+resid/x0 lambdas, attention (rotary in nanochat's sign convention, 92d63d4's, QK RMSNorm, q and k times
 qk_scale, values plus gated value embeddings on their layers, a sliding window per layer) and a
 ReLU^2 MLP; the optional backout of the middle layer's residual; a final RMSNorm, the head and
 a tanh softcap. Weight names are rustchat's. Generation keeps every key and value in
@@ -47,7 +47,7 @@ def has_value_embed(cfg, layer):
 
 
 def _rotary(positions, head_dim, base, bf16, dtype):
-    if bf16:  # fp32 angles rounded to bf16, as nanochat's January-2026 model
+    if bf16:  # fp32 angles rounded to bf16, as nanochat's January-2026 model (48abd7d)
         inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
         ang = positions.float()[:, None] * inv
         return ang.cos().to(torch.bfloat16).to(dtype), ang.sin().to(torch.bfloat16).to(dtype)

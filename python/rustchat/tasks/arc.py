@@ -13,7 +13,7 @@ SPLITS = ("train", "validation", "test")
 class ARC(CategoricalTask):
     """Rows: question, choices {text: [...], label: [...]}, answerKey.
 
-    The dataset's own labels and answerKey are used unchanged, as nanochat does: most rows are
+    The dataset's own labels and answerKey are used unchanged, as nanochat does (48abd7d, 92d63d4): most rows are
     labelled A-D, a few "1".."4" (and a few have 3 or 5 choices); each conversation carries its
     labels as `letters`, which are what the categorical evaluation scores."""
 

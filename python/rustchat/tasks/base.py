@@ -19,7 +19,8 @@ MC_INSTRUCTION = "Respond only with the letter of the correct answer."
 LETTERS = "ABCDEFGHIJ"
 PART_TYPES = ("text", "python", "python_output")
 
-# `#### n` final answers, read exactly as nanochat reads them (docs/design.md, "Chat evaluation"):
+# `#### n` final answers, read exactly as nanochat reads them at 48abd7d and 92d63d4 (docs/design.md,
+# "Chat evaluation"):
 # one space after the marker, then digits, dots and commas; commas are removed afterwards.
 _ANSWER_RE = re.compile(r"#### (-?[0-9.,]+)")
 
@@ -169,7 +170,7 @@ def extract_answer(text: str) -> str | None:
 
 
 def answers_match(reference: str | None, predicted: str | None) -> bool:
-    """Extracted answers equal as strings, as nanochat compares them ("18" != "18.0")."""
+    """Extracted answers equal as strings, as nanochat compares them ("18" != "18.0"; 48abd7d, 92d63d4)."""
     return reference is not None and predicted == reference
 
 

@@ -16,10 +16,10 @@ from .base import Task
 from .hub import load_rows
 
 _FIELDS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
-# nanochat's limits for a candidate program: 5 s wall clock, 256 MiB of memory.
+# nanochat's limits for a candidate program (48abd7d and 92d63d4): 5 s wall clock, 256 MiB of memory.
 TIMEOUT_S = 5.0
 MEMORY_MB = 256
-# Only a closed fence counts, tagged `python` or untagged (nanochat's pattern).
+# Only a closed fence counts, tagged `python` or untagged (nanochat's pattern, 48abd7d and 92d63d4).
 _FENCE_RE = re.compile(r"```(?:python)?\s*\n(.*?)\n```", re.S)
 
 
@@ -36,7 +36,7 @@ def bundled_humaneval_path() -> Path | None:
 def extract_program(completion: str) -> str:
     """The code of a reply: the first closed ```python (or bare ```) block, stripped; without
     one, the whole reply stripped. An unclosed fence is not a block, so its backticks stay in
-    the code and it fails to compile, as in nanochat."""
+    the code and it fails to compile, as in nanochat (48abd7d, 92d63d4)."""
     m = _FENCE_RE.search(completion)
     return (m.group(1) if m else completion).strip()
 
@@ -55,7 +55,7 @@ def extract_imports(prompt: str) -> str:
 
 
 def build_candidate(prompt: str, completion: str) -> str:
-    """The candidate's code as nanochat builds its program, minus the tests: the prompt's imports,
+    """The candidate's code as nanochat (48abd7d, 92d63d4) builds its program, minus the tests: the prompt's imports,
     then the reply's code. As in nanochat the prompt itself is never prepended, so a reply that
     only continues the function body fails. The tests are not part of it: they run in a separate
     harness process (sandbox.run_tests), out of the candidate's reach."""

@@ -1,6 +1,6 @@
 """Generate the bundled identity conversations (python/rustchat/data/identity.jsonl).
 
-nanochat mixes about 1,000 synthetic conversations into mid-training and SFT that teach the
+nanochat (48abd7d) mixes about 1,000 synthetic conversations into mid-training and SFT that teach the
 model who it is and who made it. rustchat builds its own set here, without an LLM: questions
 on a dozen topics (name, maker, training, nanochat, abilities, limits, tools, memory, ...) in
 many phrasings and eight languages, answered in a few phrasings each, as one- to three-turn

@@ -1,4 +1,4 @@
-"""Synthetic spelling tasks built like nanochat's (offline): SpellingBee and SimpleSpelling.
+"""Synthetic spelling tasks built like nanochat's at 48abd7d (offline): SpellingBee and SimpleSpelling.
 
 SpellingBee asks how many times a letter occurs in a word, in one of many phrasings in seven
 languages; the answer spells the word out, counts by hand, checks with the calculator tool
@@ -25,7 +25,7 @@ from .base import Task, answers_match, assistant_text, extract_answer
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 
 # Phrasings of "how many <letter> in <word>", in English and six other languages (nanochat's
-# set spans the same languages). No trailing "?" here: one is added to half of the questions.
+# 51 at 48abd7d span the same languages). No trailing "?" here: one is added to half of the questions.
 BEE_TEMPLATES = (
     "How many {letter} are in the word {word}",
     "How many {letter} are in {word}",
@@ -98,7 +98,7 @@ class _WordTask(Task):
 
 
 def spelling_bee_answer(word: str, letter: str) -> list[dict]:
-    """The assistant parts for "how many `letter` in `word`", split as nanochat splits them:
+    """The assistant parts for "how many `letter` in `word`", split as nanochat (48abd7d) splits them:
     the manual count, the lead-in to the check, the python call, its output, the final answer."""
     expr = f"'{word}'.count('{letter}')"
     count = calculate(expr)  # the very tool the engine runs, so training shows its real output

@@ -1,11 +1,11 @@
 //! Pre-splitting text into chunks before BPE.
 //!
-//! The GPT-4 family of patterns (ours from SPEC, with `\p{N}{1,k}`, and cl100k's) and o200k's
-//! are matched by hand-written scanners that give exactly the regex's leftmost-first matches;
-//! they are several times faster than a backtracking regex (most of tiktoken's encode time)
-//! and need no backtracking stack, whatever the input. Any other pattern goes through
-//! `fancy-regex`, the engine tiktoken uses, so semantics never differ; a pattern that can
-//! match the empty string is refused (an empty chunk has no BPE encoding).
+//! The GPT-4 family of patterns (ours, nanochat's with `\p{N}{1,k}` at 48abd7d and 92d63d4, and
+//! cl100k's) and o200k's are matched by hand-written scanners that give exactly the regex's
+//! leftmost-first matches; they are several times faster than a backtracking regex (most of
+//! tiktoken's encode time) and need no backtracking stack, whatever the input. Any other pattern
+//! goes through `fancy-regex`, the engine tiktoken uses, so semantics never differ; a pattern
+//! that can match the empty string is refused (an empty chunk has no BPE encoding).
 
 mod gpt4;
 mod o200k;
@@ -14,14 +14,16 @@ mod steps;
 use crate::unicode::{class_of, classes, decode_at, SPACE};
 use fancy_regex::Expr;
 
-/// SPEC's pattern with `{k}` standing for the digit-group length (2 in the default).
+/// nanochat's split pattern (`SPLIT_PATTERN` in nanochat/tokenizer.py, the same at 48abd7d and
+/// 92d63d4) with `{k}` standing for the digit-group length (2 in the default).
 fn gpt4_style_pattern(max_digits: usize) -> String {
     format!(
         r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{{L}}\p{{N}}]?+\p{{L}}+|\p{{N}}{{1,{max_digits}}}| ?[^\s\p{{L}}\p{{N}}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"
     )
 }
 
-/// The default split pattern (SPEC): GPT-4's, with digits grouped 1-2.
+/// The default split pattern, nanochat's (48abd7d, 92d63d4): GPT-4's, with digits grouped 1-2 instead of 1-3
+/// (docs/design.md, "Split pattern").
 pub fn default_pattern() -> String {
     gpt4_style_pattern(2)
 }
