@@ -377,7 +377,7 @@ def test_bad_input_is_one_line(base_dir, tmp_path, capsys):
         (["--from", str(tmp_path / "none")], "no checkpoint directory"),
         (["--depth", "3"], "sft"),
         (["--resume"], "no rl checkpoint"),
-        (["--examples-per-step", "0"], "--examples-per-step must be >= 1"),
+        (["--examples-per-step", "0"], "--examples-per-step must be in [1, 4096], got 0"),
     ]:
         assert main(common + argv) == 2
         err = capsys.readouterr().err.strip()

@@ -370,11 +370,13 @@ def _value_for(field, hint, rng):
         return rng.choice(list(m["choices"]))
     if t is bool:
         return True
+    hi = m.get("maximum")
     if t is int:
-        return rng.randint(max(1, m.get("minimum") or 1), 10_000)
+        return rng.randint(max(1, m.get("minimum") or 1), min(10_000, hi if hi is not None else 10_000))
     if t is float:
         low = max(m.get("minimum") or 0.0, 0.001)  # e.g. --request-timeout >= 0.1
-        return max(low, round(rng.uniform(low, low + 5.0), 4))
+        high = min(low + 5.0, hi if hi is not None else low + 5.0)
+        return max(low, round(rng.uniform(low, high), 4))
     if typing.get_origin(t) is list:
         return [f"x{rng.randrange(100)}=y"]
     return f"v{rng.randrange(10**6)}"
@@ -415,7 +417,7 @@ def test_flags_round_trip_into_the_config(name, cls, handler):
 
 
 def test_configs_refuse_bad_values_with_one_line():
-    with pytest.raises(config.RustchatError, match=r"--depth must be >= 1, got 0"):
+    with pytest.raises(config.RustchatError, match=r"--depth must be in \[1, 256\], got 0"):
         config.SFTConfig(depth=0)
     with pytest.raises(config.RustchatError, match=r"--device must be one of"):
         config.EvalConfig(device="tpu")

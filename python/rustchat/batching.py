@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .common import RustchatError
+from .common import MAX_NEW_TOKENS, MAX_QUEUE, MAX_ROWS, MAX_TOP_K, RustchatError, check_count
 from .engine import Engine, RowState
 from .model import KVCache
 from .sampling import Sampling
@@ -152,10 +152,9 @@ class GenRequest:
         self.prompt = [int(t) for t in prompt]
         if not self.prompt:
             raise RustchatError("a request needs a non-empty prompt")
-        if max_tokens < 1:
-            raise RustchatError(f"max_tokens must be >= 1, got {max_tokens}")
-        if logprobs is not None and logprobs < 0:
-            raise RustchatError(f"logprobs must be >= 0 or None, got {logprobs}")
+        max_tokens = check_count("max_tokens", max_tokens, 1, MAX_NEW_TOKENS)
+        if logprobs is not None:
+            check_count("logprobs", logprobs, 0, MAX_TOP_K)
         self.emit, self.max_tokens, self.seed = emit, max_tokens, seed
         self.cancelled = False
         self.row = RowState(Sampling(temperature, top_k, top_p, logprobs=logprobs))
@@ -174,12 +173,13 @@ def _emit(req: GenRequest, event: tuple) -> None:
 
 
 class BatchScheduler:
-    """Runs every request on one thread over one SlotKVCache of `max_batch` rows; up to
-    `max_queue` more wait. `submit` never blocks; `close` ends the thread."""
+    """Runs every request on one thread over one SlotKVCache of `max_batch` rows (at most
+    MAX_ROWS); up to `max_queue` more wait (at most MAX_QUEUE). `submit` never blocks; `close`
+    ends the thread. Counts out of range are an OutOfRangeError (a ValueError)."""
 
     def __init__(self, engine: Engine, *, max_batch: int = 32, max_queue: int = 1024):
-        if max_batch < 1 or max_queue < 0:
-            raise RustchatError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
+        max_batch = check_count("max_batch", max_batch, 1, MAX_ROWS)
+        max_queue = check_count("max_queue", max_queue, 0, MAX_QUEUE)
         self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
         self.context = int(engine.model.config.sequence_len)
         self.cache: SlotKVCache | None = None  # allocated by the thread at its first request

@@ -18,7 +18,7 @@ import math
 import numpy as np
 import torch
 
-from .common import RustchatError
+from .common import MAX_SCORED_TOKENS, RustchatError, check_count
 from .data.pretrain import DocumentSource
 from .runtime import autocast_ctx, get_rank, get_world_size
 from .trainer import all_reduce_sum
@@ -27,7 +27,9 @@ BPB_BATCH_ROWS = 8  # rows per forward: fixed, so the number does not depend on 
 
 
 def val_token_stream(tok, files, max_tokens: int) -> np.ndarray:
-    """The first max_tokens + 1 tokens of the <|bos|>-prefixed documents of `files`."""
+    """The first max_tokens + 1 tokens of the <|bos|>-prefixed documents of `files` (max_tokens
+    at most MAX_SCORED_TOKENS: they are held in memory)."""
+    check_count("max_tokens", max_tokens, 1, MAX_SCORED_TOKENS)
     src = DocumentSource(list(files))
     pieces, have = [], 0
     for f in src.files:

@@ -116,10 +116,12 @@ def cmd_import_nanochat(cfg: ImportNanochatConfig) -> None:
 def _processes(cfg):
     """The body runs in each of the run's processes: `nproc` on each of `nnodes` machines. Unless
     already under torchrun, the command re-launches itself under torchrun when more than one
-    process is asked for; the process group closes after."""
-    from .runtime import cleanup_distributed  # torch
+    process is asked for (at most one per CPU, and per GPU on CUDA); the process group closes
+    after."""
+    from .runtime import check_local_processes, cleanup_distributed  # torch
 
     if (cfg.nproc > 1 or getattr(cfg, "nnodes", 1) > 1) and "RANK" not in os.environ:
+        check_local_processes(cfg.nproc, cfg.device)  # --nproc fits this machine's CPUs (and GPUs)
         _relaunch_with_torchrun(cfg)
     try:
         yield
@@ -139,8 +141,6 @@ def torchrun_command(cfg, argv: list[str]) -> list[str]:
     master_addr, master_port = getattr(cfg, "master_addr", None), getattr(cfg, "master_port", 29500)
     if node_rank >= nnodes:
         raise RustchatError(f"--node-rank {node_rank} must be below --nnodes {nnodes}")
-    if master_port > 65535:
-        raise RustchatError(f"--master-port must be in 1..65535, got {master_port}")
     out, skip = [], False
     for a in argv:
         if skip:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 import socket
 import urllib.parse
@@ -14,6 +15,60 @@ class RustchatError(Exception):
     def __init__(self, message: str):
         # keep the message on one line so it reads well after "error: "
         super().__init__(" ".join(str(message).split()))
+
+
+class OutOfRangeError(RustchatError, ValueError):
+    """A count outside its allowed range: one line naming the flag or argument and the range.
+    A RustchatError (the CLI prints it as one line) and a ValueError (what Python callers of
+    the public API expect for a bad argument value)."""
+
+
+# ----------------------------------------------------------------------------- bounds
+# Fixed maxima of the counts a caller can name, on the command line or through the Python API.
+# Generous for real runs, finite: an extra zero or three fails at once, in one line, instead of
+# exhausting memory, threads or descriptors minutes later. Counts of parallelism are bounded by
+# the machine instead (`available_cpus`, and the visible GPUs where processes use them).
+MAX_ROWS = 4096  # rows in one forward: a micro-batch, an eval batch, a decode batch (KV-cache rows)
+MAX_SEQ_LEN = 1 << 17  # tokens per training row (the model's context)
+MAX_BATCH_TOKENS = 1 << 26  # tokens per optimizer step (total batch size)
+MAX_BATCH_CONVERSATIONS = 1 << 16  # conversations per SFT optimizer step
+MAX_NEW_TOKENS = 1 << 16  # tokens of one reply (chat, eval, RL rollouts; the context caps it further)
+MAX_SAMPLES = 256  # replies sampled per prompt (pass@n, an RL group)
+MAX_QUESTIONS = 4096  # questions sampled together: RL's per step, RL's per pass@k evaluation
+# requests one BatchScheduler holds waiting: RL queues a step's MAX_QUESTIONS * MAX_SAMPLES replies
+MAX_QUEUE = MAX_QUESTIONS * MAX_SAMPLES
+MAX_SERVE_QUEUE = 1 << 16  # requests `rustchat serve` holds waiting for a batch slot
+MAX_CONNECTIONS = 1 << 16  # open connections of `rustchat serve` (the descriptor limit lowers it)
+MAX_EXAMPLES = 1 << 20  # problems or examples per task: eval caps, CORE caps, generated RL splits
+MAX_SCORED_TOKENS = 1 << 30  # validation tokens held and scored for bits per byte
+MAX_VOCAB_SIZE = 1 << 24  # ids the Rust core's dense per-id tables hold (_core.MAX_VOCAB)
+MAX_TOP_K = MAX_VOCAB_SIZE  # a top-k beyond the vocabulary means all of it
+MAX_DEPTH = 256  # transformer layers
+MAX_WIDTH = 1024  # per-layer width (aspect ratio) and attention head width, in dims
+MAX_NPROC = 1024  # processes on one machine (the machine's CPUs and GPUs bound it further)
+MAX_NODES = 1024  # machines in one run
+MAX_PORT = 65535
+FINEWEB_SHARDS = 1823  # shard_00000 .. shard_01822 of FineWeb-Edu; the last one is kept for validation
+MAX_SHARDS = FINEWEB_SHARDS - 1  # FineWeb-Edu training shards
+MAX_PREFETCH = 64  # row groups the pretraining loader tokenizes ahead
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, as taskset or a container limits it)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # macOS and Windows have no affinity mask
+        return max(1, os.cpu_count() or 1)
+
+
+def check_count(name: str, value, lo: int, hi: int, why: str = ""):
+    """`value` as an int when it is one in [lo, hi]; else OutOfRangeError "name must be in
+    [lo, hi], got value" (`why` says where hi comes from, e.g. "the CPUs available")."""
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not ok or not lo <= value <= hi:
+        kind = "" if ok else "an int "
+        raise OutOfRangeError(f"{name} must be {kind}in [{lo}, {hi}]{f' ({why})' if why else ''}, got {value!r}")
+    return int(value)
 
 
 def get_base_dir(create: bool = True) -> Path:

@@ -15,7 +15,29 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
-from .common import RustchatError
+from .common import (
+    MAX_BATCH_CONVERSATIONS,
+    MAX_BATCH_TOKENS,
+    MAX_CONNECTIONS,
+    MAX_DEPTH,
+    MAX_EXAMPLES,
+    MAX_NEW_TOKENS,
+    MAX_NODES,
+    MAX_NPROC,
+    MAX_PORT,
+    MAX_QUESTIONS,
+    MAX_ROWS,
+    MAX_SAMPLES,
+    MAX_SCORED_TOKENS,
+    MAX_SEQ_LEN,
+    MAX_SERVE_QUEUE,
+    MAX_SHARDS,
+    MAX_TOP_K,
+    MAX_VOCAB_SIZE,
+    MAX_WIDTH,
+    OutOfRangeError,
+    RustchatError,
+)
 from .rules import RULES
 
 DEVICES = ("auto", "cuda", "cpu", "mps")
@@ -25,6 +47,10 @@ OPTIMIZERS = ("auto", "2026", "classic")  # "auto" + rustchat.optim.RECIPES
 SFT_SOURCES = ("mid", "base")  # the checkpoints SFT can start from
 ARCHS = ("2026", "classic")  # the keys of rustchat.model.ARCHS
 DEFAULT_TEMPERATURE = 0.6  # chat and serve sample alike unless told otherwise
+# what `rustchat serve` takes as a request's settings, and as its flags' defaults for them
+TEMPERATURE_RANGE = (0.0, 2.0)  # below sampling.MIN_TEMPERATURE a temperature samples greedily
+TOP_K_RANGE = (1, 200)
+MAX_TOKENS_RANGE = (1, 4096)
 
 
 def opt(
@@ -34,12 +60,16 @@ def opt(
     short: str | None = None,
     choices=None,
     minimum=None,
+    maximum=None,
     required: bool = False,
     positional: bool = False,
     append: bool = False,
     metavar: str | None = None,
 ):
-    """A config field: its default, its help text and what values it accepts."""
+    """A config field: its default, its help text and what values it accepts: one of
+    `choices`, or a number in [minimum, maximum] (either end may be open). Every count a
+    caller can name (rows, tokens, samples, processes, connections, ...) has a finite
+    `maximum` (the bounds in rustchat.common); test_bounds holds the list."""
     return field(
         default=default,
         metadata={
@@ -47,6 +77,7 @@ def opt(
             "short": short,
             "choices": choices,
             "minimum": minimum,
+            "maximum": maximum,
             "required": required,
             "positional": positional,
             "append": append,
@@ -63,6 +94,13 @@ def retired(hint: str):
 
 def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def range_text(lo, hi) -> str:
+    """'in [lo, hi]', '>= lo' or '<= hi': what a bounded field accepts."""
+    if lo is not None and hi is not None:
+        return f"in [{lo}, {hi}]"
+    return f">= {lo}" if hi is None else f"<= {hi}"
 
 
 @dataclass
@@ -82,8 +120,9 @@ class Config:
                 raise RustchatError(
                     f"{flag_name(f.name)} must be one of {', '.join(map(str, m['choices']))}, got {v!r}"
                 )
-            if m.get("minimum") is not None and not v >= m["minimum"]:  # NaN too
-                raise RustchatError(f"{flag_name(f.name)} must be >= {m['minimum']}, got {v}")
+            lo, hi = m.get("minimum"), m.get("maximum")
+            if (lo is not None and not v >= lo) or (hi is not None and not v <= hi):  # NaN too
+                raise OutOfRangeError(f"{flag_name(f.name)} must be {range_text(lo, hi)}, got {v}")
 
     def replace(self, **changes):
         out = dataclasses.replace(self, **changes)
@@ -96,7 +135,7 @@ class Config:
 @dataclass
 class TokTrainConfig(Config):
     input: list[str] | None = opt(None, "text/JSONL/parquet files or directories", required=True)
-    vocab_size: int = opt(65536, "vocabulary size, special tokens included", minimum=256 + 9)
+    vocab_size: int = opt(65536, "vocabulary size, special tokens included", minimum=256 + 9, maximum=MAX_VOCAB_SIZE)
     out: str | None = opt(None, "output directory (default: <base dir>/tokenizer)")
     doc_cap: int = opt(10_000, "max chars per document (0: no cap)", minimum=0)
     max_chars: int | None = opt(None, "max chars in all", minimum=1)
@@ -122,9 +161,10 @@ class TrainConfig(Config):
         "model depth (default: the one depth with the checkpoint this run starts from; "
         "a new base model: 10, i.e. 640 dim, 5 heads)",
         minimum=1,
+        maximum=MAX_DEPTH,
     )
     device: str = opt("auto", "where to train", choices=DEVICES)
-    device_batch_size: int = opt(32, "rows per micro-batch", minimum=1)
+    device_batch_size: int = opt(32, "rows per micro-batch", minimum=1, maximum=MAX_ROWS)
     max_steps: int | None = opt(None, "stop after this many steps (default: the stage's horizon)", minimum=1)
     num_epochs: int = opt(1, "passes over the data (mid, SFT, RL)", minimum=1)
     eval_every: int = opt(250, "steps between validation evaluations (0: only at the end)", minimum=0)
@@ -152,11 +192,23 @@ class TrainConfig(Config):
         choices=OPTIMIZERS,
     )
     base_dir: str | None = opt(None, "artifacts root (default $RUSTCHAT_BASE_DIR or ~/.cache/rustchat)")
-    nproc: int = opt(1, "processes on this node (re-launches under torchrun)", minimum=1)
-    nnodes: int = opt(1, "machines training together; run the same command on each with its --node-rank", minimum=1)
-    node_rank: int = opt(0, "this machine's index among --nnodes (0 hosts the rendezvous)", minimum=0)
+    nproc: int = opt(
+        1,
+        "processes on this node (re-launches under torchrun); at most its CPUs, and its GPUs on CUDA",
+        minimum=1,
+        maximum=MAX_NPROC,
+    )
+    nnodes: int = opt(
+        1,
+        "machines training together; run the same command on each with its --node-rank",
+        minimum=1,
+        maximum=MAX_NODES,
+    )
+    node_rank: int = opt(
+        0, "this machine's index among --nnodes (0 hosts the rendezvous)", minimum=0, maximum=MAX_NODES - 1
+    )
     master_addr: str | None = opt(None, "address of node 0, reachable from every node (needed with --nnodes > 1)")
-    master_port: int = opt(29500, "port of the rendezvous on node 0", minimum=1)
+    master_port: int = opt(29500, "port of the rendezvous on node 0", minimum=1, maximum=MAX_PORT)
     quiet: bool = opt(False, "no progress bar")
 
     # --resume restores the run's settings from its checkpoint: these may differ (how far and how
@@ -228,9 +280,12 @@ class StageConfig(TrainConfig):
     """What base, mid and SFT share: rows of a fixed length, a batch counted in tokens."""
 
     total_batch_size: int = opt(
-        524_288, "tokens per optimizer step; gradient accumulation makes up the rest", minimum=1
+        524_288,
+        "tokens per optimizer step; gradient accumulation makes up the rest",
+        minimum=1,
+        maximum=MAX_BATCH_TOKENS,
     )
-    seq_len: int = opt(2048, "tokens per row (the model's context)", minimum=1)
+    seq_len: int = opt(2048, "tokens per row (the model's context)", minimum=1, maximum=MAX_SEQ_LEN)
     eval_batches: int = opt(8, "batches per validation evaluation", minimum=1)
 
 
@@ -238,7 +293,7 @@ class StageConfig(TrainConfig):
 class BaseConfig(StageConfig):
     stage: ClassVar[str] = "base"
     data_dir: str | None = opt(None, "local parquet/text files instead of downloading FineWeb-Edu")
-    num_shards: int = opt(8, "FineWeb-Edu shards to download", minimum=1)
+    num_shards: int = opt(8, "FineWeb-Edu shards to download", minimum=1, maximum=MAX_SHARDS)
     # the training rules (rustchat.rules): every None below means "the rules' value"
     rules: str = opt(
         "2026",
@@ -257,6 +312,7 @@ class BaseConfig(StageConfig):
         "tokens per optimizer step; gradient accumulation makes up the rest "
         "(default: 2026 derives it from the horizon, classic 524,288)",
         minimum=1,
+        maximum=MAX_BATCH_TOKENS,
     )
     matrix_lr: float | None = opt(
         None,
@@ -289,11 +345,19 @@ class BaseConfig(StageConfig):
         None, "lr at the end, as a share of the peak (default: 2026 0.05, classic 0)", minimum=0.0
     )
     bpb_tokens: int = opt(
-        1 << 20, "validation tokens scored for val bpb (the set `eval -i base --bpb-tokens` scores)", minimum=1
+        1 << 20,
+        "validation tokens scored for val bpb (the set `eval -i base --bpb-tokens` scores)",
+        minimum=1,
+        maximum=MAX_SCORED_TOKENS,
     )
     # the shape of a new model (a resumed one keeps its checkpoint's): nanochat's knobs (92d63d4)
-    aspect_ratio: int = opt(64, "model width per layer: model_dim = depth * aspect_ratio", minimum=2)
-    head_dim: int = opt(128, "attention head width (heads = model_dim / head_dim, rounded to divide it)", minimum=2)
+    aspect_ratio: int = opt(64, "model width per layer: model_dim = depth * aspect_ratio", minimum=2, maximum=MAX_WIDTH)
+    head_dim: int = opt(
+        128,
+        "attention head width (heads = model_dim / head_dim, rounded to divide it)",
+        minimum=2,
+        maximum=MAX_WIDTH,
+    )
     fp8: bool = opt(
         False,
         "train the transformer's matmuls in FP8, tensorwise scaling (GPUs with FP8 tensor "
@@ -306,7 +370,7 @@ class BaseConfig(StageConfig):
         choices=ARCHS,
     )
     core_every: int = opt(0, "steps between CORE evaluations, and one at the end (0: none)", minimum=0)
-    core_max_per_task: int = opt(500, "examples per CORE task during training", minimum=1)
+    core_max_per_task: int = opt(500, "examples per CORE task during training", minimum=1, maximum=MAX_EXAMPLES)
     bundle: str | None = opt(
         None, "CORE eval bundle directory (default: <base dir>/eval_bundle, downloaded on first use)"
     )
@@ -323,12 +387,15 @@ class MidConfig(StageConfig):
 @dataclass
 class SFTConfig(StageConfig):
     stage: ClassVar[str] = "sft"
-    device_batch_size: int = opt(4, "conversations per micro-batch", minimum=1)
+    device_batch_size: int = opt(4, "conversations per micro-batch", minimum=1, maximum=MAX_ROWS)
     # base and mid count tokens per step; SFT counts conversations, under its own name
     total_batch_size: int | None = retired("SFT counts conversations per step: use --total-batch-conversations")
     RENAMED: ClassVar[dict] = {"total_batch_size": "total_batch_conversations"}
     total_batch_conversations: int = opt(
-        32, "conversations per optimizer step; gradient accumulation makes up the rest", minimum=1
+        32,
+        "conversations per optimizer step; gradient accumulation makes up the rest",
+        minimum=1,
+        maximum=MAX_BATCH_CONVERSATIONS,
     )
     eval_every: int = opt(100, "steps between validation evaluations (0: only at the end)", minimum=0)
     tasks: str = opt("default", "task mixture: default (hub datasets) or tiny (offline)", choices=TASK_PRESETS)
@@ -360,7 +427,7 @@ class RLConfig(TrainConfig):
     """Simplified GRPO on tasks with checkable answers (docs/design.md, "Reinforcement learning")."""
 
     stage: ClassVar[str] = "rl"
-    device_batch_size: int = opt(8, "rows (sampled replies) per training micro-batch", minimum=1)
+    device_batch_size: int = opt(8, "rows (sampled replies) per training micro-batch", minimum=1, maximum=MAX_ROWS)
     eval_every: int = opt(60, "steps between pass@k evaluations on held-out problems (0: none)", minimum=0)
     save_every: int | None = opt(60, "steps between intermediate checkpoints", minimum=1)
     tasks: str = opt(
@@ -372,15 +439,27 @@ class RLConfig(TrainConfig):
     from_path: str | None = opt(
         None, "start from this checkpoint directory instead of the SFT one", short="--from", metavar="PATH"
     )
-    examples_per_step: int = opt(16, "questions per optimizer step, over all ranks", minimum=1)
-    num_samples: int = opt(16, "replies sampled per question (the group of its advantage)", minimum=1)
-    max_new_tokens: int = opt(256, "tokens per sampled reply at most", minimum=1)
-    temperature: float = opt(1.0, "sampling temperature of the rollouts and the pass@k evaluation", minimum=0.0)
-    top_k: int | None = opt(50, "sample from the k most likely tokens (default 50; 0: the whole vocabulary)", minimum=0)
-    train_size: int = opt(
-        10_000, "problems generated for a synthetic task's training split (arithmetic, spellingbee)", minimum=1
+    examples_per_step: int = opt(16, "questions per optimizer step, over all ranks", minimum=1, maximum=MAX_QUESTIONS)
+    num_samples: int = opt(
+        16, "replies sampled per question (the group of its advantage)", minimum=1, maximum=MAX_SAMPLES
     )
-    eval_examples: int = opt(400, "held-out problems per pass@k evaluation (split over ranks)", minimum=1)
+    max_new_tokens: int = opt(256, "tokens per sampled reply at most", minimum=1, maximum=MAX_NEW_TOKENS)
+    temperature: float = opt(1.0, "sampling temperature of the rollouts and the pass@k evaluation", minimum=0.0)
+    top_k: int | None = opt(
+        50,
+        "sample from the k most likely tokens (default 50; 0: the whole vocabulary)",
+        minimum=0,
+        maximum=MAX_TOP_K,
+    )
+    train_size: int = opt(
+        10_000,
+        "problems generated for a synthetic task's training split (arithmetic, spellingbee)",
+        minimum=1,
+        maximum=MAX_EXAMPLES,
+    )
+    eval_examples: int = opt(
+        400, "held-out problems per pass@k evaluation (split over ranks)", minimum=1, maximum=MAX_QUESTIONS
+    )
     init_lr_frac: float = opt(
         0.05, "starting fraction of the base learning rates (decays linearly to zero)", minimum=0.0
     )
@@ -395,7 +474,7 @@ class ModelSourceConfig(Config):
     """Which checkpoint a command loads."""
 
     source: str = opt("sft", "which stage's checkpoint to load", short="-i", choices=STAGES)
-    depth: int | None = opt(None, "model depth (default: the largest with a checkpoint)", minimum=1)
+    depth: int | None = opt(None, "model depth (default: the largest with a checkpoint)", minimum=1, maximum=MAX_DEPTH)
     step: int | None = opt(None, "checkpoint step (default: the last)", minimum=0)
     device: str = opt("auto", "where to run the model", choices=DEVICES)
     base_dir: str | None = opt(None, "artifacts root (default $RUSTCHAT_BASE_DIR or ~/.cache/rustchat)")
@@ -408,16 +487,16 @@ class EvalConfig(ModelSourceConfig):
         "tiny (the offline tasks), default (ARC-Easy, ARC-Challenge, MMLU, GSM8K, "
         "HumanEval, SpellingBee) or a comma list, e.g. arc-easy,gsm8k",
     )
-    max_problems: int | None = opt(None, "first N problems of each task", minimum=1)
+    max_problems: int | None = opt(None, "first N problems of each task", minimum=1, maximum=MAX_EXAMPLES)
     task_dir: str | None = opt(None, "directory with local copies of the hub datasets (e.g. arc-ARC-Easy-test.jsonl)")
-    batch_size: int = opt(8, "rows per forward / samples per batch", minimum=1)
-    num_samples: int = opt(1, "replies per generative problem (pass@n)", minimum=1)
+    batch_size: int = opt(8, "rows per forward / samples per batch", minimum=1, maximum=MAX_ROWS)
+    num_samples: int = opt(1, "replies per generative problem (pass@n)", minimum=1, maximum=MAX_SAMPLES)
     temperature: float = opt(0.0, "0: greedy", minimum=0.0)
-    top_k: int | None = opt(None, "sample from the k most likely tokens", minimum=1)
-    max_new_tokens: int = opt(512, "tokens per reply at most", minimum=1)
+    top_k: int | None = opt(None, "sample from the k most likely tokens", minimum=1, maximum=MAX_TOP_K)
+    max_new_tokens: int = opt(512, "tokens per reply at most", minimum=1, maximum=MAX_NEW_TOKENS)
     seed: int = opt(42, "sampling seed")
     data_dir: str | None = opt(None, "-i base: validation text files (default: the base dir's)")
-    bpb_tokens: int = opt(1 << 20, "-i base: tokens scored at most", minimum=1)
+    bpb_tokens: int = opt(1 << 20, "-i base: tokens scored at most", minimum=1, maximum=MAX_SCORED_TOKENS)
     core: bool = opt(False, "-i base: also score the CORE suite (DCLM's ICL tasks, as nanochat 48abd7d/92d63d4 do)")
     bundle: str | None = opt(
         None,
@@ -425,10 +504,17 @@ class EvalConfig(ModelSourceConfig):
         "eval_meta_data.csv; default: <base dir>/eval_bundle, downloaded on first use)",
     )
     max_per_task: int | None = opt(
-        None, "-i base --core: first N examples of each task after the seeded shuffle (default: all)", minimum=1
+        None,
+        "-i base --core: first N examples of each task after the seeded shuffle (default: all)",
+        minimum=1,
+        maximum=MAX_EXAMPLES,
     )
     nproc: int = opt(
-        1, "-i base --core: processes on this node splitting the examples (re-launches under torchrun)", minimum=1
+        1,
+        "-i base --core: processes on this node splitting the examples (re-launches under torchrun); "
+        "at most its CPUs, and its GPUs on CUDA",
+        minimum=1,
+        maximum=MAX_NPROC,
     )
     quiet: bool = opt(False, "no progress bars or per-task lines")
 
@@ -442,23 +528,39 @@ class EvalConfig(ModelSourceConfig):
 class ChatConfig(ModelSourceConfig):
     prompt: str | None = opt(None, "answer this one prompt and exit", short="-p")
     temperature: float = opt(DEFAULT_TEMPERATURE, "0: greedy", minimum=0.0)
-    top_k: int | None = opt(50, "sample from the k most likely tokens", minimum=1)
-    max_tokens: int = opt(512, "tokens per reply at most", minimum=1)
+    top_k: int | None = opt(50, "sample from the k most likely tokens", minimum=1, maximum=MAX_TOP_K)
+    max_tokens: int = opt(512, "tokens per reply at most", minimum=1, maximum=MAX_NEW_TOKENS)
     seed: int | None = opt(None, "sampling seed (default: a new one per reply)")
 
 
 @dataclass
 class ServeConfig(ModelSourceConfig):
     host: str = opt("127.0.0.1", "listen address (default loopback only)")
-    port: int = opt(8000, "listen port", minimum=0)
-    temperature: float = opt(DEFAULT_TEMPERATURE, "default when a request gives none", minimum=0.0)
-    top_k: int = opt(50, "default when a request gives none", minimum=1)
-    max_tokens: int = opt(512, "default when a request gives none", minimum=1)
-    max_batch: int = opt(32, "requests decoded together (KV cache rows); more wait in a queue", minimum=1)
+    port: int = opt(8000, "listen port", minimum=0, maximum=MAX_PORT)
+    temperature: float = opt(
+        DEFAULT_TEMPERATURE,
+        "default when a request gives none",
+        minimum=TEMPERATURE_RANGE[0],
+        maximum=TEMPERATURE_RANGE[1],
+    )
+    top_k: int = opt(50, "default when a request gives none", minimum=TOP_K_RANGE[0], maximum=TOP_K_RANGE[1])
+    max_tokens: int = opt(
+        512, "default when a request gives none", minimum=MAX_TOKENS_RANGE[0], maximum=MAX_TOKENS_RANGE[1]
+    )
+    max_batch: int = opt(
+        32, "requests decoded together (KV cache rows); more wait in a queue", minimum=1, maximum=MAX_ROWS
+    )
+    max_queue: int = opt(
+        1024,
+        "requests waiting for a free row at most; more are refused (HTTP 429)",
+        minimum=0,
+        maximum=MAX_SERVE_QUEUE,
+    )
     max_connections: int = opt(
         2048,
         "open connections at most (lowered to fit the open-file limit); over it the longest-idle one is closed",
         minimum=1,
+        maximum=MAX_CONNECTIONS,
     )
     request_timeout: float = opt(
         15.0,
@@ -539,7 +641,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Config]) -> None:
     for f in fields(cls):
         m = f.metadata
         t, _ = _unwrap(hints[f.name])
-        shown = "" if f.default in (None, False) else f" (default: {f.default})"
+        notes = [] if f.default in (None, False) else [f"default: {f.default}"]
+        if m.get("maximum") is not None:  # the bound a value out of range is refused with
+            notes.append(f"at most {m['maximum']}")
+        shown = f" ({', '.join(notes)})" if notes else ""
         # choices are listed in the help and checked by __post_init__ (a one-line error)
         listed = f" (one of: {', '.join(m['choices'])})" if m.get("choices") else ""
         kw: dict = {"help": argparse.SUPPRESS if m.get("retired") else m.get("help", "") + listed + shown}

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .common import RustchatError
+from .common import MAX_EXAMPLES, MAX_ROWS, MAX_SEQ_LEN, RustchatError, check_count
 from .core_bundle import CoreTask, load_examples
 from .runtime import autocast_ctx, get_rank, get_world_size, is_dist
 from .scoring import centered
@@ -287,7 +287,13 @@ def evaluate_core(
     model, tok, tasks: list[CoreTask], *, max_per_task: int | None = None, token_budget: int | None = None, log=None
 ) -> CoreResult:
     """Score every task of the bundle; `log(line)` hears one line per task. `token_budget`:
-    padded tokens per forward (default 8 rows of the model's context)."""
+    padded tokens per forward (default 8 rows of the model's context). `max_per_task` is at
+    most MAX_EXAMPLES, `token_budget` MAX_ROWS rows of MAX_SEQ_LEN tokens (OutOfRangeError, a
+    ValueError)."""
+    if max_per_task is not None:
+        check_count("max_per_task", max_per_task, 1, MAX_EXAMPLES)
+    if token_budget is not None:
+        check_count("token_budget", token_budget, 1, MAX_ROWS * MAX_SEQ_LEN)
     budget = token_budget or 8 * int(model.config.sequence_len)
     was_training = model.training
     model.eval()

@@ -22,13 +22,19 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from .common import RustchatError
+from .common import MAX_NEW_TOKENS, MAX_ROWS, RustchatError, check_count
 from .model import KVCache
 from .replies import CompletionParser, ReplyEvents
 from .runtime import autocast_ctx
 from .sampling import Sampling, check_sampling, sample_rows, token_logprobs
 from .tokenizer import SPECIAL_TOKENS
 from .tools import calculate
+
+
+def _check_max_tokens(max_tokens: int | None) -> None:
+    """A reply's token limit: None (the rest of the context) or 1..MAX_NEW_TOKENS."""
+    if max_tokens is not None:
+        check_count("max_tokens", max_tokens, 1, MAX_NEW_TOKENS)
 
 
 def _default_calculator(expr: str) -> str | None:
@@ -131,7 +137,6 @@ class Engine:
                 out[i].logprobs = (lp, top[: rows[i].sampling.logprobs])
         return out
 
-    @torch.inference_mode()
     def generate(
         self,
         tokens: Sequence[int],
@@ -143,13 +148,19 @@ class Engine:
     ) -> Iterator[tuple[list[int], list[bool]]]:
         """Yields, per step, (token per row, forced per row). A row's stop token is yielded
         once; afterwards its entries repeat `<|assistant_end|>` (ignore them). Ends when every
-        row has stopped or after `max_tokens` steps (default: the rest of the model's context)."""
+        row has stopped or after `max_tokens` steps (default: the rest of the model's context).
+        `num_samples` is at most MAX_ROWS, `max_tokens` at most MAX_NEW_TOKENS: arguments out of
+        range raise here, at the call (OutOfRangeError, a ValueError), before any work."""
         prompt = [int(t) for t in tokens]
         if not prompt:
             raise RustchatError("generate needs a non-empty prompt")
-        if num_samples < 1:
-            raise RustchatError(f"num_samples must be >= 1, got {num_samples}")
-        check_sampling(temperature, top_k)  # before any work
+        check_count("num_samples", num_samples, 1, MAX_ROWS)
+        _check_max_tokens(max_tokens)
+        check_sampling(temperature, top_k)
+        return self._generate(prompt, num_samples, max_tokens, temperature, top_k, seed)
+
+    @torch.inference_mode()
+    def _generate(self, prompt: list[int], num_samples: int, max_tokens, temperature: float, top_k, seed: int):
         max_tokens = self.reply_limit(len(prompt), max_tokens)
         if max_tokens < 1:
             return
@@ -169,7 +180,6 @@ class Engine:
             logits = logits.expand(num_samples, -1)
         yield from self._decode(logits, cache, num_samples, max_tokens, Sampling(temperature, top_k, generator=gen))
 
-    @torch.inference_mode()
     def generate_prompts(
         self,
         prompts: Sequence[Sequence[int]],
@@ -185,7 +195,13 @@ class Engine:
             raise RustchatError("generate_prompts needs non-empty prompts")
         if len({len(r) for r in rows}) != 1:
             raise RustchatError("generate_prompts needs prompts of one length")
+        check_count("len(prompts)", len(rows), 1, MAX_ROWS)
+        _check_max_tokens(max_tokens)
         check_sampling(temperature, top_k)
+        return self._generate_prompts(rows, max_tokens, temperature, top_k, seed)
+
+    @torch.inference_mode()
+    def _generate_prompts(self, rows: list[list[int]], max_tokens, temperature: float, top_k, seed: int):
         max_tokens = self.reply_limit(len(rows[0]), max_tokens)
         if max_tokens < 1:
             return

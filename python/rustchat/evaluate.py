@@ -12,6 +12,7 @@ report.md: the "eval" section for an SFT model, "mid-eval" for a mid one ("base-
 
 from __future__ import annotations
 
+import itertools
 import queue
 import time
 from pathlib import Path
@@ -23,12 +24,22 @@ from tqdm import tqdm
 from .batching import BatchScheduler, GenRequest
 from .bpb import bits_per_byte, val_token_stream
 from .checkpoint import load_model
-from .common import OFFLINE_ROUTE, RustchatError, get_base_dir, print0
+from .common import (
+    FINEWEB_SHARDS,
+    MAX_NEW_TOKENS,
+    MAX_QUEUE,
+    MAX_ROWS,
+    MAX_SAMPLES,
+    OFFLINE_ROUTE,
+    RustchatError,
+    check_count,
+    get_base_dir,
+    print0,
+)
 from .config import EvalConfig
 from .conversation import render_for_completion
 from .core_bundle import resolve_bundle
 from .core_eval import core_csv, evaluate_core, format_core_table
-from .data.pretrain import FINEWEB_SHARDS
 from .data.textsource import list_files
 from .engine import Engine
 from .replies import CompletionParser
@@ -104,8 +115,9 @@ def _letter_ids(tok, letters) -> list[int]:
 
 
 def categorical_accuracy(model, tok, task, batch_size: int = 8, *, progress=None) -> tuple[int, int]:
-    """(correct, total): argmax over the letter tokens' logits at the answer position."""
-
+    """(correct, total): argmax over the letter tokens' logits at the answer position,
+    `batch_size` (at most MAX_ROWS) problems per forward."""
+    check_count("batch_size", batch_size, 1, MAX_ROWS)
     device = model.get_device()
     pad = tok.encode_special("<|assistant_end|>")
     vocab = model.config.vocab_size
@@ -163,8 +175,11 @@ def generative_accuracy(
     rows) and check them with `task.evaluate`; a problem is solved when any reply passes.
 
     Greedy single replies (the default) do not depend on the batch, so they are decoded
-    `batch_size` problems at a time by continuous batching."""
-
+    `batch_size` problems at a time by continuous batching. Counts out of range (at most
+    MAX_SAMPLES, MAX_ROWS and MAX_NEW_TOKENS) are an OutOfRangeError (a ValueError)."""
+    check_count("num_samples", num_samples, 1, MAX_SAMPLES)
+    check_count("batch_size", batch_size, 1, MAX_ROWS)
+    check_count("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
     tok = engine.tok
     if is_greedy(num_samples, temperature, top_k):
         step = None if progress is None else lambda _task, k, good, seen: progress(k, good, seen)
@@ -200,7 +215,10 @@ def greedy_accuracies(
     length, and a finished row's slot goes to the next problem at once, so a task of long
     replies and one of short replies share the steps. A greedy reply does not depend on its
     batch (the scheduler's tests), so this scores exactly as decoding one problem at a time.
-    `progress(task_index, k, solved, seen)` follows each task."""
+    `progress(task_index, k, solved, seen)` follows each task. At most MAX_QUEUE problems wait
+    in the scheduler's queue at a time; the next is queued as one ends."""
+    check_count("batch_size", batch_size, 1, MAX_ROWS)
+    check_count("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
     tok = engine.tok
     context = int(engine.model.config.sequence_len)
     jobs = []  # (task index, conversation, prompt, reply limit)
@@ -236,15 +254,24 @@ def greedy_accuracies(
         return emit
 
     if fits:
-        scheduler = BatchScheduler(engine, max_batch=batch_size, max_queue=len(fits))
+        window = min(len(fits), MAX_QUEUE)  # requests submitted and not yet ended
+        scheduler = BatchScheduler(engine, max_batch=batch_size, max_queue=window)
+        waiting = iter(fits)
+
+        def submit(j: int) -> None:
+            scheduler.submit(GenRequest(jobs[j][2], emitter(j), max_tokens=jobs[j][3], temperature=0.0, seed=None))
+
         try:
-            for j in fits:
-                scheduler.submit(GenRequest(jobs[j][2], emitter(j), max_tokens=jobs[j][3], temperature=0.0, seed=None))
+            for j in itertools.islice(waiting, window):
+                submit(j)
             for _ in fits:
                 j, event = ended.get()
                 if event[0] == "error":
                     raise RustchatError(f"{tasks[jobs[j][0]].name}: {event[1]}")
                 score(j, replies.pop(j))
+                nxt = next(waiting, None)
+                if nxt is not None:
+                    submit(nxt)
         finally:
             scheduler.close()
     return [(solved[ti], len(task)) for ti, task in enumerate(tasks)]

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .batching import BatchScheduler, GenRequest
-from .common import RustchatError
+from .common import MAX_NEW_TOKENS, MAX_QUESTIONS, MAX_QUEUE, MAX_ROWS, MAX_SAMPLES, RustchatError, check_count
 from .conversation import render_for_completion
 from .engine import Engine
 from .evaluate import completion_text
@@ -87,9 +87,12 @@ class Group:
 
 class Sampler:
     """Samples groups of replies with one BatchScheduler over the run: every reply of a call
-    decodes in one continuous batch of up to `max_batch` rows."""
+    decodes in one continuous batch of up to `max_batch` rows (at most MAX_ROWS; the rest wait
+    in its queue, at most MAX_QUEUE)."""
 
     def __init__(self, engine: Engine, *, max_batch: int, max_new_tokens: int, temperature: float, top_k: int | None):
+        check_count("max_batch", max_batch, 1, MAX_ROWS)
+        check_count("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
         self.engine, self.max_batch = engine, max_batch
         self.max_new_tokens, self.temperature, self.top_k = max_new_tokens, temperature, top_k
         self.scheduler: BatchScheduler | None = None
@@ -100,7 +103,7 @@ class Sampler:
         eng = self.engine
         context = int(eng.model.config.sequence_len)
         if self.scheduler is None:
-            self.scheduler = BatchScheduler(eng, max_batch=self.max_batch, max_queue=1 << 20)
+            self.scheduler = BatchScheduler(eng, max_batch=self.max_batch, max_queue=MAX_QUEUE)
         ended: queue.Queue = queue.Queue()
         jobs = []
         for g, group_seeds in zip(groups, seeds):
@@ -171,6 +174,7 @@ def build_batch(groups: list[Group], pad: int, device_batch_size: int) -> tuple[
     """(micro-batches, sampled tokens) from scored groups. A reply whose advantage is 0 (its
     group all right or all wrong) adds nothing to the gradient: it is not run, but its
     tokens count in the normaliser as the loss defines it."""
+    check_count("device_batch_size", device_batch_size, 1, MAX_ROWS)
     rows, sampled = [], 0
     for g in groups:
         for reply, forced, adv in zip(g.replies, g.forced, group_advantages(g.rewards)):
@@ -221,6 +225,9 @@ class RolloutSteps:
         world_size: int = 1,
         state: dict | None = None,
     ):
+        check_count("examples_per_step", examples_per_step, 1, MAX_QUESTIONS)
+        check_count("num_samples", num_samples, 1, MAX_SAMPLES)
+        check_count("device_batch_size", device_batch_size, 1, MAX_ROWS)
         if examples_per_step % world_size:
             raise RustchatError(f"--examples-per-step {examples_per_step} is not a multiple of the {world_size} ranks")
         self.tok, self.sampler, self.stream = tok, sampler, stream
@@ -309,6 +316,8 @@ def pass_at_k_evaluator(
     """evaluate(model) -> {"pass@1": ..., "pass@k": ...} on held-out problems (task, conversation),
     `num_samples` replies each at the rollout temperature; the problems are split over ranks.
     The same seeds at every evaluation, so steps compare on the same random draws."""
+    check_count("num_samples", num_samples, 1, MAX_SAMPLES)
+    check_count("len(problems)", len(problems), 0, MAX_QUESTIONS)
     ks = sorted({1, *(2**i for i in range(1, 12) if 2**i < num_samples), num_samples})
     mine = list(range(rank, len(problems), world_size))
 

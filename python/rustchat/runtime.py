@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .common import RustchatError
+from .common import RustchatError, available_cpus, check_count
 
 
 def autodetect_device(device: str = "auto") -> str:
@@ -87,6 +87,24 @@ def get_world_size() -> int:
     return dist.get_world_size() if is_dist() else 1
 
 
+def local_process_limit(device: str = "auto") -> tuple[int, str]:
+    """(most processes this machine runs for one job, what bounds it): one per CPU this process
+    may use, and on CUDA (`device` resolved) one per visible GPU, each rank owning cuda:LOCAL_RANK."""
+    cpus = available_cpus()
+    if device_type(autodetect_device(device)) == "cuda":
+        gpus = torch.cuda.device_count()
+        if gpus < cpus:
+            return gpus, f"the {gpus} GPU(s) visible"
+    return cpus, f"the {cpus} CPU(s) this process may use"
+
+
+def check_local_processes(nproc: int, device: str = "auto", name: str = "--nproc") -> int:
+    """`nproc` when this machine can run that many processes for one job; else one line naming
+    `name` and the range (OutOfRangeError)."""
+    limit, why = local_process_limit(device)
+    return check_count(name, nproc, 1, limit, why)
+
+
 def init_distributed(device: str = "auto", seed: int | None = 42):
     """Set up the process: resolve the device, init the process group under torchrun
     (nccl on CUDA, gloo otherwise), seed RNGs. Returns (info, device_str).
@@ -96,6 +114,12 @@ def init_distributed(device: str = "auto", seed: int | None = 42):
     info = get_dist_info()
     if info.ddp:
         if device_type(device) == "cuda":
+            gpus = torch.cuda.device_count()
+            if info.local_rank >= gpus:  # torchrun started more processes on this node than GPUs
+                raise RustchatError(
+                    f"process {info.local_rank} of this node has no GPU: {gpus} visible; start at most "
+                    f"{gpus} processes per node (--nproc, torchrun's --nproc-per-node)"
+                )
             device = f"cuda:{info.local_rank}"
             torch.cuda.set_device(device)
             backend = "nccl"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .common import RustchatError
+from .common import MAX_TOP_K, OutOfRangeError, check_count
 
 # Below this a temperature means greedy: logits are softcapped to |15|, so 15 / 1e-3 leaves
 # the nearest rival e^-(gap * 1000) of the top token's odds, argmax to float precision unless
@@ -25,13 +25,13 @@ MIN_TEMPERATURE = 1e-3
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None = None) -> None:
-    """RustchatError for settings no sampler takes (NaN included)."""
+    """OutOfRangeError (a RustchatError and a ValueError) for settings no sampler takes (NaN included)."""
     if not temperature >= 0:
-        raise RustchatError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise RustchatError(f"top_k must be >= 1 or None, got {top_k}")
+        raise OutOfRangeError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None:
+        check_count("top_k", top_k, 1, MAX_TOP_K)
     if top_p is not None and not 0 < top_p <= 1:
-        raise RustchatError(f"top_p must be in (0, 1] or None, got {top_p}")
+        raise OutOfRangeError(f"top_p must be in (0, 1] or None, got {top_p}")
 
 
 def is_greedy(temperature: float, top_k: int | None) -> bool:

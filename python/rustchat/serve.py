@@ -37,8 +37,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from .batching import BatchScheduler
 from .checkpoint import load_model
-from .common import RustchatError
-from .config import DEFAULT_TEMPERATURE, ServeConfig
+from .common import MAX_ROWS, MAX_SERVE_QUEUE, OutOfRangeError, RustchatError, check_count
+from .config import DEFAULT_TEMPERATURE, MAX_TOKENS_RANGE, TEMPERATURE_RANGE, TOP_K_RANGE, ServeConfig
 from .engine import Engine
 from .serve_bridge import Mailbox, Reply
 from .serve_connections import (
@@ -51,9 +51,6 @@ from .serve_connections import (
 from .serve_guard import LOOPBACK_HOSTS, HostOriginGuard
 from .serve_request import (
     MAX_BODY_BYTES,
-    MAX_TOKENS_RANGE,
-    TEMPERATURE_RANGE,
-    TOP_K_RANGE,
     RequestError,
     error_body,
     fit_prompt,
@@ -327,7 +324,16 @@ def create_app(
     allow_origins: list[str] | None = None,
 ):
     """The ASGI app around one Engine (FastAPI inside the Host/Origin guard). Its scheduler
-    thread starts now; `app.state.scheduler` / the app's shutdown closes it."""
+    thread starts now; `app.state.scheduler` / the app's shutdown closes it. The counts and
+    defaults take what `rustchat serve`'s flags take (OutOfRangeError, a ValueError, otherwise)."""
+    check_count("max_batch", max_batch, 1, MAX_ROWS)
+    check_count("max_queue", max_queue, 0, MAX_SERVE_QUEUE)
+    check_count("top_k", top_k, *TOP_K_RANGE)
+    check_count("max_tokens", max_tokens, *MAX_TOKENS_RANGE)
+    if not TEMPERATURE_RANGE[0] <= temperature <= TEMPERATURE_RANGE[1]:
+        raise OutOfRangeError(
+            f"temperature must be in [{TEMPERATURE_RANGE[0]}, {TEMPERATURE_RANGE[1]}], got {temperature}"
+        )
     scheduler = BatchScheduler(engine, max_batch=max_batch, max_queue=max_queue)
     app = FastAPI(
         title="rustchat",
@@ -355,17 +361,9 @@ def create_app(
 
 def run_server(cfg: ServeConfig) -> None:
     max_connections = connection_cap(cfg.max_connections)  # before loading: a bad ulimit fails fast
-    for name, v, (lo, hi) in (
-        ("--temperature", cfg.temperature, TEMPERATURE_RANGE),
-        ("--top-k", cfg.top_k, TOP_K_RANGE),
-        ("--max-tokens", cfg.max_tokens, MAX_TOKENS_RANGE),
-    ):
-        if not lo <= v <= hi:
-            raise RustchatError(f"{name} must be in [{lo}, {hi}], got {v}")
+    # (the counts and the request defaults were checked by ServeConfig against their ranges)
     if not cfg.request_timeout <= MAX_REQUEST_TIMEOUT_S:
         raise RustchatError(f"--request-timeout must be at most {MAX_REQUEST_TIMEOUT_S:g} s, got {cfg.request_timeout}")
-    if not 0 <= cfg.port <= 65535:
-        raise RustchatError(f"--port must be in [0, 65535], got {cfg.port}")
     origins = [o.strip() for o in (cfg.allow_origin or "").split(",") if o.strip()]
     for o in origins:
         if o != "*" and not o.startswith(("http://", "https://")):
@@ -388,6 +386,7 @@ def run_server(cfg: ServeConfig) -> None:
         max_tokens=cfg.max_tokens,
         model_info=info,
         max_batch=cfg.max_batch,
+        max_queue=cfg.max_queue,
         host=cfg.host,
         allow_origins=origins,
     )

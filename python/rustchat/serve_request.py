@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import json
 
-from .config import DEFAULT_TEMPERATURE
+from .config import DEFAULT_TEMPERATURE, MAX_TOKENS_RANGE, TEMPERATURE_RANGE, TOP_K_RANGE
 from .conversation import render_for_completion
 
 MAX_MESSAGES = 500
 MAX_MESSAGE_CHARS = 8000
 MAX_TOTAL_CHARS = 32000
-TEMPERATURE_RANGE = (0.0, 2.0)  # below sampling.MIN_TEMPERATURE a temperature samples greedily
-TOP_K_RANGE = (1, 200)
-MAX_TOKENS_RANGE = (1, 4096)
 TOP_LOGPROBS_RANGE = (0, 20)  # OpenAI's bound
 MAX_STOPS, MAX_STOP_CHARS = 4, 100
 MAX_BODY_BYTES = 512 * 1024  # 32,000 chars of JSON-escaped text and 500 envelopes fit easily

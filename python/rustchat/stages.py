@@ -33,7 +33,7 @@ from .checkpoint import (
     restore_rng_state,
     stage_dir,
 )
-from .common import RustchatError, get_base_dir, print0
+from .common import FINEWEB_SHARDS, MAX_ROWS, RustchatError, get_base_dir, print0
 from .config import BaseConfig, MidConfig, RLConfig, SFTConfig, StageConfig, TrainConfig
 from .bpb import bits_per_byte, val_token_stream
 from .conversation import collate_sft, render_batch
@@ -41,7 +41,7 @@ from .data.bestfit import PACKING, BestFitLoader
 from .core_bundle import resolve_bundle
 from .core_eval import evaluate_core
 from .data.midtrain import MidTrainStream
-from .data.pretrain import FINEWEB_SHARDS, DocumentSource, PretrainLoader, download_shards
+from .data.pretrain import DocumentSource, PretrainLoader, download_shards
 from .data.steps import SFTSteps, StreamSteps
 from .model import ARCHS, GPT, GPTConfig
 from .engine import Engine
@@ -773,7 +773,7 @@ def train_rl(cfg: RLConfig) -> dict:
     # every reply of a step (this rank's share) decodes in one continuous batch
     sampler = Sampler(
         engine,
-        max_batch=max(1, per_rank * cfg.num_samples),
+        max_batch=min(max(1, per_rank * cfg.num_samples), MAX_ROWS),  # more: they wait in its queue
         max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature,
         top_k=cfg.top_k or None,

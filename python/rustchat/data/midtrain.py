@@ -6,7 +6,10 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..common import MAX_ROWS, MAX_SEQ_LEN, check_count
 from ..conversation import DEFAULT_MAX_TOKENS, render_batch
+
+MAX_RENDER_CHUNK = 1 << 16  # conversations rendered (and held) at once
 
 
 class Cursor(NamedTuple):
@@ -47,11 +50,11 @@ class MidTrainStream:
         render_chunk: int = 256,
         num_threads: int | None = None,
     ):
+        check_count("batch_size", batch_size, 1, MAX_ROWS)
+        check_count("seq_len", seq_len, 1, MAX_SEQ_LEN)
+        check_count("render_chunk", render_chunk, 1, MAX_RENDER_CHUNK)
         for name, v in (
-            ("batch_size", batch_size),
-            ("seq_len", seq_len),
             ("world_size", world_size),
-            ("render_chunk", render_chunk),
             ("max_tokens", max_tokens),
             *((("num_epochs", num_epochs),) if num_epochs is not None else ()),
         ):

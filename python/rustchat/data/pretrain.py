@@ -28,11 +28,19 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from ..common import OFFLINE_ROUTE, RustchatError, hub_endpoint, hub_unreachable
+from ..common import (
+    MAX_PREFETCH,
+    MAX_ROWS,
+    MAX_SEQ_LEN,
+    OFFLINE_ROUTE,
+    RustchatError,
+    check_count,
+    hub_endpoint,
+    hub_unreachable,
+)
 from .textsource import SUFFIXES, TextSourceError, jsonl_docs, list_files, parquet_texts, text_file_docs
 
 FINEWEB_REPO = "karpathy/fineweb-edu-100b-shuffle"
-FINEWEB_SHARDS = 1823  # shard_00000 .. shard_01822; the last one is kept for validation
 DOCS_PER_TEXT_GROUP = 1024  # plain-text files are cut into groups like parquet row groups
 
 
@@ -206,15 +214,15 @@ class PretrainLoader:
         state: dict | None = None,
         prefetch_groups: int = 4,
     ):
-        if batch_size < 1 or seq_len < 1:
-            raise ValueError(f"batch_size and seq_len must be positive, got {batch_size}, {seq_len}")
+        self.B = check_count("batch_size", batch_size, 1, MAX_ROWS)
+        self.T = check_count("seq_len", seq_len, 1, MAX_SEQ_LEN)
+        # the producer's queue: at most this many tokenized row groups wait (0 would be unbounded)
+        self.prefetch = check_count("prefetch_groups", prefetch_groups, 1, MAX_PREFETCH)
         self.tok, self.source = tok, source
-        self.B, self.T = batch_size, seq_len
         self.device = device
         self.rank, self.world = rank, world_size
         self.start = Cursor(**state) if state else Cursor()
         self._next = self.start
-        self.prefetch = prefetch_groups
         self.bos = tok.bos_token_id
 
     def _encoded_groups(self, start: Cursor, stop: threading.Event, out: queue.Queue) -> None:

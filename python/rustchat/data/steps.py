@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..common import MAX_BATCH_CONVERSATIONS, MAX_ROWS, MAX_SEQ_LEN, check_count
 from ..conversation import collate_sft, pack_rows, render_batch
 
 
@@ -46,7 +47,9 @@ class SFTSteps:
         pack: bool = False,
     ):
         self.tok, self.convs = tok, conversations
-        self.E, self.B, self.T = examples_per_step, device_batch_size, seq_len
+        self.E = check_count("examples_per_step", examples_per_step, 1, MAX_BATCH_CONVERSATIONS)
+        self.B = check_count("device_batch_size", device_batch_size, 1, MAX_ROWS)
+        self.T = check_count("seq_len", seq_len, 1, MAX_SEQ_LEN)
         self.rank, self.world = rank, world
         self.pack = pack
         self.pad_id = tok.encode_special("<|assistant_end|>")
