@@ -46,6 +46,7 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--root", type=Path, required=True, help="one base dir per seed is made under it")
     ap.add_argument("--reuse", action="store_true", help="read finished runs instead of training again")
+    ap.add_argument("--arch", choices=("classic", "2026"), help="the model's architecture instead of the preset's")
     args = ap.parse_args()
     runs = {}
     for seed in args.seeds:
@@ -63,7 +64,7 @@ def main() -> int:
                 str(seed),
                 "--base-dir",
                 str(base),
-            ]
+            ] + (["--arch", args.arch] if args.arch else [])
             print("$", " ".join(cmd), flush=True)
             if subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode != 0:
                 print(f"seed {seed}: the speedrun failed", file=sys.stderr)

@@ -74,6 +74,7 @@ def engine_tokens(engine, prompt, max_tokens, temperature, top_k, seed):
     return toks, forced
 
 
+@pytest.mark.slow
 def test_batched_requests_equal_engine_alone(engine):
     rng = random.Random()
     seed = rng.randrange(1 << 30)

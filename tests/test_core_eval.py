@@ -277,6 +277,8 @@ def test_rustchat_eval_core_end_to_end(tiny, bundle, capsys):
     assert "## base-eval" in report and "| CORE |" in report and "mc_colon" in report
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_two_gloo_processes_give_the_same_core(tiny, tmp_path):
     _, _, base = tiny
     bundle = make_bundle(tmp_path / "bundle", seed=random.randrange(1 << 30), n=70)  # 2 chunks per task

@@ -981,6 +981,7 @@ def _ldg_bytes(line):
     return 4
 
 
+@pytest.mark.slow
 def test_kernel_cost_counts_elements_from_sass():
     """scripts/kernel_cost.py's elements per loop iteration equal what each sweep's loop body
     loads (its LDG widths, read here from the SASS; ptxas's unrolling included) over the element
@@ -1013,6 +1014,7 @@ def test_kernel_cost_counts_elements_from_sass():
             assert w["elems"] % per_block == 0, f"{row['kernel']}: {w['elems']} is not whole blocks of {per_block}"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(INTERP_IN_PROCESS or _CHILD, reason="interpreter tests already run in this process")
 def test_triton_interpreter_in_subprocess():
     if not _backend.HAS_TRITON:

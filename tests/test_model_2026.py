@@ -45,6 +45,7 @@ def test_window_sizes_follow_the_pattern_and_rounding():
     assert [cfg2026(n_layer=3).has_value_embed(i) for i in range(3)] == [True, False, True]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_kv_head,n_layer", [(4, 3), (2, 4), (1, 2)])
 def test_logits_and_loss_match_reference_across_the_window(n_kv_head, n_layer):
     cfg = cfg2026(n_kv_head=n_kv_head, n_layer=n_layer)
@@ -104,6 +105,7 @@ def test_packed_rows_match_reference():
     torch.testing.assert_close(ref[:1, 20:], alone, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_kv_cache_matches_full_forward_across_the_window():
     """Prefill, chunks and single tokens through the cache == one full forward: windows, smear
     state and value embeddings carried from call to call."""

@@ -93,6 +93,7 @@ def test_torchrun_command_of_the_launch_flags():
             torchrun_command(_cfg(bad), bad)
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_two_nodes_of_two_processes_match_one_and_resume_on_one(base_dir, tmp_path):  # noqa: F811
     one = _copy(base_dir, tmp_path, "one")

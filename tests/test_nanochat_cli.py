@@ -58,6 +58,8 @@ def test_tokenizer_pickle_refuses_other_globals(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_import_nanochat_cli_then_logits_match_reference(tmp_path):
     ck = tmp_path / "base_checkpoints" / "d2"
     ck.mkdir(parents=True)
@@ -106,6 +108,7 @@ def _import(ck, base):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version,arch", [("92d63d4", "2026"), ("48abd7d", "classic")])
 def test_nanochat_checkpoints_import_with_nanochats_logits(tmp_path, version, arch):
     """Both nanochat commits (92d63d4: the 2026 model, 48abd7d: classic): the CLI import, then fp32
@@ -127,6 +130,7 @@ def test_nanochat_checkpoints_import_with_nanochats_logits(tmp_path, version, ar
     torch.testing.assert_close(logits.double(), ref, rtol=0, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_nanochat_refusals_name_the_field_or_tensor(tmp_path):
     ck = _fixture_dir(tmp_path, "92d63d4")
     meta_path = ck / "meta_000100.json"

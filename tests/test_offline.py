@@ -54,6 +54,7 @@ def _assert_offline_error(code, lines, stem):
     assert "path=" not in err  # no hint that is not a flag
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "task,stem", [("arc-easy", "arc-ARC-Easy-test"), ("gsm8k", "gsm8k-test"), ("mmlu", "mmlu-all-test")]
 )
@@ -65,6 +66,7 @@ def test_hub_offline_mode_asks_no_network(tmp_path, task, stem):
     assert attempts == 0
 
 
+@pytest.mark.slow
 def test_no_network_is_found_by_one_attempt(tmp_path):
     # nothing listens on port 9 of the loopback: a network that refuses, at once
     endpoint = {"HF_ENDPOINT": "http://127.0.0.1:9"}
@@ -94,6 +96,7 @@ def test_no_network_is_found_by_one_attempt(tmp_path):
     assert code == 2 and attempts == 1 and "--data-dir" in lines[0] and "speedrun --preset tiny" in lines[0], lines
 
 
+@pytest.mark.slow
 def test_eval_task_dir_reads_local_copies(tmp_path):
     """`eval --task-dir` finds arc-ARC-Easy-test.jsonl, offline, and scores its problems."""
     import torch

@@ -150,6 +150,8 @@ def test_every_import_is_a_declared_dependency():
     assert {"torch", "pytest"} & extras == {"pytest"}  # torch is required, tests stay an extra
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_sft_on_an_empty_base_dir_names_the_missing_step(tmp_path):
     """The card's `rustchat sft --depth 10` on a fresh install: one line naming what to run first."""
     env = {**os.environ, "RUSTCHAT_BASE_DIR": str(tmp_path)}

@@ -89,6 +89,8 @@ def workdir(tmp_path_factory, corpus):
     return d
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 @pytest.mark.parametrize("i", range(len(PYTHON)))
 def test_python_block_runs_offline_without_warnings(workdir, tmp_path, i):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TIKTOKEN"))}

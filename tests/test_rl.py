@@ -305,6 +305,7 @@ def _run_ranks(d, nproc, dbs):
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one(base_dir, tmp_path):
     one, two = _copy(base_dir, tmp_path, "one"), _copy(base_dir, tmp_path, "two")
     h1 = _run_ranks(one, 1, 8)

@@ -193,6 +193,7 @@ def test_the_old_sft_batch_flag_refuses_with_a_hint(capsys):
 
 
 # ----------------------------------------------------------------------------- a fresh run never hides
+@pytest.mark.slow
 def test_a_fresh_run_over_an_old_one_is_refused_or_archived(base_dir, tmp_path, capsys):
     d = _copy(base_dir, tmp_path, "fresh")
     ck = stage_dir("sft", 1, d)
@@ -255,6 +256,8 @@ def test_speedrun_refuses_before_any_work_over_an_earlier_run(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- one writer per directory
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_a_second_concurrent_run_fails_naming_the_first(base_dir, tmp_path):
     d = _copy(base_dir, tmp_path, "locked")
     env = {**os.environ, "RUSTCHAT_BASE_DIR": str(d), "OMP_NUM_THREADS": "1"}
@@ -330,6 +333,7 @@ def test_every_command_picks_the_depth_the_same_way(base_dir, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- the command line's small things
+@pytest.mark.e2e
 def test_version_names_package_and_core():
     from importlib.metadata import version
 

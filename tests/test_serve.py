@@ -286,6 +286,7 @@ def _wait(pred, timeout, what):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.mark.e2e
 def test_web_page_in_headless_chromium(engine):
     browser = _chromium()
     if browser is None:
@@ -453,6 +454,7 @@ def engine_text(engine, messages, max_tokens):
     return text, len(prompt)
 
 
+@pytest.mark.e2e
 def test_openai_client_round_trip(server, engine):
     port, _ = server
     client = openai_client(port)
@@ -503,6 +505,7 @@ def test_openai_client_round_trip(server, engine):
     assert a == b
 
 
+@pytest.mark.e2e
 def test_openai_errors(server):
     import httpx
     import openai
@@ -542,6 +545,7 @@ def test_openai_errors(server):
     assert e.value.code == "model_not_found" and e.value.param == "model"
 
 
+@pytest.mark.e2e
 def test_16_concurrent_openai_requests_each_get_their_own_answer(server, engine):
     import openai
 
@@ -638,6 +642,8 @@ def cli_server(serve_base):
         yield port, health
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_cli_server_names_its_model(cli_server):
     port, health = cli_server
     assert (health["stage"], health["depth"], health["step"]) == ("sft", 2, 7)
@@ -660,6 +666,8 @@ print(json.dumps(answers))
 """
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_200_streaming_clients_all_finish_and_health_answers(cli_server):
     """Outcomes only (how fast /health answers is scripts/bench_serve.py's target): every client
     gets its whole stream, every /health poll gets an answer, and the slots all come back."""
@@ -716,6 +724,7 @@ class SlowGPT(TalkativeGPT):
         return super().forward(idx, targets, **kw)
 
 
+@pytest.mark.e2e
 def test_disconnected_client_frees_its_slot(engine):
     import httpx
 
@@ -883,6 +892,7 @@ def _check_logprobs(engine, entries, prompt_len, msgs, kw, top):
         assert [a["logprob"] for a in e["top_logprobs"]] == pytest.approx(vals.tolist(), abs=1e-4)
 
 
+@pytest.mark.e2e
 def test_logprobs_are_the_models_own(server, engine):
     """logprobs + top_logprobs through the openai client, streamed and not, equal log-softmax of
     the model's logits (float64, no KV cache) at the tokens the engine generates."""
@@ -927,6 +937,7 @@ def test_logprobs_are_the_models_own(server, engine):
     assert [e.top_logprobs for e in r.choices[0].logprobs.content] == [[], [], []]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "poison", [{"temperature": 1e-300}, {"temperature": 1.0, "top_p": 1e-300}, {"temperature": 1.0, "top_p": 1e-46}]
 )
@@ -978,6 +989,7 @@ async def _one(port, ask, kw):
 
 
 # ----------------------------------------------------------------------------- no plain-text 500s
+@pytest.mark.e2e
 def test_tokenizer_refusal_is_a_400_and_any_failure_is_json(tmp_path):
     """A split pattern whose regex gives up on a user's text (its backtracking limit) is a 400
     saying so; an exception anywhere in a request is a JSON 500 in OpenAI's shape."""
@@ -1021,6 +1033,8 @@ def test_tokenizer_refusal_is_a_400_and_any_failure_is_json(tmp_path):
 
 
 # ----------------------------------------------------------------------------- idle and slow clients
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_idle_connections_cannot_take_the_server_down(serve_base):
     """The attack, scaled to a 1,024-descriptor limit: more idle sockets than the server may
     open. /health and a completion still answer (an idle connection makes room), every idle

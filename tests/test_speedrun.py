@@ -171,3 +171,14 @@ def test_every_trained_task_is_evaluated_on_held_out_problems():
             for conv in test:
                 assert _words_and_numbers(conv) not in trained, (name, conv)
                 assert conv["messages"][0]["content"] not in trained_users, (name, conv)
+
+
+def test_arch_replaces_the_presets_for_the_base_model(tmp_path):
+    """`speedrun --arch` picks the new model's architecture; without it the preset's stands."""
+    from rustchat.config import SpeedrunConfig
+    from rustchat.speedrun import PRESETS, stage_configs
+
+    preset_arch = PRESETS["tiny"]["base"]["arch"]
+    assert stage_configs(SpeedrunConfig(preset="tiny"), tmp_path)["base"].arch == preset_arch
+    other = "2026" if preset_arch == "classic" else "classic"
+    assert stage_configs(SpeedrunConfig(preset="tiny", arch=other), tmp_path)["base"].arch == other

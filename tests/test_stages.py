@@ -152,6 +152,8 @@ def _run_cli(args, env_extra, timeout=600):
     )
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_two_gloo_processes_match_one(base_dir, tmp_path):
     one = _copy(base_dir, tmp_path, "one")
     two = _copy(base_dir, tmp_path, "two")
@@ -202,6 +204,8 @@ def test_two_gloo_processes_match_one(base_dir, tmp_path):
     assert len(m2["data_states"]) == 2
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_cli_errors_are_one_line(base_dir, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

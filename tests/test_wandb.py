@@ -45,6 +45,8 @@ def wandb_records(path):
             yield rec
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_run_logs_losses_lr_throughput_and_evals_offline(tmp_path):
     rnd = random.Random()
     docs = [" ".join(rnd.choice(WORDS) for _ in range(rnd.randint(20, 60))) for _ in range(200)]

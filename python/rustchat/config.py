@@ -610,6 +610,9 @@ class SpeedrunConfig(Config):
     base_dir: str | None = opt(None, "artifacts root (default $RUSTCHAT_BASE_DIR or ~/.cache/rustchat)")
     quiet: bool = opt(False, "no progress bars")
     force: bool = opt(False, "run again where an earlier run left checkpoints (they are archived)")
+    arch: str | None = opt(
+        None, "the model's architecture instead of the preset's (tiny: classic; d10/d20: 2026)", choices=ARCHS
+    )
 
 
 @dataclass

@@ -150,6 +150,8 @@ def stage_configs(cfg: SpeedrunConfig, base: Path) -> dict:
         **preset["common"],
     }
     base_kw = dict(preset["base"])
+    if cfg.arch is not None:  # later stages keep the architecture of the checkpoint they start from
+        base_kw["arch"] = cfg.arch
     if cfg.preset == "tiny":
         base_kw["data_dir"] = str(base / "tiny_data")
     eval_kw = {"depth": depth, "device": cfg.device, "base_dir": str(base), "quiet": cfg.quiet}
