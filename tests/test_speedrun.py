@@ -1,6 +1,7 @@
 """The speedrun's evaluation: the same as `rustchat eval` on one checkpoint, and every task the
 tiny preset trains on is scored on held-out problems."""
 
+import random
 import re
 
 import pytest
@@ -182,3 +183,14 @@ def test_arch_replaces_the_presets_for_the_base_model(tmp_path):
     assert stage_configs(SpeedrunConfig(preset="tiny"), tmp_path)["base"].arch == preset_arch
     other = "2026" if preset_arch == "classic" else "classic"
     assert stage_configs(SpeedrunConfig(preset="tiny", arch=other), tmp_path)["base"].arch == other
+
+
+def test_base_row_names_the_metrics_the_preset_scored():
+    """The tiny preset scores bpb only; the GPU presets add CORE."""
+    from rustchat.speedrun import base_val_text
+
+    bpb = random.uniform(0.5, 5.0)
+    core = random.uniform(0.0, 0.3)
+    assert base_val_text({"val_bpb": bpb}) == f"val bpb {bpb:.4f}"
+    assert base_val_text({"val_bpb": bpb, "CORE": core}) == f"val bpb {bpb:.4f}, CORE {core:.4f}"
+    assert base_val_text({}) == "-"

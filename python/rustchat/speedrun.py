@@ -206,6 +206,12 @@ def _val_text(start: dict | None, last: dict | None) -> str:
     return f"{name} {last[key]:.4f}"
 
 
+def base_val_text(scores: dict) -> str:
+    """The base row's metrics: bits per byte, and CORE where the preset scores it."""
+    parts = [f"{name} {scores[key]:.4f}" for key, name in (("val_bpb", "val bpb"), ("CORE", "CORE")) if key in scores]
+    return ", ".join(parts) or "-"
+
+
 def evaluate_stage(configs: dict, stage: str) -> dict:
     """Score a stage's checkpoint exactly as `rustchat eval` does: the same function on the same
     config type, with the eval command's defaults for everything the preset does not set."""
@@ -261,10 +267,7 @@ def run_speedrun(cfg: SpeedrunConfig) -> dict:
             ev = res.get("last_eval") or {}
             row["val"] = ", ".join(f"{k} {v:.3f}" for k, v in ev.items() if k.startswith("pass@")) or "-"
         if stage == "base":
-            row["val"] = ", ".join(
-                [f"val bpb {scores['val_bpb']:.4f}"] * ("val_bpb" in scores)
-                + [f"CORE {scores['CORE']:.4f}"] * ("CORE" in scores)
-            )
+            row["val"] = base_val_text(scores)
         else:
             row["tasks"] = {t: v for t, v in scores.items() if t != "ChatCORE"}
             tasks += [t for t in row["tasks"] if t not in tasks]
