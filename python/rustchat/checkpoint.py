@@ -288,7 +288,7 @@ def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 def inside_dir(root, path, what: str) -> Path:
     """`path` resolved (every symlink followed), refused in one line unless it stays inside the
     directory `root`: an import reads only the directory it was given, whatever a file in it
-    names ("../../etc/shadow", "/etc/shadow") or a symlink in it points to."""
+    names (a "../" climb, "/etc/shadow") or a symlink in it points to."""
     root, path = Path(root), Path(path)
     try:
         real_root = root.resolve(strict=True)
