@@ -82,7 +82,9 @@ def test_an_index_naming_a_file_outside_is_refused(hf, tmp_path, capsys, target)
     (hf / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {"model.embed_tokens.weight": target, "lm_head.weight": "part-1.safetensors"}})
     )
-    _import(hf, tmp_path, capsys, f"weight file {target!r} named by model.safetensors.index.json", "outside")
+    _import(
+        hf, tmp_path, capsys, f"{hf / 'model.safetensors.index.json'}: weight_map entry {target!r} resolves", "outside"
+    )
 
 
 @pytest.mark.parametrize("name", ["model.safetensors", "config.json", "tokenizer.json", "model.safetensors.index.json"])
@@ -210,7 +212,13 @@ def test_a_recorded_step_is_checked(hf, tmp_path, capsys):
     header, data = _header(hf / "model.safetensors")
     header["__metadata__"]["rustchat_step"] = "9" * 5000
     _write(hf / "model.safetensors", header, data)
-    _import(hf, tmp_path, capsys, "rustchat_step='99999999999999999999'... (5000 chars) is not a step", "--step N")
+    _import(
+        hf,
+        tmp_path,
+        capsys,
+        "model.safetensors: metadata rustchat_step='99999999999999999999'... (5000 chars) is not a step",
+        "--step N",
+    )
     assert main(["import-hf", str(hf), "--base-dir", str(tmp_path / "base"), "--step", "5"]) == 0
     with pytest.raises(SystemExit) as e:  # argparse's own one-line refusal
         main(["import-hf", str(hf), "--base-dir", str(tmp_path / "base"), "--step", "9" * 5000])

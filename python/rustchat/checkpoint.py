@@ -285,9 +285,9 @@ def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     return {name: shape for name, (_, shape) in safetensors_header(path)[0].items()}
 
 
-def inside_dir(root, path, what: str) -> Path:
+def inside_dir(root, path, what: str, where=None) -> Path:
     """`path` resolved (every symlink followed), refused in one line unless it stays inside the
-    directory `root`: an import reads only the directory it was given, whatever a file in it
+    directory `root` (the error starts with `where`, default `path`): an import reads only the directory it was given, whatever a file in it
     names (a "../" climb, "/etc/shadow") or a symlink in it points to."""
     root, path = Path(root), Path(path)
     try:
@@ -297,7 +297,7 @@ def inside_dir(root, path, what: str) -> Path:
         raise RustchatError(f"{path}: cannot resolve {what} ({e})") from None
     if real != real_root and real_root not in real.parents:
         link = " (a symlink)" if path.is_symlink() else ""
-        raise RustchatError(f"{path}: {what}{link} resolves to {real}, outside {root}; refusing to read it")
+        raise RustchatError(f"{where or path}: {what}{link} resolves to {real}, outside {root}; refusing to read it")
     return real
 
 

@@ -509,7 +509,7 @@ def _weight_files(d: Path) -> tuple[list[Path], dict | None, Path]:
     files = []
     for name in names:
         p = d / name
-        inside_dir(d, p, f"weight file {name!r} named by {_INDEX_FILE}")
+        inside_dir(d, p, f"weight_map entry {name!r}", where=index)
         if not p.is_file():
             raise RustchatError(f"{index}: weight file {name!r} is missing")
         files.append(p)
@@ -575,9 +575,9 @@ def _recorded_step(provenance: dict, d: Path) -> int:
     if re.fullmatch(r"[0-9]{1,13}", recorded) and int(recorded) <= MAX_STEP:
         return int(recorded)
     shown = repr(recorded) if len(recorded) <= 40 else f"{recorded[:20]!r}... ({len(recorded)} chars)"
+    weights = d / _MODEL_FILE if os.path.lexists(d / _MODEL_FILE) else d / _INDEX_FILE
     raise RustchatError(
-        f"{d}: the weights' metadata rustchat_step={shown} is not a step in 0..{MAX_STEP}; "
-        "pass --step N to record another"
+        f"{weights}: metadata rustchat_step={shown} is not a step in 0..{MAX_STEP}; pass --step N to record another"
     )
 
 
