@@ -46,7 +46,8 @@ _PREVIOUS = {"base": None, "mid": "base", "sft": "mid", "rl": "sft"}
 # would exhaust memory before a shape check could fail.
 MAX_META_BYTES = 64 << 20
 _MAX_SAFETENSORS_HEADER = 100 << 20  # the limit safetensors itself applies
-_CONFIG_LIMITS = {
+MAX_STEP = 10**12  # a step a checkpoint may be filed under (far past any run; a name, not a count)
+CONFIG_LIMITS = {
     "sequence_len": 1 << 20,
     "vocab_size": 1 << 24,
     "n_layer": 1024,
@@ -164,8 +165,8 @@ def read_json_object(path, what: str, max_bytes: int = MAX_META_BYTES) -> dict:
         raise RustchatError(f"{path}: {what} is not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise RustchatError(f"{path}: {what} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-    except (OSError, RecursionError) as e:
-        raise RustchatError(f"{path}: cannot read {what} ({type(e).__name__}: {e})") from None
+    except (OSError, RecursionError, ValueError) as e:  # ValueError: an int past Python's 4300 digits
+        raise RustchatError(f"{path}: cannot read {what} ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(obj, dict):
         raise RustchatError(f"{path}: {what} is a JSON {type(obj).__name__}, expected an object")
     return obj
@@ -177,7 +178,7 @@ def check_model_config(mc, where) -> GPTConfig:
     if not isinstance(mc, dict):
         raise RustchatError(f"{where}: no 'model_config' object (found {type(mc).__name__})")
     values = {}
-    for key, limit in _CONFIG_LIMITS.items():
+    for key, limit in CONFIG_LIMITS.items():
         v = mc.get(key)
         if key not in mc:
             raise RustchatError(f"{where}: model_config lacks {key!r}")
@@ -199,9 +200,33 @@ def check_model_config(mc, where) -> GPTConfig:
         raise RustchatError(f"{where}: model_config: {e}") from None
 
 
-def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes from a safetensors header, after checking the header and the data
-    offsets fit the file exactly (a truncated file fails here, before any tensor is read)."""
+# bytes per element of each safetensors dtype
+_SAFETENSORS_DTYPES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "I16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "U32": 4,
+    "I32": 4,
+    "F32": 4,
+    "U64": 8,
+    "I64": 8,
+    "F64": 8,
+}
+FLOAT_DTYPES = frozenset({"F8_E4M3", "F8_E5M2", "F16", "BF16", "F32", "F64"})
+
+
+def safetensors_header(path, max_header: int = _MAX_SAFETENSORS_HEADER) -> tuple[dict, dict]:
+    """({name: (dtype, shape)}, metadata) from a safetensors file's header, read without loading
+    any tensor: the 8-byte length (at most `max_header`) and the JSON header are checked, and
+    every tensor's offsets must match its dtype and shape, and the tensors must tile the data
+    exactly (no overlap, no gap, nothing past the end), as the library requires. Any problem
+    is one RustchatError "<file>: not a valid safetensors file: <why>"."""
     size = regular_file(path, "weights file")
     try:
         with open(path, "rb") as f:
@@ -209,30 +234,71 @@ def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
             if len(head) < 8:
                 raise ValueError(f"{size} bytes, too short for a safetensors header")
             (n,) = struct.unpack("<Q", head)
-            if n > min(_MAX_SAFETENSORS_HEADER, size - 8):
-                raise ValueError(f"header length {n} does not fit in the file's {size} bytes (truncated?)")
+            if n > min(max_header, size - 8):
+                raise ValueError(
+                    f"header length {n} does not fit in the file's {size} bytes or the {max_header} a header may have"
+                )
             header = json.loads(f.read(n).decode("utf-8"))
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
-        shapes, end = {}, 0
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise ValueError("__metadata__ is not an object of strings")
+        tensors, spans = {}, []
         for name, info in header.items():
-            if name == "__metadata__":
-                continue
             if not (
                 isinstance(info, dict)
+                and info.get("dtype") in _SAFETENSORS_DTYPES
                 and isinstance(info.get("shape"), list)
                 and isinstance(info.get("data_offsets"), list)
                 and len(info["data_offsets"]) == 2
-                and all(isinstance(x, int) and x >= 0 for x in info["shape"] + info["data_offsets"])
+                and all(type(x) is int and x >= 0 for x in info["shape"] + info["data_offsets"])
             ):
-                raise ValueError(f"malformed header entry for {name!r}")
-            shapes[name] = tuple(info["shape"])
-            end = max(end, info["data_offsets"][1])
-        if 8 + n + end != size:
-            raise ValueError(f"the tensors need {8 + n + end} bytes but the file has {size} (truncated?)")
-    except (ValueError, UnicodeDecodeError, OSError) as e:
+                raise ValueError(f"malformed header entry for {name!r} (dtype, shape or data_offsets)")
+            begin, end = info["data_offsets"]
+            numel = 1
+            for d in info["shape"]:
+                numel *= d
+            if end - begin != numel * _SAFETENSORS_DTYPES[info["dtype"]]:
+                raise ValueError(
+                    f"tensor {name!r} spans bytes {begin}..{end} but its {info['dtype']} shape {info['shape']} "
+                    f"needs {numel * _SAFETENSORS_DTYPES[info['dtype']]}"
+                )
+            tensors[name] = (info["dtype"], tuple(info["shape"]))
+            spans.append((begin, end, name))
+        at = 0
+        for begin, end, name in sorted(spans):
+            if begin != at:
+                what = "overlaps the tensor before it" if begin < at else f"leaves a gap at byte {at}"
+                raise ValueError(f"tensor {name!r} at bytes {begin}..{end} {what}")
+            at = end
+        if 8 + n + at != size:
+            raise ValueError(f"the tensors need {8 + n + at} bytes but the file has {size} (truncated?)")
+    except (ValueError, UnicodeDecodeError, OSError, RecursionError) as e:
         raise RustchatError(f"{path}: not a valid safetensors file: {e}") from None
-    return shapes
+    return tensors, meta
+
+
+def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from a safetensors header, after checking the header and the data
+    offsets fit the file exactly (a truncated file fails here, before any tensor is read)."""
+    return {name: shape for name, (_, shape) in safetensors_header(path)[0].items()}
+
+
+def inside_dir(root, path, what: str, where=None) -> Path:
+    """`path` resolved (every symlink followed), refused in one line unless it stays inside the
+    directory `root` (the error starts with `where`, default `path`): an import reads only the directory it was given, whatever a file in it
+    names (a "../" climb, "/etc/shadow") or a symlink in it points to."""
+    root, path = Path(root), Path(path)
+    try:
+        real_root = root.resolve(strict=True)
+        real = path.resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise RustchatError(f"{path}: cannot resolve {what} ({e})") from None
+    if real != real_root and real_root not in real.parents:
+        link = " (a symlink)" if path.is_symlink() else ""
+        raise RustchatError(f"{where or path}: {what}{link} resolves to {real}, outside {root}; refusing to read it")
+    return real
 
 
 def _atomic_write(path: Path, write) -> None:

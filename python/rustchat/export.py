@@ -33,16 +33,21 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .checkpoint import (
+    CONFIG_LIMITS,
+    MAX_STEP,
     build_model_from_meta,
     check_model_config,
     find_last_step,
+    inside_dir,
     load_model,
+    read_json_object,
+    safetensors_header,
     save_checkpoint,
     stage_dir,
 )
-from .common import RustchatError, get_base_dir
+from .common import MAX_VOCAB_SIZE, RustchatError, check_count, get_base_dir
 from .config import ExportConfig, ImportHFConfig
-from .model import ROPE_BASE, SOFTCAP, GPTConfig
+from .model import GPT, ROPE_BASE, SOFTCAP, GPTConfig
 from .nanochat_import import convert_state_dict
 from .tokenizer import SPECIAL_TOKENS, Tokenizer
 
@@ -50,6 +55,12 @@ from .tokenizer import SPECIAL_TOKENS, Tokenizer
 RMS_EPS = float(torch.finfo(torch.float32).eps)
 _MODEL_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
+# caps on what an import reads before checking it: far above real files, far below memory
+_MAX_CONFIG_BYTES = 4 << 20
+_MAX_INDEX_BYTES = 16 << 20
+_MAX_TOKENIZER_BYTES = 256 << 20
+_MAX_SHARDS = 4096
+_WEIGHT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
 # the modeling code a non-classic export carries (run by transformers, not imported by rustchat)
 _REMOTE_CODE = Path(__file__).parent / "hf_remote"
 _REMOTE_TYPE = "rustchat"
@@ -121,10 +132,7 @@ def to_hf_state_dict(state: dict, config: GPTConfig) -> dict:
 
 def from_hf_state_dict(hf: dict, config: GPTConfig) -> dict:
     """transformers NanoChat weights -> our state dict (fp32, vocab rows padded with zeros)."""
-    ours_of = {v: k for k, v in _VOCAB_ROWS.items()}
-    for i in range(config.n_layer):
-        for ours, theirs in _BLOCK_NAMES.items():
-            ours_of[f"model.layers.{i}.{theirs}.weight"] = f"transformer.h.{i}.{ours}.weight"
+    ours_of = _hf_to_ours(config)
     # with our names it is a nanochat state dict: same checks, fp32 and padding as that import
     return convert_state_dict({ours_of.get(k, k): v for k, v in hf.items()}, config)
 
@@ -157,27 +165,49 @@ def hf_config(config: GPTConfig, tok: Tokenizer) -> dict:
     }
 
 
+def _hf_size(cfg: dict, key: str, limit: int, where, default=None) -> int:
+    """config.json's `key` as a positive int up to `limit` (absent or null: `default`, when given).
+    A bool, a float (128.9, and 128.0 too) or a string is refused, never rounded."""
+    v = cfg.get(key)
+    if v is None and default is not None:
+        return default
+    if key not in cfg:
+        raise RustchatError(f"{where}: lacks {key!r}")
+    if type(v) is not int or not 1 <= v <= limit:
+        shown = repr(v) if len(repr(v)) <= 40 else f"{repr(v)[:20]}... ({len(repr(v))} chars)"
+        raise RustchatError(f"{where}: {key}={shown} must be an integer in 1..{limit}")
+    return v
+
+
 def gpt_config_from_hf(cfg: dict, where: Path) -> GPTConfig:
-    """Our GPTConfig from a NanoChat config.json; refuses anything our model does not compute."""
+    """Our GPTConfig from a NanoChat config.json; refuses anything our model does not compute,
+    and every size that is not a positive integer within CONFIG_LIMITS, before anything is
+    allocated."""
+    if not isinstance(cfg, dict):
+        raise RustchatError(f"{where}: is a JSON {type(cfg).__name__}, expected an object")
     if cfg.get("model_type") != "nanochat":
         raise RustchatError(f"{where}: model_type is {cfg.get('model_type')!r}, expected 'nanochat'")
-    try:
-        C, L, H = int(cfg["hidden_size"]), int(cfg["num_hidden_layers"]), int(cfg["num_attention_heads"])
-        H_kv = int(cfg.get("num_key_value_heads") or H)
-        vocab = int(cfg["vocab_size"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise RustchatError(f"{where}: missing or invalid field {e}") from None
+    lim = CONFIG_LIMITS
+    C = _hf_size(cfg, "hidden_size", lim["n_embd"], where)
+    L = _hf_size(cfg, "num_hidden_layers", lim["n_layer"], where)
+    H = _hf_size(cfg, "num_attention_heads", lim["n_head"], where)
+    H_kv = _hf_size(cfg, "num_key_value_heads", lim["n_kv_head"], where, default=H)
+    vocab = _hf_size(cfg, "vocab_size", lim["vocab_size"], where)
+    seq = _hf_size(cfg, "max_position_embeddings", lim["sequence_len"], where, default=2048)
+    ffn = _hf_size(cfg, "intermediate_size", 4 * lim["n_embd"], where, default=4 * C)
+    head_dim = _hf_size(cfg, "head_dim", lim["n_embd"], where, default=C // H)
     rope = cfg.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise RustchatError(f"{where}: rope_parameters is a JSON {type(rope).__name__}, expected an object")
+    theta = rope.get("rope_theta", cfg.get("rope_theta", ROPE_BASE))
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+        raise RustchatError(f"{where}: rope_theta={theta!r} must be a number")
     checks = [
         ("hidden_act", cfg.get("hidden_act", "relu2"), "relu2"),
-        ("intermediate_size", int(cfg.get("intermediate_size", 4 * C)), 4 * C),
-        ("head_dim", int(cfg.get("head_dim") or C // max(H, 1)), C // max(H, 1)),
+        ("intermediate_size", ffn, 4 * C),
+        ("head_dim", head_dim, C // H),
         ("final_logit_softcapping", cfg.get("final_logit_softcapping", SOFTCAP), SOFTCAP),
-        (
-            "rope_parameters.rope_theta",
-            float(rope.get("rope_theta", cfg.get("rope_theta", ROPE_BASE))),
-            float(ROPE_BASE),
-        ),
+        ("rope_parameters.rope_theta", float(theta), float(ROPE_BASE)),
         ("rope_parameters.rope_type", rope.get("rope_type", "default"), "default"),
         ("attention_bias", bool(cfg.get("attention_bias", False)), False),
         ("tie_word_embeddings", bool(cfg.get("tie_word_embeddings", False)), False),
@@ -185,14 +215,10 @@ def gpt_config_from_hf(cfg: dict, where: Path) -> GPTConfig:
     for name, got, want in checks:
         if got != want:
             raise RustchatError(f"{where}: {name} is {got!r}; rustchat's GPT needs {want!r}")
-    return GPTConfig(
-        sequence_len=int(cfg.get("max_position_embeddings", 2048)),
-        vocab_size=vocab,
-        n_layer=L,
-        n_head=H,
-        n_kv_head=H_kv,
-        n_embd=C,
-    )
+    try:
+        return GPTConfig(sequence_len=seq, vocab_size=vocab, n_layer=L, n_head=H, n_kv_head=H_kv, n_embd=C)
+    except RustchatError as e:
+        raise RustchatError(f"{where}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -253,43 +279,54 @@ def hf_tokenizer(tok: Tokenizer):
 
 
 def tokenizer_from_hf_json(path: Path) -> Tokenizer:
-    """Our Tokenizer from a byte-level BPE tokenizer.json whose ids are ranks (as `export` writes)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise RustchatError(f"{path}: cannot read ({e})") from None
+    """Our Tokenizer from a byte-level BPE tokenizer.json whose ids are ranks (as `export` writes);
+    its split pattern must run in bounded time (Tokenizer.check_split_bounded)."""
+    data = read_json_object(path, "tokenizer.json", _MAX_TOKENIZER_BYTES)
     model = data.get("model") or {}
-    if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
-        raise RustchatError(f"{path}: model.type is {model.get('type')!r}, expected a byte-level 'BPE' vocabulary")
+    if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        kind = model.get("type") if isinstance(model, dict) else None
+        raise RustchatError(f"{path}: model.type is {kind!r}, expected a byte-level 'BPE' vocabulary")
+    if len(model["vocab"]) > MAX_VOCAB_SIZE:
+        raise RustchatError(f"{path}: {len(model['vocab'])} tokens, more than the {MAX_VOCAB_SIZE} rustchat holds")
     pattern = _split_pattern(data.get("pre_tokenizer"))
-    if pattern is None:
+    if not isinstance(pattern, str):
         raise RustchatError(f"{path}: no Split pre-tokenizer with a regex pattern (a byte-level BPE needs one)")
     u2b = {u: b for b, u in byte_to_unicode().items()}
-    specials = {t["content"]: int(t["id"]) for t in data.get("added_tokens", []) if t.get("special")}
+    added = data.get("added_tokens") or []
+    if not isinstance(added, list) or not all(
+        isinstance(t, dict) and isinstance(t.get("content"), str) and type(t.get("id")) is int for t in added
+    ):
+        raise RustchatError(f"{path}: added_tokens must be a list of objects with a string content and an integer id")
+    specials = {t["content"]: t["id"] for t in added if t.get("special")}
     ranks = {}
     for spelled, i in model["vocab"].items():
         if spelled in specials:
             continue
+        if type(i) is not int:
+            raise RustchatError(f"{path}: token {spelled[:40]!r} has id {i!r}, not an integer")
         try:
-            ranks[bytes(u2b[c] for c in spelled)] = int(i)
+            ranks[bytes(u2b[c] for c in spelled)] = i
         except KeyError:
-            raise RustchatError(f"{path}: token {spelled!r} is not spelled in the byte-level alphabet") from None
+            raise RustchatError(f"{path}: token {spelled[:40]!r} is not spelled in the byte-level alphabet") from None
     missing = [s for s in SPECIAL_TOKENS if s not in specials]
     if missing:
         raise RustchatError(f"{path}: lacks the special tokens {', '.join(missing)} that rustchat's rendering uses")
     try:
-        return Tokenizer.from_ranks(ranks, pattern, specials)
+        tok = Tokenizer.from_ranks(ranks, pattern, specials)
+        tok.check_split_bounded()
     except (ValueError, TypeError) as e:
         raise RustchatError(f"{path}: {e}") from None
+    return tok
 
 
-def _split_pattern(pre) -> str | None:
-    if not isinstance(pre, dict):
+def _split_pattern(pre, depth: int = 0) -> str | None:
+    if not isinstance(pre, dict) or depth > 8:
         return None
     if pre.get("type") == "Split" and isinstance(pre.get("pattern"), dict) and "Regex" in pre["pattern"]:
         return pre["pattern"]["Regex"]
-    for p in pre.get("pretokenizers") or []:
-        found = _split_pattern(p)
+    subs = pre.get("pretokenizers")
+    for p in subs if isinstance(subs, list) else []:
+        found = _split_pattern(p, depth + 1)
         if found is not None:
             return found
     return None
@@ -393,63 +430,163 @@ def run_export(cfg: ExportConfig) -> Path:
     return out
 
 
+def _member(d: Path, name: str, what: str) -> Path | None:
+    """d/name when it exists (a dangling symlink counts), checked to resolve inside d; else None."""
+    p = d / name
+    if not os.path.lexists(p):
+        return None
+    inside_dir(d, p, what)
+    return p
+
+
 def load_hf_dir(hf_dir) -> tuple[object, Tokenizer, dict]:
-    """A transformers NanoChat directory -> (our GPT on the CPU, Tokenizer, provenance)."""
+    """A transformers NanoChat directory -> (our GPT on the CPU, Tokenizer, provenance).
+
+    Reads only files inside the directory (symlinks and index entries resolving elsewhere are
+    refused), and checks before it allocates: config.json's sizes, the tokenizer, and every
+    safetensors header (offsets, dtypes, shapes against the config) before any tensor is read."""
     d = Path(hf_dir)
     if not d.is_dir():
         raise RustchatError(f"{d}: no such directory")
-    cfg_path = d / "config.json"
-    if not cfg_path.is_file():
+    cfg_path = _member(d, "config.json", "config.json")
+    if cfg_path is None:
         raise RustchatError(f"{d}: no config.json (not a transformers model directory)")
-    try:
-        hf_cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise RustchatError(f"{cfg_path}: invalid JSON ({e})") from None
-    if isinstance(hf_cfg, dict) and hf_cfg.get("model_type") == _REMOTE_TYPE:
+    hf_cfg = read_json_object(cfg_path, "config.json", _MAX_CONFIG_BYTES)
+    remote = hf_cfg.get("model_type") == _REMOTE_TYPE
+    if remote:
         config = check_model_config({k: v for k, v in hf_cfg.items() if k in _GPT_FIELDS}, cfg_path)
     else:
         config = gpt_config_from_hf(hf_cfg, cfg_path)
-    tok_path = d / "tokenizer.json"
-    if not tok_path.is_file():
+    tok_path = _member(d, "tokenizer.json", "tokenizer.json")
+    if tok_path is None:
         raise RustchatError(f"{d}: no tokenizer.json")
     tok = tokenizer_from_hf_json(tok_path)
     if tok.vocab_size > config.vocab_size:
         raise RustchatError(f"{tok_path} has {tok.vocab_size} ids but config.json's vocab_size is {config.vocab_size}")
+    rows = (tok.vocab_size, config.vocab_size)  # what a vocabulary tensor may hold
     # the model's rows past the tokenizer's ids are padding that no id can reach
     config = GPTConfig(**{**config.to_dict(), "vocab_size": tok.vocab_size})
-    hf_state, provenance = _read_safetensors(d)
+    hf_state, provenance = _read_safetensors(d, _expected_shapes(config, remote), rows)
     # the remote-code model's weights have our names: they go in as a nanochat state dict does
-    state = (
-        convert_state_dict(hf_state, config)
-        if hf_cfg.get("model_type") == _REMOTE_TYPE
-        else from_hf_state_dict(hf_state, config)
-    )
+    state = convert_state_dict(hf_state, config) if remote else from_hf_state_dict(hf_state, config)
     model = build_model_from_meta({"model_config": config.to_dict()}, "cpu", state)
     return model, tok, provenance
 
 
-def _read_safetensors(d: Path) -> tuple[dict, dict]:
-    if (d / _MODEL_FILE).is_file():
-        files = [d / _MODEL_FILE]
-    elif (d / _INDEX_FILE).is_file():
-        index = json.loads((d / _INDEX_FILE).read_text(encoding="utf-8"))
-        files = [d / f for f in sorted(set(index.get("weight_map", {}).values()))]
-    else:
+def _expected_shapes(config: GPTConfig, remote: bool) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every tensor the directory must hold (vocabulary tensors: any row count)."""
+    with torch.device("meta"):
+        ours = {k: tuple(v.shape) for k, v in GPT(config, init=False).state_dict().items()}
+    if remote:
+        return ours
+    theirs = {ours_name: hf for hf, ours_name in _hf_to_ours(config).items()}
+    return {theirs[k]: shape for k, shape in ours.items()}
+
+
+def _hf_to_ours(config: GPTConfig) -> dict[str, str]:
+    out = {v: k for k, v in _VOCAB_ROWS.items()}
+    for i in range(config.n_layer):
+        for ours, theirs in _BLOCK_NAMES.items():
+            out[f"model.layers.{i}.{theirs}.weight"] = f"transformer.h.{i}.{ours}.weight"
+    return out
+
+
+def _weight_files(d: Path) -> tuple[list[Path], dict | None, Path]:
+    """The safetensors files to read (each inside d), the index's weight_map (or None) and the
+    file that named them."""
+    single = _member(d, _MODEL_FILE, "weights file")
+    if single is not None:
+        return [single], None, single
+    index = _member(d, _INDEX_FILE, "safetensors index")
+    if index is None:
         raise RustchatError(f"{d}: no {_MODEL_FILE} or {_INDEX_FILE} (only safetensors weights are read)")
-    state, provenance = {}, {}
+    weight_map = read_json_object(index, "safetensors index", _MAX_INDEX_BYTES).get("weight_map")
+    if not (isinstance(weight_map, dict) and weight_map and all(isinstance(v, str) and v for v in weight_map.values())):
+        raise RustchatError(f"{index}: weight_map must be a non-empty object of tensor name -> file name")
+    names = sorted(set(weight_map.values()))
+    if len(names) > _MAX_SHARDS:
+        raise RustchatError(f"{index}: names {len(names)} weight files, more than the {_MAX_SHARDS} an import reads")
+    files = []
+    for name in names:
+        p = d / name
+        inside_dir(d, p, f"weight_map entry {name!r}", where=index)
+        if not p.is_file():
+            raise RustchatError(f"{index}: weight file {name!r} is missing")
+        files.append(p)
+    return files, weight_map, index
+
+
+def _read_safetensors(d: Path, expected: dict, rows: tuple[int, int]) -> tuple[dict, dict]:
+    """Every tensor of d's safetensors weights, after every header has been checked: its
+    offsets, its dtypes (floating point) and its tensors against `expected` (names and
+    shapes; vocabulary tensors may have rows[0]..rows[1] rows) and the index."""
+    files, weight_map, named_by = _weight_files(d)
+    headers, where, provenance = {}, {}, {}
     for f in files:
-        if not f.is_file():
-            raise RustchatError(f"{d}: weight file {f.name} is missing")
-        with safe_open(str(f), framework="pt") as sf:
-            provenance.update(sf.metadata() or {})
-            for k in sf.keys():
-                state[k] = sf.get_tensor(k)
+        tensors, meta = safetensors_header(f)
+        headers[f] = tensors
+        provenance.update(meta)
+        for name, (dtype, shape) in tensors.items():
+            if name in where:
+                raise RustchatError(f"{f}: tensor {name!r} is also in {where[name].name}")
+            where[name] = f
+            if weight_map is not None and (weight_map.get(name) is None or d / weight_map[name] != f):
+                raise RustchatError(f"{f}: holds tensor {name!r}, which {_INDEX_FILE} puts in {weight_map.get(name)!r}")
+            bare = name.replace("_orig_mod.", "")
+            want = expected.get(bare)
+            if want is None:
+                raise RustchatError(f"{f}: unexpected tensor {name!r} (not in the model config.json describes)")
+            if dtype not in _WEIGHT_DTYPES:
+                raise RustchatError(f"{f}: tensor {name!r} is {dtype}; weights must be one of {sorted(_WEIGHT_DTYPES)}")
+            vocab = bare in _VOCAB_ROWS.values() or bare in _VOCAB_ROWS or bare.startswith("value_embeds.")
+            ok = (
+                len(shape) == len(want) and shape[1:] == want[1:] and rows[0] <= shape[0] <= rows[1]
+                if vocab
+                else shape == want
+            )
+            if not ok:
+                need = f"({rows[0]}..{rows[1]}, {', '.join(map(str, want[1:]))})" if vocab else str(want)
+                raise RustchatError(f"{f}: tensor {name!r} has shape {shape}, but config.json needs {need}")
+    missing = sorted(set(expected) - {n.replace("_orig_mod.", "") for n in where})
+    if missing:
+        raise RustchatError(
+            f"{named_by}: lacks {len(missing)} tensor(s) the model in config.json needs (first: {missing[:3]})"
+        )
+    if weight_map is not None and set(weight_map) != set(where):
+        extra = sorted(set(weight_map) - set(where))[:3]
+        raise RustchatError(f"{named_by}: weight_map names tensors no weight file holds (first: {extra})")
+    state = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for k in sf.keys():
+                    state[k] = sf.get_tensor(k)
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own types for what the checks missed
+            raise RustchatError(f"{f}: not a valid safetensors file: {type(e).__name__}: {e}") from None
     return state, provenance
+
+
+def _recorded_step(provenance: dict, d: Path) -> int:
+    """The step `export` recorded in the weights' metadata (none: 0); a recorded value that is
+    not a step in 0..MAX_STEP is refused, with the way round it."""
+    recorded = provenance.get("rustchat_step", "")
+    if recorded == "":
+        return 0
+    if re.fullmatch(r"[0-9]{1,13}", recorded) and int(recorded) <= MAX_STEP:
+        return int(recorded)
+    shown = repr(recorded) if len(recorded) <= 40 else f"{recorded[:20]!r}... ({len(recorded)} chars)"
+    weights = d / _MODEL_FILE if os.path.lexists(d / _MODEL_FILE) else d / _INDEX_FILE
+    raise RustchatError(
+        f"{weights}: metadata rustchat_step={shown} is not a step in 0..{MAX_STEP}; pass --step N to record another"
+    )
 
 
 def import_hf(cfg: ImportHFConfig) -> Path:
     """Write a transformers NanoChat directory as a checkpoint of `cfg.stage` plus the base dir's tokenizer."""
+    if cfg.step is not None:
+        check_count("--step", cfg.step, 0, MAX_STEP)
     model, tok, provenance = load_hf_dir(cfg.hf_dir)
+    step = cfg.step if cfg.step is not None else _recorded_step(provenance, Path(cfg.hf_dir))
     base = Path(cfg.base_dir) if cfg.base_dir else get_base_dir()
     depth = model.config.n_layer
     out = stage_dir(cfg.stage, depth, base)
@@ -461,10 +598,6 @@ def import_hf(cfg: ImportHFConfig) -> Path:
         replaced.append(f"the {cfg.stage} checkpoints in {out}")
     if replaced and not cfg.force:
         raise RustchatError(f"import-hf would replace {' and '.join(replaced)}; pass --force to replace them")
-    step = cfg.step
-    if step is None:
-        recorded = provenance.get("rustchat_step", "")
-        step = int(recorded) if recorded.isdigit() else 0
     if out.is_dir():  # --force (or only incomplete files): the import becomes the stage's only checkpoint
         for f in out.iterdir():
             if re.fullmatch(r"(model|meta|optim)_\d+.*\.(safetensors|json|pt)", f.name):

@@ -6,42 +6,57 @@ Both nanochat models import: January 2026's (the classic architecture) and July 
 nanochat's, so the mapping is: strip torch.compile's `_orig_mod.` prefix, pad embedding, value
 embedding and head rows to our padded vocab, cast to fp32. Files are read without
 executing code (torch.load(weights_only=True), json), after checking each is a regular file
-(checkpoint.regular_file); weights must be finite. An import never replaces a different
+(checkpoint.regular_file) that resolves inside the directory it was found in (checkpoint.inside_dir:
+no symlink out of it); the meta is capped in size and its model_config checked before the weights
+are read; weights must be finite. An import never replaces a different
 tokenizer or an existing checkpoint of the same step unless asked to (--force).
 """
 
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import re
 from pathlib import Path
 
 import torch
 
-from .checkpoint import check_model_config, read_json_object, regular_file, save_checkpoint, stage_dir
-from .common import RustchatError, get_base_dir
+from .checkpoint import (
+    MAX_STEP,
+    check_model_config,
+    inside_dir,
+    read_json_object,
+    regular_file,
+    save_checkpoint,
+    stage_dir,
+)
+from .common import RustchatError, check_count, get_base_dir
 from .config import ImportNanochatConfig
 from .model import ARCHS, GPT, GPTConfig
 from .tokenizer import Tokenizer
 
-_MODEL_RE = re.compile(r"^model_(\d+)\.pt$")
+_MODEL_RE = re.compile(r"^model_(\d{1,13})\.pt$")  # a longer number is no step (MAX_STEP)
 _VOCAB_ROWS = ("transformer.wte.weight", "lm_head.weight")  # and value_embeds.<layer>.weight
 _NANOCHAT_SIZES = {"sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"}
 _MAX_TOKENIZER_PICKLE = 256 << 20
+_MAX_NANOCHAT_META = 16 << 20  # a nanochat meta is a few KB: its configs, step and losses
 
 
 def find_nanochat_step(ckpt_dir) -> int:
     ckpt_dir = Path(ckpt_dir)
-    steps = [int(m.group(1)) for f in ckpt_dir.iterdir() if (m := _MODEL_RE.match(f.name))] if ckpt_dir.is_dir() else []
+    found = (m.group(1) for f in ckpt_dir.iterdir() if (m := _MODEL_RE.match(f.name))) if ckpt_dir.is_dir() else ()
+    steps = [int(s) for s in found if int(s) <= MAX_STEP]
     if not steps:
         raise RustchatError(f"no nanochat model_<step>.pt in {ckpt_dir}")
     return max(steps)
 
 
 def _file_for_step(ckpt_dir: Path, prefix: str, step: int, suffix: str) -> Path:
+    """The step's file, which must resolve inside ckpt_dir (a symlink out of it is refused)."""
     for name in (f"{prefix}_{step:06d}{suffix}", f"{prefix}_{step}{suffix}"):
-        if (ckpt_dir / name).exists():
+        if os.path.lexists(ckpt_dir / name):
+            inside_dir(ckpt_dir, ckpt_dir / name, f"nanochat {prefix} file")
             return ckpt_dir / name
     raise RustchatError(f"nanochat checkpoint {ckpt_dir} has no {prefix}_{step:06d}{suffix}")
 
@@ -107,7 +122,7 @@ def import_nanochat_model(ckpt_dir, step: int | None = None, device="cpu"):
     if step is None:
         step = find_nanochat_step(ckpt_dir)
     meta_path = _file_for_step(ckpt_dir, "meta", step, ".json")
-    meta = read_json_object(meta_path, "nanochat meta")
+    meta = read_json_object(meta_path, "nanochat meta", _MAX_NANOCHAT_META)
     config = nanochat_config(meta.get("model_config"), meta_path)
     weights_path = _file_for_step(ckpt_dir, "model", step, ".pt")
     regular_file(weights_path, "nanochat weights")
@@ -162,7 +177,9 @@ def load_nanochat_tokenizer(path: str | Path) -> Tokenizer:
     if not isinstance(state, dict) or not {"pat_str", "mergeable_ranks", "special_tokens"} <= set(state):
         raise RustchatError(f"{p}: unexpected tokenizer pickle contents")
     try:
-        return Tokenizer.from_ranks(state["mergeable_ranks"], state["pat_str"], state["special_tokens"])
+        tok = Tokenizer.from_ranks(state["mergeable_ranks"], state["pat_str"], state["special_tokens"])
+        tok.check_split_bounded()
+        return tok
     except Exception as e:  # noqa: BLE001 - the core's refusal, said about the file it came from
         raise RustchatError(f"{p}: not a usable tokenizer ({type(e).__name__}: {e})") from None
 
@@ -195,6 +212,8 @@ def _would_replace(tok: Tokenizer, tok_dir: Path, out: Path, step: int) -> list[
 def import_nanochat(cfg: ImportNanochatConfig) -> Path:
     """Write the imported model as a checkpoint of `cfg.stage` and its tokenizer into the base dir."""
     src = Path(cfg.checkpoint_dir)
+    if cfg.step is not None:
+        check_count("--step", cfg.step, 0, MAX_STEP)
     step = cfg.step if cfg.step is not None else find_nanochat_step(src)
     model, meta = import_nanochat_model(src, step)
     if cfg.tokenizer:
@@ -205,9 +224,11 @@ def import_nanochat(cfg: ImportNanochatConfig) -> Path:
             src.parent / "tokenizer" / "tokenizer.pkl",
             src.parent.parent / "tokenizer" / "tokenizer.pkl",
         ]
-        tok_path = next((p for p in near if p.is_file()), None)
+        tok_path = next((p for p in near if os.path.lexists(p)), None)
         if tok_path is None:
             raise RustchatError(f"no tokenizer.pkl near {src}; pass --tokenizer PATH")
+        # found, not named: it must resolve inside the directory it was found in
+        inside_dir(tok_path.parent, tok_path, "nanochat tokenizer.pkl")
     tok = load_nanochat_tokenizer(tok_path)
     if tok.vocab_size != model.config.vocab_size:
         raise RustchatError(

@@ -18,6 +18,7 @@ import gc
 import json
 import os
 import threading
+import time
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -167,6 +168,39 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, not {type(text).__name__}")
         return self._core.encode_ordinary_list(text)
+
+    def check_split_bounded(self, seconds: float = 1.0) -> None:
+        """ValueError unless the split pattern runs in bounded time on adversarial text.
+
+        The GPT-4-family and o200k patterns run on hand-written scanners (linear in any text).
+        Any other pattern is a fancy-regex, which gives up (a ValueError) when one search
+        backtracks past its limit, and can be quadratic below it. Such a pattern is run here on
+        the inputs that make backtracking blow up: long runs of one character of each class,
+        alone and before each kind of terminator, and alternating pairs; an error, or more
+        than `seconds` on one of them (a linear pattern takes milliseconds), refuses it. A model
+        whose pattern passes does not answer a user's text with a tokenizer error."""
+        if self._core.fast_split:
+            return
+        chars = ["a", "A", "0", " ", "\n", "\t", ".", "'", "_", "-", "\u00e9", "\u4e2d", "\U0001f389", "\r\n"]
+        probes = ["a" * 50_000 + "!", " " * 50_000 + "a"]
+        for c in chars:
+            probes.append(c * 2048)
+            probes += [c * 2048 + t for t in ("!", "b", "B", "1", " ", "\n", "'", ".", "\u00e9")]
+        probes += [p * 2048 for p in ("a ", "a1", "a.", ". ", " \n", "'s", "A a", "1.")]
+        for text in probes:
+            start = time.monotonic()
+            try:
+                self._core.encode_ordinary_list(text)
+            except ValueError as e:
+                raise ValueError(
+                    f"split pattern {self.pattern[:120]!r} fails on {_describe(text)} ({str(e)[:120]}); "
+                    "rustchat could not encode such a user text"
+                ) from None
+            if time.monotonic() - start > seconds:
+                raise ValueError(
+                    f"split pattern {self.pattern[:120]!r} takes over {seconds:g} s on {_describe(text)} "
+                    "(catastrophic backtracking); rustchat could not answer such a user text in bounded time"
+                )
 
     def encode_to_numpy(self, text: str) -> np.ndarray:
         """Like `encode_ordinary`, as an int32 numpy array (no Python int per token)."""
@@ -411,6 +445,13 @@ def _feed_stream(trainer, texts: Iterable[str], progress) -> None:
     if batch and not result.get("full"):
         flush(batch)
     wait()
+
+
+def _describe(text: str) -> str:
+    """A probe text in a few words: "'a' * 2048 + '!'"."""
+    head = text[0]
+    run = len(text) - len(text.lstrip(head))
+    return f"{head!r} * {run}" + (f" + {text[run:][:8]!r}" if run < len(text) else "")
 
 
 def load_tokenizer(base_dir=None, *, directory=None) -> Tokenizer:
