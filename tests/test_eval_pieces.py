@@ -284,3 +284,15 @@ def test_humaneval_pass_fail_timeout():
     assert hog.status == "failed"
     small = check_humaneval(PROMPT, "def add(a, b):\n    x = bytearray(50 << 20)\n    return a + b\n", TEST, "add")
     assert small.passed, small.stderr
+
+
+def test_calculator_refuses_malformed_numbers_without_a_warning():
+    """What a small model writes ("3abc", "1e", "0x") is refused quietly: no SyntaxWarning
+    reaches the user's terminal during RL or chat."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for expr in ("3abc", "1e", "12and 3", "0x", "1_"):
+            assert calculate(expr) is None
+    assert not caught, [str(w.message) for w in caught]

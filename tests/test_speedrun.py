@@ -194,3 +194,14 @@ def test_base_row_names_the_metrics_the_preset_scored():
     assert base_val_text({"val_bpb": bpb}) == f"val bpb {bpb:.4f}"
     assert base_val_text({"val_bpb": bpb, "CORE": core}) == f"val bpb {bpb:.4f}, CORE {core:.4f}"
     assert base_val_text({}) == "-"
+
+
+def test_val_text_of_each_stage_kind():
+    """base reports bpb, mid/SFT a validation loss, RL pass@k only (its row says "-" here)."""
+    from rustchat.speedrun import _val_text
+
+    a, b = random.uniform(1, 5), random.uniform(0, 1)
+    assert _val_text({"val_bpb": a}, {"val_bpb": b}) == f"val bpb {a:.4f} -> {b:.4f}"
+    assert _val_text(None, {"val_loss": b}) == f"val loss {b:.4f}"
+    assert _val_text({"pass@1": a}, {"step": 30, "pass@1": b, "pass@8": a}) == "-"
+    assert _val_text(None, None) == "-"

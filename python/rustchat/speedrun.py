@@ -197,9 +197,9 @@ def summary_table(rows: list[dict], tasks: list[str]) -> str:
 
 
 def _val_text(start: dict | None, last: dict | None) -> str:
-    if not last:
+    key = "val_bpb" if last and "val_bpb" in last else "val_loss"
+    if not last or key not in last:  # RL evaluates pass@k, not a validation loss
         return "-"
-    key = "val_bpb" if "val_bpb" in last else "val_loss"
     name = "val bpb" if key == "val_bpb" else "val loss"
     if start and key in start:
         return f"{name} {start[key]:.4f} -> {last[key]:.4f}"

@@ -14,6 +14,7 @@ import ast
 import math
 import operator
 import time
+import warnings
 
 MAX_EXPR_CHARS = 1000
 MAX_INT_BITS = 4096  # ~1,233 decimal digits: far beyond any word problem, still instant
@@ -43,7 +44,9 @@ def calculate(expr: str, timeout: float = 1.0) -> str | None:
     if "'" not in expr and '"' not in expr:
         expr = expr.replace(",", "")  # "1,200*3": thousands separators, as models write them
     try:
-        tree = ast.parse(expr, mode="eval")
+        with warnings.catch_warnings():  # "1e" or "3abc" from a model: refused below, never a SyntaxWarning on stderr
+            warnings.simplefilter("ignore", SyntaxWarning)
+            tree = ast.parse(expr, mode="eval")
         value = _Eval(time.monotonic() + timeout).visit(tree.body)
     except (_Refused, ArithmeticError, ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
         return None
