@@ -37,6 +37,7 @@ from .checkpoint import (
     check_model_config,
     find_last_step,
     load_model,
+    read_json_object,
     save_checkpoint,
     stage_dir,
 )
@@ -45,6 +46,10 @@ from .config import ExportConfig, ImportHFConfig
 from .model import ROPE_BASE, SOFTCAP, GPTConfig
 from .nanochat_import import convert_state_dict
 from .tokenizer import SPECIAL_TOKENS, Tokenizer
+
+# JSON files of a transformers directory are refused above these sizes before they are read
+MAX_HF_CONFIG_BYTES = 4 << 20  # config.json, the safetensors index
+MAX_HF_JSON_BYTES = 256 << 20  # tokenizer.json (a 200k vocabulary with its merges is ~20 MB)
 
 # F.rms_norm(x, shape) with eps=None uses torch.finfo(x.dtype).eps; the weights are fp32
 RMS_EPS = float(torch.finfo(torch.float32).eps)
@@ -254,10 +259,7 @@ def hf_tokenizer(tok: Tokenizer):
 
 def tokenizer_from_hf_json(path: Path) -> Tokenizer:
     """Our Tokenizer from a byte-level BPE tokenizer.json whose ids are ranks (as `export` writes)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise RustchatError(f"{path}: cannot read ({e})") from None
+    data = read_json_object(path, "tokenizer.json", MAX_HF_JSON_BYTES)  # size checked before it is read
     model = data.get("model") or {}
     if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise RustchatError(f"{path}: model.type is {model.get('type')!r}, expected a byte-level 'BPE' vocabulary")
@@ -401,10 +403,7 @@ def load_hf_dir(hf_dir) -> tuple[object, Tokenizer, dict]:
     cfg_path = d / "config.json"
     if not cfg_path.is_file():
         raise RustchatError(f"{d}: no config.json (not a transformers model directory)")
-    try:
-        hf_cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise RustchatError(f"{cfg_path}: invalid JSON ({e})") from None
+    hf_cfg = read_json_object(cfg_path, "config.json", MAX_HF_CONFIG_BYTES)
     if isinstance(hf_cfg, dict) and hf_cfg.get("model_type") == _REMOTE_TYPE:
         config = check_model_config({k: v for k, v in hf_cfg.items() if k in _GPT_FIELDS}, cfg_path)
     else:
@@ -432,7 +431,7 @@ def _read_safetensors(d: Path) -> tuple[dict, dict]:
     if (d / _MODEL_FILE).is_file():
         files = [d / _MODEL_FILE]
     elif (d / _INDEX_FILE).is_file():
-        index = json.loads((d / _INDEX_FILE).read_text(encoding="utf-8"))
+        index = read_json_object(d / _INDEX_FILE, _INDEX_FILE, MAX_HF_CONFIG_BYTES)
         files = [d / f for f in sorted(set(index.get("weight_map", {}).values()))]
     else:
         raise RustchatError(f"{d}: no {_MODEL_FILE} or {_INDEX_FILE} (only safetensors weights are read)")
