@@ -33,6 +33,7 @@ from .common import (
     OFFLINE_ROUTE,
     RustchatError,
     check_count,
+    check_writable,
     get_base_dir,
     print0,
 )
@@ -327,6 +328,8 @@ def eval_base(cfg: EvalConfig) -> dict:
     _, device = init_distributed(cfg.device, seed=None)
     model, tok, meta = load_model("base", depth=cfg.depth, step=cfg.step, device=device, base_dir=cfg.base_dir)
     base = Path(cfg.base_dir) if cfg.base_dir else get_base_dir(create=False)
+    if get_rank() == 0:
+        check_writable(base, "report dir")  # report.md (and CORE's csv) are written at the end
     label = f"base d{model.config.n_layer} step {meta.get('step')}"
     rows, out, table = {"model": label}, {}, None
     try:
@@ -400,9 +403,11 @@ def run_eval(cfg: EvalConfig) -> dict:
         return eval_base(cfg)
     names = parse_tasks(cfg.tasks)
     sandbox_line = code_sandbox(cfg)  # before any work: refused where the code cannot be contained
+    base = Path(cfg.base_dir) if cfg.base_dir else get_base_dir(create=False)
+    if get_rank() == 0:
+        check_writable(base, "report dir")  # report.md is written at the end
     tasks = [load_task(n, cfg.max_problems, cfg.task_dir) for n in names]  # fail early
     model, tok, meta = load_model(cfg.source, depth=cfg.depth, step=cfg.step, device=cfg.device, base_dir=cfg.base_dir)
-    base = Path(cfg.base_dir) if cfg.base_dir else get_base_dir(create=False)
     engine = Engine(model, tok)
     label = f"{cfg.source} d{model.config.n_layer} step {meta.get('step')}"
     print(f"evaluating {label} on {model.get_device()}: {', '.join(t.name for t in tasks)}")

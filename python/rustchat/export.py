@@ -41,7 +41,7 @@ from .checkpoint import (
     save_checkpoint,
     stage_dir,
 )
-from .common import RustchatError, get_base_dir
+from .common import RustchatError, check_writable, get_base_dir
 from .config import ExportConfig, ImportHFConfig
 from .model import ROPE_BASE, SOFTCAP, GPTConfig
 from .nanochat_import import convert_state_dict
@@ -385,6 +385,7 @@ def run_export(cfg: ExportConfig) -> Path:
         raise RustchatError(f"--out {out} is a file, not a directory")
     if out.is_dir() and any(out.iterdir()) and not cfg.force:
         raise RustchatError(f"--out {out} is not empty; pass --force to write into it")
+    check_writable(out, "--out")  # before the model is loaded and converted
     model, tok, meta = load_model(cfg.source, depth=cfg.depth, step=cfg.step, device=cfg.device, base_dir=cfg.base_dir)
     export_model(model, tok, out, source=cfg.source, step=meta.get("step"))
     c = model.config
@@ -448,8 +449,8 @@ def _read_safetensors(d: Path) -> tuple[dict, dict]:
 
 def import_hf(cfg: ImportHFConfig) -> Path:
     """Write a transformers NanoChat directory as a checkpoint of `cfg.stage` plus the base dir's tokenizer."""
+    base = check_writable(Path(cfg.base_dir) if cfg.base_dir else get_base_dir(create=False), "--base-dir")
     model, tok, provenance = load_hf_dir(cfg.hf_dir)
-    base = Path(cfg.base_dir) if cfg.base_dir else get_base_dir()
     depth = model.config.n_layer
     out = stage_dir(cfg.stage, depth, base)
     tok_dir = base / "tokenizer"
