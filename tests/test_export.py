@@ -305,3 +305,22 @@ def test_export_errors_are_one_line(exported, tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("rustchat: error: ") and err.count("\n") == 1 and expected in err, err
+
+
+def test_unwritable_outputs_fail_up_front_in_one_line(tmp_path, capsys):
+    """Root ignores modes, so the unwritable place is a path under a regular file."""
+    from rustchat.cli import main
+
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    bad = blocker / "x"
+    cases = [
+        (["export", "-i", "sft", "--out", str(bad), "--base-dir", str(tmp_path / "nothing")], "--out"),
+        (["import-hf", str(tmp_path / "no_hf_dir"), "--base-dir", str(bad)], "--base-dir"),
+        (["eval", "--tasks", "tiny", "--base-dir", str(bad), "--device", "cpu"], "report dir"),
+        (["tok", "train", "--input", str(blocker), "--out", str(bad)], "--out"),
+    ]
+    for argv, flag in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"{flag} {bad}: not writable" in err, (argv, err)

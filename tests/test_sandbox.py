@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from rustchat import sandbox
 from rustchat.sandbox import MAX_PROCESSES, protection, run_tests
 from rustchat.tasks.humaneval import check_humaneval
 
@@ -35,6 +36,9 @@ def own_tempdir(monkeypatch, tmp_path):  # tmp_path first: pytest makes it under
     monkeypatch.setattr(tempfile, "tempdir", d)
     yield d
     shutil.rmtree(d, ignore_errors=True)
+
+
+_NO_GUARDS = 'import builtins, os\n_kept = {n: getattr(os, n) for n in ("read", "write", "_exit")}\n'  # what the runner needs of the guards' setup
 
 
 def _exec_dirs() -> set[str]:
@@ -86,7 +90,10 @@ def test_posix_system_cannot_touch_files_outside(outside):
     tmp, victim = outside
     result = _attack(f"""
         import posix
-        posix.system("echo pwned > {victim}; rm -f {victim}; echo pwned > {tmp}/new.txt")
+        try:  # refused by the guards; were it not, the shell would run as another user
+            posix.system("echo pwned > {victim}; rm -f {victim}; echo pwned > {tmp}/new.txt")
+        except OSError:
+            pass
         return a + b
     """)
     assert result.passed  # the attack did not stop a correct answer from counting...
@@ -113,8 +120,15 @@ def test_writing_and_deleting_outside_fails(outside):
     assert sorted(p.name for p in tmp.iterdir()) == ["victim.txt"] and victim.read_text() == "precious"
 
 
+@pytest.fixture
+def no_guards(monkeypatch):
+    """Candidates run without the in-process guards: what is left is the OS-level containment
+    (a candidate that found a way past the guards gets no further than this)."""
+    monkeypatch.setattr(sandbox, "_CANDIDATE_RUNNER", sandbox._CANDIDATE_RUNNER.replace(sandbox._GUARDS, _NO_GUARDS))
+
+
 @needs_namespaces
-def test_raw_sockets_reach_nothing():
+def test_raw_sockets_reach_nothing(no_guards):
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen(1)
@@ -134,7 +148,7 @@ def test_raw_sockets_reach_nothing():
 
 
 @needs_namespaces
-def test_setsid_child_does_not_outlive_the_timeout():
+def test_setsid_child_does_not_outlive_the_timeout(no_guards):
     marker = f"{random.randrange(10**6, 10**7)}.{random.randrange(10**6)}"
     result = _attack(
         f"""
@@ -209,3 +223,149 @@ def test_a_pass_cannot_be_forged(forgery):
 def test_memory_limit_and_big_values_fail_cleanly():
     assert _attack("x = bytearray(8 << 30)\nreturn a + b").status == "failed"
     assert _attack("return 'x' * (100 << 20)").status == "failed"  # larger than a reply may be
+
+
+# --- the fallback (no bubblewrap): forced here whatever this machine has ---------------------
+
+
+@pytest.fixture
+def fallback(monkeypatch):
+    """Run the sandbox as it runs where bwrap is missing (RUSTCHAT_SANDBOX=rlimits)."""
+    monkeypatch.setenv("RUSTCHAT_SANDBOX", "rlimits")
+    sandbox._bwrap_status.cache_clear()
+    assert protection().startswith("rlimits only: ")
+    yield
+    sandbox._bwrap_status.cache_clear()
+
+
+RAW_ENTRY_POINTS = {
+    "_socket.socket": "import _socket\n_socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)",
+    "socket.socket": "import socket\nsocket.socket()",
+    "socket.create_connection": "import socket\nsocket.create_connection(('127.0.0.1', 9))",
+    "_socket.socketpair": "import _socket\n_socket.socketpair()",
+    "os.posix_spawn": "import os\nos.posix_spawn('/bin/true', ['true'], {})",
+    "posix.posix_spawn": "import posix\nposix.posix_spawn('/bin/true', ['true'], {})",
+    "posix.posix_spawnp": "import posix\nposix.posix_spawnp('true', ['true'], {})",
+    "_posixsubprocess.fork_exec": "import _posixsubprocess\n_posixsubprocess.fork_exec()",
+    "subprocess.run": "import subprocess\nsubprocess.run(['/bin/true'])",
+    "posix.fork": "import posix\nposix.fork()",
+    "posix.setsid": "import posix\nposix.setsid()",
+    "posix.execv": "import posix\nposix.execv('/bin/true', ['true'])",
+    "posix.system": "import posix\nposix.system('true')",
+    "posix.kill": "import posix\nposix.kill(posix.getpid(), 0)",
+    "os.killpg": "import os\nos.killpg(os.getpgid(0), 0)",
+    "signal.pthread_kill": "import signal, threading\nsignal.pthread_kill(threading.get_ident(), 0)",
+    "ctypes": "import ctypes",
+    "a fresh posix": "import sys\ndel sys.modules['posix']\nimport posix",
+    "a reloaded _socket": "import importlib, _socket\nimportlib.reload(_socket)",
+}
+
+
+@pytest.mark.parametrize("name", sorted(RAW_ENTRY_POINTS))
+def test_fallback_guards_block_raw_entry_points(fallback, name):
+    candidate = (
+        "def probe():\n    try:\n"
+        + textwrap.indent(RAW_ENTRY_POINTS[name], "        ")
+        + "\n    except (OSError, ImportError) as e:\n        return 'blocked'\n    return 'ran'\n"
+    )
+    tests = "def check(candidate):\n    assert candidate() == 'blocked'\n"
+    result = run_tests(candidate, "probe", "", tests, timeout=10)
+    assert result.passed, result.stderr
+    assert _exec_dirs() == set()
+
+
+def test_fallback_refuses_network_to_local_services(fallback):
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        server.settimeout(0.5)
+        port = server.getsockname()[1]
+        result = _attack(f"""
+            import _socket
+            s = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+            s.connect(("127.0.0.1", {port}))
+            return a + b
+        """)
+        assert not result.passed and "network access is disabled" in result.stderr, result.stderr
+        with pytest.raises(socket.timeout):
+            server.accept()
+
+
+# A candidate that got past the in-process guards (here: run without them): what stays is the
+# OS-level part of the fallback (a fresh uid per candidate, its session and uid killed, its files
+# removed). It leaves a `setsid` grandchild that SIGSTOPs and kills every process it can reach,
+# and files in /tmp and /dev/shm.
+SABOTEUR = """
+import os, signal, time
+def add(a, b):
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            end = time.monotonic() + 30
+            while time.monotonic() < end:
+                for p in os.listdir("/proc"):
+                    if p.isdigit() and int(p) != os.getpid():
+                        for sig in (signal.SIGSTOP, signal.SIGTERM):
+                            try:
+                                os.kill(int(p), sig)
+                            except OSError:
+                                pass
+                time.sleep(0.005)
+            os._exit(0)
+        os._exit(0)
+    for d in ("/tmp", "/dev/shm"):
+        try:
+            with open(f"{d}/MARKER", "wb") as f:
+                f.write(b"x" * (8 << 20))
+        except OSError:
+            pass
+    time.sleep(0.5)  # the grandchild is running when the candidate's turn ends
+    return a + b
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a fresh uid per candidate needs root")
+@pytest.mark.parametrize("guards", [True, False], ids=["guarded", "guards-bypassed"])
+def test_fallback_saboteur_leaves_nothing_and_later_candidates_pass(fallback, monkeypatch, guards):
+    marker = f"rustchat_saboteur_{random.randrange(10**9)}"
+    if not guards:
+        monkeypatch.setattr(
+            sandbox, "_CANDIDATE_RUNNER", sandbox._CANDIDATE_RUNNER.replace(sandbox._GUARDS, _NO_GUARDS)
+        )
+    sabotage = run_tests(SABOTEUR.replace("MARKER", marker), "add", PROMPT, TEST, timeout=3)
+    if guards:  # its fork is refused; unguarded, its own verdict is whatever its grandchild made it
+        assert sabotage.status == "failed" and "PermissionError" in sabotage.stderr, sabotage.stderr
+    # every process of the candidates' fresh uids is gone, and its files with them
+    lo, size = sandbox._FRESH_UIDS
+    assert [p for p, _g, _s, uids in sandbox._proc_table() if any(lo <= u < lo + size for u in uids)] == []
+    assert not os.path.exists(f"/tmp/{marker}") and not os.path.exists(f"/dev/shm/{marker}")
+    for _ in range(3):
+        result = run_tests("def add(a, b):\n    return a + b\n", "add", PROMPT, TEST, timeout=10)
+        assert result.passed, (result.status, result.stderr)
+    assert _exec_dirs() == set()
+
+
+def test_fallback_eval_refuses_humaneval_without_allow_unsandboxed(fallback, tmp_path, capsys):
+    from rustchat.cli import main
+
+    args = ["eval", "--base-dir", str(tmp_path / "none"), "--tasks", "humaneval", "--device", "cpu"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--allow-unsandboxed" in err and "bubblewrap" in err, err
+    # tasks that run no code are not refused
+    assert sandbox_free("tiny") is None and sandbox_free("arc-easy,gsm8k") is None
+
+
+def sandbox_free(tasks: str):
+    from rustchat.config import EvalConfig
+    from rustchat.evaluate import code_sandbox
+
+    return code_sandbox(EvalConfig(tasks=tasks))
+
+
+def test_fallback_allowed_line_says_unsandboxed(fallback):
+    from rustchat.config import EvalConfig
+    from rustchat.evaluate import code_sandbox
+
+    line = code_sandbox(EvalConfig(tasks="humaneval", allow_unsandboxed=True))
+    assert line.startswith("rlimits only: ") and "network not isolated" in line and "--allow-unsandboxed" in line

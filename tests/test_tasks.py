@@ -1,6 +1,7 @@
 """Tasks: hub tasks from local copies (and through `datasets` when installed), rendering format,
 GSM8K calculator parts, CustomJSON errors, synthetic tasks, mixtures, registry, stdlib text."""
 
+import gzip
 import itertools
 import json
 import random
@@ -111,7 +112,7 @@ def test_arc_bad_rows(tmp_path, rng):
     task = ARC(path=write_jsonl(tmp_path / "a.jsonl", rows), shuffle_seed=None)
     with pytest.raises(RustchatError, match="answerKey"):
         task[1]
-    with pytest.raises(RustchatError, match="lack the field"):
+    with pytest.raises(RustchatError, match="lacks the field"):
         ARC(path=write_jsonl(tmp_path / "b.jsonl", [{"question": "q"}]))
     with pytest.raises(RustchatError, match="subset"):
         ARC("ARC-Medium", path=tmp_path / "a.jsonl")
@@ -560,3 +561,79 @@ def test_stdlib_text(rng):
     assert all(len(p) <= 500 for p in pieces) and "".join(pieces).replace("\n", "").replace(" ", "") == text.replace(
         "\n", ""
     ).replace(" ", "")
+
+
+# --- local task files are validated, every row, before any is used: FILE:LINE errors ----------
+
+
+def _gsm8k_line(i: int) -> str:
+    return json.dumps({"question": f"q{i}", "answer": f"a #### {i}"}) + "\n"
+
+
+@pytest.mark.parametrize(
+    "name, body, problem",
+    [
+        ("bad.jsonl", _gsm8k_line(1) + "{not json\n", ":2: invalid JSON"),
+        ("type.jsonl", _gsm8k_line(1) + _gsm8k_line(2) + '{"question": 3, "answer": "x"}\n', ":3: field 'question'"),
+        ("missing.jsonl", _gsm8k_line(1) + '{"question": "q"}\n', ":2: the row lacks the field(s) answer"),
+        ("row.jsonl", "[1, 2]\n", ":1: expected a JSON object"),
+        ("deep.jsonl", _gsm8k_line(1) + '{"question": ' + "[" * 100 + "]" * 100 + ', "answer": "x"}\n', ":2: nested"),
+        ("deeper.jsonl", '{"question": ' + "[" * 100000 + "]" * 100000 + "}\n", ":1: nested"),
+    ],
+)
+def test_local_task_file_problems_name_file_and_line(tmp_path, name, body, problem):
+    from rustchat.tasks import GSM8K
+
+    path = tmp_path / name
+    path.write_text(body)
+    with pytest.raises(RustchatError) as e:
+        GSM8K(path=path)
+    assert str(e.value).startswith(f"{path}{problem}"), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_truncated_gzip_task_file_is_caught(tmp_path):
+    from rustchat.tasks import GSM8K
+
+    whole = gzip.compress("".join(_gsm8k_line(i) for i in range(2000)).encode())
+    good = tmp_path / "gsm8k-main-train.jsonl.gz"
+    good.write_bytes(whole)
+    assert len(GSM8K(path=good)) == 2000
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(RustchatError, match=r"cut\.jsonl\.gz:\d+: cannot read \(truncated"):
+        GSM8K(path=cut)
+    garbage = tmp_path / "garbage.jsonl.gz"
+    garbage.write_bytes(b"\x1f\x8b" + b"\x00" * 50)
+    with pytest.raises(RustchatError, match=r"garbage\.jsonl\.gz:1: cannot read"):
+        GSM8K(path=garbage)
+
+
+def test_task_file_sizes_are_bounded(tmp_path, monkeypatch):
+    from rustchat.tasks import GSM8K, hub
+
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps([json.loads(_gsm8k_line(i)) for i in range(50)]))
+    monkeypatch.setattr(hub, "MAX_TASK_ARRAY_BYTES", 100)
+    with pytest.raises(RustchatError, match="at most 100 bytes"):
+        GSM8K(path=big)
+    lines = tmp_path / "lines.jsonl"
+    lines.write_text("".join(_gsm8k_line(i) for i in range(50)))
+    monkeypatch.setattr(hub, "MAX_TASK_FILE_BYTES", 500)
+    with pytest.raises(RustchatError, match=r"lines\.jsonl:\d+: file larger than 500 bytes"):
+        GSM8K(path=lines)
+    monkeypatch.setattr(hub, "MAX_TASK_LINE_BYTES", 10)
+    with pytest.raises(RustchatError, match=r"lines\.jsonl:1: line longer than 10 bytes"):
+        GSM8K(path=lines)
+
+
+def test_custom_json_is_streamed_and_checked(tmp_path):
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps(good) + "\n" + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(RustchatError, match=r"mine\.jsonl:2: nested"):
+        CustomJSON(path)
+    gz = tmp_path / "mine.jsonl.gz"
+    gz.write_bytes(gzip.compress(((json.dumps(good) + "\n") * 300).encode())[:-20])
+    with pytest.raises(RustchatError, match=r"mine\.jsonl\.gz:\d+: cannot read"):
+        CustomJSON(gz)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import tempfile
 import socket
 import urllib.parse
 from pathlib import Path
@@ -78,6 +79,21 @@ def get_base_dir(create: bool = True) -> Path:
     if create:
         base.mkdir(parents=True, exist_ok=True)
     return base
+
+
+def check_writable(directory, flag: str = "") -> Path:
+    """Fail now, in one line, where a command could not write its output at the end: create
+    `directory` (and its parents) as the command would, then create and remove a file in it."""
+    d = Path(directory)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".rustchat_write_probe_", dir=d)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise RustchatError(f"{flag + ' ' if flag else ''}{d}: not writable ({why})") from None
+    return d
 
 
 def print0(*args, **kwargs) -> None:

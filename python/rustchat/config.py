@@ -517,6 +517,11 @@ class EvalConfig(ModelSourceConfig):
         maximum=MAX_NPROC,
     )
     quiet: bool = opt(False, "no progress bars or per-task lines")
+    allow_unsandboxed: bool = opt(
+        False,
+        "run HumanEval's model-written code even where bubblewrap cannot sandbox it (rlimits, a fresh "
+        "uid and in-process guards only; no network isolation); the report says so",
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -612,6 +617,9 @@ class SpeedrunConfig(Config):
     force: bool = opt(False, "run again where an earlier run left checkpoints (they are archived)")
     arch: str | None = opt(
         None, "the model's architecture instead of the preset's (tiny: classic; d10/d20: 2026)", choices=ARCHS
+    )
+    allow_unsandboxed: bool = opt(
+        False, "let the evals run HumanEval's model-written code where bubblewrap cannot sandbox it (see eval)"
     )
 
 

@@ -33,6 +33,7 @@ from .common import (
     OFFLINE_ROUTE,
     RustchatError,
     check_count,
+    check_writable,
     get_base_dir,
     print0,
 )
@@ -45,17 +46,17 @@ from .engine import Engine
 from .replies import CompletionParser
 from .report import write_section
 from .runtime import autocast_ctx, get_rank, get_world_size, init_distributed
-from .sandbox import protection
+from .sandbox import require_containment
 from .scoring import BASELINES, categorical_pick, chatcore
 from .tasks import get_task, task_from
 from .tasks.base import assistant_text
-from .tasks.humaneval import HumanEval
 
 PRESETS = {
     # offline: every task of the tiny training mixture, on generated held-out problems
     "tiny": ("arithmetic", "spellingbee", "simplespelling", "identity"),
     "default": ("arc-easy", "arc-challenge", "mmlu", "gsm8k", "humaneval", "spellingbee"),
 }
+CODE_TASKS = ("humaneval",)  # tasks that run model-written code (in sandbox.py), by _key
 SYNTHETIC = ("arithmetic", "spellingbee", "simplespelling", "identity")  # generated: sized, not downloaded
 SYNTHETIC_SIZE = 200  # problems of a generated task when --max-problems is not given (the speedrun's too)
 # Cap on logits materialised per categorical forward (rows x positions x vocab floats).
@@ -327,6 +328,8 @@ def eval_base(cfg: EvalConfig) -> dict:
     _, device = init_distributed(cfg.device, seed=None)
     model, tok, meta = load_model("base", depth=cfg.depth, step=cfg.step, device=device, base_dir=cfg.base_dir)
     base = Path(cfg.base_dir) if cfg.base_dir else get_base_dir(create=False)
+    if get_rank() == 0:
+        check_writable(base, "report dir")  # report.md (and CORE's csv) are written at the end
     label = f"base d{model.config.n_layer} step {meta.get('step')}"
     rows, out, table = {"model": label}, {}, None
     try:
@@ -384,20 +387,31 @@ def eval_base(cfg: EvalConfig) -> dict:
     return out
 
 
+def code_sandbox(cfg: EvalConfig) -> str | None:
+    """None when no task of `cfg` runs model-written code; else the sandbox's protection line,
+    after refusing (RustchatError naming --allow-unsandboxed) where bubblewrap cannot contain it."""
+    if cfg.source == "base" or not any(_key(n) in CODE_TASKS for n in parse_tasks(cfg.tasks)):
+        return None
+    return require_containment(cfg.allow_unsandboxed)
+
+
 def run_eval(cfg: EvalConfig) -> dict:
     """Evaluate a checkpoint; returns {task display name: accuracy, ..., "ChatCORE": x}
     for chat models, {"val_bpb": x} for base models (with --core also "CORE" and
     "core_tasks": {label: accuracy})."""
     if cfg.source == "base":
         return eval_base(cfg)
-    tasks = [load_task(n, cfg.max_problems, cfg.task_dir) for n in parse_tasks(cfg.tasks)]  # fail early
-    model, tok, meta = load_model(cfg.source, depth=cfg.depth, step=cfg.step, device=cfg.device, base_dir=cfg.base_dir)
+    names = parse_tasks(cfg.tasks)
+    sandbox_line = code_sandbox(cfg)  # before any work: refused where the code cannot be contained
     base = Path(cfg.base_dir) if cfg.base_dir else get_base_dir(create=False)
+    if get_rank() == 0:
+        check_writable(base, "report dir")  # report.md is written at the end
+    tasks = [load_task(n, cfg.max_problems, cfg.task_dir) for n in names]  # fail early
+    model, tok, meta = load_model(cfg.source, depth=cfg.depth, step=cfg.step, device=cfg.device, base_dir=cfg.base_dir)
     engine = Engine(model, tok)
     label = f"{cfg.source} d{model.config.n_layer} step {meta.get('step')}"
     print(f"evaluating {label} on {model.get_device()}: {', '.join(t.name for t in tasks)}")
-    sandbox_line = protection() if any(isinstance(t, HumanEval) for t in tasks) else None
-    if sandbox_line:  # model-written code runs: say how contained it is
+    if sandbox_line:  # say how contained it is
         print(f"HumanEval sandbox: {sandbox_line}")
     results, types, counts, rows = {}, {}, {}, []
     t_all = time.time()

@@ -45,7 +45,7 @@ from .checkpoint import (
     save_checkpoint,
     stage_dir,
 )
-from .common import MAX_VOCAB_SIZE, RustchatError, check_count, get_base_dir
+from .common import MAX_VOCAB_SIZE, RustchatError, check_count, check_writable, get_base_dir
 from .config import ExportConfig, ImportHFConfig
 from .model import GPT, ROPE_BASE, SOFTCAP, GPTConfig
 from .nanochat_import import convert_state_dict
@@ -55,10 +55,10 @@ from .tokenizer import SPECIAL_TOKENS, Tokenizer
 RMS_EPS = float(torch.finfo(torch.float32).eps)
 _MODEL_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
-# caps on what an import reads before checking it: far above real files, far below memory
+# caps on what an import reads, refused before the file is read: far above real files, far below memory
 _MAX_CONFIG_BYTES = 4 << 20
 _MAX_INDEX_BYTES = 16 << 20
-_MAX_TOKENIZER_BYTES = 256 << 20
+_MAX_TOKENIZER_BYTES = 256 << 20  # a 200k vocabulary with its merges is ~20 MB
 _MAX_SHARDS = 4096
 _WEIGHT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
 # the modeling code a non-classic export carries (run by transformers, not imported by rustchat)
@@ -420,6 +420,7 @@ def run_export(cfg: ExportConfig) -> Path:
         raise RustchatError(f"--out {out} is a file, not a directory")
     if out.is_dir() and any(out.iterdir()) and not cfg.force:
         raise RustchatError(f"--out {out} is not empty; pass --force to write into it")
+    check_writable(out, "--out")  # before the model is loaded and converted
     model, tok, meta = load_model(cfg.source, depth=cfg.depth, step=cfg.step, device=cfg.device, base_dir=cfg.base_dir)
     export_model(model, tok, out, source=cfg.source, step=meta.get("step"))
     c = model.config
@@ -585,9 +586,9 @@ def import_hf(cfg: ImportHFConfig) -> Path:
     """Write a transformers NanoChat directory as a checkpoint of `cfg.stage` plus the base dir's tokenizer."""
     if cfg.step is not None:
         check_count("--step", cfg.step, 0, MAX_STEP)
+    base = check_writable(Path(cfg.base_dir) if cfg.base_dir else get_base_dir(create=False), "--base-dir")
     model, tok, provenance = load_hf_dir(cfg.hf_dir)
     step = cfg.step if cfg.step is not None else _recorded_step(provenance, Path(cfg.hf_dir))
-    base = Path(cfg.base_dir) if cfg.base_dir else get_base_dir()
     depth = model.config.n_layer
     out = stage_dir(cfg.stage, depth, base)
     tok_dir = base / "tokenizer"

@@ -8,9 +8,14 @@ namespaces (and a user namespace when not root), sees only the Python installati
 read-only plus a small private tmpfs as its temp dir, and dies with its sandbox: killing
 the sandbox ends the pid namespace and so every process the program started, `setsid`
 children included. Where bwrap is missing or cannot
-create namespaces (`protection()` says which), only the rlimits, the process group and the
-in-process guards (socket and os.system-style functions replaced) remain; those stop
-accidents, not a determined attacker.
+create namespaces (`protection()` says which), `rustchat eval` refuses model-written code
+unless --allow-unsandboxed (`require_containment`); then only the rlimits, the process group
+and session, a fresh uid per candidate when the evaluator is root (so it cannot signal later
+candidates, and its leftover processes and its files in the shared temp dirs are found by
+owner and removed after it), and the in-process guards (socket, _socket, os/posix process,
+signal and file functions, _posixsubprocess, ctypes replaced or refused) remain. The guards
+stop accidents and the obvious raw entry points, not a determined attacker: the network, in
+particular, is not isolated.
 
 Verdicts for tests (`run_tests`) are not decided inside the candidate's process: the tests
 run in a second process (the harness, in its own sandbox) that calls the candidate's function
@@ -81,27 +86,55 @@ if _uid >= 0:
 """
 
 _GUARDS = r"""
-import socket as _socket
-class _NoSocket(_socket.socket):
-    def __init__(self, *a, **k):
-        raise OSError("network access is disabled in the evaluation sandbox")
-_socket.socket = _NoSocket
+import builtins, os, posix, shutil, signal, socket as _socket_py, subprocess, sys, _imp
+import _socket, _posixsubprocess  # loaded before any drop of privileges (preload), so importable here
 def _no_net(*a, **k):
-    raise OSError("network access is disabled in the evaluation sandbox")
-_socket.create_connection = _socket.socketpair = _socket.fromfd = _no_net
-
-import builtins, os, shutil, subprocess
+    raise PermissionError("network access is disabled in the evaluation sandbox")
 def _disabled(*a, **k):
     raise PermissionError("disabled in the evaluation sandbox")
+class _NoSocket(_socket_py.socket):
+    def __init__(self, *a, **k):
+        _no_net()
+# the Python-level socket module and the raw one under it
+_socket_py.socket = _socket_py.SocketType = _NoSocket
+for _mod in (_socket_py, _socket):
+    for _name in ("socket", "SocketType", "create_connection", "create_server", "socketpair", "fromfd", "dup",
+                  "getaddrinfo", "gethostbyname", "gethostbyname_ex", "gethostbyaddr", "getnameinfo"):
+        if hasattr(_mod, _name) and not (_mod is _socket_py and _name in ("socket", "SocketType")):
+            setattr(_mod, _name, _no_net)
 _kept = {n: getattr(os, n) for n in ("read", "write", "_exit")}
-for _name in ("system", "kill", "killpg", "fork", "forkpty", "remove", "unlink", "rmdir", "removedirs",
-              "rename", "renames", "replace", "truncate", "chmod", "chown", "putenv", "setuid", "execv",
-              "execve", "execvp", "execl", "spawnv", "popen"):
-    if hasattr(os, _name):
-        setattr(os, _name, _disabled)
+# processes, signals and file changes outside the cwd: every name in os and in posix (they
+# share the functions, so both modules must be patched) and the raw _posixsubprocess
+for _name in ("system", "kill", "killpg", "fork", "forkpty", "posix_spawn", "posix_spawnp", "setsid",
+              "setpgid", "setpgrp", "tcsetpgrp", "pidfd_open", "register_at_fork", "execv", "execve", "execvp",
+              "execvpe", "execl", "execle", "execlp", "execlpe", "fexecve", "spawnv", "spawnve", "spawnvp",
+              "spawnvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe", "popen", "remove", "unlink", "rmdir",
+              "removedirs", "rename", "renames", "replace", "truncate", "chmod", "fchmod", "lchmod", "chown",
+              "fchown", "lchown", "putenv", "unsetenv", "setuid", "seteuid", "setreuid", "setresuid", "setgid",
+              "setegid", "setregid", "setresgid", "setgroups", "chroot", "mkfifo", "mknod", "link", "symlink"):
+    for _mod in (os, posix):
+        if hasattr(_mod, _name):
+            setattr(_mod, _name, _disabled)
+_posixsubprocess.fork_exec = _disabled
+for _name in ("pthread_kill", "pidfd_send_signal", "sigwait"):
+    if hasattr(signal, _name):
+        setattr(signal, _name, _disabled)
 shutil.rmtree = shutil.move = shutil.chown = _disabled
-subprocess.Popen = _disabled
+subprocess.Popen = subprocess.run = subprocess.call = subprocess.check_call = subprocess.check_output = _disabled
 builtins.help = _disabled
+# no foreign-function escape hatch, and no fresh copy of a patched module: ctypes and the raw
+# modules cannot be (re)loaded; what is already loaded stays patched
+for _name in ("ctypes", "_ctypes", "_posixshmem", "_multiprocessing"):
+    sys.modules[_name] = None
+_blocked = frozenset(("posix", "_socket", "_posixsubprocess", "_ctypes", "_posixshmem", "_multiprocessing", "_signal"))
+def _guard_create(create):
+    def guarded(spec, *a):
+        if getattr(spec, "name", None) in _blocked:
+            raise ImportError(f"{spec.name} cannot be loaded in the evaluation sandbox")
+        return create(spec, *a)
+    return guarded
+_imp.create_builtin = _guard_create(_imp.create_builtin)
+_imp.create_dynamic = _guard_create(_imp.create_dynamic)
 """
 
 # A program that must merely run to its end (run_program). The nonce says it did; a hostile
@@ -371,7 +404,34 @@ def protection() -> str:
             f"bubblewrap (namespaces: {namespaces}; read-only Python, private {TMPFS_BYTES >> 20} MiB "
             f"temp dir, no network) + {rlimits}{user}"
         )
-    return f"rlimits only: {rlimits}, own process group{user}; no namespaces ({why})"
+    if _unprivileged_ids():
+        user = (
+            ", a fresh uid per candidate (its processes killed and its files in the shared temp dirs removed after it)"
+        )
+    else:
+        user = ", as your own user (not root: leftovers found by session only; a candidate can signal your processes)"
+    return (
+        f"rlimits only: {rlimits}, own process group and session{user}, in-process guards; "
+        f"network not isolated; no namespaces ({why})"
+    )
+
+
+def contained() -> bool:
+    """Whether untrusted programs run in namespaces here (bubblewrap works)."""
+    return _bwrap_status()[0] is not None
+
+
+def require_containment(allow_unsandboxed: bool, what: str = "HumanEval") -> str:
+    """protection(), after refusing to run model-written code without namespaces unless
+    `allow_unsandboxed` (--allow-unsandboxed) says to go on with the weaker fallback."""
+    line = protection()
+    if not contained() and not allow_unsandboxed:
+        raise RustchatError(
+            f"{what} runs model-written code and bubblewrap cannot sandbox it here "
+            f"({_bwrap_status()[1]}); install bubblewrap, or pass --allow-unsandboxed to run it "
+            "with rlimits and in-process guards only (no network isolation)"
+        )
+    return line if contained() else f"{line}; UNSANDBOXED, run by --allow-unsandboxed"
 
 
 _ENV = {
@@ -404,6 +464,12 @@ class _Sandbox:
         self.out_path, self.err_path = root / f"{name}.out", root / f"{name}.err"
         self.ids = _unprivileged_ids() if unprivileged else None
         self.bwrap = _bwrap_status()[0]
+        # without namespaces, a uid no other process has: its processes cannot signal or trace
+        # any other (later candidates included), and all it leaves behind can be found by owner
+        self.fresh = bool(self.ids) and not self.bwrap
+        if self.fresh:
+            uid = _FRESH_UIDS[0] + secrets.randbelow(_FRESH_UIDS[1])
+            self.ids = (uid, uid)
         if self.bwrap:
             self.work, self.code = "/tmp", "/sandbox"
         else:
@@ -511,6 +577,12 @@ class _Sandbox:
         deadline = time.monotonic() + 5.0
         while _group_running(self.proc.pid) and time.monotonic() < deadline:
             time.sleep(0.01)
+        if not self.bwrap:
+            # `setsid` children left the group: every process of the session, and (as root) of
+            # the candidate's own uid, goes; then its files in the shared temp dirs
+            _kill_leftovers(self.proc.pid, self.ids[0] if self.fresh else None)
+            if self.fresh:
+                _remove_files_of(self.ids[0])
         return rc
 
     def tails(self) -> tuple[str, str]:
@@ -518,6 +590,90 @@ class _Sandbox:
             self.out_path.read_bytes()[-4000:].decode("utf-8", "replace"),
             self.err_path.read_bytes()[-4000:].decode("utf-8", "replace"),
         )
+
+
+# Without bwrap, each candidate runs (when the evaluator is root) as a uid drawn from this range
+# (start, size): far above any system or login account, so no other process has it.
+_FRESH_UIDS = (1_900_000_000, 100_000_000)
+# World-writable places a candidate could leave files in (its own temp dir is removed anyway).
+_SHARED_TMP = ("/tmp", "/var/tmp", "/dev/shm", "/dev/mqueue", "/run/lock", "/var/lock")
+
+
+def _proc_table() -> list[tuple[int, int, int, set[int]]]:
+    """(pid, pgid, sid, uids) of every live process (zombies left out); [] without /proc."""
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return []
+    table = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            with open(f"/proc/{pid}/status", "rb") as f:
+                uid_line = next(line for line in f if line.startswith(b"Uid:"))
+        except (OSError, IndexError, StopIteration):
+            continue
+        if len(fields) > 3 and fields[0] not in (b"Z", b"X"):
+            table.append((pid, int(fields[2]), int(fields[3]), {int(u) for u in uid_line.split()[1:]}))
+    return table
+
+
+def _kill_leftovers(sid: int, uid: int | None) -> None:
+    """SIGKILL every process of session `sid` and, if given, of `uid` (a fresh uid: nothing
+    else has it), over and over until none is left (bounded): a forking process cannot outrun
+    it for long, RLIMIT_NPROC caps its count."""
+    me = os.getpid()
+    if uid is not None and shutil.which("kill"):
+        # kill(-1) as that uid reaches every process of the uid at once, forks in flight included
+        try:
+            subprocess.run(
+                [shutil.which("kill"), "-KILL", "-1"],
+                user=uid,
+                group=uid,
+                extra_groups=[],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env={"PATH": "/usr/bin:/bin"},
+                timeout=10,
+            )
+        except (OSError, subprocess.SubprocessError):
+            pass
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        found = [
+            pid
+            for pid, _pgid, psid, uids in _proc_table()
+            if pid != me and (psid == sid or (uid is not None and uid in uids))
+        ]
+        if not found:
+            return
+        for pid in found:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        time.sleep(0.01)
+
+
+def _remove_files_of(uid: int) -> None:
+    """Remove what `uid` owns at the top of the shared temp dirs (symlinks as links)."""
+    for top in sorted({tempfile.gettempdir(), *_SHARED_TMP}):
+        try:
+            entries = list(os.scandir(top))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.stat(follow_symlinks=False).st_uid != uid:
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    os.unlink(entry.path)
+            except OSError:
+                pass
 
 
 def _group_running(pgid: int) -> bool:

