@@ -316,7 +316,7 @@ pub fn learn_merges(
         }
         // Pairs that already existed but gained count (only possible with the new id, so they
         // are in new_pairs) are covered above; others only lost count and are re-checked lazily.
-        if merges.len() % 1024 == 0 {
+        if merges.len().is_multiple_of(1024) {
             progress(merges.len());
         }
     }

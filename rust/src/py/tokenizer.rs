@@ -198,14 +198,9 @@ impl PyCore {
             }
             drop(tx);
             'work: loop {
-                loop {
-                    match rx.try_recv() {
-                        Ok(m) => {
-                            if !handle(m) {
-                                break 'work;
-                            }
-                        }
-                        Err(_) => break,
+                while let Ok(m) = rx.try_recv() {
+                    if !handle(m) {
+                        break 'work;
                     }
                 }
                 let Some(ci) = claim() else { break };
