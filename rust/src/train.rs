@@ -275,14 +275,14 @@ pub fn learn_merges(
     }
     let mut queue = PairQueue::new(pairs.iter().map(|(&k, st)| (st.count, k)));
 
+    // Bytes of each id: the 256 single bytes, then merge i's as id 256+i (the result, in the
+    // end). Not reserved for `n_merges`: a corpus runs out of pairs long before an absurd request.
     let mut tokens: Vec<Vec<u8>> = (0..256u32).map(|b| vec![b as u8]).collect();
     let mut existing: FxHashSet<Vec<u8>> = tokens.iter().cloned().collect();
-    // Not `n_merges` up front: a corpus runs out of pairs long before an absurd request.
-    let mut merges: Vec<Vec<u8>> = Vec::new();
     let mut new_pairs: Vec<u64> = Vec::new();
     let mut with_x = NewPairs::default();
 
-    while merges.len() < n_merges {
+    while tokens.len() - 256 < n_merges {
         let Some((count, pk)) = queue.pop() else { break };
         let current = pairs.get(&pk).map_or(0, |s| s.count);
         if current != count {
@@ -303,10 +303,9 @@ pub fn learn_merges(
             continue;
         }
         let x = tokens.len() as u32;
-        let step = merges.len() as u32;
+        let step = x - 256;
         existing.insert(bytes.clone());
-        tokens.push(bytes.clone());
-        merges.push(bytes);
+        tokens.push(bytes);
 
         let words = std::mem::take(&mut pairs.get_mut(&pk).unwrap().words);
         new_pairs.clear();
@@ -401,12 +400,13 @@ pub fn learn_merges(
         }
         // Pairs that already existed but gained count (only possible with the new id, so they
         // are in new_pairs) are covered above; others only lost count and are re-checked lazily.
-        if merges.len().is_multiple_of(1024) {
-            progress(merges.len());
+        if (tokens.len() - 256).is_multiple_of(1024) {
+            progress(tokens.len() - 256);
         }
     }
-    progress(merges.len());
-    merges
+    progress(tokens.len() - 256);
+    tokens.drain(..256);
+    tokens
 }
 
 #[cfg(test)]
