@@ -241,6 +241,21 @@ struct PairStat {
     words: Vec<u32>,
 }
 
+extern "C" {
+    /// mimalloc's `mi_collect` (its C API; the allocator of lib.rs compiles it in, and the
+    /// `libmimalloc-sys` crate declares it only under a feature that needs one more crate).
+    fn mi_collect(force: bool);
+}
+
+/// Hands the memory freed so far back to the OS now, not after mimalloc's purge delay (a
+/// second). The counting's maps and the chunk strings are freed just before the merge loop
+/// allocates its tables, and a run that gets there within that second kept those freed pages
+/// in its RSS: a 28 MB training run peaked about 10 MiB higher (median of 8) without this.
+fn release_freed_memory() {
+    // SAFETY: no arguments to uphold; mi_collect only frees and purges memory nobody holds.
+    unsafe { mi_collect(true) }
+}
+
 /// Learns `n_merges` merges from chunk counts. Returns the bytes of each new token, in
 /// order (token 256+i). Stops early if no pair is left. `progress` is called now and then
 /// with the number of merges done.
@@ -260,6 +275,7 @@ pub fn learn_merges(
         syms.extend(k.bytes().map(|b| b as u32));
     }
     drop(entries);
+    release_freed_memory();
 
     let mut pairs: FxHashMap<u64, PairStat> = FxHashMap::default();
     for (w, wd) in ws.iter().enumerate() {
