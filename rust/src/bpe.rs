@@ -133,9 +133,9 @@ impl Bpe {
             }
         }
         let mut byte_id = [NONE; 256];
-        for b in 0..256usize {
+        for (b, slot) in byte_id.iter_mut().enumerate() {
             match rank_of.get(&[b as u8][..]) {
-                Some(&r) => byte_id[b] = r,
+                Some(&r) => *slot = r,
                 None => return Err(format!("vocabulary lacks the single byte 0x{b:02x}")),
             }
         }
@@ -383,7 +383,7 @@ mod tests {
             for i in 0..parts.len().saturating_sub(1) {
                 let cat = [parts[i].clone(), parts[i + 1].clone()].concat();
                 if let Some(r) = bpe.rank(&cat) {
-                    if best.map_or(true, |(br, _)| r < br) {
+                    if best.is_none_or(|(br, _)| r < br) {
                         best = Some((r, i));
                     }
                 }

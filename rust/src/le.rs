@@ -17,7 +17,7 @@ pub fn u32s_to_bytes(ids: &[u32]) -> Vec<u8> {
 
 /// The u32s of a little-endian buffer; `what` names the buffer in the error.
 pub fn bytes_to_u32s(b: &[u8], what: &str) -> Result<Vec<u32>, String> {
-    if b.len() % 4 != 0 {
+    if !b.len().is_multiple_of(4) {
         return Err(format!("{what}: buffer length {} is not a multiple of 4", b.len()));
     }
     Ok(b.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())

@@ -127,7 +127,7 @@ pub fn pack(
     let mut pieces = Vec::with_capacity(rows.len());
     // Trained targets past the cut, per conversation (counted only if it is placed).
     let mut cut = vec![0usize; rows.len()];
-    for conv in 0..rows.len() {
+    for (conv, cut_conv) in cut.iter_mut().enumerate() {
         let (ids, mask) = rows.row(conv);
         let p = ids.len().saturating_sub(1);
         if p <= t {
@@ -139,7 +139,7 @@ pub fn pack(
         match long {
             Long::Truncate => {
                 pieces.push(Piece { conv, start: 0, len: t });
-                cut[conv] = mask[t + 1..].iter().filter(|&&m| m != 0).count();
+                *cut_conv = mask[t + 1..].iter().filter(|&&m| m != 0).count();
             }
             Long::Split => {
                 let mut start = 0;
@@ -280,8 +280,8 @@ mod tests {
                 continue;
             }
             let kept = if long == Long::Truncate { n.min(t + 1) } else { n };
-            for j in 1..kept {
-                assert_eq!(seen[c][j], j % 2 == 1, "conv {c} target {j}");
+            for (j, &s) in seen[c].iter().enumerate().take(kept).skip(1) {
+                assert_eq!(s, j % 2 == 1, "conv {c} target {j}");
             }
         }
     }

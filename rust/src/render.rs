@@ -198,7 +198,7 @@ impl Planner<'_> {
     }
 
     fn expected(&self) -> Role {
-        if self.turns % 2 == 0 {
+        if self.turns.is_multiple_of(2) {
             Role::User
         } else {
             Role::Assistant

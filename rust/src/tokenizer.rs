@@ -6,6 +6,9 @@ use crate::pretokenize::Splitter;
 use rayon::prelude::*;
 use rustc_hash::FxHashMap;
 
+/// A run of pieces encoded into one buffer: (the ids of all pieces, the number of ids of each).
+pub type EncodedRun = (Vec<u32>, Vec<u32>);
+
 pub struct Core {
     pub bpe: Bpe,
     pub splitter: Splitter,
@@ -60,8 +63,8 @@ impl Core {
         Ok(out)
     }
 
-    /// Encodes a run of pieces into one buffer (not one allocation per text): (ids, ids per piece).
-    pub fn encode_run(&self, pieces: &[(usize, &str)]) -> Result<(Vec<u32>, Vec<u32>), String> {
+    /// Encodes a run of pieces into one buffer (not one allocation per text).
+    pub fn encode_run(&self, pieces: &[(usize, &str)]) -> Result<EncodedRun, String> {
         let (mut ids, mut lens) = (Vec::new(), Vec::new());
         self.encode_run_into(pieces, &mut ids, &mut lens)?;
         Ok((ids, lens))
@@ -129,8 +132,7 @@ impl Core {
         }
         let pieces = self.pieces(texts);
         let run = (pieces.len() / (rayon::current_num_threads().max(1) * 16)).clamp(1, 512);
-        let runs: Vec<Result<(Vec<u32>, Vec<u32>), String>> =
-            pieces.par_chunks(run).map(|ps| self.encode_run(ps)).collect();
+        let runs: Vec<Result<EncodedRun, String>> = pieces.par_chunks(run).map(|ps| self.encode_run(ps)).collect();
         let mut runs_ok = Vec::with_capacity(runs.len());
         for r in runs {
             runs_ok.push(r?);

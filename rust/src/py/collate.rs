@@ -14,7 +14,7 @@ fn ids_and_offsets(ids: &[u8], offsets: &[u8]) -> PyResult<(Vec<u32>, Vec<usize>
 }
 
 pub(super) fn le_offsets(b: &[u8]) -> PyResult<Vec<usize>> {
-    if b.len() % 8 != 0 {
+    if !b.len().is_multiple_of(8) {
         return Err(PyValueError::new_err(format!("offsets: buffer length {} is not a multiple of 8", b.len())));
     }
     b.chunks_exact(8)

@@ -1,17 +1,12 @@
 //! Python lists of token ids (tiktoken's return type), built by reference to one cached int
 //! object per id instead of allocating an int per token.
 //!
-//! Each list element needs a reference to its int. Taking them one by one (`Py_IncRef` per
-//! token) writes to the int objects in random order, and those cache misses cost more than
-//! the encoding of the token. So references are counted per id (in a small dense array) and
-//! taken with one write per distinct id: before filling a single list, or, for a batch
-//! (`OwedRefs`), once after all of its lists are filled.
-//!
-//! The one write per id is `ob_refcnt += n`: what the stable ABI's own `Py_INCREF` did for
-//! Python 3.10 and 3.11 (an inline `ob_refcnt++`), and CPython keeps that working. It is used
-//! only for ints this cache created and is the sole owner of at creation (so never for shared
-//! or immortal small ints), and only after a self-test shows the write is read back by
-//! `Py_REFCNT`; otherwise every reference is taken with `Py_IncRef`.
+//! Each list element needs a reference to its int. Taking them in list order writes to the
+//! int objects in random order, and those cache misses cost more than the encoding of the
+//! token. So references are counted per id (in a small dense array) and taken id by id, all of
+//! one id's in a row while its object is in cache: before filling a single list, or, for a
+//! batch (`OwedRefs`), once after all of its lists are filled. Each reference is taken through
+//! pyo3's `clone_ref` (the stable ABI's `Py_IncRef`); no reference count is written directly.
 
 use pyo3::ffi;
 use pyo3::prelude::*;
@@ -19,35 +14,11 @@ use pyo3::types::PyList;
 
 pub struct IntCache {
     objs: Vec<Py<PyAny>>,
-    /// The object was created here with refcount 1 (not a shared small int).
-    owned: Vec<bool>,
 }
 
 impl IntCache {
     pub fn new(py: Python<'_>, n: usize) -> IntCache {
-        let objs: Vec<Py<PyAny>> = (0..n as u32).map(|i| i.into_pyobject(py).unwrap().into_any().unbind()).collect();
-        // SAFETY: the GIL is held; Py_REFCNT only reads.
-        let mut owned: Vec<bool> = objs.iter().map(|o| unsafe { ffi::Py_REFCNT(o.as_ptr()) } == 1).collect();
-        if !owned.iter().any(|&b| b) || !Self::direct_add_works(&objs, &owned) {
-            owned.iter_mut().for_each(|b| *b = false);
-        }
-        IntCache { objs, owned }
-    }
-
-    /// Adds and removes one reference by direct write on an owned object and checks that
-    /// `Py_REFCNT` sees both.
-    fn direct_add_works(objs: &[Py<PyAny>], owned: &[bool]) -> bool {
-        let Some(i) = owned.iter().position(|&b| b) else { return false };
-        let p = objs[i].as_ptr();
-        // SAFETY: the GIL is held and this cache holds the only reference to the object; the
-        // write is undone before returning.
-        unsafe {
-            let before = ffi::Py_REFCNT(p);
-            *(p as *mut ffi::Py_ssize_t) += 5;
-            let seen = ffi::Py_REFCNT(p);
-            *(p as *mut ffi::Py_ssize_t) -= 5;
-            seen == before + 5 && ffi::Py_REFCNT(p) == before
-        }
+        IntCache { objs: (0..n as u32).map(|i| i.into_pyobject(py).unwrap().into_any().unbind()).collect() }
     }
 
     pub fn n_ids(&self) -> usize {
@@ -55,18 +26,13 @@ impl IntCache {
     }
 
     /// Adds `n` references to the int of each `(id, n)`. Every id must be < n_ids().
-    pub fn add_refs(&self, _py: Python<'_>, counts: &[(u32, u32)]) {
+    pub fn add_refs(&self, py: Python<'_>, counts: &[(u32, u32)]) {
         for &(id, n) in counts {
-            let p = self.objs[id as usize].as_ptr();
-            // SAFETY: the GIL is held (the `_py` token); p is a live object this cache holds.
-            unsafe {
-                if self.owned[id as usize] {
-                    *(p as *mut ffi::Py_ssize_t) += n as ffi::Py_ssize_t;
-                } else {
-                    for _ in 0..n {
-                        ffi::Py_IncRef(p);
-                    }
-                }
+            let obj = &self.objs[id as usize];
+            for _ in 0..n {
+                // A new strong reference, handed over as a raw pointer: the list slot that
+                // holds this int owns it from now on.
+                let _owned_by_a_list_slot = obj.clone_ref(py).into_ptr();
             }
         }
     }
@@ -96,8 +62,8 @@ impl IntCache {
     }
 }
 
-/// Builds many lists and owes their references until it is dropped, then takes them with
-/// one write per distinct id of the whole batch. Declare it after the lists' container, so
+/// Builds many lists and owes their references until it is dropped, then takes them id by id
+/// for the whole batch. Declare it after the lists' container, so
 /// it is dropped first, whatever the path out (error or panic included): no list can then be
 /// freed before its references are taken, and nothing else sees the lists meanwhile.
 pub struct OwedRefs<'a> {
