@@ -7,5 +7,6 @@ cd "$(dirname "$0")/.."
 python3 -m ruff check python tests scripts kernels
 python3 -m ruff format --check python tests scripts kernels
 cargo fmt --check
+cargo clippy --quiet --all-targets --features python -- -D warnings
 cargo test --release --quiet
 python3 -m pytest -q tests "$@"
