@@ -1,4 +1,5 @@
-"""The README runs as written: every Python block runs offline in a fresh process, in a
+"""The README (and docs/usage.md, which goes on where the README stops) runs as written:
+every Python block runs offline in a fresh process, in a
 directory holding the files it obviously expects (corpus.txt, a trained-looking SFT checkpoint
 under RUSTCHAT_BASE_DIR), with nothing on stderr (no warnings); every `rustchat ...` command it
 shows, in blocks or inline, parses with the real command line into a valid config."""
@@ -19,8 +20,9 @@ from rustchat.cli import build_parser
 from rustchat.config import from_args
 from rustchat.model import GPT, GPTConfig
 
-README = Path(__file__).resolve().parent.parent / "README.md"
-TEXT = README.read_text(encoding="utf-8")
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+TEXT = README.read_text(encoding="utf-8") + "\n" + (ROOT / "docs" / "usage.md").read_text(encoding="utf-8")
 BLOCKS = re.findall(r"^```(\w+)\n(.*?)^```", TEXT, flags=re.S | re.M)
 PYTHON = [code for lang, code in BLOCKS if lang == "python"]
 # what a placeholder in a shown command stands for
@@ -127,3 +129,9 @@ def test_every_flag_the_readme_names_exists():
         "--nproc-per-node",
     }  # pip's and torchrun's, not ours
     assert named and named <= known, sorted(named - known)
+
+
+def test_readme_stays_short():
+    """The README is the front page: 100 lines at most; measurements and the rest go in docs/."""
+    lines = README.read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 100, f"README.md has {len(lines)} lines; move detail to docs/"
