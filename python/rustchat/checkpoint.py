@@ -35,7 +35,7 @@ import torch
 import numpy as np
 from safetensors.torch import load_file, save_file
 
-from .common import RustchatError, get_base_dir
+from .common import RustchatError, get_base_dir, probe_writable
 from .config import STAGES
 from .model import GPT, GPTConfig
 from .runtime import autodetect_device, get_world_size, setup_cpu_math
@@ -349,11 +349,7 @@ def check_checkpoint_dir(ckpt_dir, need_bytes: int) -> None:
     checkpoint, so a long run does not fail only at its first save."""
     ckpt_dir = Path(ckpt_dir)
     try:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        # trying is the only test that holds for root (who ignores mode bits) and read-only mounts
-        fd, probe = tempfile.mkstemp(prefix=".write_test_", suffix=".tmp", dir=ckpt_dir)
-        os.close(fd)
-        os.unlink(probe)
+        probe_writable(ckpt_dir)
     except OSError as e:
         raise _unwritable(ckpt_dir, e) from None
     st = os.statvfs(ckpt_dir)

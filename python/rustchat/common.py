@@ -81,15 +81,21 @@ def get_base_dir(create: bool = True) -> Path:
     return base
 
 
+def probe_writable(directory) -> None:
+    """Create `directory` (and its parents), then create and remove a file in it; raises the
+    OSError. Trying is the only test that holds for root (who ignores mode bits) and read-only mounts."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".rustchat_write_probe_", dir=d)
+    os.close(fd)
+    os.unlink(probe)
+
+
 def check_writable(directory, flag: str = "") -> Path:
-    """Fail now, in one line, where a command could not write its output at the end: create
-    `directory` (and its parents) as the command would, then create and remove a file in it."""
+    """Fail now, in one line, where a command could not write its output at the end."""
     d = Path(directory)
     try:
-        d.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".rustchat_write_probe_", dir=d)
-        os.close(fd)
-        os.unlink(probe)
+        probe_writable(d)
     except OSError as e:
         why = e.strerror or type(e).__name__
         raise RustchatError(f"{flag + ' ' if flag else ''}{d}: not writable ({why})") from None
