@@ -64,7 +64,7 @@ def jsonl_rows(lines: Iterable[str], path) -> Iterator[tuple[int, object]]:
         except json.JSONDecodeError as e:
             raise TextSourceError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
         except RecursionError:
-            raise TextSourceError(f"{path}:{lineno}: JSON nested too deep") from None
+            raise TextSourceError(f"{path}:{lineno}: nested too deep to parse") from None
 
 
 def jsonl_docs(path: Path, text_field: str, sizes: list[int]) -> Iterator[str]:

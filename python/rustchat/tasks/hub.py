@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..common import OFFLINE_ROUTE, RustchatError, hub_offline_mode, hub_unreachable
+from ..data.textsource import jsonl_rows
 
 _SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
 
@@ -152,38 +153,38 @@ def json_depth_problem(value, limit: int = MAX_JSON_DEPTH) -> str | None:
 def task_lines(path: Path):
     """(line number, parsed value) of each non-blank line of a JSONL task file (.gz: gzipped),
     streamed; every problem (unreadable, truncated gzip, bad UTF-8 or JSON, a line or file too
-    large, nesting too deep) is a RustchatError reading `FILE:LINE: problem`."""
+    large, nesting too deep) is a RustchatError reading `FILE:LINE: problem`. The JSON of each
+    line is parsed by the package's one JSONL reader (data.textsource.jsonl_rows)."""
+    read = [0]  # lines read so far: where an I/O error happened
+
+    def bounded_lines(f):
+        total = 0
+        while True:
+            line = f.readline(MAX_TASK_LINE_BYTES + 1)
+            if not line:
+                return
+            read[0] += 1
+            total += len(line)
+            if len(line) > MAX_TASK_LINE_BYTES:
+                raise RustchatError(f"{path}:{read[0]}: line longer than {MAX_TASK_LINE_BYTES} bytes")
+            if total > MAX_TASK_FILE_BYTES:
+                raise RustchatError(f"{path}:{read[0]}: file larger than {MAX_TASK_FILE_BYTES} bytes")
+            try:
+                yield line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise RustchatError(f"{path}:{read[0]}: not UTF-8 text (byte {e.start})") from None
+
     opener = gzip.open if path.name.endswith(".gz") else open
-    lineno, total = 0, 0
     try:
         with opener(path, "rb") as f:
-            while True:
-                line = f.readline(MAX_TASK_LINE_BYTES + 1)
-                if not line:
-                    return
-                lineno += 1
-                total += len(line)
-                if len(line) > MAX_TASK_LINE_BYTES:
-                    raise RustchatError(f"{path}:{lineno}: line longer than {MAX_TASK_LINE_BYTES} bytes")
-                if total > MAX_TASK_FILE_BYTES:
-                    raise RustchatError(f"{path}:{lineno}: file larger than {MAX_TASK_FILE_BYTES} bytes")
-                if not line.strip():
-                    continue
-                try:
-                    value = json.loads(line.decode("utf-8"))
-                except UnicodeDecodeError as e:
-                    raise RustchatError(f"{path}:{lineno}: not UTF-8 text (byte {e.start})") from None
-                except json.JSONDecodeError as e:
-                    raise RustchatError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-                except RecursionError:
-                    raise RustchatError(f"{path}:{lineno}: nested more than {MAX_JSON_DEPTH} levels deep") from None
+            for lineno, value in jsonl_rows(bounded_lines(f), path):
                 problem = json_depth_problem(value)
                 if problem:
                     raise RustchatError(f"{path}:{lineno}: {problem}")
                 yield lineno, value
     except (EOFError, gzip.BadGzipFile, OSError) as e:  # a truncated or corrupt .gz, an I/O error
         why = "truncated (the compressed data ends early)" if isinstance(e, EOFError) else str(e)
-        raise RustchatError(f"{path}:{lineno + 1}: cannot read ({why})") from None
+        raise RustchatError(f"{path}:{read[0] + 1}: cannot read ({why})") from None
 
 
 def _read_file(path: Path) -> list[dict]:
