@@ -437,13 +437,15 @@ def check_linear(backend, dtype, softcap, reduction, N, D, V, n_ignored, seed, d
     gh, gw = torch.autograd.grad(loss, (hidden, weight), go)
     assert gh.dtype == dtype and gw.dtype == dtype
     r_loss, r_gh, r_gw = ref_linear(hidden, weight, targets, softcap, reduction, go)
+    e_loss, e_gh, e_gw = eager_linear(hidden, weight, targets, softcap, reduction, go)
+    # within what plain eager PyTorch in the same dtype misses float64 by, plus a margin: grad
+    # hidden sums V products that cancel, so fp32 itself can miss 1e-5 of its largest value
+    tol = lambda e, r, ulps: maxerr(e, r) + ulps * r.abs().max().item()  # noqa: E731
     if dtype == torch.float32:
         close(loss, r_loss, 1e-5, "loss", seed)
-        close(gh, r_gh, 1e-5, "grad hidden", seed)
+        close(gh, r_gh, 0.0, "grad hidden", seed, atol=tol(e_gh, r_gh, 1e-5))
         close(gw, r_gw, 1e-5, "grad weight", seed)
     else:
-        e_loss, e_gh, e_gw = eager_linear(hidden, weight, targets, softcap, reduction, go)
-        tol = lambda e, r, ulps: maxerr(e, r) + ulps * r.abs().max().item()  # noqa: E731
         close(loss, r_loss, 0.0, "loss", seed, atol=tol(e_loss, r_loss, 1e-3))
         close(gh, r_gh, 0.0, "grad hidden", seed, atol=tol(e_gh, r_gh, 2**-8))
         close(gw, r_gw, 0.0, "grad weight", seed, atol=tol(e_gw, r_gw, 2**-8))
