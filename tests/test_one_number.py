@@ -78,6 +78,7 @@ def test_base_val_bpb_is_one_number(tmp_path, capsys):
     )
     trained = train_base(cfg)["last_eval"]["val_bpb"]
     capsys.readouterr()
+    # as a user runs it after training: no --data-dir, no --bpb-tokens (the run's own are taken)
     assert (
         main(
             [
@@ -86,12 +87,8 @@ def test_base_val_bpb_is_one_number(tmp_path, capsys):
                 "base",
                 "--base-dir",
                 str(tmp_path),
-                "--data-dir",
-                str(text),
                 "--device",
                 "cpu",
-                "--bpb-tokens",
-                str(n_tokens),
                 "--batch-size",
                 str(rnd.choice([1, 3, 16])),
             ]

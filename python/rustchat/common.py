@@ -42,6 +42,7 @@ MAX_SERVE_QUEUE = 1 << 16  # requests `rustchat serve` holds waiting for a batch
 MAX_CONNECTIONS = 1 << 16  # open connections of `rustchat serve` (the descriptor limit lowers it)
 MAX_EXAMPLES = 1 << 20  # problems or examples per task: eval caps, CORE caps, generated RL splits
 MAX_SCORED_TOKENS = 1 << 30  # validation tokens held and scored for bits per byte
+DEFAULT_BPB_TOKENS = 1 << 20  # validation tokens a base run scores for val bpb unless told otherwise
 MAX_VOCAB_SIZE = 1 << 24  # ids the Rust core's dense per-id tables hold (_core.MAX_VOCAB)
 MAX_TOP_K = MAX_VOCAB_SIZE  # a top-k beyond the vocabulary means all of it
 MAX_DEPTH = 256  # transformer layers

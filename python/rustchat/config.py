@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 from .common import (
+    DEFAULT_BPB_TOKENS,
     MAX_BATCH_CONVERSATIONS,
     MAX_BATCH_TOKENS,
     MAX_CONNECTIONS,
@@ -345,7 +346,7 @@ class BaseConfig(StageConfig):
         None, "lr at the end, as a share of the peak (default: 2026 0.05, classic 0)", minimum=0.0
     )
     bpb_tokens: int = opt(
-        1 << 20,
+        DEFAULT_BPB_TOKENS,
         "validation tokens scored for val bpb (the set `eval -i base --bpb-tokens` scores)",
         minimum=1,
         maximum=MAX_SCORED_TOKENS,
@@ -495,8 +496,13 @@ class EvalConfig(ModelSourceConfig):
     top_k: int | None = opt(None, "sample from the k most likely tokens", minimum=1, maximum=MAX_TOP_K)
     max_new_tokens: int = opt(512, "tokens per reply at most", minimum=1, maximum=MAX_NEW_TOKENS)
     seed: int = opt(42, "sampling seed")
-    data_dir: str | None = opt(None, "-i base: validation text files (default: the base dir's)")
-    bpb_tokens: int = opt(1 << 20, "-i base: tokens scored at most", minimum=1, maximum=MAX_SCORED_TOKENS)
+    data_dir: str | None = opt(None, "-i base: validation text files (default: the base run's --data-dir)")
+    bpb_tokens: int | None = opt(
+        None,
+        "-i base: tokens scored at most (default: the count the base run scored, so the number is training's own)",
+        minimum=1,
+        maximum=MAX_SCORED_TOKENS,
+    )
     core: bool = opt(False, "-i base: also score the CORE suite (DCLM's ICL tasks, as nanochat 48abd7d/92d63d4 do)")
     bundle: str | None = opt(
         None,

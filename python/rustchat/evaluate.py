@@ -25,6 +25,7 @@ from .batching import BatchScheduler, GenRequest
 from .bpb import bits_per_byte, val_token_stream
 from .checkpoint import load_model
 from .common import (
+    DEFAULT_BPB_TOKENS,
     FINEWEB_SHARDS,
     MAX_NEW_TOKENS,
     MAX_QUEUE,
@@ -332,15 +333,20 @@ def eval_base(cfg: EvalConfig) -> dict:
         check_writable(base, "report dir")  # report.md (and CORE's csv) are written at the end
     label = f"base d{model.config.n_layer} step {meta.get('step')}"
     rows, out, table = {"model": label}, {}, None
+    # unless told otherwise, score what the base run's own evaluation scored (its held-out file,
+    # its token count), so report.md's base section and this print one number for one checkpoint
+    run = meta.get("config") if isinstance(meta.get("config"), dict) else {}  # imported checkpoints have none
+    data_dir = cfg.data_dir or (run.get("data_dir") if run.get("data_dir") and Path(run["data_dir"]).exists() else None)
+    bpb_tokens = cfg.bpb_tokens or run.get("bpb_tokens") or DEFAULT_BPB_TOKENS
     try:
-        files = default_val_files(base, cfg.data_dir)
+        files = default_val_files(base, data_dir)
     except RustchatError:
         if not cfg.core:
             raise
         files = None  # CORE alone: bits per byte needs validation text
     if files:
         t0 = time.time()
-        bpb, n = bits_per_byte(model, tok, val_token_stream(tok, files, cfg.bpb_tokens))
+        bpb, n = bits_per_byte(model, tok, val_token_stream(tok, files, bpb_tokens))
         if not cfg.quiet:
             print0(
                 f"{label}: val bits/byte {bpb:.4f} over {n:,} tokens of {', '.join(map(str, files))} "
