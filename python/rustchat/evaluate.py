@@ -434,7 +434,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     done = {}  # id(task) -> (solved, total) of the tasks decoded together
     if together:  # greedy generative tasks share one continuous batch
         bars = [
-            tqdm(total=len(t), desc=t.name, disable=cfg.quiet, leave=False, mininterval=1.0, position=i)
+            tqdm(total=len(t), desc=t.name, disable=cfg.quiet or None, leave=False, mininterval=1.0, position=i)
             for i, t in enumerate(together)
         ]
 
@@ -453,7 +453,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         if id(task) in done:
             record(task, *done[id(task)], None)
             continue
-        bar = tqdm(total=len(task), desc=task.name, disable=cfg.quiet, leave=False, mininterval=1.0)
+        bar = tqdm(total=len(task), desc=task.name, disable=cfg.quiet or None, leave=False, mininterval=1.0)
 
         def progress(k, good, seen, bar=bar):
             bar.update(k)
