@@ -271,6 +271,14 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = build_parser().parse_known_args(argv)
     if unknown:  # said by the subcommand's parser, so the hint names its help
         args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    code = _run(args)
+    runtime = sys.modules.get("rustchat.runtime")  # loaded only by the commands that use torch
+    if runtime is not None and runtime.had_process_group():
+        runtime.exit_without_finalizing(code)  # a torchrun worker: its gloo threads may still be freeing work
+    return code
+
+
+def _run(args) -> int:
     try:
         args.handler(from_args(args.config_class, args))
     except RustchatError as e:  # TextSourceError and every other user-facing error derive from it
