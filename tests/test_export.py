@@ -3,6 +3,8 @@ NanoChat architecture, and `rustchat import-hf` reads it back. Checked against t
 itself: logits, tokenizer ids and decoding, the chat template, greedy generation; then the
 round trip into a fresh base dir and an SFT step from it."""
 
+import contextlib
+import io
 import json
 import random
 
@@ -71,8 +73,24 @@ def exported(tmp_path_factory, corpus, request):
             p.copy_(torch.randn(p.shape, generator=g) * (0.5 if "lm_head" in name or "wte" in name else 0.2))
     save_checkpoint(stage_dir("sft", 2, base), STEP, model, None, {"stage": "sft"})
     out = tmp_path_factory.mktemp("export_hf") / "model"
-    assert main(["export", "-i", "sft", "--base-dir", str(base), "--out", str(out)]) == 0
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["export", "-i", "sft", "--base-dir", str(base), "--out", str(out)]) == 0
+    EXPORT_LINES[out] = printed.getvalue()
     return base, out, model.eval(), tok
+
+
+EXPORT_LINES = {}  # export dir -> what the command printed
+
+
+def test_the_printed_load_call_loads_the_export(exported):
+    """The command ends with the transformers call that loads what it wrote; run that call as printed."""
+    _, out, ref, _ = exported
+    call = EXPORT_LINES[out].strip().rsplit("load it with ", 1)[1]
+    hf = eval(call, {"transformers": transformers})  # noqa: S307 - the text our own command printed
+    ids = torch.randint(0, ref.config.vocab_size, (1, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits.float(), ref(ids), atol=1e-3, rtol=1e-3)
 
 
 def test_exported_files_are_all_readable_by_others(exported):

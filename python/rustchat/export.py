@@ -424,9 +424,10 @@ def run_export(cfg: ExportConfig) -> Path:
     model, tok, meta = load_model(cfg.source, depth=cfg.depth, step=cfg.step, device=cfg.device, base_dir=cfg.base_dir)
     export_model(model, tok, out, source=cfg.source, step=meta.get("step"))
     c = model.config
+    remote = "" if c.arch == "classic" else ", trust_remote_code=True"  # our modeling code rides along
     print(
         f"exported {cfg.source} d{c.n_layer} step {meta.get('step')} ({model.num_params() / 1e6:.1f}M params) -> "
-        f"{out}; load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})"
+        f"{out}; load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}{remote})"
     )
     return out
 
