@@ -60,7 +60,7 @@ PRESETS = {
         "common": {"depth": 2, "seq_len": 512, "eval_batches": 4},
         # 4 heads of 32 dims instead of one of 128: copying needs several heads per layer.
         # The 2026 architecture: measured on three seeds beside the classic one, it alone kept
-        # SpellingBee >= 85% after SFT on every seed (docs/benchmarks.md, "Which architecture");
+        # SpellingBee >= 85% after SFT on every seed (docs/benchmarks.md, "Which architecture").
         # The classic rules (fixed lrs, no warmup) were measured with it: the 2026 rules would
         # scale this 4k-token batch's lrs by sqrt(4096/2^19) = 0.09
         "base": {
