@@ -384,6 +384,12 @@ def remote_config(config: GPTConfig, tok: Tokenizer) -> dict:
     }
 
 
+def transformers_builtin(cfg: GPTConfig) -> bool:
+    """Whether transformers' built-in NanoChat holds this architecture; else the export carries
+    rustchat's own modeling code and loads with trust_remote_code=True."""
+    return cfg.arch == "classic"
+
+
 def export_model(model, tok: Tokenizer, out, *, source: str = "", step: int | None = None) -> Path:
     """Write `model` and `tok` as a transformers directory at `out`: the built-in NanoChat for
     the classic architecture, else our own modeling code (rustchat/hf_remote/) beside the
@@ -393,7 +399,7 @@ def export_model(model, tok: Tokenizer, out, *, source: str = "", step: int | No
     cfg = model.config
     if cfg.vocab_size != tok.vocab_size:
         raise RustchatError(f"model vocab {cfg.vocab_size} differs from the tokenizer's {tok.vocab_size}")
-    builtin = cfg.arch == "classic"
+    builtin = transformers_builtin(cfg)
     # where the weights came from, readable back by import-hf (safetensors metadata is str -> str)
     provenance = {"format": "pt", "rustchat_source": source, "rustchat_step": "" if step is None else str(step)}
     weights = to_hf_state_dict(model.state_dict(), cfg) if builtin else remote_state_dict(model.state_dict(), cfg)
@@ -424,7 +430,7 @@ def run_export(cfg: ExportConfig) -> Path:
     model, tok, meta = load_model(cfg.source, depth=cfg.depth, step=cfg.step, device=cfg.device, base_dir=cfg.base_dir)
     export_model(model, tok, out, source=cfg.source, step=meta.get("step"))
     c = model.config
-    remote = "" if c.arch == "classic" else ", trust_remote_code=True"  # our modeling code rides along
+    remote = "" if transformers_builtin(c) else ", trust_remote_code=True"
     print(
         f"exported {cfg.source} d{c.n_layer} step {meta.get('step')} ({model.num_params() / 1e6:.1f}M params) -> "
         f"{out}; load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}{remote})"

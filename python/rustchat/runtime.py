@@ -176,8 +176,7 @@ def exit_without_finalizing(code: int) -> None:
     objects are already gone, freeing them needs the GIL. If the main thread is finalizing the
     interpreter by then, the worker thread cannot take the GIL, and the C++ runtime aborts the
     process ("terminate called without an active exception", exit -6) after all its work was
-    done and written. Measured: 3 failures in 12 runs of the 2-process CORE test on a loaded
-    2-core machine, the core dump showing gloo's runLoop freeing a barrier's prior all-reduce.
+    done and written (docs/design.md, "Ending a multi-process run", has the measurements).
     Destroying the process group does not wait for that thread. Every file rustchat writes is
     closed by now, so only the standard streams need flushing."""
     for stream in (sys.stdout, sys.stderr):
