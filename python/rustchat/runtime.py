@@ -176,7 +176,7 @@ def exit_without_finalizing(code: int) -> None:
     objects are already gone, freeing them needs the GIL. If the main thread is finalizing the
     interpreter by then, the worker thread cannot take the GIL, and the C++ runtime aborts the
     process ("terminate called without an active exception", exit -6) after all its work was
-    done and written (docs/design.md, "Ending a multi-process run", has the measurements).
+    done and written (docs/design.md, "Safety", has the measurements under "Ending a multi-process run").
     Destroying the process group does not wait for that thread. Every file rustchat writes is
     closed by now, so only the standard streams need flushing."""
     for stream in (sys.stdout, sys.stderr):
