@@ -110,7 +110,49 @@ def main() -> int:
             )
     times = [runs[s]["seconds"] for s in args.seeds]
     print(f"\ntotal time per seed: {' / '.join(f'{x:.0f} s' for x in times)} (max {max(times):.0f} s)")
+    print('\nTargets (docs/design.md, "The tiny preset"; every seed must meet each):\n')
+    for line in target_lines(runs, args.seeds, tasks):
+        print(line)
     return 0
+
+
+def target_lines(runs: dict, seeds: list[int], tasks: list[str]) -> list[str]:
+    """One line per target of the tiny preset: what it asks, the numbers per seed, met or not."""
+
+    def score(stage, task):
+        return [runs[s]["rows"][stage]["tasks"][task] for s in seeds]
+
+    def line(what, values, ok):
+        return f"- {what}: {' / '.join(values)} -> {'met' if ok else 'NOT met'}"
+
+    out = []
+    for task, floor in (("SpellingBee", 85.0), ("Arithmetic", 50.0)):
+        sft = score("sft", task)
+        out.append(line(f"SFT {task} >= {floor:.0f}%", [f"{x:.1f}" for x in sft], min(sft) >= floor))
+    # "beyond the seed spread": the smallest same-seed gain over mid is larger than how far the SFT
+    # score itself moves from seed to seed (the table above shows mid's spread too)
+    for task in tasks:
+        mid, sft = score("mid", task), score("sft", task)
+        gain = [f - m for m, f in zip(mid, sft)]
+        spread = max(sft) - min(sft)
+        out.append(
+            line(
+                f"SFT - mid on {task} beyond the spread of SFT ({spread:.1f})",
+                [f"{x:+.1f}" for x in gain],
+                min(gain) > spread,
+            )
+        )
+    if all("rl" in runs[s]["rows"] for s in seeds):
+        sft, rl = score("sft", "Arithmetic"), score("rl", "Arithmetic")
+        ok = all(r >= f + 5 or r >= 97 for f, r in zip(sft, rl))
+        out.append(line("RL Arithmetic >= SFT + 5 or >= 97%", [f"{r:.1f} ({r - f:+.1f})" for f, r in zip(sft, rl)], ok))
+        sft, rl = score("sft", "SpellingBee"), score("rl", "SpellingBee")
+        ok = all(r >= f - 5 for f, r in zip(sft, rl))
+        out.append(line("RL SpellingBee falls <= 5 points", [f"{r - f:+.1f}" for f, r in zip(sft, rl)], ok))
+    times = [runs[s]["seconds"] for s in seeds]
+    out.append(line("whole run <= 6 minutes", [f"{x:.0f} s" for x in times], max(times) <= 360))
+    out.append(line("whole run <= 5 minutes", [f"{x:.0f} s" for x in times], max(times) <= 300))
+    return out
 
 
 if __name__ == "__main__":

@@ -622,7 +622,7 @@ class SpeedrunConfig(Config):
     quiet: bool = opt(False, "no progress bars")
     force: bool = opt(False, "run again where an earlier run left checkpoints (they are archived)")
     arch: str | None = opt(
-        None, "the model's architecture instead of the preset's (tiny: classic; d10/d20: 2026)", choices=ARCHS
+        None, "the model's architecture instead of the preset's (every preset trains 2026)", choices=ARCHS
     )
     allow_unsandboxed: bool = opt(
         False, "let the evals run HumanEval's model-written code where bubblewrap cannot sandbox it (see eval)"
