@@ -40,6 +40,9 @@ def test_window_sizes_follow_the_pattern_and_rounding():
     assert cfg2026(window_pattern="sl", n_layer=3).window_sizes() == [128, 512, 512]
     assert GPTConfig().window_sizes() == [None] * 20 and GPTConfig().arch == "classic"
     assert cfg2026().arch == "2026" and cfg2026(smear=False).arch == "custom"
+    # the window pattern is the 2026 model's knob: another pattern is still that model
+    assert cfg2026(window_pattern="L").arch == "2026" and cfg2026(window_pattern="SSL").arch == "2026"
+    assert GPTConfig(window_pattern="L").arch == "custom"  # windows alone, on the classic model
     # value embeddings: alternating, last layer always
     assert [cfg2026(n_layer=4).has_value_embed(i) for i in range(4)] == [False, True, False, True]
     assert [cfg2026(n_layer=3).has_value_embed(i) for i in range(3)] == [True, False, True]
@@ -178,3 +181,35 @@ def test_init_is_nanochat_2026():
     groups = model.param_groups()
     assert len(groups["value_embeds"]) == 2 and groups["x0"] == [model.x0_lambdas]
     assert sum(len(g) for g in groups.values()) == len(list(model.parameters()))
+
+
+def test_window_pattern_flag_builds_that_model_or_refuses_in_one_line(tmp_path, capsys):
+    """`rustchat base --window-pattern P` (nanochat 92d63d4's --window-pattern): a new 2026 model
+    with those windows, still trained with the 2026 optimizer; a bad pattern, or windows on the
+    classic model, is refused in one line before any work."""
+    import random
+
+    from rustchat.cli import main
+    from rustchat.config import BaseConfig
+    from rustchat.stages import _load_start, _recipe
+
+    class Tok:
+        vocab_size = 300
+
+    pattern = "".join(random.choice("SL") for _ in range(random.randint(1, 5)))
+    cfg = BaseConfig(depth=4, aspect_ratio=16, head_dim=16, seq_len=256, window_pattern=pattern, base_dir=str(tmp_path))
+    model = _load_start(cfg, "cpu", Tok())[0]
+    assert model.config.window_pattern == pattern and model.config.arch == "2026"
+    want = [256 if pattern[i % len(pattern)] == "L" else 128 for i in range(3)] + [256]
+    assert model.config.window_sizes() == want
+    assert _recipe(model, cfg, None) == "2026"
+    default = _load_start(BaseConfig(depth=4, aspect_ratio=16, head_dim=16, seq_len=256), "cpu", Tok())[0]
+    assert default.config.window_pattern == ARCHS["2026"]["window_pattern"]
+    for argv, want in (
+        (["--window-pattern", "SXL"], "rustchat: error: --window-pattern must be 1 to 64 letters S and L, got 'SXL'\n"),
+        (["--window-pattern", "L" * 65], "rustchat: error: --window-pattern must be 1 to 64 letters S and L, got "),
+        (["--arch", "classic", "--window-pattern", "L"], "rustchat: error: --window-pattern: the classic architecture"),
+    ):
+        assert main(["base", "--depth", "1", "--base-dir", str(tmp_path), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(want) and err.count("\n") == 1, err

@@ -73,6 +73,15 @@ def check_count(name: str, value, lo: int, hi: int, why: str = ""):
     return int(value)
 
 
+MAX_WINDOW_PATTERN = 64  # letters of an attention window pattern (tiled over the layers)
+
+
+def check_window_pattern(pattern, name: str = "window_pattern") -> None:
+    """A window pattern is 1..MAX_WINDOW_PATTERN letters S (short window) and L (full context)."""
+    if not isinstance(pattern, str) or not 1 <= len(pattern) <= MAX_WINDOW_PATTERN or set(pattern.upper()) - set("SL"):
+        raise RustchatError(f"{name} must be 1 to {MAX_WINDOW_PATTERN} letters S and L, got {pattern!r}")
+
+
 def get_base_dir(create: bool = True) -> Path:
     """Root of all artifacts: $RUSTCHAT_BASE_DIR, else ~/.cache/rustchat."""
     env = os.environ.get("RUSTCHAT_BASE_DIR")

@@ -38,6 +38,7 @@ from .common import (
     MAX_WIDTH,
     OutOfRangeError,
     RustchatError,
+    check_window_pattern,
 )
 from .rules import RULES
 
@@ -370,11 +371,24 @@ class BaseConfig(StageConfig):
         "value embeddings, smear, backout) or classic (January 2026, commit 48abd7d)",
         choices=ARCHS,
     )
+    window_pattern: str | None = opt(
+        None,
+        "the 2026 model's attention windows, tiled over the layers: L full context, S a quarter of it "
+        "(the last layer is always L); default SSSL",
+        metavar="PATTERN",
+    )
     core_every: int = opt(0, "steps between CORE evaluations, and one at the end (0: none)", minimum=0)
     core_max_per_task: int = opt(500, "examples per CORE task during training", minimum=1, maximum=MAX_EXAMPLES)
     bundle: str | None = opt(
         None, "CORE eval bundle directory (default: <base dir>/eval_bundle, downloaded on first use)"
     )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.window_pattern is not None:
+            check_window_pattern(self.window_pattern, "--window-pattern")
+        if self.window_pattern is not None and self.arch == "classic":
+            raise RustchatError("--window-pattern: the classic architecture has no sliding windows (use --arch 2026)")
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import attention, kernels
-from .common import RustchatError
+from .common import RustchatError, check_window_pattern
 from .optim import build_optimizers
 
 SOFTCAP = 15.0
@@ -53,7 +53,6 @@ ARCHS = {
 VE_GATE_CHANNELS = 12  # value-embedding gates read this many leading channels of the block input
 SMEAR_CHANNELS = 24  # the smear gate reads this many leading channels of the token embedding
 WINDOW_TILE = 128  # short windows are rounded up to a multiple of this (flash-attention's tile)
-MAX_WINDOW_PATTERN = 64
 
 
 @dataclass
@@ -90,15 +89,23 @@ class GPTConfig:
         aspect_ratio: int = 64,
         head_dim: int = 128,
         arch: str = "classic",
+        window_pattern: str | None = None,
     ) -> "GPTConfig":
         """model_dim = aspect_ratio*depth (64 by default), heads of about head_dim (128) dims:
         n_head = ceil(model_dim/head_dim); n_kv_head defaults to n_head (GQA: a divisor of n_head).
 
         When head_dim does not split model_dim evenly (odd depths like 5, 9) the head count is
         raised to the next divisor so every head has the same (even: rotary pairs) width.
-        arch: a key of ARCHS."""
+        arch: a key of ARCHS; window_pattern: the 2026 model's windows instead of its default SSSL."""
         if arch not in ARCHS:
             raise RustchatError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHS)}")
+        feats = dict(ARCHS[arch])
+        if window_pattern is not None:
+            if feats["window_pattern"] is None:
+                raise RustchatError(
+                    f"window pattern {window_pattern!r}: the {arch} architecture has no sliding windows"
+                )
+            feats["window_pattern"] = window_pattern
         if depth < 1 or aspect_ratio < 1 or head_dim < 2:
             raise RustchatError(
                 f"depth, aspect_ratio and head_dim must be >= 1, 1 and 2, got {depth}, {aspect_ratio}, {head_dim}"
@@ -116,7 +123,7 @@ class GPTConfig:
             n_head=n_head,
             n_kv_head=n_kv_head or n_head,
             n_embd=dim,
-            **ARCHS[arch],
+            **feats,
         )
 
     def __post_init__(self):
@@ -126,11 +133,8 @@ class GPTConfig:
             raise RustchatError(f"n_kv_head {self.n_kv_head} must divide n_head {self.n_head}")
         if self.head_dim % 2:
             raise RustchatError(f"head_dim {self.head_dim} must be even for rotary embeddings")
-        p = self.window_pattern
-        if p is not None and (
-            not isinstance(p, str) or not 1 <= len(p) <= MAX_WINDOW_PATTERN or set(p.upper()) - set("SL")
-        ):
-            raise RustchatError(f"window_pattern {p!r} must be 1..{MAX_WINDOW_PATTERN} letters S and L")
+        if self.window_pattern is not None:
+            check_window_pattern(self.window_pattern)
         if not (isinstance(self.rope_base, (int, float)) and 1 < self.rope_base <= 1e9):
             raise RustchatError(f"rope_base {self.rope_base!r} must be a number in (1, 1e9]")
         if not (isinstance(self.qk_scale, (int, float)) and 0 < self.qk_scale <= 100):
@@ -150,9 +154,15 @@ class GPTConfig:
 
     @property
     def arch(self) -> str:
-        """'classic', '2026', or 'custom' (some other mix of the feature fields)."""
-        mine = {k: getattr(self, k) for k in ARCHS["classic"]}
-        return next((name for name, feats in ARCHS.items() if feats == mine), "custom")
+        """'classic', '2026', or 'custom' (some other mix of the feature fields). The window
+        pattern is a knob of the 2026 model (nanochat's --window-pattern): any pattern with the
+        other 2026 features is that model, "L" (full context everywhere) included."""
+
+        def features(d: dict) -> dict:
+            return {**d, "window_pattern": d["window_pattern"] is not None}
+
+        mine = features({k: getattr(self, k) for k in ARCHS["classic"]})
+        return next((name for name, feats in ARCHS.items() if features(feats) == mine), "custom")
 
     def window_sizes(self) -> list[int | None]:
         """Per layer: how many earlier positions a query may see (key position >= query
