@@ -184,6 +184,25 @@ def test_resume_reads_a_checkpoint_saved_before_the_batch_flag_was_renamed(base_
     assert resumed.total_batch_conversations == 4 and resumed.depth == 1 and resumed.tasks == "tiny"
 
 
+def test_a_flag_newer_than_the_checkpoint_is_refused_on_resume(base_dir, tmp_path):
+    """A run saved before a flag existed cannot take it on --resume (it would be silently
+    ignored); without the flag it resumes, and a flag that may change on resume is applied."""
+    d = _copy(base_dir, tmp_path, "newer")
+    train_sft(STAGE_CONFIGS["sft"](depth=1, max_steps=3, stop_at_step=1, base_dir=str(d), **TINY))
+    meta_path = stage_dir("sft", 1, d) / "meta_000001.json"
+    meta = json.loads(meta_path.read_text())
+    default = STAGE_CONFIGS["sft"]()
+    del meta["config"]["seed"], meta["config"]["eval_every"]  # as if both flags were newer
+    meta_path.write_text(json.dumps(meta))
+    seed = default.seed + random.randint(1, 1000)
+    with pytest.raises(RustchatError, match="the run was saved before --seed existed"):
+        resolve_run(STAGE_CONFIGS["sft"](resume=True, base_dir=str(d), seed=seed))
+    every = default.eval_every + random.randint(1, 50)
+    resumed = resolve_run(STAGE_CONFIGS["sft"](resume=True, base_dir=str(d), eval_every=every))
+    assert resumed.eval_every == every and resumed.tasks == "tiny"
+    assert resolve_run(STAGE_CONFIGS["sft"](resume=True, base_dir=str(d))).seed == default.seed
+
+
 def test_the_old_sft_batch_flag_refuses_with_a_hint(capsys):
     err = _one_line_error(["sft", "--total-batch-size", "8"], capsys)
     assert "--total-batch-conversations" in err

@@ -259,12 +259,20 @@ class TrainConfig(Config):
                 saved[new] = saved[old]
         changes, notes = {}, []
         for f in fields(self):
-            if f.name in self.RESUME_OWN or f.name not in saved or f.metadata.get("retired"):
+            if f.name in self.RESUME_OWN or f.metadata.get("retired"):
                 continue
-            mine, theirs = getattr(self, f.name), saved[f.name]
+            mine = getattr(self, f.name)
+            given = f.name in self.given if hasattr(self, "given") else mine != f.default
+            if f.name not in saved:  # a run saved before this flag existed: the flag cannot reach it
+                if given and mine != f.default and f.name not in self.RESUME_MAY_CHANGE:
+                    raise RustchatError(
+                        f"--resume: the run was saved before {flag_name(f.name)} existed and keeps what it was "
+                        "saved with (drop the flag, or start a new run with --force)"
+                    )
+                continue
+            theirs = saved[f.name]
             if mine == theirs:
                 continue
-            given = f.name in self.given if hasattr(self, "given") else mine != f.default
             if not given:
                 changes[f.name] = theirs
             elif f.name in self.RESUME_MAY_CHANGE:
