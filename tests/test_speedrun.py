@@ -185,19 +185,6 @@ def test_arch_replaces_the_presets_for_the_base_model(tmp_path):
     assert stage_configs(SpeedrunConfig(preset="tiny", arch=other), tmp_path)["base"].arch == other
 
 
-def test_a_presets_windows_go_with_the_2026_model(tmp_path, monkeypatch):
-    """A preset's window pattern trains the 2026 model; `--arch classic` (no windows) drops it
-    instead of failing."""
-    from rustchat.config import SpeedrunConfig
-    from rustchat.speedrun import PRESETS, stage_configs
-
-    pattern = random.choice(["L", "SL", "SSSL", "LS"])
-    monkeypatch.setitem(PRESETS["tiny"], "base", {**PRESETS["tiny"]["base"], "window_pattern": pattern})
-    by_arch = {a: stage_configs(SpeedrunConfig(preset="tiny", arch=a), tmp_path)["base"] for a in ("2026", "classic")}
-    assert by_arch["2026"].window_pattern == pattern and by_arch["2026"].arch == "2026"
-    assert by_arch["classic"].window_pattern is None and by_arch["classic"].arch == "classic"
-
-
 def test_base_row_names_the_metrics_the_preset_scored():
     """The tiny preset scores bpb only; the GPU presets add CORE."""
     from rustchat.speedrun import base_val_text

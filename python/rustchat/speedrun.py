@@ -158,8 +158,6 @@ def stage_configs(cfg: SpeedrunConfig, base: Path) -> dict:
     base_kw = dict(preset["base"])
     if cfg.arch is not None:  # later stages keep the architecture of the checkpoint they start from
         base_kw["arch"] = cfg.arch
-        if cfg.arch == "classic":  # a preset's windows belong to the 2026 model
-            base_kw.pop("window_pattern", None)
     if cfg.preset == "tiny":
         base_kw["data_dir"] = str(base / "tiny_data")
     eval_kw = {

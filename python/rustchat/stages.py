@@ -309,7 +309,7 @@ def _load_start(cfg: TrainConfig, device, tok):
             aspect_ratio=cfg.aspect_ratio,
             head_dim=cfg.head_dim,
             arch=cfg.arch,
-            window_pattern=getattr(cfg, "window_pattern", None),
+            window_pattern=cfg.window_pattern,
         )
         return GPT(mcfg).to(device), None, None, 0, None
     model, _, meta = load_stage_model(prev, cfg.depth, device=device, base_dir=cfg.base_dir, load_optimizer=False)
