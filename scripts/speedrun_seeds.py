@@ -34,6 +34,7 @@ def read_run(base: Path) -> dict:
         cells = [c.strip() for c in line.strip("|").split("|")]
         val = re.match(r"val loss ([\d.]+) -> ([\d.]+)", cells[2])
         rows[cells[0]] = {
+            "seconds": float(cells[-1].rstrip("s").strip()),
             "val": (float(val.group(1)), float(val.group(2))) if val else None,
             "tasks": {t: float(c.rstrip("%")) for t, c in zip(tasks, cells[3:-1]) if c != "-"},
             "table_line": line,
@@ -110,6 +111,8 @@ def main() -> int:
             )
     times = [runs[s]["seconds"] for s in args.seeds]
     print(f"\ntotal time per seed: {' / '.join(f'{x:.0f} s' for x in times)} (max {max(times):.0f} s)")
+    before_rl = [_seconds_before_rl(runs[s]) for s in args.seeds]
+    print(f"before the RL stage: {' / '.join(f'{x:.0f} s' for x in before_rl)} (max {max(before_rl):.0f} s)")
     print('\nTargets (docs/design.md, "The tiny preset"; every seed must meet each):\n')
     for line in target_lines(runs, args.seeds, tasks):
         print(line)
@@ -149,10 +152,17 @@ def target_lines(runs: dict, seeds: list[int], tasks: list[str]) -> list[str]:
         sft, rl = score("sft", "SpellingBee"), score("rl", "SpellingBee")
         ok = all(r >= f - 5 for f, r in zip(sft, rl))
         out.append(line("RL SpellingBee falls <= 5 points", [f"{r - f:+.1f}" for f, r in zip(sft, rl)], ok))
+    # 5 minutes for the preset's stages before RL (the model issue's limit), 6 with RL (the RL issue's)
     times = [runs[s]["seconds"] for s in seeds]
-    out.append(line("whole run <= 6 minutes", [f"{x:.0f} s" for x in times], max(times) <= 360))
-    out.append(line("whole run <= 5 minutes", [f"{x:.0f} s" for x in times], max(times) <= 300))
+    before_rl = [_seconds_before_rl(runs[s]) for s in seeds]
+    out.append(line("whole run, RL included, <= 6 minutes", [f"{x:.0f} s" for x in times], max(times) <= 360))
+    out.append(line("the run before RL <= 5 minutes", [f"{x:.0f} s" for x in before_rl], max(before_rl) <= 300))
     return out
+
+
+def _seconds_before_rl(run: dict) -> float:
+    """The run's total less its RL stage's time (the total when it has no RL stage)."""
+    return run["seconds"] - run["rows"].get("rl", {}).get("seconds", 0.0)
 
 
 if __name__ == "__main__":
