@@ -113,11 +113,13 @@ MIXTURES = {
         },
     },
     "tiny": {
-        # identity is sliced: its 1,000 conversations would crowd out the measured tasks
+        # mid teaches the tasks and SFT the persona: identity is SFT's alone (sliced, as its 1,000
+        # conversations would crowd out the measured tasks). Measured on three seeds each, mid without
+        # identity learned every arithmetic template on all six seeds tried, where mid with it left one
+        # template unlearned on one seed in three (docs/benchmarks.md, "Identity in SFT only")
         "mid": {
             "train": [
                 ("arithmetic", {"size": 3000, "split": "train"}),
-                ("identity", {"stop": 200}),
                 ("simplespelling", {"size": 1000, "split": "train"}),
                 ("spellingbee", {"size": 2000, "split": "train"}),
             ],
