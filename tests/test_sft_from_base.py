@@ -3,6 +3,8 @@ and ratios against nanochat's numbers, its schedule, and a tiny run that starts 
 
 from __future__ import annotations
 
+import math
+
 import random
 from collections import Counter
 
@@ -113,7 +115,10 @@ def test_tiny_sft_from_base_runs(base_only):
             **TINY,
         )
     )
-    assert len(res["history"]) == 2 and all(h["trained_tokens"] > 0 for h in res["history"])
+    # at seq 64 a step can draw only conversations whose replies lie past the crop (0 tokens trained
+    # then, loss 0); over the run some must train
+    assert len(res["history"]) == 2 and sum(h["trained_tokens"] for h in res["history"]) > 0
+    assert all(math.isfinite(h["loss"]) for h in res["history"])
     assert res["history"][0]["lr_mult"] == 0.8  # nanochat's starting fraction from base
     assert find_last_step(stage_dir("sft", 1, d)) == 2
     # the base run's 2026 learning rates are inherited: matrix 0.02, AdamW embedding 0.3 and
