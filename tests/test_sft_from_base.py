@@ -3,8 +3,6 @@ and ratios against nanochat's numbers, its schedule, and a tiny run that starts 
 
 from __future__ import annotations
 
-import math
-
 import random
 from collections import Counter
 
@@ -19,7 +17,7 @@ from rustchat.schedules import sft_lr_multiplier
 from rustchat.stages import MIXTURES, build_mixture, train_base, train_sft
 
 WORDS = "the cat sat on a mat while dogs ran far away from home and birds sang songs of spring".split()
-TINY = dict(depth=1, seq_len=64, device="cpu", quiet=True, eval_every=0, eval_batches=1)
+TINY = dict(depth=1, seq_len=256, device="cpu", quiet=True, eval_every=0, eval_batches=1)
 
 
 def test_default_mixture_from_base_is_nanochats():
@@ -87,7 +85,7 @@ def base_only(tmp_path):
         STAGE_CONFIGS["base"](
             max_steps=1,
             device_batch_size=2,
-            total_batch_size=2 * 64,
+            total_batch_size=2 * TINY["seq_len"],
             data_dir=str(tmp_path / "text"),
             base_dir=str(tmp_path),
             **TINY,
@@ -115,10 +113,7 @@ def test_tiny_sft_from_base_runs(base_only):
             **TINY,
         )
     )
-    # at seq 64 a step can draw only conversations whose replies lie past the crop (0 tokens trained
-    # then, loss 0); over the run some must train
-    assert len(res["history"]) == 2 and sum(h["trained_tokens"] for h in res["history"]) > 0
-    assert all(math.isfinite(h["loss"]) for h in res["history"])
+    assert len(res["history"]) == 2 and all(h["trained_tokens"] > 0 for h in res["history"])
     assert res["history"][0]["lr_mult"] == 0.8  # nanochat's starting fraction from base
     assert find_last_step(stage_dir("sft", 1, d)) == 2
     # the base run's 2026 learning rates are inherited: matrix 0.02, AdamW embedding 0.3 and
