@@ -80,17 +80,8 @@ def main() -> int:
         "| spread of mid (max-min) |"
     )
     print("| --- | --- | --- | --- | ---: | ---: | ---: |")
-    for t in tasks + ["val loss"]:
-        if t == "val loss":  # the mid model and the SFT model on the SFT val split: lower is better
-            mid = [runs[s]["rows"]["sft"]["val"][0] for s in args.seeds]
-            sft = [runs[s]["rows"]["sft"]["val"][1] for s in args.seeds]
-            gain = [m - f for m, f in zip(mid, sft)]
-            fmt = "{:.4f}"
-        else:
-            mid = [runs[s]["rows"]["mid"]["tasks"][t] for s in args.seeds]
-            sft = [runs[s]["rows"]["sft"]["tasks"][t] for s in args.seeds]
-            gain = [f - m for m, f in zip(mid, sft)]
-            fmt = "{:.1f}"
+    for t, mid, sft, gain in sft_vs_mid(runs, args.seeds, tasks):
+        fmt = "{:.4f}" if t == "val loss" else "{:.1f}"
         spread_sft, spread_mid = max(sft) - min(sft), max(mid) - min(mid)
         print(
             f"| {t} | {' / '.join(map(fmt.format, mid))} | {' / '.join(map(fmt.format, sft))} | "
@@ -119,6 +110,21 @@ def main() -> int:
     return 0
 
 
+def sft_vs_mid(runs: dict, seeds: list[int], tasks: list[str]) -> list[tuple[str, list, list, list]]:
+    """(measure, mid per seed, SFT per seed, SFT's gain per seed) for each task, then for the held-out
+    SFT val loss: the mid model and the SFT model on the SFT val split (the SFT row's val loss
+    start -> end), where lower is better, so its gain is mid - SFT."""
+    out = []
+    for t in tasks:
+        mid = [runs[s]["rows"]["mid"]["tasks"][t] for s in seeds]
+        sft = [runs[s]["rows"]["sft"]["tasks"][t] for s in seeds]
+        out.append((t, mid, sft, [f - m for m, f in zip(mid, sft)]))
+    mid = [runs[s]["rows"]["sft"]["val"][0] for s in seeds]
+    sft = [runs[s]["rows"]["sft"]["val"][1] for s in seeds]
+    out.append(("val loss", mid, sft, [m - f for m, f in zip(mid, sft)]))
+    return out
+
+
 def target_lines(runs: dict, seeds: list[int], tasks: list[str]) -> list[str]:
     """One line per target of the tiny preset: what it asks, the numbers per seed, met or not."""
 
@@ -132,19 +138,27 @@ def target_lines(runs: dict, seeds: list[int], tasks: list[str]) -> list[str]:
     for task, floor in (("SpellingBee", 85.0), ("Arithmetic", 50.0)):
         sft = score("sft", task)
         out.append(line(f"SFT {task} >= {floor:.0f}%", [f"{x:.1f}" for x in sft], min(sft) >= floor))
-    # "beyond the seed spread": the smallest same-seed gain over mid is larger than how far the SFT
-    # score itself moves from seed to seed (the table above shows mid's spread too)
-    for task in tasks:
-        mid, sft = score("mid", task), score("sft", task)
-        gain = [f - m for m, f in zip(mid, sft)]
-        spread = max(sft) - min(sft)
+    # "SFT beats mid on at least one task or on held-out SFT loss, by a margin larger than the
+    # run-to-run spread" (the target as the pipeline issue set it): per measure, the smallest
+    # same-seed gain against the larger of the two stages' spreads across seeds
+    beyond = []
+    for measure, mid, sft, gain in sft_vs_mid(runs, seeds, tasks):
+        spread = max(max(sft) - min(sft), max(mid) - min(mid))
+        fmt = "{:+.4f}" if measure == "val loss" else "{:+.1f}"
+        ok = round(min(gain), 6) > round(spread, 6)  # the report's decimals, not float noise, decide
+        beyond += [measure] if ok else []
         out.append(
-            line(
-                f"SFT - mid on {task} beyond the spread of SFT ({spread:.1f})",
-                [f"{x:+.1f}" for x in gain],
-                min(gain) > spread,
-            )
+            f"  - {measure}: SFT - mid {' / '.join(fmt.format(g) for g in gain)}, smallest "
+            f"{fmt.format(min(gain))} against a spread of {fmt.format(spread).lstrip('+')} -> "
+            f"{'beyond' if ok else 'within'}"
         )
+    out.append(
+        line(
+            "SFT beats mid beyond the seed spread on a task or on the held-out SFT val loss",
+            [", ".join(beyond) or "on none"],
+            bool(beyond),
+        )
+    )
     if all("rl" in runs[s]["rows"] for s in seeds):
         sft, rl = score("sft", "Arithmetic"), score("rl", "Arithmetic")
         ok = all(r >= f + 5 or r >= 97 for f, r in zip(sft, rl))
