@@ -25,6 +25,7 @@ def read_run(base: Path) -> dict:
     report = (base / "report.md").read_text()
     section = report.split("## speedrun\n", 1)[1].split("\n## ", 1)[0]
     seconds = float(re.search(r"\| total time \| (\d+) s \|", section).group(1))
+    where = re.search(r"^_[\d-]+ [\d:]+ on (.+)_$", section, re.M)  # the machine it ran on
     lines = [l for l in section.splitlines() if l.startswith("| ")]
     header_at = next(i for i, l in enumerate(lines) if l.startswith("| Stage |"))
     header = [c.strip() for c in lines[header_at].strip("|").split("|")]
@@ -39,7 +40,13 @@ def read_run(base: Path) -> dict:
             "tasks": {t: float(c.rstrip("%")) for t, c in zip(tasks, cells[3:-1]) if c != "-"},
             "table_line": line,
         }
-    return {"seconds": seconds, "rows": rows, "table": "\n".join(lines[header_at:]), "tasks": tasks}
+    return {
+        "seconds": seconds,
+        "machine": where.group(1) if where else "?",
+        "rows": rows,
+        "table": "\n".join(lines[header_at:]),
+        "tasks": tasks,
+    }
 
 
 def main() -> int:
@@ -71,7 +78,7 @@ def main() -> int:
                 print(f"seed {seed}: the speedrun failed", file=sys.stderr)
                 return 1
         runs[seed] = read_run(base)
-        print(f"\nseed {seed}: {runs[seed]['seconds']:.0f} s\n{runs[seed]['table']}")
+        print(f"\nseed {seed}: {runs[seed]['seconds']:.0f} s on {runs[seed]['machine']}\n{runs[seed]['table']}")
 
     tasks = runs[args.seeds[0]]["tasks"]
     print("\nSFT vs mid, same 200 held-out problems per task (percent), and the held-out SFT val loss:\n")

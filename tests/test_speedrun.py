@@ -1,8 +1,11 @@
 """The speedrun's evaluation: the same as `rustchat eval` on one checkpoint, and every task the
 tiny preset trains on is scored on held-out problems."""
 
+import os
+import platform
 import random
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,6 +121,20 @@ def test_mid_and_sft_tables_both_stay_in_the_report(base_dir):
     report = (base_dir / "report.md").read_text()
     assert f"| model | mid d{DEPTH} step 7 |" in report and f"| model | sft d{DEPTH} step 7 |" in report
     assert report.count("| Task | Type | Problems | Accuracy | Centered |") >= 2
+    # each section says where it ran: the same seed gives other numbers on another CPU
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        first = cpuinfo.read_text().split("\n\n")[0].splitlines()
+        field = {
+            k: next(ln.split(":", 1)[1].strip() for ln in first if ln.split(":")[0].strip() == k)
+            for k in ("model name", "cpu family", "model")
+        }
+        cpu = f"{field['model name']}, family {field['cpu family']} model {field['model']}"
+        isa = torch.backends.cpu.get_cpu_capability()
+        where = re.findall(r"^_\d{4}-\d\d-\d\d \d\d:\d\d:\d\d on (.*)_$", report, re.M)
+        assert len(where) == report.count("\n## ") and set(where) == {
+            f"{platform.node()} ({cpu}, {len(os.sched_getaffinity(0))} CPUs, torch {isa})"
+        }
 
 
 def test_summary_table_has_a_row_per_stage():

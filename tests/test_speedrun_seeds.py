@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("Arithmetic", "SpellingBee", "SimpleSpelling", "Identity")
 
 
-def _report(scores: dict, seconds: int, rl_seconds: int) -> str:
+def _report(scores: dict, seconds: int, rl_seconds: int, machine: str = "host (Some CPU, 2 CPUs)") -> str:
     """A report.md whose speedrun section has the layout the speedrun writes."""
 
     def row(stage, first_cells, pcts, secs):
@@ -21,6 +21,8 @@ def _report(scores: dict, seconds: int, rl_seconds: int) -> str:
 
     lines = [
         "## speedrun",
+        "",
+        f"_2026-12-06 20:00:00 on {machine}_",
         "",
         "| | |",
         "| --- | --- |",
@@ -69,7 +71,7 @@ def test_targets_verdict_matches_a_plain_reference(tmp_path):
     rng = random.Random()
     for trial in range(6):
         root = tmp_path / f"t{trial}"
-        runs, seconds, rl_seconds = [], [], []
+        runs, seconds, rl_seconds, machines = [], [], [], []
         # mid scores close across seeds on odd trials and far apart on even ones, so SFT's margin
         # lands on both sides of the spread
         noise = 4 if trial % 2 else 50
@@ -85,7 +87,9 @@ def test_targets_verdict_matches_a_plain_reference(tmp_path):
             seconds.append(rng.randrange(240, 380))
             rl_seconds.append(rng.randrange(40, 120))
             (root / f"seed-{seed}").mkdir(parents=True)
-            (root / f"seed-{seed}" / "report.md").write_text(_report(runs[-1], seconds[-1], rl_seconds[-1]))
+            machines.append(f"vm{rng.randrange(1000)} (CPU model {rng.randrange(1000)}, {rng.randrange(1, 9)} CPUs)")
+            report = _report(runs[-1], seconds[-1], rl_seconds[-1], machines[-1])
+            (root / f"seed-{seed}" / "report.md").write_text(report)
         r = subprocess.run(
             [sys.executable, str(ROOT / "scripts" / "speedrun_seeds.py"), "--root", str(root), "--reuse"],
             capture_output=True,
@@ -95,6 +99,9 @@ def test_targets_verdict_matches_a_plain_reference(tmp_path):
         assert r.returncode == 0, r.stderr
         verdicts = [line for line in r.stdout.splitlines() if line.startswith("- ")]
         assert [v.endswith("-> met") for v in verdicts] == _expected(runs, seconds, rl_seconds), r.stdout
+        # each seed says the machine its report names (seeds may have run on different ones)
+        for seed, (secs, where) in enumerate(zip(seconds, machines), 1):
+            assert f"seed {seed}: {secs} s on {where}\n" in r.stdout
         # the per-seed gains are printed as computed
         arith = next(v for v in verdicts if v.startswith("- RL Arithmetic"))
         for run in runs:
