@@ -8,7 +8,13 @@
 #   bash scripts/old_stack_check.sh            # VENV=/path PY312=/path/to/python3.12 NUMPY=spec
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY312=${PY312:-$(command -v python3.12 || echo "$HOME/.pyenv/versions/3.12.1/bin/python")}
+# the first python3.12 that runs (a pyenv shim can exist and refuse to run)
+if [ -z "${PY312:-}" ]; then
+  for p in python3.12 "$HOME"/.pyenv/versions/3.12*/bin/python3.12; do
+    if "$p" -V >/dev/null 2>&1; then PY312=$p; break; fi
+  done
+fi
+: "${PY312:?no Python 3.12 found: set PY312=/path/to/python3.12}"
 VENV=${VENV:-/tmp/rustchat-oldstack}
 WHEELDIR=${WHEELDIR:-$(mktemp -d)}
 if [ ! -x "$VENV/bin/python" ]; then
