@@ -33,10 +33,14 @@ fi
 
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
-python -m pip install --quiet --no-index --no-deps dist/rustchat-*.whl 2>&1 | tail -3
-# one line, not a cascade of import errors later, when the wheel does not fit this box
-if ! python -c "import rustchat._core" 2>/dev/null; then
-  echo "gpu_check: the rustchat wheel in dist/ does not install or import here ($(ls dist), $(ldd --version 2>&1 | head -1), $(python -V))" | tee "$OUT/gpu.txt"
+# one line, not a cascade of errors later, when the wheel does not fit this box or there is no GPU
+if ! err=$(python -m pip install --quiet --no-index --no-deps dist/rustchat-*.whl 2>&1) ||
+  ! err=$(python -c "import rustchat._core" 2>&1); then
+  echo "gpu_check: the rustchat wheel does not install or import here: $(echo "$err" | tail -1) ($(ls dist), $(ldd --version 2>&1 | head -1), $(python -V 2>&1))" | tee "$OUT/gpu.txt"
+  exit 1
+fi
+if ! python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "gpu_check: torch sees no CUDA device here; run it on the GPU machine (--prepare runs here)" | tee "$OUT/gpu.txt"
   exit 1
 fi
 # only what the box lacks (never replace its torch/numpy)
