@@ -34,7 +34,7 @@ fi
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
 # one line, not a cascade of errors later, when the wheel does not fit this box or there is no GPU
-if ! err=$(python -m pip install --quiet --no-index --no-deps dist/rustchat-*.whl 2>&1) ||
+if ! err=$(python -m pip install --quiet --no-index --no-deps --force-reinstall dist/rustchat-*.whl 2>&1) ||
   ! err=$(python -c "import rustchat._core" 2>&1); then
   echo "gpu_check: the rustchat wheel does not install or import here: $(echo "$err" | tail -1) ($(ls dist), $(ldd --version 2>&1 | head -1), $(python -V 2>&1))" | tee "$OUT/gpu.txt"
   exit 1
