@@ -6,7 +6,8 @@
 #   OUT=/some/dir bash scripts/gpu_check.sh
 # Results (text + JSON) land in $OUT: gpu.txt, kernel_tests.txt, kernel_cost.{txt,json} (static
 # prediction), kernels.{txt,json} (measured), predicted_vs_measured.txt, graph_cold.txt, sync_graph.txt,
-# train.{txt,json}, fa3.txt, speedrun.txt, fp8.{txt,json}.
+# train.{txt,json}, fa3.txt, speedrun.txt, fp8.{txt,json}, and steps.txt (each step's rc and time).
+# GPU_CHECK_BUDGET=SECONDS bounds the whole run (default 520).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,6 +34,29 @@ fi
 
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
+# One budget for every step below (the device tool allows 600 s a call, and the box's start and
+# the installs come first): GPU_CHECK_BUDGET seconds, 520 by default.
+BUDGET=${GPU_CHECK_BUDGET:-520}
+START=$(date +%s)
+: > "$OUT/steps.txt"
+# step NAME LIMIT CMD...: CMD under a timeout of LIMIT seconds or what is left of the budget,
+# whichever is less; with under 20 s left it is skipped, saying so, so that one slow step costs
+# the steps after it their time, never the whole call. Each step's rc and seconds go to steps.txt.
+step() {
+  local name=$1 limit=$2 left t0 rc
+  shift 2
+  left=$((BUDGET - ($(date +%s) - START)))
+  if [ "$left" -lt 20 ]; then
+    echo "gpu_check: $name skipped: ${left} s of the ${BUDGET} s budget left" | tee -a "$OUT/steps.txt"
+    return 0
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  t0=$(date +%s)
+  timeout "$limit" "$@"
+  rc=$?
+  echo "$name: rc $rc ($([ $rc = 124 ] && echo 'timed out, ')$(($(date +%s) - t0)) s of a ${limit} s limit)" >> "$OUT/steps.txt"
+  return $rc
+}
 # one line, not a cascade of errors later, when the wheel does not fit this box or there is no GPU
 if ! err=$(python -m pip install --quiet --no-index --no-deps --force-reinstall dist/rustchat-*.whl 2>&1) ||
   ! err=$(python -c "import rustchat._core" 2>&1); then
@@ -57,15 +81,14 @@ fi
   python -c "import sys, torch, triton, numpy; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__)"
 } 2>&1 | tee "$OUT/gpu.txt"
 
-# 0. the kernel tests on this stack: compiled on CUDA, and the interpreter in a subprocess
-timeout 900 python -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -15 | tee "$OUT/kernel_tests.txt"
-# 1. kernels: the static prediction (sm_90 SASS + roofline), then correctness on CUDA vs float64 and
-#    time / GB/s / peak memory vs eager, compile, Liger; then predicted and measured side by side
-timeout 300 python scripts/kernel_cost.py --json "$OUT/kernel_cost.json" 2>&1 | tee "$OUT/kernel_cost.txt"
-timeout 300 python scripts/bench_kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt"
+# The steps run in the order of what only a GPU can show for the open work (prediction vs
+# measurement, CUDA-graph capture, FA3, FP8), then the broader tests and benchmarks; each has a
+# limit, and all share one budget that fits a single device call.
+# 1. kernels: the static prediction (sm_90 SASS + roofline), then predicted and measured side by side
+step kernel_cost 120 python scripts/kernel_cost.py --json "$OUT/kernel_cost.json" 2>&1 | tee "$OUT/kernel_cost.txt"
 # predicted (kernel_cost.json, for the GPU found here) vs measured fraction of HBM peak, per kernel,
 # each launched alone on the cost report's shapes; a gap over 15 points fails, naming the bound
-python - "$OUT" <<'PY' 2>&1 | tee "$OUT/predicted_vs_measured.txt"
+step predicted_vs_measured 120 python - "$OUT" <<'PY' 2>&1 | tee "$OUT/predicted_vs_measured.txt"
 import json, sys
 import torch
 from rustchat.kernels import cross_entropy as ce, rotary as rot
@@ -124,11 +147,11 @@ for kname, fn, nbytes in cases:
     print(line)
 print("predicted vs measured:", "PASS" if not fails else f"FAIL ({fails} kernels off by more than 15 points)")
 PY
-# 1b. every kernel captured in a CUDA graph on its very first call (a fresh process per kernel:
+# 2. every kernel captured in a CUDA graph on its very first call (a fresh process per kernel:
 #     compilation, capability probes and the no-sync paths all run under capture), then replayed
 #     and checked against the torch backend
 for kernel in ce_train ce_no_grad linear_ce rotary_int rotary_tensor_offset rotary_position_ids; do
-  timeout 300 python - "$kernel" <<'PY' 2>&1 | tail -3 | tee -a "$OUT/graph_cold.txt"
+  step "graph_cold $kernel" 60 python - "$kernel" <<'PY' 2>&1 | tail -3 | tee -a "$OUT/graph_cold.txt"
 import sys
 import torch
 from rustchat import kernels as K
@@ -177,9 +200,9 @@ except Exception as e:
     print(f"{which}: cold-start CUDA graph capture: FAIL {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 PY
 done
-# 2. no host sync in a training step (rotary, linear CE inside the model), and capture of the step
+# 3. no host sync in a training step (rotary, linear CE inside the model), and capture of the step
 #    by a CUDA graph and by torch.compile(mode="reduce-overhead")
-timeout 300 python - <<'PY' 2>&1 | tee "$OUT/sync_graph.txt"
+step sync_graph 120 python - <<'PY' 2>&1 | tee "$OUT/sync_graph.txt"
 import torch
 from rustchat.model import GPT, GPTConfig
 
@@ -246,16 +269,12 @@ attempt("training step under torch.cuda.set_sync_debug_mode('error') (no host sy
 attempt("CUDA graph capture of fwd+bwd", graph)
 attempt("torch.compile(mode='reduce-overhead') of fwd+bwd", compiled)
 PY
-# 3. training step: ours vs plain PyTorch, tokens/s and MFU for d10 and d20
-timeout 240 python scripts/bench_train.py --device cuda --json "$OUT/train.json" 2>&1 | tee "$OUT/train.txt"
-# 3b. FlashAttention-3 (via the kernels package, when this box has a build) equals SDPA with
+# 4. FlashAttention-3 (via the kernels package, when this box has a build) equals SDPA with
 #     windows as masks: attention alone and a 2026-model training step
-timeout 300 python scripts/check_fa3.py 2>&1 | tee "$OUT/fa3.txt"
-# 4. the whole pipeline on CUDA at tiny size (kernels inside the model, packed attention, eval)
-RUSTCHAT_BASE_DIR=$(mktemp -d) timeout 300 rustchat speedrun --preset tiny --device cuda --quiet 2>&1 | tail -40 | tee "$OUT/speedrun.txt"
+step fa3 120 python scripts/check_fa3.py 2>&1 | tee "$OUT/fa3.txt"
 # 5. FP8 (tensorwise scaling) vs bf16 on a d12 2026 model: tokens/s of a training step (median of
 #    steps 10-50) and the loss after 50 steps of each, same weights and batches
-timeout 600 python - "$OUT" <<'PY' 2>&1 | tee "$OUT/fp8.txt"
+step fp8 180 python - "$OUT" <<'PY' 2>&1 | tee "$OUT/fp8.txt"
 import json, statistics, sys, time
 import torch
 from rustchat.fp8 import enable_fp8, fp8_refusal
@@ -314,4 +333,12 @@ if len(res) == 2:
           f"loss after {STEPS} steps: fp8 {res['fp8']['loss_50']:.4f} vs bf16 {res['bf16']['loss_50']:.4f}")
 json.dump(res, open(f"{sys.argv[1]}/fp8.json", "w"), indent=1)
 PY
-echo "gpu_check done: $OUT"
+# 6. the kernel tests on this stack: compiled on CUDA, and the interpreter in a subprocess
+step kernel_tests 240 python -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -15 | tee "$OUT/kernel_tests.txt"
+# 7. kernels: correctness on CUDA vs float64 and time / GB/s / peak memory vs eager, compile, Liger
+step bench_kernels 180 python scripts/bench_kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt"
+# 8. training step: ours vs plain PyTorch, tokens/s and MFU for d10 and d20
+step bench_train 180 python scripts/bench_train.py --device cuda --json "$OUT/train.json" 2>&1 | tee "$OUT/train.txt"
+# 9. the whole pipeline on CUDA at tiny size (kernels inside the model, packed attention, eval)
+RUSTCHAT_BASE_DIR=$(mktemp -d) step speedrun 240 rustchat speedrun --preset tiny --device cuda --quiet 2>&1 | tail -40 | tee "$OUT/speedrun.txt"
+echo "gpu_check done: $OUT ($(( $(date +%s) - START ))s of the ${BUDGET}s budget; per step: $OUT/steps.txt)"
