@@ -60,17 +60,9 @@ print(json.dumps({"seconds": dt, "peak_rss": rss("VmHWM:"), "base_rss": base, "m
 
 
 def machine() -> str:
-    cpu = "?"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}"
-    )
+    from rustchat.report import machine as host  # host, CPU model, family and count
+
+    return f"{host()}, {platform.system()} {platform.machine()}, Python {platform.python_version()}"
 
 
 def version(pkg: str) -> str:

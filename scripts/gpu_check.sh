@@ -58,14 +58,12 @@ step() {
   return $rc
 }
 # one line, not a cascade of errors later, when the wheel does not fit this box or there is no GPU
-if ! err=$(python -m pip install --quiet --no-index --no-deps --force-reinstall dist/rustchat-*.whl 2>&1) ||
-  ! err=$(python -c "import rustchat._core" 2>&1); then
-  echo "gpu_check: the rustchat wheel does not install or import here: $(echo "$err" | tail -1) ($(ls dist), $(ldd --version 2>&1 | head -1), $(python -V 2>&1))" | tee "$OUT/gpu.txt"
+stop() {
+  echo "gpu_check: $1" | tee "$OUT/gpu.txt"
   exit 1
-fi
-if ! python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  echo "gpu_check: torch sees no CUDA device here; run it on the GPU machine (--prepare runs here)" | tee "$OUT/gpu.txt"
-  exit 1
+}
+if ! err=$(python -m pip install --quiet --no-index --no-deps --force-reinstall dist/rustchat-*.whl 2>&1); then
+  stop "the rustchat wheel does not install here: $(echo "$err" | tail -1) ($(ls dist), $(ldd --version 2>&1 | head -1), $(python -V 2>&1))"
 fi
 # only what the box lacks (never replace its torch/numpy)
 for w in wheelhouse/*.whl; do
@@ -76,6 +74,12 @@ done
 if python -c "import sys, numpy, triton; v = lambda s: tuple(int(p) for p in s.split('.')[:2]); sys.exit(0 if v(triton.__version__) < (3, 7) and v(numpy.__version__) >= (2, 4) else 1)" 2>/dev/null; then
   python -m pip install --quiet --no-index --no-deps --force-reinstall wheelhouse/numpy-*.whl
 fi
+# after the wheelhouse: rustchat's import may need what it brought
+if ! err=$(python -c "import rustchat._core" 2>&1); then
+  stop "rustchat does not import here: $(echo "$err" | tail -1) ($(python -V 2>&1))"
+fi
+python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" ||
+  stop "torch sees no CUDA device here; run it on the GPU machine (--prepare runs here)"
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python -c "import sys, torch, triton, numpy; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__)"
