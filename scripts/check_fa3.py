@@ -2,8 +2,9 @@
 
 Attention alone (bf16, causal, with and without a sliding window, GQA) and a whole 2026-model
 training step (loss and gradients) must agree between the FA3 path and the SDPA-with-mask path.
-Prints "skipped" and exits 0 when FA3 cannot be loaded (no `kernels` package, no cached build,
-no internet to fetch one)."""
+Prints "skipped" with the reason and exits 0 when FA3 cannot be loaded (no `kernels` package, no
+cached build, no internet to fetch one: on a machine without a network, point kernels'
+LOCAL_KERNELS at a copied build, e.g. LOCAL_KERNELS=varunneal/flash-attention-3=/path/to/build)."""
 
 import sys
 
@@ -18,7 +19,7 @@ def main() -> int:
         print("FA3 check: no CUDA; skipped")
         return 0
     if attention._load_fa3() is None:
-        print("FA3 check: FlashAttention-3 cannot be loaded here (kernels package or build missing); skipped")
+        print(f"FA3 check: FlashAttention-3 cannot be loaded here ({attention._STATE['fa3_error']}); skipped")
         return 0
     print("attention backend:", attention.backend_name("cuda"))
     torch.manual_seed(0)

@@ -10,40 +10,71 @@ A window w lets the query at position i see keys at positions i-w..i (w+1 keys);
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 
 import torch
 import torch.nn.functional as F
 
+from .common import RustchatError
+
 # FlashAttention-3 builds on the kernels hub: the Hopper build, and the community one for
 # Ampere/Ada (it has none for Blackwell yet)
 _FA3_HOPPER = "varunneal/flash-attention-3"
 _FA3_OTHER = "kernels-community/flash-attn3"
+# kernels >= 0.15 refuses a hub kernel without a version or a revision: major version 1 first,
+# then the repository's main branch, which is what kernels < 0.12 (and nanochat 92d63d4 with it)
+# loaded when none was named
+_FA3_VERSION = 1
 # RUSTCHAT_ATTENTION=sdpa forces the SDPA path (comparisons, debugging); fa3 demands FA3
 _ENV = "RUSTCHAT_ATTENTION"
 
-_STATE = {"fa3": None, "fa3_tried": False, "flex": None, "flex_failed": False}
+_STATE = {"fa3": None, "fa3_tried": False, "fa3_error": None, "flex": None, "flex_failed": False}
+
+
+def _one_line(e: Exception, limit: int = 240) -> str:
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _fetch_fa3(name: str):
+    """The kernel `name` from the `kernels` package, as its installed version asks to be called.
+    kernels >= 0.18 also checks the publisher's trust on the hub, and varunneal is a person, not
+    a trusted organisation: `name` alone is allow-listed. Without a network, kernels' own
+    LOCAL_KERNELS="<name>=<build dir>" or HF_HUB_OFFLINE=1 with a cached build load it."""
+    from kernels import get_kernel  # optional (PyPI `kernels`); heavy, CUDA only
+
+    params = inspect.signature(get_kernel).parameters
+    trust = {"trust_remote_code": [name]} if "trust_remote_code" in params else {}
+    if "version" not in params:  # kernels < 0.12: the main branch, implicitly
+        return get_kernel(name, **trust)
+    try:
+        return get_kernel(name, version=_FA3_VERSION, **trust)
+    except Exception as by_version:  # noqa: BLE001 - try the main branch before giving up
+        try:
+            return get_kernel(name, revision="main", **trust)
+        except Exception as by_main:  # noqa: BLE001
+            raise RuntimeError(
+                f"{name} version {_FA3_VERSION}: {_one_line(by_version, 160)}; main: {_one_line(by_main, 160)}"
+            ) from by_main
 
 
 def _load_fa3():
-    """FA3's interface module, or None (no CUDA, no `kernels` package, no build for this GPU)."""
+    """FA3's interface module, or None (no CUDA, no `kernels` package, no build for this GPU);
+    why it is None stays in _STATE["fa3_error"] for the banner."""
     if _STATE["fa3_tried"]:
         return _STATE["fa3"]
     _STATE["fa3_tried"] = True
     if os.environ.get(_ENV, "auto") == "sdpa" or not torch.cuda.is_available():
         return None
     try:
-        from kernels import get_kernel, has_kernel  # optional (PyPI `kernels`); heavy, CUDA only
-
         major, _ = torch.cuda.get_device_capability()
-        name = _FA3_HOPPER if major == 9 else _FA3_OTHER
-        if major != 9 and not has_kernel(name):
-            return None
-        _STATE["fa3"] = get_kernel(name).flash_attn_interface
+        _STATE["fa3"] = _fetch_fa3(_FA3_HOPPER if major == 9 else _FA3_OTHER).flash_attn_interface
     except Exception as e:  # noqa: BLE001 - missing package, no network, no build: all mean "no FA3"
+        _STATE["fa3_error"] = _one_line(e, 400)
         if os.environ.get(_ENV) == "fa3":
-            raise RuntimeError(f"{_ENV}=fa3 but FlashAttention-3 cannot be loaded: {type(e).__name__}: {e}") from e
+            raise RustchatError(f"{_ENV}=fa3 but FlashAttention-3 cannot be loaded: {_STATE['fa3_error']}") from e
         _STATE["fa3"] = None
     return _STATE["fa3"]
 
@@ -54,7 +85,8 @@ def backend_name(device) -> str:
     if device.type == "cuda":
         if _load_fa3() is not None:
             return "flash-attention-3 (bf16; SDPA for packed rows and the KV cache)"
-        return "sdpa (windows as masks, flex block masks for packed rows)"
+        why = f"; FA3 not loaded: {_STATE['fa3_error']}" if _STATE["fa3_error"] else ""
+        return f"sdpa (windows as masks, flex block masks for packed rows{why})"
     return "sdpa (windows as masks)"
 
 
