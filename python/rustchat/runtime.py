@@ -7,6 +7,7 @@ import os
 import sys
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -147,7 +148,13 @@ def init_distributed(device: str = "auto", seed: int | None = 42):
 def setup_cpu_math() -> None:
     """Flush denormals to zero on CPU. Tiny gradients (e.g. Muon's Newton-Schulz on an almost
     zero matrix, exp of very negative logits) otherwise hit x86's slow denormal path: measured
-    50x slower steps on a small model. GPUs flush them in bf16 math anyway."""
+    50x slower steps on a small model. GPUs flush them in bf16 math anyway.
+
+    numpy < 2.4 works out a float type's limits on first use; once denormals flush, it finds a
+    smallest subnormal of zero and prints a warning for each type, on every command's stderr.
+    Its cache keeps what it finds first, so the limits are looked up before the switch."""
+    for t in (np.float16, np.float32, np.float64, np.longdouble):
+        np.finfo(t)
     torch.set_flush_denormal(True)
 
 
