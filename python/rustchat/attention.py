@@ -40,8 +40,8 @@ def _one_line(e: Exception, limit: int = 240) -> str:
 
 def _fetch_fa3(name: str):
     """The kernel `name` from the `kernels` package, as its installed version asks to be called.
-    kernels >= 0.18 also checks the publisher's trust on the hub, and varunneal is a person, not
-    a trusted organisation: `name` alone is allow-listed. Without a network, kernels' own
+    Newer kernels (0.19 here) also check the publisher's trust on the hub, and varunneal is not
+    one of its trusted organisations: `name` alone is allow-listed. Without a network, kernels' own
     LOCAL_KERNELS="<name>=<build dir>" or HF_HUB_OFFLINE=1 with a cached build load it."""
     from kernels import get_kernel  # optional (PyPI `kernels`); heavy, CUDA only
 
