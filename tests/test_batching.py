@@ -295,3 +295,25 @@ def test_degenerate_settings_sample_greedily(engine, settings):
     logits = torch.randn(3, VOCAB)
     picked = sample_next(logits, torch.Generator().manual_seed(1), settings["temperature"], None, settings.get("top_p"))
     assert picked.tolist() == logits.argmax(-1).tolist()
+
+
+def test_prefill_groups_bound_the_padding():
+    """Prompts admitted together share prefill forwards only while the padded forward stays
+    within PREFILL_TOKENS; every request is prefilled exactly once."""
+    from rustchat.batching import PREFILL_TOKENS, prefill_groups
+
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    for _ in range(50):
+        reqs = [
+            GenRequest([1] * rng.choice([1, rng.randint(1, 80), rng.randint(100, 700)]), lambda e: None, max_tokens=1)
+            for _ in range(rng.randint(1, 12))
+        ]
+        groups = prefill_groups(reqs)
+        assert sorted(map(id, (r for g in groups for r in g))) == sorted(map(id, reqs)), seed
+        for g in groups:
+            width = max(len(r.prompt) for r in g)
+            assert len(g) == 1 or len(g) * width <= PREFILL_TOKENS, (seed, [len(r.prompt) for r in g])
+        # short prompts do share: two prompts that fit together are never alone both
+        singles = sorted(len(g[0].prompt) for g in groups if len(g) == 1)
+        assert not (len(singles) >= 2 and 2 * singles[1] <= PREFILL_TOKENS and singles[0] <= singles[1]), (seed, singles)

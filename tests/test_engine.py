@@ -210,3 +210,76 @@ def test_generate_rejects_bad_arguments(tok):
         list(engine.generate(prompt_of(tok), 0, 5))
     with pytest.raises(RustchatError):
         list(engine.generate(prompt_of(tok), 1, 5, temperature=-1.0))
+
+
+def _reference_parts(tok, tokens):
+    """A reply's parts by the protocol itself, in plain Python: text is the UTF-8 of the text
+    tokens' bytes between tool calls (errors replaced), a call's expression and output are
+    decoded whole, other special tokens are dropped, a stop token ends the reply."""
+    sp = {name: tok.encode_special(name) for name in ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")}
+    stops = {tok.encode_special("<|assistant_end|>"), tok.encode_special("<|bos|>")}
+    specials = set(tok.special_tokens.values())
+    parts, mode, text, buf = [], "text", b"", []
+
+    def add(kind, s):
+        if kind == "text" and parts and parts[-1]["type"] == "text":
+            parts[-1]["text"] += s
+        elif s or kind != "text":
+            parts.append({"type": kind, "text": s})
+
+    for t in tokens:
+        if t in stops:
+            break
+        if t in specials:
+            if t in (sp["<|python_start|>"], sp["<|output_start|>"]):
+                add("text", text.decode("utf-8", errors="replace"))
+                text, buf = b"", []
+                mode = "python" if t == sp["<|python_start|>"] else "output"
+            elif t == sp["<|python_end|>"] and mode == "python":
+                add("python", tok.decode(buf))
+                mode = "text"
+            elif t == sp["<|output_end|>"] and mode == "output":
+                add("python_output", tok.decode(buf))
+                mode = "text"
+            continue
+        if mode == "text":
+            text += tok.decode_bytes([t])
+        else:
+            buf.append(t)
+    add("text", text.decode("utf-8", errors="replace"))
+    return parts
+
+
+def test_parser_feed_all_equals_feeding_one_by_one_and_the_protocol(tok):
+    """Scoring decodes whole replies with `feed_all` (runs of text tokens at once): the parts
+    must be those of feeding token by token, and those the protocol defines, on random replies
+    with tool calls, stray specials, split multi-byte characters and stop tokens. (Token by
+    token once kept a character left incomplete before a tool call twice.)"""
+    import random
+
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    specials = sorted(tok.special_tokens.values())
+    pieces = [tok.encode_ordinary(s) for s in ("é", "中文", "x = 1", " count", "🙂", "\n")]
+    for _ in range(200):
+        reply = []
+        for _ in range(rng.randint(0, 30)):
+            r = rng.random()
+            if r < 0.15:
+                reply.append(rng.choice(specials))
+            elif r < 0.25:
+                reply.append(rng.choice(list("é中🙂".encode()) + [0xFF]))  # a lone byte of a character
+            elif r < 0.6:
+                reply += rng.choice(pieces)
+            else:
+                reply.append(rng.randrange(tok.vocab_size - len(specials)))
+        one = CompletionParser(tok)
+        for t in reply:
+            one.feed(t)
+        one.flush()
+        whole = CompletionParser(tok)
+        whole.feed_all(reply)
+        whole.flush()
+        assert whole.parts == one.parts, (seed, reply)
+        assert whole.finished == one.finished, (seed, reply)
+        assert whole.parts == _reference_parts(tok, reply), (seed, reply)

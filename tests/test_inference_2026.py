@@ -79,3 +79,48 @@ def test_continuous_batching_greedy_equals_full_forward():
     for p, n, toks in zip(prompts, lengths, got):
         assert toks == full_forward_greedy(model, p, n), (seed, len(p))
     assert scheduler.steps < sum(lengths)  # forward passes were shared
+
+
+def full_forward_logprobs(model, prompt, reply):
+    """log-softmax of the full-sequence forward before each reply token, [len(reply), V]."""
+    with torch.no_grad():
+        logits = model(torch.tensor([list(prompt) + list(reply)]))[0, len(prompt) - 1 : -1]
+    return torch.log_softmax(logits.double(), dim=-1)
+
+
+def test_continuous_batching_logprobs_equal_full_forward():
+    """Every step's log-probabilities, not only the argmax: the windowed layers' ring of keys
+    (prompts longer than the ring when admitted, replies that wrap it) and the prefill of
+    several prompts in one padded forward (their smear state, their last positions) must give
+    the full forward's numbers. Greedy tokens alone would hide a wrong key: a random model's
+    top token rarely moves."""
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    model = _model(seed % 1000 + 2)
+    engine = Engine(model, _Tok(), tools=False)
+    # short prompts are prefilled together (one padded forward); long ones start past the ring
+    prompts = [[rng.randrange(256) for _ in range(n)] for n in (5, 17, 40, SHORT + 1, SHORT + 60, 2 * SHORT + 9)]
+    rng.shuffle(prompts)
+    lengths = [rng.randint(10, 40) for _ in prompts]
+    scheduler = BatchScheduler(engine, max_batch=4)
+    queues = [queue.Queue() for _ in prompts]
+    try:
+        for q, p, n in zip(queues, prompts, lengths):
+            scheduler.submit(GenRequest(p, q.put, max_tokens=n, temperature=0.0, top_k=None, logprobs=3))
+        got = []
+        for q in queues:
+            events = []
+            while (ev := q.get(timeout=300))[0] == "token":
+                events.append(ev)
+            assert ev == ("end", "length"), ev
+            got.append(events)
+    finally:
+        scheduler.close()
+    for p, events in zip(prompts, got):
+        reply = [ev[1] for ev in events]
+        want = full_forward_logprobs(model, p, reply)
+        for step, ev in enumerate(events):
+            chosen, alts = ev[3]
+            assert abs(chosen - float(want[step, ev[1]])) < 1e-4, (seed, len(p), step)
+            for tok, lp in alts:
+                assert abs(lp - float(want[step, tok])) < 1e-4, (seed, len(p), step, tok)

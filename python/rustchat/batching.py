@@ -1,8 +1,8 @@
 """Continuous batching for the server (docs/design.md, "Serving").
 
 One scheduler thread owns the model. Requests wait in a queue; whenever a slot of the shared
-KV cache is free, the next request is prefilled alone (a batch-1 cache, exactly as
-`Engine.generate` does) and its cache row copied into the slot. Every step then feeds the last
+KV cache is free, the next requests are prefilled (a few short prompts share one forward,
+right-padded: `Engine.prefill`) and their cache rows copied into the slots. Every step then feeds the last
 token of every running request in one forward: rows hold prompts of different lengths, so the
 `SlotKVCache` keeps a length per row, writes each new key at its row's own position and masks
 each row's attention to its own keys. A request that ends (stop token, token limit) or is
@@ -35,44 +35,79 @@ from .sampling import Sampling
 PREFILL_TOKENS = 512
 
 
+def prefill_groups(reqs: list[GenRequest]) -> list[list[GenRequest]]:
+    """The admitted requests in prefill forwards: by prompt length, as many together as fit
+    PREFILL_TOKENS once padded to the group's longest (a longer prompt goes alone). One forward
+    of a few short prompts costs about what one of them costs alone on a CPU."""
+    groups: list[list[GenRequest]] = []
+    for req in sorted(reqs, key=lambda r: len(r.prompt)):
+        g = groups[-1] if groups else None
+        if g is not None and (len(g) + 1) * len(req.prompt) <= PREFILL_TOKENS:
+            g.append(req)
+        else:
+            groups.append([req])
+    return groups
+
+
 class SlotKVCache:
     """Keys/values [L, S, H_kv, T_max, D] for S slots of which rows 0..n-1 run, each with its
     own length. Duck-types `KVCache` for the model: `pos` (the longest running row: the rotary
-    tables must reach it), `insert`, `advance`, `attn_mask` and `prev_embedding` (the smear
-    state, one per slot; sliding windows are cut by the model from the rows' positions)."""
+    tables must reach it), `insert`, `advance`, `layer_mask` and `prev_embedding` (the smear
+    state, one per slot).
 
-    def __init__(self, storage: KVCache):
+    A sliding-window layer (`windows[layer]` = w, w + 1 < T_max) keeps each row's last w + 1
+    keys in a ring, position p at index p % (w + 1): a decoding step then reads w + 1 keys per
+    row in that layer instead of the longest row's length (decoding is bound by reading the
+    cache; the order of the keys does not change attention). Other layers keep every position,
+    and the model cuts nothing from them: `layer_mask` says which keys each row sees."""
+
+    def __init__(self, storage: KVCache, windows: Sequence[int | None] | None = None):
         self.k, self.v = storage.k, storage.v  # a KVCache's tensors: one row per slot
         self.slots, self.max_len = storage.batch_size, storage.max_len
+        layers = self.k.size(0)
+        windows = list(windows) if windows is not None else [None] * layers
+        if len(windows) != layers:
+            raise RustchatError(f"SlotKVCache: {len(windows)} windows for {layers} layers")
+        # ring length per layer, None where every position is kept
+        self.rings = [w + 1 if w is not None and w + 1 < self.max_len else None for w in windows]
         self.lengths = [0] * self.slots
         self.n = 0  # running rows: 0..n-1
-        self.attn_mask = None
+        self.attn_mask = None  # this forward's mask over positions 0..Tk-1 [n, 1, 1, Tk]
+        self._ring_masks: dict[int, torch.Tensor] = {}  # ring length -> this forward's mask over ring indices
         self._pos_t = None  # this forward's write positions [n] (a tensor on the cache's device)
         self._prev = None  # the smear state per slot [S, 1, C] (models with the smear gate)
 
     @classmethod
     def for_model(cls, model, slots: int) -> "SlotKVCache":
-        return cls(KVCache.for_model(model, slots))  # the engine's dtype rule
+        # the engine's dtype rule; the model's windows decide which layers keep a ring
+        return cls(KVCache.for_model(model, slots), model.config.window_sizes())
 
     @property
     def pos(self) -> int:
         return max(self.lengths[: self.n], default=0)
 
-    def add(self, cache: KVCache) -> int:
-        """Copy a batch-1 prefilled cache into the next free slot; returns the slot."""
+    def add(self, cache: KVCache, row: int = 0, length: int | None = None) -> int:
+        """Copy row `row` of a prefilled cache (its first `length` positions, default all the
+        cache holds) into the next free slot; returns the slot."""
         if self.n >= self.slots:
             raise RustchatError("SlotKVCache: every slot is in use")
-        if cache.pos > self.max_len:
-            raise RustchatError(f"SlotKVCache: {cache.pos} cached tokens exceed capacity {self.max_len}")
-        i, t = self.n, cache.pos
-        self.k[:, i, :, :t] = cache.k[:, 0, :, :t]
-        self.v[:, i, :, :t] = cache.v[:, 0, :, :t]
+        t = cache.pos if length is None else length
+        if t > self.max_len:
+            raise RustchatError(f"SlotKVCache: {t} cached tokens exceed capacity {self.max_len}")
+        i = self.n
+        self.k[:, i, :, :t] = cache.k[:, row, :, :t]
+        self.v[:, i, :, :t] = cache.v[:, row, :, :t]
+        for layer, ring in enumerate(self.rings):  # a ring layer keeps the last `ring` positions
+            if ring is not None and t > ring:
+                where = torch.arange(t - ring, t, device=self.k.device)
+                self.k[layer, i, :, where % ring] = cache.k[layer, row, :, where]
+                self.v[layer, i, :, where % ring] = cache.v[layer, row, :, where]
         self.lengths[i] = t
         if cache.prev_embedding is not None:
             if self._prev is None:
                 p = cache.prev_embedding
                 self._prev = torch.zeros((self.slots,) + tuple(p.shape[1:]), dtype=p.dtype, device=p.device)
-            self._prev[i] = cache.prev_embedding[0]
+            self._prev[i] = cache.prev_embedding[row]
         self.n += 1
         return i
 
@@ -108,23 +143,40 @@ class SlotKVCache:
         pos = torch.tensor(self.lengths[: self.n], dtype=torch.long, device=self.k.device)
         keys = torch.arange(self.pos + 1, device=self.k.device)
         self.attn_mask = (keys[None, :] <= pos[:, None])[:, None, None, :]  # [n, 1, 1, Tk]
+        self._ring_masks = {}
         self._pos_t = pos
         return pos[:, None]
+
+    def layer_mask(self, layer: int, window: int | None) -> tuple[torch.Tensor, int | None]:
+        """(mask [n, 1, 1, keys], window still to cut by position) for the keys `insert`
+        returned for `layer`. A ring holds only in-window keys: ring index j holds a key of row
+        b once j <= its position (before the ring wraps), every index after."""
+        ring = self.rings[layer]
+        if ring is None:
+            return self.attn_mask, window
+        mask = self._ring_masks.get(ring)
+        if mask is None:
+            cols = min(ring, self.attn_mask.size(-1))
+            mask = self._ring_masks[ring] = self.attn_mask[..., :cols]
+        return mask, None
 
     def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store one step's k, v ([n, H_kv, 1, D]) at each row's own position."""
         if k.size(0) != self.n or k.size(2) != 1 or self._pos_t is None:
             raise RustchatError("SlotKVCache takes one token per running row, after position_ids()")
         rows = torch.arange(self.n, device=k.device)
-        self.k[layer, rows, :, self._pos_t] = k[:, :, 0]
-        self.v[layer, rows, :, self._pos_t] = v[:, :, 0]
-        tk = self.attn_mask.size(-1)
+        ring = self.rings[layer]
+        at = self._pos_t if ring is None else self._pos_t % ring
+        self.k[layer, rows, :, at] = k[:, :, 0]
+        self.v[layer, rows, :, at] = v[:, :, 0]
+        tk = self.attn_mask.size(-1) if ring is None else min(ring, self.attn_mask.size(-1))
         return self.k[layer, : self.n, :, :tk], self.v[layer, : self.n, :, :tk]
 
     def advance(self, n: int) -> None:
         for b in range(self.n):
             self.lengths[b] += n
         self.attn_mask = self._pos_t = None
+        self._ring_masks = {}
 
 
 class GenRequest:
@@ -239,8 +291,7 @@ class BatchScheduler:
                     admitted.append(self.queue.popleft())
             try:
                 with torch.inference_mode():
-                    for req in admitted:
-                        self._admit(req)
+                    self._admit(admitted)
                     self._finish_rows()
                     if self.running:
                         self._step()
@@ -254,10 +305,9 @@ class BatchScheduler:
                 for req in failed + [r for r in admitted if r not in failed and r.generated == 0]:
                     _emit(req, ("error", f"generation failed: {type(e).__name__}: {e}"))
 
-    def _admit(self, req: GenRequest) -> None:
-        if req.cancelled:
-            _emit(req, ("end", "cancelled"))
-            return
+    def _admit(self, reqs: list[GenRequest]) -> None:
+        """Prefill the admitted requests, a few prompts per forward, and move their rows into
+        the shared cache; each takes its first token at once."""
         model = self.engine.model
         if self.cache is None:
             self.cache = SlotKVCache.for_model(model, self.max_batch)
@@ -265,18 +315,25 @@ class BatchScheduler:
         if self.generator is None:
             self.generator = torch.Generator(device=device)
             self.generator.seed()  # unseeded requests: fresh randomness per server run
-        if req.seed is not None:
-            req.row.sampling.generator = torch.Generator(device=device)
-            req.row.sampling.generator.manual_seed(req.seed)
-        else:  # drawn together with the other unseeded rows
-            req.row.sampling.generator = self.generator
-        # prefill alone, as Engine.generate does, then move the row into the shared cache
-        single = KVCache.for_model(model, 1, len(req.prompt))
-        logits = self.engine.forward([req.prompt], single)
-        self.cache.add(single)
-        with self.cond:
-            self.running.append(req)
-        self._take(req, self.engine.decode_step([req.row], logits)[0])
+        ready = []
+        for req in reqs:
+            if req.cancelled:
+                _emit(req, ("end", "cancelled"))
+                continue
+            if req.seed is not None:
+                req.row.sampling.generator = torch.Generator(device=device)
+                req.row.sampling.generator.manual_seed(req.seed)
+            else:  # drawn together with the other unseeded rows
+                req.row.sampling.generator = self.generator
+            ready.append(req)
+        for group in prefill_groups(ready):
+            cache, logits = self.engine.prefill([r.prompt for r in group])
+            for b, req in enumerate(group):
+                self.cache.add(cache, b, len(req.prompt))
+                with self.cond:
+                    self.running.append(req)
+            for req, step in zip(group, self.engine.decode_step([r.row for r in group], logits)):
+                self._take(req, step)
 
     def _take(self, req: GenRequest, step) -> None:
         if step is None:  # its sampling failed: it leaves with its error at _finish_rows

@@ -246,6 +246,26 @@ class Engine:
         with autocast_ctx(device):
             return self.model(x, kv_cache=cache, **kw)[:, -1, :]
 
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[KVCache, torch.Tensor]:
+        """One forward over several prompts, right-padded to the longest: (a cache whose row b
+        holds prompt b's keys at positions 0..len_b-1 and its smear state; logits [B, V] after
+        each prompt's last token). Attention is causal, so the padding after a prompt never
+        reaches its positions: each row is what a prefill of that prompt alone gives, up to the
+        rounding of larger matmuls."""
+        lengths = [len(p) for p in prompts]
+        if not lengths or min(lengths) < 1:
+            raise RustchatError("prefill needs non-empty prompts")
+        width = max(lengths)
+        device = self._device()
+        # the padding repeats each prompt's last token: the smear state the model keeps (the
+        # last position's embedding) is then that row's own
+        ids = torch.tensor([[int(t) for t in p] + [int(p[-1])] * (width - len(p)) for p in prompts], device=device)
+        cache = self._new_cache(len(prompts), width)
+        with autocast_ctx(device):
+            logits = self.model(ids, kv_cache=cache)
+        last = torch.tensor(lengths, device=device) - 1
+        return cache, logits[torch.arange(len(prompts), device=device), last]
+
     def generate_batch(
         self,
         tokens: Sequence[int],

@@ -155,8 +155,7 @@ def completion_text(tok, tokens) -> str:
     """A reply's text as the tasks read it: all parts joined (as `assistant_text` does)."""
 
     parser = CompletionParser(tok)
-    for t in tokens:
-        parser.feed(t)
+    parser.feed_all(tokens)
     parser.flush()
     return "".join(p["text"] for p in parser.parts)
 

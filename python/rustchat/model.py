@@ -305,6 +305,11 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.pos += n
 
+    def layer_mask(self, layer: int, window: int | None) -> tuple[torch.Tensor | None, int | None]:
+        """(mask, window) for a layer's attention over the keys `insert` returned: every row
+        holds `pos` positions, so no mask, and the model cuts the layer's window itself."""
+        return self.attn_mask, window
+
 
 # ---------------------------------------------------------------------------
 # attention masks
@@ -369,8 +374,9 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.insert(self.layer_idx, k, v)
             if k.dtype != q.dtype:
                 k, v = k.to(q.dtype), v.to(q.dtype)
-            # rows of different lengths (attn_mask set) place their queries by position_ids
-            y = attention.cached(q, k, v, self.window, gqa, q_pos=position_ids, attn_mask=kv_cache.attn_mask)
+            # rows of different lengths (a mask set) place their queries by position_ids
+            mask, window = kv_cache.layer_mask(self.layer_idx, self.window)
+            y = attention.cached(q, k, v, window, gqa, q_pos=position_ids, attn_mask=mask)
         elif doc_attn is not None:
             y = doc_attn(q, k, v, gqa, self.window)
         else:
@@ -402,6 +408,14 @@ class Block(nn.Module):
         return x
 
 
+def _embedding(num: int, dim: int, init: bool) -> nn.Embedding:
+    """An embedding table; without `init` left unfilled for a checkpoint to fill. nn.Embedding's
+    own normal_ fill is skipped then: on the meta device, where checkpoints are checked and
+    loaded, it imports torch._dynamo, seconds at the start of every command that loads a model.
+    With `init` it stays, so a seed draws the same initial weights as before."""
+    return nn.Embedding(num, dim) if init else nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig, *, init: bool = True, use_kernels: bool = True):
         super().__init__()
@@ -412,7 +426,7 @@ class GPT(nn.Module):
         V = config.padded_vocab_size
         self.transformer = nn.ModuleDict(
             {
-                "wte": nn.Embedding(V, config.n_embd),
+                "wte": _embedding(V, config.n_embd, init),
                 "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             }
         )
@@ -429,7 +443,7 @@ class GPT(nn.Module):
         if config.value_embeds:
             kv_dim = config.n_kv_head * config.head_dim
             self.value_embeds = nn.ModuleDict(
-                {str(i): nn.Embedding(V, kv_dim) for i in range(config.n_layer) if config.has_value_embed(i)}
+                {str(i): _embedding(V, kv_dim, init) for i in range(config.n_layer) if config.has_value_embed(i)}
             )
         self._rope_cache: dict = {}  # (device, plain, dtype) -> (cos, sin, length); rebuilt on demand
         if init and self.lm_head.weight.device.type != "meta":
