@@ -99,9 +99,10 @@ PRESETS = {
         # RL on the SFT model's own replies: 8 samples per arithmetic question,
         # the calculator active; a higher learning rate than nanochat's 5% (48abd7d, 92d63d4), as for SFT
         "rl": TINY_RL,
-        # `rustchat eval --tasks tiny`'s own problems (200 per task): the 800 decode 256 at a time
-        # in one continuous batch (greedy replies do not depend on the batch)
-        "eval": {"tasks": "tiny", "batch_size": 256},
+        # `rustchat eval --tasks tiny`'s own problems (200 per task): the 800 decode 512 at a time
+        # in one continuous batch (greedy replies do not depend on the batch; 512 rows took 17.3 s
+        # where 256 took 19.5 s, docs/benchmarks.md "Faster scoring")
+        "eval": {"tasks": "tiny", "batch_size": 512},
     },
     "d10": {
         "tokenizer": {"vocab_size": 65536, "max_chars": 2_000_000_000, "num_shards": 8},
