@@ -216,7 +216,10 @@ def _reference_parts(tok, tokens):
     """A reply's parts by the protocol itself, in plain Python: text is the UTF-8 of the text
     tokens' bytes between tool calls (errors replaced), a call's expression and output are
     decoded whole, other special tokens are dropped, a stop token ends the reply."""
-    sp = {name: tok.encode_special(name) for name in ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")}
+    sp = {
+        name: tok.encode_special(name)
+        for name in ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")
+    }
     stops = {tok.encode_special("<|assistant_end|>"), tok.encode_special("<|bos|>")}
     specials = set(tok.special_tokens.values())
     parts, mode, text, buf = [], "text", b"", []
