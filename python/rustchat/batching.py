@@ -73,7 +73,6 @@ class SlotKVCache:
         self.lengths = [0] * self.slots
         self.n = 0  # running rows: 0..n-1
         self.attn_mask = None  # this forward's mask over positions 0..Tk-1 [n, 1, 1, Tk]
-        self._ring_masks: dict[int, torch.Tensor] = {}  # ring length -> this forward's mask over ring indices
         self._pos_t = None  # this forward's write positions [n] (a tensor on the cache's device)
         self._prev = None  # the smear state per slot [S, 1, C] (models with the smear gate)
 
@@ -143,22 +142,23 @@ class SlotKVCache:
         pos = torch.tensor(self.lengths[: self.n], dtype=torch.long, device=self.k.device)
         keys = torch.arange(self.pos + 1, device=self.k.device)
         self.attn_mask = (keys[None, :] <= pos[:, None])[:, None, None, :]  # [n, 1, 1, Tk]
-        self._ring_masks = {}
         self._pos_t = pos
         return pos[:, None]
+
+    def _keys(self, layer: int) -> int:
+        """How many key columns this forward reads in `layer`: positions 0..Tk-1, or a ring's
+        indices (fewer while every row is shorter than the ring)."""
+        ring, tk = self.rings[layer], self.attn_mask.size(-1)
+        return tk if ring is None else min(ring, tk)
 
     def layer_mask(self, layer: int, window: int | None) -> tuple[torch.Tensor, int | None]:
         """(mask [n, 1, 1, keys], window still to cut by position) for the keys `insert`
         returned for `layer`. A ring holds only in-window keys: ring index j holds a key of row
-        b once j <= its position (before the ring wraps), every index after."""
-        ring = self.rings[layer]
-        if ring is None:
+        b once j <= its position (before the ring wraps), every index after, which is the
+        position mask's first columns."""
+        if self.rings[layer] is None:
             return self.attn_mask, window
-        mask = self._ring_masks.get(ring)
-        if mask is None:
-            cols = min(ring, self.attn_mask.size(-1))
-            mask = self._ring_masks[ring] = self.attn_mask[..., :cols]
-        return mask, None
+        return self.attn_mask[..., : self._keys(layer)], None
 
     def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store one step's k, v ([n, H_kv, 1, D]) at each row's own position."""
@@ -169,14 +169,13 @@ class SlotKVCache:
         at = self._pos_t if ring is None else self._pos_t % ring
         self.k[layer, rows, :, at] = k[:, :, 0]
         self.v[layer, rows, :, at] = v[:, :, 0]
-        tk = self.attn_mask.size(-1) if ring is None else min(ring, self.attn_mask.size(-1))
+        tk = self._keys(layer)
         return self.k[layer, : self.n, :, :tk], self.v[layer, : self.n, :, :tk]
 
     def advance(self, n: int) -> None:
         for b in range(self.n):
             self.lengths[b] += n
         self.attn_mask = self._pos_t = None
-        self._ring_masks = {}
 
 
 class GenRequest:

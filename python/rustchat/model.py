@@ -222,9 +222,6 @@ class KVCache:
     `pos` is the number of cached positions; the model advances it once per forward, after
     every layer has inserted its keys/values at [pos, pos + T)."""
 
-    # a [B, 1, T, Tk] bool mask (True = attend) for caches whose rows hold different lengths
-    # (rustchat.batching.SlotKVCache sets one per forward); None: every row holds `pos` tokens
-    attn_mask = None
     # the smear gate's state: the last fed token's embedding [B, 1, C] (None until a forward)
     prev_embedding = None
 
@@ -307,8 +304,9 @@ class KVCache:
 
     def layer_mask(self, layer: int, window: int | None) -> tuple[torch.Tensor | None, int | None]:
         """(mask, window) for a layer's attention over the keys `insert` returned: every row
-        holds `pos` positions, so no mask, and the model cuts the layer's window itself."""
-        return self.attn_mask, window
+        holds `pos` positions, so no mask, and the model cuts the layer's window itself (caches
+        whose rows hold different lengths, rustchat.batching.SlotKVCache, give a mask)."""
+        return None, window
 
 
 # ---------------------------------------------------------------------------
