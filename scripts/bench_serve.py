@@ -37,6 +37,7 @@ from rustchat.checkpoint import save_checkpoint, stage_dir
 from rustchat.model import GPT, GPTConfig
 
 
+MODEL_ID = ["rustchat"]  # the served model's id, read from /v1/models once it answers
 HEALTH_TARGET_MS = 1000.0  # /health answers within 1 s even with 200 streaming clients
 
 
@@ -66,7 +67,7 @@ def percentile(xs: list[float], q: float) -> float:
 async def one_request(http, base: str, i: int, max_tokens: int) -> tuple[float, float, int]:
     """(latency, time to first token, generated tokens) of one streamed request."""
     body = {
-        "model": "bench",
+        "model": MODEL_ID[0],
         "messages": [{"role": "user", "content": f"Tell me about request {i}."}],
         "max_tokens": max_tokens,
         "temperature": 0.8,
@@ -175,6 +176,8 @@ def main() -> None:
                     if time.monotonic() > deadline:
                         sys.exit("rustchat serve did not answer within 120 s")
                     time.sleep(0.5)
+            # the id the server serves (a trained checkpoint's names its stage, depth and step)
+            MODEL_ID[0] = httpx.get(base + "/v1/models", timeout=10, trust_env=False).json()["data"][0]["id"]
             asyncio.run(run_level(base, 1, 2, args.max_tokens))  # warm-up
             print(
                 f"# bench_serve: {info['model']} on {info['device']}, {args.max_tokens} tokens per reply, "

@@ -53,6 +53,8 @@ def run_all(scheduler, requests, timeout=120):
     queues = [queue.Queue() for _ in requests]
     for q, (prompt, kw) in zip(queues, requests):
         scheduler.submit(GenRequest(prompt, q.put, **kw))
+    if scheduler.thread is None:  # a scheduler on this thread: run it until every request ended
+        scheduler.drain()
     out = []
     for q in queues:
         toks, forced = [], []
@@ -75,7 +77,8 @@ def engine_tokens(engine, prompt, max_tokens, temperature, top_k, seed):
 
 
 @pytest.mark.slow
-def test_batched_requests_equal_engine_alone(engine):
+@pytest.mark.parametrize("background", [True, False], ids=["own thread", "caller's thread"])
+def test_batched_requests_equal_engine_alone(engine, background):
     rng = random.Random()
     seed = rng.randrange(1 << 30)
     print("seed", seed)
@@ -94,7 +97,7 @@ def test_batched_requests_equal_engine_alone(engine):
         )[i % 4]
         prompt = [rng.randrange(256) for _ in range(rng.randint(1, 50))]
         requests.append((prompt, {"max_tokens": rng.randint(1, 30), "seed": rng.randrange(1000), **settings}))
-    scheduler = BatchScheduler(engine, max_batch=4)
+    scheduler = BatchScheduler(engine, max_batch=4, background=background)
     try:
         results = run_all(scheduler, requests)
     finally:
@@ -217,7 +220,8 @@ class _NaNAtPosition(GPT):
         return logits
 
 
-def test_a_failing_row_fails_alone(engine):
+@pytest.mark.parametrize("background", [True, False], ids=["own thread", "caller's thread"])
+def test_a_failing_row_fails_alone(engine, background):
     """A row whose logits turn NaN mid-batch ends with an error; every other row gives the
     tokens it gives alone, and the scheduler goes on serving."""
     rng = random.Random()
@@ -244,7 +248,7 @@ def test_a_failing_row_fails_alone(engine):
         if len(engine_tokens(engine, poisoned_prompt, 5, 0.0, None, 0)[0]) == 5:
             break
     requests.insert(3, (poisoned_prompt, {"max_tokens": 20, "temperature": 0.0}))
-    scheduler = BatchScheduler(poisoned, max_batch=8)
+    scheduler = BatchScheduler(poisoned, max_batch=8, background=background)
     try:
         results = run_all(scheduler, requests)
         after = run_all(scheduler, [requests[0]])[0]  # still serving

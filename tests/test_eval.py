@@ -3,19 +3,32 @@ path, and `rustchat eval` / `rustchat chat` end to end on a tiny checkpoint."""
 
 import math
 import random
+import threading
 
 import numpy as np
 import pytest
 import torch
 
 from scripted_model import ScriptedModel
+from test_batching import run_all
 
 import rustchat
+from rustchat import rl
+from rustchat.batching import BatchScheduler
 from rustchat.checkpoint import save_checkpoint, stage_dir
+from rustchat.common import RustchatError
 from rustchat.config import EvalConfig
 from rustchat.conversation import render_for_completion
 from rustchat.engine import Engine
-from rustchat.evaluate import categorical_accuracy, chatcore_of, generative_accuracy, parse_tasks, run_eval
+from rustchat.evaluate import (
+    categorical_accuracy,
+    chatcore_of,
+    completion_text,
+    generative_accuracy,
+    greedy_accuracies,
+    parse_tasks,
+    run_eval,
+)
 from rustchat.model import GPT, GPTConfig
 from rustchat.tasks.base import Task, render_mc
 
@@ -174,6 +187,74 @@ def test_greedy_eval_batches_prompts_of_any_length_without_changing_replies(tok)
         assert len(replies) in (4, 5) and len(set(replies)) == 1, f"seed {seed}, problem {i}: {replies}"
     assert runs[0] == runs[1] == runs[2] and per_problem[1] == len(convs)
     assert runs[0][0] == sum(len(r[0]) % 2 == 0 for r in seen.values())
+
+
+def test_evaluation_and_rollouts_decode_on_the_calling_thread(tok, monkeypatch):
+    """Batch decoding (greedy scoring, RL rollouts) runs the scheduler on the caller's thread and
+    starts none: a second thread that runs torch operators stops OpenMP's spinning between
+    parallel regions once the pools outnumber the cores, which slowed every small operator 2-3x on
+    2 cores (rustchat.batching). The replies are the ones a scheduler thread gives."""
+    rng = random.Random()
+    seed = rng.randrange(1 << 30)
+    print("seed", seed)
+    rng.seed(seed)
+    torch.manual_seed(seed)
+    cfg = GPTConfig(sequence_len=96, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
+    engine = Engine(GPT(cfg).eval(), tok)
+    words = ["".join(rng.choice("abcdefgh ") for _ in range(rng.randint(1, 20))) for _ in range(6)]
+    convs = [{"messages": [{"role": "user", "content": w}, {"role": "assistant", "content": w[::-1]}]} for w in words]
+    replies: list[str] = []
+
+    class Echo(Task):
+        name = "Echo"
+        eval_type = "generative"
+
+        def num_examples(self):
+            return len(convs)
+
+        def get_example(self, i):
+            return convs[i]
+
+        def evaluate(self, conv, completion):
+            replies.append(completion)
+            return completion.startswith(conv["messages"][0]["content"][:1])
+
+    started, forward_threads = [], set()
+    start = threading.Thread.start
+    monkeypatch.setattr(threading.Thread, "start", lambda self: (started.append(self.name), start(self))[1])
+    hook = engine.model.register_forward_pre_hook(lambda _m, _a: forward_threads.add(threading.get_ident()))
+    try:
+        ((solved, total),) = greedy_accuracies(engine, [Echo()], batch_size=4, max_new_tokens=12)
+        sampler = rl.Sampler(engine, max_batch=4, max_new_tokens=12, temperature=1.0, top_k=None)
+        groups = [rl.Group(Echo(), c, render_for_completion(tok, c).tolist()) for c in convs[:3]]
+        sampled = sampler.sample(groups, [[7, 8], [9, 10], [11, 12]])
+        sampler.close()
+    finally:
+        hook.remove()
+    assert started == [] and forward_threads == {threading.get_ident()}
+    assert total == len(convs) and len(replies) == len(convs)
+    # the same greedy replies and the same seeded samples as from a scheduler on its own thread
+    threaded = BatchScheduler(engine, max_batch=4)
+    try:
+        with pytest.raises(RustchatError, match="background=False"):
+            threaded.drain()  # its own thread runs it
+        prompts = [render_for_completion(tok, c).tolist() for c in convs]
+        greedy = run_all(threaded, [(p, dict(max_tokens=12, temperature=0.0, seed=None)) for p in prompts])
+        samples = run_all(
+            threaded,
+            [
+                (g.prompt, dict(max_tokens=12, temperature=1.0, top_k=None, seed=s))
+                for g, ss in zip(groups, [[7, 8], [9, 10], [11, 12]])
+                for s in ss
+            ],
+        )
+    finally:
+        threaded.close()
+    assert sorted(replies) == sorted(
+        completion_text(tok, [t for t in toks if t not in engine.stop_tokens]) for toks, _, _ in greedy
+    )
+    assert [r for g in groups for r in g.replies] == [toks for toks, _, _ in samples]
+    assert sampled == sum(len(toks) for toks, _, _ in samples)
 
 
 # ----------------------------------------------------------------------------- end to end

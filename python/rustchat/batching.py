@@ -15,6 +15,14 @@ greedy or seeded request gives the same tokens alone or batched (up to float rou
 batched matmuls), and the same as `Engine.generate`. A row whose sampling fails ends with an
 error alone; the others go on. Between two decode steps at most PREFILL_TOKENS prompt tokens
 are prefilled.
+
+The server runs the scheduler on its own thread. Batch work that waits for every reply anyway
+(evaluation, RL rollouts) runs it on the calling thread instead (`background=False`, then
+`drain` or `run_once`): with torch's CPU threads, a second thread that runs operators gets its
+own OpenMP pool, and once the pools' threads outnumber the cores, OpenMP stops spinning
+between parallel regions and wakes its threads through the kernel for every operator. On a
+2-core machine that made each small operator 2-3x slower, in both threads (docs/benchmarks.md,
+"Decoding on the calling thread").
 """
 
 from __future__ import annotations
@@ -224,11 +232,12 @@ def _emit(req: GenRequest, event: tuple) -> None:
 
 
 class BatchScheduler:
-    """Runs every request on one thread over one SlotKVCache of `max_batch` rows (at most
-    MAX_ROWS); up to `max_queue` more wait (at most MAX_QUEUE). `submit` never blocks; `close`
-    ends the thread. Counts out of range are an OutOfRangeError (a ValueError)."""
+    """Runs every request over one SlotKVCache of `max_batch` rows (at most MAX_ROWS); up to
+    `max_queue` more wait (at most MAX_QUEUE). `submit` never blocks. On its own thread by
+    default (`close` ends it); with `background=False` on its owner's, in `drain` or
+    `run_once`. Counts out of range are an OutOfRangeError (a ValueError)."""
 
-    def __init__(self, engine: Engine, *, max_batch: int = 32, max_queue: int = 1024):
+    def __init__(self, engine: Engine, *, max_batch: int = 32, max_queue: int = 1024, background: bool = True):
         max_batch = check_count("max_batch", max_batch, 1, MAX_ROWS)
         max_queue = check_count("max_queue", max_queue, 0, MAX_QUEUE)
         self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
@@ -240,8 +249,10 @@ class BatchScheduler:
         self.closed = False
         self.steps = 0  # batched decode forwards so far (tests read it)
         self.generator: torch.Generator | None = None  # shared by unseeded requests
-        self.thread = threading.Thread(target=self._loop, name="rustchat-batcher", daemon=True)
-        self.thread.start()
+        self.thread: threading.Thread | None = None
+        if background:
+            self.thread = threading.Thread(target=self._loop, name="rustchat-batcher", daemon=True)
+            self.thread.start()
 
     def stats(self) -> dict:
         with self.cond:
@@ -265,12 +276,13 @@ class BatchScheduler:
         with self.cond:
             self.closed = True
             self.cond.notify()
-        self.thread.join(timeout=30)
+        if self.thread is not None:
+            self.thread.join(timeout=30)
         for req in [*self.running, *self.queue]:
             _emit(req, ("end", "cancelled"))
         self.running, self.queue = [], deque()
 
-    # -- the scheduler thread -------------------------------------------------------
+    # -- the scheduler's rounds ------------------------------------------------------
     def _loop(self) -> None:
         while True:
             with self.cond:
@@ -278,31 +290,48 @@ class BatchScheduler:
                     self.cond.wait()
                 if self.closed:
                     return
-                # prefill at most PREFILL_TOKENS prompt tokens (at least one request) between two
-                # decode steps, so running replies keep streaming while a crowd arrives
-                admitted, budget = [], PREFILL_TOKENS
-                while (
-                    self.queue
-                    and len(self.running) + len(admitted) < self.max_batch
-                    and (not admitted or len(self.queue[0].prompt) <= budget)
-                ):
-                    budget -= len(self.queue[0].prompt)
-                    admitted.append(self.queue.popleft())
-            try:
-                with torch.inference_mode():
-                    self._admit(admitted)
+            self.run_once()
+
+    def run_once(self) -> bool:
+        """One round on the calling thread: admit what fits, then one decoding step for every
+        running row. Returns whether requests are still queued or running. The scheduler's own
+        thread calls it; with `background=False` its owner does (`drain`)."""
+        with self.cond:
+            # prefill at most PREFILL_TOKENS prompt tokens (at least one request) between two
+            # decode steps, so running replies keep streaming while a crowd arrives
+            admitted, budget = [], PREFILL_TOKENS
+            while (
+                self.queue
+                and len(self.running) + len(admitted) < self.max_batch
+                and (not admitted or len(self.queue[0].prompt) <= budget)
+            ):
+                budget -= len(self.queue[0].prompt)
+                admitted.append(self.queue.popleft())
+        try:
+            with torch.inference_mode():
+                self._admit(admitted)
+                self._finish_rows()
+                if self.running:
+                    self._step()
                     self._finish_rows()
-                    if self.running:
-                        self._step()
-                        self._finish_rows()
-            except Exception as e:  # a failing forward must not kill the server: fail its requests
-                traceback.print_exc()
-                with self.cond:
-                    failed, self.running = self.running, []
-                if self.cache is not None:
-                    self.cache.n = 0
-                for req in failed + [r for r in admitted if r not in failed and r.generated == 0]:
-                    _emit(req, ("error", f"generation failed: {type(e).__name__}: {e}"))
+        except Exception as e:  # a failing forward must not kill the server: fail its requests
+            traceback.print_exc()
+            with self.cond:
+                failed, self.running = self.running, []
+            if self.cache is not None:
+                self.cache.n = 0
+            for req in failed + [r for r in admitted if r not in failed and r.generated == 0]:
+                _emit(req, ("error", f"generation failed: {type(e).__name__}: {e}"))
+        with self.cond:
+            return bool(self.queue or self.running)
+
+    def drain(self) -> None:
+        """Rounds on the calling thread until nothing is queued or running: every request
+        submitted so far has ended (a scheduler made with `background=False`)."""
+        if self.thread is not None:
+            raise RustchatError("drain() runs a scheduler without its own thread (background=False)")
+        while self.run_once():
+            pass
 
     def _admit(self, reqs: list[GenRequest]) -> None:
         """Prefill the admitted requests, a few prompts per forward, and move their rows into

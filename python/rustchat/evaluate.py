@@ -13,7 +13,7 @@ report.md: the "eval" section for an SFT model, "mid-eval" for a mid one ("base-
 from __future__ import annotations
 
 import itertools
-import queue
+from collections import deque
 import time
 from pathlib import Path
 
@@ -242,7 +242,7 @@ def greedy_accuracies(
     for j in sorted(set(range(len(jobs))) - set(fits)):
         score(j, engine.complete_prompts([jobs[j][2]], max_new_tokens, 0.0, None)[0])
     replies: dict[int, list[int]] = {j: [] for j in fits}
-    ended: queue.Queue = queue.Queue()
+    ended: deque[tuple[int, tuple]] = deque()
 
     def emitter(j: int):
         def emit(event: tuple) -> None:
@@ -250,13 +250,15 @@ def greedy_accuracies(
                 if event[1] not in engine.stop_tokens:
                     replies[j].append(event[1])
             else:  # ("end", reason) or ("error", message)
-                ended.put((j, event))
+                ended.append((j, event))
 
         return emit
 
     if fits:
         window = min(len(fits), MAX_QUEUE)  # requests submitted and not yet ended
-        scheduler = BatchScheduler(engine, max_batch=batch_size, max_queue=window)
+        # on this thread, scoring between its rounds (batching's docstring: a second thread
+        # running operators slows both)
+        scheduler = BatchScheduler(engine, max_batch=batch_size, max_queue=window, background=False)
         waiting = iter(fits)
 
         def submit(j: int) -> None:
@@ -265,8 +267,14 @@ def greedy_accuracies(
         try:
             for j in itertools.islice(waiting, window):
                 submit(j)
-            for _ in fits:
-                j, event = ended.get()
+            left = len(fits)
+            while left:
+                if not ended:
+                    if not scheduler.run_once() and not ended:
+                        raise RustchatError(f"evaluation: {left} replies never ended")  # a bug, not a hang
+                    continue
+                j, event = ended.popleft()
+                left -= 1
                 if event[0] == "error":
                     raise RustchatError(f"{tasks[jobs[j][0]].name}: {event[1]}")
                 score(j, replies.pop(j))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import queue
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -103,8 +102,9 @@ class Sampler:
         eng = self.engine
         context = int(eng.model.config.sequence_len)
         if self.scheduler is None:
-            self.scheduler = BatchScheduler(eng, max_batch=self.max_batch, max_queue=MAX_QUEUE)
-        ended: queue.Queue = queue.Queue()
+            # on this thread: nothing else runs while the replies decode (batching's docstring)
+            self.scheduler = BatchScheduler(eng, max_batch=self.max_batch, max_queue=MAX_QUEUE, background=False)
+        ended: list[tuple] = []
         jobs = []
         for g, group_seeds in zip(groups, seeds):
             if len(g.prompt) >= context:
@@ -126,10 +126,12 @@ class Sampler:
                 )
         for req in jobs:
             self.scheduler.submit(req)
-        for _ in jobs:
-            event = ended.get()
+        self.scheduler.drain()
+        for event in ended:
             if event[0] == "error":
                 raise RustchatError(f"rollout sampling failed: {event[1]}")
+        if len(ended) != len(jobs):  # every request ends with one event; anything else is a bug here
+            raise RustchatError(f"rollout sampling: {len(ended)} of {len(jobs)} replies ended")
         return sum(len(r) for g in groups for r in g.replies)
 
     def close(self) -> None:
@@ -138,13 +140,13 @@ class Sampler:
             self.scheduler = None
 
 
-def _collector(group: Group, j: int, ended: queue.Queue):
+def _collector(group: Group, j: int, ended: list):
     def emit(event: tuple) -> None:
         if event[0] == "token":
             group.replies[j].append(int(event[1]))
             group.forced[j].append(bool(event[2]))
         else:  # ("end", reason) or ("error", message)
-            ended.put(event)
+            ended.append(event)
 
     return emit
 
