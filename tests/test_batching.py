@@ -11,7 +11,7 @@ import torch
 from rustchat.batching import BatchScheduler, GenRequest
 from rustchat.common import RustchatError
 from rustchat.engine import Engine
-from rustchat.sampling import sample_next
+from rustchat.sampling import Sampling, sample_next, sample_rows, sampling_probs
 from rustchat.model import GPT, GPTConfig
 from rustchat.tokenizer import SPECIAL_TOKENS
 
@@ -321,3 +321,66 @@ def test_prefill_groups_bound_the_padding():
         # short prompts do share: two prompts that fit together are never alone both
         singles = sorted(len(g[0].prompt) for g in groups if len(g) == 1)
         assert not (len(singles) >= 2 and 2 * singles[1] <= PREFILL_TOKENS), (seed, singles)
+
+
+def test_sample_rows_draws_what_multinomial_draws_from_each_rows_generator():
+    """sample_rows picks each row's token as torch.multinomial would from the same generator (its
+    own seeded one, or one shared by several rows in one call), for temperature, top-k and top-p
+    rows mixed with greedy rows and a NaN row, and leaves every generator in the same state."""
+    rng = random.Random()
+    seed = rng.randrange(1 << 30)
+    print("seed", seed)
+    rng.seed(seed)
+    torch.manual_seed(seed)
+    for _ in range(60):
+        n, vocab = rng.randint(1, 12), rng.choice([5, 64, 265])
+        logits = torch.randn(n, vocab) * rng.uniform(0.5, 8)
+        shared = torch.Generator().manual_seed(rng.randrange(1 << 30))  # the unseeded rows' one
+        rows, ref_gens = [], []
+        for _ in range(n):
+            kind = rng.choice(["seeded", "seeded", "shared", "greedy"])
+            settings = rng.choice(
+                [
+                    dict(temperature=rng.uniform(0.3, 1.5)),
+                    dict(temperature=0.9, top_k=rng.randint(1, vocab)),
+                    dict(temperature=0.9, top_p=rng.uniform(0.05, 1.0)),
+                    dict(temperature=0.9, top_k=3, top_p=0.5),
+                ]
+            )
+            if kind == "greedy":
+                settings = dict(temperature=0.0)
+            s = rng.randrange(1 << 30)
+            gen = shared if kind == "shared" else torch.Generator().manual_seed(s)
+            rows.append(Sampling(**settings, generator=gen))
+            ref_gens.append(None if kind == "shared" else torch.Generator().manual_seed(s))
+        nan_row = rng.randrange(n) if rng.random() < 0.3 else None
+        if nan_row is not None:
+            logits[nan_row, 0] = float("nan")
+        ref_shared = torch.Generator().set_state(shared.get_state())
+        got = sample_rows(logits, rows)
+        # the reference: settings groups in first-seen order; per group, the shared generator's
+        # rows in one multinomial call and every other row alone, as sample_rows documents
+        want: list = [None] * n
+        groups: dict = {}
+        for i, r in enumerate(rows):
+            if r.greedy:
+                want[i] = None if torch.isnan(logits[i]).any() else int(logits[i].argmax())
+            else:
+                groups.setdefault((r.temperature, r.top_k, r.top_p), []).append(i)
+        for (t, k, p), idx in groups.items():
+            probs, ids = sampling_probs(logits[idx], t, k, p)
+            good = [j for j, i in enumerate(idx) if torch.isfinite(probs[j]).all() and probs[j].sum() > 0]
+            mine = [j for j in good if ref_gens[idx[j]] is not None]
+            together = [j for j in good if ref_gens[idx[j]] is None]
+            calls = [([j], ref_gens[idx[j]]) for j in mine] + ([(together, ref_shared)] if together else [])
+            for js, g in calls:
+                picked = torch.multinomial(probs[js], 1, generator=g).squeeze(-1)
+                if ids is not None:
+                    picked = ids[js].gather(-1, picked[:, None]).squeeze(-1)
+                for j, tok in zip(js, picked.tolist()):
+                    want[idx[j]] = tok
+        assert got == want, (settings, nan_row)
+        assert torch.equal(shared.get_state(), ref_shared.get_state())
+        for r, g in zip(rows, ref_gens):
+            if g is not None:
+                assert torch.equal(r.generator.get_state(), g.get_state())
