@@ -13,8 +13,8 @@ report.md: the "eval" section for an SFT model, "mid-eval" for a mid one ("base-
 from __future__ import annotations
 
 import itertools
-from collections import deque
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
