@@ -7,11 +7,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 from ref_gpt import ref_forward, ref_loss  # noqa: E402
 
-from rustchat.model import GPT, GPTConfig, KVCache, positions_from_doc_ids  # noqa: E402
+from rustchat.model import GPT, GPTConfig, KVCache, ReluSquared, positions_from_doc_ids  # noqa: E402
 
 
 def tiny(n_head=4, n_kv_head=4, vocab=300, n_embd=64, n_layer=2, seq=64):
@@ -301,3 +302,20 @@ def test_bf16_autocast_path_runs_and_is_close():
     assert loss.dtype == torch.float32 and logits.dtype == torch.float32
     assert model.lm_head.weight.grad.dtype == torch.float32
     torch.testing.assert_close(loss, ref, rtol=3e-2, atol=3e-2)
+
+
+def test_relu_squared_function_equals_autograd_of_the_composite():
+    """The MLP's own relu^2 Function gives what autograd of F.relu(x).square() gives, to the bit,
+    in float64 and in bf16 (x*x is pow(x, 2); doubling is exact)."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))  # fresh inputs every run
+    x = torch.randn(3, 50, 64, generator=g, dtype=torch.float64)
+    x[0, :5] = 0.0  # relu's kink: both give gradient 0 there
+    dy = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    for dtype in (torch.float64, torch.bfloat16):
+        a = x.to(dtype).clone().requires_grad_(True)
+        b = x.to(dtype).clone().requires_grad_(True)
+        ya, yb = ReluSquared.apply(a), F.relu(b).square()
+        ya.backward(dy.to(dtype))
+        yb.backward(dy.to(dtype))
+        assert torch.equal(ya, yb) and torch.equal(a.grad, b.grad), dtype
+    assert torch.autograd.gradcheck(ReluSquared.apply, (torch.randn(4, 7, dtype=torch.float64, requires_grad=True),))
