@@ -37,7 +37,6 @@ from rustchat.checkpoint import save_checkpoint, stage_dir
 from rustchat.model import GPT, GPTConfig
 
 
-MODEL_ID = ["rustchat"]  # the served model's id, read from /v1/models once it answers
 HEALTH_TARGET_MS = 1000.0  # /health answers within 1 s even with 200 streaming clients
 
 
@@ -64,10 +63,10 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
-async def one_request(http, base: str, i: int, max_tokens: int) -> tuple[float, float, int]:
+async def one_request(http, base: str, model: str, i: int, max_tokens: int) -> tuple[float, float, int]:
     """(latency, time to first token, generated tokens) of one streamed request."""
     body = {
-        "model": MODEL_ID[0],
+        "model": model,
         "messages": [{"role": "user", "content": f"Tell me about request {i}."}],
         "max_tokens": max_tokens,
         "temperature": 0.8,
@@ -89,14 +88,14 @@ async def one_request(http, base: str, i: int, max_tokens: int) -> tuple[float, 
     return time.perf_counter() - t0, first or 0.0, tokens
 
 
-async def run_level(base: str, clients: int, requests: int, max_tokens: int) -> dict:
+async def run_level(base: str, model: str, clients: int, requests: int, max_tokens: int) -> dict:
     limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
     results, health = [], []
     stop = asyncio.Event()
 
     async def client(http, c):
         for r in range(requests):
-            results.append(await one_request(http, base, c * requests + r, max_tokens))
+            results.append(await one_request(http, base, model, c * requests + r, max_tokens))
 
     async def probe(http):
         while not stop.is_set():
@@ -177,8 +176,8 @@ def main() -> None:
                         sys.exit("rustchat serve did not answer within 120 s")
                     time.sleep(0.5)
             # the id the server serves (a trained checkpoint's names its stage, depth and step)
-            MODEL_ID[0] = httpx.get(base + "/v1/models", timeout=10, trust_env=False).json()["data"][0]["id"]
-            asyncio.run(run_level(base, 1, 2, args.max_tokens))  # warm-up
+            model = httpx.get(base + "/v1/models", timeout=10, trust_env=False).json()["data"][0]["id"]
+            asyncio.run(run_level(base, model, 1, 2, args.max_tokens))  # warm-up
             print(
                 f"# bench_serve: {info['model']} on {info['device']}, {args.max_tokens} tokens per reply, "
                 f"{args.requests} requests per client; {platform.processor() or platform.machine()}, "
@@ -191,7 +190,7 @@ def main() -> None:
             runs = {n: [] for n in levels}
             for _ in range(args.rounds):
                 for n in levels:
-                    runs[n].append(asyncio.run(run_level(base, n, args.requests, args.max_tokens)))
+                    runs[n].append(asyncio.run(run_level(base, model, n, args.requests, args.max_tokens)))
             rows = {}
             for n in levels:
                 r = rows[n] = sorted(runs[n], key=lambda x: x["tok_per_s"])[len(runs[n]) // 2]
