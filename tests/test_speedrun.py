@@ -191,6 +191,23 @@ def test_every_trained_task_is_evaluated_on_held_out_problems():
                 assert conv["messages"][0]["content"] not in trained_users, (name, conv)
 
 
+def test_sft_validation_holds_out_every_kind_of_sft_conversation():
+    """The tiny SFT val loss is measured on each task SFT trains on (so it sees what SFT alone
+    teaches, identity) and on conversations no tiny stage trains on."""
+    import json
+
+    sft = MIXTURES["tiny"]["sft"]
+    assert {n for n, _ in sft["val"]} == {n for n, _ in sft["train"]}
+    trained = {
+        json.dumps(c["messages"], sort_keys=True)
+        for stage in ("mid", "sft")
+        for name, kwargs in MIXTURES["tiny"][stage]["train"]
+        for c in get_task(name, **kwargs)
+    }
+    val = [json.dumps(c["messages"], sort_keys=True) for n, kw in sft["val"] for c in get_task(n, **kw)]
+    assert len(val) >= 200 and not trained.intersection(val)
+
+
 def test_arch_replaces_the_presets_for_the_base_model(tmp_path):
     """`speedrun --arch` picks the new model's architecture; without it the preset's stands."""
     from rustchat.config import SpeedrunConfig

@@ -137,7 +137,13 @@ MIXTURES = {
                 ("simplespelling", {"size": 300, "split": "train"}),
                 ("spellingbee", {"size": 1200, "split": "train"}),
             ],
-            "val": [("arithmetic", {"size": 64, "split": "test"}), ("spellingbee", {"size": 64, "split": "test"})],
+            # held-out conversations of each kind SFT trains on: identity's are the bundled set's last
+            # 100, which no stage trains on
+            "val": [
+                ("arithmetic", {"size": 64, "split": "test"}),
+                ("spellingbee", {"size": 64, "split": "test"}),
+                ("identity", {"start": 900}),
+            ],
         },
     },
 }
