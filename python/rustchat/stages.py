@@ -137,8 +137,8 @@ MIXTURES = {
                 ("simplespelling", {"size": 300, "split": "train"}),
                 ("spellingbee", {"size": 1200, "split": "train"}),
             ],
-            # held-out conversations of each kind SFT trains on: identity's are the bundled set's last
-            # 100, which no stage trains on
+            # held-out identity conversations too (the bundled set's last 100, which no stage trains
+            # on), so the val loss also sees what SFT teaches and mid does not
             "val": [
                 ("arithmetic", {"size": 64, "split": "test"}),
                 ("spellingbee", {"size": 64, "split": "test"}),
