@@ -1,7 +1,8 @@
 """Causal attention with an optional sliding window (docs/design.md, "Model"), by the fastest
 backend the device allows: FlashAttention-3 on CUDA when the `kernels` package can load it and
 activations are bf16, else PyTorch SDPA with the window (and packed documents) as a mask, or a
-flex-attention block mask on CUDA. The backend is resolved once per process (`backend_name`),
+flex-attention block mask on CUDA. On the CPU, training attention runs SDPA in query tiles
+(`masked`). The backend is resolved once per process (`backend_name`),
 so a run never switches mid-way and the stage banner can say which it uses.
 
 A window w lets the query at position i see keys at positions i-w..i (w+1 keys); None: all of
@@ -87,7 +88,7 @@ def backend_name(device) -> str:
             return "flash-attention-3 (bf16; SDPA for packed rows and the KV cache)"
         why = f"; FA3 not loaded: {_STATE['fa3_error']}" if _STATE["fa3_error"] else ""
         return f"sdpa (windows as masks, flex block masks for packed rows{why})"
-    return "sdpa (windows as masks)"
+    return f"sdpa (windows as masks, in query tiles of {CPU_QUERY_TILE})"
 
 
 def fa3_usable(q: torch.Tensor) -> bool:
@@ -110,13 +111,51 @@ def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) ->
     return ok
 
 
+# SDPA on the CPU scores every (query, key) pair, whatever a mask hides, and its is_causal kernel
+# gains little from the triangle at these lengths. Training on the CPU therefore cuts the queries
+# into tiles of CPU_QUERY_TILE, each over only the keys its queries may see (docs/benchmarks.md,
+# "Attention in tiles"): the same sums up to rounding, about half the work at T=512 and below.
+CPU_QUERY_TILE = 128
+
+
+def query_tiles(mask: torch.Tensor) -> list[tuple[int, int, int, int]]:
+    """(first query, end query, first key, end key) of each query tile under mask [..., Tq, Tk]
+    (True = attend): every key a query of the tile may see, in any row or head, lies in
+    [first key, end key). A tile whose queries see nothing keeps every key, so it computes what
+    one SDPA call would (NaN rows)."""
+    Tq, Tk = mask.shape[-2:]
+    rows = mask.reshape(-1, Tq, Tk)
+    tiles = []
+    for start in range(0, Tq, CPU_QUERY_TILE):
+        end = min(start + CPU_QUERY_TILE, Tq)
+        seen = rows[:, start:end].any(dim=1).any(dim=0).nonzero()
+        first, last = (int(seen[0]), int(seen[-1]) + 1) if seen.numel() else (0, Tk)
+        tiles.append((start, end, first, last))
+    return tiles
+
+
+def masked(q, k, v, mask: torch.Tensor, gqa: bool, tiles: list | None = None):
+    """SDPA of q [B, H, Tq, D] over k, v [B, H, Tk, D] under the bool mask [..., Tq, Tk]; on the CPU
+    in query tiles (`tiles` from query_tiles(mask), computed here when not given)."""
+    if q.device.type != "cpu" or q.size(2) <= CPU_QUERY_TILE:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    parts = [
+        F.scaled_dot_product_attention(
+            q[:, :, s:e], k[:, :, lo:hi], v[:, :, lo:hi], attn_mask=mask[..., s:e, lo:hi], enable_gqa=gqa
+        )
+        for s, e, lo, hi in (tiles if tiles is not None else query_tiles(mask))
+    ]
+    return torch.cat(parts, dim=2)
+
+
 def causal(q, k, v, window: int | None, gqa: bool):
     """Queries 0..T-1 over keys 0..T-1 (no cache, one document per row)."""
     T = q.size(2)
-    if window is None or window >= T - 1:
+    full = window is None or window >= T - 1
+    if full and (q.device.type != "cpu" or T <= CPU_QUERY_TILE):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     pos = torch.arange(T, device=q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(pos, pos, window), enable_gqa=gqa)
+    return masked(q, k, v, window_mask(pos, pos, None if full else window), gqa)
 
 
 def cached(
@@ -170,7 +209,7 @@ class DocAttention:
 
     def __init__(self, doc_ids: torch.Tensor):
         self.doc_ids = doc_ids
-        self.masks: dict = {}  # window -> ("flex", block mask) | ("dense", bool mask)
+        self.masks: dict = {}  # window -> ("flex", block mask) | ("dense", (bool mask, its query tiles))
 
     def _mask(self, window):
         hit = self.masks.get(window)
@@ -192,7 +231,9 @@ class DocAttention:
                 warnings.warn(f"flex_attention block mask failed ({e!r}); using a dense SDPA mask")
                 _STATE["flex_failed"] = True
         if hit is None:
-            hit = ("dense", doc_mask(doc_ids, window))
+            mask = doc_mask(doc_ids, window)
+            # the tiles are planned once per mask: every layer with this window shares them
+            hit = ("dense", (mask, query_tiles(mask) if mask.device.type == "cpu" else None))
         self.masks[window] = hit
         return hit
 
@@ -206,4 +247,5 @@ class DocAttention:
                 _STATE["flex_failed"] = True
                 self.masks = {}
                 kind, mask = self._mask(window)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        dense, tiles = mask
+        return masked(q, k, v, dense, gqa, tiles)
