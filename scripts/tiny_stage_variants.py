@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speedrun_seeds import read_run, sft_vs_mid  # noqa: E402
+from speedrun_seeds import read_run, rl_lines, sft_floor_lines, sft_vs_mid  # noqa: E402
 
 from rustchat import speedrun, stages  # noqa: E402
 from rustchat.config import SpeedrunConfig  # noqa: E402
@@ -104,25 +104,7 @@ def print_sft(runs: dict, seeds: list[int], tasks: list[str]) -> None:
             f"| {measure} | {' / '.join(map(fmt.format, mid))} | {' / '.join(map(fmt.format, sft))} | "
             f"{fmt.format(min(gain))} | {fmt.format(spread)} | {verdict(beyond, len(seeds))} |"
         )
-    for task, floor in (("SpellingBee", 85.0), ("Arithmetic", 50.0)):
-        sft = [runs[s]["rows"]["sft"]["tasks"][task] for s in seeds]
-        print(f"SFT {task} >= {floor:.0f}%: smallest {min(sft):.1f} -> {'met' if min(sft) >= floor else 'NOT met'}")
-
-
-def print_rl(runs: dict, seeds: list[int]) -> None:
-    def score(stage, task):
-        return [runs[s]["rows"][stage]["tasks"][task] for s in seeds]
-
-    sft, rl = score("sft", "Arithmetic"), score("rl", "Arithmetic")
-    ok = all(r >= f + 5 or r >= 97 for f, r in zip(sft, rl))
-    gains = " / ".join(f"{r:.1f} ({r - f:+.1f})" for f, r in zip(sft, rl))
-    print(f"\nRL Arithmetic >= SFT + 5 or >= 97%: {gains} -> {'met' if ok else 'NOT met'}")
-    sft, rl = score("sft", "SpellingBee"), score("rl", "SpellingBee")
-    ok = all(r >= f - 5 for f, r in zip(sft, rl))
-    print(
-        f"RL SpellingBee falls <= 5 points: {' / '.join(f'{r - f:+.1f}' for f, r in zip(sft, rl))} -> "
-        f"{'met' if ok else 'NOT met'}"
-    )
+    print("\n".join(sft_floor_lines(runs, seeds)))
 
 
 def main() -> int:
@@ -155,7 +137,7 @@ def main() -> int:
     if args.stage == "sft":
         print_sft(runs, args.seeds, runs[args.seeds[0]]["tasks"])
     else:
-        print_rl(runs, args.seeds)
+        print("\n" + "\n".join(rl_lines(runs, args.seeds)))
     return 0
 
 

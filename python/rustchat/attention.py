@@ -114,8 +114,13 @@ def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) ->
 # SDPA on the CPU scores every (query, key) pair, whatever a mask hides, and its is_causal kernel
 # gains little from the triangle at these lengths. Training on the CPU therefore cuts the queries
 # into tiles of CPU_QUERY_TILE, each over only the keys its queries may see (docs/benchmarks.md,
-# "Attention in tiles"): the same sums up to rounding, about half the work at T=512 and below.
+# "Attention in tiles, in the code"): the same sums up to rounding, about half the work at T=512.
 CPU_QUERY_TILE = 128
+
+
+def in_tiles(device: torch.device, T: int) -> bool:
+    """Whether attention of T queries on `device` runs in query tiles: on the CPU, beyond one tile."""
+    return device.type == "cpu" and T > CPU_QUERY_TILE
 
 
 def query_tiles(mask: torch.Tensor) -> list[tuple[int, int, int, int]]:
@@ -137,7 +142,7 @@ def query_tiles(mask: torch.Tensor) -> list[tuple[int, int, int, int]]:
 def masked(q, k, v, mask: torch.Tensor, gqa: bool, tiles: list | None = None):
     """SDPA of q [B, H, Tq, D] over k, v [B, H, Tk, D] under the bool mask [..., Tq, Tk]; on the CPU
     in query tiles (`tiles` from query_tiles(mask), computed here when not given)."""
-    if q.device.type != "cpu" or q.size(2) <= CPU_QUERY_TILE:
+    if not in_tiles(q.device, q.size(2)):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     parts = [
         F.scaled_dot_product_attention(
@@ -152,7 +157,7 @@ def causal(q, k, v, window: int | None, gqa: bool):
     """Queries 0..T-1 over keys 0..T-1 (no cache, one document per row)."""
     T = q.size(2)
     full = window is None or window >= T - 1
-    if full and (q.device.type != "cpu" or T <= CPU_QUERY_TILE):
+    if full and not in_tiles(q.device, T):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     pos = torch.arange(T, device=q.device)
     return masked(q, k, v, window_mask(pos, pos, None if full else window), gqa)
@@ -233,7 +238,7 @@ class DocAttention:
         if hit is None:
             mask = doc_mask(doc_ids, window)
             # the tiles are planned once per mask: every layer with this window shares them
-            hit = ("dense", (mask, query_tiles(mask) if mask.device.type == "cpu" else None))
+            hit = ("dense", (mask, query_tiles(mask) if in_tiles(mask.device, mask.size(-2)) else None))
         self.masks[window] = hit
         return hit
 

@@ -126,7 +126,7 @@ MIXTURES = {
             "val": [("arithmetic", {"size": 100, "split": "test"}), ("spellingbee", {"size": 100, "split": "test"})],
         },
         # identity listed twice, so each of its 150 conversations is seen twice per epoch: once, SFT's
-        # Identity score beat mid's by less than it varied across seeds (18 to 53.5 on six seeds); twice
+        # Identity score beat mid's by less than it varied across seeds (10 to 53.5 on six seeds); twice
         # (with 30 more steps for the added rows) it beat mid by more on every seed measured
         # (docs/benchmarks.md, "Identity seen twice in SFT")
         "sft": {
