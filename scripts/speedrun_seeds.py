@@ -22,7 +22,11 @@ from pathlib import Path
 def read_run(base: Path) -> dict:
     """{"seconds": total, "rows": {stage: {"val": (start, end) | None, "tasks": {task: pct}}}}
     from the speedrun section of base/report.md."""
-    report = (base / "report.md").read_text()
+    path = base / "report.md"
+    report = path.read_text() if path.is_file() else ""
+    if "## speedrun\n" not in report:
+        # e.g. a tiny_stage_variants.py output: its stages ran, but not `rustchat speedrun`
+        raise SystemExit(f"{path}: no speedrun section (not a finished `rustchat speedrun` run)")
     section = report.split("## speedrun\n", 1)[1].split("\n## ", 1)[0]
     seconds = float(re.search(r"\| total time \| (\d+) s \|", section).group(1))
     where = re.search(r"^_[\d-]+ [\d:]+ on (.+)_$", section, re.M)  # the machine it ran on

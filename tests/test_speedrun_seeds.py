@@ -106,3 +106,23 @@ def test_targets_verdict_matches_a_plain_reference(tmp_path):
         arith = next(v for v in verdicts if v.startswith("- RL Arithmetic"))
         for run in runs:
             assert f"{run['rl']['Arithmetic']:.1f} ({run['rl']['Arithmetic'] - run['sft']['Arithmetic']:+.1f})" in arith
+
+
+def test_a_report_without_a_speedrun_section_is_one_line(tmp_path):
+    """A stage's own report (what tiny_stage_variants.py leaves, say) is not a speedrun run: one line
+    naming the file, for speedrun_seeds.py and for tiny_stage_variants.py reading it as --root."""
+    run = tmp_path / "seed-1"
+    run.mkdir()
+    (run / "report.md").write_text("## sft\n\n| | |\n| --- | --- |\n| steps | 330 |\n")
+    for script, extra in (
+        ("speedrun_seeds.py", ["--seeds", "1", "--reuse"]),
+        ("tiny_stage_variants.py", ["--stage", "rl", "--seeds", "1", "--out", str(tmp_path / "out")]),
+    ):
+        r = subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / script), "--root", str(tmp_path), *extra],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode != 0
+        assert r.stderr.strip() == f"{run / 'report.md'}: no speedrun section (not a finished `rustchat speedrun` run)"
