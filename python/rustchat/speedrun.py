@@ -31,15 +31,12 @@ from .tokenizer import SPECIAL_TOKENS, Tokenizer
 # the GPU presets then score the whole suite on the final base model (base_eval "core")
 CORE_DURING_BASE = {"core_every": 2000, "core_max_per_task": 500}
 
-# Measured from the seeds' SFT checkpoints (docs/benchmarks.md, "Tuning the tiny RL stage", "Identity
-# in SFT only", "Identity seen twice in SFT" and "RL at temperature 1.0"): arithmetic alone for 60
-# steps; nanochat's 5% of the base lrs (the command's default), as twice that took one seed's
-# SpellingBee from 88.0 to 23.5%; at that lr, temperature 1.0 (the command's default, as
-# nanochat's) met RL's Arithmetic target (+5 points or >= 97%) on six seeds of six with torch 2.15,
-# where 0.85 left two at 96.0-96.5% (at 10% of the lrs, 1.0 had cost one seed's SpellingBee 8.5).
-# From the SFT of 2,000 SpellingBee problems 8 questions a step met it on three torch 2.15 seeds of
-# six and one torch 2.11 seed of three; 16 (20 s more) on five and one, as often as before that SFT
-# ("More words in tiny SFT"). 10% of the lrs met it on four and cost one seed's SpellingBee 21.5
+# Measured from the seeds' SFT checkpoints (docs/benchmarks.md, "Tuning the tiny RL stage", "RL at
+# temperature 1.0" and "More words in tiny SFT"): arithmetic alone for 60 steps at nanochat's 5% of
+# the base lrs (the command's default; 10% cost one seed's SpellingBee 21.5 points) and temperature
+# 1.0 (the command's default, as nanochat's; 0.85 moved Arithmetic less). 16 questions a step: the
+# Arithmetic target (+5 points or >= 97%) held on six seeds of nine, where 8 held on four, for 20 s
+# more a run; it holds on no recipe tried for every seed
 TINY_RL = {
     "tasks": "arithmetic",
     "examples_per_step": 16,
